@@ -1,0 +1,94 @@
+"""Backend selection: which module computes the four primitives for a given tensor.
+
+Every backend module exposes the same four functions as :mod:`.portable` (``stats``,
+``normalize``, ``backward_reduce``, ``backward_elementwise``) with the same conventions,
+plus ``supports(x) -> bool``: whether it can compute on this kernel view (device, dtype)
+and is expected to be faster there than the portable path.
+
+``BATCHNORM_BACKEND=portable|cpu|triton`` (read at import) or :func:`using` forces one
+backend for every call; a forced backend that cannot handle a tensor raises rather than
+silently falling back, so that tests and benchmarks measure what they name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from types import ModuleType
+
+from torch import Tensor
+
+from . import portable
+
+NAMES = ("portable", "cpu", "triton")
+
+_forced: str | None = None
+_loaded: dict[str, ModuleType | None] = {"portable": portable}
+_load_errors: dict[str, str] = {}
+
+
+def _load(name: str) -> ModuleType | None:
+    """Import a backend on first use; None when its requirements (numba, triton) are missing."""
+    if name not in _loaded:
+        try:
+            _loaded[name] = importlib.import_module(f"{__name__}.{name}")
+        except ImportError as e:
+            _loaded[name] = None
+            _load_errors[name] = str(e)
+    return _loaded[name]
+
+
+def available() -> list[str]:
+    """Names of the backends that import on this machine."""
+    return [n for n in NAMES if _load(n) is not None]
+
+
+def get(name: str) -> ModuleType:
+    if name not in NAMES:
+        raise ValueError(f"unknown batchnorm backend {name!r}; expected one of {NAMES}")
+    mod = _load(name)
+    if mod is None:
+        raise RuntimeError(f"batchnorm backend {name!r} is not available: {_load_errors[name]}")
+    return mod
+
+
+def force(name: str | None) -> None:
+    """Force one backend for every call (None: choose automatically)."""
+    global _forced
+    if name is not None:
+        get(name)
+    _forced = name
+
+
+@contextlib.contextmanager
+def using(name: str | None):
+    """Context manager form of :func:`force`; restores the previous choice on exit."""
+    previous = _forced
+    force(name)
+    try:
+        yield
+    finally:
+        force(previous)
+
+
+def forced() -> str | None:
+    return _forced
+
+
+def select(x: Tensor) -> ModuleType:
+    """The backend for this kernel view: the forced one, else the first that supports it."""
+    if _forced is not None:
+        return _loaded[_forced]
+    if x.device.type == "cuda":
+        mod = _load("triton")
+        if mod is not None and mod.supports(x):
+            return mod
+    elif x.device.type == "cpu":
+        mod = _load("cpu")
+        if mod is not None and mod.supports(x):
+            return mod
+    return portable
+
+
+force(os.environ.get("BATCHNORM_BACKEND") or None)

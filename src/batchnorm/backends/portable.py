@@ -1,0 +1,182 @@
+"""The four primitives in plain torch ops: any device, any floating dtype, differentiable.
+
+This module is the contract every other backend implements, and the fallback for
+tensors no faster backend takes. Because it is written in torch ops, calling these
+functions directly (not through the custom ops) records an autograd graph, which is how
+double backward works (see ``ops.py``).
+
+Conventions shared by every backend
+-----------------------------------
+* ``x`` (and ``dy``, ``residual``, the outputs) arrive in a *kernel view*: either
+  ``(N, C, L)`` contiguous ("NCL") or ``(M, C)`` contiguous ("channels-last", which
+  also covers a plain ``(N, C)`` input). The channel dimension is always dim 1.
+* ``mean`` and ``invstd`` are ``[C]`` in the accumulation dtype: float64 for float64
+  inputs, float32 otherwise. ``weight`` and ``bias`` are ``[C]`` or None, in any
+  floating dtype (float32 parameters with half inputs, as autocast produces).
+* ``activation`` is one of :data:`ACTIVATIONS`; ``slope`` is LeakyReLU's negative
+  slope (ignored by the others).
+* The output of the forward is ``y = act(z)`` with the pre-activation
+  ``z = weight * (x - mean) * invstd + bias + residual``. In backward,
+  ``dz = dy * act'(z)``; the weight and bias gradients are exactly ``Σ dz·x̂`` and ``Σ dz``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+ACTIVATIONS = ("none", "relu", "leaky_relu", "silu", "gelu", "gelu_tanh", "sigmoid", "tanh")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics accumulate in float64 for float64 inputs, in float32 for the rest."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def reduce_dims(x: Tensor) -> list[int]:
+    """Every dimension of a kernel view but the channel one (dim 1)."""
+    return [0] if x.dim() == 2 else [0, 2]
+
+
+def _per_channel(t: Tensor, like: Tensor) -> Tensor:
+    """A [C] tensor shaped to broadcast against a kernel view."""
+    return t.view(1, -1) if like.dim() == 2 else t.view(1, -1, 1)
+
+
+def stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel ``mean`` and ``m2 = Σ (x - mean)²``, accumulated in the acc dtype.
+
+    Two passes (mean, then centred squares) rather than ``Σx² - (Σx)²/n``: the raw
+    formula cancels catastrophically when the mean is large against the spread (float32
+    data with mean 1e6 and std 1 would lose every digit of the variance). Centring on the
+    computed mean also makes a constant channel give exactly ``x - mean == 0``.
+    An empty input gives mean 0 and m2 0.
+    """
+    xa = x.to(acc_dtype(x.dtype))
+    dims = reduce_dims(x)
+    if xa.numel() == 0:
+        zeros = xa.new_zeros(x.shape[1])
+        return zeros, zeros.clone()
+    # A constant channel must have m2 == 0 exactly and mean == its value; the mean of n
+    # equal floats can round away from the value, so centre on the first element first.
+    shift = xa.select(0, 0) if x.dim() == 2 else xa[0, :, 0]
+    shifted_mean = (xa - _per_channel(shift, xa)).mean(dims)
+    mean = shift + shifted_mean
+    centred = xa - _per_channel(mean, xa)
+    m2 = (centred * centred).sum(dims)
+    return mean, m2
+
+
+def _activate(z: Tensor, activation: str, slope: float) -> Tensor:
+    if activation == "none":
+        return z
+    if activation == "relu":
+        return torch.relu(z)
+    if activation == "leaky_relu":
+        return torch.nn.functional.leaky_relu(z, slope)
+    if activation == "silu":
+        return torch.nn.functional.silu(z)
+    if activation == "gelu":
+        return torch.nn.functional.gelu(z)
+    if activation == "gelu_tanh":
+        return torch.nn.functional.gelu(z, approximate="tanh")
+    if activation == "sigmoid":
+        return torch.sigmoid(z)
+    if activation == "tanh":
+        return torch.tanh(z)
+    raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def activation_grad(z: Tensor, activation: str, slope: float) -> Tensor:
+    """act'(z), written out so that it is itself differentiable (double backward)."""
+    if activation == "relu":
+        return (z > 0).to(z.dtype)
+    if activation == "leaky_relu":
+        return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, slope))
+    if activation == "silu":
+        s = torch.sigmoid(z)
+        return s * (1 + z * (1 - s))
+    if activation == "gelu":
+        # d/dz [z Φ(z)] = Φ(z) + z φ(z)
+        cdf = 0.5 * (1 + torch.erf(z / math.sqrt(2.0)))
+        return cdf + z * torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
+    if activation == "gelu_tanh":
+        # gelu_tanh(z) = 0.5 z (1 + tanh(u)), u = √(2/π) (z + 0.044715 z³)
+        u = _SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)
+        t = torch.tanh(u)
+        du = _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * z * z)
+        return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * du
+    if activation == "sigmoid":
+        s = torch.sigmoid(z)
+        return s * (1 - s)
+    if activation == "tanh":
+        t = torch.tanh(z)
+        return 1 - t * t
+    raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+
+
+def _xhat(x: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
+    xa = x.to(mean.dtype)
+    return (xa - _per_channel(mean, xa)) * _per_channel(invstd, xa)
+
+
+def _pre_activation(x, mean, invstd, weight, bias, residual) -> tuple[Tensor, Tensor]:
+    """(x̂, z) in the acc dtype."""
+    xhat = _xhat(x, mean, invstd)
+    z = xhat
+    if weight is not None:
+        z = z * _per_channel(weight.to(mean.dtype), z)
+    if bias is not None:
+        z = z + _per_channel(bias.to(mean.dtype), z)
+    if residual is not None:
+        z = z + residual.to(mean.dtype)
+    return xhat, z
+
+
+def normalize(x, mean, invstd, weight, bias, residual, activation: str, slope: float) -> Tensor:
+    """``y = act(weight * (x - mean) * invstd + bias + residual)``, in x's dtype."""
+    _, z = _pre_activation(x, mean, invstd, weight, bias, residual)
+    return _activate(z, activation, slope).to(x.dtype)
+
+
+def _dz(dy, x, mean, invstd, weight, bias, residual, activation, slope) -> tuple[Tensor, Tensor]:
+    """(x̂, dz) with dz = dy · act'(z), in the acc dtype."""
+    if activation == "none":
+        return _xhat(x, mean, invstd), dy.to(mean.dtype)
+    xhat, z = _pre_activation(x, mean, invstd, weight, bias, residual)
+    return xhat, dy.to(mean.dtype) * activation_grad(z, activation, slope)
+
+
+def backward_reduce(dy, x, mean, invstd, weight, bias, residual, activation: str, slope: float):
+    """Per-channel ``(Σ dz, Σ dz·x̂)`` in the acc dtype: the bias and weight gradients."""
+    xhat, dz = _dz(dy, x, mean, invstd, weight, bias, residual, activation, slope)
+    dims = reduce_dims(x)
+    return dz.sum(dims), (dz * xhat).sum(dims)
+
+
+def backward_elementwise(
+    dy, x, mean, invstd, weight, bias, residual, sum_dz, sum_dz_xhat, count: int,
+    activation: str, slope: float, want_dresidual: bool,
+):
+    """``dx`` (and ``dresidual = dz`` when asked), in the dtypes of x and residual.
+
+    With batch statistics (``sum_dz`` given), mean and invstd depend on x:
+        dx = weight · invstd · (dz − Σdz / count − x̂ · Σdz·x̂ / count)
+    With fixed statistics (``sum_dz`` None, evaluation): dx = weight · invstd · dz.
+    A channel with invstd == 0 (zero variance and eps == 0) gets dx == 0.
+    """
+    xhat, dz = _dz(dy, x, mean, invstd, weight, bias, residual, activation, slope)
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    if sum_dz is None:
+        g = dz
+    else:
+        g = dz - _per_channel(sum_dz / count, dz) - xhat * _per_channel(sum_dz_xhat / count, dz)
+    dx = (g * _per_channel(scale, g)).to(x.dtype)
+    dres = dz.to(residual.dtype if residual is not None else x.dtype) if want_dresidual else None
+    return dx, dres

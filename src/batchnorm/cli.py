@@ -1,0 +1,109 @@
+"""The ``batchnorm`` command (also ``python -m batchnorm``).
+
+    batchnorm demo     the seed article's worked example, step by step
+    batchnorm bench    our modules against torch on this machine (see ``bench.py``)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _rule(title: str) -> str:
+    return f"\n── {title} " + "─" * max(0, 72 - len(title))
+
+
+def demo(out=sys.stdout) -> int:
+    """The seed's example: BatchNorm2d(num_features=2, eps=0, momentum=0) on a 2x2x3x4
+    tensor of ones with 25 at [0, 0, 0, 0], computed, then explained by hand."""
+    import torch
+
+    from . import BatchNorm2d
+
+    def say(*lines):
+        for line in lines:
+            print(line, file=out)
+
+    torch.set_printoptions(precision=4, sci_mode=False)
+    data = torch.ones(2, 2, 3, 4)
+    data[0][0][0][0] = 25
+
+    say("batchnorm demo: the worked example of 'A brief analysis of PyTorch's nn.BatchNorm2d()'",
+        _rule("the input"),
+        "data = torch.ones(2, 2, 3, 4); data[0][0][0][0] = 25     # (N, C, H, W)",
+        str(data))
+
+    bn = BatchNorm2d(num_features=2, eps=0, momentum=0)
+    with torch.no_grad():
+        out_ = bn(data)
+    say(_rule("our layer"),
+        "BN = batchnorm.BatchNorm2d(num_features=2, eps=0, momentum=0)",
+        "BN_data = BN(data)", str(out_))
+
+    # By hand, the way the article does it, in float64.
+    ch0 = data[:, 0].reshape(-1).double()
+    mean = ch0.mean().item()
+    var = ch0.var(unbiased=False).item()
+    first = (25 - mean) / var ** 0.5
+    gamma, beta = bn.weight[0].item(), bn.bias[0].item()
+    say(_rule("by hand, channel 0"),
+        f"gather channel 0 of both batch items: {ch0.numel()} values "
+        f"(one 25 and {ch0.numel() - 1} ones)",
+        f"mean                     = (25 + {ch0.numel() - 1}·1) / {ch0.numel()} = {mean:g}",
+        f"biased variance          = Σ(x − {mean:g})² / {ch0.numel()} = {var:g}   "
+        f"(divide by the count, not count − 1)",
+        f"x̂ of the first element   = (25 − {mean:g}) / √{var:g} = {first:.4f}",
+        f"y = γ₀·x̂ + β₀            = {gamma:g}·{first:.4f} + {beta:g} = {gamma * first + beta:.4f}",
+        f"our layer gave           = {out_[0, 0, 0, 0].item():.4f}",
+        f"every other element      = (1 − {mean:g}) / √{var:g} = {(1 - mean) / var ** 0.5:.4f}")
+    say(_rule("by hand, channel 1"),
+        "every value is 1: mean 1, variance 0, and with eps = 0 the formula reads 0/0.",
+        "A zero-variance channel normalizes to x̂ = 0, so y = β₁ = "
+        f"{bn.bias[1].item():g}: our layer gave max |y| = {out_[:, 1].abs().max().item():g}.")
+    say(_rule("running statistics after the step"),
+        "running = (1 − momentum)·running + momentum·batch, with the unbiased batch variance",
+        f"momentum = 0, so they do not move: running_mean = {bn.running_mean.tolist()}, "
+        f"running_var = {bn.running_var.tolist()}",
+        f"num_batches_tracked = {bn.num_batches_tracked.item()}",
+        f"(with momentum 0.1 they would be mean {0.1 * mean:.4f}, var "
+        f"{0.9 + 0.1 * var * 24 / 23:.4f} for channel 0: the unbiased variance is 23·24/23 = 24)")
+
+    ref = torch.nn.BatchNorm2d(num_features=2, eps=0, momentum=0)
+    say(_rule(f"torch.nn.BatchNorm2d, same call (torch {torch.__version__})"))
+    try:
+        with torch.no_grad():
+            theirs = ref(data)
+    except Exception as e:  # torch >= 2.x refuses eps=0 in training
+        say(f"torch refuses it: {type(e).__name__}: {e}",
+            f"and it has already counted the batch: num_batches_tracked = "
+            f"{ref.num_batches_tracked.item()}",
+            "batchnorm runs it as the article wrote it, and leaves its state untouched when "
+            "a call fails.")
+    else:
+        say(str(theirs), f"max |ours − torch| = {(theirs - out_).abs().max().item():g}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="batchnorm", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("demo", help="the seed article's worked example, step by step")
+    bench_parser = sub.add_parser("bench", help="benchmark our modules against torch")
+    try:
+        from . import bench
+    except ImportError:
+        bench = None
+    else:
+        bench.add_arguments(bench_parser)
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        return demo()
+    if bench is None:
+        print("batchnorm bench is not available in this build", file=sys.stderr)
+        return 2
+    return bench.run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,183 @@
+"""``batch_norm``: torch's functional signature and results, plus a fused tail.
+
+Everything is validated before any state changes; only then does the computation run
+(``ops.py``) and, last, the running statistics update. A call that raises leaves every
+buffer as it was.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from .backends.portable import ACTIVATIONS
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# torch.nn modules that can be fused, and how to read their parameter.
+_ACTIVATION_MODULES = {
+    nn.ReLU: lambda m: ("relu", 0.0),
+    nn.LeakyReLU: lambda m: ("leaky_relu", float(m.negative_slope)),
+    nn.SiLU: lambda m: ("silu", 0.0),
+    nn.GELU: lambda m: ("gelu_tanh" if m.approximate == "tanh" else "gelu", 0.0),
+    nn.Sigmoid: lambda m: ("sigmoid", 0.0),
+    nn.Tanh: lambda m: ("tanh", 0.0),
+}
+
+DEFAULT_LEAKY_SLOPE = 0.01
+
+
+def resolve_activation(activation) -> tuple[str, float]:
+    """``(name, slope)`` for None, a name from ``ACTIVATIONS`` or a ``torch.nn`` module.
+
+    A ``nn.LeakyReLU`` keeps its negative slope; the name ``'leaky_relu'`` takes torch's
+    default 0.01; ``nn.GELU(approximate='tanh')`` becomes ``'gelu_tanh'``.
+    """
+    if activation is None:
+        return "none", 0.0
+    if isinstance(activation, str):
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"unknown activation {activation!r}; expected None or one of "
+                f"{', '.join(repr(a) for a in ACTIVATIONS[1:])}, or a torch.nn module such as nn.ReLU()")
+        return activation, (DEFAULT_LEAKY_SLOPE if activation == "leaky_relu" else 0.0)
+    for cls, read in _ACTIVATION_MODULES.items():
+        if type(activation) is cls:
+            return read(activation)
+    raise TypeError(
+        f"activation {activation!r} cannot be fused; supported modules: "
+        f"{', '.join(c.__name__ for c in _ACTIVATION_MODULES)}")
+
+
+def activation_module(name: str, slope: float) -> nn.Module | None:
+    """The ``torch.nn`` module equivalent to a resolved activation (None for 'none')."""
+    return {
+        "none": lambda: None,
+        "relu": nn.ReLU,
+        "leaky_relu": lambda: nn.LeakyReLU(slope),
+        "silu": nn.SiLU,
+        "gelu": nn.GELU,
+        "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+        "sigmoid": nn.Sigmoid,
+        "tanh": nn.Tanh,
+    }[name]()
+
+
+def _check_per_channel(name: str, t: Tensor | None, input: Tensor) -> None:
+    if t is None:
+        return
+    c = input.shape[1]
+    if t.dim() != 1 or t.shape[0] != c:
+        raise ValueError(
+            f"{name} has shape {tuple(t.shape)} but the input has {c} channels (dim 1 of "
+            f"input of shape {tuple(input.shape)}); build the layer with num_features={c}")
+    if t.device != input.device:
+        raise RuntimeError(
+            f"{name} is on {t.device} but the input is on {input.device}; move the module "
+            f"to the input's device with .to({str(input.device)!r})")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {t.dtype}")
+
+
+def validate(input, running_mean, running_var, weight, bias, training, momentum, eps,
+             residual, num_batches_tracked=None) -> None:
+    """Every check of :func:`batch_norm`, made before anything is computed or mutated."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"batch_norm expects a torch.Tensor input, got {type(input).__name__}")
+    if input.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"batch_norm expects a floating-point input (float16, bfloat16, float32 or "
+            f"float64), got {input.dtype}; convert it first, e.g. input.float()")
+    if input.dim() < 2:
+        raise ValueError(
+            f"batch_norm expects an input of shape (N, C, *) with at least 2 dimensions, got "
+            f"shape {tuple(input.shape)}; for a single sample use input.unsqueeze(0)")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var),
+                    ("weight", weight), ("bias", bias)):
+        _check_per_channel(name, t, input)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together or both be None")
+    if not training and running_mean is None:
+        raise ValueError("evaluation (training=False) needs running_mean and running_var")
+    if residual is not None:
+        if not isinstance(residual, Tensor) or residual.shape != input.shape:
+            shape = tuple(residual.shape) if isinstance(residual, Tensor) else type(residual).__name__
+            raise ValueError(
+                f"residual must have the input's shape {tuple(input.shape)}, got {shape}")
+        if residual.device != input.device:
+            raise RuntimeError(
+                f"residual is on {residual.device} but the input is on {input.device}; "
+                f"move it with .to({str(input.device)!r})")
+        if not residual.is_floating_point():
+            raise TypeError(f"residual must be floating point, got {residual.dtype}")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if momentum is None:
+        if training and running_mean is not None and num_batches_tracked is None:
+            raise ValueError(
+                "momentum=None (cumulative average) needs num_batches_tracked; pass a float "
+                "momentum in [0, 1] to the functional form")
+    elif not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
+    if training:
+        count = input.numel() // input.shape[1] if input.shape[1] else 0
+        if count == 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size "
+                f"{tuple(input.shape)}. Batch statistics need at least 2 values per channel: "
+                f"use a larger batch, drop the last incomplete batch (DataLoader(..., "
+                f"drop_last=True)), or put the layer in eval mode (model.eval()) to use the "
+                f"running statistics")
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    *,
+    activation=None,
+    residual: Tensor | None = None,
+    num_batches_tracked: Tensor | None = None,
+) -> Tensor:
+    r"""Batch normalization with torch's signature, plus ``y = act(BN(x) + residual)``.
+
+    In training, each channel c is normalized with the statistics of this batch,
+    :math:`\hat x = (x - \mu_c) / \sqrt{\sigma^2_c + \epsilon}` with the *biased* variance,
+    and ``running_mean``/``running_var`` (when given) move towards the batch mean and the
+    *unbiased* batch variance by ``momentum``. Out of training the running statistics are
+    used. ``activation`` (None, a name or a ``torch.nn`` module, see
+    :func:`resolve_activation`) and ``residual`` (a tensor of the input's shape) are
+    applied in the same pass. ``num_batches_tracked`` (a long scalar tensor) is
+    incremented in training and drives ``momentum=None``, the cumulative average, as
+    the modules do. ``eps = 0`` is allowed: a zero-variance channel gives ``bias``.
+    """
+    act, slope = resolve_activation(activation)
+    return batch_norm_resolved(input, running_mean, running_var, weight, bias, training,
+                               momentum, eps, act, slope, residual, num_batches_tracked)
+
+
+def batch_norm_resolved(input, running_mean, running_var, weight, bias, training, momentum,
+                        eps, activation: str, slope: float, residual=None,
+                        num_batches_tracked=None) -> Tensor:
+    """:func:`batch_norm` with the activation already resolved to ``(name, slope)``."""
+    validate(input, running_mean, running_var, weight, bias, training, momentum, eps,
+             residual, num_batches_tracked)
+    shape = input.shape
+    channels_last = ops.is_channels_last(input)
+    x = ops.to_kernel_view(input, channels_last)
+    r = ops.to_kernel_view(residual, channels_last) if residual is not None else None
+    if training:
+        y, mean, var = ops.batch_norm(x, weight, bias, r, None, None, eps, activation, slope)
+        if x.numel() > 0:
+            ops.update_running_stats(running_mean, running_var, num_batches_tracked, mean,
+                                     var, x.numel() // x.shape[1], momentum)
+    else:
+        y, _, _ = ops.batch_norm(x, weight, bias, r, running_mean, running_var, eps,
+                                 activation, slope)
+    return ops.from_kernel_view(y, shape, channels_last)

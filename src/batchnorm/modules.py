@@ -1,0 +1,247 @@
+"""``BatchNorm1d/2d/3d`` and their lazy forms: drop-in replacements for torch's.
+
+The modules own state (parameters, buffers, ``num_batches_tracked``, the ``momentum=None``
+rule, input checks) and never compute: ``forward`` checks the input's rank and hands
+everything to :func:`batchnorm.functional.batch_norm`, which validates before it mutates.
+Parameter and buffer names, ``state_dict`` layout and version are torch's, so checkpoints
+load both ways.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import init
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
+
+from . import functional as F
+
+
+def check_constructor_args(num_features: int, eps: float, momentum: float | None,
+                           allow_zero_features: bool = False) -> None:
+    """ValueError for arguments torch accepts silently but that cannot work."""
+    if not isinstance(num_features, int) or isinstance(num_features, bool) or (
+            num_features < 1 and not (allow_zero_features and num_features == 0)):
+        raise ValueError(f"num_features must be a positive int (the C of an (N, C, ...) "
+                         f"input), got {num_features!r}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps!r}")
+    if momentum is not None and not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], or None for a cumulative average, "
+                         f"got {momentum!r}")
+
+
+class _NormBase(nn.Module):
+    """State of a batch-norm layer, laid out exactly as torch's ``_NormBase``."""
+
+    _version = 2
+    __constants__ = ["track_running_stats", "momentum", "eps", "num_features", "affine"]
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None,
+                 dtype=None, *, bias: bool = True, activation=None) -> None:
+        check_constructor_args(num_features, eps, momentum,
+                               allow_zero_features=isinstance(self, LazyModuleMixin))
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.activation, self.activation_slope = F.resolve_activation(activation)
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory_kwargs))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory_kwargs))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory_kwargs))
+            self.register_buffer("running_var", torch.ones(num_features, **factory_kwargs))
+            self.register_buffer("num_batches_tracked",
+                                 torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            init.ones_(self.weight)
+            if self.bias is not None:
+                init.zeros_(self.bias)
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        text = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, bias={self.bias is not None}, "
+                f"track_running_stats={self.track_running_stats}")
+        if self.activation != "none":
+            text += f", activation={self.activation!r}"
+            if self.activation == "leaky_relu":
+                text += f", negative_slope={self.activation_slope}"
+        return text
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                              missing_keys, unexpected_keys, error_msgs) -> None:
+        version = local_metadata.get("version", None)
+        if (version is None or version < 2) and self.track_running_stats:
+            # Checkpoints from before num_batches_tracked existed (version 1) load with 0.
+            key = prefix + "num_batches_tracked"
+            if key not in state_dict:
+                nbt = self.num_batches_tracked
+                state_dict[key] = (nbt if nbt is not None and nbt.device != torch.device("meta")
+                                   else torch.tensor(0, dtype=torch.long))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+
+
+class _BatchNorm(_NormBase):
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        self._check_input_dim(input)
+        # Batch statistics in training, and in eval too when there are no running ones.
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        keep_running = not self.training or self.track_running_stats
+        tracking = self.training and self.track_running_stats
+        return F.batch_norm_resolved(
+            input,
+            self.running_mean if keep_running else None,
+            self.running_var if keep_running else None,
+            self.weight, self.bias, use_batch_stats, self.momentum, self.eps,
+            self.activation, self.activation_slope, residual,
+            self.num_batches_tracked if tracking else None,
+        )
+
+
+def _check_rank(cls_name: str, input: Tensor, allowed: tuple[int, ...], what: str) -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{cls_name} expects a torch.Tensor, got {type(input).__name__}")
+    if input.dim() not in allowed:
+        raise ValueError(
+            f"{cls_name} expected {what} input (got {input.dim()}D input of shape "
+            f"{tuple(input.shape)})")
+
+
+_DOC = r"""Batch Normalization over a {rank} input, a drop-in for ``torch.nn.{name}``.
+
+    .. math::  y = \mathrm{{act}}\Big(\frac{{x - \mathrm{{E}}[x]}}{{\sqrt{{\mathrm{{Var}}[x] + \epsilon}}}}
+               \gamma + \beta + \text{{residual}}\Big)
+
+    Mean and variance are computed per channel over the {over} dimensions of the batch,
+    the variance *biased* (divided by the count). In training, ``running_mean`` and
+    ``running_var`` move towards the batch mean and the *unbiased* batch variance:
+    ``running = (1 - momentum) * running + momentum * batch``. In eval they replace the
+    batch statistics, unless ``track_running_stats=False``, in which case batch
+    statistics are used in eval too.
+
+    Args:
+        num_features: C, the channel count of an input of shape {shape}.
+        eps: added to the variance for stability. ``eps=0`` is accepted (torch refuses it
+            in training); a zero-variance channel then outputs ``bias``. Default: 1e-5
+        momentum: weight of the batch in the running statistics; None for a cumulative
+            average over all batches seen. Default: 0.1
+        affine: learnable per-channel ``weight`` (γ) and ``bias`` (β). Default: True
+        track_running_stats: keep running statistics for eval. Default: True
+        device, dtype: of the parameters and buffers. Default: None
+        bias: (keyword) learn β too when ``affine``. Default: True
+        activation: (keyword) fused after the normalization: None, ``'relu'``,
+            ``'leaky_relu'``, ``'silu'``, ``'gelu'``, ``'gelu_tanh'``, ``'sigmoid'``,
+            ``'tanh'``, or the matching ``torch.nn`` module (``nn.LeakyReLU(0.2)`` keeps its
+            slope). Default: None
+
+    Shape:
+        input and output {shape} (the output keeps the input's memory format);
+        ``forward(input, residual=None)``: ``residual`` of the input's shape is added
+        before the activation.
+"""
+
+
+class BatchNorm1d(_BatchNorm):
+    def _check_input_dim(self, input):
+        _check_rank(type(self).__name__, input, (2, 3), "2D or 3D")
+
+
+class BatchNorm2d(_BatchNorm):
+    def _check_input_dim(self, input):
+        _check_rank(type(self).__name__, input, (4,), "4D")
+
+
+class BatchNorm3d(_BatchNorm):
+    def _check_input_dim(self, input):
+        _check_rank(type(self).__name__, input, (5,), "5D")
+
+
+BatchNorm1d.__doc__ = _DOC.format(name="BatchNorm1d", rank="2D or 3D", over="N (and L)",
+                                  shape="(N, C) or (N, C, L)")
+BatchNorm2d.__doc__ = _DOC.format(name="BatchNorm2d", rank="4D", over="N, H, W",
+                                  shape="(N, C, H, W)")
+BatchNorm3d.__doc__ = _DOC.format(name="BatchNorm3d", rank="5D", over="N, D, H, W",
+                                  shape="(N, C, D, H, W)")
+
+
+class _LazyNormBase(LazyModuleMixin, _NormBase):
+    """``num_features`` is read from the first input's dim 1, as torch's lazy modules do."""
+
+    cls_to_become = None
+
+    def __init__(self, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 device=None, dtype=None, *, bias: bool = True, activation=None) -> None:
+        factory_kwargs = {"device": device, "dtype": dtype}
+        # Built with no state, then given uninitialized parameters and buffers.
+        super().__init__(0, eps, momentum, False, False, activation=activation, **factory_kwargs)
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        if affine:
+            self.weight = UninitializedParameter(**factory_kwargs)
+            self.bias = UninitializedParameter(**factory_kwargs) if bias else None
+        if track_running_stats:
+            self.running_mean = UninitializedBuffer(**factory_kwargs)
+            self.running_var = UninitializedBuffer(**factory_kwargs)
+            self.num_batches_tracked = torch.tensor(0, dtype=torch.long, device=device)
+
+    def reset_parameters(self) -> None:
+        if not self.has_uninitialized_params() and self.num_features != 0:
+            super().reset_parameters()
+
+    def initialize_parameters(self, input) -> None:
+        if self.has_uninitialized_params():
+            self.num_features = input.shape[1]
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                t = getattr(self, name)
+                if t is not None:
+                    t.materialize((self.num_features,))
+            self.reset_parameters()
+
+
+class LazyBatchNorm1d(_LazyNormBase, BatchNorm1d):
+    cls_to_become = BatchNorm1d
+
+
+class LazyBatchNorm2d(_LazyNormBase, BatchNorm2d):
+    cls_to_become = BatchNorm2d
+
+
+class LazyBatchNorm3d(_LazyNormBase, BatchNorm3d):
+    cls_to_become = BatchNorm3d
+
+
+for _lazy, _cls in ((LazyBatchNorm1d, BatchNorm1d), (LazyBatchNorm2d, BatchNorm2d),
+                    (LazyBatchNorm3d, BatchNorm3d)):
+    _lazy.__doc__ = (f"``{_cls.__name__}`` whose ``num_features`` is inferred from the first "
+                     f"input (dim 1), like ``torch.nn.{_lazy.__name__}``.\n\n    "
+                     f"Same arguments as :class:`{_cls.__name__}` without ``num_features``.")

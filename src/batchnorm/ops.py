@@ -1,0 +1,335 @@
+"""The computation, registered as ``torch.library`` custom ops.
+
+Forward  = stats -> (combine across ranks) -> update running statistics -> normalize
+Backward = backward_reduce -> (all-reduce) -> backward_elementwise
+
+Each primitive is a functional custom op (``batchnorm::stats``, ``::normalize``,
+``::backward_reduce``, ``::backward_elementwise``) with a fake implementation, dispatching
+at run time to the backend :func:`batchnorm.backends.select` picks. Local batch norm is
+one more op, ``batchnorm::batch_norm``, that runs stats and normalize in one call and
+carries the analytic backward; SyncBatchNorm (``distributed.py``) strings the primitives
+together with its collectives in between.
+
+The running-statistics update mutates buffers, and a custom op that mutates cannot carry
+an autograd formula, so it is kept out of the ops: it is a few in-place torch ops on
+C-sized tensors (:func:`update_running_stats`), which compile without graph breaks.
+
+All the C-sized math (invstd, the running update, Chan's combination) lives here, once.
+Tensors reaching the ops are *kernel views* (see ``backends/portable.py``);
+:func:`to_kernel_view` and :func:`from_kernel_view` make and undo them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .backends import portable
+from .backends.portable import acc_dtype
+
+# ---------------------------------------------------------------------------------------
+# Kernel views
+
+
+def is_channels_last(x: Tensor) -> bool:
+    """Dense with channels innermost (channels_last, channels_last_3d, or (N, L, C)ᵀ)."""
+    return x.dim() >= 3 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+
+
+def to_kernel_view(x: Tensor, channels_last: bool) -> Tensor:
+    """(M, C) contiguous for channels-last data and 2-D input, else (N, C, L) contiguous.
+
+    A view where the layout allows, a copy otherwise (non-contiguous slices, or a
+    residual whose layout differs from the input's).
+    """
+    c = x.shape[1]
+    if x.dim() == 2:
+        return x.contiguous()
+    if channels_last:
+        return x.movedim(1, -1).contiguous().view(-1, c)
+    return x.contiguous().view(x.shape[0], c, -1)
+
+
+def from_kernel_view(v: Tensor, shape: torch.Size, channels_last: bool) -> Tensor:
+    """The inverse of :func:`to_kernel_view`: the input's shape, with its memory format."""
+    if len(shape) == 2 or not channels_last:
+        return v.view(shape)
+    permuted = (shape[0], *shape[2:], shape[1])
+    return v.view(permuted).movedim(-1, 1)
+
+
+# ---------------------------------------------------------------------------------------
+# C-sized math
+
+
+def invstd_from_var(var: Tensor, eps: float) -> Tensor:
+    """1/√(var + eps), and 0 where var + eps == 0.
+
+    eps = 0 is allowed: a zero-variance channel then normalizes to x̂ = 0 (output = bias,
+    gradient 0) instead of 0/0. Both branches are kept finite so that the gradient of
+    this expression (double backward) is never 0·inf.
+    """
+    v = var + eps
+    positive = v > 0
+    return torch.where(positive, torch.rsqrt(torch.where(positive, v, torch.ones_like(v))), 0)
+
+
+def chan_combine(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Merge per-group statistics ``[G, C]`` (count, mean, m2) into one ``[C]`` set.
+
+    Chan et al.'s parallel formula, written in its G-way form: with n = Σ nᵢ and
+    μ = Σ nᵢ μᵢ / n, m2 = Σ m2ᵢ + Σ nᵢ (μᵢ − μ)². Deviations are taken from the merged
+    mean, never as raw Σx², so large means stay exact; groups with nᵢ = 0 contribute
+    nothing (and give mean 0 when every group is empty).
+    """
+    counts = counts.to(means.dtype)
+    total = counts.sum(0)
+    safe_total = torch.where(total > 0, total, torch.ones_like(total))
+    # Weight by count over total before summing: equal means then merge to exactly that
+    # mean only if the weights sum to 1 exactly, so centre on the first non-empty group's
+    # mean (a constant channel stays exactly constant).
+    first = torch.argmax((counts > 0).to(torch.int8), dim=0, keepdim=True)
+    shift = torch.gather(means, 0, first).squeeze(0)
+    mean = shift + (counts * (means - shift)).sum(0) / safe_total
+    m2 = m2s.sum(0) + (counts * (means - mean) ** 2).sum(0)
+    return total, mean, m2
+
+
+@torch.no_grad()
+def update_running_stats(
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    count: int | Tensor,
+    momentum: float | None,
+) -> None:
+    """In place: ``running = (1 − m)·running + m·batch``, storing the *unbiased* variance.
+
+    ``momentum=None`` is the cumulative average, m = 1 / num_batches_tracked after the
+    increment; it is computed as a tensor, so that no value leaves the device.
+    """
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if running_mean is None and running_var is None:
+        return
+    if momentum is None:
+        factor = 1.0 / num_batches_tracked.to(mean.dtype)
+    else:
+        factor = momentum
+    # count - 1 == 0 only with a single value per channel, which training refuses; the
+    # guard keeps a zero-size rank of SyncBatchNorm (count 0 everywhere) finite.
+    if isinstance(count, Tensor):
+        bessel = count.to(var.dtype) / (count.to(var.dtype) - 1).clamp(min=1)
+    else:
+        bessel = count / max(count - 1, 1)
+    if running_mean is not None:
+        running_mean.copy_(mean * factor + running_mean.to(mean.dtype) * (1 - factor))
+    if running_var is not None:
+        running_var.copy_(var * bessel * factor + running_var.to(var.dtype) * (1 - factor))
+
+
+# ---------------------------------------------------------------------------------------
+# The primitives as custom ops
+
+
+def _per_channel_empty(x: Tensor) -> Tensor:
+    return x.new_empty(x.shape[1], dtype=acc_dtype(x.dtype))
+
+
+@torch.library.custom_op("batchnorm::stats", mutates_args=())
+def stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel (mean, m2) of a kernel view."""
+    return backends.select(x).stats(x)
+
+
+@stats.register_fake
+def _(x):
+    return _per_channel_empty(x), _per_channel_empty(x)
+
+
+@torch.library.custom_op("batchnorm::normalize", mutates_args=())
+def normalize(
+    x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None,
+    residual: Tensor | None, activation: str, slope: float,
+) -> Tensor:
+    return backends.select(x).normalize(x, mean, invstd, weight, bias, residual, activation, slope)
+
+
+@normalize.register_fake
+def _(x, mean, invstd, weight, bias, residual, activation, slope):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("batchnorm::backward_reduce", mutates_args=())
+def backward_reduce(
+    dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
+    bias: Tensor | None, residual: Tensor | None, activation: str, slope: float,
+) -> tuple[Tensor, Tensor]:
+    return backends.select(x).backward_reduce(
+        dy, x, mean, invstd, weight, bias, residual, activation, slope)
+
+
+@backward_reduce.register_fake
+def _(dy, x, mean, invstd, weight, bias, residual, activation, slope):
+    return _per_channel_empty(x), _per_channel_empty(x)
+
+
+@torch.library.custom_op("batchnorm::backward_elementwise", mutates_args=())
+def backward_elementwise(
+    dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
+    bias: Tensor | None, residual: Tensor | None, sum_dz: Tensor | None,
+    sum_dz_xhat: Tensor | None, count: int, activation: str, slope: float,
+    want_dresidual: bool,
+) -> tuple[Tensor, Tensor]:
+    """(dx, dresidual); dresidual is an empty tensor unless ``want_dresidual``."""
+    dx, dres = backends.select(x).backward_elementwise(
+        dy, x, mean, invstd, weight, bias, residual, sum_dz, sum_dz_xhat, count,
+        activation, slope, want_dresidual)
+    return dx, (dres if dres is not None else x.new_empty(0))
+
+
+@backward_elementwise.register_fake
+def _(dy, x, mean, invstd, weight, bias, residual, sum_dz, sum_dz_xhat, count,
+      activation, slope, want_dresidual):
+    dres = torch.empty_like(residual if residual is not None else x) if want_dresidual else x.new_empty(0)
+    return torch.empty_like(x), dres
+
+
+# ---------------------------------------------------------------------------------------
+# Local batch norm: one op, forward and analytic backward
+
+
+def _batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps,
+                        activation, slope):
+    backend = backends.select(x)
+    if running_mean is None:
+        mean, m2 = backend.stats(x)
+        var = m2 / max(x.numel() // x.shape[1], 1)
+    else:
+        mean = running_mean.to(acc_dtype(x.dtype), copy=True)
+        var = running_var.to(acc_dtype(x.dtype), copy=True)
+    invstd = invstd_from_var(var, eps)
+    y = backend.normalize(x, mean, invstd, weight, bias, residual, activation, slope)
+    return y, mean, var
+
+
+@torch.library.custom_op("batchnorm::batch_norm", mutates_args=())
+def batch_norm_op(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
+    running_mean: Tensor | None, running_var: Tensor | None, eps: float,
+    activation: str, slope: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, biased var) of a kernel view.
+
+    With ``running_mean``/``running_var`` None the statistics are the batch's
+    (training); otherwise those are used as they are (evaluation).
+    """
+    return _batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps,
+                               activation, slope)
+
+
+@batch_norm_op.register_fake
+def _(x, weight, bias, residual, running_mean, running_var, eps, activation, slope):
+    return torch.empty_like(x), _per_channel_empty(x), _per_channel_empty(x)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, residual, running_mean, running_var, eps, activation, slope = inputs
+    _, mean, var = output
+    ctx.training = running_mean is None
+    ctx.eps, ctx.activation, ctx.slope = eps, activation, slope
+    ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+    ctx.has_residual = residual is not None
+    # The residual is needed only to recompute the pre-activation in backward.
+    keep_residual = residual if activation != "none" else None
+    ctx.save_for_backward(x, weight, bias, keep_residual, mean, var)
+    ctx.mark_non_differentiable(mean, var)
+    ctx.eager = False
+
+
+def _batch_norm_backward(ctx, dy, _dmean, _dvar):
+    x, weight, bias, residual, mean, var = ctx.saved_tensors
+    need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+    dy = dy.contiguous()
+    count = x.numel() // x.shape[1]
+    act, slope = ctx.activation, ctx.slope
+
+    if torch.is_grad_enabled():
+        # create_graph=True (double backward): build the backward from differentiable torch
+        # ops, with the batch statistics recomputed from x so that their dependence on x
+        # is part of the graph.
+        prims = portable
+        if ctx.training:
+            mean, m2 = portable.stats(x)
+            var = m2 / max(count, 1)
+    elif ctx.eager:
+        prims = _DirectPrimitives
+    else:
+        prims = torch.ops.batchnorm
+    invstd = invstd_from_var(var, ctx.eps)
+
+    sum_dz = sum_dz_xhat = None
+    if ctx.training or need_w or need_b:
+        sum_dz, sum_dz_xhat = prims.backward_reduce(
+            dy, x, mean, invstd, weight, bias, residual, act, slope)
+
+    dx = dres = None
+    want_dres = bool(need_r) and act != "none"
+    if need_x or want_dres:
+        dx, dres = prims.backward_elementwise(
+            dy, x, mean, invstd, weight, bias, residual,
+            sum_dz if ctx.training else None, sum_dz_xhat if ctx.training else None,
+            count, act, slope, want_dres)
+        dx = dx if need_x else None
+        dres = dres if want_dres else None
+    if need_r and act == "none":
+        dres = dy  # d(x + r)/dr = 1
+
+    dweight = sum_dz_xhat.to(weight.dtype) if need_w else None
+    dbias = sum_dz.to(bias.dtype) if need_b else None
+    return dx, dweight, dbias, dres, None, None, None, None, None
+
+
+batch_norm_op.register_autograd(_batch_norm_backward, setup_context=_setup_context)
+
+
+class _DirectPrimitives:
+    """The backward primitives called straight on the backend, without custom-op dispatch."""
+
+    @staticmethod
+    def backward_reduce(dy, x, *args):
+        return backends.select(x).backward_reduce(dy, x, *args)
+
+    @staticmethod
+    def backward_elementwise(dy, x, *args):
+        return backends.select(x).backward_elementwise(dy, x, *args)
+
+
+class _EagerBatchNorm(torch.autograd.Function):
+    """``batchnorm::batch_norm`` for eager mode: the same forward and backward, reached
+    through ``autograd.Function`` rather than the custom-op dispatcher, whose overhead
+    (about 0.1 ms a call, measured on the 2-core CPU machine) would dominate small
+    tensors."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _batch_norm_forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        ctx.eager = True
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _batch_norm_backward(ctx, *grads)
+
+
+def batch_norm(x, weight, bias, residual, running_mean, running_var, eps, activation, slope):
+    """Local batch norm of a kernel view: ``(y, mean, biased var)``, differentiable in
+    x, weight, bias and residual. See :func:`batch_norm_op`."""
+    args = (x, weight, bias, residual, running_mean, running_var, eps, activation, slope)
+    if torch.compiler.is_compiling():
+        return batch_norm_op(*args)
+    return _EagerBatchNorm.apply(*args)
