@@ -1,0 +1,305 @@
+"""The Triton backend: the four primitives of ``portable.py`` as GPU kernels.
+
+* ``stats`` and ``backward_reduce`` are two-stage reductions (``_reduce.py``): many
+  programs per channel write partials to ``[P, C]`` buffers, a small kernel merges them in
+  a fixed order. Deterministic, no atomics.
+* ``normalize`` and ``backward_elementwise`` are one fused elementwise pass each
+  (``_elementwise.py``), with the residual and the activation (and, in backward, the
+  activation's derivative recomputed from x) folded in.
+* Launch grids come from shapes only, and nothing here reads a device value on the host:
+  a training step stays capturable in a CUDA graph.
+
+The launchers accept the kernel views of ``portable.py``: ``(N, C, L)`` or ``(M, C)``,
+contiguous. The tile and grid choices live in :data:`CONFIG`; the environment variable
+``BATCHNORM_TRITON_CONFIG="reduce_tile=8192,programs_per_sm=4"`` overrides them at import
+(the GPU check script uses it to compare variants).
+
+On a machine without a GPU, ``TRITON_INTERPRET=1`` (set before triton is imported) runs
+the same kernels on CPU tensors through Triton's NumPy interpreter; ``supports`` then
+accepts CPU tensors, for tests.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton  # noqa: F401  (ImportError here marks the backend unavailable)
+from torch import Tensor
+
+from ..portable import acc_dtype
+from . import _elementwise, _reduce
+from ._activation import CODES, split_float
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+CONFIG = {
+    # Stage-1 reductions: aim for this many programs per SM in total, each walking tiles of
+    # reduce_tile elements (accumulators live in registers: 2 per element of the tile).
+    "programs_per_sm": 8,
+    "reduce_tile": 4096,
+    "reduce_warps": 8,
+    # Elementwise passes: one tile of elem_tile elements per program.
+    "elem_tile": 4096,
+    "elem_warps": 8,
+    # Widest channel block of an (M, C) tile; rows fill the rest of the tile.
+    "block_c": 128,
+    # Stage-2 merges: [merge_block_p, <= merge_block_c] tiles, one program per channel block.
+    "merge_block_p": 64,
+    "merge_block_c": 32,
+}
+
+
+def _apply_env_config() -> None:
+    spec = os.environ.get("BATCHNORM_TRITON_CONFIG", "")
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        key, _, value = item.partition("=")
+        if key not in CONFIG:
+            raise ValueError(f"BATCHNORM_TRITON_CONFIG: unknown key {key!r}; known: {sorted(CONFIG)}")
+        CONFIG[key] = int(value)
+
+
+_apply_env_config()
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def supports(x: Tensor) -> bool:
+    """CUDA tensors of a floating dtype; CPU ones too under ``TRITON_INTERPRET=1``."""
+    if x.dtype not in _DTYPES:
+        return False
+    return x.is_cuda or (x.device.type == "cpu" and _interpreting())
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 2  # interpreter: a few programs per channel, enough to exercise the merge
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _np2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _device_guard(x: Tensor):
+    return torch.cuda.device(x.device) if x.is_cuda else _NullContext()
+
+
+class _NullContext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# --------------------------------------------------------------------------------------
+# Launch geometry
+
+
+def _reduce_plan(x: Tensor) -> dict:
+    """Tiles and the split of each channel's values over programs, for stage 1."""
+    tile = CONFIG["reduce_tile"]
+    target = CONFIG["programs_per_sm"] * _sm_count(x.device)
+    if x.dim() == 2:
+        m, c = x.shape
+        block_c = min(_np2(c), CONFIG["block_c"])
+        block_m = min(max(tile // block_c, 1), _np2(m))
+        ncb = _cdiv(c, block_c)
+        per_cb = max(1, _cdiv(target, ncb))
+        rows = _cdiv(_cdiv(m, block_m), per_cb) * block_m
+        p = _cdiv(m, rows)
+        return dict(cl=True, P=p, grid=(p * ncb,), rows=rows, ncb=ncb,
+                    BLOCK_M=block_m, BLOCK_C=block_c)
+    n, c, length = x.shape
+    block_l = min(_np2(length), tile)
+    block_n = min(max(tile // block_l, 1), _np2(n))
+    nb, lb = _cdiv(n, block_n), _cdiv(length, block_l)
+    per_channel = max(1, _cdiv(target, c))
+    k = max(1, (nb * lb) // per_channel)  # tiles per program
+    kl = min(lb, k)
+    kn = max(1, k // kl)
+    cols, rows = kl * block_l, kn * block_n
+    p_l, p_n = _cdiv(length, cols), _cdiv(n, rows)
+    return dict(cl=False, P=p_n * p_l, grid=(p_n * p_l * c,), rows=rows, cols=cols, p_l=p_l,
+                BLOCK_N=block_n, BLOCK_L=block_l)
+
+
+def _merge_grid(c: int) -> tuple[tuple[int], int, int]:
+    block_c = min(_np2(c), CONFIG["merge_block_c"])
+    return (_cdiv(c, block_c),), CONFIG["merge_block_p"], block_c
+
+
+def _elem_plan(x: Tensor) -> dict:
+    """(R, K, C) and the tile of the elementwise passes."""
+    tile = CONFIG["elem_tile"]
+    if x.dim() == 2:
+        r, k = x.shape
+        c = k
+        block_k = min(_np2(k), CONFIG["block_c"])
+    else:
+        n, c, k = x.shape
+        r = n * c
+        block_k = min(_np2(k), tile)
+    block_r = min(max(tile // block_k, 1), _np2(r))
+    grid = (_cdiv(r, block_r) * _cdiv(k, block_k),)
+    return dict(R=r, K=k, C=c, grid=grid, BLOCK_R=block_r, BLOCK_K=block_k, CL=x.dim() == 2)
+
+
+def _check_view(x: Tensor) -> None:
+    if x.dim() not in (2, 3) or not x.is_contiguous():
+        raise ValueError(
+            f"the triton backend takes (N, C, L) or (M, C) contiguous kernel views, got shape "
+            f"{tuple(x.shape)} with strides {x.stride()}")
+
+
+def _activation_args(activation: str, slope: float):
+    if activation not in CODES:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {tuple(CODES)}")
+    hi, lo = split_float(slope)
+    return CODES[activation], hi, lo
+
+
+# --------------------------------------------------------------------------------------
+# The four primitives
+
+
+def stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel ``(mean, m2)`` in the acc dtype; see ``_reduce.py`` for the numerics."""
+    _check_view(x)
+    c = x.shape[1]
+    acc = acc_dtype(x.dtype)
+    mean = torch.empty(c, dtype=acc, device=x.device)
+    m2 = torch.empty(c, dtype=acc, device=x.device)
+    if x.numel() == 0:
+        return mean.zero_(), m2.zero_()
+    plan = _reduce_plan(x)
+    p = plan["P"]
+    pcount = torch.empty((p, c), dtype=acc, device=x.device)
+    pmean = torch.empty_like(pcount)
+    pm2 = torch.empty_like(pcount)
+    warps = CONFIG["reduce_warps"]
+    with _device_guard(x):
+        if plan["cl"]:
+            _reduce.stats_partial_mc[plan["grid"]](
+                x, pcount, pmean, pm2, x.shape[0], c, plan["rows"], plan["ncb"],
+                BLOCK_M=plan["BLOCK_M"], BLOCK_C=plan["BLOCK_C"], num_warps=warps)
+            shift_stride = 1
+        else:
+            _reduce.stats_partial_ncl[plan["grid"]](
+                x, pcount, pmean, pm2, x.shape[0], c, x.shape[2], plan["rows"], plan["cols"],
+                plan["p_l"], BLOCK_N=plan["BLOCK_N"], BLOCK_L=plan["BLOCK_L"], num_warps=warps)
+            shift_stride = x.shape[2]
+        grid, block_p, block_c = _merge_grid(c)
+        _reduce.stats_merge[grid](x, pcount, pmean, pm2, mean, m2, p, c, shift_stride,
+                                  BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
+    return mean, m2
+
+
+def _dummy(t: Tensor | None, like: Tensor) -> Tensor:
+    # A pointer the kernel never reads (its HAS_* flag is off).
+    return like if t is None else t
+
+
+def _check_same(name: str, t: Tensor | None, x: Tensor) -> Tensor | None:
+    if t is None:
+        return None
+    if t.shape != x.shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, the kernel view {tuple(x.shape)}")
+    return t.contiguous()
+
+
+def normalize(x, mean, invstd, weight, bias, residual, activation: str, slope: float) -> Tensor:
+    """``y = act(weight * (x - mean) * invstd + bias + residual)``, in x's dtype."""
+    _check_view(x)
+    residual = _check_same("residual", residual, x)
+    y = torch.empty_like(x)
+    if x.numel() == 0:
+        return y
+    act, hi, lo = _activation_args(activation, slope)
+    acc = acc_dtype(x.dtype)
+    mean, invstd = mean.to(acc).contiguous(), invstd.to(acc).contiguous()
+    plan = _elem_plan(x)
+    with _device_guard(x):
+        _elementwise.normalize_kernel[plan["grid"]](
+            x, y, _dummy(residual, x), mean, invstd, _dummy(weight, mean), _dummy(bias, mean),
+            plan["R"], plan["K"], plan["C"], hi, lo, CL=plan["CL"], ACT=act,
+            HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None,
+            BLOCK_R=plan["BLOCK_R"], BLOCK_K=plan["BLOCK_K"], num_warps=CONFIG["elem_warps"])
+    return y
+
+
+def backward_reduce(dy, x, mean, invstd, weight, bias, residual, activation: str, slope: float):
+    """Per-channel ``(Σ dz, Σ dz·x̂)`` in the acc dtype."""
+    _check_view(x)
+    dy = _check_same("dy", dy, x)
+    residual = _check_same("residual", residual, x)
+    c = x.shape[1]
+    acc = acc_dtype(x.dtype)
+    sdz = torch.empty(c, dtype=acc, device=x.device)
+    sdzx = torch.empty(c, dtype=acc, device=x.device)
+    if x.numel() == 0:
+        return sdz.zero_(), sdzx.zero_()
+    act, hi, lo = _activation_args(activation, slope)
+    mean, invstd = mean.to(acc).contiguous(), invstd.to(acc).contiguous()
+    plan = _reduce_plan(x)
+    p = plan["P"]
+    psdz = torch.empty((p, c), dtype=acc, device=x.device)
+    psdzx = torch.empty_like(psdz)
+    flags = dict(ACT=act, HAS_W=weight is not None, HAS_B=bias is not None,
+                 HAS_RES=residual is not None and act != 0, num_warps=CONFIG["reduce_warps"])
+    common = (dy, x, _dummy(residual, x), mean, invstd, _dummy(weight, mean),
+              _dummy(bias, mean), psdz, psdzx)
+    with _device_guard(x):
+        if plan["cl"]:
+            _reduce.backward_partial_mc[plan["grid"]](
+                *common, x.shape[0], c, plan["rows"], plan["ncb"], hi, lo,
+                BLOCK_M=plan["BLOCK_M"], BLOCK_C=plan["BLOCK_C"], **flags)
+        else:
+            _reduce.backward_partial_ncl[plan["grid"]](
+                *common, x.shape[0], c, x.shape[2], plan["rows"], plan["cols"], plan["p_l"],
+                hi, lo, BLOCK_N=plan["BLOCK_N"], BLOCK_L=plan["BLOCK_L"], **flags)
+        grid, block_p, block_c = _merge_grid(c)
+        _reduce.sum_partials[grid](psdz, psdzx, sdz, sdzx, p, c, BLOCK_P=block_p,
+                                   BLOCK_C=block_c, num_warps=4)
+    return sdz, sdzx
+
+
+def backward_elementwise(
+    dy, x, mean, invstd, weight, bias, residual, sum_dz, sum_dz_xhat, count: int,
+    activation: str, slope: float, want_dresidual: bool,
+):
+    """``dx`` (and ``dresidual = dz`` when asked); see the derivation in ``_elementwise.py``."""
+    _check_view(x)
+    dy = _check_same("dy", dy, x)
+    residual = _check_same("residual", residual, x)
+    dx = torch.empty_like(x)
+    dres = None
+    if want_dresidual:
+        dres = torch.empty_like(x, dtype=residual.dtype if residual is not None else x.dtype)
+    if x.numel() == 0:
+        return dx, dres
+    act, hi, lo = _activation_args(activation, slope)
+    acc = acc_dtype(x.dtype)
+    mean, invstd = mean.to(acc).contiguous(), invstd.to(acc).contiguous()
+    train = sum_dz is not None
+    if train:
+        sum_dz, sum_dz_xhat = sum_dz.to(acc).contiguous(), sum_dz_xhat.to(acc).contiguous()
+    plan = _elem_plan(x)
+    with _device_guard(x):
+        _elementwise.backward_kernel[plan["grid"]](
+            dy, x, _dummy(residual, x), mean, invstd, _dummy(weight, mean), _dummy(bias, mean),
+            sum_dz if train else mean, sum_dz_xhat if train else mean, dx, _dummy(dres, dx),
+            int(count), plan["R"], plan["K"], plan["C"], hi, lo, CL=plan["CL"], ACT=act,
+            HAS_W=weight is not None, HAS_B=bias is not None,
+            HAS_RES=residual is not None and act != 0, TRAIN=train, WANT_DRES=want_dresidual,
+            BLOCK_R=plan["BLOCK_R"], BLOCK_K=plan["BLOCK_K"], num_warps=CONFIG["elem_warps"])
+    return dx, dres

@@ -1,0 +1,86 @@
+"""Activations and their derivatives as Triton device functions, selected by a constexpr code.
+
+The formulas are those of ``portable._activate`` / ``portable.activation_grad``, so the
+backward recomputes act'(z) from x and the statistics instead of saving a mask.
+Python float literals take the dtype of the tensor they meet (Triton's scalar promotion),
+so these constants keep float64 precision for float64 inputs. A *runtime* float argument,
+though, arrives as float32 on the GPU: LeakyReLU's slope is therefore passed as a
+float32 pair ``slope_hi + slope_lo`` (see ``split_float``).
+"""
+
+import triton
+import triton.language as tl
+
+CODES = {"none": 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4, "gelu_tanh": 5,
+         "sigmoid": 6, "tanh": 7}
+
+
+def split_float(v: float) -> tuple[float, float]:
+    """``v`` as two float32 values whose float64 sum is ``v`` to about 1e-14."""
+    import numpy as np
+    hi = float(np.float32(v))
+    return hi, float(np.float32(v - hi))
+
+
+@triton.jit
+def _sigmoid(z):
+    # exp(-z) overflows to inf for very negative z, and 1/inf == 0: no NaN either way.
+    return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def _tanh(u):
+    # Written through exp so that it runs on every Triton version and in the interpreter;
+    # the absolute error near 0 is one ulp of 1, well within every dtype's tolerance.
+    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+
+@triton.jit
+def activate(z, ACT: tl.constexpr, slope_hi, slope_lo):
+    if ACT == 1:
+        y = tl.where(z < 0, 0.0, z)  # keeps NaN, like torch.relu
+    elif ACT == 2:
+        y = tl.where(z > 0, z, z * slope_hi + z * slope_lo)
+    elif ACT == 3:
+        y = z * _sigmoid(z)
+    elif ACT == 4:
+        y = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+    elif ACT == 5:
+        u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+        y = 0.5 * z * (1.0 + _tanh(u))
+    elif ACT == 6:
+        y = _sigmoid(z)
+    elif ACT == 7:
+        y = _tanh(z)
+    else:
+        y = z
+    return y
+
+
+@triton.jit
+def activation_grad(z, ACT: tl.constexpr, slope_hi, slope_lo):
+    """act'(z) for ACT != 0."""
+    if ACT == 1:
+        g = tl.where(z > 0, 1.0, 0.0)
+    elif ACT == 2:
+        # zeros_like first: the sum is then formed in z's dtype (float64 keeps slope_lo)
+        g = tl.where(z > 0, 1.0, tl.zeros_like(z) + slope_hi + slope_lo)
+    elif ACT == 3:
+        s = _sigmoid(z)
+        g = s * (1.0 + z * (1.0 - s))
+    elif ACT == 4:
+        # d/dz [z Φ(z)] = Φ(z) + z φ(z)
+        cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
+        g = cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
+    elif ACT == 5:
+        u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+        t = _tanh(u)
+        du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
+        g = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * du
+    elif ACT == 6:
+        s = _sigmoid(z)
+        g = s * (1.0 - s)
+    else:
+        t = _tanh(z)
+        g = 1.0 - t * t
+    return g

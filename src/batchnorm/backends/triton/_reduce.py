@@ -1,0 +1,290 @@
+"""The two reductions (statistics, and the backward's Σdz, Σdz·x̂) as two-stage kernels.
+
+Stage 1 splits the N·L values of every channel over many programs, each writing one
+partial result per channel into ``[P, C]`` buffers of the accumulation dtype (float32, or
+float64 for float64 inputs). Stage 2, a small kernel over channel blocks, merges the P
+partials of a channel in a fixed order. No atomics: the result depends only on the
+shapes and the launch configuration, never on scheduling, and nothing is synchronized
+with the host (the grids come from shapes alone).
+
+Kernel views (see ``portable.py``):
+* ``(N, C, L)``: a program owns one channel ``c`` and a rectangle of rows ``n`` and
+  positions ``l``, walked in ``[BLOCK_N, BLOCK_L]`` tiles contiguous along L (BLOCK_N > 1
+  only when L is short). Partial index ``p = pn * P_L + pl``; program id ``p * C + c``.
+* ``(M, C)``: a program owns a block of ``BLOCK_C`` channels and a range of rows, walked in
+  ``[BLOCK_M, BLOCK_C]`` tiles with C contiguous (coalesced, vectorized loads); program id
+  ``p * n_channel_blocks + cb``.
+
+A program's ranges are whole multiples of its tile, so the only masks needed are
+``row < N`` and ``col < L`` (or ``< C``): with L and C divisible by 16, Triton then still
+proves 16-byte alignment and emits vector loads; a mask against a computed bound would
+not.
+
+Statistics: shifted sums. Every program subtracts the same per-channel shift, the
+channel's first element ``x[0, c, 0]`` (``x[0, c]``), and accumulates Σd and Σd² of
+``d = x − shift`` elementwise in registers; the partial is ``(count, mean_d, m2)`` with
+``m2 = Σd² − Σd·mean_d``. Because the shift is a sample of the channel, ``|mean − shift|``
+is a few standard deviations, so the cancellation costs about ε·(1 + ((shift−μ)/σ)²)
+relative, not ε·μ²/σ² as raw Σx² would (a mean of 1e6 and spread 1 stays exact to
+float32 rounding). Keeping the partial means relative to the shared shift keeps the
+between-block term of the merge small and exact, and a constant channel gives d == 0
+everywhere: mean == value and m2 == 0 exactly. Stage 2 merges with Chan's G-way formula
+(``ops.chan_combine``): ``n = Σnᵢ``, ``mean_d = Σnᵢ·mean_dᵢ / n``,
+``m2 = Σm2ᵢ + Σnᵢ·(mean_dᵢ − mean_d)²``, then adds the shift back.
+"""
+
+import triton
+import triton.language as tl
+
+from ._activation import activation_grad
+
+
+@triton.jit
+def _dz(dy, x, mu, inv, w, b, r, ACT: tl.constexpr, HAS_W: tl.constexpr,
+        HAS_B: tl.constexpr, HAS_RES: tl.constexpr, slope_hi, slope_lo):
+    """(x̂, dz = dy·act'(z)) of one tile, in the accumulation dtype."""
+    xhat = (x - mu) * inv
+    if ACT == 0:
+        dz = dy
+    else:
+        z = xhat
+        if HAS_W:
+            z = z * w
+        if HAS_B:
+            z = z + b
+        if HAS_RES:
+            z = z + r
+        dz = dy * activation_grad(z, ACT, slope_hi, slope_lo)
+    return xhat, dz
+
+
+# --------------------------------------------------------------------------------------
+# Statistics, stage 1
+
+
+@triton.jit
+def stats_partial_ncl(x_ptr, pcount_ptr, pmean_ptr, pm2_ptr, N, C, L, ROWS, COLS, P_L,
+                      BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
+    pid = tl.program_id(0)
+    c = pid % C
+    p = pid // C
+    n0 = (p // P_L) * ROWS
+    l0 = (p % P_L) * COLS
+    n_end = tl.minimum(n0 + ROWS, N)
+    l_end = tl.minimum(l0 + COLS, L)
+    acc_ty = pmean_ptr.dtype.element_ty
+    shift = tl.load(x_ptr + c.to(tl.int64) * L).to(acc_ty)
+    rn = tl.arange(0, BLOCK_N)
+    rl = tl.arange(0, BLOCK_L)
+    s = tl.zeros([BLOCK_N, BLOCK_L], dtype=acc_ty)
+    q = tl.zeros([BLOCK_N, BLOCK_L], dtype=acc_ty)
+    for nb in range(n0, n_end, BLOCK_N):
+        rows = nb + rn
+        row_off = (rows.to(tl.int64) * C + c) * L
+        for lb in range(l0, l_end, BLOCK_L):
+            cols = lb + rl
+            mask = (rows < N)[:, None] & (cols < L)[None, :]
+            v = tl.load(x_ptr + row_off[:, None] + cols[None, :], mask=mask, other=0.0)
+            d = tl.where(mask, v.to(acc_ty) - shift, 0.0)
+            s += d
+            q += d * d
+    n = ((n_end - n0) * (l_end - l0)).to(acc_ty)
+    ssum = tl.sum(tl.sum(s, axis=1), axis=0)
+    qsum = tl.sum(tl.sum(q, axis=1), axis=0)
+    mean_d = ssum / n
+    out = p * C + c
+    tl.store(pcount_ptr + out, n)
+    tl.store(pmean_ptr + out, mean_d)
+    tl.store(pm2_ptr + out, tl.maximum(qsum - ssum * mean_d, 0.0))
+
+
+@triton.jit
+def stats_partial_mc(x_ptr, pcount_ptr, pmean_ptr, pm2_ptr, M, C, ROWS, NCB,
+                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid = tl.program_id(0)
+    cb = pid % NCB
+    p = pid // NCB
+    m0 = p * ROWS
+    m_end = tl.minimum(m0 + ROWS, M)
+    acc_ty = pmean_ptr.dtype.element_ty
+    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    shift = tl.load(x_ptr + cols, mask=cmask, other=0.0).to(acc_ty)
+    rm = tl.arange(0, BLOCK_M)
+    s = tl.zeros([BLOCK_M, BLOCK_C], dtype=acc_ty)
+    q = tl.zeros([BLOCK_M, BLOCK_C], dtype=acc_ty)
+    for mb in range(m0, m_end, BLOCK_M):
+        rows = mb + rm
+        mask = (rows < M)[:, None] & cmask[None, :]
+        ptrs = x_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :]
+        v = tl.load(ptrs, mask=mask, other=0.0)
+        d = tl.where(mask, v.to(acc_ty) - shift[None, :], 0.0)
+        s += d
+        q += d * d
+    n = (m_end - m0).to(acc_ty)
+    ssum = tl.sum(s, axis=0)
+    qsum = tl.sum(q, axis=0)
+    mean_d = ssum / n
+    out = p * C + cols
+    tl.store(pcount_ptr + out, tl.zeros([BLOCK_C], dtype=acc_ty) + n, mask=cmask)
+    tl.store(pmean_ptr + out, mean_d, mask=cmask)
+    tl.store(pm2_ptr + out, tl.maximum(qsum - ssum * mean_d, 0.0), mask=cmask)
+
+
+# --------------------------------------------------------------------------------------
+# Statistics, stage 2
+
+
+@triton.jit
+def stats_merge(x_ptr, pcount_ptr, pmean_ptr, pm2_ptr, mean_ptr, m2_ptr, P, C, SHIFT_STRIDE,
+                BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Chan's G-way merge of the P partials of each channel, then the shift added back.
+
+    Two sweeps over the partials (they are small): the merged mean first, then the
+    deviations of the partial means from it, so no raw second moment appears.
+    """
+    acc_ty = pmean_ptr.dtype.element_ty
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    rp = tl.arange(0, BLOCK_P)
+    tot = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
+    wsum = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
+    for p0 in range(0, P, BLOCK_P):
+        rows = p0 + rp
+        mask = (rows < P)[:, None] & cmask[None, :]
+        off = rows[:, None] * C + cols[None, :]
+        n = tl.load(pcount_ptr + off, mask=mask, other=0.0)
+        mu = tl.load(pmean_ptr + off, mask=mask, other=0.0)
+        tot += n
+        wsum += n * mu
+    total = tl.sum(tot, axis=0)
+    mean_d = tl.sum(wsum, axis=0) / tl.where(total > 0, total, 1.0)
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
+    for p0 in range(0, P, BLOCK_P):
+        rows = p0 + rp
+        mask = (rows < P)[:, None] & cmask[None, :]
+        off = rows[:, None] * C + cols[None, :]
+        n = tl.load(pcount_ptr + off, mask=mask, other=0.0)
+        mu = tl.load(pmean_ptr + off, mask=mask, other=0.0)
+        m2 = tl.load(pm2_ptr + off, mask=mask, other=0.0)
+        dev = mu - mean_d[None, :]
+        acc += m2 + n * dev * dev
+    shift = tl.load(x_ptr + cols.to(tl.int64) * SHIFT_STRIDE, mask=cmask, other=0.0).to(acc_ty)
+    tl.store(mean_ptr + cols, shift + mean_d, mask=cmask)
+    tl.store(m2_ptr + cols, tl.sum(acc, axis=0), mask=cmask)
+
+
+# --------------------------------------------------------------------------------------
+# Backward reduction: Σdz and Σdz·x̂ per channel (the bias and weight gradients)
+
+
+@triton.jit
+def backward_partial_ncl(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr,
+                         psdz_ptr, psdzx_ptr, N, C, L, ROWS, COLS, P_L, slope_hi, slope_lo,
+                         ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                         HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
+    pid = tl.program_id(0)
+    c = pid % C
+    p = pid // C
+    n0 = (p // P_L) * ROWS
+    l0 = (p % P_L) * COLS
+    n_end = tl.minimum(n0 + ROWS, N)
+    l_end = tl.minimum(l0 + COLS, L)
+    acc_ty = psdz_ptr.dtype.element_ty
+    mu = tl.load(mean_ptr + c)
+    inv = tl.load(invstd_ptr + c)
+    w = 1.0
+    b = 0.0
+    if HAS_W:
+        w = tl.load(w_ptr + c).to(acc_ty)
+    if HAS_B:
+        b = tl.load(b_ptr + c).to(acc_ty)
+    rn = tl.arange(0, BLOCK_N)
+    rl = tl.arange(0, BLOCK_L)
+    sdz = tl.zeros([BLOCK_N, BLOCK_L], dtype=acc_ty)
+    sdzx = tl.zeros([BLOCK_N, BLOCK_L], dtype=acc_ty)
+    for nb in range(n0, n_end, BLOCK_N):
+        rows = nb + rn
+        row_off = (rows.to(tl.int64) * C + c) * L
+        for lb in range(l0, l_end, BLOCK_L):
+            cols = lb + rl
+            mask = (rows < N)[:, None] & (cols < L)[None, :]
+            off = row_off[:, None] + cols[None, :]
+            xv = tl.load(x_ptr + off, mask=mask, other=0.0).to(acc_ty)
+            dyv = tl.load(dy_ptr + off, mask=mask, other=0.0).to(acc_ty)
+            if HAS_RES:
+                rv = tl.load(r_ptr + off, mask=mask, other=0.0).to(acc_ty)
+            else:
+                rv = 0.0
+            xhat, dz = _dz(dyv, xv, mu, inv, w, b, rv, ACT, HAS_W, HAS_B, HAS_RES,
+                           slope_hi, slope_lo)
+            dz = tl.where(mask, dz, 0.0)
+            sdz += dz
+            sdzx += dz * xhat
+    out = p * C + c
+    tl.store(psdz_ptr + out, tl.sum(tl.sum(sdz, axis=1), axis=0))
+    tl.store(psdzx_ptr + out, tl.sum(tl.sum(sdzx, axis=1), axis=0))
+
+
+@triton.jit
+def backward_partial_mc(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr,
+                        psdz_ptr, psdzx_ptr, M, C, ROWS, NCB, slope_hi, slope_lo,
+                        ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                        HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid = tl.program_id(0)
+    cb = pid % NCB
+    p = pid // NCB
+    m0 = p * ROWS
+    m_end = tl.minimum(m0 + ROWS, M)
+    acc_ty = psdz_ptr.dtype.element_ty
+    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mu = tl.load(mean_ptr + cols, mask=cmask, other=0.0)[None, :]
+    inv = tl.load(invstd_ptr + cols, mask=cmask, other=0.0)[None, :]
+    w = 1.0
+    b = 0.0
+    if HAS_W:
+        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(acc_ty)[None, :]
+    if HAS_B:
+        b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(acc_ty)[None, :]
+    rm = tl.arange(0, BLOCK_M)
+    sdz = tl.zeros([BLOCK_M, BLOCK_C], dtype=acc_ty)
+    sdzx = tl.zeros([BLOCK_M, BLOCK_C], dtype=acc_ty)
+    for mb in range(m0, m_end, BLOCK_M):
+        rows = mb + rm
+        mask = (rows < M)[:, None] & cmask[None, :]
+        off = rows.to(tl.int64)[:, None] * C + cols[None, :]
+        xv = tl.load(x_ptr + off, mask=mask, other=0.0).to(acc_ty)
+        dyv = tl.load(dy_ptr + off, mask=mask, other=0.0).to(acc_ty)
+        if HAS_RES:
+            rv = tl.load(r_ptr + off, mask=mask, other=0.0).to(acc_ty)
+        else:
+            rv = 0.0
+        xhat, dz = _dz(dyv, xv, mu, inv, w, b, rv, ACT, HAS_W, HAS_B, HAS_RES,
+                       slope_hi, slope_lo)
+        dz = tl.where(mask, dz, 0.0)
+        sdz += dz
+        sdzx += dz * xhat
+    out = p * C + cols
+    tl.store(psdz_ptr + out, tl.sum(sdz, axis=0), mask=cmask)
+    tl.store(psdzx_ptr + out, tl.sum(sdzx, axis=0), mask=cmask)
+
+
+@triton.jit
+def sum_partials(pa_ptr, pb_ptr, a_ptr, b_ptr, P, C, BLOCK_P: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
+    """Column sums of two ``[P, C]`` buffers, in a fixed order (deterministic)."""
+    acc_ty = pa_ptr.dtype.element_ty
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    rp = tl.arange(0, BLOCK_P)
+    sa = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
+    sb = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
+    for p0 in range(0, P, BLOCK_P):
+        rows = p0 + rp
+        mask = (rows < P)[:, None] & cmask[None, :]
+        off = rows[:, None] * C + cols[None, :]
+        sa += tl.load(pa_ptr + off, mask=mask, other=0.0)
+        sb += tl.load(pb_ptr + off, mask=mask, other=0.0)
+    tl.store(a_ptr + cols, tl.sum(sa, axis=0), mask=cmask)
+    tl.store(b_ptr + cols, tl.sum(sb, axis=0), mask=cmask)
