@@ -1,0 +1,306 @@
+"""The Triton backend's four primitives against ``backends.portable`` and float64.
+
+On a GPU these run on CUDA with larger shapes and the production tile sizes. Without one
+they run on CPU tensors through Triton's interpreter (conftest sets TRITON_INTERPRET=1
+before triton is imported) on a few tiny shapes, with tiles shrunk so that every code path
+still runs: several partials per channel, several tiles per program, ragged tails.
+Every buffer the backend allocates is poisoned with NaN, so an element a kernel forgets
+to write fails the comparison.
+"""
+
+import pytest
+import torch
+
+from batchnorm import backends
+from batchnorm.backends import portable
+from tolerances import TOLERANCES, assert_close
+
+if "triton" not in backends.available():
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+import batchnorm.backends.triton as tb  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+# (kernel view shape): (N, C, L) and (M, C). On the CPU they are tiny (the interpreter
+# runs every program in Python); ragged on purpose: nothing is a multiple of a tile.
+if CUDA:
+    SHAPES = [(16, 32, 1000), (3, 64, 3136), (128, 7, 49), (2, 5, 70001), (4097, 96),
+              (3000, 2048), (513, 3)]
+    DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+else:
+    SHAPES = [(3, 5, 37), (6, 3, 1), (50, 12)]
+    DTYPES = [torch.float32, torch.bfloat16]
+
+SMALL_TILES = dict(reduce_tile=64, elem_tile=64, block_c=8, merge_block_p=4, merge_block_c=4,
+                   programs_per_sm=8)
+
+
+def _id(shape):
+    return {2: "MC", 3: "NCL"}.get(len(shape), "") + "x".join(map(str, shape))
+
+
+@pytest.fixture(autouse=True)
+def triton_backend(monkeypatch):
+    """Poisoned allocations everywhere; tiny tiles under the interpreter."""
+    if not CUDA:
+        for key, value in SMALL_TILES.items():
+            monkeypatch.setitem(tb.CONFIG, key, value)
+    monkeypatch.setattr(tb, "torch", _PoisonTorch())
+    yield
+
+
+class _PoisonTorch:
+    """``torch`` as the backend sees it, except that new float tensors are full of NaN."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def _poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    def empty(self, *args, **kwargs):
+        return self._poison(torch.empty(*args, **kwargs))
+
+    def empty_like(self, *args, **kwargs):
+        return self._poison(torch.empty_like(*args, **kwargs))
+
+
+def _data(shape, dtype, mean=0.0, std=1.0):
+    """Fresh random data whose channels have different means and spreads."""
+    c = shape[1]
+    per = [1, c] + [1] * (len(shape) - 2)
+    offset = torch.randn(c, dtype=torch.float64).view(per) * 3 + mean
+    spread = torch.rand(c, dtype=torch.float64).view(per) * 2 + 0.5
+    return (torch.randn(shape, dtype=torch.float64) * spread * std + offset).to(dtype).to(DEVICE)
+
+
+def _params(c, dtype=torch.float32):
+    w = (torch.randn(c, dtype=torch.float64) + 1).to(dtype).to(DEVICE)
+    b = torch.randn(c, dtype=torch.float64).to(dtype).to(DEVICE)
+    return w, b
+
+
+def _batch_stats(x):
+    """Batch mean and invstd (eps 1e-5) from the portable backend, in the acc dtype."""
+    mean, m2 = portable.stats(x)
+    count = x.numel() // x.shape[1]
+    return mean, torch.rsqrt(m2 / count + 1e-5), count
+
+
+def _acc_tol(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------
+# stats
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+def test_stats(shape, dtype):
+    x = _data(shape, dtype)
+    mean, m2 = tb.stats(x)
+    assert mean.dtype == m2.dtype == portable.acc_dtype(dtype)
+    ref_mean, ref_m2 = portable.stats(x.double())  # float64 on the same (rounded) input
+    acc = _acc_tol(dtype)
+    assert_close(mean, ref_mean, dtype=acc, scale=10)
+    assert_close(m2, ref_m2, dtype=acc, scale=10)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:2] + SHAPES[-1:], ids=_id)
+def test_stats_large_mean(shape):
+    """Mean 1e6, spread 1: raw Σx² − (Σx)²/n would lose every digit of m2 in float32."""
+    x = _data(shape, torch.float32, mean=1e6)
+    mean, m2 = tb.stats(x)
+    ref_mean, ref_m2 = portable.stats(x.double())
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-7, atol=0)
+    torch.testing.assert_close(m2.double(), ref_m2, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES[:1] + SHAPES[-1:], ids=_id)
+def test_stats_constant_channels(shape, dtype):
+    """A constant channel has mean == its value and m2 == 0, exactly, at any magnitude."""
+    x = _data(shape, dtype)
+    values = torch.tensor([1e6 + 0.5, -3.7, 0.1, 123.456], dtype=dtype)
+    c = shape[1]
+    for i in range(min(c, 4)):
+        x[:, i] = values[i].to(DEVICE)
+    mean, m2 = tb.stats(x)
+    expected = values[: min(c, 4)].to(mean.dtype).to(DEVICE)
+    assert torch.equal(mean[: min(c, 4)], expected)
+    assert torch.equal(m2[: min(c, 4)], torch.zeros_like(expected))
+
+
+def test_stats_empty_and_deterministic():
+    x = torch.empty((0, 4, 5), device=DEVICE)
+    mean, m2 = tb.stats(x)
+    assert torch.equal(mean, torch.zeros(4, device=DEVICE)) and torch.equal(m2, mean)
+    x = _data(SHAPES[0], torch.float32)
+    a, b = tb.stats(x), tb.stats(x)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# --------------------------------------------------------------------------------------
+# normalize, backward_reduce, backward_elementwise
+
+
+ACT_CASES = [  # (activation, slope, weight/bias given, residual given)
+    ("none", 0.0, True, False),
+    ("relu", 0.0, True, True),
+    ("leaky_relu", 0.2, False, True),
+    ("silu", 0.0, True, False),
+]
+if CUDA:
+    ACT_CASES += [("gelu", 0.0, True, True), ("gelu_tanh", 0.0, False, False),
+                  ("sigmoid", 0.0, True, True), ("tanh", 0.0, True, False)]
+
+
+def _case(shape, dtype, affine, with_residual, param_dtype=torch.float32):
+    x = _data(shape, dtype)
+    mean, invstd, count = _batch_stats(x)
+    w, b = _params(shape[1], param_dtype) if affine else (None, None)
+    r = _data(shape, dtype) if with_residual else None
+    dy = _data(shape, dtype)
+    return x, mean, invstd, count, w, b, r, dy
+
+
+def _f64(*ts):
+    return [t.double() if t is not None else None for t in ts]
+
+
+@pytest.mark.parametrize("act,slope,affine,res", ACT_CASES, ids=[c[0] for c in ACT_CASES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+def test_normalize(shape, dtype, act, slope, affine, res):
+    x, mean, invstd, _, w, b, r, _ = _case(shape, dtype, affine, res)
+    y = tb.normalize(x, mean, invstd, w, b, r, act, slope)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_close(y, portable.normalize(x, mean, invstd, w, b, r, act, slope), scale=2)
+    expected = portable.normalize(*_f64(x, mean, invstd, w, b, r), act, slope)
+    assert_close(y, expected, dtype=dtype, scale=2)
+
+
+@pytest.mark.parametrize("act,slope,affine,res", ACT_CASES, ids=[c[0] for c in ACT_CASES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+def test_backward(shape, dtype, act, slope, affine, res):
+    """backward_reduce, then backward_elementwise with batch and with fixed statistics."""
+    x, mean, invstd, count, w, b, r, dy = _case(shape, dtype, affine, res)
+    sums = tb.backward_reduce(dy, x, mean, invstd, w, b, r, act, slope)
+    ref = portable.backward_reduce(*_f64(dy, x, mean, invstd, w, b, r), act, slope)
+    acc = _acc_tol(dtype)
+    # Sums over count values: scale the tolerance with the size of the terms summed.
+    for got, want in zip(sums, ref):
+        assert got.dtype == portable.acc_dtype(dtype)
+        assert_close(got, want, dtype=acc, scale=10 * max(1.0, count ** 0.5))
+
+    for train in (True, False):
+        s = sums if train else (None, None)
+        dx, dres = tb.backward_elementwise(dy, x, mean, invstd, w, b, r, *s, count, act, slope,
+                                           res)
+        assert dx.dtype == dtype
+        want_dx, want_dres = portable.backward_elementwise(
+            *_f64(dy, x, mean, invstd, w, b, r), *_f64(*s), count, act, slope, res)
+        # dx subtracts per-channel means of dz: its error scales with dz, not with dx.
+        assert_close(dx, want_dx, dtype=dtype, scale=4)
+        if res:
+            assert dres.dtype == r.dtype
+            assert_close(dres, want_dres, dtype=dtype, scale=2)
+        else:
+            assert dres is None
+
+
+def test_float64_exact():
+    """float64 stays float64 throughout (LeakyReLU's slope too, though a GPU passes
+    runtime floats as float32)."""
+    shape = SHAPES[0]
+    x, mean, invstd, count, w, b, r, dy = _case(shape, torch.float64, True, True,
+                                                 param_dtype=torch.float64)
+    act, slope = "leaky_relu", 0.01
+    y = tb.normalize(x, mean, invstd, w, b, r, act, slope)
+    torch.testing.assert_close(y, portable.normalize(x, mean, invstd, w, b, r, act, slope),
+                               rtol=1e-12, atol=1e-12)
+    sums = tb.backward_reduce(dy, x, mean, invstd, w, b, r, act, slope)
+    dx, dres = tb.backward_elementwise(dy, x, mean, invstd, w, b, r, *sums, count, act, slope,
+                                       True)
+    want = portable.backward_elementwise(dy, x, mean, invstd, w, b, r,
+                                         *portable.backward_reduce(dy, x, mean, invstd, w, b,
+                                                                   r, act, slope),
+                                         count, act, slope, True)
+    torch.testing.assert_close(dx, want[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(dres, want[1], rtol=1e-12, atol=1e-12)
+
+
+def test_half_weights_and_zero_variance():
+    """Input-dtype weights; invstd == 0 (a constant channel with eps = 0) gives y = bias
+    and dx = 0, never NaN."""
+    shape = SHAPES[0]
+    x, mean, invstd, count, w, b, r, dy = _case(shape, torch.bfloat16, True, False,
+                                                 param_dtype=torch.bfloat16)
+    invstd = invstd.clone()
+    invstd[0] = 0
+    y = tb.normalize(x, mean, invstd, w, b, None, "relu", 0.0)
+    assert_close(y, portable.normalize(x, mean, invstd, w, b, None, "relu", 0.0), scale=2)
+    assert torch.equal(y[:, 0], torch.relu(b[0]).expand_as(y[:, 0]))
+    sums = tb.backward_reduce(dy, x, mean, invstd, w, b, None, "relu", 0.0)
+    dx, _ = tb.backward_elementwise(dy, x, mean, invstd, w, b, None, *sums, count, "relu", 0.0,
+                                    False)
+    assert torch.equal(dx[:, 0], torch.zeros_like(dx[:, 0]))
+    assert not dx.isnan().any()
+
+
+# --------------------------------------------------------------------------------------
+# selection and the end-to-end module
+
+
+def test_supports(monkeypatch):
+    x = torch.zeros(2, 3, device=DEVICE)
+    assert tb.supports(x)
+    assert not tb.supports(x.long())
+    if not CUDA:
+        monkeypatch.delenv("TRITON_INTERPRET")
+        assert not tb.supports(x)
+    else:
+        assert backends.select(x) is tb
+
+
+MODULE_SHAPES = [(8, 16, 20, 20)] if CUDA else [(3, 4, 5, 6)]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "CL"])
+@pytest.mark.parametrize("shape", MODULE_SHAPES, ids=_id)
+def test_module_parity(shape, channels_last):
+    """batchnorm.BatchNorm2d (+ fused ReLU) on the triton backend == torch's BN then ReLU."""
+    import batchnorm
+
+    torch.manual_seed(0)
+    ours = batchnorm.BatchNorm2d(shape[1], activation="relu").to(DEVICE)
+    theirs = torch.nn.BatchNorm2d(shape[1]).to(DEVICE)
+    with torch.no_grad():
+        for m in (ours, theirs):
+            m.weight.copy_(torch.linspace(0.5, 1.5, shape[1]))
+            m.bias.copy_(torch.linspace(-0.2, 0.3, shape[1]))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = _data(shape, torch.float32).contiguous(memory_format=fmt)
+    dy = torch.randn(shape, device=DEVICE)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with backends.using("triton"):
+        for _ in range(2):  # twice: the running statistics move as torch's do
+            y1 = ours(x1)
+    for _ in range(2):
+        y2 = torch.relu(theirs(x2))
+    assert y1.is_contiguous(memory_format=fmt)
+    assert_close(y1, y2, scale=2)
+    with backends.using("triton"):
+        y1.backward(dy)
+    y2.backward(dy)
+    assert_close(x1.grad, x2.grad, scale=4)
+    assert_close(ours.weight.grad, theirs.weight.grad, scale=10)
+    assert_close(ours.bias.grad, theirs.bias.grad, scale=10)
+    assert_close(ours.running_mean, theirs.running_mean)
+    assert_close(ours.running_var, theirs.running_var)
+    assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked)
