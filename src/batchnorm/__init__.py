@@ -14,6 +14,7 @@ from .modules import (
     LazyBatchNorm2d,
     LazyBatchNorm3d,
 )
+from .distributed import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
 
 __version__ = "0.1.0"
 
@@ -21,4 +22,5 @@ __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
     "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d",
     "batch_norm", "functional",
+    "SyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm",
 ]

@@ -1,0 +1,442 @@
+"""``SyncBatchNorm``: batch statistics over the global batch of a ``torch.distributed`` group.
+
+The same pipeline as local batch norm, with one C-sized collective in each direction::
+
+    forward   stats (count, mean, m2 per rank) -> all_gather -> Chan merge -> normalize
+              -> update running statistics (global mean, unbiased global variance)
+    backward  backward_reduce (Σdz, Σdz·x̂ per rank) -> all_reduce -> backward_elementwise
+
+Unlike ``torch.nn.SyncBatchNorm`` it runs on any device and backend ``torch.distributed``
+has (gloo on the CPU, NCCL on GPUs), with uneven and empty per-rank batches.
+
+Numerical choices:
+
+* Each rank sends its (count, mean, m2), never (Σx, Σx²): the merge (Chan et al., G-way,
+  :func:`batchnorm.ops.chan_combine`) takes deviations from the merged mean, so a channel
+  with mean 1e6 keeps its variance. The exchange is an ``all_gather`` rather than an
+  ``all_reduce`` so that every rank merges the same numbers in rank order: the statistics
+  are bitwise identical on every rank and from run to run.
+* The gathered statistics travel and merge in float64 (2C+1 numbers per rank, nothing
+  against the activations): counts stay exact beyond 2**24 values per channel, and the
+  merge adds no rounding of its own before the result is cast to the accumulation dtype.
+* Weight and bias gradients are the *local* sums Σdz·x̂ and Σdz, as with
+  ``torch.nn.SyncBatchNorm``: ``DistributedDataParallel`` then all-reduces them like
+  every other parameter's gradient. The input gradient uses the all-reduced sums and the
+  global count, so it is the gradient of the sum of every rank's loss.
+
+Semantics:
+
+* Training with a process group of more than one rank synchronizes; evaluation, a world
+  of one, or no initialized process group is local batch norm, with no collective (in
+  eval with ``track_running_stats=False`` the batch statistics are the local batch's,
+  as in torch).
+* A rank with zero samples joins both collectives and returns zero-size outputs and
+  gradients. The "more than 1 value per channel" rule applies to the *global* count: it is
+  checked after the gather, so every rank raises the same error, before any state changes.
+* Every rank must call forward and backward the same number of times, on the same layers
+  (as for any collective). A rank that fails before a collective leaves the others waiting
+  until the process group's ``timeout`` (``init_process_group(timeout=...)``), when they
+  raise too.
+* No double backward (``create_graph=True`` through the layer raises), as in torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+from torch.nn.modules.lazy import LazyModuleMixin
+
+from . import backends, ops
+from . import functional as F
+from .backends.portable import acc_dtype
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm, _check_rank
+
+__all__ = ["SyncBatchNorm", "BatchNormNd", "convert_sync_batchnorm", "revert_sync_batchnorm",
+           "sync_batch_norm", "benchmark_sync_step"]
+
+
+def world_size(process_group=None) -> int:
+    """Ranks in ``process_group`` (the default group for None); 1 without torch.distributed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(process_group)
+
+
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+# ---------------------------------------------------------------------------------------
+# The pipeline on kernel views
+
+
+def _local_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    if x.numel() == 0:
+        zeros = x.new_zeros(x.shape[1], dtype=acc_dtype(x.dtype))
+        return zeros, zeros.clone()
+    return backends.select(x).stats(x)
+
+
+def global_stats(x: Tensor, process_group, ranks: int) -> tuple[Tensor, Tensor, int]:
+    """(mean, biased var, count) of the global batch, the same on every rank.
+
+    One ``all_gather`` of ``[count, mean[C], m2[C]]`` per rank; merged in float64 in rank
+    order with Chan's formula. The count leaves the device (``.item()``): the backward's
+    arithmetic and the batch-of-one check need it on the host.
+    """
+    c = x.shape[1]
+    count = x.numel() // c
+    mean, m2 = _local_stats(x)
+    local = x.new_empty(2 * c + 1, dtype=torch.float64)
+    local[0] = count
+    local[1:c + 1] = mean
+    local[c + 1:] = m2
+    gathered = local.new_empty(ranks * (2 * c + 1))
+    _all_gather_flat(gathered, local, group=process_group)
+    gathered = gathered.view(ranks, 2 * c + 1)
+    counts = gathered[:, :1]
+    total, gmean, gm2 = ops.chan_combine(counts.expand(ranks, c), gathered[:, 1:c + 1],
+                                         gathered[:, c + 1:])
+    total_count = int(counts.sum().item())
+    var = gm2 / max(total_count, 1)
+    dtype = acc_dtype(x.dtype)
+    return gmean.to(dtype), var.to(dtype), total_count
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """normalize with the global statistics; backward with the one all_reduce.
+
+    The statistics arrive as constants: their dependence on x (on every rank) is the
+    analytic backward's, through the all-reduced Σdz and Σdz·x̂ and the global count.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, mean, invstd, count, activation, slope,
+                process_group):
+        ctx.count, ctx.activation, ctx.slope = count, activation, slope
+        ctx.process_group = process_group
+        ctx.has_residual = residual is not None
+        # The residual is needed only to recompute the pre-activation in backward.
+        keep_residual = residual if activation != "none" else None
+        ctx.save_for_backward(x, weight, bias, keep_residual, mean, invstd)
+        if x.numel() == 0:
+            return torch.empty_like(x)
+        return backends.select(x).normalize(x, mean, invstd, weight, bias, residual,
+                                            activation, slope)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, bias, residual, mean, invstd = ctx.saved_tensors
+        need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+        act, slope, c = ctx.activation, ctx.slope, x.shape[1]
+        dy = dy.contiguous()
+        empty = x.numel() == 0
+        backend = None if empty else backends.select(x)
+
+        if empty:
+            sum_dz = x.new_zeros(c, dtype=mean.dtype)
+            sum_dz_xhat = torch.zeros_like(sum_dz)
+        else:
+            sum_dz, sum_dz_xhat = backend.backward_reduce(
+                dy, x, mean, invstd, weight, bias, residual, act, slope)
+
+        dx = dres = None
+        want_dres = bool(need_r) and act != "none"
+        if need_x:
+            # Every rank that reaches here joins (the same layers need x's gradient on
+            # every rank); one buffer, one collective. cat copies, so the local sums stay
+            # local for the weight and bias gradients.
+            both = torch.cat([sum_dz, sum_dz_xhat])
+            dist.all_reduce(both, group=ctx.process_group)
+            global_dz, global_dz_xhat = both[:c], both[c:]
+        if empty:
+            dx = torch.zeros_like(x) if need_x else None
+            dres = torch.zeros_like(x) if want_dres else None
+        elif need_x or want_dres:
+            dx, dres = backend.backward_elementwise(
+                dy, x, mean, invstd, weight, bias, residual,
+                global_dz if need_x else None, global_dz_xhat if need_x else None,
+                ctx.count, act, slope, want_dres)
+            dx = dx if need_x else None
+            dres = dres if want_dres else None
+        if need_r and act == "none":
+            dres = dy  # d(x + r)/dr = 1
+        dweight = sum_dz_xhat.to(weight.dtype) if need_w else None
+        dbias = sum_dz.to(bias.dtype) if need_b else None
+        return dx, dweight, dbias, dres, None, None, None, None, None, None
+
+
+def _validate(input, running_mean, running_var, weight, bias, momentum, eps, residual,
+              num_batches_tracked) -> None:
+    """functional.validate for training, less its local batch-of-one rule.
+
+    One value per channel on this rank is fine when the global count is above 1; that
+    rule is checked on the gathered counts instead. The check reads only shapes, so a
+    single-value input is shown to it as a (2, C, ...) expanded view (no copy).
+    """
+    count = input.numel() // input.shape[1] if isinstance(input, Tensor) and input.dim() >= 2 \
+        and input.shape[1] else 0
+    if count == 1 and (residual is None or (isinstance(residual, Tensor)
+                                            and residual.shape == input.shape)):
+        shape = (2, *input.shape[1:])
+        input = input.expand(shape)
+        residual = residual.expand(shape) if residual is not None else None
+    F.validate(input, running_mean, running_var, weight, bias, True, momentum, eps,
+               residual, num_batches_tracked)
+
+
+def sync_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+                    weight: Tensor | None, bias: Tensor | None, momentum: float | None,
+                    eps: float, activation: str = "none", slope: float = 0.0,
+                    residual: Tensor | None = None, num_batches_tracked: Tensor | None = None,
+                    process_group=None) -> Tensor:
+    """Training-mode batch norm over the global batch of ``process_group``.
+
+    The functional form of :class:`SyncBatchNorm` (activation already resolved, see
+    :func:`batchnorm.functional.resolve_activation`). Every rank of the group must call
+    it; validation happens before the collective, the batch-of-one check on the global
+    count after it, and the running statistics change last.
+    """
+    ranks = world_size(process_group)
+    _validate(input, running_mean, running_var, weight, bias, momentum, eps, residual,
+              num_batches_tracked)
+    shape = input.shape
+    channels_last = ops.is_channels_last(input)
+    # An empty rank computes nothing but still needs autograd to reach our backward (to
+    # join its all_reduce): it passes its input as it is, whose layout empty_like keeps.
+    empty = input.numel() == 0
+    x = input if empty else ops.to_kernel_view(input, channels_last)
+    r = residual if empty or residual is None else ops.to_kernel_view(residual, channels_last)
+    with torch.no_grad():
+        mean, var, count = global_stats(x.detach(), process_group, ranks)
+    if count == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got 1 over the global "
+            f"batch of {ranks} ranks (this rank's input size {tuple(shape)}). Batch "
+            f"statistics need at least 2 values per channel: use a larger batch, drop the "
+            f"last incomplete batch (DataLoader(..., drop_last=True)), or put the layer in "
+            f"eval mode (model.eval()) to use the running statistics")
+    invstd = ops.invstd_from_var(var, eps)
+    y = _SyncBatchNormFunction.apply(x, weight, bias, r, mean, invstd, count, activation,
+                                     slope, process_group)
+    if count > 0:
+        ops.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var,
+                                 count, momentum)
+    return y if empty else ops.from_kernel_view(y, shape, channels_last)
+
+
+# ---------------------------------------------------------------------------------------
+# Modules
+
+
+class SyncBatchNorm(_BatchNorm):
+    r"""Batch Normalization over the global batch of a process group, any input rank.
+
+    A drop-in for ``torch.nn.SyncBatchNorm`` that also runs on the CPU (gloo), accepts
+    uneven and empty per-rank batches, and fuses an activation and a residual:
+    ``y = act((x - E[x]) / sqrt(Var[x] + eps) * weight + bias + residual)``, with E and
+    Var over the N and spatial dimensions of *every* rank's input. In eval, with one rank,
+    or without an initialized process group it is local batch norm.
+
+    Args:
+        num_features: C, the channel count of an input (N, C, ...) of any rank >= 2.
+        eps, momentum, affine, track_running_stats, device, dtype, bias, activation: as
+            for :class:`batchnorm.BatchNorm2d`.
+        process_group: the ``torch.distributed`` group whose ranks share statistics; None
+            for the default (whole world) group. Default: None
+
+    Gradients of ``weight`` and ``bias`` are this rank's sums, as with torch's
+    SyncBatchNorm: wrap the model in ``DistributedDataParallel`` (which all-reduces them),
+    or all-reduce them yourself.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, process_group=None,
+                 device=None, dtype=None, *, bias: bool = True, activation=None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         device=device, dtype=dtype, bias=bias, activation=activation)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if not isinstance(input, Tensor) or input.dim() < 2:
+            _check_rank(type(self).__name__, input, (), "at least 2D")
+
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        if not self.training or world_size(self.process_group) == 1:
+            return super().forward(input, residual)
+        self._check_input_dim(input)
+        tracking = self.track_running_stats
+        return sync_batch_norm(
+            input, self.running_mean if tracking else None,
+            self.running_var if tracking else None, self.weight, self.bias, self.momentum,
+            self.eps, self.activation, self.activation_slope, residual,
+            self.num_batches_tracked if tracking else None, self.process_group)
+
+
+class BatchNormNd(_BatchNorm):
+    """Local batch norm for an input of any rank >= 2: what :func:`revert_sync_batchnorm`
+    makes of a SyncBatchNorm whose original class is unknown (one built directly, or
+    torch's). Same arguments and results as :class:`batchnorm.BatchNorm2d`."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if not isinstance(input, Tensor) or input.dim() < 2:
+            _check_rank(type(self).__name__, input, (), "at least 2D")
+
+
+# ---------------------------------------------------------------------------------------
+# Conversion
+
+# What revert builds from a recorded original class: ours stay ours, torch's map to ours.
+_LOCAL_OF = {
+    nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d,
+    BatchNorm1d: BatchNorm1d, BatchNorm2d: BatchNorm2d, BatchNorm3d: BatchNorm3d,
+}
+
+
+def _is_batchnorm(module: nn.Module) -> bool:
+    return isinstance(module, (_BatchNorm, nn.modules.batchnorm._BatchNorm))
+
+
+def _move_state(src: nn.Module, dst: nn.Module) -> nn.Module:
+    """dst takes src's parameters and buffers (the same tensors: optimizers and other
+    references stay valid, device and dtype are kept), and its training mode."""
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            setattr(dst, name, getattr(src, name, None))
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            dst.register_buffer(name, getattr(src, name, None))
+    dst.train(src.training)
+    if hasattr(src, "qconfig"):
+        dst.qconfig = src.qconfig
+    return dst
+
+
+def _activation_of(module: nn.Module):
+    return getattr(module, "activation", "none"), getattr(module, "activation_slope", 0.0)
+
+
+def _rebuild(module: nn.Module, cls, **extra) -> nn.Module:
+    if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+        raise ValueError(f"cannot convert an uninitialized {type(module).__name__}: run one "
+                         f"forward pass first so that num_features is known")
+    act, slope = _activation_of(module)
+    new = cls(module.num_features, module.eps, module.momentum, module.affine,
+              module.track_running_stats, device="meta", **extra)
+    # Set the resolved activation directly: a leaky slope is kept exactly.
+    new.activation, new.activation_slope = act, slope
+    return _move_state(module, new)
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """Every batch-norm layer of ``module`` made a :class:`SyncBatchNorm`.
+
+    Converts our BatchNorm1d/2d/3d and SyncBatchNorm and torch's ``nn.BatchNorm1d/2d/3d``
+    and ``nn.SyncBatchNorm``, keeping parameters and buffers (the same tensors), device,
+    dtype, training mode and fused activation. Returns the converted module (a new object
+    when ``module`` itself is a batch-norm layer, else ``module`` changed in place), as
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does. The original class is recorded
+    for :func:`revert_sync_batchnorm`.
+    """
+    if _is_batchnorm(module):
+        new = _rebuild(module, SyncBatchNorm, process_group=process_group)
+        # A layer converted twice keeps its first origin.
+        new._batchnorm_origin = getattr(module, "_batchnorm_origin", type(module))
+        return new
+    for name, child in module.named_children():
+        new_child = convert_sync_batchnorm(child, process_group)
+        if new_child is not child:
+            module.add_module(name, new_child)
+    return module
+
+
+def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Every SyncBatchNorm of ``module`` (ours or torch's) made a local batch-norm layer.
+
+    The class is ours: the one recorded by :func:`convert_sync_batchnorm` (``BatchNorm2d``
+    for a converted ``nn.BatchNorm2d`` or ``batchnorm.BatchNorm2d``, and so on). A
+    SyncBatchNorm with no record (built directly, or torch's, which keep no input rank)
+    becomes :class:`BatchNormNd`, which accepts any input rank >= 2 as SyncBatchNorm does.
+    Parameters, buffers, device, dtype, training mode and activation are kept.
+    """
+    if isinstance(module, (SyncBatchNorm, nn.SyncBatchNorm)):
+        cls = _LOCAL_OF.get(getattr(module, "_batchnorm_origin", None), BatchNormNd)
+        return _rebuild(module, cls)
+    for name, child in module.named_children():
+        new_child = revert_sync_batchnorm(child)
+        if new_child is not child:
+            module.add_module(name, new_child)
+    return module
+
+
+# ---------------------------------------------------------------------------------------
+# Benchmark: `batchnorm bench` calls this
+
+
+def _bench_worker(rank, ranks, init_file, shape, repeats, warmup, threads, out_file):
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=ranks, timeout=timedelta(seconds=120))
+    try:
+        torch.manual_seed(rank)
+        c = shape[1]
+        x = torch.randn(shape).requires_grad_()
+        dy = torch.randn(shape)
+        local = BatchNormNd(c)
+        sync = SyncBatchNorm(c)
+
+        def step(layer):
+            dist.barrier()  # both ranks start together: each timing sees the same contention
+            t0 = time.perf_counter()
+            layer(x).backward(dy)
+            t = time.perf_counter() - t0
+            x.grad = None
+            return t
+
+        times = {"local": [], "sync": []}
+        for i in range(warmup + repeats):
+            for name, layer in (("local", local), ("sync", sync)):
+                t = step(layer)
+                if i >= warmup:
+                    times[name].append(t)
+        # A step is as slow as its slowest rank.
+        med = torch.tensor([statistics.median(times["local"]), statistics.median(times["sync"])],
+                           dtype=torch.float64)
+        dist.all_reduce(med, op=dist.ReduceOp.MAX)
+        if rank == 0:
+            with open(out_file, "w") as f:
+                json.dump({"local_ms": med[0].item() * 1e3, "sync_ms": med[1].item() * 1e3}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def benchmark_sync_step(shape=(16, 256, 56, 56), world_size=2, repeats=20, warmup=3,
+                        threads_per_rank=None) -> dict:
+    """Median time of a SyncBatchNorm forward+backward step against a local BatchNorm step
+    on the same per-rank input, with ``world_size`` CPU ranks (gloo) on this machine.
+
+    The two are interleaved, each step starting on a barrier, and a step counts as long as
+    its slowest rank. Returns ``shape`` (per rank), ``world_size``, ``repeats``,
+    ``threads_per_rank``, ``local_ms``, ``sync_ms`` and ``ratio`` = sync / local.
+    """
+    import torch.multiprocessing as mp
+
+    shape = tuple(shape)
+    threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file, out_file = os.path.join(tmp, "store"), os.path.join(tmp, "result.json")
+        mp.spawn(_bench_worker, args=(world_size, init_file, shape, repeats, warmup, threads,
+                                      out_file), nprocs=world_size, join=True)
+        with open(out_file) as f:
+            result = json.load(f)
+    result.update(shape=shape, world_size=world_size, repeats=repeats,
+                  threads_per_rank=threads, ratio=result["sync_ms"] / result["local_ms"])
+    return result

@@ -1,0 +1,374 @@
+"""SyncBatchNorm against one BatchNorm over the concatenated batch, on gloo (CPU).
+
+Ranks are separate processes on localhost (tests/_distributed_workers.py). Each group of
+processes is started once per module and runs every case; the cases are then checked
+one test each, here, against the local oracle.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import batchnorm
+from batchnorm import distributed as bd
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _distributed_workers as workers  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+WORKER = os.path.join(os.path.dirname(__file__), "_distributed_workers.py")
+
+
+def launch(scenario, world, directory, timeout_s=60.0, wait_s=120.0, wait_for=None):
+    """Start ``world`` ranks, wait for those in ``wait_for`` (all by default), kill the rest.
+
+    Returns (return codes, stderr texts, seconds until the awaited ranks ended).
+    """
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo",
+               PYTHONWARNINGS="ignore")
+    procs = [subprocess.Popen([sys.executable, WORKER, scenario, str(r), str(world),
+                               str(directory), str(timeout_s)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for r in range(world)]
+    start = time.monotonic()
+    awaited = range(world) if wait_for is None else wait_for
+    codes, errs = [None] * world, [""] * world
+    try:
+        for r in awaited:
+            _, errs[r] = procs[r].communicate(timeout=max(1.0, wait_s - (time.monotonic() - start)))
+            codes[r] = procs[r].returncode
+    except subprocess.TimeoutExpired:
+        pass  # reported below with every rank's stderr
+    elapsed = time.monotonic() - start
+    for r, p in enumerate(procs):
+        if p.poll() is None:
+            p.kill()
+        if codes[r] is None:
+            errs[r] = f"[rank {r} killed after {elapsed:.0f} s]\n" + p.communicate()[1]
+    return codes, errs, elapsed
+
+
+def load_ranks(directory, world):
+    return [torch.load(os.path.join(directory, f"rank{r}.pt"), weights_only=False)
+            for r in range(world)]
+
+
+def close(actual, expected, rtol=1e-5, what=""):
+    """Relative to the largest magnitude: 1e-5 of the tensor's scale, elementwise."""
+    assert actual.shape == expected.shape, what
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(actual.to(expected.dtype), expected, rtol=rtol,
+                               atol=rtol * max(scale, 1e-30), msg=lambda m: f"{what}: {m}")
+
+
+# ---------------------------------------------------------------------------------------
+# Exactness: outputs, gradients and running statistics
+
+SIZES = {2: [3, 5], 3: [4, 1, 0]}
+
+
+def _case(seed, sizes, shape, *, dtype=torch.float32, loc=0.0, scale=1.0, residual=False,
+          channels_last=False, steps=2, affine_init=True, global_one=False, **kwargs):
+    n = sum(sizes)
+    c = shape[0]
+    g = torch.Generator().manual_seed(seed + 1000 * len(sizes))
+    mk = lambda: torch.randn((n, *shape), generator=g, dtype=torch.float64)  # noqa: E731
+    step_data = []
+    for _ in range(steps):
+        # Per-channel offsets, so that channels differ; the data lives at `loc`.
+        offset = torch.randn(c, generator=g, dtype=torch.float64).view(1, c, *[1] * (len(shape) - 1))
+        step = {"x": (loc + scale * (mk() + offset)).to(dtype), "dy": mk().to(dtype)}
+        if residual:
+            step["residual"] = mk().to(dtype)
+        step_data.append(step)
+    init = None
+    if affine_init and kwargs.get("affine", True):
+        init = (1 + 0.5 * torch.randn(c, generator=g, dtype=torch.float64),
+                torch.randn(c, generator=g, dtype=torch.float64))
+    return {"sizes": sizes, "C": c, "kwargs": kwargs, "dtype": dtype, "steps": step_data,
+            "channels_last": channels_last, "affine_init": init, "global_one": global_one}
+
+
+def cases(world):
+    s = SIZES[world]
+    one = [0] * world
+    one[-1] = 1
+    return {
+        "2d_relu_residual": _case(1, s, (3, 4, 5), residual=True, activation="relu"),
+        "nc": _case(2, s, (6,)),
+        "ncl_leaky": _case(3, s, (4, 7), activation=nn.LeakyReLU(0.2), momentum=0.3),
+        "3d_silu_cumulative": _case(4, s, (2, 3, 2, 4), activation="silu", momentum=None),
+        "channels_last_gelu_residual": _case(5, s, (5, 3, 4), residual=True, activation="gelu",
+                                             channels_last=True),
+        "channels_last_3d": _case(6, s, (3, 2, 3, 2), channels_last=True),
+        "no_affine_no_running": _case(7, s, (3, 6), affine=False, track_running_stats=False),
+        "no_bias_eps0": _case(8, s, (3, 5), bias=False, eps=0.0),
+        # mean 1e6: float32 keeps 1e-5 of the spread only for a spread of ~1e4 (its ulp
+        # there is 0.06); float64 with spread 1, where Σx² − (Σx)²/n would lose it all.
+        "mean_1e6_float32": _case(9, s, (3, 4, 4), loc=1e6, scale=1e4),
+        "mean_1e6_float64": _case(10, s, (3, 4, 4), dtype=torch.float64, loc=1e6),
+        "mean_1e6_float64_nc": _case(11, s, (4,), dtype=torch.float64, loc=1e6, activation="tanh"),
+        "all_empty": _case(12, [0] * world, (3,), steps=1),
+        "global_batch_of_one": _case(13, one, (3,), steps=1, global_one=True),
+    }
+
+
+def oracle(case, batch_norm_dtype=None):
+    """One of our local BatchNorm layers over the concatenated batch, step by step."""
+    dtype = batch_norm_dtype or case["dtype"]
+    dims = len(case["steps"][0]["x"].shape)
+    cls = {2: batchnorm.BatchNorm1d, 3: batchnorm.BatchNorm1d, 4: batchnorm.BatchNorm2d,
+           5: batchnorm.BatchNorm3d}[dims]
+    layer = cls(case["C"], **case["kwargs"]).to(dtype)
+    if case["affine_init"] is not None:
+        with torch.no_grad():
+            layer.weight.copy_(case["affine_init"][0])
+            if layer.bias is not None:
+                layer.bias.copy_(case["affine_init"][1])
+    out = []
+    for step in case["steps"]:
+        x = step["x"].to(dtype, copy=True).requires_grad_()
+        res = step.get("residual")
+        res = res.to(dtype, copy=True).requires_grad_() if res is not None else None
+        y = layer(x, res)
+        (y * step["dy"].to(dtype)).sum().backward()
+        out.append({"y": y.detach(), "dx": x.grad, "dres": res.grad if res is not None else None,
+                    "dw": layer.weight.grad.clone() if layer.weight is not None else None,
+                    "db": layer.bias.grad.clone() if layer.bias is not None else None})
+        layer.zero_grad()
+    return out, layer.state_dict()
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"{w}ranks")
+def exact_run(request, tmp_path_factory):
+    world = request.param
+    directory = tmp_path_factory.mktemp(f"exact{world}")
+    all_cases = cases(world)
+    torch.save(all_cases, directory / "input.pt")
+    codes, errs, _ = launch("exact", world, directory)
+    assert codes == [0] * world, "\n".join(errs)
+    return world, all_cases, load_ranks(directory, world)
+
+
+CASE_NAMES = list(cases(2))
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_sync_equals_batchnorm_over_concatenated_batch(exact_run, name):
+    world, all_cases, ranks = exact_run
+    case = all_cases[name]
+    results = [r[name] for r in ranks]
+    if case["global_one"]:
+        # One value per channel in the whole batch: every rank refuses, nothing changes.
+        for res in results:
+            assert "Expected more than 1 value per channel" in res["error"]
+            assert res["unchanged"]
+        return
+    expected, expected_state = oracle(case)
+    sizes = case["sizes"]
+    for i, exp in enumerate(expected):
+        got = [r["steps"][i] for r in results]
+        for key in ("y", "dx", "dres"):
+            if exp[key] is None:
+                assert all(g[key] is None for g in got)
+                continue
+            for rank, g in enumerate(got):
+                close(g[key], workers.rank_slice(exp[key], sizes, rank),
+                      what=f"step {i} {key} rank {rank}")
+            close(torch.cat([g[key] for g in got]), exp[key], what=f"step {i} {key}")
+        for key in ("dw", "db"):
+            if exp[key] is None:
+                continue
+            close(sum(g[key] for g in got), exp[key], what=f"step {i} {key} summed")
+        assert all(g["channels_last_kept"] for g in got)
+    for rank, res in enumerate(results):
+        assert res["state"].keys() == expected_state.keys()
+        for key, value in expected_state.items():
+            if value.is_floating_point():
+                close(res["state"][key], value, what=f"{key} rank {rank}")
+            else:
+                assert torch.equal(res["state"][key], value), key
+        # Every rank holds the very same statistics (merged in the same order).
+        for key, value in results[0]["state"].items():
+            assert torch.equal(res["state"][key], value), key
+
+
+def test_large_mean_matches_float64(exact_run):
+    """float32 at mean 1e6 is as close to the float64 truth as a local float32 layer."""
+    world, all_cases, ranks = exact_run
+    case = all_cases["mean_1e6_float32"]
+    truth, truth_state = oracle(case, batch_norm_dtype=torch.float64)
+    y = torch.cat([r["mean_1e6_float32"]["steps"][-1]["y"] for r in ranks])
+    close(y, truth[-1]["y"], rtol=1e-5, what="y")
+    state = ranks[0]["mean_1e6_float32"]["state"]
+    close(state["running_var"], truth_state["running_var"], rtol=1e-5, what="running_var")
+
+
+# ---------------------------------------------------------------------------------------
+# DDP training, evaluation without collectives
+
+DDP_RUNS = {"uneven_3_5": [3, 5], "empty_rank_8_0": [8, 0]}
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("ddp")
+    g = torch.Generator().manual_seed(5)
+    batches = [(torch.randn(8, 1, 6, 6, generator=g) * 2 + 1,
+                torch.randint(0, 10, (8,), generator=g)) for _ in range(4)]
+    torch.save({"runs": DDP_RUNS, "batches": batches}, directory / "input.pt")
+    codes, errs, _ = launch("ddp", 2, directory)
+    assert codes == [0, 0], "\n".join(errs)
+    return batches, load_ranks(directory, 2)
+
+
+@pytest.mark.parametrize("run", list(DDP_RUNS))
+def test_ddp_training_matches_single_process(ddp_run, run):
+    batches, ranks = ddp_run
+    model = workers.make_cnn()
+    losses = workers.train(model, batches, loss_scale=1.0 / len(batches[0][1]))
+    model.eval()
+    with torch.no_grad():
+        eval_out = model(batches[0][0])
+    expected = model.state_dict()
+    for rank, res in enumerate(ranks):
+        got = res[run]
+        total = torch.stack(ranks[0][run]["losses"]) + torch.stack(ranks[1][run]["losses"])
+        close(total / 2, torch.stack(losses), rtol=1e-4, what="loss")
+        for key, value in expected.items():
+            if value.is_floating_point():
+                close(got["state"][key], value, rtol=1e-4, what=f"{key} rank {rank}")
+            else:
+                assert torch.equal(got["state"][key], value), key
+        close(got["eval_out"], eval_out, rtol=1e-4, what="eval output")
+        assert got["eval_collectives"] == 0
+
+
+# ---------------------------------------------------------------------------------------
+# A failing rank does not hang the others
+
+FAIL_TIMEOUT_S = 10
+
+
+def test_failed_rank_makes_the_others_fail_within_the_timeout(tmp_path):
+    codes, errs, elapsed = launch("fail", 2, tmp_path, timeout_s=FAIL_TIMEOUT_S, wait_s=90,
+                                  wait_for=[0])
+    assert codes[0] == 0, errs[0]
+    survivor = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    assert survivor["error"] is not None, "the surviving rank finished a step alone"
+    # It waited at most the group's timeout (plus scheduling slack), then raised.
+    assert survivor["elapsed"] < FAIL_TIMEOUT_S + 15, survivor
+    assert elapsed < 80
+
+
+# ---------------------------------------------------------------------------------------
+# Single process: no group, world of one, conversion
+
+
+def _bn_model():
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(),
+        batchnorm.BatchNorm2d(3, activation=nn.LeakyReLU(0.3), momentum=None),
+        nn.SyncBatchNorm(3),
+        nn.Flatten(2), batchnorm.BatchNorm1d(3, bias=False), nn.Unflatten(2, (4, 4)),
+    )
+
+
+def _outputs(model, x):
+    """Train- and eval-mode outputs of a copy (the model's own state is left as it is)."""
+    model = copy.deepcopy(model)
+    model.train()
+    train_out = model(x)
+    model.eval()
+    with torch.no_grad():
+        eval_out = model(x)
+    return train_out.detach(), eval_out
+
+
+def test_convert_and_revert_keep_outputs_state_and_mode():
+    torch.manual_seed(1)
+    x = torch.randn(5, 2, 6, 6, dtype=torch.float64)
+    model = _bn_model().double()
+    model(x)  # non-trivial running statistics
+    params = {id(p) for p in model.parameters()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model[1].eval()  # mixed training modes are kept layer by layer
+    modes = [m.training for m in model.modules()]
+    original_out = _outputs(model, x)
+
+    synced = bd.convert_sync_batchnorm(model)
+    assert [type(m) for m in synced if isinstance(m, bd._BatchNorm)] == [bd.SyncBatchNorm] * 4
+    assert [m.training for m in synced.modules()] == modes
+    assert {id(p) for p in synced.parameters()} == params
+    assert synced[3].activation == "leaky_relu" and synced[3].activation_slope == 0.3
+    assert synced[6].bias is None
+    synced_out = _outputs(synced, x)
+
+    reverted = bd.revert_sync_batchnorm(bd.convert_sync_batchnorm(synced))  # twice: one origin
+    assert [type(reverted[i]) for i in (1, 3, 4, 6)] == [
+        batchnorm.BatchNorm2d, batchnorm.BatchNorm2d, bd.BatchNormNd, batchnorm.BatchNorm1d]
+    assert [m.training for m in reverted.modules()] == modes
+    assert {id(p) for p in reverted.parameters()} == params
+    assert reverted.state_dict().keys() == state.keys()
+    assert all(torch.equal(reverted.state_dict()[k], v) for k, v in state.items())
+    reverted_out = _outputs(reverted, x)
+
+    # Ours to ours: bitwise. Against torch's layers of the original: to float64 rounding.
+    for got, sync, orig in zip(reverted_out, synced_out, original_out):
+        assert torch.equal(got, sync)
+        close(got, orig, rtol=1e-10)
+
+
+def test_convert_a_single_layer_returns_a_new_one():
+    x = torch.randn(3, 4, 2, 3, 2)
+    bn = batchnorm.BatchNorm3d(4, activation="relu")
+    sync = bd.convert_sync_batchnorm(bn, process_group=None)
+    assert isinstance(sync, bd.SyncBatchNorm) and sync.weight is bn.weight
+    back = bd.revert_sync_batchnorm(sync)
+    assert type(back) is batchnorm.BatchNorm3d and back.activation == "relu"
+    outs = [_outputs(m, x) for m in (bn, sync, back)]
+    assert all(torch.equal(a, b) for out in outs[1:] for a, b in zip(out, outs[0]))
+    with pytest.raises(ValueError, match="uninitialized"):
+        bd.convert_sync_batchnorm(batchnorm.LazyBatchNorm2d())
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (6, 3, 5), (4, 3, 2, 5), (2, 3, 2, 3, 2)])
+def test_without_a_process_group_it_is_batchnorm(shape):
+    assert not dist.is_initialized()
+    torch.manual_seed(2)
+    x = torch.randn(shape, requires_grad=True)
+    sync, local = bd.SyncBatchNorm(3, activation="silu"), bd.BatchNormNd(3, activation="silu")
+    y_sync, y_local = sync(x), local(x)
+    assert torch.equal(y_sync, y_local)
+    assert torch.equal(sync.running_var, local.running_var)
+    with pytest.raises(ValueError, match="at least 2D"):
+        sync(torch.randn(3))
+
+
+def test_world_of_one_is_batchnorm(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0,
+                            world_size=1)
+    try:
+        torch.manual_seed(3)
+        x = torch.randn(4, 3, 5, 5, requires_grad=True)
+        sync, local = bd.SyncBatchNorm(3), batchnorm.BatchNorm2d(3)
+        y = sync(x)
+        g_sync = torch.autograd.grad(y.square().sum(), x)[0]
+        y_local = local(x)
+        g_local = torch.autograd.grad(y_local.square().sum(), x)[0]
+        assert torch.equal(y, y_local) and torch.equal(g_sync, g_local)
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            sync(torch.randn(1, 3))
+    finally:
+        dist.destroy_process_group()
