@@ -26,7 +26,7 @@ from torch import Tensor
 
 from . import backends
 from .backends import portable
-from .backends.portable import acc_dtype
+from .backends.portable import acc_dtype, mean_dtype
 
 # ---------------------------------------------------------------------------------------
 # Kernel views
@@ -73,6 +73,28 @@ def invstd_from_var(var: Tensor, eps: float) -> Tensor:
     v = var + eps
     positive = v > 0
     return torch.where(positive, torch.rsqrt(torch.where(positive, v, torch.ones_like(v))), 0)
+
+
+def centre_for_kernels(mean: Tensor, invstd: Tensor, weight: Tensor | None,
+                       bias: Tensor | None, acc: torch.dtype):
+    """``(mean_k, bias_k, shift)``: what the elementwise primitives get for a wide mean.
+
+    ``stats`` gives the mean in float64 (see ``portable.mean_dtype``) but the kernels
+    take it in the acc dtype. Rounding it to float32 would move every x̂ of a channel by
+    ``(mean - mean_k)·invstd``, a 3% error at mean 1e6, std 1. So the kernels get
+    ``mean_k = float32(mean)`` and compute ``x̂' = (x − mean_k)·invstd = x̂ + shift`` with
+    ``shift = (mean − mean_k)·invstd`` (exact subtraction for data near the mean), and the
+    shift is undone on C-sized tensors: in the bias, ``bias_k = bias − weight·shift``
+    (so the pre-activation is exact), and in the backward sums (``_batch_norm_backward``).
+    ``shift`` is None when the mean already is in the acc dtype.
+    """
+    if mean.dtype == acc:
+        return mean, bias, None
+    mean_k = mean.to(acc)
+    shift = (mean - mean_k.to(mean.dtype)).to(acc) * invstd
+    scaled = shift if weight is None else shift * weight.to(acc)
+    bias_k = -scaled if bias is None else bias.to(acc) - scaled
+    return mean_k, bias_k, shift
 
 
 def chan_combine(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -141,13 +163,14 @@ def _per_channel_empty(x: Tensor) -> Tensor:
 
 @torch.library.custom_op("batchnorm::stats", mutates_args=())
 def stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel (mean, m2) of a kernel view."""
-    return backends.select(x).stats(x)
+    """Per-channel (mean in ``mean_dtype(x)``, m2) of a kernel view."""
+    mean, m2 = backends.select(x).stats(x)
+    return mean.to(mean_dtype(x)), m2
 
 
 @stats.register_fake
 def _(x):
-    return _per_channel_empty(x), _per_channel_empty(x)
+    return x.new_empty(x.shape[1], dtype=mean_dtype(x)), _per_channel_empty(x)
 
 
 @torch.library.custom_op("batchnorm::normalize", mutates_args=())
@@ -205,14 +228,17 @@ def _(dy, x, mean, invstd, weight, bias, residual, sum_dz, sum_dz_xhat, count,
 def _batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps,
                         activation, slope):
     backend = backends.select(x)
+    acc = acc_dtype(x.dtype)
     if running_mean is None:
         mean, m2 = backend.stats(x)
+        mean = mean.to(mean_dtype(x))
         var = m2 / max(x.numel() // x.shape[1], 1)
     else:
-        mean = running_mean.to(acc_dtype(x.dtype), copy=True)
-        var = running_var.to(acc_dtype(x.dtype), copy=True)
+        mean = running_mean.to(acc, copy=True)
+        var = running_var.to(acc, copy=True)
     invstd = invstd_from_var(var, eps)
-    y = backend.normalize(x, mean, invstd, weight, bias, residual, activation, slope)
+    mean_k, bias_k, _ = centre_for_kernels(mean, invstd, weight, bias, acc)
+    y = backend.normalize(x, mean_k, invstd, weight, bias_k, residual, activation, slope)
     return y, mean, var
 
 
@@ -222,7 +248,7 @@ def batch_norm_op(
     running_mean: Tensor | None, running_var: Tensor | None, eps: float,
     activation: str, slope: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, mean, biased var) of a kernel view.
+    """(y, mean, biased var) of a kernel view (in training the mean in ``mean_dtype(x)``).
 
     With ``running_mean``/``running_var`` None the statistics are the batch's
     (training); otherwise those are used as they are (evaluation).
@@ -233,7 +259,9 @@ def batch_norm_op(
 
 @batch_norm_op.register_fake
 def _(x, weight, bias, residual, running_mean, running_var, eps, activation, slope):
-    return torch.empty_like(x), _per_channel_empty(x), _per_channel_empty(x)
+    mean = _per_channel_empty(x) if running_mean is not None else x.new_empty(
+        x.shape[1], dtype=mean_dtype(x))
+    return torch.empty_like(x), mean, _per_channel_empty(x)
 
 
 def _setup_context(ctx, inputs, output):
@@ -270,18 +298,26 @@ def _batch_norm_backward(ctx, dy, _dmean, _dvar):
     else:
         prims = torch.ops.batchnorm
     invstd = invstd_from_var(var, ctx.eps)
+    mean_k, bias_k, shift = centre_for_kernels(mean, invstd, weight, bias, acc_dtype(x.dtype))
 
     sum_dz = sum_dz_xhat = None
     if ctx.training or need_w or need_b:
         sum_dz, sum_dz_xhat = prims.backward_reduce(
-            dy, x, mean, invstd, weight, bias, residual, act, slope)
+            dy, x, mean_k, invstd, weight, bias_k, residual, act, slope)
+        if shift is not None:
+            # The kernels' x̂' is x̂ + shift: Σdz·x̂ = Σdz·x̂' − shift·Σdz.
+            sum_dz_xhat = sum_dz_xhat - shift * sum_dz
 
     dx = dres = None
     want_dres = bool(need_r) and act != "none"
     if need_x or want_dres:
+        sum_dz_k = sum_dz
+        if ctx.training and shift is not None:
+            # dz − Σdz/n − x̂·S/n  ==  dz − (Σdz − shift·S)/n − x̂'·S/n,  S = Σdz·x̂
+            sum_dz_k = sum_dz - shift * sum_dz_xhat
         dx, dres = prims.backward_elementwise(
-            dy, x, mean, invstd, weight, bias, residual,
-            sum_dz if ctx.training else None, sum_dz_xhat if ctx.training else None,
+            dy, x, mean_k, invstd, weight, bias_k, residual,
+            sum_dz_k if ctx.training else None, sum_dz_xhat if ctx.training else None,
             count, act, slope, want_dres)
         dx = dx if need_x else None
         dres = dres if want_dres else None

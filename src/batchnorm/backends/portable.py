@@ -11,7 +11,8 @@ Conventions shared by every backend
   ``(N, C, L)`` contiguous ("NCL") or ``(M, C)`` contiguous ("channels-last", which
   also covers a plain ``(N, C)`` input). The channel dimension is always dim 1.
 * ``mean`` and ``invstd`` are ``[C]`` in the accumulation dtype: float64 for float64
-  inputs, float32 otherwise. ``weight`` and ``bias`` are ``[C]`` or None, in any
+  inputs, float32 otherwise. Exception: ``stats`` returns the mean in float64 (see
+  :func:`mean_dtype`); ``ops`` splits it before the elementwise primitives see it. ``weight`` and ``bias`` are ``[C]`` or None, in any
   floating dtype (float32 parameters with half inputs, as autocast produces).
 * ``activation`` is one of :data:`ACTIVATIONS`; ``slope`` is LeakyReLU's negative
   slope (ignored by the others).
@@ -35,6 +36,18 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def mean_dtype(x: Tensor) -> torch.dtype:
+    """``stats`` returns the mean in float64 (where the device has it), whatever x's dtype.
+
+    A float32 mean cannot hold a large mean precisely enough: at 1e6 its spacing is
+    0.0625, so ``x - mean`` would be off by up to 0.03 for data of standard deviation 1 (a
+    3% error in the output). The kernels accumulate around a shift (a value of the
+    channel) in the acc dtype and add the shift back in float64; ``ops`` then hands the
+    elementwise primitives a float32 mean and folds the remainder into the bias.
+    """
+    return torch.float32 if x.device.type == "mps" else torch.float64
+
+
 def reduce_dims(x: Tensor) -> list[int]:
     """Every dimension of a kernel view but the channel one (dim 1)."""
     return [0] if x.dim() == 2 else [0, 2]
@@ -46,26 +59,27 @@ def _per_channel(t: Tensor, like: Tensor) -> Tensor:
 
 
 def stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel ``mean`` and ``m2 = Σ (x - mean)²``, accumulated in the acc dtype.
+    """Per-channel ``mean`` (in :func:`mean_dtype`) and ``m2 = Σ (x - mean)²`` (acc dtype).
 
     Two passes (mean, then centred squares) rather than ``Σx² - (Σx)²/n``: the raw
     formula cancels catastrophically when the mean is large against the spread (float32
-    data with mean 1e6 and std 1 would lose every digit of the variance). Centring on the
-    computed mean also makes a constant channel give exactly ``x - mean == 0``.
-    An empty input gives mean 0 and m2 0.
+    data with mean 1e6 and std 1 would lose every digit of the variance). Both passes
+    work on ``x - shift``, shift being the channel's first value: that difference is
+    exact for data close to the shift, so neither the mean nor m2 loses digits to the
+    magnitude of the data, and a constant channel gives exactly mean == its value and
+    m2 == 0. An empty input gives mean 0 and m2 0.
     """
     xa = x.to(acc_dtype(x.dtype))
     dims = reduce_dims(x)
     if xa.numel() == 0:
         zeros = xa.new_zeros(x.shape[1])
-        return zeros, zeros.clone()
-    # A constant channel must have m2 == 0 exactly and mean == its value; the mean of n
-    # equal floats can round away from the value, so centre on the first element first.
+        return zeros.to(mean_dtype(x)), zeros
     shift = xa.select(0, 0) if x.dim() == 2 else xa[0, :, 0]
-    shifted_mean = (xa - _per_channel(shift, xa)).mean(dims)
-    mean = shift + shifted_mean
-    centred = xa - _per_channel(mean, xa)
+    shifted = xa - _per_channel(shift, xa)
+    shifted_mean = shifted.mean(dims)
+    centred = shifted - _per_channel(shifted_mean, xa)
     m2 = (centred * centred).sum(dims)
+    mean = shift.to(mean_dtype(x)) + shifted_mean.to(mean_dtype(x))
     return mean, m2
 
 
