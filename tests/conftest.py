@@ -6,6 +6,7 @@ through the Triton interpreter when no GPU is present (small shapes only: it is 
 """
 
 import os
+import zlib
 
 import torch
 
@@ -51,3 +52,65 @@ def backend(request):
     """Force one backend for the test, and tell it which device to put tensors on."""
     with backends.using(request.param.name):
         yield request.param
+
+
+@pytest.fixture
+def gen(request):
+    """A torch.Generator seeded from the test's id: fresh data for every case, and the
+    same data when a failing case is rerun."""
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers shared by the test files (import with ``from conftest import ...``).
+
+LAYOUTS = ("contiguous", "channels_last", "strided")
+
+
+def make_input(shape, layout, dtype, device, generator=None, mean=0.0, std=1.0):
+    """``(leaf, x)``: random data of ``shape`` laid out as ``layout``.
+
+    ``x`` is what the layer sees; ``leaf`` (requires_grad) is where its gradient lands,
+    ``x`` itself or the larger tensor it is a view of. Each channel gets its own offset
+    and scale, so that statistics differ between channels.
+    - channels_last: channels innermost (memory_format for 4-D/5-D, (N, L, C)ᵀ for 3-D);
+    - strided: every other element of a twice-longer last dimension, or every other row
+      for 2-D (not dense).
+    """
+    c = shape[1]
+    per_channel = [1, c] + [1] * (len(shape) - 2)
+    offsets = torch.randn(per_channel, generator=generator, dtype=torch.float64) * 2 + mean
+    scales = torch.rand(per_channel, generator=generator, dtype=torch.float64) * 2 + 0.5
+    if layout == "strided":
+        if len(shape) == 2:  # every other row: the channel dim must stay whole
+            base_shape, pick = [2 * shape[0], c], (slice(None, None, 2),)
+        else:
+            base_shape, pick = list(shape[:-1]) + [2 * shape[-1]], (..., slice(None, None, 2))
+        base = torch.randn(base_shape, generator=generator, dtype=torch.float64)
+        leaf = (base * scales * std + offsets).to(dtype).to(device).requires_grad_()
+        return leaf, leaf[pick]
+    data = (torch.randn(shape, generator=generator, dtype=torch.float64) * scales * std + offsets)
+    data = data.to(dtype).to(device)
+    if layout == "contiguous":
+        return data.requires_grad_(), data
+    if layout != "channels_last":
+        raise ValueError(layout)
+    if len(shape) == 4:
+        leaf = data.contiguous(memory_format=torch.channels_last)
+    elif len(shape) == 5:
+        leaf = data.contiguous(memory_format=torch.channels_last_3d)
+    elif len(shape) == 3:
+        leaf = data.transpose(1, 2).contiguous().transpose(1, 2)
+    else:
+        raise ValueError(f"no channels-last layout for a {len(shape)}-D input")
+    leaf = leaf.detach().requires_grad_()
+    return leaf, leaf
+
+
+def np64(t):
+    """A tensor as a NumPy float64 array (None stays None)."""
+    return None if t is None else t.detach().cpu().double().numpy()
+
+
+def from_np(a, like):
+    return torch.from_numpy(a).to(like.device)

@@ -1,0 +1,261 @@
+"""Parity with ``torch.nn.BatchNorm1d/2d/3d``, step by step, on every backend.
+
+Each case builds our layer and torch's with the same arguments and the same random
+parameters and running statistics, runs several training steps on fresh random data and
+then an evaluation step, and compares after every step: the output (values, dtype and
+memory format), the gradients of input, weight and bias, the running statistics and
+``num_batches_tracked``. The fused activations and residual are compared with the float64
+reference and with torch's layer followed by torch's activation; half inputs with float32
+parameters (as autocast produces) with the reference on the same half input.
+"""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import batchnorm
+from batchnorm import reference as ref
+from batchnorm.functional import activation_module
+from conftest import make_input, np64
+from tolerances import assert_close
+
+SHAPES = {"1d-NC": (6, 3), "1d-NCL": (4, 3, 5), "2d": (3, 3, 4, 5), "3d": (2, 3, 3, 2, 4)}
+CLASS = {"1d-NC": "BatchNorm1d", "1d-NCL": "BatchNorm1d", "2d": "BatchNorm2d",
+         "3d": "BatchNorm3d"}
+PARAMS = {"affine": dict(affine=True), "nobias": dict(affine=True, bias=False),
+          "noaffine": dict(affine=False)}
+# (track_running_stats, momentum); momentum does nothing without running statistics.
+TRACKING = [(True, 0.1), (True, None), (True, 0.0), (True, 1.0), (False, 0.1)]
+TRAIN_STEPS = 3
+
+
+def _grid():
+    """Every rank, parameter set, dtype and layout with the default momentum; the other
+    momenta and track_running_stats=False on contiguous data (they only change C-sized
+    arithmetic), each with a different parameter set."""
+    cases = []
+    for rank, params, dtype, layout in itertools.product(
+            SHAPES, PARAMS, (torch.float64, torch.float32),
+            ("contiguous", "channels_last", "strided")):
+        if not (layout == "channels_last" and rank == "1d-NC"):
+            cases.append((rank, params, True, 0.1, dtype, layout))
+    others = [("affine", True, None), ("noaffine", True, 0.0), ("nobias", True, 1.0),
+              ("affine", False, 0.1)]
+    for rank, (params, track, momentum), dtype in itertools.product(
+            SHAPES, others, (torch.float64, torch.float32)):
+        cases.append((rank, params, track, momentum, dtype, "contiguous"))
+    cases += [("2d", "affine", True, None, torch.float32, "channels_last"),
+              ("3d", "noaffine", False, 0.1, torch.float64, "channels_last"),
+              ("1d-NCL", "affine", True, None, torch.float32, "strided")]
+    params = []
+    for rank, p, track, momentum, dtype, layout in cases:
+        # The Triton interpreter is slow: it runs float32 with the usual configurations.
+        light = dtype == torch.float32 and p != "nobias" and layout != "strided"
+        params.append(pytest.param(
+            rank, p, track, momentum, dtype, layout, light,
+            id=f"{rank}-{p}-track{int(track)}-m{momentum}-{str(dtype)[6:]}-{layout}"))
+    return params
+
+
+def _pair(rank, params, track, momentum, dtype, device, gen, eps=1e-5):
+    """Our layer and torch's, with equal random parameters and running statistics."""
+    kwargs = dict(eps=eps, momentum=momentum, track_running_stats=track, device=device,
+                  dtype=dtype, **PARAMS[params])
+    ours = getattr(batchnorm, CLASS[rank])(SHAPES[rank][1], **kwargs)
+    theirs = getattr(nn, CLASS[rank])(SHAPES[rank][1], **kwargs)
+    c = SHAPES[rank][1]
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            if getattr(theirs, name) is not None:
+                value = torch.randn(c, generator=gen, dtype=torch.float64) * 0.5 + 1.0
+                getattr(theirs, name).copy_(value)
+                getattr(ours, name).copy_(value)
+        if track:
+            rm = torch.randn(c, generator=gen, dtype=torch.float64)
+            rv = torch.rand(c, generator=gen, dtype=torch.float64) + 0.5
+            for m in (ours, theirs):
+                m.running_mean.copy_(rm)
+                m.running_var.copy_(rv)
+    return ours, theirs
+
+
+def _step(module, x_leaf, x, dy):
+    """Forward and backward of one step: (y, dx, dweight, dbias), gradients reset first."""
+    module.zero_grad(set_to_none=True)
+    if x_leaf.grad is not None:
+        x_leaf.grad = None
+    y = module(x)
+    y.backward(dy)
+    grads = [x_leaf.grad] + [None if p is None else p.grad for p in (module.weight, module.bias)]
+    return (y, *grads)
+
+
+def _assert_state_equal(ours, theirs, dtype, msg):
+    for name in ("running_mean", "running_var"):
+        a, b = getattr(ours, name), getattr(theirs, name)
+        assert (a is None) == (b is None), f"{msg}: {name} None-ness differs"
+        if a is not None:
+            assert a.dtype == b.dtype
+            assert_close(a, b, dtype, msg=f"{msg}: {name}")
+    a, b = ours.num_batches_tracked, theirs.num_batches_tracked
+    assert (a is None) == (b is None)
+    if a is not None:
+        assert a.dtype == torch.long and a.item() == b.item(), f"{msg}: num_batches_tracked"
+
+
+def _expected_strides(x):
+    """Our output keeps a dense input's layout; a non-dense input gives a contiguous one."""
+    if x.is_contiguous() or x.dim() < 3:
+        return torch.empty(x.shape).stride()
+    if x.movedim(1, -1).is_contiguous():
+        return x.stride()
+    return torch.empty(x.shape).stride()
+
+
+@pytest.mark.parametrize("rank,params,track,momentum,dtype,layout,light", _grid())
+def test_matches_torch_over_steps(backend, gen, rank, params, track, momentum, dtype, layout,
+                                  light):
+    if backend.interpreted and not light:
+        pytest.skip("Triton interpreter: only the light subset of the grid")
+    ours, theirs = _pair(rank, params, track, momentum, dtype, backend.device, gen)
+    shape = SHAPES[rank]
+    # Gradient sums grow with the count; allow for float32 summation order.
+    grad_scale = 1.0 if dtype == torch.float64 else 10.0
+    for step in range(TRAIN_STEPS + 1):
+        if step == TRAIN_STEPS:
+            ours.eval()
+            theirs.eval()
+        leaf, x = make_input(shape, layout, dtype, backend.device, gen, mean=step)
+        leaf_t = leaf.detach().clone().requires_grad_()
+        x_t = leaf_t.as_strided(x.shape, x.stride(), x.storage_offset())
+        dy = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).to(backend.device)
+        y, dx, dw, db = _step(ours, leaf, x, dy)
+        yt, dxt, dwt, dbt = _step(theirs, leaf_t, x_t, dy)
+        msg = f"step {step} ({'eval' if step == TRAIN_STEPS else 'train'})"
+        assert y.dtype == dtype and y.shape == yt.shape
+        assert y.stride() == _expected_strides(x), f"{msg}: output layout {y.stride()}"
+        assert_close(y, yt, dtype, msg=f"{msg}: output")
+        assert_close(dx, dxt, dtype, scale=grad_scale, msg=f"{msg}: grad input")
+        for ga, gb, name in ((dw, dwt, "weight"), (db, dbt, "bias")):
+            assert (ga is None) == (gb is None), f"{msg}: grad {name} None-ness"
+            if ga is not None:
+                assert_close(ga, gb, dtype, scale=grad_scale, msg=f"{msg}: grad {name}")
+        _assert_state_equal(ours, theirs, dtype, msg)
+
+
+# ---------------------------------------------------------------------------------------
+# Fused activation and residual
+
+ACTS = ("none", "relu", "leaky_relu", "silu", "gelu", "gelu_tanh", "sigmoid", "tanh")
+
+
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fused_activation_matches_reference_and_torch(backend, gen, activation,
+                                                      with_residual, training):
+    if backend.interpreted and not training and with_residual:
+        pytest.skip("Triton interpreter: residual in eval is covered in training")
+    device, dtype, shape = backend.device, torch.float64, (3, 4, 3, 5)
+    slope = 0.2
+    act = activation_module(activation, slope)
+    ours = batchnorm.BatchNorm2d(4, activation=act, device=device, dtype=dtype)
+    theirs = nn.BatchNorm2d(4, device=device, dtype=dtype)
+    with torch.no_grad():
+        w = torch.randn(4, generator=gen, dtype=dtype) * 0.5 + 1
+        b = torch.randn(4, generator=gen, dtype=dtype) * 0.5
+        rm, rv = torch.randn(4, generator=gen, dtype=dtype), torch.rand(4, generator=gen, dtype=dtype) + 0.5
+        for m in (ours, theirs):
+            m.weight.copy_(w)
+            m.bias.copy_(b)
+            m.running_mean.copy_(rm)
+            m.running_var.copy_(rv)
+            m.train(training)
+    x = (torch.randn(shape, generator=gen, dtype=dtype) * 2 + 1).to(device).requires_grad_()
+    r = (torch.randn(shape, generator=gen, dtype=dtype).to(device).requires_grad_()
+         if with_residual else None)
+    dy = torch.randn(shape, generator=gen, dtype=dtype).to(device)
+
+    y = ours(x, r)
+    grads = torch.autograd.grad(y, [x, ours.weight, ours.bias] + ([r] if r is not None else []), dy)
+
+    # Oracle 1: the float64 reference.
+    yr, cache = ref.forward(np64(x), np64(w), np64(b), training=training,
+                            running_mean=np64(rm), running_var=np64(rv), eps=ours.eps,
+                            activation=activation, slope=slope, residual=np64(r))
+    gr = ref.backward(np64(dy), cache)
+    assert_close(y, torch.from_numpy(yr).to(device), dtype)
+    expected = [gr["dx"], gr["dweight"], gr["dbias"]] + ([gr["dresidual"]] if r is not None else [])
+    for got, want, name in zip(grads, expected, ("x", "weight", "bias", "residual")):
+        assert_close(got, torch.from_numpy(want).to(device), dtype, msg=f"grad {name}")
+
+    # Oracle 2: torch's layer, the residual add and torch's activation, unfused.
+    yt = theirs(x) + (r if r is not None else 0)
+    yt = act(yt) if act is not None else yt
+    grads_t = torch.autograd.grad(yt, [x, theirs.weight, theirs.bias] + ([r] if r is not None else []), dy)
+    assert_close(y, yt, dtype)
+    for got, want in zip(grads, grads_t):
+        assert_close(got, want, dtype)
+    if training:
+        assert_close(ours.running_mean, theirs.running_mean, dtype)
+        assert_close(ours.running_var, theirs.running_var, dtype)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_residual_in_another_layout(backend, gen, layout):
+    """The residual's layout need not match the input's."""
+    shape = (2, 3, 4, 3)
+    _, x = make_input(shape, "channels_last", torch.float64, backend.device, gen)
+    r_leaf, r = make_input(shape, layout, torch.float64, backend.device, gen)
+    bn = batchnorm.BatchNorm2d(3, activation="relu", device=backend.device, dtype=torch.float64)
+    y = bn(x.detach(), r)
+    y.backward(torch.ones_like(y))
+    yr, cache = ref.forward(np64(x), np64(bn.weight), np64(bn.bias), activation="relu",
+                            residual=np64(r))
+    assert_close(y, torch.from_numpy(yr).to(y.device), torch.float64)
+    dres = torch.from_numpy(ref.backward(np.ones(shape), cache)["dresidual"])
+    got = r_leaf.grad if r_leaf is r else r_leaf.grad[..., ::2]
+    assert_close(got, dres.to(got.device), torch.float64)
+
+
+# ---------------------------------------------------------------------------------------
+# Half inputs with float32 parameters (autocast style)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("activation", ["none", "silu"])
+def test_half_input_float32_params(backend, gen, dtype, layout, activation):
+    if backend.interpreted and activation != "none":
+        pytest.skip("Triton interpreter: the activation is covered in float32")
+    shape = (4, 3, 4, 4)
+    leaf, x = make_input(shape, layout, dtype, backend.device, gen)
+    bn = batchnorm.BatchNorm2d(3, activation=activation, device=backend.device)  # float32
+    with torch.no_grad():
+        bn.weight.copy_(torch.randn(3, generator=gen) * 0.5 + 1)
+        bn.bias.copy_(torch.randn(3, generator=gen) * 0.5)
+    r = torch.randn(shape, generator=gen).to(dtype).to(backend.device)
+    dy = torch.randn(shape, generator=gen).to(dtype).to(backend.device)
+    y = bn(x, r)
+    y.backward(dy)
+    assert y.dtype == dtype and leaf.grad.dtype == dtype
+    assert bn.weight.grad.dtype == torch.float32 and bn.running_mean.dtype == torch.float32
+    assert y.stride() == x.stride()
+
+    yr, cache = ref.forward(np64(x), np64(bn.weight), np64(bn.bias), activation=activation,
+                            residual=np64(r))
+    gr = ref.backward(np64(dy), cache)
+    dev = backend.device
+    assert_close(y, torch.from_numpy(yr).to(dev), dtype)
+    assert_close(leaf.grad, torch.from_numpy(gr["dx"]).to(dev), dtype, scale=2)
+    # Parameter gradients are float32 sums of exact products of half values.
+    assert_close(bn.weight.grad, torch.from_numpy(gr["dweight"]).to(dev), dtype)
+    assert_close(bn.bias.grad, torch.from_numpy(gr["dbias"]).to(dev), dtype)
+    rm, rv, nbt = ref.update_running(np.zeros(3), np.ones(3), 0, cache["mean"], cache["var"],
+                                     cache["count"], 0.1)
+    assert_close(bn.running_mean, torch.from_numpy(rm).to(dev), torch.float32)
+    assert_close(bn.running_var, torch.from_numpy(rv).to(dev), torch.float32)
+    assert bn.num_batches_tracked.item() == nbt == 1
