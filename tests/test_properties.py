@@ -1,0 +1,219 @@
+"""Property tests (hypothesis) against the float64 reference, on every backend.
+
+Random shapes, values, scales and activations; constant channels, which must normalize to
+exactly 0 at any magnitude (and, with eps = 0, give exactly ``bias`` and zero gradients);
+large means, where float32 must stay within 1e-5 of the float64 computation on the same
+float32 input. Also the seed's example with eps = 0, which torch refuses.
+"""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import batchnorm
+from batchnorm import reference as ref
+from conftest import np64
+from tolerances import assert_close
+
+ACTS = ("none", "relu", "leaky_relu", "silu", "gelu", "gelu_tanh", "sigmoid", "tanh")
+MODULES = {2: batchnorm.BatchNorm1d, 3: batchnorm.BatchNorm1d, 4: batchnorm.BatchNorm2d,
+           5: batchnorm.BatchNorm3d}
+
+
+def _settings(backend, examples):
+    """Fewer examples under the Triton interpreter, which is slow."""
+    return settings(max_examples=max(3, examples // 5) if backend.interpreted else examples,
+                    deadline=None, derandomize=False,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                           HealthCheck.too_slow])
+
+
+@st.composite
+def shapes(draw, max_side=4):
+    """(N, C, *) with at least 2 values per channel (training needs them)."""
+    rank = draw(st.integers(2, 5))
+    dims = [draw(st.integers(1, max_side)) for _ in range(rank)]
+    if np.prod(dims) // dims[1] < 2:
+        dims[0] += 1
+    return tuple(dims)
+
+
+def _module(shape, device, dtype, **kwargs):
+    return MODULES[len(shape)](shape[1], device=device, dtype=dtype, **kwargs)
+
+
+def _random_params(bn, rng):
+    with torch.no_grad():
+        for p in (bn.weight, bn.bias):
+            if p is not None:
+                p.copy_(torch.from_numpy(rng.normal(0.5, 1.0, p.shape[0])))
+
+
+def test_random_shapes_values_and_activations(backend):
+    @_settings(backend, 40)
+    @given(shape=shapes(), seed=st.integers(0, 2**32 - 1),
+           dtype=st.sampled_from([torch.float64, torch.float32]),
+           offset=st.floats(-1e3, 1e3), log_scale=st.floats(-2, 2),
+           activation=st.sampled_from(ACTS), momentum=st.sampled_from([0.1, None, 0.5]),
+           eps=st.sampled_from([1e-5, 1e-3, 0.0]), with_residual=st.booleans())
+    def check(shape, seed, dtype, offset, log_scale, activation, momentum, eps,
+              with_residual):
+        rng = np.random.default_rng(seed)
+        x_np = rng.normal(offset, 10**log_scale, shape)
+        x = torch.from_numpy(x_np).to(dtype).to(backend.device).requires_grad_()
+        r = (torch.from_numpy(rng.normal(0, 1, shape)).to(dtype).to(backend.device)
+             if with_residual else None)
+        dy = torch.from_numpy(rng.normal(0, 1, shape)).to(dtype).to(backend.device)
+        bn = _module(shape, backend.device, dtype, momentum=momentum, eps=eps,
+                     activation=activation)
+        _random_params(bn, rng)
+        y = bn(x, r)
+        y.backward(dy)
+
+        yr, cache = ref.forward(np64(x), np64(bn.weight), np64(bn.bias), eps=eps,
+                                activation=activation, slope=0.01, residual=np64(r))
+        gr = ref.backward(np64(dy), cache)
+        rm, rv, nbt = ref.update_running(np.zeros(shape[1]), np.ones(shape[1]), 0,
+                                         cache["mean"], cache["var"], cache["count"], momentum)
+        dev = backend.device
+        # The output is O(|w|·|x̂|); its gradient is O(|w|·invstd·|dy|): tolerances scale so.
+        assert_close(y, torch.from_numpy(yr).to(dev), dtype, scale=10)
+        ginv = float(np.max(np.abs(np64(bn.weight)) * cache["invstd"]) + 1)
+        assert_close(x.grad, torch.from_numpy(gr["dx"]).to(dev), dtype, scale=10 * ginv)
+        n = cache["count"]
+        assert_close(bn.weight.grad, torch.from_numpy(gr["dweight"]).to(dev), dtype, scale=10 * n)
+        assert_close(bn.bias.grad, torch.from_numpy(gr["dbias"]).to(dev), dtype, scale=10 * n)
+        spread = float(np.max(np.abs(cache["mean"])) + 1)
+        assert_close(bn.running_mean, torch.from_numpy(rm).to(dev), dtype, scale=spread)
+        assert_close(bn.running_var, torch.from_numpy(rv).to(dev), dtype,
+                     scale=float(np.max(rv)) + 1)
+        assert bn.num_batches_tracked.item() == nbt == 1
+
+    check()
+
+
+# ---------------------------------------------------------------------------------------
+# Constant channels and eps = 0
+
+
+def test_constant_channels_are_exactly_bias(backend):
+    """A constant channel normalizes to exactly 0 at any magnitude (torch's CPU float32
+    gives |y| up to ~105 for a channel of constant 1e7); with eps = 0 too, where its
+    gradients with respect to x and weight are exactly 0."""
+
+    @_settings(backend, 40)
+    @given(shape=shapes(), seed=st.integers(0, 2**32 - 1),
+           dtype=st.sampled_from([torch.float64, torch.float32]),
+           value=st.one_of(st.sampled_from([1e7, -1e7, 1e6, 3.3e-8, 0.1, 1.0]),
+                           st.floats(-1e30, 1e30, allow_subnormal=False)),
+           eps=st.sampled_from([0.0, 1e-5]), data=st.data())
+    def check(shape, seed, dtype, value, eps, data):
+        rng = np.random.default_rng(seed)
+        c = shape[1]
+        constant = data.draw(st.lists(st.booleans(), min_size=c, max_size=c))
+        x_np = rng.normal(0, 1, shape)
+        for ch, is_const in enumerate(constant):
+            if is_const:
+                x_np[:, ch] = value
+        x = torch.from_numpy(x_np).to(dtype).to(backend.device).requires_grad_()
+        bn = _module(shape, backend.device, dtype, eps=eps)
+        _random_params(bn, rng)
+        y = bn(x)
+        dy = torch.from_numpy(rng.normal(0, 1, shape)).to(dtype).to(backend.device)
+        y.backward(dy)
+        assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+        for ch, is_const in enumerate(constant):
+            if not is_const:
+                continue
+            assert (y[:, ch] == bn.bias[ch]).all(), f"channel {ch}: {y[:, ch].flatten()[:4]}"
+            assert bn.running_mean[ch].item() == pytest.approx(0.1 * x[0, ch].flatten()[0].item(),
+                                                               rel=1e-6)
+            if eps == 0:
+                assert (x.grad[:, ch] == 0).all()
+                assert bn.weight.grad[ch].item() == 0
+
+    check()
+
+
+def test_seed_example_with_eps_zero(backend):
+    """The article's example runs as written (torch 2.13 refuses eps = 0 in training)."""
+    data = torch.ones(2, 2, 3, 4, device=backend.device)
+    data[0][0][0][0] = 25
+    bn = batchnorm.BatchNorm2d(num_features=2, eps=0, momentum=0, device=backend.device)
+    data.requires_grad_()
+    out = bn(data)
+    assert round(out[0, 0, 0, 0].item(), 4) == 4.7958
+    assert out[0, 0, 0, 0].item() == pytest.approx(23 ** 0.5, rel=1e-6)
+    assert torch.allclose(out[:, 0].flatten()[1:], torch.tensor(-(23 ** -0.5)), rtol=1e-6)
+    assert (out[:, 1] == 0).all()  # the constant channel: exactly bias, no NaN
+    assert bn.running_mean.tolist() == [0, 0] and bn.running_var.tolist() == [1, 1]
+    assert bn.num_batches_tracked.item() == 1
+    out.backward(torch.randn_like(out))
+    assert torch.isfinite(data.grad).all() and (data.grad[:, 1] == 0).all()
+    assert bn.weight.grad[1].item() == 0
+
+    theirs = torch.nn.BatchNorm2d(num_features=2, eps=0, momentum=0)
+    try:
+        theirs(data.detach().cpu())
+    except (ValueError, RuntimeError):
+        pass
+    else:
+        pytest.fail("torch accepted eps=0 in training: update the README's difference list")
+
+
+# ---------------------------------------------------------------------------------------
+# Large means
+
+
+def test_large_mean_float32_matches_float64(backend):
+    """float32 data with mean up to 1e6 and std ~1: the output stays within 1e-5 relative
+    error of the float64 computation on the same float32 input (torch's CPU: 1.6e-2)."""
+
+    @_settings(backend, 25)
+    @given(shape=shapes(max_side=6), seed=st.integers(0, 2**32 - 1),
+           mean=st.floats(1e4, 1e6), sign=st.sampled_from([1, -1]),
+           std=st.floats(0.5, 4), train=st.booleans())
+    def check(shape, seed, mean, sign, std, train):
+        rng = np.random.default_rng(seed)
+        if np.prod(shape) // shape[1] < 8:
+            shape = (shape[0] + 8,) + shape[1:]
+        x = torch.from_numpy(rng.normal(sign * mean, std, shape)).float().to(backend.device)
+        x.requires_grad_()
+        bn = _module(shape, backend.device, torch.float32)
+        _random_params(bn, rng)
+        if not train:
+            with torch.no_grad():
+                xd = x.double()
+                dims = [0] + list(range(2, len(shape)))
+                bn.running_mean.copy_(xd.mean(dims))
+                bn.running_var.copy_(xd.var(dims))
+            bn.eval()
+        y = bn(x)
+        dy = torch.from_numpy(rng.normal(0, 1, shape)).float().to(backend.device)
+        y.backward(dy)
+        yr, cache = ref.forward(np64(x), np64(bn.weight), np64(bn.bias), training=train,
+                                running_mean=np64(bn.running_mean),
+                                running_var=np64(bn.running_var))
+        gr = ref.backward(np64(dy), cache)
+
+        def rel(got, want, scale=None):
+            scale = np.max(np.abs(want)) if scale is None else scale
+            return float(np.max(np.abs(np64(got) - want) / scale))
+
+        # In eval the reference uses the same float32 running statistics the layer has.
+        assert rel(y, yr) < 1e-5
+        # Gradients are sums that may cancel: measure errors against the sums of the
+        # magnitudes of their terms.
+        axes = (0,) + tuple(range(2, len(shape)))
+        dy64, xhat = np64(dy), cache["xhat"]
+        term_scale = np.abs(dy64 * xhat).sum(axes)
+        assert rel(bn.weight.grad, gr["dweight"], term_scale) < 1e-5
+        assert rel(bn.bias.grad, gr["dbias"], np.abs(dy64).sum(axes)) < 1e-5
+        per_channel = [1, -1] + [1] * (len(shape) - 2)
+        dx_scale = (np.abs(np64(bn.weight)) * cache["invstd"]).reshape(per_channel) * (
+            np.abs(dy64) + (np.abs(xhat) + 1) * (term_scale / cache["count"]).reshape(per_channel))
+        assert rel(x.grad, gr["dx"], dx_scale) < 1e-4
+
+    check()
