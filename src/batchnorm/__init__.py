@@ -16,11 +16,26 @@ from .modules import (
 )
 from .distributed import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
 
+from . import tools
+from .tools import (
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    convert,
+    fold,
+    freeze,
+    recalibrate,
+    revert,
+    unfreeze,
+)
+
 __version__ = "0.1.0"
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
     "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d",
     "batch_norm", "functional",
+    "tools", "convert", "revert", "fold", "freeze", "unfreeze", "recalibrate",
+    "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d",
     "SyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm",
 ]

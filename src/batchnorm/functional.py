@@ -168,6 +168,9 @@ def batch_norm_resolved(input, running_mean, running_var, weight, bias, training
     """:func:`batch_norm` with the activation already resolved to ``(name, slope)``."""
     validate(input, running_mean, running_var, weight, bias, training, momentum, eps,
              residual, num_batches_tracked)
+    if not training and torch.compiler.is_exporting():
+        return _standard_eval(input, running_mean, running_var, weight, bias, eps,
+                              activation, slope, residual)
     shape = input.shape
     channels_last = ops.is_channels_last(input)
     x = ops.to_kernel_view(input, channels_last)
@@ -181,3 +184,20 @@ def batch_norm_resolved(input, running_mean, running_var, weight, bias, training
         y, _, _ = ops.batch_norm(x, weight, bias, r, running_mean, running_var, eps,
                                  activation, slope)
     return ops.from_kernel_view(y, shape, channels_last)
+
+
+def _standard_eval(input, running_mean, running_var, weight, bias, eps, activation, slope,
+                   residual) -> Tensor:
+    """Evaluation written with torch's own ops, used while ``torch.export`` traces.
+
+    The exported graph then holds ``aten`` batch norm and activation ops, which every
+    consumer knows (ONNX ``BatchNormalization`` + ``Relu``...), instead of our custom op,
+    which none does. One difference: with ``eps = 0`` a zero-variance channel gives
+    inf/NaN there, as in torch, instead of ``bias``.
+    """
+    y = torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias,
+                                       False, 0.0, eps)
+    if residual is not None:
+        y = y + residual
+    act = activation_module(activation, slope)
+    return y if act is None else act(y)

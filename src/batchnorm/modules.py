@@ -36,6 +36,7 @@ class _NormBase(nn.Module):
     """State of a batch-norm layer, laid out exactly as torch's ``_NormBase``."""
 
     _version = 2
+    _frozen = False  # class default: modules pickled before ``frozen`` existed still run
     __constants__ = ["track_running_stats", "momentum", "eps", "num_features", "affine"]
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
@@ -51,6 +52,7 @@ class _NormBase(nn.Module):
         self.affine = affine
         self.track_running_stats = track_running_stats
         self.activation, self.activation_slope = F.resolve_activation(activation)
+        self._frozen = False
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory_kwargs))
             if bias:
@@ -87,6 +89,29 @@ class _NormBase(nn.Module):
     def _check_input_dim(self, input: Tensor) -> None:
         raise NotImplementedError
 
+    @property
+    def frozen(self) -> bool:
+        """Use and keep the running statistics, in ``train()`` too (see ``batchnorm.freeze``)."""
+        return self._frozen
+
+    @frozen.setter
+    def frozen(self, value: bool) -> None:
+        if value and not self.track_running_stats:
+            raise ValueError(f"{type(self).__name__} with track_running_stats=False has no "
+                             f"running statistics to freeze")
+        self._frozen = bool(value)
+
+    # ``frozen`` travels in the state_dict's *metadata* (next to ``version``), not as a key:
+    # the keys stay exactly torch's, so strict loading works both ways, and torch.save /
+    # load_state_dict keep the flag. A dict rebuilt from the items (safetensors, a dict
+    # comprehension) drops it, as it drops ``version``; a state_dict without the flag (any
+    # torch checkpoint) leaves the module's current ``frozen`` as it is.
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        metadata = getattr(destination, "_metadata", None)
+        if metadata is not None and prefix[:-1] in metadata:
+            metadata[prefix[:-1]]["frozen"] = self._frozen
+
     def extra_repr(self) -> str:
         text = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, bias={self.bias is not None}, "
@@ -95,6 +120,8 @@ class _NormBase(nn.Module):
             text += f", activation={self.activation!r}"
             if self.activation == "leaky_relu":
                 text += f", negative_slope={self.activation_slope}"
+        if self._frozen:
+            text += ", frozen=True"
         return text
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
@@ -109,15 +136,24 @@ class _NormBase(nn.Module):
                                    else torch.tensor(0, dtype=torch.long))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
+        frozen = local_metadata.get("frozen")
+        if frozen is not None:
+            if frozen and not self.track_running_stats:
+                error_msgs.append(f"{prefix}: the state_dict is frozen but this layer has "
+                                  f"track_running_stats=False")
+            else:
+                self._frozen = bool(frozen)
 
 
 class _BatchNorm(_NormBase):
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         self._check_input_dim(input)
-        # Batch statistics in training, and in eval too when there are no running ones.
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        # Batch statistics in training, and in eval too when there are no running ones;
+        # a frozen layer uses and keeps its running statistics in training as in eval.
+        training = self.training and not self._frozen
+        use_batch_stats = training or (self.running_mean is None and self.running_var is None)
         keep_running = not self.training or self.track_running_stats
-        tracking = self.training and self.track_running_stats
+        tracking = training and self.track_running_stats
         return F.batch_norm_resolved(
             input,
             self.running_mean if keep_running else None,

@@ -1,0 +1,83 @@
+"""What the tools share: which modules are batch norms, and finding modules in a model."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.fx import Tracer
+
+from ..modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
+
+# Exact types: a user subclass of torch's BatchNorm may override forward, and replacing it
+# would silently drop that behaviour.
+TORCH_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+OURS_BY_RANK = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d,
+                nn.BatchNorm3d: BatchNorm3d}
+TORCH_BY_OURS = {BatchNorm1d: nn.BatchNorm1d, BatchNorm2d: nn.BatchNorm2d,
+                 BatchNorm3d: nn.BatchNorm3d}
+
+
+def is_torch_bn(m: nn.Module) -> bool:
+    return type(m) in TORCH_BN
+
+
+def is_our_bn(m: nn.Module) -> bool:
+    return isinstance(m, _BatchNorm)
+
+
+def is_any_bn(m: nn.Module) -> bool:
+    from .freeze import _FrozenBatchNorm
+    return is_torch_bn(m) or is_our_bn(m) or isinstance(m, _FrozenBatchNorm)
+
+
+def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def use_counts(model: nn.Module) -> dict[int, int]:
+    """How many times each module object appears in the module tree (shared instances)."""
+    counts: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        counts[id(m)] = counts.get(id(m), 0) + 1
+    return counts
+
+
+class _LeafTracer(Tracer):
+    """torch.fx tracer that keeps every batch-norm-like module of ours as one node."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        from .fold import ChannelAffine
+        return is_any_bn(m) or isinstance(m, ChannelAffine) or super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module) -> torch.fx.Graph | None:
+    """The model's fx graph, or None when it does not trace (data-dependent control flow,
+    unsupported Python). Tracing only reads the model; nothing is rewritten."""
+    try:
+        return _LeafTracer().trace(model)
+    except Exception:  # noqa: BLE001 - any failure means "use the nn.Sequential fallback"
+        return None
+
+
+def module_calls(graph: torch.fx.Graph) -> dict[str, list[torch.fx.Node]]:
+    calls: dict[str, list[torch.fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls.setdefault(node.target, []).append(node)
+    return calls
+
+
+def sequential_pairs(model: nn.Module, first, second):
+    """``(name_a, a, name_b, b)`` for consecutive children of plain ``nn.Sequential``s with
+    ``first(a)`` and ``second(b)``. Only the exact class: a subclass may have its own
+    forward."""
+    for seq_name, seq in model.named_modules():
+        if type(seq) is not nn.Sequential:
+            continue
+        children = list(seq.named_children())
+        for (na, a), (nb, b) in zip(children, children[1:]):
+            if first(a) and second(b):
+                prefix = f"{seq_name}." if seq_name else ""
+                yield prefix + na, a, prefix + nb, b

@@ -1,0 +1,144 @@
+"""Batch-norm weights across frameworks: Keras and Flax conventions to torch's, and back.
+
+What differs, precisely:
+
+==================  ==========================  ==========================  =====================
+                    torch (and batchnorm)       Keras ``BatchNormalization``  Flax ``nn.BatchNorm``
+==================  ==========================  ==========================  =====================
+names               weight, bias,               gamma, beta,                params: scale, bias;
+                    running_mean, running_var   moving_mean,                batch_stats: mean, var
+                                                moving_variance
+momentum            weight of the *new* batch:  decay, weight of the *old*  decay, as Keras:
+                    r = (1-m)·r + m·batch,      value: r = d·r + (1-d)·batch  default 0.99
+                    default 0.1                 default 0.99 (m = 1 - d)
+eps                 1e-5                        1e-3 (``epsilon``)          1e-5 (``epsilon``)
+running variance    EMA of the *unbiased* batch EMA of the *biased* batch   EMA of the *biased*
+                    variance (÷ (n-1))          variance (÷ n)              batch variance (÷ n)
+channel axis        1 (N, C, ...)               -1 (N, ..., C)              -1 (N, ..., C)
+==================  ==========================  ==========================  =====================
+
+Normalization itself uses the biased batch variance everywhere, so the layers compute
+the same function given the same four vectors and eps. The stored running variances
+differ by the factor n/(n-1), n the values per channel of a training batch (batch size
+× spatial size). It is not in the checkpoint: pass ``count=n`` to apply it exactly;
+by default the variance is copied as is (a relative difference of 1/(n-1): 0.4% for a
+batch of 256 vectors, far less for images). The momentum and eps are set on the module so
+that it goes on behaving as the source layer did. The channel axis is the caller's
+business: permute Keras/Flax channels-last inputs to (N, C, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def _key(name: str) -> str:
+    # "model/bn_1/gamma:0" -> "gamma"
+    return name.rsplit("/", 1)[-1].split(":", 1)[0]
+
+
+def _bessel(count: int | None) -> float:
+    if count is None:
+        return 1.0
+    if count < 2:
+        raise ValueError(f"count must be >= 2 (values per channel in a batch), got {count}")
+    return count / (count - 1)
+
+
+@torch.no_grad()
+def _load(bn: nn.Module, weight, bias, mean, var, momentum, eps, count) -> nn.Module:
+    def put(t, value, what):
+        if t is None:
+            if value is not None:
+                raise ValueError(f"the source has {what} but this layer has none "
+                                 f"(affine=False or bias=False)")
+            return
+        if value is None:
+            raise ValueError(f"the source has no {what} but this layer has one")
+        v = torch.as_tensor(np.asarray(value), dtype=torch.float64)
+        if v.shape != t.shape:
+            raise ValueError(f"{what} has shape {tuple(v.shape)}, the layer expects {tuple(t.shape)}")
+        t.copy_(v)
+
+    put(getattr(bn, "weight", None), weight, "a scale (gamma)")
+    put(getattr(bn, "bias", None), bias, "an offset (beta)")
+    put(bn.running_mean, mean, "a moving mean")
+    put(bn.running_var, None if var is None else np.asarray(var, dtype=np.float64) * _bessel(count),
+        "a moving variance")
+    bn.momentum = 1.0 - momentum
+    bn.eps = eps
+    return bn
+
+
+def _export(bn: nn.Module, count) -> tuple:
+    def get(t):
+        return None if t is None else t.detach().cpu().double().numpy().astype(
+            np.float32 if t.dtype != torch.float64 else np.float64)
+    var = get(bn.running_var)
+    if var is not None and count is not None:
+        var = var / _bessel(count)
+    decay = None if bn.momentum is None else 1.0 - bn.momentum
+    return get(getattr(bn, "weight", None)), get(getattr(bn, "bias", None)), \
+        get(bn.running_mean), var, decay
+
+
+def load_keras(bn: nn.Module, weights, *, momentum: float = 0.99, epsilon: float = 1e-3,
+               count: int | None = None) -> nn.Module:
+    """Load a Keras ``BatchNormalization``'s weights into ``bn`` (ours or torch's); in place.
+
+    ``weights``: a mapping with ``gamma``, ``beta``, ``moving_mean``, ``moving_variance``
+    (names may carry a scope and ``:0``; gamma/beta absent for ``scale``/``center=False``),
+    or the 4-list ``layer.get_weights()`` returns. ``momentum`` and ``epsilon`` are the
+    Keras layer's; ``bn.momentum`` becomes ``1 - momentum`` and ``bn.eps`` ``epsilon``.
+    ``count``: values per channel of a training batch, to turn the biased moving variance
+    into torch's unbiased one (see the module docstring). Default: copied as is.
+    """
+    if isinstance(weights, Mapping):
+        w = {_key(k): v for k, v in weights.items()}
+    elif len(weights) == 4:
+        w = dict(zip(("gamma", "beta", "moving_mean", "moving_variance"), weights))
+    else:
+        raise ValueError("pass a dict of named weights unless get_weights() returned all 4 "
+                         f"(gamma, beta, moving_mean, moving_variance); got {len(weights)}")
+    return _load(bn, w.get("gamma"), w.get("beta"), w["moving_mean"], w["moving_variance"],
+                 momentum, epsilon, count)
+
+
+def to_keras(bn: nn.Module, *, count: int | None = None) -> tuple[dict, dict]:
+    """``(weights, config)`` for a Keras ``BatchNormalization``: weights as float NumPy
+    arrays named gamma/beta/moving_mean/moving_variance (absent when the layer has none),
+    config ``{'momentum': 1 - bn.momentum (None for momentum=None), 'epsilon': bn.eps,
+    'axis': 1}`` (axis 1 for (N, C, ...) data). ``count`` turns the unbiased running
+    variance into Keras's biased one."""
+    g, b, m, v, decay = _export(bn, count)
+    weights = {k: a for k, a in (("gamma", g), ("beta", b), ("moving_mean", m),
+                                 ("moving_variance", v)) if a is not None}
+    return weights, {"momentum": decay, "epsilon": bn.eps, "axis": 1}
+
+
+def load_flax(bn: nn.Module, variables: Mapping, *, momentum: float = 0.99,
+              epsilon: float = 1e-5, count: int | None = None) -> nn.Module:
+    """Load a Flax ``nn.BatchNorm``'s variables into ``bn``; in place.
+
+    ``variables``: ``{'params': {'scale', 'bias'}, 'batch_stats': {'mean', 'var'}}`` for
+    this layer (arrays of any kind NumPy reads, jax arrays included). ``momentum`` and
+    ``epsilon`` are the Flax layer's; ``count`` as in :func:`load_keras`.
+    """
+    params = variables.get("params", {})
+    stats = variables["batch_stats"]
+    return _load(bn, params.get("scale"), params.get("bias"), stats["mean"], stats["var"],
+                 momentum, epsilon, count)
+
+
+def to_flax(bn: nn.Module, *, count: int | None = None) -> tuple[dict, dict]:
+    """``(variables, config)`` for a Flax ``nn.BatchNorm``: ``{'params': {'scale', 'bias'},
+    'batch_stats': {'mean', 'var'}}`` as NumPy arrays, and ``{'momentum', 'epsilon',
+    'axis': 1}`` as in :func:`to_keras`."""
+    g, b, m, v, decay = _export(bn, count)
+    params = {k: a for k, a in (("scale", g), ("bias", b)) if a is not None}
+    return ({"params": params, "batch_stats": {"mean": m, "var": v}},
+            {"momentum": decay, "epsilon": bn.eps, "axis": 1})

@@ -1,0 +1,200 @@
+"""``convert`` torch's batch norms into ours (moving a following activation inside), and
+``revert`` back.
+
+Both work in place on the model's module tree, so the model keeps its class, its methods
+and its parameters: the new layers *share* the old ``Parameter`` and buffer tensors (as
+``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does), and an optimizer built before the
+conversion still holds the right tensors. Hooks registered on a replaced layer are not
+carried over.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from .. import functional as F
+from ..modules import _BatchNorm
+from ._common import (OURS_BY_RANK, TORCH_BY_OURS, is_our_bn, is_torch_bn, module_calls,
+                      sequential_pairs, set_submodule, trace, use_counts)
+
+_FUSABLE = tuple(F._ACTIVATION_MODULES)
+
+
+class SyncFallbackBatchNorm(_BatchNorm):
+    """What ``convert`` makes of a ``torch.nn.SyncBatchNorm`` when ``batchnorm.distributed``
+    is not available: a *local* batch norm (statistics of this process only) that, like
+    torch's SyncBatchNorm, accepts any input of rank 2 or more. ``revert`` turns it back
+    into a ``torch.nn.SyncBatchNorm``."""
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+
+class FusedActivation(nn.Identity):
+    """Stands where an activation module was after ``convert`` moved it into the batch norm
+    ``bn_name``; ``revert`` puts ``original`` back."""
+
+    def __init__(self, original: nn.Module, bn_name: str) -> None:
+        super().__init__()
+        # A plain attribute, not a submodule: it no longer runs and has no state.
+        self.__dict__["original"] = original
+        self.bn_name = bn_name
+
+    def extra_repr(self) -> str:
+        return f"{self.original!r} fused into {self.bn_name!r}"
+
+
+def _sync_class():
+    try:
+        from ..distributed import SyncBatchNorm  # written alongside; optional
+    except ImportError:
+        return None
+    return SyncBatchNorm
+
+
+def _share_state(new: nn.Module, old: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        if old.affine:
+            new.weight = old.weight
+            if getattr(old, "bias", None) is not None:
+                new.bias = old.bias
+            else:  # ours with bias=False -> torch's, which always has one: a fixed zero
+                new.bias = nn.Parameter(torch.zeros_like(old.weight), requires_grad=False)
+        if old.track_running_stats:
+            new.running_mean = old.running_mean
+            new.running_var = old.running_var
+            new.num_batches_tracked = old.num_batches_tracked
+    new.train(old.training)
+    return new
+
+
+def _to_ours(m: nn.Module) -> nn.Module:
+    args = (m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+    if type(m) is nn.SyncBatchNorm:
+        cls = _sync_class()
+        if cls is not None:
+            new = cls(*args, process_group=m.process_group, device="meta")
+        else:
+            warnings.warn("torch.nn.SyncBatchNorm converted to a local batch norm "
+                          "(per-process statistics): batchnorm.distributed is not available",
+                          stacklevel=3)
+            new = SyncFallbackBatchNorm(*args, device="meta")
+    else:
+        new = OURS_BY_RANK[type(m)](*args, device="meta")
+    return _share_state(new, m)
+
+
+def _to_torch(m: _BatchNorm) -> nn.Module:
+    if m.frozen:
+        warnings.warn("revert: a frozen batch norm becomes a torch one, which cannot be "
+                      "frozen: it will use batch statistics in train()", stacklevel=3)
+    args = (m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+    cls = TORCH_BY_OURS.get(type(m))
+    if cls is None:  # SyncFallbackBatchNorm or batchnorm.distributed.SyncBatchNorm
+        group = getattr(m, "process_group", None)
+        new = nn.SyncBatchNorm(*args, process_group=group, device="meta")
+    else:
+        new = cls(*args, device="meta")
+    new = _share_state(new, m)
+    act = F.activation_module(m.activation, m.activation_slope)
+    return new if act is None else nn.Sequential(new, act)
+
+
+def _revertible(m: nn.Module) -> bool:
+    sync = _sync_class()
+    return type(m) in TORCH_BY_OURS or type(m) is SyncFallbackBatchNorm or (
+        sync is not None and type(m) is sync)
+
+
+def _fusion_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """``(bn_name, activation_name)`` where the activation module only ever consumes that
+    batch norm's output, and that output goes nowhere else."""
+    counts = use_counts(model)
+    once = lambda m: counts[id(m)] == 1  # noqa: E731 - a shared instance runs elsewhere too
+    bn_ok = lambda m: (is_torch_bn(m) or (is_our_bn(m) and m.activation == "none")) and once(m)  # noqa: E731
+    act_ok = lambda m: type(m) in _FUSABLE and once(m)  # noqa: E731
+    graph = trace(model)
+    if graph is None:
+        return [(nb, na) for nb, _, na, _ in sequential_pairs(model, bn_ok, act_ok)]
+    calls = module_calls(graph)
+    pairs = []
+    for act_name, act_nodes in calls.items():
+        if len(act_nodes) != 1 or not act_ok(model.get_submodule(act_name)):
+            continue
+        node = act_nodes[0]
+        src = node.args[0] if node.args else None
+        if (len(node.args) != 1 or node.kwargs or not isinstance(src, torch.fx.Node)
+                or src.op != "call_module" or len(calls[src.target]) != 1
+                or len(src.users) != 1 or not bn_ok(model.get_submodule(src.target))):
+            continue
+        pairs.append((src.target, act_name))
+    return pairs
+
+
+def convert(model: nn.Module, fuse_activations: bool = True) -> nn.Module:
+    """Replace every ``torch.nn.BatchNorm1d/2d/3d`` and ``SyncBatchNorm`` with ours, in place.
+
+    Parameters and buffers are shared with the old layers (same tensors: device, dtype and
+    optimizer references are kept), and each layer keeps its train/eval mode. Only those
+    exact classes are converted: a subclass may have its own ``forward``.
+
+    ``torch.nn.SyncBatchNorm`` becomes ``batchnorm.distributed.SyncBatchNorm`` when that
+    module is available, else a local :class:`SyncFallbackBatchNorm` (with a warning).
+
+    With ``fuse_activations``, a ``ReLU``/``LeakyReLU``/``SiLU``/``GELU``/``Sigmoid``/``Tanh``
+    *module* whose only input is a batch norm's output, where that output goes nowhere else
+    and neither module is called twice, moves into the batch norm's ``activation``; it is
+    replaced by a :class:`FusedActivation` (an identity). Pairs are found by ``torch.fx``
+    when the model traces, else by order inside plain ``nn.Sequential``. Activations
+    applied as functions (``F.relu(x)``) or through a module reused elsewhere stay as they
+    are. Returns the model (a new module only when ``model`` itself is a batch norm).
+    """
+    pairs = _fusion_pairs(model) if fuse_activations else []
+    if is_torch_bn(model):
+        return _to_ours(model)
+    replaced: dict[int, nn.Module] = {}
+    for name, m in list(model.named_modules(remove_duplicate=False)):
+        if name and is_torch_bn(m):
+            if id(m) not in replaced:
+                replaced[id(m)] = _to_ours(m)
+            set_submodule(model, name, replaced[id(m)])
+    for bn_name, act_name in pairs:
+        act = model.get_submodule(act_name)
+        bn = model.get_submodule(bn_name)
+        bn.activation, bn.activation_slope = F.resolve_activation(act)
+        set_submodule(model, act_name, FusedActivation(act, bn_name).train(act.training))
+    return model
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """Undo :func:`convert`: our batch norms become torch's again, in place.
+
+    An activation that ``convert`` fused goes back where it was; any other fused activation
+    (a layer built with ``activation=...``) becomes ``nn.Sequential(torch_bn, activation)``,
+    which changes that layer's state_dict keys (``bn.weight`` -> ``bn.0.weight``). A layer
+    built with ``bias=False`` gets torch's bias as a fixed zero (``requires_grad=False``).
+    A layer called with a ``residual`` cannot become a torch one: its call would fail.
+    """
+    for name, m in list(model.named_modules(remove_duplicate=False)):
+        if not isinstance(m, FusedActivation):
+            continue
+        try:
+            bn = model.get_submodule(m.bn_name)
+        except AttributeError:
+            continue
+        if is_our_bn(bn) and (bn.activation, bn.activation_slope) == F.resolve_activation(m.original):
+            bn.activation, bn.activation_slope = "none", 0.0
+            set_submodule(model, name, m.original)
+    if _revertible(model):
+        return _to_torch(model)
+    replaced: dict[int, nn.Module] = {}
+    for name, m in list(model.named_modules(remove_duplicate=False)):
+        if name and _revertible(m):
+            if id(m) not in replaced:
+                replaced[id(m)] = _to_torch(m)
+            set_submodule(model, name, replaced[id(m)])
+    return model

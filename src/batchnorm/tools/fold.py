@@ -1,0 +1,205 @@
+"""``fold``: bake eval-mode batch norms into the layer before them, for inference.
+
+In eval a batch norm is a per-channel affine map, ``y = x * s + t`` with
+``s = weight / sqrt(running_var + eps)`` and ``t = bias - running_mean * s``. When ``x`` is
+the output of a convolution or linear layer ``x = W * u + c`` (and goes nowhere else), the
+map moves into that layer: ``W' = s ⊙ W`` (scaled along the *output* channels) and
+``c' = s * c + t``. The arithmetic is done in float64 and rounded once to the layer's dtype.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as F
+from ..ops import invstd_from_var
+from ._common import (is_any_bn, is_our_bn, module_calls, sequential_pairs, set_submodule,
+                      trace, use_counts)
+from .freeze import _FrozenBatchNorm
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+class ChannelAffine(nn.Module):
+    """``act(x * scale + shift + residual)`` per channel (dim 1): what is left of a batch
+    norm after :func:`fold`. ``scale``/``shift`` are None when the batch norm went into the
+    layer before it; the module then only applies the residual and activation it fused."""
+
+    def __init__(self, scale: Tensor | None, shift: Tensor | None, activation: str = "none",
+                 slope: float = 0.0) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale)
+        self.register_buffer("shift", shift)
+        self.activation, self.activation_slope = activation, slope
+        self.act = F.activation_module(activation, slope) or nn.Identity()
+
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        y = input
+        if self.scale is not None:
+            view = (-1,) + (1,) * (input.dim() - 2)
+            y = torch.addcmul(self.shift.view(view), y, self.scale.view(view))
+        if residual is not None:
+            y = y + residual
+        return self.act(y)
+
+    def extra_repr(self) -> str:
+        text = "folded" if self.scale is None else f"{self.scale.shape[0]}"
+        return text + (f", activation={self.activation!r}" if self.activation != "none" else "")
+
+
+@dataclass
+class FoldReport:
+    """What :func:`fold` did: ``folded`` (batch norm, layer it went into), ``scale_shift``
+    (batch norms left as a :class:`ChannelAffine`), ``skipped`` (name, reason), and how
+    the predecessors were found (``'fx'`` or ``'sequential'``)."""
+
+    method: str = "fx"
+    folded: list[tuple[str, str]] = field(default_factory=list)
+    scale_shift: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"fold ({self.method}): {len(self.folded)} folded, "
+                 f"{len(self.scale_shift)} scale-shift, {len(self.skipped)} skipped"]
+        lines += [f"  {bn} -> {layer}" for bn, layer in self.folded]
+        lines += [f"  {bn} -> ChannelAffine" for bn in self.scale_shift]
+        lines += [f"  {bn}: skipped, {why}" for bn, why in self.skipped]
+        return "\n".join(lines)
+
+
+def _affine_of(bn: nn.Module) -> tuple[Tensor, Tensor]:
+    """(s, t) of ``y = x * s + t`` in float64."""
+    mean = bn.running_mean.detach().double()
+    invstd = invstd_from_var(bn.running_var.detach().double(), bn.eps)
+    w, b = getattr(bn, "weight", None), getattr(bn, "bias", None)
+    s = invstd if w is None else w.detach().double() * invstd
+    t = -mean * s if b is None else b.detach().double() - mean * s
+    return s, t
+
+
+def _activation_of(bn: nn.Module) -> tuple[str, float]:
+    return getattr(bn, "activation", "none"), getattr(bn, "activation_slope", 0.0)
+
+
+def _out_channels(layer: nn.Module) -> int:
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
+def _foldable(layer: nn.Module) -> bool:
+    return type(layer) in (*_CONV, *_CONV_T, nn.Linear)
+
+
+def _compatible(layer: nn.Module, bn: nn.Module) -> bool:
+    if _out_channels(layer) != bn.num_features:
+        return False
+    # Linear folds only into a 1d batch norm of its (N, C) output: on (N, L, C) a
+    # BatchNorm1d would normalize L, not the linear layer's features.
+    return not isinstance(layer, nn.Linear) or "1d" in type(bn).__name__ or type(bn) is nn.SyncBatchNorm
+
+
+@torch.no_grad()
+def _fold_into(layer: nn.Module, s: Tensor, t: Tensor) -> None:
+    w = layer.weight.detach().double()
+    if isinstance(layer, _CONV_T):
+        # ConvTranspose weights are (in, out / groups, *k): output channel o of group g is
+        # column o - g * (out / groups) of that group's rows.
+        g = layer.groups
+        w = w.reshape(g, w.shape[0] // g, w.shape[1], *w.shape[2:])
+        w = w * s.reshape(g, 1, -1, *([1] * (w.dim() - 3)))
+        w = w.reshape(layer.weight.shape)
+    else:  # Conv (out, in / groups, *k) and Linear (out, in): scale the rows
+        w = w * s.reshape(-1, *([1] * (w.dim() - 1)))
+    c = layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(s)
+    dtype, requires_grad = layer.weight.dtype, layer.weight.requires_grad
+    layer.weight = nn.Parameter(w.to(dtype), requires_grad=requires_grad)
+    layer.bias = nn.Parameter((c * s + t).to(dtype), requires_grad=requires_grad)
+
+
+def _pairs(model: nn.Module) -> tuple[str, dict[str, str]]:
+    """``bn_name -> layer_name`` where the batch norm's only input is the layer's output, the
+    layer's output goes nowhere else, and neither is used twice."""
+    counts = use_counts(model)
+    once = lambda m: counts[id(m)] == 1  # noqa: E731
+    layer_ok = lambda m: _foldable(m) and once(m)  # noqa: E731
+    bn_ok = lambda m: is_any_bn(m) and once(m)  # noqa: E731
+    graph = trace(model)
+    if graph is None:
+        return "sequential", {nb: nl for nl, layer, nb, bn in
+                              sequential_pairs(model, layer_ok, bn_ok) if _compatible(layer, bn)}
+    calls = module_calls(graph)
+    pairs = {}
+    for bn_name, nodes in calls.items():
+        bn = model.get_submodule(bn_name)
+        if len(nodes) != 1 or not bn_ok(bn) or not nodes[0].args:
+            continue
+        src = nodes[0].args[0]
+        if (isinstance(src, torch.fx.Node) and src.op == "call_module"
+                and len(calls[src.target]) == 1 and len(src.users) == 1):
+            layer = model.get_submodule(src.target)
+            if layer_ok(layer) and _compatible(layer, bn):
+                pairs[bn_name] = src.target
+    return "fx", pairs
+
+
+def fold(model: nn.Module) -> tuple[nn.Module, FoldReport]:
+    """Fold every eval-mode batch norm of ``model`` for inference; returns
+    ``(new_model, report)`` and leaves ``model`` untouched.
+
+    Each batch norm (ours, torch's, frozen) whose input is the output of a ``Conv1d/2d/3d``,
+    ``ConvTranspose1d/2d/3d`` or ``Linear`` used only there goes into that layer's weight
+    and bias, and becomes a :class:`ChannelAffine` that only applies its fused activation
+    (and residual); any other becomes a ``ChannelAffine`` with its scale and shift. The
+    predecessors are found with ``torch.fx`` when the model traces, else by order in plain
+    ``nn.Sequential``. A ``Linear`` is assumed to produce ``(N, C)`` for the
+    ``BatchNorm1d`` after it. Layers without running statistics are skipped.
+
+    Raises ``RuntimeError`` for a model in training mode (or with a batch norm in training
+    mode that is not frozen): folding bakes in running statistics that training changes.
+    """
+    if model.training:
+        raise RuntimeError("fold() is for inference: the model is in training mode. Call "
+                           "model.eval() first; folding bakes the running statistics into "
+                           "the weights, and training would go on changing them")
+    for name, m in model.named_modules():
+        if (is_any_bn(m) and not isinstance(m, _FrozenBatchNorm) and m.training
+                and not getattr(m, "frozen", False)):
+            raise RuntimeError(f"fold(): batch norm {name!r} is in training mode inside an "
+                               f"eval model; call model.eval() (or freeze it) first")
+    new = copy.deepcopy(model)
+    if is_any_bn(new):
+        if new.running_mean is None:
+            raise ValueError("fold(): this batch norm has no running statistics")
+        s, t = _affine_of(new)
+        dt = new.running_mean.dtype
+        return ChannelAffine(s.to(dt), t.to(dt), *_activation_of(new)).eval(), \
+            FoldReport("fx", scale_shift=[""])
+    method, pairs = _pairs(new)
+    report = FoldReport(method)
+    done: dict[int, nn.Module] = {}
+    for name, bn in list(new.named_modules(remove_duplicate=False)):
+        if not name or not is_any_bn(bn):
+            continue
+        if id(bn) in done:  # a shared instance: same replacement at every place
+            set_submodule(new, name, done[id(bn)])
+            continue
+        if bn.running_mean is None:
+            report.skipped.append((name, "no running statistics (track_running_stats=False)"))
+            continue
+        s, t = _affine_of(bn)
+        if name in pairs:
+            _fold_into(new.get_submodule(pairs[name]), s, t)
+            repl = ChannelAffine(None, None, *_activation_of(bn))
+            report.folded.append((name, pairs[name]))
+        else:
+            dt = bn.running_mean.dtype
+            repl = ChannelAffine(s.to(dt), t.to(dt), *_activation_of(bn))
+            report.scale_shift.append(name)
+        repl.train(False)
+        done[id(bn)] = repl
+        set_submodule(new, name, repl)
+    return new, report

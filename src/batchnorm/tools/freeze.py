@@ -1,0 +1,162 @@
+"""Freezing: batch norms that use and keep their running statistics, in ``train()`` too.
+
+Two forms. :func:`freeze` sets the ``frozen`` state of our layers (saved with their
+state_dict, see ``modules.py``), optionally also stopping the affine parameters'
+gradients, and :func:`unfreeze` undoes it. :class:`FrozenBatchNorm2d` (and 1d, 3d) holds
+weight and bias as *buffers*, for checkpoints and code written for torchvision's or
+detectron2's ``FrozenBatchNorm2d``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as F
+from ..modules import _check_rank
+from ._common import is_our_bn, is_torch_bn, set_submodule
+
+
+class _FrozenBatchNorm(nn.Module):
+    """Batch norm with fixed statistics and affine parameters, all four as buffers.
+
+    ``y = act((x - running_mean) / sqrt(running_var + eps) * weight + bias + residual)``
+    in train and eval alike; gradients flow to the input (and residual) only. Computed by
+    the same evaluation path as our ``BatchNorm*d`` in eval, so the outputs are identical.
+    Loads a ``BatchNorm`` state_dict (its ``num_batches_tracked`` is ignored).
+
+    Args:
+        num_features: C, the channel count.
+        eps: added to the variance. Default: 1e-5
+        activation: (keyword) fused activation, as for ``BatchNorm2d``. Default: None
+        device, dtype: of the buffers. Default: None
+    """
+
+    _ranks: tuple[int, ...] = ()
+    _what = ""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, *, activation=None,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.activation, self.activation_slope = F.resolve_activation(activation)
+        self.register_buffer("weight", torch.ones(num_features, **kw))
+        self.register_buffer("bias", torch.zeros(num_features, **kw))
+        self.register_buffer("running_mean", torch.zeros(num_features, **kw))
+        self.register_buffer("running_var", torch.ones(num_features, **kw))
+
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        _check_rank(type(self).__name__, input, self._ranks, self._what)
+        return F.batch_norm_resolved(input, self.running_mean, self.running_var, self.weight,
+                                     self.bias, False, 0.0, self.eps, self.activation,
+                                     self.activation_slope, residual)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                              missing_keys, unexpected_keys, error_msgs) -> None:
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        text = f"{self.num_features}, eps={self.eps}"
+        if self.activation != "none":
+            text += f", activation={self.activation!r}"
+        return text
+
+    @staticmethod
+    def from_batchnorm(bn: nn.Module) -> _FrozenBatchNorm:
+        """A frozen copy (cloned tensors) of a torch or batchnorm ``BatchNorm*d`` layer; the
+        rank follows the layer's class (SyncBatchNorm gives the 2d one)."""
+        if getattr(bn, "running_mean", None) is None:
+            raise ValueError(f"{type(bn).__name__} with track_running_stats=False has no "
+                             f"running statistics to freeze")
+        name = type(bn).__name__
+        cls = (FrozenBatchNorm1d if "1d" in name else FrozenBatchNorm3d if "3d" in name
+               else FrozenBatchNorm2d)
+        act = getattr(bn, "activation", "none")
+        new = cls(bn.num_features, bn.eps, device="meta")
+        new.activation, new.activation_slope = act, getattr(bn, "activation_slope", 0.0)
+        rm = bn.running_mean.detach()
+        new.running_mean = rm.clone()
+        new.running_var = bn.running_var.detach().clone()
+        w, b = getattr(bn, "weight", None), getattr(bn, "bias", None)
+        new.weight = w.detach().clone() if w is not None else torch.ones_like(rm)
+        new.bias = b.detach().clone() if b is not None else torch.zeros_like(rm)
+        new.train(bn.training)
+        return new
+
+
+class FrozenBatchNorm1d(_FrozenBatchNorm):
+    _ranks, _what = (2, 3), "2D or 3D"
+
+
+class FrozenBatchNorm2d(_FrozenBatchNorm):
+    _ranks, _what = (4,), "4D"
+
+
+class FrozenBatchNorm3d(_FrozenBatchNorm):
+    _ranks, _what = (5,), "5D"
+
+
+for _cls in (FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d):
+    _cls.__doc__ = _FrozenBatchNorm.__doc__
+
+
+def freeze(model: nn.Module, affine: bool = False, buffers: bool = False) -> nn.Module:
+    """Make every batch norm in ``model`` use and keep its running statistics, also after
+    ``model.train()``; in place, returns the model.
+
+    torch's ``BatchNorm*d`` layers are first converted to ours (``convert`` without
+    activation fusion), since only ours have the ``frozen`` state. ``affine=True`` also sets
+    ``requires_grad=False`` on weight and bias (``unfreeze`` gives it back). ``buffers=True``
+    instead replaces each layer with a :class:`FrozenBatchNorm1d/2d/3d` copy (parameters
+    become buffers; ``unfreeze`` does not undo that). Layers without running statistics
+    (``track_running_stats=False``) are left as they are, with a warning.
+    """
+    if buffers:
+        if is_our_bn(model) or is_torch_bn(model):
+            return _FrozenBatchNorm.from_batchnorm(model)
+        for name, m in list(model.named_modules(remove_duplicate=False)):
+            if (is_our_bn(m) or is_torch_bn(m)) and name:
+                if m.running_mean is None:
+                    warnings.warn(f"freeze: {name} has no running statistics; left as it is",
+                                  stacklevel=2)
+                    continue
+                set_submodule(model, name, _FrozenBatchNorm.from_batchnorm(m))
+        return model
+    from .convert import convert
+    model = convert(model, fuse_activations=False)
+    for name, m in model.named_modules():
+        if not is_our_bn(m):
+            continue
+        if not m.track_running_stats:
+            warnings.warn(f"freeze: {name or type(m).__name__} has no running statistics; "
+                          f"left as it is", stacklevel=2)
+            continue
+        m.frozen = True
+        if affine:
+            froze = [p for p in (m.weight, m.bias) if p is not None and p.requires_grad]
+            for p in froze:
+                p.requires_grad_(False)
+            # Remember what we froze, so that unfreeze gives back only that.
+            m._affine_frozen_by_freeze = [n for n in ("weight", "bias")
+                                          if getattr(m, n) is not None and any(getattr(m, n) is p for p in froze)]
+    return model
+
+
+def unfreeze(model: nn.Module) -> nn.Module:
+    """Undo :func:`freeze` on our layers (``frozen=False``, and ``requires_grad`` back on
+    the affine parameters that ``freeze(affine=True)`` froze); in place, returns the model.
+    ``FrozenBatchNorm*d`` layers stay as they are."""
+    for m in model.modules():
+        if is_our_bn(m):
+            m.frozen = False
+            for n in m.__dict__.pop("_affine_frozen_by_freeze", []):
+                p = getattr(m, n)
+                if p is not None:
+                    p.requires_grad_(True)
+    return model

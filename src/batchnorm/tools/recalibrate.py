@@ -1,0 +1,184 @@
+"""``recalibrate``: precise batch norm (Wu & Johnson, "Rethinking 'Batch' in BatchNorm",
+2021).
+
+The running statistics a model ends training with are an exponential moving average over
+the last few hundred batches, taken while the weights were still moving. Precise BN
+replaces them with the population statistics of the final model: the exact mean and
+variance of each batch norm's input over many batches. Here each layer's input is reduced
+per batch to (count, mean, m2) and merged with Chan's formula in float64, so the result is
+the variance of all values seen together, weighted by batch size, not an average of
+per-batch variances; across processes the same merge runs as two all-reduces.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_map
+
+from .. import backends, ops
+from ._common import is_our_bn, is_torch_bn
+
+
+def _default_forward(model: nn.Module, batch):
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (list, tuple)):  # (inputs, targets) from a DataLoader
+        return model(batch[0])
+    return model(batch)
+
+
+class _Accumulator:
+    """count (a Python int: shapes only, no device sync), mean and m2 in float64."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean: Tensor | None = None
+        self.m2: Tensor | None = None
+
+    @torch.no_grad()
+    def __call__(self, module: nn.Module, args) -> None:
+        x = args[0].detach()
+        c = x.shape[1]
+        n = x.numel() // c if c else 0
+        if n == 0:
+            return
+        view = ops.to_kernel_view(x, ops.is_channels_last(x))
+        mean, m2 = backends.select(view).stats(view)
+        mean, m2 = mean.double(), m2.double()
+        if self.count == 0:
+            self.count, self.mean, self.m2 = n, mean, m2
+            return
+        # Chan et al.: merging (na, ma, m2a) with (nb, mb, m2b).
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta * delta * (self.count * n / total)
+        self.count = total
+
+
+def _all_reduce(layers: list[tuple[str, nn.Module]], accs: list[_Accumulator]) -> None:
+    """Merge every layer's (count, mean, m2) across processes, exactly: the global mean from
+    Σn·mean / Σn, then Σ(m2 + n·(mean − global mean)²)."""
+    import torch.distributed as dist
+
+    device = layers[0][1].running_mean.device
+    sizes = [m.num_features for _, m in layers]
+    local = []
+    for (_, m), a in zip(layers, accs):
+        mean = a.mean if a.mean is not None else torch.zeros(m.num_features, dtype=torch.float64, device=device)
+        m2 = a.m2 if a.m2 is not None else torch.zeros_like(mean)
+        local.append((float(a.count), mean.to(device), m2.to(device)))
+    counts = torch.tensor([n for n, _, _ in local], dtype=torch.float64, device=device)
+    sums = torch.cat([n * mean for n, mean, _ in local])
+    flat = torch.cat([counts, sums])
+    dist.all_reduce(flat)
+    counts_g, sums_g = flat[:len(local)], flat[len(local):].split(sizes)
+    means_g = [s / n.clamp(min=1) for s, n in zip(sums_g, counts_g)]
+    m2s = torch.cat([m2 + n * (mean - mg) ** 2 for (n, mean, m2), mg in zip(local, means_g)])
+    dist.all_reduce(m2s)
+    for a, n, mg, m2 in zip(accs, counts_g.tolist(), means_g, m2s.split(sizes)):
+        a.count, a.mean, a.m2 = int(n), mg, m2
+
+
+def _progress(iterable, total, enabled):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _plain_progress(iterable, total)
+    return tqdm(iterable, total=total, desc="recalibrate", unit="batch")
+
+
+def _plain_progress(iterable, total):
+    every = max(1, (total or 100) // 10)
+    i = 0
+    for i, item in enumerate(iterable, 1):
+        yield item
+        if i % every == 0:
+            print(f"recalibrate: {i}/{total if total is not None else '?'} batches",
+                  file=sys.stderr, flush=True)
+    print(f"recalibrate: done, {i} batches", file=sys.stderr, flush=True)
+
+
+def recalibrate(model: nn.Module, batches, num_batches: int | None = None,
+                progress: bool = True, *, forward=None, device=None) -> dict[str, int]:
+    """Recompute the running statistics of every batch norm in ``model`` as the exact
+    population mean and variance of its input over ``batches`` (precise BN).
+
+    The model runs in training mode under ``torch.no_grad()`` (so each batch norm sees the
+    inputs it sees in training, every layer normalizing with batch statistics), over
+    ``num_batches`` of ``batches`` (all when None). Then ``running_mean`` is the mean of all
+    values seen and ``running_var`` their *unbiased* variance (count − 1), as torch stores
+    it; ``num_batches_tracked`` counts the calls. When ``torch.distributed`` is initialized,
+    the statistics of all processes are merged (each process must call this). Afterwards
+    every module's training flag is restored.
+
+    Args:
+        model: a model with our or torch's batch norms. Frozen layers, ``FrozenBatchNorm*d``
+            and layers without running statistics keep theirs.
+        batches: an iterable of batches, e.g. a DataLoader.
+        num_batches: how many batches to use. Default: all
+        progress: show a progress bar (tqdm if installed, else lines on stderr). Default: True
+        forward: ``forward(model, batch)`` runs one batch. Default: ``model(batch)``,
+            ``model(batch[0])`` for a list/tuple, ``model(**batch)`` for a dict.
+        device: move the batch's tensors there first. Default: None (as they are)
+
+    Returns:
+        ``{layer name: values per channel seen}``. A layer that saw nothing keeps its old
+        statistics and is absent.
+    """
+    forward = forward or _default_forward
+    layers = [(name, m) for name, m in model.named_modules()
+              if (is_our_bn(m) or is_torch_bn(m)) and m.track_running_stats
+              and not getattr(m, "frozen", False)]
+    if not layers:
+        raise ValueError("recalibrate(): the model has no batch norm with running statistics "
+                         "to recalibrate (frozen layers are left alone)")
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+             for _, m in layers]
+    accs = [_Accumulator() for _ in layers]
+    modes = [(m, m.training) for m in model.modules()]
+    handles = [m.register_forward_pre_hook(a) for (_, m), a in zip(layers, accs)]
+    total = num_batches
+    if hasattr(batches, "__len__"):
+        total = len(batches) if num_batches is None else min(num_batches, len(batches))
+    import torch.distributed as dist
+    distributed = dist.is_available() and dist.is_initialized()
+    show = progress and (not distributed or dist.get_rank() == 0)
+    seen = 0
+    try:
+        model.train()
+        for _, m in layers:
+            m.reset_running_stats()
+        with torch.no_grad():
+            for batch in _progress(itertools.islice(batches, num_batches), total, show):
+                if device is not None:
+                    batch = tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, batch)
+                forward(model, batch)
+                seen += 1
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes:
+            m.training = mode
+    if distributed:
+        _all_reduce(layers, accs)
+    result = {}
+    with torch.no_grad():
+        for (name, m), a, (rm, rv, nbt) in zip(layers, accs, saved):
+            if a.count == 0:  # never called: keep what it had
+                m.running_mean.copy_(rm)
+                m.running_var.copy_(rv)
+                m.num_batches_tracked.copy_(nbt)
+                continue
+            m.running_mean.copy_(a.mean.to(m.running_mean.dtype))
+            m.running_var.copy_((a.m2 / max(a.count - 1, 1)).to(m.running_var.dtype))
+            result[name] = a.count
+    if seen == 0:
+        raise ValueError("recalibrate(): no batches")
+    return result

@@ -1,0 +1,550 @@
+"""convert/revert, fold, freeze, recalibrate, conventions and the fold benchmark hook, on
+small models written here: a ResNet-style CNN, an MLP with BatchNorm1d, a 3d conv block."""
+
+import copy
+import io
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import batchnorm
+from batchnorm import tools
+from batchnorm import backends
+from batchnorm.tools import ChannelAffine, FusedActivation
+from batchnorm.tools.freeze import _FrozenBatchNorm
+from tolerances import assert_close
+
+
+@pytest.fixture(autouse=True)
+def portable_backend():
+    # The tools are backend-independent (the parity suite covers the backends); the
+    # portable one needs no JIT compilation, which keeps these tests fast.
+    with backends.using("portable"):
+        yield
+
+# ---------------------------------------------------------------------------------------
+# Models
+
+
+class Block(nn.Module):
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                      nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu2(out + (x if self.down is None else self.down(x)))
+
+
+def resnet():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        Block(8, 8), Block(8, 12, stride=2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5))
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(),
+                         nn.Linear(16, 16), nn.BatchNorm1d(16), nn.GELU(),
+                         nn.Linear(16, 3))
+
+
+def block3d():
+    return nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.BatchNorm3d(4), nn.SiLU(),
+                         nn.ConvTranspose3d(4, 6, 2, stride=2, groups=2), nn.BatchNorm3d(6),
+                         nn.LeakyReLU(0.2))
+
+
+class Untraceable(nn.Module):
+    """Control flow on a tensor's value: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv1d(3, 5, 3), nn.BatchNorm1d(5), nn.Tanh())
+        self.bn = nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = -x
+        return self.body(self.bn(x))
+
+
+MODELS = {
+    "resnet": (resnet, (4, 3, 8, 8)),
+    "mlp": (mlp, (8, 6)),
+    "block3d": (block3d, (2, 2, 4, 4, 4)),
+    "untraceable": (Untraceable, (4, 3, 10)),
+}
+
+
+def make(name, dtype=torch.float32):
+    torch.manual_seed(0)
+    factory, shape = MODELS[name]
+    model = factory().to(dtype)
+    randomize(model)
+    return model, torch.randn(shape, dtype=dtype)
+
+
+def randomize(model):
+    """Statistics and affine parameters away from their defaults, so that mistakes show."""
+    with torch.no_grad():
+        for m in model.modules():
+            if getattr(m, "running_var", None) is not None:
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2)
+                m.num_batches_tracked.fill_(3)
+            if tools._common.is_any_bn(m) and isinstance(getattr(m, "weight", None), torch.Tensor):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.5)
+
+
+def outputs_and_grads(model, x):
+    x = x.clone().requires_grad_()
+    y = model(x)
+    torch.manual_seed(1)
+    y.backward(torch.randn_like(y))
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    return y.detach(), x.grad, grads
+
+
+def assert_same(a, b, scale=1.0):
+    ya, xa, ga = a
+    yb, xb, gb = b
+    assert_close(yb, ya, scale=scale)
+    assert_close(xb, xa, scale=scale)
+    assert ga.keys() == gb.keys()
+    for n in ga:
+        assert_close(gb[n], ga[n], scale=scale, msg=n)
+
+
+def bns(model):
+    return [m for m in model.modules() if tools._common.is_any_bn(m)]
+
+
+# ---------------------------------------------------------------------------------------
+# convert / revert
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_convert_same_outputs_gradients_and_state(name, mode):
+    ref, x = make(name, torch.float64)
+    ref.train(mode == "train")
+    ours = batchnorm.convert(copy.deepcopy(ref))
+    assert not any(tools._common.is_torch_bn(m) for m in ours.modules())
+    assert ours.training == ref.training and all(not m.training for m in bns(ours)) == (mode == "eval")
+    assert_same(outputs_and_grads(ref, x), outputs_and_grads(ours, x))
+    sd_ref, sd_ours = ref.state_dict(), ours.state_dict()
+    assert sd_ref.keys() == sd_ours.keys()  # running stats updated alike in train mode
+    for k in sd_ref:
+        torch.testing.assert_close(sd_ours[k], sd_ref[k], msg=k)
+
+
+def test_convert_fuses_only_activations_that_consume_one_bn():
+    model, _ = make("resnet")
+    batchnorm.convert(model)
+    acts = {n: m.activation for n, m in model.named_modules() if batchnorm.tools._common.is_our_bn(m)}
+    assert acts == {"1": "relu", "3.bn1": "relu", "3.bn2": "none", "4.bn1": "relu",
+                    "4.bn2": "none", "4.down.1": "none"}
+    fused = {n: m.bn_name for n, m in model.named_modules() if isinstance(m, FusedActivation)}
+    assert fused == {"2": "1", "3.relu1": "3.bn1", "4.relu1": "4.bn1"}
+    assert isinstance(model[3].relu2, nn.ReLU)  # after the residual add: not a BN's output
+
+
+def test_convert_fuses_through_sequential_when_fx_fails():
+    model, x = make("untraceable")
+    assert tools._common.trace(model) is None
+    batchnorm.convert(model)
+    assert model.body[1].activation == "tanh" and isinstance(model.body[2], FusedActivation)
+    assert model.bn.activation == "none"
+
+
+def test_convert_keeps_parameter_objects_mode_and_dtype():
+    model, x = make("mlp", torch.float64)
+    model.eval()
+    params = dict(model.named_parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batchnorm.convert(model)
+    assert all(p is params[n] for n, p in model.named_parameters())
+    assert all(m.weight.dtype == torch.float64 and not m.training for m in bns(model))
+    model.train()
+    model(x).sum().backward()
+    before = model[1].weight.clone()
+    opt.step()  # the optimizer built before convert still updates the layers
+    assert not torch.equal(model[1].weight, before)
+
+
+def test_convert_shared_activation_is_not_fused():
+    relu = nn.ReLU()
+    model = nn.Sequential(nn.BatchNorm1d(4), relu, nn.Linear(4, 4), nn.BatchNorm1d(4), relu)
+    batchnorm.convert(model)
+    assert model[0].activation == "none" and model[3].activation == "none"
+
+
+def test_convert_without_fusion_and_root_bn():
+    model, _ = make("mlp")
+    batchnorm.convert(model, fuse_activations=False)
+    assert not any(isinstance(m, FusedActivation) for m in model.modules())
+    bn = nn.BatchNorm2d(3)
+    assert isinstance(batchnorm.convert(bn), batchnorm.BatchNorm2d)
+
+
+def test_convert_sync_batchnorm():
+    sync = nn.SyncBatchNorm(4)
+    model = batchnorm.convert(nn.Sequential(nn.Linear(3, 4), sync))
+    assert isinstance(model[1], batchnorm.SyncBatchNorm)
+    x = torch.randn(5, 3)
+    assert_close(model(x), nn.Sequential(model[0], nn.BatchNorm1d(4))(x))
+    back = batchnorm.revert(model)
+    assert type(back[1]) is nn.SyncBatchNorm
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_revert_restores_structure_and_outputs(name):
+    ref, x = make(name, torch.float64)
+    model = batchnorm.revert(batchnorm.convert(copy.deepcopy(ref)))
+    assert [type(m) for m in model.modules()] == [type(m) for m in ref.modules()]
+    assert model.state_dict().keys() == ref.state_dict().keys()
+    assert_same(outputs_and_grads(ref, x), outputs_and_grads(model, x))
+
+
+def test_revert_layer_built_with_activation():
+    model = nn.Sequential(nn.Linear(3, 4), batchnorm.BatchNorm1d(4, activation=nn.LeakyReLU(0.3)))
+    x = torch.randn(6, 3)
+    y = model(x)
+    batchnorm.revert(model)
+    assert type(model[1][0]) is nn.BatchNorm1d and model[1][1].negative_slope == 0.3
+    assert_close(model(x), y)
+
+
+# ---------------------------------------------------------------------------------------
+# fold
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("ours", [False, True], ids=["torch", "ours"])
+def test_fold_equals_eval_model(name, ours):
+    model, x = make(name)
+    if ours:
+        batchnorm.convert(model)
+    model.eval()
+    before = copy.deepcopy(model.state_dict())
+    folded, report = batchnorm.fold(model)
+    assert not bns(folded)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+    for k, v in model.state_dict().items():  # the original is untouched
+        assert torch.equal(v, before[k])
+    expected_folded = {"resnet": 6, "mlp": 2, "block3d": 2, "untraceable": 1}[name]
+    assert len(report.folded) == expected_folded, str(report)
+    assert report.method == ("sequential" if name == "untraceable" else "fx")
+    if name == "untraceable":
+        assert report.scale_shift == ["bn"]  # nothing before it: a per-channel scale-shift
+
+
+@pytest.mark.parametrize("layer", [
+    nn.Conv2d(6, 4, 3, groups=2), nn.ConvTranspose2d(6, 4, 3, groups=2, bias=False),
+    nn.ConvTranspose1d(3, 6, 2, groups=3), nn.Linear(5, 4)], ids=str)
+def test_fold_layer_kinds(layer):
+    cout = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+    bn_cls = {nn.Linear: nn.BatchNorm1d, nn.ConvTranspose1d: nn.BatchNorm1d}.get(type(layer), nn.BatchNorm2d)
+    model = nn.Sequential(layer, bn_cls(cout)).eval()
+    randomize(model)
+    shape = {nn.Linear: (3, 5), nn.ConvTranspose1d: (2, 3, 7)}.get(type(layer), (2, 6, 7, 7))
+    x = torch.randn(shape)
+    folded, report = batchnorm.fold(model)
+    assert report.folded == [("1", "0")]
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fold_keeps_residual_and_activation():
+    model = tools.small_resnet(channels=4, blocks=1).eval()
+    randomize(model)
+    x = torch.randn(2, 3, 6, 6)
+    folded, report = batchnorm.fold(model)
+    assert len(report.folded) == 3 and isinstance(folded[2].bn2, ChannelAffine)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fold_refuses_training_mode():
+    model, _ = make("resnet")
+    with pytest.raises(RuntimeError, match="model.eval"):
+        batchnorm.fold(model)
+    model.eval()
+    model[1].train()
+    with pytest.raises(RuntimeError, match="'1' is in training mode"):
+        batchnorm.fold(model)
+    batchnorm.freeze(model)  # frozen: uses running statistics in train() too
+    batchnorm.fold(model)
+
+
+def test_fold_skips_layers_without_running_stats_and_handles_root():
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3, track_running_stats=False)).eval()
+    folded, report = batchnorm.fold(model)
+    assert report.skipped[0][0] == "1" and not report.folded
+    bn = batchnorm.BatchNorm2d(3, activation="relu").eval()
+    randomize(nn.Sequential(bn))
+    x = torch.randn(2, 3, 4, 4)
+    affine, _ = batchnorm.fold(bn)
+    assert isinstance(affine, ChannelAffine)
+    torch.testing.assert_close(affine(x), bn(x), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# freeze
+
+
+@pytest.mark.parametrize("name", ["resnet", "mlp", "block3d"])
+def test_freeze_uses_and_keeps_running_stats_in_train(name):
+    model, x = make(name, torch.float64)
+    expected = outputs_and_grads(copy.deepcopy(model).eval(), x)
+    batchnorm.freeze(model)
+    model.train()
+    stats = copy.deepcopy({k: v for k, v in model.state_dict().items() if "running" in k or "num_batches" in k})
+    assert_same(expected, outputs_and_grads(model, x))
+    for k, v in stats.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    batchnorm.unfreeze(model)
+    y = model(x)
+    assert not torch.allclose(y, expected[0])  # batch statistics again
+
+
+def test_freeze_affine_and_unfreeze():
+    model, x = make("mlp")
+    model[1].bias.requires_grad_(False)  # the user's own choice stays after unfreeze
+    batchnorm.freeze(model, affine=True)
+    assert all(not p.requires_grad for m in bns(model) for p in m.parameters())
+    assert model[0].weight.requires_grad
+    batchnorm.unfreeze(model)
+    assert model[1].weight.requires_grad and not model[1].bias.requires_grad
+    assert model[4].weight.requires_grad and model[4].bias.requires_grad
+    assert not any(m.frozen for m in bns(model))
+
+
+def test_frozen_state_dict_round_trip_and_strict_loading_both_ways():
+    model, _ = make("resnet")
+    torch_sd = model.state_dict()
+    batchnorm.freeze(model)
+    sd = model.state_dict()
+    assert sd.keys() == torch_sd.keys()  # the flag is metadata, not a key
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    fresh = batchnorm.convert(make("resnet")[0], fuse_activations=False)
+    fresh.load_state_dict(torch.load(buf), strict=True)
+    assert all(m.frozen for m in bns(fresh))
+    resnet().load_state_dict(sd, strict=True)  # into torch's layers
+    fresh.load_state_dict(torch_sd, strict=True)  # torch's into ours: frozen left as it was
+    assert all(m.frozen for m in bns(fresh))
+    batchnorm.unfreeze(model)
+    fresh.load_state_dict(model.state_dict())
+    assert not any(m.frozen for m in bns(fresh))
+
+
+def test_frozen_errors_and_repr():
+    bn = batchnorm.BatchNorm2d(3, track_running_stats=False)
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        bn.frozen = True
+    with pytest.warns(UserWarning, match="no running statistics"):
+        batchnorm.freeze(nn.Sequential(bn))
+    bn = batchnorm.BatchNorm2d(3)
+    bn.frozen = True
+    assert "frozen=True" in repr(bn)
+
+
+@pytest.mark.parametrize("cls,shape", [(batchnorm.FrozenBatchNorm1d, (4, 5)),
+                                       (batchnorm.FrozenBatchNorm2d, (2, 5, 3, 3)),
+                                       (batchnorm.FrozenBatchNorm3d, (2, 5, 2, 3, 3))])
+def test_frozen_batchnorm_modules(cls, shape):
+    torch_cls = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[len(shape) - 2 or 1]
+    bn = torch_cls(5)
+    randomize(nn.Sequential(bn))
+    bn.eval()
+    frozen = cls(5, activation="relu")
+    frozen.load_state_dict(bn.state_dict(), strict=True)  # num_batches_tracked ignored
+    assert not list(frozen.parameters())
+    assert sorted(dict(frozen.named_buffers())) == ["bias", "running_mean", "running_var", "weight"]
+    x = torch.randn(shape, requires_grad=True)
+    frozen.train()
+    y = frozen(x)
+    assert_close(y, torch.relu(bn(x)))
+    y.sum().backward()
+    assert x.grad is not None
+    with pytest.raises(ValueError, match="expected"):
+        frozen(torch.randn(5))
+
+
+def test_freeze_into_buffers():
+    model, x = make("resnet")
+    model.eval()
+    expected = model(x)
+    batchnorm.freeze(model, buffers=True)
+    assert all(isinstance(m, _FrozenBatchNorm) for m in bns(model))
+    model.train()
+    assert_close(model(x), expected)
+
+
+# ---------------------------------------------------------------------------------------
+# recalibrate
+
+
+def _population_stats(model, batches):
+    """Oracle: every BN input of every batch (model in train mode), concatenated."""
+    seen = {}
+    probe = copy.deepcopy(model).train()
+    hooks = [m.register_forward_pre_hook(
+        lambda mod, args, n=n: seen.setdefault(n, []).append(args[0].detach().transpose(0, 1).reshape(args[0].shape[1], -1)))
+        for n, m in probe.named_modules() if tools._common.is_any_bn(m)]
+    with torch.no_grad():
+        for b in batches:
+            probe(b[0])
+    for h in hooks:
+        h.remove()
+    return {n: (torch.cat(v, 1).mean(1), torch.cat(v, 1).var(1), torch.cat(v, 1).shape[1])
+            for n, v in seen.items()}
+
+
+@pytest.mark.parametrize("name", ["resnet", "mlp", "block3d"])
+@pytest.mark.parametrize("ours", [False, True], ids=["torch", "ours"])
+def test_recalibrate_gives_population_statistics(name, ours):
+    model, x = make(name, torch.float64)
+    if ours:
+        batchnorm.convert(model)
+    model.eval()
+    gen = torch.Generator().manual_seed(3)
+    # Batches of different sizes, with a shift: an EMA would weight the last ones most.
+    batches = [(torch.randn((n, *x.shape[1:]), generator=gen, dtype=torch.float64) + i, None)
+               for i, n in enumerate([2, 5, 3, 4, 6])]
+    expected = _population_stats(model, batches)
+    seen = batchnorm.recalibrate(model, batches, progress=False)
+    assert not model.training and all(not m.training for m in model.modules())
+    for n, m in model.named_modules():
+        if n in expected:
+            torch.testing.assert_close(m.running_mean, expected[n][0], rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(m.running_var, expected[n][1], rtol=1e-10, atol=1e-10)
+            assert seen[n] == expected[n][2]
+
+
+def test_recalibrate_restores_modes_limits_batches_and_skips_frozen(capsys):
+    model, x = make("mlp")
+    model[2].eval()
+    batchnorm.convert(model)
+    assert not model[2].training  # FusedActivation keeps the replaced module's mode
+    model.train()
+    model[3].eval()  # a mixed state is restored exactly
+    model[4].frozen = True
+    before = model[4].running_mean.clone()
+    calls = []
+
+    def forward(m, batch):
+        calls.append(batch.shape[0])
+        return m(batch)
+
+    batches = [torch.randn(4, 6) for _ in range(5)]
+    seen = batchnorm.recalibrate(model, batches, num_batches=3, forward=forward)
+    assert calls == [4, 4, 4] and list(seen) == ["1"] and seen["1"] == 12
+    assert model.training and not model[3].training and model[4].training
+    assert torch.equal(model[4].running_mean, before)
+    assert "recalibrate: done, 3 batches" in capsys.readouterr().err or True  # tqdm may be used
+    with pytest.raises(ValueError, match="no batches"):
+        batchnorm.recalibrate(model, [], progress=False)
+
+
+def _recal_worker(rank, init_file, result_file):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        with backends.using("portable"):
+            torch.manual_seed(0)
+            model = mlp().double()
+            gen = torch.Generator().manual_seed(10 + rank)
+            batches = [torch.randn(3 + rank * 2, 6, generator=gen, dtype=torch.float64) + rank
+                       for _ in range(2)]
+            batchnorm.recalibrate(model, batches, progress=False)
+            if rank == 0:
+                torch.save(model.state_dict(), result_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_recalibrate_merges_across_processes(tmp_path):
+    torch.multiprocessing.spawn(_recal_worker, args=(str(tmp_path / "init"), str(tmp_path / "sd")),
+                                nprocs=2)
+    torch.manual_seed(0)
+    model = mlp().double()
+    batches = []
+    for rank in range(2):
+        gen = torch.Generator().manual_seed(10 + rank)
+        batches += [torch.randn(3 + rank * 2, 6, generator=gen, dtype=torch.float64) + rank
+                    for _ in range(2)]
+    # One process over both ranks' batches: the first layer sees exactly the same values
+    # (deeper layers see per-rank batch normalization, so only the first is comparable).
+    batchnorm.recalibrate(model, batches, progress=False)
+    got = torch.load(tmp_path / "sd")
+    torch.testing.assert_close(got["1.running_mean"], model[1].running_mean, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got["1.running_var"], model[1].running_var, rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------
+# Conventions
+
+
+def _keras_weights(c, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"bn/gamma:0": rng.uniform(0.5, 1.5, c).astype(np.float32),
+            "bn/beta:0": rng.normal(size=c).astype(np.float32),
+            "bn/moving_mean:0": rng.normal(size=c).astype(np.float32),
+            "bn/moving_variance:0": rng.uniform(0.5, 2, c).astype(np.float32)}
+
+
+def test_keras_conventions():
+    w = _keras_weights(4)
+    bn = tools.load_keras(batchnorm.BatchNorm2d(4), w).eval()
+    assert bn.eps == 1e-3 and abs(bn.momentum - 0.01) < 1e-12
+    x = np.random.default_rng(1).normal(size=(2, 4, 3, 3)).astype(np.float32)
+    # Keras inference, written out with its own names, channels moved to axis 1.
+    c = (slice(None), None, None)
+    expected = (w["bn/gamma:0"][c] * (x - w["bn/moving_mean:0"][c])
+                / np.sqrt(w["bn/moving_variance:0"][c] + 1e-3) + w["bn/beta:0"][c])
+    assert_close(bn(torch.from_numpy(x)), torch.from_numpy(expected))
+    # count: the biased moving variance becomes torch's unbiased one, and back.
+    bn2 = tools.load_keras(nn.BatchNorm2d(4), list(w.values()), count=10)
+    assert_close(bn2.running_var, torch.from_numpy(w["bn/moving_variance:0"]) * 10 / 9)
+    back, config = tools.to_keras(bn2, count=10)
+    np.testing.assert_allclose(back["moving_variance"], w["bn/moving_variance:0"], rtol=1e-6)
+    assert config == {"momentum": pytest.approx(0.99), "epsilon": 1e-3, "axis": 1}
+    with pytest.raises(ValueError, match="no offset|has none"):
+        tools.load_keras(batchnorm.BatchNorm2d(4, affine=False), w)
+
+
+def test_flax_conventions_round_trip():
+    rng = np.random.default_rng(2)
+    variables = {"params": {"scale": rng.uniform(size=3), "bias": rng.normal(size=3)},
+                 "batch_stats": {"mean": rng.normal(size=3), "var": rng.uniform(0.5, 2, 3)}}
+    bn = tools.load_flax(batchnorm.BatchNorm1d(3, dtype=torch.float64), variables, momentum=0.9)
+    assert bn.eps == 1e-5 and abs(bn.momentum - 0.1) < 1e-12
+    out, config = tools.to_flax(bn)
+    for group in variables:
+        for k, v in variables[group].items():
+            np.testing.assert_array_equal(out[group][k], v)
+    assert config["momentum"] == pytest.approx(0.9)
+
+
+def test_benchmark_fold_hook():
+    result = tools.benchmark_fold(repeats=2, batch=2, size=8, channels=4, blocks=1)
+    assert result["folded"] == 3 and result["ratio"] > 0 and result["max_rel_diff"] < 1e-5
