@@ -1,0 +1,208 @@
+"""Every error case: a clear message that names the fix, and nothing mutated.
+
+torch increments ``num_batches_tracked`` before some of its checks fail; we validate
+everything first, so a failed call leaves every parameter and buffer as it was.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import batchnorm
+from batchnorm import functional as F
+
+
+def _randomized(bn, gen):
+    """Parameters and buffers away from their defaults, so a reset would show."""
+    with torch.no_grad():
+        for t in (bn.weight, bn.bias, bn.running_mean):
+            if t is not None:
+                t.copy_(torch.randn(t.shape, generator=gen))
+        if bn.running_var is not None:
+            bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=gen) + 0.5)
+        if bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.fill_(7)
+    return bn
+
+
+def _snapshot(bn):
+    return {k: v.clone() for k, v in bn.state_dict().items()}
+
+
+def _assert_untouched(bn, before):
+    after = bn.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), f"{k} changed by a failed call"
+    for p in bn.parameters():
+        assert p.grad is None
+
+
+CASES = {
+    # id: (module factory, input factory(gen), residual factory or None, exception, fragments)
+    "2d-got-3d": (lambda: batchnorm.BatchNorm2d(3), lambda g: torch.randn(4, 3, 5, generator=g),
+                  None, ValueError, ["BatchNorm2d", "expected 4D input", "got 3D input"]),
+    "1d-got-4d": (lambda: batchnorm.BatchNorm1d(3),
+                  lambda g: torch.randn(2, 3, 2, 2, generator=g), None, ValueError,
+                  ["expected 2D or 3D input", "got 4D input"]),
+    "3d-got-4d": (lambda: batchnorm.BatchNorm3d(3),
+                  lambda g: torch.randn(2, 3, 2, 2, generator=g), None, ValueError,
+                  ["expected 5D input"]),
+    "channels": (lambda: batchnorm.BatchNorm2d(3, momentum=None),
+                 lambda g: torch.randn(2, 4, 3, 3, generator=g), None, ValueError,
+                 ["4 channels", "num_features=4"]),
+    "channels-noaffine": (lambda: batchnorm.BatchNorm1d(3, affine=False),
+                          lambda g: torch.randn(5, 2, generator=g), None, ValueError,
+                          ["running_mean", "2 channels", "num_features=2"]),
+    "one-value-1d": (lambda: batchnorm.BatchNorm1d(3), lambda g: torch.randn(1, 3, generator=g),
+                     None, ValueError, ["Expected more than 1 value per channel when training",
+                                        "drop_last=True", "eval"]),
+    "one-value-1d-ncl": (lambda: batchnorm.BatchNorm1d(3, momentum=None),
+                         lambda g: torch.randn(1, 3, 1, generator=g), None, ValueError,
+                         ["Expected more than 1 value per channel when training", "batch"]),
+    "one-value-2d": (lambda: batchnorm.BatchNorm2d(2, activation="relu"),
+                     lambda g: torch.randn(1, 2, 1, 1, generator=g), None, ValueError,
+                     ["Expected more than 1 value per channel when training",
+                      "drop_last=True", "model.eval()"]),
+    "integer": (lambda: batchnorm.BatchNorm2d(3), lambda g: torch.randint(0, 9, (2, 3, 2, 2)),
+                None, TypeError, ["floating", "torch.int64", "input.float()"]),
+    "bool": (lambda: batchnorm.BatchNorm1d(3), lambda g: torch.ones(4, 3, dtype=torch.bool),
+             None, TypeError, ["floating", "input.float()"]),
+    "device": (lambda: batchnorm.BatchNorm2d(3),
+               lambda g: torch.empty(2, 3, 4, 4, device="meta"), None, RuntimeError,
+               ["is on cpu", "input is on meta", ".to("]),
+    "residual-shape": (lambda: batchnorm.BatchNorm2d(3, activation="relu"),
+                       lambda g: torch.randn(2, 3, 4, 4, generator=g),
+                       lambda g: torch.randn(2, 3, 4, 5, generator=g), ValueError,
+                       ["residual must have the input's shape", "(2, 3, 4, 4)", "(2, 3, 4, 5)"]),
+    "residual-dtype": (lambda: batchnorm.BatchNorm2d(3),
+                       lambda g: torch.randn(2, 3, 2, 2, generator=g),
+                       lambda g: torch.randint(0, 3, (2, 3, 2, 2)), TypeError,
+                       ["residual must be floating point"]),
+    "residual-device": (lambda: batchnorm.BatchNorm2d(3),
+                        lambda g: torch.randn(2, 3, 2, 2, generator=g),
+                        lambda g: torch.empty(2, 3, 2, 2, device="meta"), RuntimeError,
+                        ["residual is on meta", ".to("]),
+}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_error_message_and_state_untouched(case, training, gen):
+    make_module, make_input, make_residual, exc, fragments = CASES[case]
+    if not training and case.startswith("one-value"):
+        pytest.skip("not an error in eval: see test_one_value_per_channel_is_fine_in_eval")
+    bn = _randomized(make_module(), gen).train(training)
+    before = _snapshot(bn)
+    residual = make_residual(gen) if make_residual else None
+    with pytest.raises(exc) as info:
+        bn(make_input(gen), residual)
+    for fragment in fragments:
+        assert fragment in str(info.value), f"{fragment!r} not in: {info.value}"
+    _assert_untouched(bn, before)
+
+
+def test_torch_counts_the_failed_batch_we_do_not(gen):
+    """The difference documented in the README: torch's num_batches_tracked moves on a
+    batch of one; ours does not."""
+    x = torch.randn(1, 3, generator=gen)
+    theirs, ours = nn.BatchNorm1d(3), batchnorm.BatchNorm1d(3)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        theirs(x)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        ours(x)
+    assert ours.num_batches_tracked.item() == 0
+    if theirs.num_batches_tracked.item() == 0:
+        pytest.skip("this torch no longer counts the failed batch; the README's note is stale")
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.startswith("one-value")])
+def test_one_value_per_channel_is_fine_in_eval(case, gen):
+    """Evaluation uses the running statistics, which a batch of one does not need."""
+    make_module, make_input = CASES[case][:2]
+    bn = _randomized(make_module(), gen).eval()
+    before = _snapshot(bn)
+    y = bn(make_input(gen))
+    assert torch.isfinite(y).all()
+    _assert_untouched(bn, before)
+
+
+# ---------------------------------------------------------------------------------------
+# Activation and constructor arguments
+
+
+@pytest.mark.parametrize("activation,exc,fragment", [
+    ("relu6", ValueError, "unknown activation 'relu6'"),
+    ("ReLU", ValueError, "'leaky_relu'"),
+    (nn.ReLU6(), TypeError, "cannot be fused"),
+    (nn.Softplus(), TypeError, "ReLU"),
+    (3, TypeError, "cannot be fused"),
+])
+def test_unknown_activation(activation, exc, fragment):
+    with pytest.raises(exc) as info:
+        batchnorm.BatchNorm2d(3, activation=activation)
+    assert fragment in str(info.value)
+    with pytest.raises(exc):
+        F.batch_norm(torch.randn(4, 3), None, None, training=True, activation=activation)
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    (dict(num_features=0), "num_features must be a positive int"),
+    (dict(num_features=-2), "num_features must be a positive int"),
+    (dict(num_features=2.5), "num_features must be a positive int"),
+    (dict(num_features=3, eps=-1e-5), "eps must be >= 0"),
+    (dict(num_features=3, eps=float("nan")), "eps must be >= 0"),
+    (dict(num_features=3, momentum=-0.1), "momentum must be in [0, 1]"),
+    (dict(num_features=3, momentum=1.5), "momentum must be in [0, 1]"),
+])
+@pytest.mark.parametrize("cls", [batchnorm.BatchNorm1d, batchnorm.BatchNorm2d,
+                                 batchnorm.BatchNorm3d])
+def test_constructor_rejects(cls, kwargs, fragment):
+    with pytest.raises(ValueError) as info:
+        cls(**kwargs)
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    (dict(eps=-1.0), "eps must be >= 0"),
+    (dict(momentum=1.5), "momentum must be in [0, 1]"),
+])
+def test_lazy_constructor_rejects(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+        batchnorm.LazyBatchNorm2d(**kwargs)
+
+
+def test_constructor_accepts_the_edges():
+    for kwargs in (dict(eps=0.0), dict(momentum=0.0), dict(momentum=1.0), dict(momentum=None)):
+        bn = batchnorm.BatchNorm1d(2, **kwargs)
+        assert bn(torch.randn(5, 2)).shape == (5, 2)
+
+
+# ---------------------------------------------------------------------------------------
+# The functional form validates before it mutates too
+
+
+@pytest.mark.parametrize("bad,exc,fragment", [
+    (dict(momentum=2.0), ValueError, "momentum must be in [0, 1]"),
+    (dict(eps=-1.0), ValueError, "eps must be >= 0"),
+    (dict(weight=torch.ones(4)), ValueError, "weight has shape (4,)"),
+    (dict(bias=torch.ones(3, dtype=torch.long)), TypeError, "bias must be floating point"),
+    (dict(momentum=None), ValueError, "num_batches_tracked"),
+])
+def test_functional_validates_first(bad, exc, fragment, gen):
+    rm, rv = torch.randn(3, generator=gen), torch.rand(3, generator=gen) + 0.5
+    rm0, rv0 = rm.clone(), rv.clone()
+    kwargs = dict(weight=torch.randn(3, generator=gen), bias=torch.randn(3, generator=gen),
+                  training=True, momentum=0.1, eps=1e-5)
+    kwargs.update(bad)
+    with pytest.raises(exc) as info:
+        F.batch_norm(torch.randn(4, 3, generator=gen), rm, rv, **kwargs)
+    assert fragment in str(info.value)
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+
+
+def test_functional_eval_needs_running_stats(gen):
+    with pytest.raises(ValueError, match="needs running_mean and running_var"):
+        F.batch_norm(torch.randn(4, 3, generator=gen), None, None, training=False)
+    with pytest.raises(ValueError, match="given together"):
+        F.batch_norm(torch.randn(4, 3, generator=gen), torch.zeros(3), None, training=True)
