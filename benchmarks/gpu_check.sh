@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# The GPU check of the triton backend, in one call of under 6 minutes:
+#   bash benchmarks/gpu_check.sh            (from the repository root; installs nothing)
+#
+# 1. the card and the versions;
+# 2. the GPU tests: tests/test_backend_triton.py, then the triton cases of the shared
+#    parity suite (tests/test_parity.py -k triton) if it exists;
+# 3. benchmarks/triton_dev.py: issue 4's rows (BN+ReLU fwd+bwd: ours, ours in a CUDA
+#    graph, torch eager, torch.compile), per-primitive GB/s, plain BN and BN+add+ReLU, and
+#    the kernel-configuration variants (which tile sizes to keep);
+# 4. `python3 -m batchnorm bench --device cuda --csv` if src/batchnorm/bench.py exists;
+# 5. a short table last.
+# Every stage has its own time limit and runs whatever the previous ones did; logs and CSVs
+# go to benchmarks/results/ and, when set (the device machine sets it), to $OUT.
+# GPU_CHECK_SECONDS (default 345) is the whole script's budget.
+
+set -u
+cd "$(dirname "$0")/.." || exit 1
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
+export TRITON_DEFAULT_FP_FUSION=1   # Triton >= 3.9 warns when unset; 1 is every version's default
+unset TRITON_INTERPRET              # on the GPU the kernels must compile, not be interpreted
+PY=${PYTHON:-python3}
+RESULTS=benchmarks/results
+mkdir -p "$RESULTS"
+LOGS=("$RESULTS")
+if [ -n "${OUT:-}" ]; then mkdir -p "$OUT" && LOGS+=("$OUT"); fi
+START=$SECONDS
+BUDGET=${GPU_CHECK_SECONDS:-345}
+STATUS=()
+
+left() { echo $(( BUDGET - (SECONDS - START) )); }
+limit() {  # limit WANTED: WANTED seconds, or what is left of the budget if less
+    local want=$1 l
+    l=$(left)
+    (( l < want )) && want=$l
+    (( want < 10 )) && want=10
+    echo "$want"
+}
+stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log, record the exit code
+    local name=$1 secs=$2 rc
+    shift 2
+    echo
+    echo "================ $name (limit ${secs} s, $(( SECONDS - START )) s elapsed) ================"
+    timeout -k 10 "$secs" "$@" 2>&1 | tee "${LOGS[0]}/gpu_check-$name.log"
+    rc=${PIPESTATUS[0]}
+    [ "$rc" = 124 ] && echo "!! $name: timed out after ${secs} s"
+    for d in "${LOGS[@]:1}"; do cp "${LOGS[0]}/gpu_check-$name.log" "$d/" 2>/dev/null; done
+    STATUS+=("$name: exit $rc")
+    echo "================ $name: exit $rc ================"
+}
+
+echo "================ machine ================"
+date -u
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | head -5
+git log --oneline -1 2>/dev/null
+$PY - <<'EOF' 2>&1
+import platform, importlib
+print("python", platform.python_version())
+for m in ("torch", "triton", "numpy", "numba", "hypothesis", "pytest"):
+    try:
+        print(f"{m:10s}", importlib.import_module(m).__version__)
+    except Exception as e:
+        print(f"{m:10s} missing ({type(e).__name__})")
+import torch
+print("cuda", torch.version.cuda, "available", torch.cuda.is_available(),
+      torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+from batchnorm import backends
+print("batchnorm backends available:", backends.available(), dict(backends._load_errors))
+EOF
+
+stage tests_triton "$(limit 140)" $PY -m pytest -q -x -p no:cacheprovider \
+    tests/test_backend_triton.py --durations=5
+
+if [ -f tests/test_parity.py ]; then
+    stage tests_parity "$(limit 45)" $PY -m pytest -q -x -p no:cacheprovider \
+        tests/test_parity.py -k triton
+else
+    echo "(tests/test_parity.py not present: skipped)"
+fi
+
+DEV_BUDGET=$(( $(left) - 70 ))
+(( DEV_BUDGET > 170 )) && DEV_BUDGET=170
+DEV_ARGS=(--budget "$DEV_BUDGET")
+(( DEV_BUDGET < 110 )) && DEV_ARGS+=(--quick --sections BCE)
+stage triton_dev "$(( DEV_BUDGET + 30 ))" $PY benchmarks/triton_dev.py "${DEV_ARGS[@]}"
+
+if [ -f src/batchnorm/bench.py ]; then
+    stage bench "$(limit 90)" $PY -m batchnorm bench --device cuda --csv
+    for d in "${LOGS[@]:1}"; do cp "$RESULTS"/*.csv "$d/" 2>/dev/null; done
+else
+    echo "(src/batchnorm/bench.py not present: the table is triton_dev.py's)"
+fi
+
+echo
+echo "================ gpu_check summary ($(( SECONDS - START )) s) ================"
+printf '%s\n' "${STATUS[@]}"
+grep -h -E "passed|failed|error" "${LOGS[0]}"/gpu_check-tests_*.log 2>/dev/null | tail -4
+if [ -f "${LOGS[0]}/gpu_check-bench.log" ]; then
+    echo "-- batchnorm bench (last lines) --"
+    tail -n 16 "${LOGS[0]}/gpu_check-bench.log"
+fi
+echo "-- triton_dev --"
+sed -n '/^== summary/,$p' "${LOGS[0]}/gpu_check-triton_dev.log" 2>/dev/null
