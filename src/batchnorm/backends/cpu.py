@@ -1,0 +1,149 @@
+"""The CPU backend: the four primitives as numba kernels (``cpu_kernels.py``).
+
+Same signatures and conventions as ``portable.py``. Tensors cross into numba as zero-copy
+NumPy views of contiguous CPU tensors; outputs are allocated by torch (``torch.empty``),
+so they come from torch's allocator (and honour ``THP_MEM_ALLOC_ENABLE``) and are
+returned without a copy.
+
+Dtypes: float32 and float64 run here. float16/bfloat16 do not: NumPy has no bfloat16 and
+numba's float16 arithmetic is limited, and converting a half tensor to float32 and back
+costs two extra passes over memory, so ``supports`` returns False for halves and the
+portable backend (which accumulates in float32) handles them.
+
+Work split: a reduction (statistics, backward_reduce) over an NCL view is cut into
+``pieces`` per channel and over an MC view into ``blocks`` of rows; both counts depend only
+on the shape, never on the thread count, so results are bitwise reproducible on any
+machine with the same build.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import cpu_kernels as K
+
+_DTYPES = (torch.float32, torch.float64)
+# Enough tasks that both cores (and a few more, for balance) have work when C is small.
+_TASKS = 16
+# Below this many elements per piece the loop is too short to pay for a task.
+_MIN_PIECE = 4096
+
+
+def supports(x: Tensor) -> bool:
+    # No size threshold: numba's call overhead (~10 µs) is below the portable path's
+    # (a dozen torch ops, ~50 µs) at every size measured, tiny ones included.
+    return x.device.type == "cpu" and x.dtype in _DTYPES and x.numel() > 0
+
+
+_EMPTY = {}
+
+
+def _empty(dtype: torch.dtype, ndim: int):
+    """The size-0 array that stands for an absent tensor (one kernel serves both cases)."""
+    key = (dtype, ndim)
+    e = _EMPTY.get(key)
+    if e is None:
+        e = _EMPTY[key] = torch.empty((0,) * ndim, dtype=dtype).numpy()
+    return e
+
+
+def _np(t: Tensor):
+    return t.detach().numpy()
+
+
+def _param(t: Tensor | None, dtype: torch.dtype):
+    """A per-channel tensor in the acc dtype, or the size-0 stand-in."""
+    if t is None:
+        return _empty(dtype, 1)
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    return t.detach().contiguous().numpy()
+
+
+def _like(t: Tensor | None, x: Tensor):
+    """A tensor-sized input (dy, residual) in x's dtype and layout, or the stand-in."""
+    if t is None:
+        return _empty(x.dtype, x.dim())
+    if t.dtype != x.dtype:
+        t = t.to(x.dtype)
+    return t.detach().contiguous().numpy()
+
+
+def _reduce_split(x: Tensor) -> int:
+    """Pieces per channel (NCL) or row blocks (MC) of a reduction."""
+    if x.dim() == 2:
+        m, c = x.shape
+        return max(1, min(_TASKS, m, (m * c) // _MIN_PIECE))
+    n, c, l_ = x.shape
+    return max(1, min(-(-_TASKS // c), (n * l_) // _MIN_PIECE))
+
+
+def _elementwise_split(x: Tensor) -> int:
+    """Pieces per (n, c) row (NCL) or row blocks (MC) of an elementwise kernel."""
+    if x.dim() == 2:
+        m, c = x.shape
+        return max(1, min(4 * _TASKS, m, (m * c) // _MIN_PIECE))
+    n, c, l_ = x.shape
+    return max(1, min(-(-_TASKS // (n * c)), l_ // _MIN_PIECE))
+
+
+def stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    x = x.contiguous()
+    c = x.shape[1]
+    mean = torch.empty(c, dtype=x.dtype)
+    m2 = torch.empty(c, dtype=x.dtype)
+    kernel = K.stats_mc if x.dim() == 2 else K.stats_ncl
+    kernel(_np(x), _reduce_split(x), mean.numpy(), m2.numpy())
+    return mean, m2
+
+
+def normalize(x, mean, invstd, weight, bias, residual, activation: str, slope: float) -> Tensor:
+    x = x.contiguous()
+    acc = mean.dtype
+    y = torch.empty_like(x)
+    kernel = K.normalize_mc if x.dim() == 2 else K.normalize_ncl
+    kernel(_np(x), _param(mean, acc), _param(invstd, acc), _param(weight, acc),
+           _param(bias, acc), _like(residual, x), K.ACT_CODES[activation], float(slope),
+           _elementwise_split(x), y.numpy())
+    return y
+
+
+def backward_reduce(dy, x, mean, invstd, weight, bias, residual, activation: str, slope: float):
+    x = x.contiguous()
+    acc = mean.dtype
+    c = x.shape[1]
+    sum_dz = torch.empty(c, dtype=acc)
+    sum_dzx = torch.empty(c, dtype=acc)
+    kernel = K.reduce_mc if x.dim() == 2 else K.reduce_ncl
+    kernel(_like(dy, x), _np(x), _param(mean, acc), _param(invstd, acc), _param(weight, acc),
+           _param(bias, acc), _like(residual if activation != "none" else None, x),
+           K.ACT_CODES[activation], float(slope), _reduce_split(x), sum_dz.numpy(),
+           sum_dzx.numpy())
+    return sum_dz, sum_dzx
+
+
+def backward_elementwise(
+    dy, x, mean, invstd, weight, bias, residual, sum_dz, sum_dz_xhat, count: int,
+    activation: str, slope: float, want_dresidual: bool,
+):
+    x = x.contiguous()
+    acc = mean.dtype
+    dx = torch.empty_like(x)
+    dres = None
+    kernel_dres = None
+    if want_dresidual:
+        rdtype = residual.dtype if residual is not None else x.dtype
+        if activation == "none":
+            dres = dy.to(rdtype, copy=True)  # d(z)/d(residual) = 1: dz is dy itself
+        else:
+            dres = kernel_dres = torch.empty_like(x)
+    kernel = K.elementwise_mc if x.dim() == 2 else K.elementwise_ncl
+    kernel(_like(dy, x), _np(x), _param(mean, acc), _param(invstd, acc), _param(weight, acc),
+           _param(bias, acc), _like(residual if activation != "none" else None, x),
+           _param(sum_dz, acc), _param(sum_dz_xhat, acc), float(max(count, 1)),
+           K.ACT_CODES[activation], float(slope), _elementwise_split(x), dx.numpy(),
+           _empty(x.dtype, x.dim()) if kernel_dres is None else kernel_dres.numpy())
+    if kernel_dres is not None and residual is not None and dres.dtype != residual.dtype:
+        dres = dres.to(residual.dtype)
+    return dx, dres

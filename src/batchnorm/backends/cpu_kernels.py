@@ -1,0 +1,562 @@
+r"""Numba kernels of the CPU backend: statistics, fused normalize, and the two backward passes.
+
+Every kernel sees a *kernel view* (``backends/portable.py``): ``(N, C, L)`` contiguous
+("NCL") or ``(M, C)`` contiguous ("MC", channels last). Batch norm is memory-bound, so each
+kernel reads every input once and writes every output once; the arithmetic is free next to
+the bytes.
+
+Statistics
+----------
+For each channel we need the mean μ and m2 = Σ(x − μ)² over its n values. The one-pass
+textbook formula Σx² − (Σx)²/n cancels catastrophically when |μ| ≫ σ, so we sum
+*shifted* values d = x − s with the shift s = the channel's first element:
+
+    S1 = Σ d,   S2 = Σ d²,   μ = s + S1/n,   m2 = S2 − S1²/n.
+
+Because s is one of the data, |d| is of the order of the spread, not of the mean, and the
+cancellation in S2 − S1²/n is only that of (μ − s)² against σ², a few digits at worst,
+while S1 and S2 accumulate in float64. A constant channel has every d == 0 exactly, so
+μ == s exactly and m2 == 0 exactly, at any magnitude. The common shift also makes the
+parallel merge trivial: a channel is cut into pieces (so that two channels with a huge
+N·L still keep every core busy), each piece sums its own (S1, S2), and the pieces' sums are
+added in a fixed order, so the result does not depend on the thread count or scheduling.
+
+Normalize
+---------
+    z = (x − μ)·(γ·r) + β (+ residual),   y = act(z),   r = 1/√(σ² + ε)
+
+computed in the accumulation dtype (float32 for float32 inputs, as torch does), one read of
+x (and of the residual), one write of y.
+
+Backward
+--------
+Let x̂ = (x − μ)·r and dz = dy·act′(z). The activation's derivative needs z, which we
+*recompute* from x, μ, r, γ, β (and the residual) rather than saving y or z: BN+act keeps
+exactly the tensors plain BN keeps. Then y = act(γ x̂ + β + …) gives
+
+    ∂L/∂β = Σ dz,     ∂L/∂γ = Σ dz·x̂                      (backward_reduce, one read of dy, x)
+
+and, for x, the chain through μ and r (both functions of every x of the channel):
+∂x̂ᵢ/∂xⱼ = r(δᵢⱼ − 1/n − x̂ᵢx̂ⱼ/n), so
+
+    dx = γ·r·(dz − Σdz/n − x̂·Σ(dz·x̂)/n)                   (backward_elementwise)
+
+With fixed statistics (evaluation) μ and r are constants and dx = γ·r·dz. The residual's
+gradient is dz itself. Where r == 0 (zero variance with ε = 0) every term carries the
+factor r, so dx == 0, never NaN.
+
+Compilation
+-----------
+Each kernel is compiled once per dtype (float32, float64) and kept in numba's on-disk
+cache; everything else is a run-time argument, so that the whole test matrix costs a
+dozen compilations, not hundreds. Absent tensors (weight, bias, residual, the batch sums
+in evaluation) arrive as size-0 arrays. The activation is an integer code, but the branch
+on it is hoisted out of the inner loop for 'none' and 'relu': the row loop is an
+``inline='always'`` helper called with a literal code, so LLVM folds the switch and
+vectorizes those loops. The other activations share one copy that switches per element;
+their exp/erf/tanh cost far more than the branch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+ACT_CODES = {"none": 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4, "gelu_tanh": 5,
+             "sigmoid": 6, "tanh": 7}
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+# Sums may be reassociated (that is what lets LLVM vectorize a reduction); nothing else
+# of fastmath is wanted: NaN and inf must propagate as in torch.
+_REDUCE_MATH = {"reassoc", "contract"}
+
+
+@njit(inline="always", cache=True)
+def _act(z, code, slope):
+    if code == 0:
+        return z
+    if code == 1:
+        # `z < 0` rather than max(z, 0): a NaN stays NaN, as in torch.relu
+        return 0.0 * z if z < 0 else z
+    if code == 2:
+        return z * slope if z <= 0 else z
+    if code == 3:
+        return z / (1.0 + math.exp(-z))
+    if code == 4:
+        return 0.5 * z * (1.0 + math.erf(z * _INV_SQRT_2))
+    if code == 5:
+        return 0.5 * z * (1.0 + math.tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)))
+    if code == 6:
+        return 1.0 / (1.0 + math.exp(-z))
+    return math.tanh(z)
+
+
+@njit(inline="always", cache=True)
+def _dz(dy, z, code, slope):
+    """dy·act′(z); relu and leaky_relu select rather than multiply, as torch's backward
+    does (a NaN gradient where the unit is off gives 0)."""
+    if code == 1:
+        return dy if z > 0 else 0.0 * z
+    if code == 2:
+        return dy if z > 0 else dy * slope
+    if code == 3:
+        s = 1.0 / (1.0 + math.exp(-z))
+        return dy * (s * (1.0 + z * (1.0 - s)))
+    if code == 4:
+        cdf = 0.5 * (1.0 + math.erf(z * _INV_SQRT_2))
+        return dy * (cdf + z * math.exp(-0.5 * z * z) * _INV_SQRT_2PI)
+    if code == 5:
+        u = _SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)
+        t = math.tanh(u)
+        du = _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * z * z)
+        return dy * (0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * du)
+    if code == 6:
+        s = 1.0 / (1.0 + math.exp(-z))
+        return dy * (s * (1.0 - s))
+    t = math.tanh(z)
+    return dy * (1.0 - t * t)
+
+
+# ---------------------------------------------------------------------------------------
+# Statistics (no activation: one kernel per view)
+
+
+@njit(parallel=True, cache=True, fastmath=_REDUCE_MATH)
+def stats_ncl(x, pieces, mean_out, m2_out):
+    n_, c_, l_ = x.shape
+    total = n_ * l_
+    tasks = c_ * pieces
+    s1 = np.empty(tasks, np.float64)
+    s2 = np.empty(tasks, np.float64)
+    for t in prange(tasks):
+        c = t // pieces
+        p = t - c * pieces
+        i0 = total * p // pieces
+        i1 = total * (p + 1) // pieces
+        shift = np.float64(x[0, c, 0])
+        a1 = 0.0
+        a2 = 0.0
+        i = i0
+        while i < i1:
+            n = i // l_
+            l0 = i - n * l_
+            l1 = min(l_, l0 + (i1 - i))
+            # a slice indexed from 0: LLVM then knows no index is negative (no wraparound
+            # check), which is what lets the loop vectorize
+            xr = x[n, c, l0:l1]
+            for l in range(l1 - l0):
+                d = np.float64(xr[l]) - shift
+                a1 += d
+                a2 += d * d
+            i += l1 - l0
+        s1[t] = a1
+        s2[t] = a2
+    for c in range(c_):
+        a1 = 0.0
+        a2 = 0.0
+        for p in range(pieces):
+            a1 += s1[c * pieces + p]
+            a2 += s2[c * pieces + p]
+        mean_out[c] = np.float64(x[0, c, 0]) + a1 / total
+        m2_out[c] = max(a2 - a1 * a1 / total, 0.0)
+
+
+@njit(parallel=True, cache=True, fastmath=_REDUCE_MATH)
+def stats_mc(x, blocks, mean_out, m2_out):
+    m_, c_ = x.shape
+    s1 = np.zeros((blocks, c_), np.float64)
+    s2 = np.zeros((blocks, c_), np.float64)
+    shift = np.empty(c_, np.float64)
+    for c in range(c_):
+        shift[c] = x[0, c]
+    for b in prange(blocks):
+        r0 = m_ * b // blocks
+        r1 = m_ * (b + 1) // blocks
+        a1 = s1[b]
+        a2 = s2[b]
+        for r in range(r0, r1):
+            xr = x[r]
+            for c in range(c_):
+                d = np.float64(xr[c]) - shift[c]
+                a1[c] += d
+                a2[c] += d * d
+    for c in range(c_):
+        a1 = 0.0
+        a2 = 0.0
+        for b in range(blocks):
+            a1 += s1[b, c]
+            a2 += s2[b, c]
+        mean_out[c] = shift[c] + a1 / m_
+        m2_out[c] = max(a2 - a1 * a1 / m_, 0.0)
+
+
+
+# ---------------------------------------------------------------------------------------
+# Per-channel coefficients (C-sized, serial)
+
+
+@njit(inline="always")
+def _coefs(mean, invstd, weight, bias, scale, shift):
+    """z = (x − μ)·scale + shift with scale = γ·r, shift = β (γ = 1, β = 0 when absent)."""
+    has_w = weight.shape[0] > 0
+    has_b = bias.shape[0] > 0
+    for c in range(mean.shape[0]):
+        scale[c] = invstd[c] * weight[c] if has_w else invstd[c]
+        shift[c] = bias[c] if has_b else 0.0
+
+
+@njit(inline="always")
+def _dx_coefs(invstd, weight, sum_dz, sum_dzx, count, k0, k1, k2):
+    """dx = k0·(dz − k1 − (x − μ)·k2): k0 = γ·r, k1 = Σdz/n, k2 = r·Σ(dz·x̂)/n.
+
+    In evaluation (no sums) k1 = k2 = 0, i.e. dx = γ·r·dz."""
+    has_w = weight.shape[0] > 0
+    train = sum_dz.shape[0] > 0
+    for c in range(invstd.shape[0]):
+        r = invstd[c]
+        k0[c] = r * weight[c] if has_w else r
+        k1[c] = sum_dz[c] / count if train else 0.0
+        k2[c] = r * (sum_dzx[c] / count) if train else 0.0
+
+
+# ---------------------------------------------------------------------------------------
+# Normalize
+
+
+@njit(inline="always")
+def _norm_ncl_row(x, res, y, n, c, l0, l1, m, s, b, code, slope, has_res):
+    # slices indexed from 0 (see stats_ncl)
+    xr = x[n, c, l0:l1]
+    yr = y[n, c, l0:l1]
+    rr = res[n, c, l0:l1] if has_res else xr
+    for l in range(l1 - l0):
+        z = (xr[l] - m) * s + b
+        if has_res:
+            z = z + rr[l]
+        yr[l] = _act(z, code, slope)
+
+
+@njit(parallel=True, cache=True)
+def normalize_ncl(x, mean, invstd, weight, bias, res, code, slope, pieces, y):
+    n_, c_, l_ = x.shape
+    scale = np.empty_like(mean)
+    shift = np.empty_like(mean)
+    _coefs(mean, invstd, weight, bias, scale, shift)
+    has_res = res.shape[0] > 0
+    for t in prange(n_ * c_ * pieces):
+        row = t // pieces
+        p = t - row * pieces
+        n = row // c_
+        c = row - n * c_
+        l0 = l_ * p // pieces
+        l1 = l_ * (p + 1) // pieces
+        m = mean[c]
+        s = scale[c]
+        b = shift[c]
+        if code == 0:
+            if has_res:
+                _norm_ncl_row(x, res, y, n, c, l0, l1, m, s, b, 0, slope, True)
+            else:
+                _norm_ncl_row(x, res, y, n, c, l0, l1, m, s, b, 0, slope, False)
+        elif code == 1:
+            if has_res:
+                _norm_ncl_row(x, res, y, n, c, l0, l1, m, s, b, 1, slope, True)
+            else:
+                _norm_ncl_row(x, res, y, n, c, l0, l1, m, s, b, 1, slope, False)
+        else:
+            _norm_ncl_row(x, res, y, n, c, l0, l1, m, s, b, code, slope, has_res)
+
+
+@njit(inline="always")
+def _norm_mc_rows(x, res, y, r0, r1, mean, scale, shift, code, slope, has_res):
+    for r in range(r0, r1):
+        xr = x[r]
+        yr = y[r]
+        rr = res[r] if has_res else xr
+        for c in range(x.shape[1]):
+            z = (xr[c] - mean[c]) * scale[c] + shift[c]
+            if has_res:
+                z = z + rr[c]
+            yr[c] = _act(z, code, slope)
+
+
+@njit(parallel=True, cache=True)
+def normalize_mc(x, mean, invstd, weight, bias, res, code, slope, blocks, y):
+    m_ = x.shape[0]
+    scale = np.empty_like(mean)
+    shift = np.empty_like(mean)
+    _coefs(mean, invstd, weight, bias, scale, shift)
+    has_res = res.shape[0] > 0
+    for bl in prange(blocks):
+        r0 = m_ * bl // blocks
+        r1 = m_ * (bl + 1) // blocks
+        if code == 0:
+            if has_res:
+                _norm_mc_rows(x, res, y, r0, r1, mean, scale, shift, 0, slope, True)
+            else:
+                _norm_mc_rows(x, res, y, r0, r1, mean, scale, shift, 0, slope, False)
+        elif code == 1:
+            if has_res:
+                _norm_mc_rows(x, res, y, r0, r1, mean, scale, shift, 1, slope, True)
+            else:
+                _norm_mc_rows(x, res, y, r0, r1, mean, scale, shift, 1, slope, False)
+        else:
+            _norm_mc_rows(x, res, y, r0, r1, mean, scale, shift, code, slope, has_res)
+
+
+# ---------------------------------------------------------------------------------------
+# backward_reduce: Σdz and Σdz·(x − μ) per channel, partials in float64
+
+
+@njit(inline="always", fastmath=_REDUCE_MATH)
+def _reduce_ncl_span(dy, x, res, i0, i1, c, m, s, b, code, slope, has_res):
+    l_ = x.shape[2]
+    a1 = 0.0
+    a2 = 0.0
+    i = i0
+    while i < i1:
+        n = i // l_
+        l0 = i - n * l_
+        l1 = min(l_, l0 + (i1 - i))
+        xr = x[n, c, l0:l1]
+        dyr = dy[n, c, l0:l1]
+        rr = res[n, c, l0:l1] if has_res else xr
+        for l in range(l1 - l0):
+            xc = xr[l] - m
+            if code == 0:
+                g = np.float64(dyr[l])
+            else:
+                z = xc * s + b
+                if has_res:
+                    z = z + rr[l]
+                g = np.float64(_dz(dyr[l], z, code, slope))
+            a1 += g
+            a2 += g * np.float64(xc)
+        i += l1 - l0
+    return a1, a2
+
+
+@njit(parallel=True, cache=True, fastmath=_REDUCE_MATH)
+def reduce_ncl(dy, x, mean, invstd, weight, bias, res, code, slope, pieces, sum_dz, sum_dzx):
+    n_, c_, l_ = x.shape
+    total = n_ * l_
+    scale = np.empty_like(mean)
+    shift = np.empty_like(mean)
+    _coefs(mean, invstd, weight, bias, scale, shift)
+    has_res = res.shape[0] > 0
+    tasks = c_ * pieces
+    s1 = np.empty(tasks, np.float64)
+    s2 = np.empty(tasks, np.float64)
+    for t in prange(tasks):
+        c = t // pieces
+        p = t - c * pieces
+        i0 = total * p // pieces
+        i1 = total * (p + 1) // pieces
+        m = mean[c]
+        s = scale[c]
+        b = shift[c]
+        if code == 0:
+            a1, a2 = _reduce_ncl_span(dy, x, res, i0, i1, c, m, s, b, 0, slope, False)
+        elif code == 1:
+            if has_res:
+                a1, a2 = _reduce_ncl_span(dy, x, res, i0, i1, c, m, s, b, 1, slope, True)
+            else:
+                a1, a2 = _reduce_ncl_span(dy, x, res, i0, i1, c, m, s, b, 1, slope, False)
+        else:
+            a1, a2 = _reduce_ncl_span(dy, x, res, i0, i1, c, m, s, b, code, slope, has_res)
+        s1[t] = a1
+        s2[t] = a2
+    for c in range(c_):
+        a1 = 0.0
+        a2 = 0.0
+        for p in range(pieces):
+            a1 += s1[c * pieces + p]
+            a2 += s2[c * pieces + p]
+        sum_dz[c] = a1
+        # Σ dz·x̂ = r·Σ dz·(x − μ): the factor r is applied once per channel
+        sum_dzx[c] = a2 * np.float64(invstd[c])
+
+
+@njit(inline="always", fastmath=_REDUCE_MATH)
+def _reduce_mc_rows(dy, x, res, r0, r1, mean, scale, shift, a1, a2, code, slope, has_res):
+    for r in range(r0, r1):
+        xr = x[r]
+        dyr = dy[r]
+        rr = res[r] if has_res else xr
+        for c in range(x.shape[1]):
+            xc = xr[c] - mean[c]
+            if code == 0:
+                g = np.float64(dyr[c])
+            else:
+                z = xc * scale[c] + shift[c]
+                if has_res:
+                    z = z + rr[c]
+                g = np.float64(_dz(dyr[c], z, code, slope))
+            a1[c] += g
+            a2[c] += g * np.float64(xc)
+
+
+@njit(parallel=True, cache=True, fastmath=_REDUCE_MATH)
+def reduce_mc(dy, x, mean, invstd, weight, bias, res, code, slope, blocks, sum_dz, sum_dzx):
+    m_, c_ = x.shape
+    scale = np.empty_like(mean)
+    shift = np.empty_like(mean)
+    _coefs(mean, invstd, weight, bias, scale, shift)
+    has_res = res.shape[0] > 0
+    s1 = np.zeros((blocks, c_), np.float64)
+    s2 = np.zeros((blocks, c_), np.float64)
+    for bl in prange(blocks):
+        r0 = m_ * bl // blocks
+        r1 = m_ * (bl + 1) // blocks
+        a1 = s1[bl]
+        a2 = s2[bl]
+        if code == 0:
+            _reduce_mc_rows(dy, x, res, r0, r1, mean, scale, shift, a1, a2, 0, slope, False)
+        elif code == 1:
+            if has_res:
+                _reduce_mc_rows(dy, x, res, r0, r1, mean, scale, shift, a1, a2, 1, slope, True)
+            else:
+                _reduce_mc_rows(dy, x, res, r0, r1, mean, scale, shift, a1, a2, 1, slope, False)
+        else:
+            _reduce_mc_rows(dy, x, res, r0, r1, mean, scale, shift, a1, a2, code, slope,
+                            has_res)
+    for c in range(c_):
+        a1 = 0.0
+        a2 = 0.0
+        for bl in range(blocks):
+            a1 += s1[bl, c]
+            a2 += s2[bl, c]
+        sum_dz[c] = a1
+        sum_dzx[c] = a2 * np.float64(invstd[c])
+
+
+# ---------------------------------------------------------------------------------------
+# backward_elementwise: dx (and dresidual = dz)
+
+
+@njit(inline="always")
+def _dx_ncl_row(dy, x, res, dx, dres, n, c, l0, l1, m, s, b, a0, a1, a2, code, slope,
+                has_res, want_dres):
+    xr = x[n, c, l0:l1]
+    dyr = dy[n, c, l0:l1]
+    dxr = dx[n, c, l0:l1]
+    rr = res[n, c, l0:l1] if has_res else xr
+    drr = dres[n, c, l0:l1] if want_dres else dxr
+    for l in range(l1 - l0):
+        xc = xr[l] - m
+        if code == 0:
+            g = dyr[l]
+        else:
+            z = xc * s + b
+            if has_res:
+                z = z + rr[l]
+            g = _dz(dyr[l], z, code, slope)
+        dxr[l] = a0 * (g - a1 - xc * a2)
+        if want_dres:
+            drr[l] = g
+
+
+@njit(parallel=True, cache=True)
+def elementwise_ncl(dy, x, mean, invstd, weight, bias, res, sum_dz, sum_dzx, count, code,
+                    slope, pieces, dx, dres):
+    n_, c_, l_ = x.shape
+    scale = np.empty_like(mean)
+    shift = np.empty_like(mean)
+    _coefs(mean, invstd, weight, bias, scale, shift)
+    k0 = np.empty_like(mean)
+    k1 = np.empty_like(mean)
+    k2 = np.empty_like(mean)
+    _dx_coefs(invstd, weight, sum_dz, sum_dzx, count, k0, k1, k2)
+    has_res = res.shape[0] > 0
+    want_dres = dres.shape[0] > 0
+    for t in prange(n_ * c_ * pieces):
+        row = t // pieces
+        p = t - row * pieces
+        n = row // c_
+        c = row - n * c_
+        l0 = l_ * p // pieces
+        l1 = l_ * (p + 1) // pieces
+        m = mean[c]
+        s = scale[c]
+        b = shift[c]
+        a0 = k0[c]
+        a1 = k1[c]
+        a2 = k2[c]
+        if code == 0:
+            _dx_ncl_row(dy, x, res, dx, dres, n, c, l0, l1, m, s, b, a0, a1, a2, 0, slope,
+                        False, False)
+        elif code == 1:
+            if want_dres:
+                _dx_ncl_row(dy, x, res, dx, dres, n, c, l0, l1, m, s, b, a0, a1, a2, 1, slope,
+                            True, True)
+            elif has_res:
+                _dx_ncl_row(dy, x, res, dx, dres, n, c, l0, l1, m, s, b, a0, a1, a2, 1, slope,
+                            True, False)
+            else:
+                _dx_ncl_row(dy, x, res, dx, dres, n, c, l0, l1, m, s, b, a0, a1, a2, 1, slope,
+                            False, False)
+        else:
+            _dx_ncl_row(dy, x, res, dx, dres, n, c, l0, l1, m, s, b, a0, a1, a2, code, slope,
+                        has_res, want_dres)
+
+
+@njit(inline="always")
+def _dx_mc_rows(dy, x, res, dx, dres, r0, r1, mean, scale, shift, k0, k1, k2, code, slope,
+                has_res, want_dres):
+    for r in range(r0, r1):
+        xr = x[r]
+        dyr = dy[r]
+        dxr = dx[r]
+        rr = res[r] if has_res else xr
+        drr = dres[r] if want_dres else dxr
+        for c in range(x.shape[1]):
+            xc = xr[c] - mean[c]
+            if code == 0:
+                g = dyr[c]
+            else:
+                z = xc * scale[c] + shift[c]
+                if has_res:
+                    z = z + rr[c]
+                g = _dz(dyr[c], z, code, slope)
+            dxr[c] = k0[c] * (g - k1[c] - xc * k2[c])
+            if want_dres:
+                drr[c] = g
+
+
+@njit(parallel=True, cache=True)
+def elementwise_mc(dy, x, mean, invstd, weight, bias, res, sum_dz, sum_dzx, count, code,
+                   slope, blocks, dx, dres):
+    m_ = x.shape[0]
+    scale = np.empty_like(mean)
+    shift = np.empty_like(mean)
+    _coefs(mean, invstd, weight, bias, scale, shift)
+    k0 = np.empty_like(mean)
+    k1 = np.empty_like(mean)
+    k2 = np.empty_like(mean)
+    _dx_coefs(invstd, weight, sum_dz, sum_dzx, count, k0, k1, k2)
+    has_res = res.shape[0] > 0
+    want_dres = dres.shape[0] > 0
+    for bl in prange(blocks):
+        r0 = m_ * bl // blocks
+        r1 = m_ * (bl + 1) // blocks
+        if code == 0:
+            _dx_mc_rows(dy, x, res, dx, dres, r0, r1, mean, scale, shift, k0, k1, k2, 0, slope,
+                        False, False)
+        elif code == 1:
+            if want_dres:
+                _dx_mc_rows(dy, x, res, dx, dres, r0, r1, mean, scale, shift, k0, k1, k2, 1,
+                            slope, True, True)
+            elif has_res:
+                _dx_mc_rows(dy, x, res, dx, dres, r0, r1, mean, scale, shift, k0, k1, k2, 1,
+                            slope, True, False)
+            else:
+                _dx_mc_rows(dy, x, res, dx, dres, r0, r1, mean, scale, shift, k0, k1, k2, 1,
+                            slope, False, False)
+        else:
+            _dx_mc_rows(dy, x, res, dx, dres, r0, r1, mean, scale, shift, k0, k1, k2, code,
+                        slope, has_res, want_dres)
