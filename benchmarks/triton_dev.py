@@ -64,6 +64,8 @@ VARIANTS = [
     ("elem_tile=2048,warps=4", {"elem_tile": 2048, "elem_warps": 4}, "elem"),
     ("elem_tile=8192", {"elem_tile": 8192}, "elem"),
     ("elem_warps=4", {"elem_warps": 4}, "elem"),
+    ("persistent 8/SM", {"elem_programs_per_sm": 8}, "elem"),
+    ("persistent 32/SM", {"elem_programs_per_sm": 32}, "elem"),
     ("block_c=64", {"block_c": 64}, "all"),
     ("block_c=256", {"block_c": 256}, "all"),
 ]

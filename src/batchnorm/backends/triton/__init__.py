@@ -40,9 +40,11 @@ CONFIG = {
     "programs_per_sm": 8,
     "reduce_tile": 4096,
     "reduce_warps": 8,
-    # Elementwise passes: one tile of elem_tile elements per program.
+    # Elementwise passes: tiles of elem_tile elements; one per program when
+    # elem_programs_per_sm is 0, else a persistent grid of that many programs per SM.
     "elem_tile": 4096,
     "elem_warps": 8,
+    "elem_programs_per_sm": 0,
     # Widest channel block of an (M, C) tile; rows fill the rest of the tile.
     "block_c": 128,
     # Stage-2 merges: [merge_block_p, <= merge_block_c] tiles, one program per channel block.
@@ -150,7 +152,9 @@ def _elem_plan(x: Tensor) -> dict:
         r = n * c
         block_k = min(_np2(k), tile)
     block_r = min(max(tile // block_k, 1), _np2(r))
-    grid = (_cdiv(r, block_r) * _cdiv(k, block_k),)
+    n_tiles = _cdiv(r, block_r) * _cdiv(k, block_k)
+    persistent = CONFIG["elem_programs_per_sm"] * _sm_count(x.device)
+    grid = (min(n_tiles, persistent) if persistent > 0 else n_tiles,)
     return dict(R=r, K=k, C=c, grid=grid, BLOCK_R=block_r, BLOCK_K=block_k, CL=x.dim() == 2)
 
 

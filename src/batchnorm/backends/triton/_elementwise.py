@@ -1,7 +1,9 @@
 """The two elementwise passes: normalize (forward) and backward_elementwise.
 
 Both see the kernel view as a 2-D grid of ``R`` rows by ``K`` contiguous columns, cut into
-``[BLOCK_R, BLOCK_K]`` tiles, one tile per program (program id ``rb * NKB + kb``):
+``[BLOCK_R, BLOCK_K]`` tiles numbered ``rb * NKB + kb``. A program takes tiles
+``pid, pid + grid, ...``: one each when the grid covers every tile (the default), several
+when the launcher caps the grid at a multiple of the SM count (a persistent grid):
 * ``(N, C, L)``: rows are the ``N·C`` rows ``(n, c)``, columns are L, and a row's channel
   is ``row % C`` (per-channel values broadcast along the row);
 * ``(M, C)`` (``CL``): rows are the M positions, columns the channels (per-channel values
@@ -21,11 +23,10 @@ from ._reduce import _dz
 
 
 @triton.jit
-def _tile(R, K, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid = tl.program_id(0)
+def _tile(t, R, K, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     nkb = tl.cdiv(K, BLOCK_K)
-    rows = (pid // nkb) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = (pid % nkb) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rows = (t // nkb) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = (t % nkb) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (rows < R)[:, None] & (cols < K)[None, :]
     off = rows.to(tl.int64)[:, None] * K + cols[None, :]
     return rows, cols, mask, off
@@ -48,19 +49,21 @@ def normalize_kernel(x_ptr, y_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, R,
                      BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """y = act(w·(x − mean)·invstd + b + r)."""
     acc_ty: tl.constexpr = mean_ptr.dtype.element_ty
-    rows, cols, mask, off = _tile(R, K, BLOCK_R, BLOCK_K)
-    scale = _channel(invstd_ptr, rows, cols, R, K, C, acc_ty, CL)
-    if HAS_W:
-        scale = scale * _channel(w_ptr, rows, cols, R, K, C, acc_ty, CL)
-    mu = _channel(mean_ptr, rows, cols, R, K, C, acc_ty, CL)
-    x = tl.load(x_ptr + off, mask=mask, other=0.0).to(acc_ty)
-    z = (x - mu) * scale
-    if HAS_B:
-        z = z + _channel(b_ptr, rows, cols, R, K, C, acc_ty, CL)
-    if HAS_RES:
-        z = z + tl.load(r_ptr + off, mask=mask, other=0.0).to(acc_ty)
-    y = activate(z, ACT, slope_hi, slope_lo)
-    tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
+    n_tiles = tl.cdiv(R, BLOCK_R) * tl.cdiv(K, BLOCK_K)
+    for t in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        rows, cols, mask, off = _tile(t, R, K, BLOCK_R, BLOCK_K)
+        scale = _channel(invstd_ptr, rows, cols, R, K, C, acc_ty, CL)
+        if HAS_W:
+            scale = scale * _channel(w_ptr, rows, cols, R, K, C, acc_ty, CL)
+        mu = _channel(mean_ptr, rows, cols, R, K, C, acc_ty, CL)
+        x = tl.load(x_ptr + off, mask=mask, other=0.0).to(acc_ty)
+        z = (x - mu) * scale
+        if HAS_B:
+            z = z + _channel(b_ptr, rows, cols, R, K, C, acc_ty, CL)
+        if HAS_RES:
+            z = z + tl.load(r_ptr + off, mask=mask, other=0.0).to(acc_ty)
+        y = activate(z, ACT, slope_hi, slope_lo)
+        tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # The backward of y = act(z), z = w·x̂ + b + r, x̂ = (x − μ)·σ⁻¹, where μ and
@@ -89,32 +92,34 @@ def backward_kernel(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, sd
                     HAS_B: tl.constexpr, HAS_RES: tl.constexpr, TRAIN: tl.constexpr,
                     WANT_DRES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     acc_ty: tl.constexpr = mean_ptr.dtype.element_ty
-    rows, cols, mask, off = _tile(R, K, BLOCK_R, BLOCK_K)
-    mu = _channel(mean_ptr, rows, cols, R, K, C, acc_ty, CL)
-    inv = _channel(invstd_ptr, rows, cols, R, K, C, acc_ty, CL)
-    if HAS_W:
-        w = _channel(w_ptr, rows, cols, R, K, C, acc_ty, CL)
-    else:
-        w = 1.0
-    if HAS_B:
-        b = _channel(b_ptr, rows, cols, R, K, C, acc_ty, CL)
-    else:
-        b = 0.0
-    x = tl.load(x_ptr + off, mask=mask, other=0.0).to(acc_ty)
-    dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(acc_ty)
-    if HAS_RES:
-        r = tl.load(r_ptr + off, mask=mask, other=0.0).to(acc_ty)
-    else:
-        r = 0.0
-    xhat, dz = _dz(dy, x, mu, inv, w, b, r, ACT, HAS_W, HAS_B, HAS_RES, slope_hi, slope_lo)
-    g = dz
-    if TRAIN:
-        # count is an integer argument: dividing the acc-dtype sums by it keeps float64
-        # exact where a float32 1/count would not be.
-        mean_dz = _channel(sdz_ptr, rows, cols, R, K, C, acc_ty, CL) / count
-        mean_dzx = _channel(sdzx_ptr, rows, cols, R, K, C, acc_ty, CL) / count
-        g = dz - mean_dz - xhat * mean_dzx
-    dx = g * (inv * w)
-    tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    if WANT_DRES:
-        tl.store(dr_ptr + off, dz.to(dr_ptr.dtype.element_ty), mask=mask)
+    n_tiles = tl.cdiv(R, BLOCK_R) * tl.cdiv(K, BLOCK_K)
+    for t in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        rows, cols, mask, off = _tile(t, R, K, BLOCK_R, BLOCK_K)
+        mu = _channel(mean_ptr, rows, cols, R, K, C, acc_ty, CL)
+        inv = _channel(invstd_ptr, rows, cols, R, K, C, acc_ty, CL)
+        if HAS_W:
+            w = _channel(w_ptr, rows, cols, R, K, C, acc_ty, CL)
+        else:
+            w = 1.0
+        if HAS_B:
+            b = _channel(b_ptr, rows, cols, R, K, C, acc_ty, CL)
+        else:
+            b = 0.0
+        x = tl.load(x_ptr + off, mask=mask, other=0.0).to(acc_ty)
+        dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(acc_ty)
+        if HAS_RES:
+            r = tl.load(r_ptr + off, mask=mask, other=0.0).to(acc_ty)
+        else:
+            r = 0.0
+        xhat, dz = _dz(dy, x, mu, inv, w, b, r, ACT, HAS_W, HAS_B, HAS_RES, slope_hi, slope_lo)
+        g = dz
+        if TRAIN:
+            # count is an integer argument: dividing the acc-dtype sums by it keeps float64
+            # exact where a float32 1/count would not be.
+            mean_dz = _channel(sdz_ptr, rows, cols, R, K, C, acc_ty, CL) / count
+            mean_dzx = _channel(sdzx_ptr, rows, cols, R, K, C, acc_ty, CL) / count
+            g = dz - mean_dz - xhat * mean_dzx
+        dx = g * (inv * w)
+        tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if WANT_DRES:
+            tl.store(dr_ptr + off, dz.to(dr_ptr.dtype.element_ty), mask=mask)
