@@ -7,14 +7,13 @@ import io
 import numpy as np
 import pytest
 import torch
+from tolerances import assert_close
 from torch import nn
 
 import batchnorm
-from batchnorm import tools
-from batchnorm import backends
+from batchnorm import backends, tools
 from batchnorm.tools import ChannelAffine, FusedActivation
 from batchnorm.tools.freeze import _FrozenBatchNorm
-from tolerances import assert_close
 
 
 @pytest.fixture(autouse=True)
@@ -104,7 +103,8 @@ def randomize(model):
             if getattr(m, "running_var", None) is not None:
                 m.running_mean.normal_(0, 0.5)
                 m.running_var.uniform_(0.5, 2)
-                m.num_batches_tracked.fill_(3)
+                if getattr(m, "num_batches_tracked", None) is not None:
+                    m.num_batches_tracked.fill_(3)
             if tools._common.is_any_bn(m) and isinstance(getattr(m, "weight", None), torch.Tensor):
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.normal_(0, 0.5)
@@ -145,7 +145,8 @@ def test_convert_same_outputs_gradients_and_state(name, mode):
     ref.train(mode == "train")
     ours = batchnorm.convert(copy.deepcopy(ref))
     assert not any(tools._common.is_torch_bn(m) for m in ours.modules())
-    assert ours.training == ref.training and all(not m.training for m in bns(ours)) == (mode == "eval")
+    assert ours.training == ref.training
+    assert all(not m.training for m in bns(ours)) == (mode == "eval")
     assert_same(outputs_and_grads(ref, x), outputs_and_grads(ours, x))
     sd_ref, sd_ours = ref.state_dict(), ours.state_dict()
     assert sd_ref.keys() == sd_ours.keys()  # running stats updated alike in train mode
@@ -156,7 +157,7 @@ def test_convert_same_outputs_gradients_and_state(name, mode):
 def test_convert_fuses_only_activations_that_consume_one_bn():
     model, _ = make("resnet")
     batchnorm.convert(model)
-    acts = {n: m.activation for n, m in model.named_modules() if batchnorm.tools._common.is_our_bn(m)}
+    acts = {n: m.activation for n, m in model.named_modules() if tools._common.is_our_bn(m)}
     assert acts == {"1": "relu", "3.bn1": "relu", "3.bn2": "none", "4.bn1": "relu",
                     "4.bn2": "none", "4.down.1": "none"}
     fused = {n: m.bn_name for n, m in model.named_modules() if isinstance(m, FusedActivation)}
@@ -165,7 +166,7 @@ def test_convert_fuses_only_activations_that_consume_one_bn():
 
 
 def test_convert_fuses_through_sequential_when_fx_fails():
-    model, x = make("untraceable")
+    model, _x = make("untraceable")
     assert tools._common.trace(model) is None
     batchnorm.convert(model)
     assert model.body[1].activation == "tanh" and isinstance(model.body[2], FusedActivation)
@@ -260,7 +261,8 @@ def test_fold_equals_eval_model(name, ours):
     nn.ConvTranspose1d(3, 6, 2, groups=3), nn.Linear(5, 4)], ids=str)
 def test_fold_layer_kinds(layer):
     cout = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-    bn_cls = {nn.Linear: nn.BatchNorm1d, nn.ConvTranspose1d: nn.BatchNorm1d}.get(type(layer), nn.BatchNorm2d)
+    bn_cls = {nn.Linear: nn.BatchNorm1d,
+              nn.ConvTranspose1d: nn.BatchNorm1d}.get(type(layer), nn.BatchNorm2d)
     model = nn.Sequential(layer, bn_cls(cout)).eval()
     randomize(model)
     shape = {nn.Linear: (3, 5), nn.ConvTranspose1d: (2, 3, 7)}.get(type(layer), (2, 6, 7, 7))
@@ -295,7 +297,7 @@ def test_fold_refuses_training_mode():
 
 def test_fold_skips_layers_without_running_stats_and_handles_root():
     model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3, track_running_stats=False)).eval()
-    folded, report = batchnorm.fold(model)
+    _folded, report = batchnorm.fold(model)
     assert report.skipped[0][0] == "1" and not report.folded
     bn = batchnorm.BatchNorm2d(3, activation="relu").eval()
     randomize(nn.Sequential(bn))
@@ -315,7 +317,8 @@ def test_freeze_uses_and_keeps_running_stats_in_train(name):
     expected = outputs_and_grads(copy.deepcopy(model).eval(), x)
     batchnorm.freeze(model)
     model.train()
-    stats = copy.deepcopy({k: v for k, v in model.state_dict().items() if "running" in k or "num_batches" in k})
+    stats = copy.deepcopy({k: v for k, v in model.state_dict().items()
+                           if "running" in k or "num_batches" in k})
     assert_same(expected, outputs_and_grads(model, x))
     for k, v in stats.items():
         assert torch.equal(model.state_dict()[k], v), k
@@ -325,7 +328,7 @@ def test_freeze_uses_and_keeps_running_stats_in_train(name):
 
 
 def test_freeze_affine_and_unfreeze():
-    model, x = make("mlp")
+    model, _x = make("mlp")
     model[1].bias.requires_grad_(False)  # the user's own choice stays after unfreeze
     batchnorm.freeze(model, affine=True)
     assert all(not p.requires_grad for m in bns(model) for p in m.parameters())
@@ -407,9 +410,15 @@ def _population_stats(model, batches):
     """Oracle: every BN input of every batch (model in train mode), concatenated."""
     seen = {}
     probe = copy.deepcopy(model).train()
-    hooks = [m.register_forward_pre_hook(
-        lambda mod, args, n=n: seen.setdefault(n, []).append(args[0].detach().transpose(0, 1).reshape(args[0].shape[1], -1)))
-        for n, m in probe.named_modules() if tools._common.is_any_bn(m)]
+
+    def keep(name):
+        def hook(module, args):
+            x = args[0].detach()
+            seen.setdefault(name, []).append(x.transpose(0, 1).reshape(x.shape[1], -1))
+        return hook
+
+    hooks = [m.register_forward_pre_hook(keep(n))
+             for n, m in probe.named_modules() if tools._common.is_any_bn(m)]
     with torch.no_grad():
         for b in batches:
             probe(b[0])
@@ -441,7 +450,7 @@ def test_recalibrate_gives_population_statistics(name, ours):
 
 
 def test_recalibrate_restores_modes_limits_batches_and_skips_frozen(capsys):
-    model, x = make("mlp")
+    model, _x = make("mlp")
     model[2].eval()
     batchnorm.convert(model)
     assert not model[2].training  # FusedActivation keeps the replaced module's mode
@@ -539,8 +548,8 @@ def test_flax_conventions_round_trip():
     bn = tools.load_flax(batchnorm.BatchNorm1d(3, dtype=torch.float64), variables, momentum=0.9)
     assert bn.eps == 1e-5 and abs(bn.momentum - 0.1) < 1e-12
     out, config = tools.to_flax(bn)
-    for group in variables:
-        for k, v in variables[group].items():
+    for group, values in variables.items():
+        for k, v in values.items():
             np.testing.assert_array_equal(out[group][k], v)
     assert config["momentum"] == pytest.approx(0.9)
 

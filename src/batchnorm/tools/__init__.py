@@ -15,10 +15,23 @@ from .freeze import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, fre
 from .recalibrate import recalibrate
 
 __all__ = [
-    "convert", "revert", "FusedActivation", "SyncFallbackBatchNorm",
-    "fold", "FoldReport", "ChannelAffine",
-    "freeze", "unfreeze", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d",
+    "ChannelAffine",
+    "FoldReport",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "FusedActivation",
+    "SyncFallbackBatchNorm",
+    "benchmark_fold",
+    "convert",
+    "fold",
+    "freeze",
+    "load_flax",
+    "load_keras",
     "recalibrate",
-    "load_keras", "to_keras", "load_flax", "to_flax",
-    "benchmark_fold", "small_resnet",
+    "revert",
+    "small_resnet",
+    "to_flax",
+    "to_keras",
+    "unfreeze",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 from torch.fx import Tracer
@@ -77,7 +79,7 @@ def sequential_pairs(model: nn.Module, first, second):
         if type(seq) is not nn.Sequential:
             continue
         children = list(seq.named_children())
-        for (na, a), (nb, b) in zip(children, children[1:]):
+        for (na, a), (nb, b) in itertools.pairwise(children):
             if first(a) and second(b):
                 prefix = f"{seq_name}." if seq_name else ""
                 yield prefix + na, a, prefix + nb, b

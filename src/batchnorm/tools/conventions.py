@@ -61,7 +61,8 @@ def _load(bn: nn.Module, weight, bias, mean, var, momentum, eps, count) -> nn.Mo
             raise ValueError(f"the source has no {what} but this layer has one")
         v = torch.as_tensor(np.asarray(value), dtype=torch.float64)
         if v.shape != t.shape:
-            raise ValueError(f"{what} has shape {tuple(v.shape)}, the layer expects {tuple(t.shape)}")
+            raise ValueError(f"{what} has shape {tuple(v.shape)}, the layer expects "
+                             f"{tuple(t.shape)}")
         t.copy_(v)
 
     put(getattr(bn, "weight", None), weight, "a scale (gamma)")

@@ -17,8 +17,17 @@ from torch import nn
 
 from .. import functional as F
 from ..modules import _BatchNorm
-from ._common import (OURS_BY_RANK, TORCH_BY_OURS, is_our_bn, is_torch_bn, module_calls,
-                      sequential_pairs, set_submodule, trace, use_counts)
+from ._common import (
+    OURS_BY_RANK,
+    TORCH_BY_OURS,
+    is_our_bn,
+    is_torch_bn,
+    module_calls,
+    sequential_pairs,
+    set_submodule,
+    trace,
+    use_counts,
+)
 
 _FUSABLE = tuple(F._ACTIVATION_MODULES)
 
@@ -114,9 +123,10 @@ def _fusion_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """``(bn_name, activation_name)`` where the activation module only ever consumes that
     batch norm's output, and that output goes nowhere else."""
     counts = use_counts(model)
-    once = lambda m: counts[id(m)] == 1  # noqa: E731 - a shared instance runs elsewhere too
-    bn_ok = lambda m: (is_torch_bn(m) or (is_our_bn(m) and m.activation == "none")) and once(m)  # noqa: E731
-    act_ok = lambda m: type(m) in _FUSABLE and once(m)  # noqa: E731
+    once = lambda m: counts[id(m)] == 1
+    bn_ok = lambda m: once(m) and (
+        is_torch_bn(m) or (is_our_bn(m) and m.activation == "none"))
+    act_ok = lambda m: type(m) in _FUSABLE and once(m)
     graph = trace(model)
     if graph is None:
         return [(nb, na) for nb, _, na, _ in sequential_pairs(model, bn_ok, act_ok)]
@@ -186,7 +196,8 @@ def revert(model: nn.Module) -> nn.Module:
             bn = model.get_submodule(m.bn_name)
         except AttributeError:
             continue
-        if is_our_bn(bn) and (bn.activation, bn.activation_slope) == F.resolve_activation(m.original):
+        fused = F.resolve_activation(m.original)
+        if is_our_bn(bn) and (bn.activation, bn.activation_slope) == fused:
             bn.activation, bn.activation_slope = "none", 0.0
             set_submodule(model, name, m.original)
     if _revertible(model):

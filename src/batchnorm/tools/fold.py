@@ -17,8 +17,14 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from ..ops import invstd_from_var
-from ._common import (is_any_bn, is_our_bn, module_calls, sequential_pairs, set_submodule,
-                      trace, use_counts)
+from ._common import (
+    is_any_bn,
+    module_calls,
+    sequential_pairs,
+    set_submodule,
+    trace,
+    use_counts,
+)
 from .freeze import _FrozenBatchNorm
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -64,8 +70,8 @@ class FoldReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def __str__(self) -> str:
-        lines = [f"fold ({self.method}): {len(self.folded)} folded, "
-                 f"{len(self.scale_shift)} scale-shift, {len(self.skipped)} skipped"]
+        lines = [(f"fold ({self.method}): {len(self.folded)} folded, "
+                 f"{len(self.scale_shift)} scale-shift, {len(self.skipped)} skipped")]
         lines += [f"  {bn} -> {layer}" for bn, layer in self.folded]
         lines += [f"  {bn} -> ChannelAffine" for bn in self.scale_shift]
         lines += [f"  {bn}: skipped, {why}" for bn, why in self.skipped]
@@ -99,7 +105,8 @@ def _compatible(layer: nn.Module, bn: nn.Module) -> bool:
         return False
     # Linear folds only into a 1d batch norm of its (N, C) output: on (N, L, C) a
     # BatchNorm1d would normalize L, not the linear layer's features.
-    return not isinstance(layer, nn.Linear) or "1d" in type(bn).__name__ or type(bn) is nn.SyncBatchNorm
+    return (not isinstance(layer, nn.Linear) or "1d" in type(bn).__name__
+            or type(bn) is nn.SyncBatchNorm)
 
 
 @torch.no_grad()
@@ -124,9 +131,9 @@ def _pairs(model: nn.Module) -> tuple[str, dict[str, str]]:
     """``bn_name -> layer_name`` where the batch norm's only input is the layer's output, the
     layer's output goes nowhere else, and neither is used twice."""
     counts = use_counts(model)
-    once = lambda m: counts[id(m)] == 1  # noqa: E731
-    layer_ok = lambda m: _foldable(m) and once(m)  # noqa: E731
-    bn_ok = lambda m: is_any_bn(m) and once(m)  # noqa: E731
+    once = lambda m: counts[id(m)] == 1
+    layer_ok = lambda m: _foldable(m) and once(m)
+    bn_ok = lambda m: is_any_bn(m) and once(m)
     graph = trace(model)
     if graph is None:
         return "sequential", {nb: nl for nl, layer, nb, bn in

@@ -144,7 +144,7 @@ def freeze(model: nn.Module, affine: bool = False, buffers: bool = False) -> nn.
                 p.requires_grad_(False)
             # Remember what we froze, so that unfreeze gives back only that.
             m._affine_frozen_by_freeze = [n for n in ("weight", "bias")
-                                          if getattr(m, n) is not None and any(getattr(m, n) is p for p in froze)]
+                                          if any(getattr(m, n) is p for p in froze)]
     return model
 
 

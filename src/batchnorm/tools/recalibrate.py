@@ -69,7 +69,8 @@ def _all_reduce(layers: list[tuple[str, nn.Module]], accs: list[_Accumulator]) -
     sizes = [m.num_features for _, m in layers]
     local = []
     for (_, m), a in zip(layers, accs):
-        mean = a.mean if a.mean is not None else torch.zeros(m.num_features, dtype=torch.float64, device=device)
+        mean = a.mean if a.mean is not None else torch.zeros(
+            m.num_features, dtype=torch.float64, device=device)
         m2 = a.m2 if a.m2 is not None else torch.zeros_like(mean)
         local.append((float(a.count), mean.to(device), m2.to(device)))
     counts = torch.tensor([n for n, _, _ in local], dtype=torch.float64, device=device)

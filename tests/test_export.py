@@ -1,0 +1,68 @@
+"""Export: in eval, models of our layers export (torch.export, ONNX) as standard batch-norm
+and activation ops, and the exported programs give the model's outputs."""
+
+import pytest
+import torch
+from test_tools import make, randomize
+from torch import nn
+
+import batchnorm
+from batchnorm import backends, tools
+
+
+@pytest.fixture(autouse=True)
+def portable_backend():
+    with backends.using("portable"):
+        yield
+
+
+def _models():
+    residual = tools.small_resnet(channels=4, blocks=1)
+    frozen = nn.Sequential(nn.Conv2d(3, 4, 3), batchnorm.FrozenBatchNorm2d(4, activation="silu"))
+    return {"resnet": make("resnet"), "mlp": make("mlp"), "block3d": make("block3d"),
+            "residual": (residual, torch.randn(2, 3, 6, 6)),
+            "frozen": (frozen, torch.randn(2, 3, 6, 6))}
+
+
+def _ours(name):
+    model, x = _models()[name]
+    batchnorm.convert(model)
+    randomize(model)
+    return model.eval(), x
+
+
+@pytest.mark.parametrize("name", ["resnet", "mlp", "block3d", "residual", "frozen"])
+def test_torch_export_has_standard_ops_and_same_outputs(name):
+    model, x = _ours(name)
+    ep = torch.export.export(model, (x,))
+    ops = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert not any("batchnorm::" in op or op.startswith("batchnorm.") for op in ops), ops
+    assert any("batch_norm" in op for op in ops), ops
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_export_in_training_keeps_our_op():
+    model, x = _ours("mlp")
+    model.train()
+    ep = torch.export.export(model, (x,))
+    assert any("batchnorm" in str(n.target) for n in ep.graph.nodes if n.op == "call_function")
+
+
+def test_onnx_export_batch_normalization_nodes():
+    onnx = pytest.importorskip("onnx")
+    model, x = _ours("residual")
+    model[0] = nn.Identity()  # the stem BN then follows nothing: ONNX cannot fold it away
+    x = torch.randn(2, 4, 6, 6)
+    # optimize=False: onnxscript's optimizer would fold BatchNormalization into Conv.
+    program = torch.onnx.export(model, (x,), dynamo=True, optimize=False, verbose=False)
+    proto = program.model_proto
+    onnx.checker.check_model(proto)
+    kinds = [node.op_type for node in proto.graph.node]
+    assert kinds.count("BatchNormalization") == 3 and "Relu" in kinds, kinds
+    assert not any(node.domain.startswith("batchnorm") for node in proto.graph.node)
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(out), model(x), rtol=1e-5, atol=1e-5)
