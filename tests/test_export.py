@@ -66,3 +66,22 @@ def test_onnx_export_batch_normalization_nodes():
     (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(out), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_export_without_running_stats_uses_standard_ops():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3),
+                          batchnorm.BatchNorm2d(4, track_running_stats=False, activation="relu"))
+    model.eval()
+    x = torch.randn(2, 3, 6, 6)
+    ep = torch.export.export(model, (x,))
+    assert not any("batchnorm" in str(n.target) for n in ep.graph.nodes if n.op == "call_function")
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_folded_model_exports():
+    model, x = _ours("residual")
+    folded, _ = batchnorm.fold(model)
+    ep = torch.export.export(folded, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-5, atol=1e-5)

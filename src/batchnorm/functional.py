@@ -168,9 +168,10 @@ def batch_norm_resolved(input, running_mean, running_var, weight, bias, training
     """:func:`batch_norm` with the activation already resolved to ``(name, slope)``."""
     validate(input, running_mean, running_var, weight, bias, training, momentum, eps,
              residual, num_batches_tracked)
-    if not training and torch.compiler.is_exporting():
-        return _standard_eval(input, running_mean, running_var, weight, bias, eps,
-                              activation, slope, residual)
+    # While exporting, what changes no state is written with torch's ops (see below).
+    if (not training or running_mean is None) and torch.compiler.is_exporting():
+        return _standard_ops(input, running_mean, running_var, weight, bias, eps,
+                             activation, slope, residual)
     shape = input.shape
     channels_last = ops.is_channels_last(input)
     x = ops.to_kernel_view(input, channels_last)
@@ -186,9 +187,10 @@ def batch_norm_resolved(input, running_mean, running_var, weight, bias, training
     return ops.from_kernel_view(y, shape, channels_last)
 
 
-def _standard_eval(input, running_mean, running_var, weight, bias, eps, activation, slope,
-                   residual) -> Tensor:
-    """Evaluation written with torch's own ops, used while ``torch.export`` traces.
+def _standard_ops(input, running_mean, running_var, weight, bias, eps, activation, slope,
+                  residual) -> Tensor:
+    """Batch norm written with torch's own ops, used while ``torch.export`` traces: in eval,
+    and with batch statistics where no running ones exist (``track_running_stats=False``).
 
     The exported graph then holds ``aten`` batch norm and activation ops, which every
     consumer knows (ONNX ``BatchNormalization`` + ``Relu``...), instead of our custom op,
@@ -196,7 +198,7 @@ def _standard_eval(input, running_mean, running_var, weight, bias, eps, activati
     inf/NaN there, as in torch, instead of ``bias``.
     """
     y = torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias,
-                                       False, 0.0, eps)
+                                       running_mean is None, 0.0, eps)
     if residual is not None:
         y = y + residual
     act = activation_module(activation, slope)

@@ -4,7 +4,7 @@
 previous layer, for inference), ``freeze``/``unfreeze`` and ``FrozenBatchNorm1d/2d/3d``,
 ``recalibrate`` (precise BN), Keras/Flax weight conventions, and ``benchmark_fold``.
 Export (``torch.export``, ONNX) needs no tool: in eval, our layers export as torch's own
-batch norm and activation ops (see ``functional._standard_eval``).
+batch norm and activation ops (see ``functional._standard_ops``).
 """
 
 from .bench import benchmark_fold, small_resnet

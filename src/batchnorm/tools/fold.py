@@ -31,27 +31,47 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
+_INPLACE_ACTIVATIONS = {
+    "relu": lambda y, slope: torch.relu_(y),
+    "leaky_relu": lambda y, slope: torch.nn.functional.leaky_relu_(y, slope),
+    "silu": lambda y, slope: torch.nn.functional.silu(y, inplace=True),
+    "sigmoid": lambda y, slope: torch.sigmoid_(y),
+    "tanh": lambda y, slope: torch.tanh_(y),
+}
+
+
 class ChannelAffine(nn.Module):
     """``act(x * scale + shift + residual)`` per channel (dim 1): what is left of a batch
     norm after :func:`fold`. ``scale``/``shift`` are None when the batch norm went into the
-    layer before it; the module then only applies the residual and activation it fused."""
+    layer before it; the module then only applies the residual and activation it fused.
+
+    ``inplace``: the input is a tensor nothing else reads (``fold`` sets it when the layer
+    before feeds only this one), so the residual and activation may overwrite it. The
+    activation always runs in place on a tensor this module made: each fresh tensor an
+    inference pass allocates costs page faults on the CPU (see DESIGN.md). The ops used
+    in place do not need their input for backward, so autograd still works.
+    """
 
     def __init__(self, scale: Tensor | None, shift: Tensor | None, activation: str = "none",
-                 slope: float = 0.0) -> None:
+                 slope: float = 0.0, inplace: bool = False) -> None:
         super().__init__()
         self.register_buffer("scale", scale)
         self.register_buffer("shift", shift)
         self.activation, self.activation_slope = activation, slope
+        self.inplace = inplace
         self.act = F.activation_module(activation, slope) or nn.Identity()
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
-        y = input
+        y, owned = input, self.inplace
         if self.scale is not None:
             view = (-1,) + (1,) * (input.dim() - 2)
-            y = torch.addcmul(self.shift.view(view), y, self.scale.view(view))
+            y, owned = torch.addcmul(self.shift.view(view), y, self.scale.view(view)), True
         if residual is not None:
-            y = y + residual
-        return self.act(y)
+            y, owned = (y.add_(residual) if owned else y + residual), True
+        if self.activation == "none":
+            return y
+        act_ = _INPLACE_ACTIVATIONS.get(self.activation)
+        return act_(y, self.activation_slope) if owned and act_ is not None else self.act(y)
 
     def extra_repr(self) -> str:
         text = "folded" if self.scale is None else f"{self.scale.shape[0]}"
@@ -200,7 +220,8 @@ def fold(model: nn.Module) -> tuple[nn.Module, FoldReport]:
         s, t = _affine_of(bn)
         if name in pairs:
             _fold_into(new.get_submodule(pairs[name]), s, t)
-            repl = ChannelAffine(None, None, *_activation_of(bn))
+            # The layer's output feeds only this module: it may be overwritten.
+            repl = ChannelAffine(None, None, *_activation_of(bn), inplace=True)
             report.folded.append((name, pairs[name]))
         else:
             dt = bn.running_mean.dtype
