@@ -1,0 +1,172 @@
+"""Module surface: lazy modules, repr, resets, the activation argument's forms, dtype and
+device moves, and the constructor's torch-compatible signature."""
+
+import copy
+import inspect
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import batchnorm
+
+PAIRS = [(batchnorm.BatchNorm1d, nn.BatchNorm1d, (5, 4, 3)),
+         (batchnorm.BatchNorm2d, nn.BatchNorm2d, (3, 4, 3, 2)),
+         (batchnorm.BatchNorm3d, nn.BatchNorm3d, (2, 4, 2, 2, 3))]
+LAZY = [(batchnorm.LazyBatchNorm1d, nn.LazyBatchNorm1d, (5, 4, 3)),
+        (batchnorm.LazyBatchNorm2d, nn.LazyBatchNorm2d, (3, 4, 3, 2)),
+        (batchnorm.LazyBatchNorm3d, nn.LazyBatchNorm3d, (2, 4, 2, 2, 3))]
+
+
+@pytest.mark.parametrize("ours_cls,torch_cls", [p[:2] for p in PAIRS + LAZY],
+                         ids=lambda c: getattr(c, "__module__", "")[:5] + c.__name__)
+def test_constructor_signature_is_torchs_plus_activation(ours_cls, torch_cls):
+    ours = inspect.signature(ours_cls.__init__).parameters
+    theirs = inspect.signature(torch_cls.__init__).parameters
+    for name, p in theirs.items():
+        assert name in ours, name
+        assert ours[name].default == p.default and ours[name].kind == p.kind, name
+    assert set(ours) - set(theirs) == {"activation"}
+    assert ours["activation"].kind == inspect.Parameter.KEYWORD_ONLY
+
+
+@pytest.mark.parametrize("lazy_cls,torch_lazy,shape", LAZY, ids=["1d", "2d", "3d"])
+@pytest.mark.parametrize("kwargs", [{}, dict(affine=False), dict(bias=False),
+                                    dict(track_running_stats=False), dict(momentum=None)],
+                         ids=["default", "noaffine", "nobias", "notrack", "cumulative"])
+def test_lazy_module_becomes_the_eager_one(lazy_cls, torch_lazy, shape, kwargs, gen):
+    ours, theirs = lazy_cls(**kwargs), torch_lazy(**kwargs)
+    assert ours.has_uninitialized_params() == theirs.has_uninitialized_params()
+    x = torch.randn(shape, generator=gen) * 3 + 1
+    y, yt = ours(x), theirs(x)
+    assert type(ours) is lazy_cls.cls_to_become
+    assert ours.num_features == theirs.num_features == 4
+    assert not any(isinstance(t, nn.parameter.UninitializedTensorMixin)
+                   for t in list(ours.parameters()) + list(ours.buffers()))
+    torch.testing.assert_close(y, yt)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    for k, v in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[k], v, msg=k)
+
+
+def test_lazy_module_with_activation_and_dtype(gen):
+    lazy = batchnorm.LazyBatchNorm2d(activation=nn.LeakyReLU(0.3), dtype=torch.float64)
+    x = torch.randn(3, 5, 2, 2, generator=gen, dtype=torch.float64)
+    y = lazy(x)
+    ref = nn.functional.leaky_relu(nn.functional.batch_norm(x, None, None, training=True), 0.3)
+    torch.testing.assert_close(y, ref)
+    assert lazy.weight.dtype == torch.float64 and lazy.weight.shape == (5,)
+    assert lazy.activation == "leaky_relu" and lazy.activation_slope == 0.3
+
+
+def test_lazy_module_loads_a_state_dict(gen):
+    source = batchnorm.BatchNorm2d(6)
+    with torch.no_grad():
+        source.running_mean.copy_(torch.randn(6, generator=gen))
+        source.weight.copy_(torch.randn(6, generator=gen))
+    lazy = batchnorm.LazyBatchNorm2d()
+    lazy.load_state_dict(source.state_dict())
+    x = torch.randn(2, 6, 3, 3, generator=gen)
+    torch.testing.assert_close(lazy.eval()(x), source.eval()(x))
+    assert lazy.weight.shape == lazy.running_var.shape == (6,)
+
+
+@pytest.mark.parametrize("ours_cls,torch_cls,shape", PAIRS, ids=["1d", "2d", "3d"])
+def test_repr_is_torchs_plus_the_activation(ours_cls, torch_cls, shape):
+    for kwargs in ({}, dict(eps=0.0, momentum=None), dict(affine=False, bias=False),
+                   dict(track_running_stats=False)):
+        assert repr(ours_cls(4, **kwargs)) == repr(torch_cls(4, **kwargs))
+    assert repr(ours_cls(4, activation="silu")).endswith(
+        "track_running_stats=True, activation='silu')")
+    assert repr(ours_cls(4, activation=nn.LeakyReLU(0.2))).endswith(
+        "activation='leaky_relu', negative_slope=0.2)")
+
+
+def test_reset_parameters_and_running_stats(gen):
+    bn = batchnorm.BatchNorm2d(3)
+    for _ in range(2):
+        bn(torch.randn(4, 3, 2, 2, generator=gen) + 5)
+    with torch.no_grad():
+        bn.weight.mul_(3)
+        bn.bias.add_(2)
+    bn.reset_running_stats()
+    assert bn.running_mean.eq(0).all() and bn.running_var.eq(1).all()
+    assert bn.num_batches_tracked.item() == 0
+    assert bn.weight.eq(3).all()  # parameters stay
+    bn(torch.randn(4, 3, 2, 2, generator=gen) + 5)
+    bn.reset_parameters()
+    assert bn.weight.eq(1).all() and bn.bias.eq(0).all()
+    assert bn.running_mean.eq(0).all() and bn.num_batches_tracked.item() == 0
+    # Neither fails without the state they would reset.
+    batchnorm.BatchNorm2d(3, affine=False, track_running_stats=False).reset_parameters()
+
+
+@pytest.mark.parametrize("activation,name,slope", [
+    (None, "none", None),
+    ("relu", "relu", None),
+    (nn.ReLU(), "relu", None),
+    (nn.ReLU(inplace=True), "relu", None),
+    ("leaky_relu", "leaky_relu", 0.01),
+    (nn.LeakyReLU(), "leaky_relu", 0.01),
+    (nn.LeakyReLU(0.2), "leaky_relu", 0.2),
+    (nn.LeakyReLU(negative_slope=1.5), "leaky_relu", 1.5),
+    ("silu", "silu", None), (nn.SiLU(), "silu", None),
+    ("gelu", "gelu", None), (nn.GELU(), "gelu", None),
+    ("gelu_tanh", "gelu_tanh", None), (nn.GELU(approximate="tanh"), "gelu_tanh", None),
+    ("sigmoid", "sigmoid", None), (nn.Sigmoid(), "sigmoid", None),
+    ("tanh", "tanh", None), (nn.Tanh(), "tanh", None),
+])
+def test_activation_forms(activation, name, slope, gen):
+    bn = batchnorm.BatchNorm1d(3, activation=activation, dtype=torch.float64)
+    assert bn.activation == name
+    if slope is not None:
+        assert bn.activation_slope == slope
+    x = torch.randn(6, 3, generator=gen, dtype=torch.float64) * 2
+    plain = nn.functional.batch_norm(x, None, None, training=True, eps=bn.eps)
+    torch_act = {"none": lambda t: t, "relu": torch.relu,
+                 "leaky_relu": lambda t: nn.functional.leaky_relu(t, slope or 0.01),
+                 "silu": nn.functional.silu, "gelu": nn.functional.gelu,
+                 "gelu_tanh": lambda t: nn.functional.gelu(t, approximate="tanh"),
+                 "sigmoid": torch.sigmoid, "tanh": torch.tanh}[name]
+    torch.testing.assert_close(bn(x), torch_act(plain))
+
+
+def test_residual_keyword_and_positional(gen):
+    bn = batchnorm.BatchNorm2d(2, activation="relu")
+    x, r = torch.randn(3, 2, 2, 2, generator=gen), torch.randn(3, 2, 2, 2, generator=gen)
+    a = copy.deepcopy(bn)(x, r)
+    b = copy.deepcopy(bn)(x, residual=r)
+    assert torch.equal(a, b)
+    plain = batchnorm.BatchNorm2d(2)
+    plain.load_state_dict(bn.state_dict())
+    torch.testing.assert_close(a, torch.relu(plain(x) + r))
+
+
+def test_dtype_and_device_moves(gen):
+    bn = batchnorm.BatchNorm2d(3, activation="tanh").double()
+    assert bn.weight.dtype == bn.running_mean.dtype == torch.float64
+    assert bn.num_batches_tracked.dtype == torch.long
+    x = torch.randn(2, 3, 2, 2, generator=gen, dtype=torch.float64)
+    assert bn(x).dtype == torch.float64
+    bn = bn.to("cpu", torch.float32)
+    assert bn(x.float()).dtype == torch.float32
+    meta = batchnorm.BatchNorm2d(3, device="meta")
+    assert meta.weight.is_meta and meta.num_batches_tracked.is_meta
+
+
+def test_deepcopy_and_pickle_keep_the_activation(gen):
+    bn = batchnorm.BatchNorm1d(3, momentum=None, activation=nn.LeakyReLU(0.25))
+    x = torch.randn(5, 3, generator=gen)
+    for clone in (copy.deepcopy(bn), pickle.loads(pickle.dumps(bn))):
+        assert clone.activation == "leaky_relu" and clone.activation_slope == 0.25
+        assert clone.momentum is None
+        torch.testing.assert_close(clone(x), copy.deepcopy(bn)(x))
+
+
+def test_docstrings_are_shared_and_filled():
+    for cls in (batchnorm.BatchNorm1d, batchnorm.BatchNorm2d, batchnorm.BatchNorm3d):
+        doc = cls.__doc__
+        assert cls.__name__ in doc and "Default: 0.1" in doc and "eps=0" in doc
+        assert "{name}" not in doc and "{shape}" not in doc
+    assert "BatchNorm2d" in batchnorm.LazyBatchNorm2d.__doc__
