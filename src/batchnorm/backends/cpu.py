@@ -28,6 +28,17 @@ _DTYPES = (torch.float32, torch.float64)
 _TASKS = 16
 # Below this many elements per piece the loop is too short to pay for a task.
 _MIN_PIECE = 4096
+# Below this many elements the serial build runs: waking the worker threads costs more
+# than the work (measured: see bench/README).
+SERIAL_BELOW = 1 << 16
+
+
+def _pick(builds, x: Tensor):
+    return builds[0 if x.numel() >= SERIAL_BELOW else 1]
+
+
+def _view(x: Tensor) -> str:
+    return "mc" if x.dim() == 2 else "ncl"
 
 
 def supports(x: Tensor) -> bool:
@@ -91,9 +102,11 @@ def _elementwise_split(x: Tensor) -> int:
 def stats(x: Tensor) -> tuple[Tensor, Tensor]:
     x = x.contiguous()
     c = x.shape[1]
-    mean = torch.empty(c, dtype=x.dtype)
+    # the mean in float64 (portable.mean_dtype): a float32 mean of data near 1e6 is
+    # spaced 0.0625 apart; the kernel computes it in float64 anyway
+    mean = torch.empty(c, dtype=torch.float64)
     m2 = torch.empty(c, dtype=x.dtype)
-    kernel = K.stats_mc if x.dim() == 2 else K.stats_ncl
+    kernel = _pick(K.STATS[_view(x)], x)
     kernel(_np(x), _reduce_split(x), mean.numpy(), m2.numpy())
     return mean, m2
 
@@ -102,7 +115,7 @@ def normalize(x, mean, invstd, weight, bias, residual, activation: str, slope: f
     x = x.contiguous()
     acc = mean.dtype
     y = torch.empty_like(x)
-    kernel = K.normalize_mc if x.dim() == 2 else K.normalize_ncl
+    kernel = _pick(K.NORMALIZE[_view(x)], x)
     kernel(_np(x), _param(mean, acc), _param(invstd, acc), _param(weight, acc),
            _param(bias, acc), _like(residual, x), K.ACT_CODES[activation], float(slope),
            _elementwise_split(x), y.numpy())
@@ -115,7 +128,7 @@ def backward_reduce(dy, x, mean, invstd, weight, bias, residual, activation: str
     c = x.shape[1]
     sum_dz = torch.empty(c, dtype=acc)
     sum_dzx = torch.empty(c, dtype=acc)
-    kernel = K.reduce_mc if x.dim() == 2 else K.reduce_ncl
+    kernel = _pick(K.REDUCE[_view(x)], x)
     kernel(_like(dy, x), _np(x), _param(mean, acc), _param(invstd, acc), _param(weight, acc),
            _param(bias, acc), _like(residual if activation != "none" else None, x),
            K.ACT_CODES[activation], float(slope), _reduce_split(x), sum_dz.numpy(),
@@ -138,7 +151,7 @@ def backward_elementwise(
             dres = dy.to(rdtype, copy=True)  # d(z)/d(residual) = 1: dz is dy itself
         else:
             dres = kernel_dres = torch.empty_like(x)
-    kernel = K.elementwise_mc if x.dim() == 2 else K.elementwise_ncl
+    kernel = _pick(K.ELEMENTWISE[_view(x)], x)
     kernel(_like(dy, x), _np(x), _param(mean, acc), _param(invstd, acc), _param(weight, acc),
            _param(bias, acc), _like(residual if activation != "none" else None, x),
            _param(sum_dz, acc), _param(sum_dz_xhat, acc), float(max(count, 1)),

@@ -62,6 +62,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import types
+
 from numba import njit, prange
 
 ACT_CODES = {"none": 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4, "gelu_tanh": 5,
@@ -126,7 +128,6 @@ def _dz(dy, z, code, slope):
 # Statistics (no activation: one kernel per view)
 
 
-@njit(parallel=True, cache=True, fastmath=_REDUCE_MATH)
 def stats_ncl(x, pieces, mean_out, m2_out):
     n_, c_, l_ = x.shape
     total = n_ * l_
@@ -163,10 +164,10 @@ def stats_ncl(x, pieces, mean_out, m2_out):
             a1 += s1[c * pieces + p]
             a2 += s2[c * pieces + p]
         mean_out[c] = np.float64(x[0, c, 0]) + a1 / total
-        m2_out[c] = max(a2 - a1 * a1 / total, 0.0)
+        m2 = a2 - a1 * a1 / total
+        m2_out[c] = 0.0 if m2 < 0 else m2  # rounding can dip below 0; NaN stays NaN
 
 
-@njit(parallel=True, cache=True, fastmath=_REDUCE_MATH)
 def stats_mc(x, blocks, mean_out, m2_out):
     m_, c_ = x.shape
     s1 = np.zeros((blocks, c_), np.float64)
@@ -192,7 +193,8 @@ def stats_mc(x, blocks, mean_out, m2_out):
             a1 += s1[b, c]
             a2 += s2[b, c]
         mean_out[c] = shift[c] + a1 / m_
-        m2_out[c] = max(a2 - a1 * a1 / m_, 0.0)
+        m2 = a2 - a1 * a1 / m_
+        m2_out[c] = 0.0 if m2 < 0 else m2  # rounding can dip below 0; NaN stays NaN
 
 
 
@@ -241,7 +243,6 @@ def _norm_ncl_row(x, res, y, n, c, l0, l1, m, s, b, code, slope, has_res):
         yr[l] = _act(z, code, slope)
 
 
-@njit(parallel=True, cache=True)
 def normalize_ncl(x, mean, invstd, weight, bias, res, code, slope, pieces, y):
     n_, c_, l_ = x.shape
     scale = np.empty_like(mean)
@@ -285,7 +286,6 @@ def _norm_mc_rows(x, res, y, r0, r1, mean, scale, shift, code, slope, has_res):
             yr[c] = _act(z, code, slope)
 
 
-@njit(parallel=True, cache=True)
 def normalize_mc(x, mean, invstd, weight, bias, res, code, slope, blocks, y):
     m_ = x.shape[0]
     scale = np.empty_like(mean)
@@ -341,7 +341,6 @@ def _reduce_ncl_span(dy, x, res, i0, i1, c, m, s, b, code, slope, has_res):
     return a1, a2
 
 
-@njit(parallel=True, cache=True, fastmath=_REDUCE_MATH)
 def reduce_ncl(dy, x, mean, invstd, weight, bias, res, code, slope, pieces, sum_dz, sum_dzx):
     n_, c_, l_ = x.shape
     total = n_ * l_
@@ -401,7 +400,6 @@ def _reduce_mc_rows(dy, x, res, r0, r1, mean, scale, shift, a1, a2, code, slope,
             a2[c] += g * np.float64(xc)
 
 
-@njit(parallel=True, cache=True, fastmath=_REDUCE_MATH)
 def reduce_mc(dy, x, mean, invstd, weight, bias, res, code, slope, blocks, sum_dz, sum_dzx):
     m_, c_ = x.shape
     scale = np.empty_like(mean)
@@ -461,7 +459,6 @@ def _dx_ncl_row(dy, x, res, dx, dres, n, c, l0, l1, m, s, b, a0, a1, a2, code, s
             drr[l] = g
 
 
-@njit(parallel=True, cache=True)
 def elementwise_ncl(dy, x, mean, invstd, weight, bias, res, sum_dz, sum_dzx, count, code,
                     slope, pieces, dx, dres):
     n_, c_, l_ = x.shape
@@ -528,7 +525,6 @@ def _dx_mc_rows(dy, x, res, dx, dres, r0, r1, mean, scale, shift, k0, k1, k2, co
                 drr[c] = g
 
 
-@njit(parallel=True, cache=True)
 def elementwise_mc(dy, x, mean, invstd, weight, bias, res, sum_dz, sum_dzx, count, code,
                    slope, blocks, dx, dres):
     m_ = x.shape[0]
@@ -560,3 +556,29 @@ def elementwise_mc(dy, x, mean, invstd, weight, bias, res, sum_dz, sum_dzx, coun
         else:
             _dx_mc_rows(dy, x, res, dx, dres, r0, r1, mean, scale, shift, k0, k1, k2, code,
                         slope, has_res, want_dres)
+
+
+# ---------------------------------------------------------------------------------------
+# Parallel and serial builds
+
+
+def _twin(f, suffix: str):
+    """A copy of ``f`` under another name: numba's cache is keyed by the function's
+    qualified name, and two builds of one function (parallel, serial) would overwrite
+    each other's cache entries."""
+    code = f.__code__.replace(co_name=f.__name__ + suffix, co_qualname=f.__qualname__ + suffix)
+    return types.FunctionType(code, f.__globals__, f.__name__ + suffix, f.__defaults__,
+                              f.__closure__)
+
+
+def _builds(f, fastmath=False):
+    # parallel=True wakes the worker threads on every call (tens of µs on an idle
+    # machine, milliseconds on a loaded one); small tensors take the serial build
+    return (njit(parallel=True, cache=True, fastmath=fastmath)(f),
+            njit(cache=True, fastmath=fastmath)(_twin(f, "_serial")))
+
+
+STATS = {"ncl": _builds(stats_ncl, _REDUCE_MATH), "mc": _builds(stats_mc, _REDUCE_MATH)}
+NORMALIZE = {"ncl": _builds(normalize_ncl), "mc": _builds(normalize_mc)}
+REDUCE = {"ncl": _builds(reduce_ncl, _REDUCE_MATH), "mc": _builds(reduce_mc, _REDUCE_MATH)}
+ELEMENTWISE = {"ncl": _builds(elementwise_ncl), "mc": _builds(elementwise_mc)}

@@ -1,0 +1,233 @@
+"""The numba CPU backend's primitives against the portable ones computed in float64.
+
+The shared parity suite (``backend`` fixture) runs the whole module stack on this backend;
+these tests reach into the primitives and kernels themselves: both kernel views, every
+activation, residual and absent weight/bias, large means, constant channels, outputs
+poisoned with NaN before the kernels write them, and the split-within-a-channel parallel
+path that few channels with a large N·L take.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("numba")
+
+from batchnorm.backends import cpu, portable  # noqa: E402
+from batchnorm.backends import cpu_kernels as K  # noqa: E402
+from batchnorm.backends.portable import ACTIVATIONS  # noqa: E402
+
+from tolerances import assert_close  # noqa: E402
+
+# (N, C, L) and (M, C) views; the small ones take the serial build, the big ones the
+# parallel build with a channel cut into pieces (C = 2 < the 16 tasks wanted).
+SMALL = {"ncl": (4, 3, 50), "mc": (64, 5)}
+LARGE = {"ncl": (3, 2, 40_000), "mc": (70_000, 2)}
+SLOPE = 0.2
+
+
+def _data(shape, dtype, gen, loc=0.0, scale=1.0):
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale + loc).to(dtype)
+
+
+def _case(shape, dtype, seed, with_affine=True, with_residual=False, loc=0.0):
+    gen = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    x = _data(shape, dtype, gen, loc=loc, scale=2.0)
+    dy = _data(shape, dtype, gen)
+    w = _data((c,), torch.float32, gen) if with_affine else None
+    b = _data((c,), torch.float32, gen) if with_affine else None
+    r = _data(shape, dtype, gen) if with_residual else None
+    return x, dy, w, b, r
+
+
+def _d(t):
+    return None if t is None else t.double()
+
+
+def _stats_for(x):
+    """mean (acc dtype, for the elementwise primitives) and invstd, from float64 stats."""
+    mean, m2 = portable.stats(x.double())
+    n = x.numel() // x.shape[1]
+    invstd = torch.rsqrt(m2 / n + 1e-5)
+    acc = portable.acc_dtype(x.dtype)
+    return mean.to(acc), invstd.to(acc), n
+
+
+@pytest.mark.parametrize("view", ["ncl", "mc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_stats(view, dtype, size):
+    shape = (SMALL if size == "small" else LARGE)[view]
+    x, *_ = _case(shape, dtype, seed=1, loc=3.0)
+    mean, m2 = cpu.stats(x)
+    ref_mean, ref_m2 = portable.stats(x.double())
+    assert mean.dtype == torch.float64 and m2.dtype == dtype
+    assert_close(mean, ref_mean, dtype)
+    assert_close(m2, ref_m2, dtype, scale=4)
+    # the split into pieces depends on the shape only: bitwise reproducible
+    mean2, m22 = cpu.stats(x)
+    assert torch.equal(mean, mean2) and torch.equal(m2, m22)
+
+
+@pytest.mark.parametrize("view", ["ncl", "mc"])
+def test_stats_large_mean_and_constant_channel(view):
+    shape = LARGE[view]
+    gen = torch.Generator().manual_seed(2)
+    x = (1e6 + torch.randn(shape, generator=gen, dtype=torch.float64)).float()
+    const = 376_543.25  # exactly representable in float32
+    if view == "ncl":
+        x[:, 1] = const
+    else:
+        x[:, 1] = const
+    mean, m2 = cpu.stats(x)
+    ref_mean, ref_m2 = portable.stats(x.double())
+    # the float32 data's own mean, to float64 precision; the raw Σx² − (Σx)²/n formula
+    # would have lost every digit of m2 here
+    torch.testing.assert_close(mean[0], ref_mean[0], rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(m2[0].double(), ref_m2[0], rtol=1e-5, atol=0)
+    assert mean[1].item() == const and m2[1].item() == 0.0
+
+
+@pytest.mark.parametrize("view", ["ncl", "mc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("variant", ["affine", "residual", "plain"])
+def test_primitives_match_float64(view, dtype, activation, variant):
+    shape = SMALL[view]
+    x, dy, w, b, r = _case(shape, dtype, seed=3, with_affine=variant != "plain",
+                           with_residual=variant == "residual")
+    mean, invstd, n = _stats_for(x)
+    args = (mean, invstd, w, b, r)
+    d_args = (mean.double(), invstd.double(), _d(w), _d(b), _d(r))
+
+    y = cpu.normalize(x, *args, activation, SLOPE)
+    ref_y = portable.normalize(x.double(), *d_args, activation, SLOPE)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_close(y, ref_y, dtype, scale=2)
+
+    sums = cpu.backward_reduce(dy, x, *args, activation, SLOPE)
+    ref_sums = portable.backward_reduce(dy.double(), x.double(), *d_args, activation, SLOPE)
+    for got, ref in zip(sums, ref_sums):
+        assert got.dtype == portable.acc_dtype(dtype)
+        assert_close(got, ref, dtype, scale=10 * n ** 0.5)
+
+    for training in (True, False):
+        s = sums if training else (None, None)
+        rs = ref_sums if training else (None, None)
+        want_dres = r is not None
+        dx, dres = cpu.backward_elementwise(dy, x, *args, *s, n, activation, SLOPE, want_dres)
+        ref_dx, ref_dres = portable.backward_elementwise(
+            dy.double(), x.double(), *d_args, *rs, n, activation, SLOPE, want_dres)
+        assert_close(dx, ref_dx, dtype, scale=10)
+        if want_dres:
+            assert_close(dres, ref_dres, dtype, scale=2)
+        else:
+            assert dres is None
+
+
+@pytest.mark.parametrize("view", ["ncl", "mc"])
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu"])
+def test_parallel_path_splits_channels(view, activation):
+    """Two channels and a large N·L: every core works inside a channel."""
+    shape = LARGE[view]
+    assert np.prod(shape) >= cpu.SERIAL_BELOW
+    assert cpu._reduce_split(torch.empty(shape)) > 1
+    x, dy, w, b, r = _case(shape, torch.float32, seed=4, with_residual=True)
+    mean, invstd, n = _stats_for(x)
+    d_args = (mean.double(), invstd.double(), _d(w), _d(b), _d(r))
+    y = cpu.normalize(x, mean, invstd, w, b, r, activation, SLOPE)
+    assert_close(y, portable.normalize(x.double(), *d_args, activation, SLOPE), scale=2)
+    sums = cpu.backward_reduce(dy, x, mean, invstd, w, b, r, activation, SLOPE)
+    ref = portable.backward_reduce(dy.double(), x.double(), *d_args, activation, SLOPE)
+    for got, want in zip(sums, ref):
+        assert_close(got, want, torch.float32, scale=10 * n ** 0.5)
+    dx, dres = cpu.backward_elementwise(dy, x, mean, invstd, w, b, r, *sums, n, activation,
+                                        SLOPE, True)
+    ref_dx, ref_dres = portable.backward_elementwise(
+        dy.double(), x.double(), *d_args, *ref, n, activation, SLOPE, True)
+    assert_close(dx, ref_dx, scale=10)
+    assert_close(dres, ref_dres, scale=2)
+
+
+@pytest.mark.parametrize("view", ["ncl", "mc"])
+@pytest.mark.parametrize("build", [0, 1], ids=["parallel", "serial"])
+@pytest.mark.parametrize("activation", ["none", "relu", "silu"])
+def test_kernels_write_every_element(view, build, activation):
+    """Outputs start as NaN: a skipped element (a wrong piece bound) shows up."""
+    shape = LARGE[view] if build == 0 else SMALL[view]
+    x, dy, w, b, r = _case(shape, torch.float32, seed=5, with_residual=True)
+    mean, invstd, n = _stats_for(x)
+    code = K.ACT_CODES[activation]
+    xs = cpu._elementwise_split(x)
+    rs = cpu._reduce_split(x)
+    np_args = (mean.numpy(), invstd.numpy(), w.numpy(), b.numpy(), r.numpy())
+
+    y = np.full(shape, np.nan, np.float32)
+    K.NORMALIZE[view][build](x.numpy(), *np_args, code, SLOPE, xs, y)
+    assert not np.isnan(y).any()
+
+    s1 = np.full(shape[1], np.nan, np.float32)
+    s2 = np.full(shape[1], np.nan, np.float32)
+    K.REDUCE[view][build](dy.numpy(), x.numpy(), *np_args, code, SLOPE, rs, s1, s2)
+    assert not np.isnan(s1).any() and not np.isnan(s2).any()
+
+    dx = np.full(shape, np.nan, np.float32)
+    # with no activation dresidual is dy itself: the wrapper copies it, the kernel does not
+    want_dres = activation != "none"
+    dres = np.full(shape if want_dres else (0,) * len(shape), np.nan, np.float32)
+    K.ELEMENTWISE[view][build](dy.numpy(), x.numpy(), *np_args, s1, s2, float(n), code,
+                               SLOPE, xs, dx, dres)
+    assert not np.isnan(dx).any() and not np.isnan(dres).any()
+
+    mean64 = np.full(shape[1], np.nan)
+    m2 = np.full(shape[1], np.nan, np.float32)
+    K.STATS[view][build](x.numpy(), rs, mean64, m2)
+    assert not np.isnan(mean64).any() and not np.isnan(m2).any()
+
+
+def test_parallel_and_serial_builds_agree():
+    x, *_ = _case(LARGE["ncl"], torch.float32, seed=6)
+    rs = cpu._reduce_split(x)
+    out = []
+    for build in (0, 1):
+        mean = np.empty(2)
+        m2 = np.empty(2, np.float32)
+        K.STATS["ncl"][build](x.numpy(), rs, mean, m2)
+        out.append((mean, m2))
+    np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-12)
+    np.testing.assert_allclose(out[0][1], out[1][1], rtol=1e-6)
+
+
+def test_nan_propagates():
+    x, dy, w, b, _ = _case(SMALL["ncl"], torch.float32, seed=7)
+    x[1, 2, 3] = float("nan")
+    mean, m2 = cpu.stats(x)
+    assert torch.isnan(mean[2]) and torch.isnan(m2[2])
+    assert not torch.isnan(mean[:2]).any()
+    y = cpu.normalize(x, mean.float(), torch.ones(3), w, b, None, "relu", 0.0)
+    assert torch.isnan(y[1, 2, 3])
+
+
+def test_zero_invstd_gives_bias_and_zero_grad():
+    """eps = 0 and a zero-variance channel: invstd == 0, output == bias, dx == 0."""
+    x, dy, w, b, _ = _case(SMALL["mc"], torch.float32, seed=8)
+    x[:, 0] = 5.0
+    mean, m2 = cpu.stats(x)
+    invstd = torch.where(m2 > 0, torch.rsqrt(m2 / x.shape[0]), torch.zeros_like(m2))
+    y = cpu.normalize(x, mean.float(), invstd, w, b, None, "none", 0.0)
+    assert torch.equal(y[:, 0], b[0].expand(x.shape[0]))
+    sums = cpu.backward_reduce(dy, x, mean.float(), invstd, w, b, None, "none", 0.0)
+    dx, _ = cpu.backward_elementwise(dy, x, mean.float(), invstd, w, b, None, *sums,
+                                     x.shape[0], "none", 0.0, False)
+    assert torch.equal(dx[:, 0], torch.zeros(x.shape[0]))
+    assert not torch.isnan(dx).any()
+
+
+def test_supports():
+    assert cpu.supports(torch.empty(2, 3))
+    assert cpu.supports(torch.empty(2, 3, 4, dtype=torch.float64))
+    # halves go to the portable backend (see cpu.py)
+    assert not cpu.supports(torch.empty(2, 3, dtype=torch.bfloat16))
+    assert not cpu.supports(torch.empty(2, 3, dtype=torch.float16))
+    assert not cpu.supports(torch.empty(0, 3))
