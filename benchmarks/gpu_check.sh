@@ -11,7 +11,7 @@
 # 4. `python3 -m batchnorm bench --device cuda --csv` if src/batchnorm/bench.py exists;
 # 5. a short table last.
 # Every stage has its own time limit and runs whatever the previous ones did; logs and CSVs
-# go to benchmarks/results/ and, when set (the device machine sets it), to $OUT.
+# go to benchmarks/results/ (logs in logs/) and, when set (the device machine sets it), to $OUT.
 # GPU_CHECK_SECONDS (default 345) is the whole script's budget.
 
 set -u
@@ -21,8 +21,8 @@ export TRITON_DEFAULT_FP_FUSION=1   # Triton >= 3.9 warns when unset; 1 is every
 unset TRITON_INTERPRET              # on the GPU the kernels must compile, not be interpreted
 PY=${PYTHON:-python3}
 RESULTS=benchmarks/results
-mkdir -p "$RESULTS"
-LOGS=("$RESULTS")
+mkdir -p "$RESULTS/logs"
+LOGS=("$RESULTS/logs")
 if [ -n "${OUT:-}" ]; then mkdir -p "$OUT" && LOGS+=("$OUT"); fi
 START=$SECONDS
 BUDGET=${GPU_CHECK_SECONDS:-345}

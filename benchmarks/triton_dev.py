@@ -82,6 +82,7 @@ class Bench:
         self.rows_out = []
         self.summary = []
         self.kernel_sum = {}  # label -> Σ of the four primitives' times (section C)
+        self.host = {}  # label -> host ms to enqueue one step of ours
         self.copy_gbps = float("nan")
         day = datetime.date.today().isoformat()
         slug = self.device.replace(" ", "-").replace("/", "-")
@@ -217,6 +218,17 @@ def section_b(bench: Bench, rows):
                     fns.pop("compile", None)
                     print(f"  torch.compile failed: {type(e).__name__}: {str(e)[:300]}")
             res.update(time_interleaved(fns, reps=bench.args.reps))
+            # Host time to enqueue one step (no synchronization inside): when it exceeds the
+            # device time, the step is host-bound and only a CUDA graph shows the kernels.
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(10):
+                fns["ours"]()
+            host_ms = (time.perf_counter() - t) * 100
+            torch.cuda.synchronize()
+            bench.record(section="B", row=label, mode="bn_relu_fwd_bwd", impl="ours_host_enqueue",
+                         config="default", ms=f"{host_ms:.4f}")
+            bench.host[label] = host_ms
             for impl, ms in res.items():
                 bench.record(section="B", row=label, mode="bn_relu_fwd_bwd", impl=impl,
                              config="default", ms=f"{ms:.4f}",
@@ -397,16 +409,17 @@ def main(argv=None) -> int:
     print(f"\nCSV: {', '.join(bench.paths)}  ({time.time() - bench.t0:.0f} s)")
     print(f"\n== summary: BN+ReLU fwd+bwd on {bench.device}, ms ==")
     print(f"{'row':28s} {'ours':>7s} {'graph':>7s} {'eager':>7s} {'compile':>7s} "
-          f"{'floor*':>7s} {'target':>7s} {'vs torch':>8s} {'target?':>7s} {'Σkernels':>8s}")
+          f"{'floor*':>7s} {'target':>7s} {'vs torch':>8s} {'target?':>7s} {'Σkernels':>8s} "
+          f"{'host':>7s}")
     for label, ours, graph, eager, comp, floor, target in bench.summary:
         best = min(v for v in (eager, comp) if v is not None)
         f = lambda v: f"{v:7.3f}" if v is not None else "      -"  # noqa: E731
         print(f"{label:28s} {f(ours)} {f(graph)} {f(eager)} {f(comp)} {floor:7.3f} "
               f"{target:7.2f} {best / ours:7.2f}x {'yes' if ours <= target else 'no':>7s} "
-              f"{f(bench.kernel_sum.get(label)):>8s}")
+              f"{f(bench.kernel_sum.get(label)):>8s} {f(bench.host.get(label))}")
     print("graph = ours captured in a CUDA graph; Σkernels = the four primitives timed alone "
           "(section C):\nours − Σkernels is the cost of the C-sized torch ops and launches "
-          "around them (ops.py).")
+          "around them (ops.py); host = CPU time to enqueue one step of ours.")
     return 0
 
 
