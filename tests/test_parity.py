@@ -167,7 +167,8 @@ def test_fused_activation_matches_reference_and_torch(backend, gen, activation,
     with torch.no_grad():
         w = torch.randn(4, generator=gen, dtype=dtype) * 0.5 + 1
         b = torch.randn(4, generator=gen, dtype=dtype) * 0.5
-        rm, rv = torch.randn(4, generator=gen, dtype=dtype), torch.rand(4, generator=gen, dtype=dtype) + 0.5
+        rm = torch.randn(4, generator=gen, dtype=dtype)
+        rv = torch.rand(4, generator=gen, dtype=dtype) + 0.5
         for m in (ours, theirs):
             m.weight.copy_(w)
             m.bias.copy_(b)
@@ -180,7 +181,8 @@ def test_fused_activation_matches_reference_and_torch(backend, gen, activation,
     dy = torch.randn(shape, generator=gen, dtype=dtype).to(device)
 
     y = ours(x, r)
-    grads = torch.autograd.grad(y, [x, ours.weight, ours.bias] + ([r] if r is not None else []), dy)
+    grads = torch.autograd.grad(y, [x, ours.weight, ours.bias] + ([r] if r is not None else []),
+                                dy)
 
     # Oracle 1: the float64 reference.
     yr, cache = ref.forward(np64(x), np64(w), np64(b), training=training,
@@ -195,7 +197,8 @@ def test_fused_activation_matches_reference_and_torch(backend, gen, activation,
     # Oracle 2: torch's layer, the residual add and torch's activation, unfused.
     yt = theirs(x) + (r if r is not None else 0)
     yt = act(yt) if act is not None else yt
-    grads_t = torch.autograd.grad(yt, [x, theirs.weight, theirs.bias] + ([r] if r is not None else []), dy)
+    extra = [r] if r is not None else []
+    grads_t = torch.autograd.grad(yt, [x, theirs.weight, theirs.bias] + extra, dy)
     assert_close(y, yt, dtype)
     for got, want in zip(grads, grads_t):
         assert_close(got, want, dtype)
@@ -259,3 +262,26 @@ def test_half_input_float32_params(backend, gen, dtype, layout, activation):
     assert_close(bn.running_mean, torch.from_numpy(rm).to(dev), torch.float32)
     assert_close(bn.running_var, torch.from_numpy(rv).to(dev), torch.float32)
     assert bn.num_batches_tracked.item() == nbt == 1
+
+
+# ---------------------------------------------------------------------------------------
+# Empty batches
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 4), (0, 3, 2, 2), (2, 3, 0, 4)])
+def test_empty_batch_like_torch(backend, shape):
+    """No values: an empty output, zero parameter gradients, the running statistics as
+    they were and, as in torch, the batch counted in num_batches_tracked."""
+    cls = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d"}[len(shape)]
+    ours = getattr(batchnorm, cls)(3, momentum=None, device=backend.device)
+    theirs = getattr(nn, cls)(3, momentum=None, device=backend.device)
+    for m in (ours, theirs):
+        x = torch.randn(shape, device=backend.device, requires_grad=True)
+        y = m(x)
+        y.sum().backward()
+        assert y.shape == x.shape
+    assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item() == 1
+    assert torch.equal(ours.running_mean, theirs.running_mean)
+    assert torch.equal(ours.running_var, theirs.running_var)
+    assert torch.equal(ours.weight.grad, theirs.weight.grad)
+    assert torch.equal(ours.bias.grad, theirs.bias.grad)

@@ -217,3 +217,18 @@ def test_large_mean_float32_matches_float64(backend):
         assert rel(x.grad, gr["dx"], dx_scale) < 1e-4
 
     check()
+
+
+@pytest.mark.parametrize("value", [1e7, -3.0e6, 0.1])
+def test_constant_1e7_float32_gives_exactly_bias(backend, gen, value):
+    """The issue's example: torch's CPU float32 gives |y| up to ~105 for a channel of
+    constant 1e7; ours gives exactly bias."""
+    x = torch.full((8, 3, 5, 5), value, device=backend.device)
+    x[:, 1] = torch.randn(8, 5, 5, generator=gen).to(backend.device)
+    bn = batchnorm.BatchNorm2d(3, device=backend.device)
+    with torch.no_grad():
+        bn.bias.copy_(torch.randn(3, generator=gen))
+    y = bn(x)
+    for ch in (0, 2):
+        assert (y[:, ch] == bn.bias[ch]).all()
+    assert bn.running_var[0].item() == pytest.approx(0.9, rel=1e-7)  # 0.9·1 + 0.1·0

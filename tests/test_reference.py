@@ -26,7 +26,8 @@ def _close(a, b, **tol):
 
 
 def test_module_imports_nothing_from_the_package():
-    source = open(ref.__file__).read()
+    with open(ref.__file__) as f:
+        source = f.read()
     assert "from ." not in source and "import batchnorm" not in source
     assert "import torch" not in source
 
@@ -99,7 +100,8 @@ def test_unknown_activation_raises():
         ref.activation_grad(np.zeros(2), "relu6")
 
 
-@pytest.mark.parametrize("activation,training", list(itertools.product(ref.ACTIVATIONS, [True, False])))
+@pytest.mark.parametrize("activation,training",
+                         list(itertools.product(ref.ACTIVATIONS, [True, False])))
 def test_fused_backward_matches_torch_autograd(activation, training, gen):
     """The analytic backward with activation and residual against autograd through
     torch's unfused ops."""

@@ -181,6 +181,9 @@ def batch_norm_resolved(input, running_mean, running_var, weight, bias, training
         if x.numel() > 0:
             ops.update_running_stats(running_mean, running_var, num_batches_tracked, mean,
                                      var, x.numel() // x.shape[1], momentum)
+        elif num_batches_tracked is not None:
+            # As torch: an empty batch is counted, the running statistics stay.
+            num_batches_tracked.add_(1)
     else:
         y, _, _ = ops.batch_norm(x, weight, bias, r, running_mean, running_var, eps,
                                  activation, slope)

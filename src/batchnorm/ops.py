@@ -21,6 +21,8 @@ Tensors reaching the ops are *kernel views* (see ``backends/portable.py``);
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -48,7 +50,8 @@ def to_kernel_view(x: Tensor, channels_last: bool) -> Tensor:
         return x.contiguous()
     if channels_last:
         return x.movedim(1, -1).contiguous().view(-1, c)
-    return x.contiguous().view(x.shape[0], c, -1)
+    # L spelled out: view(N, C, -1) is ambiguous for an empty batch.
+    return x.contiguous().view(x.shape[0], c, math.prod(x.shape[2:]))
 
 
 def from_kernel_view(v: Tensor, shape: torch.Size, channels_last: bool) -> Tensor:
