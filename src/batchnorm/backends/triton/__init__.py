@@ -84,7 +84,26 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _np2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    # Not triton.next_power_of_2: in Triton 3.9 that is a wrapped constexpr function costing
+    # ~20 µs a call on the host, which is per launch.
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def _cached(fn):
+    """Memoize a launch plan on (shape, device, CONFIG): plans are pure functions of those,
+    and the host time of a step matters for the small rows."""
+    cache = {}
+
+    def wrapper(x: Tensor):
+        key = (tuple(x.shape), x.device, tuple(CONFIG.values()))
+        plan = cache.get(key)
+        if plan is None:
+            if len(cache) > 4096:
+                cache.clear()
+            plan = cache[key] = fn(x)
+        return plan
+    wrapper.__wrapped__ = fn
+    return wrapper
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -107,6 +126,7 @@ class _NullContext:
 # Launch geometry
 
 
+@_cached
 def _reduce_plan(x: Tensor) -> dict:
     """Tiles and the split of each channel's values over programs, for stage 1."""
     tile = CONFIG["reduce_tile"]
@@ -135,11 +155,13 @@ def _reduce_plan(x: Tensor) -> dict:
                 BLOCK_N=block_n, BLOCK_L=block_l)
 
 
-def _merge_grid(c: int) -> tuple[tuple[int], int, int]:
-    block_c = min(_np2(c), CONFIG["merge_block_c"])
-    return (_cdiv(c, block_c),), CONFIG["merge_block_p"], block_c
+@functools.lru_cache(maxsize=1024)
+def _merge_grid(c: int, block_c_max: int) -> tuple[tuple[int], int]:
+    block_c = min(_np2(c), block_c_max)
+    return (_cdiv(c, block_c),), block_c
 
 
+@_cached
 def _elem_plan(x: Tensor) -> dict:
     """(R, K, C) and the tile of the elementwise passes."""
     tile = CONFIG["elem_tile"]
@@ -187,24 +209,23 @@ def stats(x: Tensor) -> tuple[Tensor, Tensor]:
         return mean.zero_(), m2.zero_()
     plan = _reduce_plan(x)
     p = plan["P"]
-    pcount = torch.empty((p, c), dtype=acc, device=x.device)
-    pmean = torch.empty_like(pcount)
-    pm2 = torch.empty_like(pcount)
+    # count, mean and m2 planes of the partials in one allocation (host time per launch)
+    part = torch.empty((3, p, c), dtype=acc, device=x.device)
     warps = CONFIG["reduce_warps"]
     with _device_guard(x):
         if plan["cl"]:
             _reduce.stats_partial_mc[plan["grid"]](
-                x, pcount, pmean, pm2, x.shape[0], c, plan["rows"], plan["ncb"],
+                x, part, x.shape[0], c, plan["rows"], plan["ncb"], p * c,
                 BLOCK_M=plan["BLOCK_M"], BLOCK_C=plan["BLOCK_C"], num_warps=warps)
             shift_stride = 1
         else:
             _reduce.stats_partial_ncl[plan["grid"]](
-                x, pcount, pmean, pm2, x.shape[0], c, x.shape[2], plan["rows"], plan["cols"],
-                plan["p_l"], BLOCK_N=plan["BLOCK_N"], BLOCK_L=plan["BLOCK_L"], num_warps=warps)
+                x, part, x.shape[0], c, x.shape[2], plan["rows"], plan["cols"], plan["p_l"],
+                p * c, BLOCK_N=plan["BLOCK_N"], BLOCK_L=plan["BLOCK_L"], num_warps=warps)
             shift_stride = x.shape[2]
-        grid, block_p, block_c = _merge_grid(c)
-        _reduce.stats_merge[grid](x, pcount, pmean, pm2, mean, m2, p, c, shift_stride,
-                                  BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
+        grid, block_c = _merge_grid(c, CONFIG["merge_block_c"])
+        _reduce.stats_merge[grid](x, part, mean, m2, p, c, shift_stride, p * c,
+                                  BLOCK_P=CONFIG["merge_block_p"], BLOCK_C=block_c, num_warps=4)
     return mean, m2
 
 
@@ -256,23 +277,22 @@ def backward_reduce(dy, x, mean, invstd, weight, bias, residual, activation: str
     mean, invstd = mean.to(acc).contiguous(), invstd.to(acc).contiguous()
     plan = _reduce_plan(x)
     p = plan["P"]
-    psdz = torch.empty((p, c), dtype=acc, device=x.device)
-    psdzx = torch.empty_like(psdz)
+    part = torch.empty((2, p, c), dtype=acc, device=x.device)  # Σdz and Σdz·x̂ planes
     flags = dict(ACT=act, HAS_W=weight is not None, HAS_B=bias is not None,
                  HAS_RES=residual is not None and act != 0, num_warps=CONFIG["reduce_warps"])
     common = (dy, x, _dummy(residual, x), mean, invstd, _dummy(weight, mean),
-              _dummy(bias, mean), psdz, psdzx)
+              _dummy(bias, mean), part)
     with _device_guard(x):
         if plan["cl"]:
             _reduce.backward_partial_mc[plan["grid"]](
-                *common, x.shape[0], c, plan["rows"], plan["ncb"], hi, lo,
+                *common, x.shape[0], c, plan["rows"], plan["ncb"], p * c, hi, lo,
                 BLOCK_M=plan["BLOCK_M"], BLOCK_C=plan["BLOCK_C"], **flags)
         else:
             _reduce.backward_partial_ncl[plan["grid"]](
                 *common, x.shape[0], c, x.shape[2], plan["rows"], plan["cols"], plan["p_l"],
-                hi, lo, BLOCK_N=plan["BLOCK_N"], BLOCK_L=plan["BLOCK_L"], **flags)
-        grid, block_p, block_c = _merge_grid(c)
-        _reduce.sum_partials[grid](psdz, psdzx, sdz, sdzx, p, c, BLOCK_P=block_p,
+                p * c, hi, lo, BLOCK_N=plan["BLOCK_N"], BLOCK_L=plan["BLOCK_L"], **flags)
+        grid, block_c = _merge_grid(c, CONFIG["merge_block_c"])
+        _reduce.sum_partials[grid](part, sdz, sdzx, p, c, p * c, BLOCK_P=CONFIG["merge_block_p"],
                                    BLOCK_C=block_c, num_warps=4)
     return sdz, sdzx
 

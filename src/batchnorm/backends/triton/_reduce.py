@@ -63,7 +63,7 @@ def _dz(dy, x, mu, inv, w, b, r, ACT: tl.constexpr, HAS_W: tl.constexpr,
 
 
 @triton.jit
-def stats_partial_ncl(x_ptr, pcount_ptr, pmean_ptr, pm2_ptr, N, C, L, ROWS, COLS, P_L,
+def stats_partial_ncl(x_ptr, part_ptr, N, C, L, ROWS, COLS, P_L, PC,
                       BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
     pid = tl.program_id(0)
     c = pid % C
@@ -72,7 +72,8 @@ def stats_partial_ncl(x_ptr, pcount_ptr, pmean_ptr, pm2_ptr, N, C, L, ROWS, COLS
     l0 = (p % P_L) * COLS
     n_end = tl.minimum(n0 + ROWS, N)
     l_end = tl.minimum(l0 + COLS, L)
-    acc_ty = pmean_ptr.dtype.element_ty
+    pcount_ptr, pmean_ptr, pm2_ptr = part_ptr, part_ptr + PC, part_ptr + 2 * PC
+    acc_ty = part_ptr.dtype.element_ty
     shift = tl.load(x_ptr + c.to(tl.int64) * L).to(acc_ty)
     rn = tl.arange(0, BLOCK_N)
     rl = tl.arange(0, BLOCK_L)
@@ -99,14 +100,15 @@ def stats_partial_ncl(x_ptr, pcount_ptr, pmean_ptr, pm2_ptr, N, C, L, ROWS, COLS
 
 
 @triton.jit
-def stats_partial_mc(x_ptr, pcount_ptr, pmean_ptr, pm2_ptr, M, C, ROWS, NCB,
+def stats_partial_mc(x_ptr, part_ptr, M, C, ROWS, NCB, PC,
                      BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
     cb = pid % NCB
     p = pid // NCB
     m0 = p * ROWS
     m_end = tl.minimum(m0 + ROWS, M)
-    acc_ty = pmean_ptr.dtype.element_ty
+    pcount_ptr, pmean_ptr, pm2_ptr = part_ptr, part_ptr + PC, part_ptr + 2 * PC
+    acc_ty = part_ptr.dtype.element_ty
     cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     shift = tl.load(x_ptr + cols, mask=cmask, other=0.0).to(acc_ty)
@@ -136,14 +138,15 @@ def stats_partial_mc(x_ptr, pcount_ptr, pmean_ptr, pm2_ptr, M, C, ROWS, NCB,
 
 
 @triton.jit
-def stats_merge(x_ptr, pcount_ptr, pmean_ptr, pm2_ptr, mean_ptr, m2_ptr, P, C, SHIFT_STRIDE,
+def stats_merge(x_ptr, part_ptr, mean_ptr, m2_ptr, P, C, SHIFT_STRIDE, PC,
                 BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Chan's G-way merge of the P partials of each channel, then the shift added back.
 
     Two sweeps over the partials (they are small): the merged mean first, then the
     deviations of the partial means from it, so no raw second moment appears.
     """
-    acc_ty = pmean_ptr.dtype.element_ty
+    pcount_ptr, pmean_ptr, pm2_ptr = part_ptr, part_ptr + PC, part_ptr + 2 * PC
+    acc_ty = part_ptr.dtype.element_ty
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     rp = tl.arange(0, BLOCK_P)
@@ -179,8 +182,8 @@ def stats_merge(x_ptr, pcount_ptr, pmean_ptr, pm2_ptr, mean_ptr, m2_ptr, P, C, S
 
 
 @triton.jit
-def backward_partial_ncl(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr,
-                         psdz_ptr, psdzx_ptr, N, C, L, ROWS, COLS, P_L, slope_hi, slope_lo,
+def backward_partial_ncl(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr,
+                         N, C, L, ROWS, COLS, P_L, PC, slope_hi, slope_lo,
                          ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                          HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
     pid = tl.program_id(0)
@@ -190,7 +193,8 @@ def backward_partial_ncl(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_pt
     l0 = (p % P_L) * COLS
     n_end = tl.minimum(n0 + ROWS, N)
     l_end = tl.minimum(l0 + COLS, L)
-    acc_ty = psdz_ptr.dtype.element_ty
+    psdz_ptr, psdzx_ptr = part_ptr, part_ptr + PC
+    acc_ty = part_ptr.dtype.element_ty
     mu = tl.load(mean_ptr + c)
     inv = tl.load(invstd_ptr + c)
     w = 1.0
@@ -227,8 +231,8 @@ def backward_partial_ncl(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_pt
 
 
 @triton.jit
-def backward_partial_mc(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr,
-                        psdz_ptr, psdzx_ptr, M, C, ROWS, NCB, slope_hi, slope_lo,
+def backward_partial_mc(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr,
+                        M, C, ROWS, NCB, PC, slope_hi, slope_lo,
                         ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                         HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
@@ -236,7 +240,8 @@ def backward_partial_mc(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr
     p = pid // NCB
     m0 = p * ROWS
     m_end = tl.minimum(m0 + ROWS, M)
-    acc_ty = psdz_ptr.dtype.element_ty
+    psdz_ptr, psdzx_ptr = part_ptr, part_ptr + PC
+    acc_ty = part_ptr.dtype.element_ty
     cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     mu = tl.load(mean_ptr + cols, mask=cmask, other=0.0)[None, :]
@@ -271,10 +276,11 @@ def backward_partial_mc(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr
 
 
 @triton.jit
-def sum_partials(pa_ptr, pb_ptr, a_ptr, b_ptr, P, C, BLOCK_P: tl.constexpr,
+def sum_partials(part_ptr, a_ptr, b_ptr, P, C, PC, BLOCK_P: tl.constexpr,
                  BLOCK_C: tl.constexpr):
-    """Column sums of two ``[P, C]`` buffers, in a fixed order (deterministic)."""
-    acc_ty = pa_ptr.dtype.element_ty
+    """Column sums of the two ``[P, C]`` planes of ``part``, in a fixed order (deterministic)."""
+    pa_ptr, pb_ptr = part_ptr, part_ptr + PC
+    acc_ty = part_ptr.dtype.element_ty
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     rp = tl.arange(0, BLOCK_P)
