@@ -1,10 +1,12 @@
 """The rank side of tests/test_distributed.py: one process per rank, gloo on localhost.
 
-    python tests/_distributed_workers.py SCENARIO RANK WORLD DIR [TIMEOUT_S]
+    python tests/_distributed_workers.py SCENARIO[+SCENARIO...] RANK WORLD DIR [TIMEOUT_S]
 
-The process group rendezvous through a file store in DIR (no port to pick); inputs come
-from DIR/input.pt, written by the test, and each rank writes DIR/rank{RANK}.pt. Kept in a
-file of its own so that a rank imports only torch and batchnorm, not pytest.
+The process group rendezvous through a file store in DIR (no port to pick); a scenario's
+inputs come from DIR/SCENARIO.pt, written by the test, and each rank writes
+DIR/rank{RANK}.pt, ``{scenario: result}``. Several scenarios share one group: starting a
+rank (importing torch) is what costs most on a small machine. Kept in a file of its own
+so that a rank imports only torch and batchnorm, not pytest.
 """
 
 from __future__ import annotations
@@ -22,11 +24,33 @@ from torch import nn
 import batchnorm
 from batchnorm import distributed as bd
 
+# BN_DIST_DEVICE=cuda: NCCL, one GPU per rank (the CUDA runs of the exact scenario).
+DEVICE = os.environ.get("BN_DIST_DEVICE", "cpu")
+
 
 def init(rank: int, world: int, directory: str, timeout_s: float) -> None:
     torch.set_num_threads(1)  # ranks share the machine's cores
-    dist.init_process_group("gloo", init_method=f"file://{directory}/store", rank=rank,
+    backend = "gloo"
+    if DEVICE == "cuda":
+        torch.cuda.set_device(rank)
+        backend = "nccl"
+    dist.init_process_group(backend, init_method=f"file://{directory}/store", rank=rank,
                             world_size=world, timeout=timedelta(seconds=timeout_s))
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if DEVICE == "cuda" else \
+        torch.device("cpu")
+
+
+def to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [to_cpu(v) for v in value]
+    return value
 
 
 def rank_slice(t, sizes, rank):
@@ -58,7 +82,8 @@ class CollectiveCounter:
 
 def run_case(case, rank, world):
     sizes = case["sizes"]
-    layer = bd.SyncBatchNorm(case["C"], **case["kwargs"]).to(case["dtype"])
+    dev = device()
+    layer = bd.SyncBatchNorm(case["C"], **case["kwargs"]).to(dev, case["dtype"])
     if case["affine_init"] is not None and layer.weight is not None:
         with torch.no_grad():
             layer.weight.copy_(case["affine_init"][0])
@@ -66,10 +91,11 @@ def run_case(case, rank, world):
                 layer.bias.copy_(case["affine_init"][1])
     out = {"steps": []}
     for step in case["steps"]:
-        x = rank_slice(step["x"], sizes, rank).clone().requires_grad_()
-        dy = rank_slice(step["dy"], sizes, rank)
+        x = rank_slice(step["x"], sizes, rank).to(dev, copy=True).requires_grad_()
+        dy = rank_slice(step["dy"], sizes, rank).to(dev)
         res = step.get("residual")
-        res = rank_slice(res, sizes, rank).clone().requires_grad_() if res is not None else None
+        res = rank_slice(res, sizes, rank).to(dev, copy=True).requires_grad_() \
+            if res is not None else None
         if case["channels_last"]:
             fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
             x = x.detach().to(memory_format=fmt).requires_grad_()
@@ -98,8 +124,8 @@ def run_case(case, rank, world):
 
 
 def scenario_exact(rank, world, directory):
-    cases = torch.load(os.path.join(directory, "input.pt"), weights_only=False)
-    return {name: run_case(case, rank, world) for name, case in cases.items()}
+    cases = torch.load(os.path.join(directory, "exact.pt"), weights_only=False)
+    return {name: to_cpu(run_case(case, rank, world)) for name, case in cases.items()}
 
 
 # ---------------------------------------------------------------------------------------
@@ -133,7 +159,7 @@ def train(model, batches, loss_scale=1.0, lr=0.1):
 
 
 def scenario_ddp(rank, world, directory):
-    data = torch.load(os.path.join(directory, "input.pt"), weights_only=False)
+    data = torch.load(os.path.join(directory, "ddp.pt"), weights_only=False)
     results = {}
     for name, sizes in data["runs"].items():
         model = bd.convert_sync_batchnorm(make_cnn())
@@ -182,9 +208,9 @@ def main(argv):
     scenario, rank, world, directory = argv[1], int(argv[2]), int(argv[3]), argv[4]
     timeout_s = float(argv[5]) if len(argv) > 5 else 60.0
     init(rank, world, directory, timeout_s)
-    result = SCENARIOS[scenario](rank, world, directory)
+    result = {name: SCENARIOS[name](rank, world, directory) for name in scenario.split("+")}
     torch.save(result, os.path.join(directory, f"rank{rank}.pt"))
-    if scenario != "fail":
+    if "fail" not in result:
         dist.barrier()
         dist.destroy_process_group()
     else:

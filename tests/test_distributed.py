@@ -22,7 +22,7 @@ import batchnorm
 from batchnorm import distributed as bd
 
 sys.path.insert(0, os.path.dirname(__file__))
-import _distributed_workers as workers  # noqa: E402
+import _distributed_workers as workers
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -30,13 +30,14 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 WORKER = os.path.join(os.path.dirname(__file__), "_distributed_workers.py")
 
 
-def launch(scenario, world, directory, timeout_s=60.0, wait_s=120.0, wait_for=None):
+def launch(scenario, world, directory, timeout_s=60.0, wait_s=120.0, wait_for=None,
+           device="cpu"):
     """Start ``world`` ranks, wait for those in ``wait_for`` (all by default), kill the rest.
 
     Returns (return codes, stderr texts, seconds until the awaited ranks ended).
     """
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo",
-               PYTHONWARNINGS="ignore")
+               PYTHONWARNINGS="ignore", BN_DIST_DEVICE=device)
     procs = [subprocess.Popen([sys.executable, WORKER, scenario, str(r), str(world),
                                str(directory), str(timeout_s)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -83,7 +84,7 @@ def _case(seed, sizes, shape, *, dtype=torch.float32, loc=0.0, scale=1.0, residu
     n = sum(sizes)
     c = shape[0]
     g = torch.Generator().manual_seed(seed + 1000 * len(sizes))
-    mk = lambda: torch.randn((n, *shape), generator=g, dtype=torch.float64)  # noqa: E731
+    mk = lambda: torch.randn((n, *shape), generator=g, dtype=torch.float64)
     step_data = []
     for _ in range(steps):
         # Per-channel offsets, so that channels differ; the data lives at `loc`.
@@ -150,15 +151,47 @@ def oracle(case, batch_norm_dtype=None):
     return out, layer.state_dict()
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"{w}ranks")
-def exact_run(request, tmp_path_factory):
-    world = request.param
-    directory = tmp_path_factory.mktemp(f"exact{world}")
-    all_cases = cases(world)
-    torch.save(all_cases, directory / "input.pt")
-    codes, errs, _ = launch("exact", world, directory)
-    assert codes == [0] * world, "\n".join(errs)
-    return world, all_cases, load_ranks(directory, world)
+# NCCL needs a GPU per rank: with two GPUs the 2-rank cases run on CUDA too.
+RUNS = [(2, "cpu"), (3, "cpu")] + ([(2, "cuda")] if torch.cuda.device_count() >= 2 else [])
+
+DDP_RUNS = {"uneven_3_5": [3, 5], "empty_rank_8_0": [8, 0]}
+
+
+def ddp_batches():
+    g = torch.Generator().manual_seed(5)
+    return [(torch.randn(8, 1, 6, 6, generator=g) * 2 + 1,
+             torch.randint(0, 10, (8,), generator=g)) for _ in range(4)]
+
+
+@pytest.fixture(scope="module")
+def groups(tmp_path_factory):
+    """Each (world, device) group is started once per module; the CPU 2-rank group runs
+    the DDP scenario too."""
+    started = {}
+
+    def get(world, device):
+        if (world, device) not in started:
+            directory = tmp_path_factory.mktemp(f"group{world}{device}")
+            scenarios = ["exact"]
+            inputs = {"exact": cases(world)}
+            if (world, device) == (2, "cpu"):
+                scenarios.append("ddp")
+                inputs["ddp"] = {"runs": DDP_RUNS, "batches": ddp_batches()}
+            for name, value in inputs.items():
+                torch.save(value, directory / f"{name}.pt")
+            codes, errs, _ = launch("+".join(scenarios), world, directory, device=device)
+            assert codes == [0] * world, "\n".join(errs)
+            started[world, device] = (inputs, load_ranks(directory, world))
+        return started[world, device]
+
+    return get
+
+
+@pytest.fixture(scope="module", params=RUNS, ids=lambda r: f"{r[0]}ranks-{r[1]}")
+def exact_run(request, groups):
+    world, device = request.param
+    inputs, ranks = groups(world, device)
+    return world, inputs["exact"], [r["exact"] for r in ranks]
 
 
 CASE_NAMES = list(cases(2))
@@ -166,7 +199,7 @@ CASE_NAMES = list(cases(2))
 
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_sync_equals_batchnorm_over_concatenated_batch(exact_run, name):
-    world, all_cases, ranks = exact_run
+    _, all_cases, ranks = exact_run
     case = all_cases[name]
     results = [r[name] for r in ranks]
     if case["global_one"]:
@@ -206,7 +239,7 @@ def test_sync_equals_batchnorm_over_concatenated_batch(exact_run, name):
 
 def test_large_mean_matches_float64(exact_run):
     """float32 at mean 1e6 is as close to the float64 truth as a local float32 layer."""
-    world, all_cases, ranks = exact_run
+    _, all_cases, ranks = exact_run
     case = all_cases["mean_1e6_float32"]
     truth, truth_state = oracle(case, batch_norm_dtype=torch.float64)
     y = torch.cat([r["mean_1e6_float32"]["steps"][-1]["y"] for r in ranks])
@@ -218,19 +251,10 @@ def test_large_mean_matches_float64(exact_run):
 # ---------------------------------------------------------------------------------------
 # DDP training, evaluation without collectives
 
-DDP_RUNS = {"uneven_3_5": [3, 5], "empty_rank_8_0": [8, 0]}
-
-
 @pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("ddp")
-    g = torch.Generator().manual_seed(5)
-    batches = [(torch.randn(8, 1, 6, 6, generator=g) * 2 + 1,
-                torch.randint(0, 10, (8,), generator=g)) for _ in range(4)]
-    torch.save({"runs": DDP_RUNS, "batches": batches}, directory / "input.pt")
-    codes, errs, _ = launch("ddp", 2, directory)
-    assert codes == [0, 0], "\n".join(errs)
-    return batches, load_ranks(directory, 2)
+def ddp_run(groups):
+    inputs, ranks = groups(2, "cpu")
+    return inputs["ddp"]["batches"], [r["ddp"] for r in ranks]
 
 
 @pytest.mark.parametrize("run", list(DDP_RUNS))
@@ -265,7 +289,7 @@ def test_failed_rank_makes_the_others_fail_within_the_timeout(tmp_path):
     codes, errs, elapsed = launch("fail", 2, tmp_path, timeout_s=FAIL_TIMEOUT_S, wait_s=90,
                                   wait_for=[0])
     assert codes[0] == 0, errs[0]
-    survivor = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    survivor = torch.load(tmp_path / "rank0.pt", weights_only=False)["fail"]
     assert survivor["error"] is not None, "the surviving rank finished a step alone"
     # It waited at most the group's timeout (plus scheduling slack), then raised.
     assert survivor["elapsed"] < FAIL_TIMEOUT_S + 15, survivor
@@ -370,5 +394,46 @@ def test_world_of_one_is_batchnorm(tmp_path):
         assert torch.equal(y, y_local) and torch.equal(g_sync, g_local)
         with pytest.raises(ValueError, match="more than 1 value per channel"):
             sync(torch.randn(1, 3))
+    finally:
+        dist.destroy_process_group()
+
+
+GROUP_OF_ONE = [("gloo", "cpu")] + ([("nccl", "cuda")] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("pg_backend,device", GROUP_OF_ONE, ids=[d for _, d in GROUP_OF_ONE])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_sync_path_through_a_group_of_one(tmp_path, pg_backend, device, dtype):
+    """The collective path itself (forced: the module would go local) on each device's
+    process-group backend, against the local layer: both collectives are identities."""
+    if device == "cpu" and dtype == torch.float16:
+        pytest.skip("float16 is exercised on CUDA")
+    dist.init_process_group(pg_backend, init_method=f"file://{tmp_path}/store", rank=0,
+                            world_size=1)
+    try:
+        torch.manual_seed(4)
+        shape = (6, 8, 5, 7)
+        x = (torch.randn(shape, device=device) * 3 + 100).to(dtype)
+        x = x.to(memory_format=torch.channels_last).requires_grad_()
+        res = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+        dy = torch.randn(shape, device=device, dtype=dtype)
+        local = batchnorm.BatchNorm2d(8, activation="relu", device=device)
+        sync = bd.SyncBatchNorm(8, activation="relu", device=device)
+        y_local = local(x, res)
+        grads_local = torch.autograd.grad((y_local * dy).sum(), (x, res, local.weight, local.bias))
+        y_sync = bd.sync_batch_norm(x, sync.running_mean, sync.running_var, sync.weight,
+                                    sync.bias, sync.momentum, sync.eps, "relu", 0.0, res,
+                                    sync.num_batches_tracked)
+        grads_sync = torch.autograd.grad((y_sync * dy).sum(), (x, res, sync.weight, sync.bias))
+        assert y_sync.is_contiguous(memory_format=torch.channels_last)
+        rtol = 1e-5 if dtype == torch.float32 else 5e-3
+        close(y_sync, y_local, rtol=rtol, what="y")
+        for name, a, b in zip(("dx", "dres", "dweight", "dbias"), grads_sync, grads_local):
+            close(a, b, rtol=rtol, what=name)
+        for key, value in local.state_dict().items():
+            if value.is_floating_point():
+                close(sync.state_dict()[key], value, rtol=1e-5, what=key)
+            else:
+                assert torch.equal(sync.state_dict()[key], value)
     finally:
         dist.destroy_process_group()

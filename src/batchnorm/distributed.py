@@ -60,8 +60,14 @@ from . import functional as F
 from .backends.portable import acc_dtype
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm, _check_rank
 
-__all__ = ["SyncBatchNorm", "BatchNormNd", "convert_sync_batchnorm", "revert_sync_batchnorm",
-           "sync_batch_norm", "benchmark_sync_step"]
+__all__ = [
+    "BatchNormNd",
+    "SyncBatchNorm",
+    "benchmark_sync_step",
+    "convert_sync_batchnorm",
+    "revert_sync_batchnorm",
+    "sync_batch_norm",
+]
 
 
 def world_size(process_group=None) -> int:
@@ -103,7 +109,7 @@ def global_stats(x: Tensor, process_group, ranks: int) -> tuple[Tensor, Tensor, 
     _all_gather_flat(gathered, local, group=process_group)
     gathered = gathered.view(ranks, 2 * c + 1)
     counts = gathered[:, :1]
-    total, gmean, gm2 = ops.chan_combine(counts.expand(ranks, c), gathered[:, 1:c + 1],
+    _, gmean, gm2 = ops.chan_combine(counts.expand(ranks, c), gathered[:, 1:c + 1],
                                          gathered[:, c + 1:])
     total_count = int(counts.sum().item())
     var = gm2 / max(total_count, 1)
