@@ -33,8 +33,10 @@ def _tile(t, R, K, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _channel(ptr, rows, cols, R, K, C, acc_ty: tl.constexpr, CL: tl.constexpr):
-    """A per-channel [C] vector, read for this tile and shaped to broadcast against it."""
+def _channel(ptr, rows, cols, R, K, C, acc_ptr, CL: tl.constexpr):
+    """A per-channel [C] vector, read for this tile in acc_ptr's dtype and shaped to
+    broadcast against the tile."""
+    acc_ty = acc_ptr.dtype.element_ty
     if CL:
         v = tl.load(ptr + cols, mask=cols < K, other=0.0).to(acc_ty)[None, :]
     else:
@@ -48,18 +50,18 @@ def normalize_kernel(x_ptr, y_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, R,
                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """y = act(w·(x − mean)·invstd + b + r)."""
-    acc_ty: tl.constexpr = mean_ptr.dtype.element_ty
+    acc_ty = mean_ptr.dtype.element_ty
     n_tiles = tl.cdiv(R, BLOCK_R) * tl.cdiv(K, BLOCK_K)
     for t in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
         rows, cols, mask, off = _tile(t, R, K, BLOCK_R, BLOCK_K)
-        scale = _channel(invstd_ptr, rows, cols, R, K, C, acc_ty, CL)
+        scale = _channel(invstd_ptr, rows, cols, R, K, C, mean_ptr, CL)
         if HAS_W:
-            scale = scale * _channel(w_ptr, rows, cols, R, K, C, acc_ty, CL)
-        mu = _channel(mean_ptr, rows, cols, R, K, C, acc_ty, CL)
+            scale = scale * _channel(w_ptr, rows, cols, R, K, C, mean_ptr, CL)
+        mu = _channel(mean_ptr, rows, cols, R, K, C, mean_ptr, CL)
         x = tl.load(x_ptr + off, mask=mask, other=0.0).to(acc_ty)
         z = (x - mu) * scale
         if HAS_B:
-            z = z + _channel(b_ptr, rows, cols, R, K, C, acc_ty, CL)
+            z = z + _channel(b_ptr, rows, cols, R, K, C, mean_ptr, CL)
         if HAS_RES:
             z = z + tl.load(r_ptr + off, mask=mask, other=0.0).to(acc_ty)
         y = activate(z, ACT, slope_hi, slope_lo)
@@ -91,18 +93,18 @@ def backward_kernel(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, sd
                     CL: tl.constexpr, ACT: tl.constexpr, HAS_W: tl.constexpr,
                     HAS_B: tl.constexpr, HAS_RES: tl.constexpr, TRAIN: tl.constexpr,
                     WANT_DRES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    acc_ty: tl.constexpr = mean_ptr.dtype.element_ty
+    acc_ty = mean_ptr.dtype.element_ty
     n_tiles = tl.cdiv(R, BLOCK_R) * tl.cdiv(K, BLOCK_K)
     for t in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
         rows, cols, mask, off = _tile(t, R, K, BLOCK_R, BLOCK_K)
-        mu = _channel(mean_ptr, rows, cols, R, K, C, acc_ty, CL)
-        inv = _channel(invstd_ptr, rows, cols, R, K, C, acc_ty, CL)
+        mu = _channel(mean_ptr, rows, cols, R, K, C, mean_ptr, CL)
+        inv = _channel(invstd_ptr, rows, cols, R, K, C, mean_ptr, CL)
         if HAS_W:
-            w = _channel(w_ptr, rows, cols, R, K, C, acc_ty, CL)
+            w = _channel(w_ptr, rows, cols, R, K, C, mean_ptr, CL)
         else:
             w = 1.0
         if HAS_B:
-            b = _channel(b_ptr, rows, cols, R, K, C, acc_ty, CL)
+            b = _channel(b_ptr, rows, cols, R, K, C, mean_ptr, CL)
         else:
             b = 0.0
         x = tl.load(x_ptr + off, mask=mask, other=0.0).to(acc_ty)
@@ -116,8 +118,8 @@ def backward_kernel(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, sd
         if TRAIN:
             # count is an integer argument: dividing the acc-dtype sums by it keeps float64
             # exact where a float32 1/count would not be.
-            mean_dz = _channel(sdz_ptr, rows, cols, R, K, C, acc_ty, CL) / count
-            mean_dzx = _channel(sdzx_ptr, rows, cols, R, K, C, acc_ty, CL) / count
+            mean_dz = _channel(sdz_ptr, rows, cols, R, K, C, mean_ptr, CL) / count
+            mean_dzx = _channel(sdzx_ptr, rows, cols, R, K, C, mean_ptr, CL) / count
             g = dz - mean_dz - xhat * mean_dzx
         dx = g * (inv * w)
         tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
