@@ -294,8 +294,34 @@ def time_primitives(bench, label, config_name, parts, section):
     return out
 
 
+def c_sized_tail(bench):
+    """Device time of the C-sized torch ops ops.py runs around the primitives."""
+    from batchnorm import ops
+
+    c = 256
+    var = torch.rand(c, device="cuda")
+    mean = torch.randn(c, device="cuda")
+    rm, rv = torch.zeros(c, device="cuda"), torch.ones(c, device="cuda")
+    nbt = torch.zeros((), dtype=torch.long, device="cuda")
+    res = time_interleaved({
+        "invstd_from_var": lambda: ops.invstd_from_var(var, 1e-5),
+        "update_running_stats": lambda: ops.update_running_stats(rm, rv, nbt, mean, var, 1000,
+                                                                 0.1),
+        "var = m2 / count": lambda: var / 1000,
+    }, reps=30)
+    print("C-sized tail (C = 256), ms per call: "
+          + ", ".join(f"{k} {v:.4f}" for k, v in res.items())
+          + "  (a step runs invstd_from_var twice, the rest once)")
+    for k, v in res.items():
+        bench.record(section="C", mode=k, impl="ops", config="C=256", ms=f"{v:.4f}")
+
+
 def section_c(bench, rows):
     print("\n== C: ours per primitive (ms, GB/s, fraction of copy bandwidth) ==")
+    try:
+        c_sized_tail(bench)
+    except Exception as e:  # noqa: BLE001
+        print(f"C-sized tail FAILED: {type(e).__name__}: {e}")
     names = ["stats", "normalize", "backward_reduce", "backward_elementwise"]
     print(f"{'row':28s} " + " ".join(f"{n[:20]:>22s}" for n in names) + "  sum")
     for label in rows:
