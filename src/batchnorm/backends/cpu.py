@@ -5,10 +5,11 @@ NumPy views of contiguous CPU tensors; outputs are allocated by torch (``torch.e
 so they come from torch's allocator (and honour ``THP_MEM_ALLOC_ENABLE``) and are
 returned without a copy.
 
-Dtypes: float32 and float64 run here. float16/bfloat16 do not: NumPy has no bfloat16 and
-numba's float16 arithmetic is limited, and converting a half tensor to float32 and back
-costs two extra passes over memory, so ``supports`` returns False for halves and the
-portable backend (which accumulates in float32) handles them.
+Dtypes: the kernels take float32 and float64. NumPy has no bfloat16 and numba's float16
+arithmetic is limited, so float16/bfloat16 tensors are converted to float32 by torch on
+the way in and the outputs back on the way out (``_HALF``): correct, with float32
+accumulation, but two extra passes over memory. Whether that beats the portable backend
+decides ``supports`` (see there). Empty tensors go to the portable functions.
 
 Work split: a reduction (statistics, backward_reduce) over an NCL view is cut into
 ``pieces`` per channel and over an MC view into ``blocks`` of rows; both counts depend only
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor
 
 from . import cpu_kernels as K
+from . import portable
 
 _DTYPES = (torch.float32, torch.float64)
 # Enough tasks that both cores (and a few more, for balance) have work when C is small.
@@ -41,10 +43,18 @@ def _view(x: Tensor) -> str:
     return "mc" if x.dim() == 2 else "ncl"
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def supports(x: Tensor) -> bool:
     # No size threshold: numba's call overhead (~10 µs) is below the portable path's
-    # (a dozen torch ops, ~50 µs) at every size measured, tiny ones included.
+    # (a dozen torch ops, ~50 µs) at every size measured, tiny ones included; small
+    # tensors take the serial build (SERIAL_BELOW).
     return x.device.type == "cpu" and x.dtype in _DTYPES and x.numel() > 0
+
+
+def _wide(t: Tensor | None) -> Tensor | None:
+    return t.float() if t is not None and t.dtype in _HALF else t
 
 
 _EMPTY = {}
@@ -100,7 +110,9 @@ def _elementwise_split(x: Tensor) -> int:
 
 
 def stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    x = x.contiguous()
+    if x.numel() == 0:
+        return portable.stats(x)
+    x = _wide(x).contiguous()
     c = x.shape[1]
     # the mean in float64 (portable.mean_dtype): a float32 mean of data near 1e6 is
     # spaced 0.0625 apart; the kernel computes it in float64 anyway
@@ -112,6 +124,11 @@ def stats(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def normalize(x, mean, invstd, weight, bias, residual, activation: str, slope: float) -> Tensor:
+    if x.numel() == 0:
+        return portable.normalize(x, mean, invstd, weight, bias, residual, activation, slope)
+    if x.dtype in _HALF:
+        y = normalize(x.float(), mean, invstd, weight, bias, _wide(residual), activation, slope)
+        return y.to(x.dtype)
     x = x.contiguous()
     acc = mean.dtype
     y = torch.empty_like(x)
@@ -123,6 +140,12 @@ def normalize(x, mean, invstd, weight, bias, residual, activation: str, slope: f
 
 
 def backward_reduce(dy, x, mean, invstd, weight, bias, residual, activation: str, slope: float):
+    if x.numel() == 0:
+        return portable.backward_reduce(dy, x, mean, invstd, weight, bias, residual,
+                                        activation, slope)
+    if x.dtype in _HALF:
+        return backward_reduce(dy.float(), x.float(), mean, invstd, weight, bias,
+                               _wide(residual), activation, slope)
     x = x.contiguous()
     acc = mean.dtype
     c = x.shape[1]
@@ -140,6 +163,17 @@ def backward_elementwise(
     dy, x, mean, invstd, weight, bias, residual, sum_dz, sum_dz_xhat, count: int,
     activation: str, slope: float, want_dresidual: bool,
 ):
+    if x.numel() == 0:
+        return portable.backward_elementwise(dy, x, mean, invstd, weight, bias, residual,
+                                             sum_dz, sum_dz_xhat, count, activation, slope,
+                                             want_dresidual)
+    if x.dtype in _HALF:
+        dx, dres = backward_elementwise(dy.float(), x.float(), mean, invstd, weight, bias,
+                                        _wide(residual), sum_dz, sum_dz_xhat, count,
+                                        activation, slope, want_dresidual)
+        if dres is not None:
+            dres = dres.to(residual.dtype if residual is not None else x.dtype)
+        return dx.to(x.dtype), dres
     x = x.contiguous()
     acc = mean.dtype
     dx = torch.empty_like(x)

@@ -1,0 +1,39 @@
+"""A one-case smoke run of ``batchnorm bench``: it measures, it never asserts a time."""
+
+import pytest
+import torch
+
+from batchnorm import bench
+
+
+def test_run_table_smoke(tmp_path):
+    rows = bench.run_table("cpu", repeats=2, compile=False, cases=[bench.Case((2, 2, 3, 4))],
+                           ops=("fwd", "bn+add+relu fwd+bwd"), progress=False, target_ms=1.0)
+    first, *timed = rows
+    assert first["case"] == "first call" and first["ms"] > 0
+    assert {(r["op"], r["impl"]) for r in timed} == {
+        (op, impl) for op in ("fwd", "bn+add+relu fwd+bwd") for impl in ("torch", "ours")}
+    for r in timed:
+        assert r["ms"] > 0 and r["gbps"] > 0 and r["copy_gbps"] > 0
+        assert r["device"] == "cpu" and r["torch_version"] == torch.__version__
+        assert "THP_MEM_ALLOC_ENABLE" in r
+    bwd = [r for r in timed if r["op"] != "fwd"]
+    assert all(r["peak_bytes"] > 0 for r in bwd)
+    assert "ratio" in bench.format_table(rows)
+    path = bench.write_csv(rows, "cpu", tmp_path)
+    assert path.read_text().count("\n") == len(rows) + 1
+
+
+def test_cli_parses():
+    import argparse
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    args = p.parse_args(["--device", "cpu", "--quick", "--csv", "--plot", "--repeats", "3"])
+    assert args.quick and args.csv and args.plot and args.repeats == 3
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_tables_are_defined(device):
+    cases = bench.cpu_cases() if device == "cpu" else bench.cuda_cases()
+    assert len(cases) >= 10
+    assert all(c.module_name.startswith("BatchNorm") for c in cases)
