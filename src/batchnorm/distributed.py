@@ -57,7 +57,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from . import backends, ops
 from . import functional as F
-from .backends.portable import acc_dtype
+from .backends.portable import acc_dtype, mean_dtype
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm, _check_rank
 
 __all__ = [
@@ -95,8 +95,10 @@ def global_stats(x: Tensor, process_group, ranks: int) -> tuple[Tensor, Tensor, 
     """(mean, biased var, count) of the global batch, the same on every rank.
 
     One ``all_gather`` of ``[count, mean[C], m2[C]]`` per rank; merged in float64 in rank
-    order with Chan's formula. The count leaves the device (``.item()``): the backward's
-    arithmetic and the batch-of-one check need it on the host.
+    order with Chan's formula. The mean stays wide (``mean_dtype``, as the local ``stats``
+    gives it: a float32 mean is spaced 0.06 at 1e6); the variance is in the acc dtype. The
+    count leaves the device (``.item()``): the backward's arithmetic and the batch-of-one
+    check need it on the host.
     """
     c = x.shape[1]
     count = x.numel() // c
@@ -110,11 +112,10 @@ def global_stats(x: Tensor, process_group, ranks: int) -> tuple[Tensor, Tensor, 
     gathered = gathered.view(ranks, 2 * c + 1)
     counts = gathered[:, :1]
     _, gmean, gm2 = ops.chan_combine(counts.expand(ranks, c), gathered[:, 1:c + 1],
-                                         gathered[:, c + 1:])
+                                     gathered[:, c + 1:])
     total_count = int(counts.sum().item())
     var = gm2 / max(total_count, 1)
-    dtype = acc_dtype(x.dtype)
-    return gmean.to(dtype), var.to(dtype), total_count
+    return gmean.to(mean_dtype(x)), var.to(acc_dtype(x.dtype)), total_count
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
@@ -122,6 +123,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
     The statistics arrive as constants: their dependence on x (on every rank) is the
     analytic backward's, through the all-reduced Σdz and Σdz·x̂ and the global count.
+    A wide mean is split as local batch norm does (``ops.centre_for_kernels``): the
+    kernels see ``x̂' = x̂ + shift`` and the shift is undone in the bias and in the sums.
     """
 
     @staticmethod
@@ -132,16 +135,18 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         ctx.has_residual = residual is not None
         # The residual is needed only to recompute the pre-activation in backward.
         keep_residual = residual if activation != "none" else None
-        ctx.save_for_backward(x, weight, bias, keep_residual, mean, invstd)
+        mean_k, bias_k, shift = ops.centre_for_kernels(mean, invstd, weight, bias,
+                                                       acc_dtype(x.dtype))
+        ctx.save_for_backward(x, weight, bias, bias_k, keep_residual, mean_k, invstd, shift)
         if x.numel() == 0:
             return torch.empty_like(x)
-        return backends.select(x).normalize(x, mean, invstd, weight, bias, residual,
+        return backends.select(x).normalize(x, mean_k, invstd, weight, bias_k, residual,
                                             activation, slope)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight, bias, residual, mean, invstd = ctx.saved_tensors
+        x, weight, bias, bias_k, residual, mean_k, invstd, shift = ctx.saved_tensors
         need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
         act, slope, c = ctx.activation, ctx.slope, x.shape[1]
         dy = dy.contiguous()
@@ -149,11 +154,15 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         backend = None if empty else backends.select(x)
 
         if empty:
-            sum_dz = x.new_zeros(c, dtype=mean.dtype)
+            sum_dz = x.new_zeros(c, dtype=invstd.dtype)
             sum_dz_xhat = torch.zeros_like(sum_dz)
         else:
             sum_dz, sum_dz_xhat = backend.backward_reduce(
-                dy, x, mean, invstd, weight, bias, residual, act, slope)
+                dy, x, mean_k, invstd, weight, bias_k, residual, act, slope)
+            if shift is not None:
+                # The kernels' x̂' is x̂ + shift: Σdz·x̂ = Σdz·x̂' − shift·Σdz (linear: the
+                # local sums are corrected before they are summed across ranks).
+                sum_dz_xhat = sum_dz_xhat - shift * sum_dz
 
         dx = dres = None
         want_dres = bool(need_r) and act != "none"
@@ -164,12 +173,15 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             both = torch.cat([sum_dz, sum_dz_xhat])
             dist.all_reduce(both, group=ctx.process_group)
             global_dz, global_dz_xhat = both[:c], both[c:]
+            if shift is not None:
+                # dz − Σdz/n − x̂·S/n  ==  dz − (Σdz − shift·S)/n − x̂'·S/n,  S = Σdz·x̂
+                global_dz = global_dz - shift * global_dz_xhat
         if empty:
             dx = torch.zeros_like(x) if need_x else None
             dres = torch.zeros_like(x) if want_dres else None
         elif need_x or want_dres:
             dx, dres = backend.backward_elementwise(
-                dy, x, mean, invstd, weight, bias, residual,
+                dy, x, mean_k, invstd, weight, bias_k, residual,
                 global_dz if need_x else None, global_dz_xhat if need_x else None,
                 ctx.count, act, slope, want_dres)
             dx = dx if need_x else None
@@ -237,6 +249,9 @@ def sync_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Ten
     if count > 0:
         ops.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var,
                                  count, momentum)
+    elif num_batches_tracked is not None:
+        # As local batch norm and torch: an empty batch is counted, the statistics stay.
+        num_batches_tracked.add_(1)
     return y if empty else ops.from_kernel_view(y, shape, channels_last)
 
 
