@@ -6,12 +6,15 @@ Sections, each skipped once the time budget is spent (the CSV is written as it g
   A  the card, versions, and a device copy's bandwidth (read + write) measured now;
   B  issue 4's rows, BN+ReLU training forward+backward: ours, ours captured in a CUDA
      graph (device time only, and proof that nothing syncs with the host), torch eager,
-     torch.compile (rows the issue has a number for, while the compile budget lasts);
+     and the host time to enqueue one step of ours;
   C  ours per primitive (stats, normalize, backward_reduce, backward_elementwise): time,
-     effective GB/s over the bytes each must move, fraction of the copy bandwidth;
-  D  plain BN and BN+add+ReLU forward+backward, ours against eager, on a few rows;
+     effective GB/s over the bytes each must move, fraction of the copy bandwidth; and the
+     device time of the C-sized torch ops of ops.py;
   E  tile/grid variants of the kernels (``batchnorm.backends.triton.CONFIG``), per
-     primitive, on a few rows: which configuration to keep.
+     primitive, on a few rows: which configuration to keep;
+  D  plain BN and BN+add+ReLU forward+backward, ours against eager, on a few rows;
+  F  the rows the issue has a torch.compile number for, again, with torch.compile
+     (last: compiling takes tens of seconds a row).
 All times are medians of CUDA-event timings of interleaved runs, in milliseconds.
 A short summary table is printed last; everything goes to the CSV (long format).
 """
@@ -80,7 +83,7 @@ class Bench:
         self.t0 = time.time()
         self.device = torch.cuda.get_device_name()
         self.rows_out = []
-        self.summary = []
+        self.results = {}  # label -> {impl: ms, "floor": ms, "target": ms} (sections B, F)
         self.kernel_sum = {}  # label -> Σ of the four primitives' times (section C)
         self.host = {}  # label -> host ms to enqueue one step of ours
         self.copy_gbps = float("nan")
@@ -189,13 +192,19 @@ def graphed(fn):
     return g.replay
 
 
-def section_b(bench: Bench, rows):
-    print("\n== B: BN+ReLU training forward+backward (ms; floor/target from issue 4) ==")
+def section_b(bench: Bench, rows, with_compile=False):
+    """BN+ReLU rows. First pass: ours, ours in a graph, eager. Second pass (with_compile,
+    run last because compiling is slow): the rows the issue has a torch.compile number for,
+    ours and eager again next to torch.compile, in the same interleaved timing."""
+    if with_compile:
+        rows = [r for r in rows if ROWS[r][4] is not None]
+        print("\n== F: BN+ReLU rows again, with torch.compile (while the budget lasts) ==")
+    else:
+        print("\n== B: BN+ReLU training forward+backward (ms; floor/target from issue 4) ==")
     print(f"{'row':28s} {'ours':>7s} {'graph':>7s} {'eager':>7s} {'compile':>8s} "
           f"{'floor*':>7s} {'target':>7s}  vs best torch")
-    compile_deadline = bench.t0 + bench.args.compile_budget
     for label in rows:
-        if bench.left() < 20:
+        if bench.left() < (60 if with_compile else 20):
             print("  (time budget spent; skipping the remaining rows)")
             break
         shape, dtype, cl, _e, issue_compile, floor, target = ROWS[label]
@@ -205,32 +214,37 @@ def section_b(bench: Bench, rows):
             floor_now = 8 * nbytes / (bench.copy_gbps * 1e6)
             fns = {"ours": fwd_bwd("ours", x, w, b, dy, r, "relu"),
                    "eager": fwd_bwd("eager", x, w, b, dy, r, "relu")}
-            res = {}
-            try:
-                res["graph"] = time_interleaved({"graph": graphed(fns["ours"])}, reps=20)["graph"]
-            except Exception as e:  # noqa: BLE001
-                print(f"  CUDA graph capture failed: {type(e).__name__}: {e}")
-            if issue_compile is not None and time.time() < compile_deadline and not bench.args.no_compile:
+            res = dict(bench.results.get(label, {}))
+            if not with_compile:
+                try:
+                    res["graph"] = time_interleaved({"graph": graphed(fns["ours"])},
+                                                    reps=20)["graph"]
+                except Exception as e:  # noqa: BLE001
+                    print(f"  CUDA graph capture failed: {type(e).__name__}: {e}")
+            else:
                 try:
                     fns["compile"] = fwd_bwd("compile", x, w, b, dy, r, "relu")
                     fns["compile"]()  # compile outside the timing
                 except Exception as e:  # noqa: BLE001
                     fns.pop("compile", None)
                     print(f"  torch.compile failed: {type(e).__name__}: {str(e)[:300]}")
-            res.update(time_interleaved(fns, reps=bench.args.reps))
-            # Host time to enqueue one step (no synchronization inside): when it exceeds the
-            # device time, the step is host-bound and only a CUDA graph shows the kernels.
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            for _ in range(10):
-                fns["ours"]()
-            host_ms = (time.perf_counter() - t) * 100
-            torch.cuda.synchronize()
-            bench.record(section="B", row=label, mode="bn_relu_fwd_bwd", impl="ours_host_enqueue",
-                         config="default", ms=f"{host_ms:.4f}")
-            bench.host[label] = host_ms
-            for impl, ms in res.items():
-                bench.record(section="B", row=label, mode="bn_relu_fwd_bwd", impl=impl,
+            timed = time_interleaved(fns, reps=bench.args.reps)
+            res.update(timed)
+            if not with_compile:
+                # Host time to enqueue one step (no synchronization inside): when it exceeds
+                # the device time the step is host-bound, and only the graph shows the kernels.
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                for _ in range(10):
+                    fns["ours"]()
+                host_ms = (time.perf_counter() - t) * 100
+                torch.cuda.synchronize()
+                bench.record(section="B", row=label, mode="bn_relu_fwd_bwd",
+                             impl="ours_host_enqueue", config="default", ms=f"{host_ms:.4f}")
+                bench.host[label] = host_ms
+            for impl, ms in (timed if with_compile else res).items():
+                bench.record(section="F" if with_compile else "B", row=label,
+                             mode="bn_relu_fwd_bwd", impl=impl,
                              config="default", ms=f"{ms:.4f}",
                              gbps=f"{8 * nbytes / ms / 1e6:.1f}",
                              frac_copy=f"{floor_now / ms:.3f}")
@@ -240,8 +254,8 @@ def section_b(bench: Bench, rows):
                     f"{fmt('compile'):>8s} {floor_now:7.3f} {target:7.2f}  "
                     f"{best_torch / res['ours']:.2f}x")
             print(line)
-            bench.summary.append((label, res.get("ours"), res.get("graph"), res.get("eager"),
-                                  res.get("compile"), floor_now, target))
+            res["floor"], res["target"] = floor_now, target
+            bench.results[label] = res
             del x, w, b, dy, r, fns
         except Exception as e:  # noqa: BLE001
             print(f"{label:28s} FAILED: {type(e).__name__}: {str(e)[:500]}")
@@ -395,16 +409,33 @@ def section_e(bench, rows):
     print(f"    {'':26s} " + " ".join(f"{p[:7]:>7s}" for p in prims))
 
 
+def print_summary(bench):
+    print(f"\nCSV: {', '.join(bench.paths)}  ({time.time() - bench.t0:.0f} s)")
+    print(f"\n== summary: BN+ReLU fwd+bwd on {bench.device}, ms ==")
+    print(f"{'row':28s} {'ours':>7s} {'graph':>7s} {'eager':>7s} {'compile':>7s} "
+          f"{'floor*':>7s} {'target':>7s} {'vs torch':>8s} {'target?':>7s} {'Σkernels':>8s} "
+          f"{'host':>7s}")
+    for label, res in bench.results.items():
+        ours, graph, eager, comp = (res.get(k) for k in ("ours", "graph", "eager", "compile"))
+        floor, target = res["floor"], res["target"]
+        best = min(v for v in (eager, comp) if v is not None)
+        f = lambda v: f"{v:7.3f}" if v is not None else "      -"  # noqa: E731
+        print(f"{label:28s} {f(ours)} {f(graph)} {f(eager)} {f(comp)} {floor:7.3f} "
+              f"{target:7.2f} {best / ours:7.2f}x {'yes' if ours <= target else 'no':>7s} "
+              f"{f(bench.kernel_sum.get(label)):>8s} {f(bench.host.get(label))}")
+    print("graph = ours captured in a CUDA graph; Σkernels = the four primitives timed alone "
+          "(section C):\nours − Σkernels is the cost of the C-sized torch ops and launches "
+          "around them (ops.py); host = CPU time to enqueue one step of ours.")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=float, default=170, help="seconds for the whole run")
-    ap.add_argument("--compile-budget", type=float, default=70,
-                    help="stop starting torch.compile baselines after this many seconds")
-    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--no-compile", action="store_true", help="skip section F")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--out", default=None, help="another folder for the CSV")
     ap.add_argument("--quick", action="store_true", help="4 rows only")
-    ap.add_argument("--sections", default="BCDE")
+    ap.add_argument("--sections", default="BCEDF")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to time")
@@ -423,29 +454,20 @@ def main(argv=None) -> int:
     bench.record(section="A", mode="copy", impl="torch", gbps=f"{bench.copy_gbps:.1f}",
                  note=f"torch {torch.__version__} triton {triton.__version__}")
     rows = QUICK_ROWS if args.quick else list(ROWS)
+    compile_rows = lambda b, r: section_b(b, r, with_compile=True)  # noqa: E731
     for sec, fn, r in (("B", section_b, rows), ("C", section_c, rows),
-                       ("D", section_d, QUICK_ROWS[:3]), ("E", section_e, VARIANT_ROWS)):
-        if sec not in args.sections:
+                       ("E", section_e, VARIANT_ROWS), ("D", section_d, QUICK_ROWS[:3]),
+                       ("F", compile_rows, rows)):
+        if sec not in args.sections or (sec == "F" and args.no_compile):
             continue
+        if sec == "F":
+            print_summary(bench)  # in case compiling runs past the time limit
         try:
             fn(bench, r)
         except Exception as e:  # noqa: BLE001
             print(f"section {sec} FAILED: {type(e).__name__}: {e}")
             traceback.print_exc()
-    print(f"\nCSV: {', '.join(bench.paths)}  ({time.time() - bench.t0:.0f} s)")
-    print(f"\n== summary: BN+ReLU fwd+bwd on {bench.device}, ms ==")
-    print(f"{'row':28s} {'ours':>7s} {'graph':>7s} {'eager':>7s} {'compile':>7s} "
-          f"{'floor*':>7s} {'target':>7s} {'vs torch':>8s} {'target?':>7s} {'Σkernels':>8s} "
-          f"{'host':>7s}")
-    for label, ours, graph, eager, comp, floor, target in bench.summary:
-        best = min(v for v in (eager, comp) if v is not None)
-        f = lambda v: f"{v:7.3f}" if v is not None else "      -"  # noqa: E731
-        print(f"{label:28s} {f(ours)} {f(graph)} {f(eager)} {f(comp)} {floor:7.3f} "
-              f"{target:7.2f} {best / ours:7.2f}x {'yes' if ours <= target else 'no':>7s} "
-              f"{f(bench.kernel_sum.get(label)):>8s} {f(bench.host.get(label))}")
-    print("graph = ours captured in a CUDA graph; Σkernels = the four primitives timed alone "
-          "(section C):\nours − Σkernels is the cost of the C-sized torch ops and launches "
-          "around them (ops.py); host = CPU time to enqueue one step of ours.")
+    print_summary(bench)
     return 0
 
 
