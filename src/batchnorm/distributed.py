@@ -18,7 +18,9 @@ Numerical choices:
   are bitwise identical on every rank and from run to run.
 * The gathered statistics travel and merge in float64 (2C+1 numbers per rank, nothing
   against the activations): counts stay exact beyond 2**24 values per channel, and the
-  merge adds no rounding of its own before the result is cast to the accumulation dtype.
+  merged mean stays wide, as local batch norm keeps it (``ops.centre_for_kernels`` then
+  folds its float32 rounding into the bias and the backward sums); the variance is
+  cast to the accumulation dtype.
 * Weight and bias gradients are the *local* sums Σdz·x̂ and Σdz, as with
   ``torch.nn.SyncBatchNorm``: ``DistributedDataParallel`` then all-reduces them like
   every other parameter's gradient. The input gradient uses the all-reduced sums and the
@@ -422,19 +424,32 @@ def _bench_worker(rank, ranks, init_file, shape, repeats, warmup, threads, out_f
             x.grad = None
             return t
 
-        times = {"local": [], "sync": []}
+        gathered = torch.empty(ranks * (2 * c + 1), dtype=torch.float64)
+        stats_buf, sums_buf = torch.zeros(2 * c + 1, dtype=torch.float64), torch.zeros(2 * c)
+
+        def collectives(_):
+            # The traffic SyncBatchNorm adds to a step, alone: both C-sized collectives.
+            dist.barrier()
+            t0 = time.perf_counter()
+            _all_gather_flat(gathered, stats_buf)
+            dist.all_reduce(sums_buf)
+            return time.perf_counter() - t0
+
+        times = {"local": [], "sync": [], "collectives": []}
         for i in range(warmup + repeats):
-            for name, layer in (("local", local), ("sync", sync)):
-                t = step(layer)
+            for name, fn, arg in (("local", step, local), ("sync", step, sync),
+                                  ("collectives", collectives, None)):
+                t = fn(arg)
                 if i >= warmup:
                     times[name].append(t)
-        # A step is as slow as its slowest rank.
-        med = torch.tensor([statistics.median(times["local"]), statistics.median(times["sync"])],
-                           dtype=torch.float64)
-        dist.all_reduce(med, op=dist.ReduceOp.MAX)
+        # A step ends when its slowest rank does: the max over ranks of each repeat, for
+        # the local steps too (they would meet at DDP's gradient all-reduce), then the median.
+        slowest = torch.tensor([times[k] for k in times], dtype=torch.float64)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         if rank == 0:
             with open(out_file, "w") as f:
-                json.dump({"local_ms": med[0].item() * 1e3, "sync_ms": med[1].item() * 1e3}, f)
+                json.dump({f"{k}_ms": statistics.median(row) * 1e3
+                           for k, row in zip(times, slowest.tolist())}, f)
     finally:
         dist.destroy_process_group()
 
@@ -445,8 +460,11 @@ def benchmark_sync_step(shape=(16, 256, 56, 56), world_size=2, repeats=20, warmu
     on the same per-rank input, with ``world_size`` CPU ranks (gloo) on this machine.
 
     The two are interleaved, each step starting on a barrier, and a step counts as long as
-    its slowest rank. Returns ``shape`` (per rank), ``world_size``, ``repeats``,
-    ``threads_per_rank``, ``local_ms``, ``sync_ms`` and ``ratio`` = sync / local.
+    its slowest rank (the max over ranks of each repeat; the median over repeats). Returns ``shape`` (per rank), ``world_size``, ``repeats``,
+    ``threads_per_rank``, ``local_ms``, ``sync_ms``, ``ratio`` = sync / local, and
+    ``collectives_ms``, the two C-sized collectives of a step timed alone. On a loaded
+    machine ``sync_ms`` also holds the ranks waiting for each other mid-step, which
+    independent local steps do not.
     """
     import torch.multiprocessing as mp
 
