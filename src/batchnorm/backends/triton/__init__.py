@@ -10,9 +10,9 @@
   a training step stays capturable in a CUDA graph.
 
 The launchers accept the kernel views of ``portable.py``: ``(N, C, L)`` or ``(M, C)``,
-contiguous. The tile and grid choices live in :data:`CONFIG`; the environment variable
-``BATCHNORM_TRITON_CONFIG="reduce_tile=8192,programs_per_sm=4"`` overrides them at import
-(the GPU check script uses it to compare variants).
+contiguous. The tile and grid choices live in :data:`CONFIG` (read at every call;
+``benchmarks/triton_dev.py`` times variants by editing it); the environment variable
+``BATCHNORM_TRITON_CONFIG="reduce_tile=8192,programs_per_sm=4"`` overrides it at import.
 
 On a machine without a GPU, ``TRITON_INTERPRET=1`` (set before triton is imported) runs
 the same kernels on CPU tensors through Triton's NumPy interpreter; ``supports`` then
