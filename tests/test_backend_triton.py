@@ -136,6 +136,25 @@ def test_stats_constant_channels(shape, dtype):
     assert torch.equal(m2[: min(c, 4)], torch.zeros_like(expected))
 
 
+@pytest.mark.skipif(not CUDA, reason="under the interpreter every test already uses tiny tiles")
+@pytest.mark.parametrize("shape", [(8, 6, 3000), (3000, 40)], ids=_id)
+def test_tiny_tiles_compiled(shape, monkeypatch):
+    """Compiled kernels with tiles small enough that every program loops over many tiles
+    and every merge over many partials: the paths production tiles reach only on big data."""
+    for key, value in dict(reduce_tile=256, elem_tile=256, block_c=16, merge_block_p=8,
+                           merge_block_c=8, programs_per_sm=1).items():
+        monkeypatch.setitem(tb.CONFIG, key, value)
+    x, mean, invstd, count, w, b, r, dy = _case(shape, torch.float32, True, True)
+    ref_mean, ref_m2 = portable.stats(x.double())
+    got_mean, got_m2 = tb.stats(x)
+    assert_close(got_mean, ref_mean, dtype=torch.float32, scale=10)
+    assert_close(got_m2, ref_m2, dtype=torch.float32, scale=10)
+    sums = tb.backward_reduce(dy, x, mean, invstd, w, b, r, "relu", 0.0)
+    ref = portable.backward_reduce(*_f64(dy, x, mean, invstd, w, b, r), "relu", 0.0)
+    for got, want in zip(sums, ref):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * count ** 0.5)
+
+
 def test_stats_empty_and_deterministic():
     x = torch.empty((0, 4, 5), device=DEVICE)
     mean, m2 = tb.stats(x)
