@@ -353,3 +353,36 @@ def test_module_parity(shape, channels_last):
     assert_close(ours.running_mean, theirs.running_mean)
     assert_close(ours.running_var, theirs.running_var)
     assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_cuda_graph_capture():
+    """A training step (forward, backward, running-statistics update) captures in a CUDA
+    graph: nothing on the path reads a device value on the host."""
+    import batchnorm
+
+    m = batchnorm.BatchNorm2d(16, activation="relu").to(DEVICE)
+    x = _data((8, 16, 10, 10), torch.float32).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    dy = torch.randn_like(x)
+
+    def step():
+        y = m(x)
+        return (y, *torch.autograd.grad(y, (x, m.weight, m.bias), dy))
+
+    with backends.using("triton"):
+        expected = step()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = step()
+        tracked = int(m.num_batches_tracked)
+        graph.replay()
+        torch.cuda.synchronize()
+    for got, want in zip(captured, expected):
+        torch.testing.assert_close(got, want)
+    assert int(m.num_batches_tracked) == tracked + 1
