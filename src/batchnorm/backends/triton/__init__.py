@@ -28,7 +28,7 @@ import torch
 import triton  # noqa: F401  (ImportError here marks the backend unavailable)
 from torch import Tensor
 
-from ..portable import acc_dtype
+from ..portable import acc_dtype, mean_dtype
 from . import _elementwise, _reduce
 from ._activation import CODES, split_float
 
@@ -199,11 +199,12 @@ def _activation_args(activation: str, slope: float):
 
 
 def stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel ``(mean, m2)`` in the acc dtype; see ``_reduce.py`` for the numerics."""
+    """Per-channel ``mean`` (in ``portable.mean_dtype``, float64) and ``m2`` (acc dtype);
+    see ``_reduce.py`` for the numerics."""
     _check_view(x)
     c = x.shape[1]
     acc = acc_dtype(x.dtype)
-    mean = torch.empty(c, dtype=acc, device=x.device)
+    mean = torch.empty(c, dtype=mean_dtype(x), device=x.device)
     m2 = torch.empty(c, dtype=acc, device=x.device)
     if x.numel() == 0:
         return mean.zero_(), m2.zero_()

@@ -172,8 +172,12 @@ def stats_merge(x_ptr, part_ptr, mean_ptr, m2_ptr, P, C, SHIFT_STRIDE, PC,
         m2 = tl.load(pm2_ptr + off, mask=mask, other=0.0)
         dev = mu - mean_d[None, :]
         acc += m2 + n * dev * dev
-    shift = tl.load(x_ptr + cols.to(tl.int64) * SHIFT_STRIDE, mask=cmask, other=0.0).to(acc_ty)
-    tl.store(mean_ptr + cols, shift + mean_d, mask=cmask)
+    # The mean leaves in mean_ptr's dtype (float64: see portable.mean_dtype): the shift is a
+    # value of the data and mean_d is small, so their sum there keeps the large-mean digits
+    # a float32 mean would round away.
+    mean_ty = mean_ptr.dtype.element_ty
+    shift = tl.load(x_ptr + cols.to(tl.int64) * SHIFT_STRIDE, mask=cmask, other=0.0)
+    tl.store(mean_ptr + cols, shift.to(mean_ty) + mean_d.to(mean_ty), mask=cmask)
     tl.store(m2_ptr + cols, tl.sum(acc, axis=0), mask=cmask)
 
 
