@@ -388,3 +388,35 @@ def test_cuda_graph_capture():
     for got, want in zip(captured, expected):
         torch.testing.assert_close(got, want)
     assert int(m.num_batches_tracked) == tracked + 1
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
+                         ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[-1]], ids=_id)
+def test_fused_forward_matches_ops(shape, dtype, affine, monkeypatch):
+    """batch_norm_forward (stats + the C-sized math in one kernel + normalize) gives what
+    ops computes from the primitives and torch ops, large means included."""
+    from batchnorm import ops
+
+    x = _data(shape, dtype, mean=1e4 if dtype != torch.bfloat16 else 0.0)
+    w, b = _params(shape[1]) if affine else (None, None)
+    r = _data(shape, dtype)
+    args = (x, w, b, r, None, None, 1e-5, "silu", 0.0)
+    with backends.using("triton"):
+        y, mean, var = tb.batch_norm_forward(*args)
+        monkeypatch.delattr(tb, "batch_norm_forward")
+        y2, mean2, var2 = ops._batch_norm_forward(*args)
+    assert mean.dtype == mean2.dtype and var.dtype == var2.dtype and y.dtype == dtype
+    torch.testing.assert_close(mean, mean2, rtol=1e-12, atol=0)
+    assert_close(var, var2, dtype=var.dtype)
+    assert_close(y, y2, scale=2)
+
+
+def test_fused_forward_declines():
+    x = _data(SHAPES[0], torch.float32)
+    c = x.shape[1]
+    rm, rv = torch.zeros(c, device=DEVICE), torch.ones(c, device=DEVICE)
+    assert tb.batch_norm_forward(x, None, None, None, rm, rv, 1e-5, "none", 0.0) is None
+    empty = torch.empty((0, c, 3), device=DEVICE)
+    assert tb.batch_norm_forward(empty, None, None, None, None, None, 1e-5, "none", 0.0) is None

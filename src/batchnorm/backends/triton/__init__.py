@@ -198,6 +198,25 @@ def _activation_args(activation: str, slope: float):
 # The four primitives
 
 
+def _stats_partials(x: Tensor) -> tuple[Tensor, int, int]:
+    """Stage 1 of the statistics: ``(part [3, P, C], P, shift_stride)``."""
+    c = x.shape[1]
+    plan = _reduce_plan(x)
+    p = plan["P"]
+    # count, mean and m2 planes of the partials in one allocation (host time per launch)
+    part = torch.empty((3, p, c), dtype=acc_dtype(x.dtype), device=x.device)
+    warps = CONFIG["reduce_warps"]
+    if plan["cl"]:
+        _reduce.stats_partial_mc[plan["grid"]](
+            x, part, x.shape[0], c, plan["rows"], plan["ncb"], p * c,
+            BLOCK_M=plan["BLOCK_M"], BLOCK_C=plan["BLOCK_C"], num_warps=warps)
+        return part, p, 1
+    _reduce.stats_partial_ncl[plan["grid"]](
+        x, part, x.shape[0], c, x.shape[2], plan["rows"], plan["cols"], plan["p_l"],
+        p * c, BLOCK_N=plan["BLOCK_N"], BLOCK_L=plan["BLOCK_L"], num_warps=warps)
+    return part, p, x.shape[2]
+
+
 def stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel ``mean`` (in ``portable.mean_dtype``, float64) and ``m2`` (acc dtype);
     see ``_reduce.py`` for the numerics."""
@@ -208,26 +227,42 @@ def stats(x: Tensor) -> tuple[Tensor, Tensor]:
     m2 = torch.empty(c, dtype=acc, device=x.device)
     if x.numel() == 0:
         return mean.zero_(), m2.zero_()
-    plan = _reduce_plan(x)
-    p = plan["P"]
-    # count, mean and m2 planes of the partials in one allocation (host time per launch)
-    part = torch.empty((3, p, c), dtype=acc, device=x.device)
-    warps = CONFIG["reduce_warps"]
     with _device_guard(x):
-        if plan["cl"]:
-            _reduce.stats_partial_mc[plan["grid"]](
-                x, part, x.shape[0], c, plan["rows"], plan["ncb"], p * c,
-                BLOCK_M=plan["BLOCK_M"], BLOCK_C=plan["BLOCK_C"], num_warps=warps)
-            shift_stride = 1
-        else:
-            _reduce.stats_partial_ncl[plan["grid"]](
-                x, part, x.shape[0], c, x.shape[2], plan["rows"], plan["cols"], plan["p_l"],
-                p * c, BLOCK_N=plan["BLOCK_N"], BLOCK_L=plan["BLOCK_L"], num_warps=warps)
-            shift_stride = x.shape[2]
+        part, p, shift_stride = _stats_partials(x)
         grid, block_c = _merge_grid(c, CONFIG["merge_block_c"])
         _reduce.stats_merge[grid](x, part, mean, m2, p, c, shift_stride, p * c,
                                   BLOCK_P=CONFIG["merge_block_p"], BLOCK_C=block_c, num_warps=4)
     return mean, m2
+
+
+def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps,
+                       activation, slope):
+    """``ops._batch_norm_forward`` in training: ``(y, mean, var)`` in three launches.
+
+    The statistics' stage 2 also does the C-sized math ops would do with a dozen torch
+    kernels (var, invstd, the float64-mean centring), then normalize runs. None (ops then
+    takes its own path) in evaluation, for empty inputs, and for what ``supports`` declines.
+    """
+    if running_mean is not None or x.numel() == 0 or not supports(x):
+        return None
+    _check_view(x)
+    c = x.shape[1]
+    acc = acc_dtype(x.dtype)
+    mean = torch.empty(c, dtype=mean_dtype(x), device=x.device)
+    var = torch.empty(c, dtype=acc, device=x.device)
+    scratch = torch.empty((3, c), dtype=acc, device=x.device)  # mean_k, invstd, bias_k
+    eps_hi, eps_lo = split_float(eps)
+    with _device_guard(x):
+        part, p, shift_stride = _stats_partials(x)
+        grid, block_c = _merge_grid(c, CONFIG["merge_block_c"])
+        mean_k, invstd, bias_k = scratch.unbind(0)
+        _reduce.stats_finalize[grid](
+            x, part, mean, var, mean_k, invstd, bias_k, _dummy(weight, mean),
+            _dummy(bias, mean), p, c, shift_stride, p * c, x.numel() // c, eps_hi, eps_lo,
+            HAS_W=weight is not None, HAS_B=bias is not None, F64=acc == torch.float64,
+            BLOCK_P=CONFIG["merge_block_p"], BLOCK_C=block_c, num_warps=4)
+    y = normalize(x, mean_k, invstd, weight, bias_k, residual, activation, slope)
+    return y, mean, var
 
 
 def _dummy(t: Tensor | None, like: Tensor) -> Tensor:

@@ -298,3 +298,69 @@ def sum_partials(part_ptr, a_ptr, b_ptr, P, C, PC, BLOCK_P: tl.constexpr,
         sb += tl.load(pb_ptr + off, mask=mask, other=0.0)
     tl.store(a_ptr + cols, tl.sum(sa, axis=0), mask=cmask)
     tl.store(b_ptr + cols, tl.sum(sb, axis=0), mask=cmask)
+
+
+@triton.jit
+def stats_finalize(x_ptr, part_ptr, mean_ptr, var_ptr, mean_k_ptr, invstd_ptr, bias_k_ptr,
+                   w_ptr, b_ptr, P, C, SHIFT_STRIDE, PC, count, eps_hi, eps_lo,
+                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, F64: tl.constexpr,
+                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``stats_merge``, then the C-sized math of ``ops._batch_norm_forward`` in the same
+    program, so a training forward is three launches instead of a dozen:
+    var = m2 / count, invstd = 1/√(var + eps) (0 where var + eps == 0), and
+    ``ops.centre_for_kernels``: mean_k = acc(mean), shift = (mean − mean_k)·invstd,
+    bias_k = bias − weight·shift. Divisions and the square root are IEEE-rounded
+    (div_rn, sqrt_rn), as torch's are; float64 inputs give shift == 0, bias_k == bias."""
+    pcount_ptr, pmean_ptr, pm2_ptr = part_ptr, part_ptr + PC, part_ptr + 2 * PC
+    acc_ty = part_ptr.dtype.element_ty
+    mean_ty = mean_ptr.dtype.element_ty
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    rp = tl.arange(0, BLOCK_P)
+    tot = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
+    wsum = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
+    for p0 in range(0, P, BLOCK_P):
+        rows = p0 + rp
+        mask = (rows < P)[:, None] & cmask[None, :]
+        off = rows[:, None] * C + cols[None, :]
+        n = tl.load(pcount_ptr + off, mask=mask, other=0.0)
+        tot += n
+        wsum += n * tl.load(pmean_ptr + off, mask=mask, other=0.0)
+    total = tl.sum(tot, axis=0)
+    mean_d = tl.sum(wsum, axis=0) / tl.where(total > 0, total, 1.0)
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
+    for p0 in range(0, P, BLOCK_P):
+        rows = p0 + rp
+        mask = (rows < P)[:, None] & cmask[None, :]
+        off = rows[:, None] * C + cols[None, :]
+        n = tl.load(pcount_ptr + off, mask=mask, other=0.0)
+        dev = tl.load(pmean_ptr + off, mask=mask, other=0.0) - mean_d[None, :]
+        acc += tl.load(pm2_ptr + off, mask=mask, other=0.0) + n * dev * dev
+    m2 = tl.sum(acc, axis=0)
+    shift = tl.load(x_ptr + cols.to(tl.int64) * SHIFT_STRIDE, mask=cmask, other=0.0)
+    mean = shift.to(mean_ty) + mean_d.to(mean_ty)
+    count_f = tl.maximum(tl.zeros_like(m2) + count, 1.0)
+    if F64:  # float64 division and square root are IEEE-rounded already
+        var = m2 / count_f
+    else:
+        var = tl.math.div_rn(m2, count_f)
+    v = (var + eps_hi) + eps_lo
+    positive = v > 0
+    v = tl.where(positive, v, 1.0)
+    if F64:
+        invstd = 1.0 / tl.sqrt(v)
+    else:
+        invstd = tl.math.div_rn(tl.zeros_like(v) + 1.0, tl.math.sqrt_rn(v))
+    invstd = tl.where(positive, invstd, 0.0)
+    mean_k = mean.to(acc_ty)
+    centre = (mean - mean_k.to(mean_ty)).to(acc_ty) * invstd
+    if HAS_W:
+        centre = centre * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(acc_ty)
+    bias_k = -centre
+    if HAS_B:
+        bias_k = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(acc_ty) - centre
+    tl.store(mean_ptr + cols, mean, mask=cmask)
+    tl.store(var_ptr + cols, var, mask=cmask)
+    tl.store(mean_k_ptr + cols, mean_k, mask=cmask)
+    tl.store(invstd_ptr + cols, invstd, mask=cmask)
+    tl.store(bias_k_ptr + cols, bias_k, mask=cmask)
