@@ -574,3 +574,25 @@ def test_folded_model_gradients(activation):
     y, dx, _ = outputs_and_grads(folded, x)
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(dx, dx_ref)
+
+
+def test_frozen_sync_batchnorm_uses_running_stats_in_train(monkeypatch):
+    # A frozen SyncBatchNorm must neither synchronize nor compute batch statistics. The
+    # world is made to look like 2 ranks, so taking the synchronized path would fail.
+    import batchnorm.distributed as dist_mod
+    from batchnorm import SyncBatchNorm
+    monkeypatch.setattr(dist_mod, "world_size", lambda group=None: 2)
+    layer = SyncBatchNorm(3)
+    with torch.no_grad():
+        layer.running_mean.uniform_(-1, 1)
+        layer.running_var.uniform_(0.5, 2)
+    layer.frozen = True
+    layer.train()
+    x = torch.randn(4, 3, 5, 5)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    y = layer(x)
+    expected = (x - layer.running_mean.view(1, -1, 1, 1)) / torch.sqrt(
+        layer.running_var.view(1, -1, 1, 1) + layer.eps)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -294,7 +294,8 @@ class SyncBatchNorm(_BatchNorm):
             _check_rank(type(self).__name__, input, (), "at least 2D")
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
-        if not self.training or world_size(self.process_group) == 1:
+        # Eval and frozen layers use the running statistics: nothing to synchronize.
+        if not self.training or self.frozen or world_size(self.process_group) == 1:
             return super().forward(input, residual)
         self._check_input_dim(input)
         tracking = self.track_running_stats
