@@ -130,6 +130,8 @@ def _phases(x, act="relu", residual=False):
     return [
         ("batch_norm_forward", lambda: tb.batch_norm_forward(x, w, w, r, None, None, 1e-5, act,
                                                              0.0)),
+        ("batch_norm_backward", lambda: tb.batch_norm_backward(
+            x, x, w, w, r, mean.double(), mean, 1e-5, True, act, 0.0, True, True, residual)),
         ("stats", lambda: tb.stats(x)),
         ("normalize", lambda: tb.normalize(x, mean, mean, w, w, r, act, 0.0)),
         ("backward_reduce", lambda: tb.backward_reduce(x, x, mean, mean, w, w, r, act, 0.0)),

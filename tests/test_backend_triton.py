@@ -20,6 +20,10 @@ if "triton" not in backends.available():
 
 import batchnorm.backends.triton as tb  # noqa: E402
 
+# NumPy (the interpreter) warns when masked-off lanes of a tile overflow exp(); those lanes
+# are never stored.
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 
@@ -420,3 +424,52 @@ def test_fused_forward_declines():
     assert tb.batch_norm_forward(x, None, None, None, rm, rv, 1e-5, "none", 0.0) is None
     empty = torch.empty((0, c, 3), device=DEVICE)
     assert tb.batch_norm_forward(empty, None, None, None, None, None, 1e-5, "none", 0.0) is None
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
+                         ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[-1]], ids=_id)
+def test_fused_backward_matches_ops(shape, dtype, training, monkeypatch):
+    """batch_norm_backward (C-sized prologue + reduce + centred merge + elementwise) gives
+    what ops computes from the primitives and torch ops, from a float64 large mean."""
+    from batchnorm import ops
+
+    x = _data(shape, dtype, mean=1e4 if dtype != torch.bfloat16 else 0.0)
+    c = x.shape[1]
+    w, b = _params(c)
+    r, dy = _data(shape, dtype), _data(shape, dtype)
+    mean64, m2 = portable.stats(x)
+    var = m2 / (x.numel() // c)
+    mean = mean64 if training else mean64.to(var.dtype)
+
+    class Ctx:  # what _setup_context saves, for ops' unfused backward
+        saved_tensors = (x, w, b, r, mean, var)
+        needs_input_grad = (True, True, True, True)
+        eager, eps, activation, slope = True, 1e-5, "silu", 0.0
+
+    Ctx.training = training
+    got = tb.batch_norm_backward(dy, x, w, b, r, mean, var, 1e-5, training, "silu", 0.0,
+                                 True, True, True)
+    with backends.using("triton"), torch.no_grad():
+        monkeypatch.delattr(tb, "batch_norm_backward")
+        dx, dw, db, dres = ops._batch_norm_backward(Ctx, dy, None, None)[:4]
+    assert_close(got[0], dx, scale=4)
+    assert_close(got[1], db, dtype=db.dtype, scale=10 * (x.numel() // c) ** 0.5)
+    assert_close(got[2], dw, dtype=dw.dtype, scale=10 * (x.numel() // c) ** 0.5)
+    assert_close(got[3], dres, scale=2)
+
+
+def test_fused_backward_options():
+    """Nothing computed that was not asked for; None for empty inputs."""
+    x, mean, invstd, count, w, b, r, dy = _case(SHAPES[0], torch.float32, True, False)
+    var = torch.ones_like(mean)
+    dx, sdz, sdzx, dres = tb.batch_norm_backward(dy, x, w, b, None, mean, var, 1e-5, False,
+                                                 "relu", 0.0, False, True, False)
+    assert sdz is None and sdzx is None and dres is None and dx.shape == x.shape
+    dx, sdz, sdzx, dres = tb.batch_norm_backward(dy, x, w, b, None, mean, var, 1e-5, False,
+                                                 "relu", 0.0, True, False, False)
+    assert dx is None and sdz.shape == sdzx.shape == mean.shape
+    empty = torch.empty((0, 3, 4), device=DEVICE)
+    assert tb.batch_norm_backward(empty, empty, None, None, None, mean[:3], var[:3], 1e-5,
+                                  True, "none", 0.0, True, True, False) is None

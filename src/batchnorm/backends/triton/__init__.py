@@ -298,6 +298,27 @@ def normalize(x, mean, invstd, weight, bias, residual, activation: str, slope: f
     return y
 
 
+def _backward_partials(dy, x, mean, invstd, weight, bias, residual, act, hi, lo):
+    """Stage 1 of the backward reduction: ``(part [2, P, C], P)`` (Σdz and Σdz·x̂ planes)."""
+    c = x.shape[1]
+    plan = _reduce_plan(x)
+    p = plan["P"]
+    part = torch.empty((2, p, c), dtype=acc_dtype(x.dtype), device=x.device)
+    flags = dict(ACT=act, HAS_W=weight is not None, HAS_B=bias is not None,
+                 HAS_RES=residual is not None and act != 0, num_warps=CONFIG["reduce_warps"])
+    common = (dy, x, _dummy(residual, x), mean, invstd, _dummy(weight, mean),
+              _dummy(bias, mean), part)
+    if plan["cl"]:
+        _reduce.backward_partial_mc[plan["grid"]](
+            *common, x.shape[0], c, plan["rows"], plan["ncb"], p * c, hi, lo,
+            BLOCK_M=plan["BLOCK_M"], BLOCK_C=plan["BLOCK_C"], **flags)
+    else:
+        _reduce.backward_partial_ncl[plan["grid"]](
+            *common, x.shape[0], c, x.shape[2], plan["rows"], plan["cols"], plan["p_l"],
+            p * c, hi, lo, BLOCK_N=plan["BLOCK_N"], BLOCK_L=plan["BLOCK_L"], **flags)
+    return part, p
+
+
 def backward_reduce(dy, x, mean, invstd, weight, bias, residual, activation: str, slope: float):
     """Per-channel ``(Σ dz, Σ dz·x̂)`` in the acc dtype."""
     _check_view(x)
@@ -311,26 +332,58 @@ def backward_reduce(dy, x, mean, invstd, weight, bias, residual, activation: str
         return sdz.zero_(), sdzx.zero_()
     act, hi, lo = _activation_args(activation, slope)
     mean, invstd = mean.to(acc).contiguous(), invstd.to(acc).contiguous()
-    plan = _reduce_plan(x)
-    p = plan["P"]
-    part = torch.empty((2, p, c), dtype=acc, device=x.device)  # Σdz and Σdz·x̂ planes
-    flags = dict(ACT=act, HAS_W=weight is not None, HAS_B=bias is not None,
-                 HAS_RES=residual is not None and act != 0, num_warps=CONFIG["reduce_warps"])
-    common = (dy, x, _dummy(residual, x), mean, invstd, _dummy(weight, mean),
-              _dummy(bias, mean), part)
     with _device_guard(x):
-        if plan["cl"]:
-            _reduce.backward_partial_mc[plan["grid"]](
-                *common, x.shape[0], c, plan["rows"], plan["ncb"], p * c, hi, lo,
-                BLOCK_M=plan["BLOCK_M"], BLOCK_C=plan["BLOCK_C"], **flags)
-        else:
-            _reduce.backward_partial_ncl[plan["grid"]](
-                *common, x.shape[0], c, x.shape[2], plan["rows"], plan["cols"], plan["p_l"],
-                p * c, hi, lo, BLOCK_N=plan["BLOCK_N"], BLOCK_L=plan["BLOCK_L"], **flags)
+        part, p = _backward_partials(dy, x, mean, invstd, weight, bias, residual, act, hi, lo)
         grid, block_c = _merge_grid(c, CONFIG["merge_block_c"])
         _reduce.sum_partials[grid](part, sdz, sdzx, p, c, p * c, BLOCK_P=CONFIG["merge_block_p"],
                                    BLOCK_C=block_c, num_warps=4)
     return sdz, sdzx
+
+
+def batch_norm_backward(dy, x, weight, bias, residual, mean, var, eps, training: bool,
+                        activation, slope, need_sums: bool, need_dx: bool,
+                        want_dresidual: bool):
+    """``ops._batch_norm_backward`` in four launches: ``(dx, Σdz, Σdz·x̂, dresidual)``.
+
+    A one-program-per-128-channels prologue does the C-sized math ops would do with about
+    fifteen torch kernels (invstd from the saved var; the float64-mean centring), and the
+    merge of the sums applies the centring's corrections. dx (dresidual) is None unless
+    asked, the sums None unless ``need_sums`` or training. None where it does not apply.
+    """
+    if x.numel() == 0 or not supports(x):
+        return None
+    _check_view(x)
+    dy = _check_same("dy", dy, x)
+    residual = _check_same("residual", residual, x)
+    c = x.shape[1]
+    acc = acc_dtype(x.dtype)
+    act, hi, lo = _activation_args(activation, slope)
+    eps_hi, eps_lo = split_float(eps)
+    pre = torch.empty((4, c), dtype=acc, device=x.device)  # mean_k, invstd, bias_k, shift
+    sum_dz = sum_dzx = sum_dz_k = None
+    with _device_guard(x):
+        _reduce.backward_prepare[(_cdiv(c, 128),)](
+            mean, var, _dummy(weight, pre), _dummy(bias, pre), pre, c, eps_hi, eps_lo,
+            HAS_W=weight is not None, HAS_B=bias is not None, F64=acc == torch.float64,
+            BLOCK_C=128, num_warps=4)
+        mean_k, invstd, bias_k, shift = pre.unbind(0)
+        if need_sums or training:
+            part, p = _backward_partials(dy, x, mean_k, invstd, weight, bias_k, residual, act,
+                                         hi, lo)
+            sum_dz = torch.empty(c, dtype=acc, device=x.device)
+            sum_dzx = torch.empty(c, dtype=acc, device=x.device)
+            sum_dz_k = torch.empty(c, dtype=acc, device=x.device)
+            grid, block_c = _merge_grid(c, CONFIG["merge_block_c"])
+            _reduce.sum_partials_centred[grid](
+                part, shift, sum_dz, sum_dzx, sum_dz_k, p, c, p * c,
+                BLOCK_P=CONFIG["merge_block_p"], BLOCK_C=block_c, num_warps=4)
+    dx = dres = None
+    if need_dx:
+        dx, dres = backward_elementwise(
+            dy, x, mean_k, invstd, weight, bias_k, residual,
+            sum_dz_k if training else None, sum_dzx if training else None,
+            x.numel() // c, activation, slope, want_dresidual)
+    return dx, sum_dz, sum_dzx, dres
 
 
 def backward_elementwise(

@@ -364,3 +364,71 @@ def stats_finalize(x_ptr, part_ptr, mean_ptr, var_ptr, mean_k_ptr, invstd_ptr, b
     tl.store(mean_k_ptr + cols, mean_k, mask=cmask)
     tl.store(invstd_ptr + cols, invstd, mask=cmask)
     tl.store(bias_k_ptr + cols, bias_k, mask=cmask)
+
+
+@triton.jit
+def _invstd(var, eps_hi, eps_lo, F64: tl.constexpr):
+    """``ops.invstd_from_var``: 1/√(var + eps), 0 where var + eps == 0, IEEE-rounded."""
+    v = (var + eps_hi) + eps_lo
+    positive = v > 0
+    v = tl.where(positive, v, 1.0)
+    if F64:
+        r = 1.0 / tl.sqrt(v)
+    else:
+        r = tl.math.div_rn(tl.zeros_like(v) + 1.0, tl.math.sqrt_rn(v))
+    return tl.where(positive, r, 0.0)
+
+
+@triton.jit
+def backward_prepare(mean_ptr, var_ptr, w_ptr, b_ptr, out_ptr, C, eps_hi, eps_lo,
+                     HAS_W: tl.constexpr, HAS_B: tl.constexpr, F64: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
+    """The C-sized prologue of ``ops._batch_norm_backward`` in one launch: invstd from the
+    saved var, and ``ops.centre_for_kernels`` (mean_k, bias_k, shift) from the saved
+    (float64) mean. ``out`` holds the four [C] rows mean_k, invstd, bias_k, shift."""
+    acc_ty = out_ptr.dtype.element_ty
+    mean_ty = mean_ptr.dtype.element_ty
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
+    invstd = _invstd(tl.load(var_ptr + cols, mask=cmask, other=1.0).to(acc_ty), eps_hi, eps_lo,
+                     F64)
+    mean_k = mean.to(acc_ty)
+    shift = (mean - mean_k.to(mean_ty)).to(acc_ty) * invstd
+    centre = shift
+    if HAS_W:
+        centre = shift * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(acc_ty)
+    bias_k = -centre
+    if HAS_B:
+        bias_k = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(acc_ty) - centre
+    tl.store(out_ptr + cols, mean_k, mask=cmask)
+    tl.store(out_ptr + C + cols, invstd, mask=cmask)
+    tl.store(out_ptr + 2 * C + cols, bias_k, mask=cmask)
+    tl.store(out_ptr + 3 * C + cols, shift, mask=cmask)
+
+
+@triton.jit
+def sum_partials_centred(part_ptr, shift_ptr, sdz_ptr, sdzx_ptr, sdz_k_ptr, P, C, PC,
+                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``sum_partials``, then the shift corrections of ``ops._batch_norm_backward``: the
+    kernels' x̂' is x̂ + shift, so S = Σdz·x̂ = Σdz·x̂' − shift·Σdz, and the elementwise
+    pass gets Σdz − shift·S in place of Σdz."""
+    pa_ptr, pb_ptr = part_ptr, part_ptr + PC
+    acc_ty = part_ptr.dtype.element_ty
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    rp = tl.arange(0, BLOCK_P)
+    sa = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
+    sb = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
+    for p0 in range(0, P, BLOCK_P):
+        rows = p0 + rp
+        mask = (rows < P)[:, None] & cmask[None, :]
+        off = rows[:, None] * C + cols[None, :]
+        sa += tl.load(pa_ptr + off, mask=mask, other=0.0)
+        sb += tl.load(pb_ptr + off, mask=mask, other=0.0)
+    sdz = tl.sum(sa, axis=0)
+    shift = tl.load(shift_ptr + cols, mask=cmask, other=0.0)
+    s = tl.sum(sb, axis=0) - shift * sdz
+    tl.store(sdz_ptr + cols, sdz, mask=cmask)
+    tl.store(sdzx_ptr + cols, s, mask=cmask)
+    tl.store(sdz_k_ptr + cols, sdz - shift * s, mask=cmask)
