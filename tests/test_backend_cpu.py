@@ -161,23 +161,27 @@ def test_kernels_write_every_element(view, build, activation):
     code = K.ACT_CODES[activation]
     xs = cpu._elementwise_split(x)
     rs = cpu._reduce_split(x)
-    np_args = (mean.numpy(), invstd.numpy(), w.numpy(), b.numpy(), r.numpy())
+    # mode 0: (mean, invstd) given, as the primitives pass them
+    stats_args = (mean.numpy(), invstd.numpy(), 0.0, float(n), 0)
+    wb = (w.numpy(), b.numpy())
 
     y = np.full(shape, np.nan, np.float32)
-    K.NORMALIZE[view][build](x.numpy(), *np_args, code, SLOPE, xs, y)
+    K.NORMALIZE[view][build](x.numpy(), *stats_args, *wb, r.numpy(), code, SLOPE, xs, y,
+                             np.empty(0, np.float32))
     assert not np.isnan(y).any()
 
     s1 = np.full(shape[1], np.nan, np.float32)
     s2 = np.full(shape[1], np.nan, np.float32)
-    K.REDUCE[view][build](dy.numpy(), x.numpy(), *np_args, code, SLOPE, rs, s1, s2)
+    K.REDUCE[view][build](dy.numpy(), x.numpy(), *stats_args, *wb, r.numpy(), code, SLOPE, rs,
+                          s1, s2)
     assert not np.isnan(s1).any() and not np.isnan(s2).any()
 
     dx = np.full(shape, np.nan, np.float32)
     # with no activation dresidual is dy itself: the wrapper copies it, the kernel does not
     want_dres = activation != "none"
     dres = np.full(shape if want_dres else (0,) * len(shape), np.nan, np.float32)
-    K.ELEMENTWISE[view][build](dy.numpy(), x.numpy(), *np_args, s1, s2, float(n), code,
-                               SLOPE, xs, dx, dres)
+    K.ELEMENTWISE[view][build](dy.numpy(), x.numpy(), *stats_args, *wb, r.numpy(), s1, s2,
+                               code, SLOPE, xs, dx, dres)
     assert not np.isnan(dx).any() and not np.isnan(dres).any()
 
     mean64 = np.full(shape[1], np.nan)

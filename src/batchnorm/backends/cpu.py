@@ -123,6 +123,10 @@ def stats(x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, m2
 
 
+# The primitives pass (mean, invstd) as they are: mode 0 of the kernels' prologue.
+_MODE_GIVEN, _MODE_M2, _MODE_VAR = 0, 1, 2
+
+
 def normalize(x, mean, invstd, weight, bias, residual, activation: str, slope: float) -> Tensor:
     if x.numel() == 0:
         return portable.normalize(x, mean, invstd, weight, bias, residual, activation, slope)
@@ -130,12 +134,12 @@ def normalize(x, mean, invstd, weight, bias, residual, activation: str, slope: f
         y = normalize(x.float(), mean, invstd, weight, bias, _wide(residual), activation, slope)
         return y.to(x.dtype)
     x = x.contiguous()
-    acc = mean.dtype
+    acc = x.dtype
     y = torch.empty_like(x)
     kernel = _pick(K.NORMALIZE[_view(x)], x)
-    kernel(_np(x), _param(mean, acc), _param(invstd, acc), _param(weight, acc),
-           _param(bias, acc), _like(residual, x), K.ACT_CODES[activation], float(slope),
-           _elementwise_split(x), y.numpy())
+    kernel(_np(x), _param(mean, acc), _param(invstd, acc), 0.0, 1.0, _MODE_GIVEN,
+           _param(weight, acc), _param(bias, acc), _like(residual, x), K.ACT_CODES[activation],
+           float(slope), _elementwise_split(x), y.numpy(), _empty(acc, 1))
     return y
 
 
@@ -147,15 +151,15 @@ def backward_reduce(dy, x, mean, invstd, weight, bias, residual, activation: str
         return backward_reduce(dy.float(), x.float(), mean, invstd, weight, bias,
                                _wide(residual), activation, slope)
     x = x.contiguous()
-    acc = mean.dtype
+    acc = x.dtype
     c = x.shape[1]
     sum_dz = torch.empty(c, dtype=acc)
     sum_dzx = torch.empty(c, dtype=acc)
     kernel = _pick(K.REDUCE[_view(x)], x)
-    kernel(_like(dy, x), _np(x), _param(mean, acc), _param(invstd, acc), _param(weight, acc),
-           _param(bias, acc), _like(residual if activation != "none" else None, x),
-           K.ACT_CODES[activation], float(slope), _reduce_split(x), sum_dz.numpy(),
-           sum_dzx.numpy())
+    kernel(_like(dy, x), _np(x), _param(mean, acc), _param(invstd, acc), 0.0, 1.0, _MODE_GIVEN,
+           _param(weight, acc), _param(bias, acc),
+           _like(residual if activation != "none" else None, x), K.ACT_CODES[activation],
+           float(slope), _reduce_split(x), sum_dz.numpy(), sum_dzx.numpy())
     return sum_dz, sum_dzx
 
 
@@ -175,10 +179,17 @@ def backward_elementwise(
             dres = dres.to(residual.dtype if residual is not None else x.dtype)
         return dx.to(x.dtype), dres
     x = x.contiguous()
-    acc = mean.dtype
+    acc = x.dtype
+    return _elementwise(dy, x, _param(mean, acc), _param(invstd, acc), 0.0, _MODE_GIVEN,
+                        weight, bias, residual, sum_dz, sum_dz_xhat, count, activation, slope,
+                        want_dresidual)
+
+
+def _elementwise(dy, x, mean_np, v_np, eps, mode, weight, bias, residual, sum_dz, sum_dzx,
+                 count, activation, slope, want_dresidual):
+    acc = x.dtype
     dx = torch.empty_like(x)
-    dres = None
-    kernel_dres = None
+    dres = kernel_dres = None
     if want_dresidual:
         rdtype = residual.dtype if residual is not None else x.dtype
         if activation == "none":
@@ -186,11 +197,104 @@ def backward_elementwise(
         else:
             dres = kernel_dres = torch.empty_like(x)
     kernel = _pick(K.ELEMENTWISE[_view(x)], x)
-    kernel(_like(dy, x), _np(x), _param(mean, acc), _param(invstd, acc), _param(weight, acc),
-           _param(bias, acc), _like(residual if activation != "none" else None, x),
-           _param(sum_dz, acc), _param(sum_dz_xhat, acc), float(max(count, 1)),
-           K.ACT_CODES[activation], float(slope), _elementwise_split(x), dx.numpy(),
-           _empty(x.dtype, x.dim()) if kernel_dres is None else kernel_dres.numpy())
+    kernel(_like(dy, x), _np(x), mean_np, v_np, float(eps), float(max(count, 1)), mode,
+           _param(weight, acc), _param(bias, acc),
+           _like(residual if activation != "none" else None, x),
+           _param(sum_dz, acc), _param(sum_dzx, acc), K.ACT_CODES[activation], float(slope),
+           _elementwise_split(x), dx.numpy(),
+           _empty(acc, x.dim()) if kernel_dres is None else kernel_dres.numpy())
     if kernel_dres is not None and residual is not None and dres.dtype != residual.dtype:
         dres = dres.to(residual.dtype)
     return dx, dres
+
+
+# ---------------------------------------------------------------------------------------
+# Fused entry points for ops.py: the same primitives, with the C-sized math between them
+# (invstd, the float64 mean's split, the backward's correction) done inside the kernels'
+# prologue instead of by a dozen torch ops on [C] tensors, which cost more than the whole
+# computation for small inputs. They return None for what they do not take (halves,
+# empty tensors): ops then runs its general path.
+
+
+def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps,
+                       activation, slope):
+    """``ops._batch_norm_forward``: ``(y, mean, var)``; mean in float64 in training."""
+    if x.dtype not in _DTYPES or x.numel() == 0:
+        return None
+    x = x.contiguous()
+    acc = x.dtype
+    c = x.shape[1]
+    count = x.numel() // c
+    y = torch.empty_like(x)
+    var = torch.empty(c, dtype=acc)
+    if running_mean is None:
+        mean = torch.empty(c, dtype=torch.float64)
+        m2 = torch.empty(c, dtype=acc).numpy()
+        _pick(K.STATS[_view(x)], x)(_np(x), _reduce_split(x), mean.numpy(), m2)
+        mean_np, v_np, mode, var_np = mean.numpy(), m2, _MODE_M2, var.numpy()
+    else:
+        mean = running_mean.to(acc, copy=True)
+        var = running_var.to(acc, copy=True)
+        mean_np, v_np, mode, var_np = mean.numpy(), var.numpy(), _MODE_VAR, _empty(acc, 1)
+    _pick(K.NORMALIZE[_view(x)], x)(
+        _np(x), mean_np, v_np, float(eps), float(count), mode, _param(weight, acc),
+        _param(bias, acc), _like(residual, x), K.ACT_CODES[activation], float(slope),
+        _elementwise_split(x), y.numpy(), var_np)
+    return y, mean, var
+
+
+def batch_norm_backward(dy, x, weight, bias, residual, mean, var, eps, training: bool,
+                        activation, slope, need_sums: bool, need_dx: bool,
+                        want_dresidual: bool):
+    """``(dx, Σdz, Σdz·x̂, dresidual)`` from the saved (mean, biased var); dx (dresidual)
+    None unless asked, the sums None unless ``need_sums`` (required in training)."""
+    if x.dtype not in _DTYPES or x.numel() == 0:
+        return None
+    x = x.contiguous()
+    acc = x.dtype
+    c = x.shape[1]
+    count = x.numel() // c
+    mean_np = mean.detach().numpy() if mean.dtype == torch.float64 else _param(mean, acc)
+    v_np = _param(var, acc)
+    sum_dz = sum_dzx = None
+    if need_sums or training:
+        sum_dz = torch.empty(c, dtype=acc)
+        sum_dzx = torch.empty(c, dtype=acc)
+        _pick(K.REDUCE[_view(x)], x)(
+            _like(dy, x), _np(x), mean_np, v_np, float(eps), float(count), _MODE_VAR,
+            _param(weight, acc), _param(bias, acc),
+            _like(residual if activation != "none" else None, x), K.ACT_CODES[activation],
+            float(slope), _reduce_split(x), sum_dz.numpy(), sum_dzx.numpy())
+    dx = dres = None
+    if need_dx:
+        dx, dres = _elementwise(dy, x, mean_np, v_np, eps, _MODE_VAR, weight, bias, residual,
+                                sum_dz if training else None, sum_dzx if training else None,
+                                count, activation, slope, want_dresidual)
+    return dx, sum_dz, sum_dzx, dres
+
+
+def update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count,
+                         momentum) -> bool:
+    """``ops.update_running_stats`` in one kernel call; False (nothing done) where it does
+    not apply: then ops runs its torch version."""
+    if running_mean is None or running_var is None or not isinstance(count, int):
+        return False
+    for t in (running_mean, running_var, mean, var):
+        if t.device.type != "cpu" or t.dtype not in _DTYPES or not t.is_contiguous():
+            return False
+    if running_mean.requires_grad or running_var.requires_grad:
+        return False
+    if num_batches_tracked is not None:
+        if num_batches_tracked.dtype != torch.int64 or num_batches_tracked.device.type != "cpu":
+            return False
+        nbt = num_batches_tracked.view(1).numpy()
+    elif momentum is None:
+        return False
+    else:
+        nbt = _NO_COUNTER
+    K.update_running(running_mean.numpy(), running_var.numpy(), nbt, mean.detach().numpy(),
+                     var.detach().numpy(), float(count), -1.0 if momentum is None else momentum)
+    return True
+
+
+_NO_COUNTER = torch.empty(0, dtype=torch.int64).numpy()

@@ -203,27 +203,66 @@ def stats_mc(x, blocks, mean_out, m2_out):
 
 
 @njit(inline="always")
-def _coefs(mean, invstd, weight, bias, scale, shift):
-    """z = (x − μ)·scale + shift with scale = γ·r, shift = β (γ = 1, β = 0 when absent)."""
+def _prologue(mean, v, eps, count, mode, weight, bias, mean_k, invstd, scale, shift, delta,
+              var_out):
+    """Per-channel coefficients of z = (x − mean_k)·scale + shift.
+
+    mode 0 (the primitives' contract): ``mean`` is already in the acc dtype and ``v`` is
+    invstd. mode 1 (fused training): ``mean`` is the float64 batch mean and ``v`` is m2;
+    var = m2/count is written to ``var_out``. mode 2 (fused evaluation): ``mean``/``v`` are
+    the running mean and variance. In modes 1 and 2, invstd = 1/√(var + eps) (0 where
+    var + eps == 0), and a float64 mean is split into mean_k (acc dtype, what the inner
+    loops subtract) and delta = mean − mean_k, which is folded into the shift (and, in
+    backward, into the sums): x̂ = (x − mean_k)·r − delta·r exactly as
+    ``ops.centre_for_kernels`` does. γ = 1, β = 0 where absent.
+    """
     has_w = weight.shape[0] > 0
     has_b = bias.shape[0] > 0
-    for c in range(mean.shape[0]):
-        scale[c] = invstd[c] * weight[c] if has_w else invstd[c]
-        shift[c] = bias[c] if has_b else 0.0
+    for c in range(mean_k.shape[0]):
+        if mode == 0:
+            mean_k[c] = mean[c]
+            r = v[c]
+        else:
+            var = v[c] / count if mode == 1 else v[c]
+            if var_out.shape[0] > 0:
+                var_out[c] = var
+                var = var_out[c]  # the acc-dtype value, as the unfused path has it
+            ve = np.float64(var) + eps
+            invstd[c] = 1.0 / math.sqrt(ve) if ve > 0 else 0.0
+            r = invstd[c]
+            mean_k[c] = mean[c]
+        invstd[c] = r
+        delta[c] = np.float64(mean[c]) - np.float64(mean_k[c])
+        w = weight[c] if has_w else 1.0
+        scale[c] = r * w
+        b = np.float64(bias[c]) if has_b else 0.0
+        shift[c] = b - np.float64(w) * np.float64(r) * delta[c]
 
 
 @njit(inline="always")
-def _dx_coefs(invstd, weight, sum_dz, sum_dzx, count, k0, k1, k2):
-    """dx = k0·(dz − k1 − (x − μ)·k2): k0 = γ·r, k1 = Σdz/n, k2 = r·Σ(dz·x̂)/n.
+def _dx_coefs(invstd, weight, delta, sum_dz, sum_dzx, count, k0, k1, k2):
+    """dx = k0·(dz − k1 − (x − mean_k)·k2) with k0 = γ·r, and, with batch statistics
+    (S = Σdz·x̂, x̂ = (x − mean_k)·r − delta·r):  k1 = Σdz/n − delta·r·S/n,  k2 = r·S/n.
 
     In evaluation (no sums) k1 = k2 = 0, i.e. dx = γ·r·dz."""
     has_w = weight.shape[0] > 0
     train = sum_dz.shape[0] > 0
     for c in range(invstd.shape[0]):
-        r = invstd[c]
+        r = np.float64(invstd[c])
         k0[c] = r * weight[c] if has_w else r
-        k1[c] = sum_dz[c] / count if train else 0.0
-        k2[c] = r * (sum_dzx[c] / count) if train else 0.0
+        if train:
+            s = np.float64(sum_dzx[c]) / count
+            k1[c] = np.float64(sum_dz[c]) / count - delta[c] * r * s
+            k2[c] = r * s
+        else:
+            k1[c] = 0.0
+            k2[c] = 0.0
+
+
+@njit(inline="always")
+def _arrays(x, c_):
+    return (np.empty(c_, x.dtype), np.empty(c_, x.dtype), np.empty(c_, x.dtype),
+            np.empty(c_, x.dtype), np.empty(c_, np.float64))
 
 
 # ---------------------------------------------------------------------------------------
@@ -243,11 +282,12 @@ def _norm_ncl_row(x, res, y, n, c, l0, l1, m, s, b, code, slope, has_res):
         yr[l] = _act(z, code, slope)
 
 
-def normalize_ncl(x, mean, invstd, weight, bias, res, code, slope, pieces, y):
+def normalize_ncl(x, mean_in, v, eps, count, mode, weight, bias, res, code, slope, pieces, y,
+                  var_out):
     n_, c_, l_ = x.shape
-    scale = np.empty_like(mean)
-    shift = np.empty_like(mean)
-    _coefs(mean, invstd, weight, bias, scale, shift)
+    mean, invstd, scale, shift, delta = _arrays(x, c_)
+    _prologue(mean_in, v, eps, count, mode, weight, bias, mean, invstd, scale, shift, delta,
+              var_out)
     has_res = res.shape[0] > 0
     for t in prange(n_ * c_ * pieces):
         row = t // pieces
@@ -286,11 +326,12 @@ def _norm_mc_rows(x, res, y, r0, r1, mean, scale, shift, code, slope, has_res):
             yr[c] = _act(z, code, slope)
 
 
-def normalize_mc(x, mean, invstd, weight, bias, res, code, slope, blocks, y):
-    m_ = x.shape[0]
-    scale = np.empty_like(mean)
-    shift = np.empty_like(mean)
-    _coefs(mean, invstd, weight, bias, scale, shift)
+def normalize_mc(x, mean_in, v, eps, count, mode, weight, bias, res, code, slope, blocks, y,
+                 var_out):
+    m_, c_ = x.shape
+    mean, invstd, scale, shift, delta = _arrays(x, c_)
+    _prologue(mean_in, v, eps, count, mode, weight, bias, mean, invstd, scale, shift, delta,
+              var_out)
     has_res = res.shape[0] > 0
     for bl in prange(blocks):
         r0 = m_ * bl // blocks
@@ -341,12 +382,13 @@ def _reduce_ncl_span(dy, x, res, i0, i1, c, m, s, b, code, slope, has_res):
     return a1, a2
 
 
-def reduce_ncl(dy, x, mean, invstd, weight, bias, res, code, slope, pieces, sum_dz, sum_dzx):
+def reduce_ncl(dy, x, mean_in, v, eps, count, mode, weight, bias, res, code, slope, pieces,
+               sum_dz, sum_dzx):
     n_, c_, l_ = x.shape
     total = n_ * l_
-    scale = np.empty_like(mean)
-    shift = np.empty_like(mean)
-    _coefs(mean, invstd, weight, bias, scale, shift)
+    mean, invstd, scale, shift, delta = _arrays(x, c_)
+    _prologue(mean_in, v, eps, count, mode, weight, bias, mean, invstd, scale, shift, delta,
+              mean[0:0])
     has_res = res.shape[0] > 0
     tasks = c_ * pieces
     s1 = np.empty(tasks, np.float64)
@@ -377,8 +419,8 @@ def reduce_ncl(dy, x, mean, invstd, weight, bias, res, code, slope, pieces, sum_
             a1 += s1[c * pieces + p]
             a2 += s2[c * pieces + p]
         sum_dz[c] = a1
-        # Σ dz·x̂ = r·Σ dz·(x − μ): the factor r is applied once per channel
-        sum_dzx[c] = a2 * np.float64(invstd[c])
+        # Σ dz·x̂ = r·(Σ dz·(x − mean_k) − delta·Σ dz): r is applied once per channel
+        sum_dzx[c] = np.float64(invstd[c]) * (a2 - delta[c] * a1)
 
 
 @njit(inline="always", fastmath=_REDUCE_MATH)
@@ -400,11 +442,12 @@ def _reduce_mc_rows(dy, x, res, r0, r1, mean, scale, shift, a1, a2, code, slope,
             a2[c] += g * np.float64(xc)
 
 
-def reduce_mc(dy, x, mean, invstd, weight, bias, res, code, slope, blocks, sum_dz, sum_dzx):
+def reduce_mc(dy, x, mean_in, v, eps, count, mode, weight, bias, res, code, slope, blocks,
+              sum_dz, sum_dzx):
     m_, c_ = x.shape
-    scale = np.empty_like(mean)
-    shift = np.empty_like(mean)
-    _coefs(mean, invstd, weight, bias, scale, shift)
+    mean, invstd, scale, shift, delta = _arrays(x, c_)
+    _prologue(mean_in, v, eps, count, mode, weight, bias, mean, invstd, scale, shift, delta,
+              mean[0:0])
     has_res = res.shape[0] > 0
     s1 = np.zeros((blocks, c_), np.float64)
     s2 = np.zeros((blocks, c_), np.float64)
@@ -430,7 +473,7 @@ def reduce_mc(dy, x, mean, invstd, weight, bias, res, code, slope, blocks, sum_d
             a1 += s1[bl, c]
             a2 += s2[bl, c]
         sum_dz[c] = a1
-        sum_dzx[c] = a2 * np.float64(invstd[c])
+        sum_dzx[c] = np.float64(invstd[c]) * (a2 - delta[c] * a1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -459,16 +502,16 @@ def _dx_ncl_row(dy, x, res, dx, dres, n, c, l0, l1, m, s, b, a0, a1, a2, code, s
             drr[l] = g
 
 
-def elementwise_ncl(dy, x, mean, invstd, weight, bias, res, sum_dz, sum_dzx, count, code,
-                    slope, pieces, dx, dres):
+def elementwise_ncl(dy, x, mean_in, v, eps, count, mode, weight, bias, res, sum_dz, sum_dzx,
+                    code, slope, pieces, dx, dres):
     n_, c_, l_ = x.shape
-    scale = np.empty_like(mean)
-    shift = np.empty_like(mean)
-    _coefs(mean, invstd, weight, bias, scale, shift)
-    k0 = np.empty_like(mean)
-    k1 = np.empty_like(mean)
-    k2 = np.empty_like(mean)
-    _dx_coefs(invstd, weight, sum_dz, sum_dzx, count, k0, k1, k2)
+    mean, invstd, scale, shift, delta = _arrays(x, c_)
+    _prologue(mean_in, v, eps, count, mode, weight, bias, mean, invstd, scale, shift, delta,
+              mean[0:0])
+    k0 = np.empty(c_, x.dtype)
+    k1 = np.empty(c_, x.dtype)
+    k2 = np.empty(c_, x.dtype)
+    _dx_coefs(invstd, weight, delta, sum_dz, sum_dzx, count, k0, k1, k2)
     has_res = res.shape[0] > 0
     want_dres = dres.shape[0] > 0
     for t in prange(n_ * c_ * pieces):
@@ -525,16 +568,16 @@ def _dx_mc_rows(dy, x, res, dx, dres, r0, r1, mean, scale, shift, k0, k1, k2, co
                 drr[c] = g
 
 
-def elementwise_mc(dy, x, mean, invstd, weight, bias, res, sum_dz, sum_dzx, count, code,
-                   slope, blocks, dx, dres):
-    m_ = x.shape[0]
-    scale = np.empty_like(mean)
-    shift = np.empty_like(mean)
-    _coefs(mean, invstd, weight, bias, scale, shift)
-    k0 = np.empty_like(mean)
-    k1 = np.empty_like(mean)
-    k2 = np.empty_like(mean)
-    _dx_coefs(invstd, weight, sum_dz, sum_dzx, count, k0, k1, k2)
+def elementwise_mc(dy, x, mean_in, v, eps, count, mode, weight, bias, res, sum_dz, sum_dzx,
+                   code, slope, blocks, dx, dres):
+    m_, c_ = x.shape
+    mean, invstd, scale, shift, delta = _arrays(x, c_)
+    _prologue(mean_in, v, eps, count, mode, weight, bias, mean, invstd, scale, shift, delta,
+              mean[0:0])
+    k0 = np.empty(c_, x.dtype)
+    k1 = np.empty(c_, x.dtype)
+    k2 = np.empty(c_, x.dtype)
+    _dx_coefs(invstd, weight, delta, sum_dz, sum_dzx, count, k0, k1, k2)
     has_res = res.shape[0] > 0
     want_dres = dres.shape[0] > 0
     for bl in prange(blocks):
@@ -556,6 +599,23 @@ def elementwise_mc(dy, x, mean, invstd, weight, bias, res, sum_dz, sum_dzx, coun
         else:
             _dx_mc_rows(dy, x, res, dx, dres, r0, r1, mean, scale, shift, k0, k1, k2, code,
                         slope, has_res, want_dres)
+
+
+# ---------------------------------------------------------------------------------------
+# Running statistics (C-sized; the same arithmetic as ops.update_running_stats)
+
+
+@njit(cache=True)
+def update_running(running_mean, running_var, counter, mean, var, count, momentum):
+    """running = (1 − m)·running + m·batch with the unbiased variance; m = momentum, or
+    1/num_batches_tracked (after its increment) when momentum < 0 (None)."""
+    if counter.shape[0] > 0:
+        counter[0] += 1
+    factor = momentum if momentum >= 0 else 1.0 / counter[0]
+    bessel = count / max(count - 1.0, 1.0)
+    for c in range(running_mean.shape[0]):
+        running_mean[c] = mean[c] * factor + np.float64(running_mean[c]) * (1.0 - factor)
+        running_var[c] = var[c] * bessel * factor + np.float64(running_var[c]) * (1.0 - factor)
 
 
 # ---------------------------------------------------------------------------------------
