@@ -232,3 +232,18 @@ def test_constant_1e7_float32_gives_exactly_bias(backend, gen, value):
     for ch in (0, 2):
         assert (y[:, ch] == bn.bias[ch]).all()
     assert bn.running_var[0].item() == pytest.approx(0.9, rel=1e-7)  # 0.9·1 + 0.1·0
+
+
+def test_eps_zero_in_eval_with_zero_running_variance(backend, gen):
+    """eps = 0 and a running variance of 0 (a channel that was constant in training):
+    that channel outputs bias in eval too, where torch gives inf or NaN."""
+    bn = batchnorm.BatchNorm1d(3, eps=0.0, momentum=1.0, device=backend.device)
+    x = torch.randn(6, 3, 4, generator=gen).to(backend.device)
+    x[:, 1] = 2.5
+    bn(x)
+    assert bn.running_var[1].item() == 0
+    bn.eval()
+    with torch.no_grad():
+        bn.bias.copy_(torch.randn(3, generator=gen))
+    y = bn(torch.randn(2, 3, 4, generator=gen).to(backend.device))
+    assert torch.isfinite(y).all() and (y[:, 1] == bn.bias[1]).all()
