@@ -473,3 +473,22 @@ def test_fused_backward_options():
     empty = torch.empty((0, 3, 4), device=DEVICE)
     assert tb.batch_norm_backward(empty, empty, None, None, None, mean[:3], var[:3], 1e-5,
                                   True, "none", 0.0, True, True, False) is None
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["m0.1", "cumulative"])
+def test_update_running_stats(momentum):
+    """The one-launch running update == ops' torch version (float64 batch mean, float32
+    buffers), num_batches_tracked included."""
+    from batchnorm import ops
+
+    c = 37
+    mean = torch.randn(c, dtype=torch.float64, device=DEVICE) + 1e4
+    var = torch.rand(c, device=DEVICE)
+    state = [torch.randn(c, device=DEVICE), torch.rand(c, device=DEVICE),
+             torch.tensor(3, device=DEVICE)]
+    ref = [t.clone() for t in state]
+    assert tb.update_running_stats(*state, mean, var, 1000, momentum)
+    ops._update_running_stats_torch(*ref, mean, var, 1000, momentum)
+    for got, want in zip(state, ref):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert not tb.update_running_stats(None, None, None, mean, var, 1000, momentum)

@@ -416,3 +416,28 @@ def backward_elementwise(
             HAS_RES=residual is not None and act != 0, TRAIN=train, WANT_DRES=want_dresidual,
             BLOCK_R=plan["BLOCK_R"], BLOCK_K=plan["BLOCK_K"], num_warps=CONFIG["elem_warps"])
     return dx, dres
+
+
+def update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count,
+                         momentum) -> bool:
+    """``ops.update_running_stats`` in one launch instead of ~10 torch kernels; False
+    (nothing done) where it does not apply, and ops then runs its torch version."""
+    if running_mean is None or running_var is None or not isinstance(count, int):
+        return False
+    for t in (running_mean, running_var, mean, var):
+        if (not supports(t) or t.device != mean.device or not t.is_contiguous()
+                or t.requires_grad or t.dim() != 1):
+            return False
+    if num_batches_tracked is not None:
+        if num_batches_tracked.dtype != torch.int64 or num_batches_tracked.device != mean.device:
+            return False
+    elif momentum is None:
+        return False
+    m_hi, m_lo = split_float(0.0 if momentum is None else float(momentum))
+    nbt = num_batches_tracked if num_batches_tracked is not None else mean
+    with _device_guard(mean):
+        _reduce.running_update[(1,)](
+            running_mean, running_var, nbt, mean, var, mean.shape[0],
+            count / max(count - 1, 1), m_hi, m_lo, HAS_NBT=num_batches_tracked is not None,
+            CUMULATIVE=momentum is None, BLOCK_C=min(_np2(mean.shape[0]), 1024), num_warps=4)
+    return True

@@ -432,3 +432,37 @@ def sum_partials_centred(part_ptr, shift_ptr, sdz_ptr, sdzx_ptr, sdz_k_ptr, P, C
     tl.store(sdz_ptr + cols, sdz, mask=cmask)
     tl.store(sdzx_ptr + cols, s, mask=cmask)
     tl.store(sdz_k_ptr + cols, sdz - shift * s, mask=cmask)
+
+
+@triton.jit
+def running_update(rm_ptr, rv_ptr, nbt_ptr, mean_ptr, var_ptr, C, bessel, momentum_hi,
+                   momentum_lo, HAS_NBT: tl.constexpr, CUMULATIVE: tl.constexpr,
+                   BLOCK_C: tl.constexpr):
+    """``ops._update_running_stats_torch`` in one launch of one program (C-sized work; a
+    single program, so that reading and incrementing num_batches_tracked needs no
+    ordering between programs): running = batch·m + running·(1 − m), the variance
+    unbiased by ``bessel`` = count/(count − 1), m = momentum or 1/num_batches_tracked."""
+    mean_ty = mean_ptr.dtype.element_ty
+    var_ty = var_ptr.dtype.element_ty
+    if HAS_NBT:
+        n = tl.load(nbt_ptr) + 1
+        tl.store(nbt_ptr, n)
+    # as a float64 vector: a runtime float is float32 on the GPU, a Python float in the
+    # interpreter, and neither has .to()
+    factor = tl.zeros([BLOCK_C], dtype=tl.float64)
+    if CUMULATIVE:
+        factor += 1.0 / n.to(tl.float64)
+    else:
+        factor = factor + momentum_hi + momentum_lo
+    offs = tl.arange(0, BLOCK_C)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + offs
+        cmask = cols < C
+        mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
+        rm = tl.load(rm_ptr + cols, mask=cmask, other=0.0)
+        new_mean = mean * factor.to(mean_ty) + rm.to(mean_ty) * (1.0 - factor).to(mean_ty)
+        tl.store(rm_ptr + cols, new_mean.to(rm_ptr.dtype.element_ty), mask=cmask)
+        var = tl.load(var_ptr + cols, mask=cmask, other=0.0)
+        rv = tl.load(rv_ptr + cols, mask=cmask, other=0.0)
+        new_var = var * bessel * factor.to(var_ty) + rv.to(var_ty) * (1.0 - factor).to(var_ty)
+        tl.store(rv_ptr + cols, new_var.to(rv_ptr.dtype.element_ty), mask=cmask)
