@@ -424,8 +424,8 @@ def print_summary(bench):
               f"{target:7.2f} {best / ours:7.2f}x {'yes' if ours <= target else 'no':>7s} "
               f"{f(bench.kernel_sum.get(label)):>8s} {f(bench.host.get(label))}")
     print("graph = ours captured in a CUDA graph; Σkernels = the four primitives timed alone "
-          "(section C):\nours − Σkernels is the cost of the C-sized torch ops and launches "
-          "around them (ops.py); host = CPU time to enqueue one step of ours.")
+          "(section C):\nours − Σkernels ≈ what runs around the tensor passes (C-sized kernels, "
+          "launch gaps, the running update); host = CPU time to enqueue one step of ours.")
 
 
 def main(argv=None) -> int:
