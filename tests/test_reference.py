@@ -178,3 +178,8 @@ def test_momentum_none_is_the_plain_average(gen):
 def test_eval_needs_running_statistics():
     with pytest.raises(ValueError, match="running_mean"):
         ref.forward(np.ones((2, 2)), training=False)
+
+
+def test_update_running_needs_two_values():
+    with pytest.raises(ValueError, match="at least 2 values"):
+        ref.update_running(np.zeros(2), np.ones(2), 0, np.zeros(2), np.zeros(2), 1, 0.1)

@@ -331,9 +331,12 @@ def update_running(running_mean, running_var, num_batches_tracked: int, mean, va
     cumulative average, factor 1 / num_batches_tracked after the increment. Returns new
     arrays (float64); the inputs are not modified.
     """
+    if count < 2:
+        raise ValueError("the unbiased variance needs at least 2 values per channel "
+                         "(training refuses a batch of one)")
     num_batches_tracked = int(num_batches_tracked) + 1
     factor = 1.0 / num_batches_tracked if momentum is None else float(momentum)
-    unbiased = _f64(var) * count / (count - 1) if count > 1 else _f64(var)
+    unbiased = _f64(var) * count / (count - 1)
     new_mean = (1.0 - factor) * _f64(running_mean) + factor * _f64(mean)
     new_var = (1.0 - factor) * _f64(running_var) + factor * unbiased
     return new_mean, new_var, num_batches_tracked
