@@ -110,7 +110,3 @@ def make_input(shape, layout, dtype, device, generator=None, mean=0.0, std=1.0):
 def np64(t):
     """A tensor as a NumPy float64 array (None stays None)."""
     return None if t is None else t.detach().cpu().double().numpy()
-
-
-def from_np(a, like):
-    return torch.from_numpy(a).to(like.device)
