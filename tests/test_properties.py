@@ -44,6 +44,15 @@ def _module(shape, device, dtype, **kwargs):
     return MODULES[len(shape)](shape[1], device=device, dtype=dtype, **kwargs)
 
 
+def _relayout(x, layout):
+    """The same values as ``x`` in another memory layout, differentiable back to x."""
+    if layout == "channels_last" and x.dim() >= 3:
+        return x.movedim(1, -1).contiguous().movedim(-1, 1)
+    if layout == "strided":
+        return x.repeat_interleave(2, dim=-1)[..., ::2]
+    return x
+
+
 def _random_params(bn, rng):
     with torch.no_grad():
         for p in (bn.weight, bn.bias):
@@ -57,19 +66,21 @@ def test_random_shapes_values_and_activations(backend):
            dtype=st.sampled_from([torch.float64, torch.float32]),
            offset=st.floats(-1e3, 1e3), log_scale=st.floats(-2, 2),
            activation=st.sampled_from(ACTS), momentum=st.sampled_from([0.1, None, 0.5]),
-           eps=st.sampled_from([1e-5, 1e-3, 0.0]), with_residual=st.booleans())
+           eps=st.sampled_from([1e-5, 1e-3, 0.0]), with_residual=st.booleans(),
+           layout=st.sampled_from(["contiguous", "channels_last", "strided"]))
     def check(shape, seed, dtype, offset, log_scale, activation, momentum, eps,
-              with_residual):
+              with_residual, layout):
         rng = np.random.default_rng(seed)
         x_np = rng.normal(offset, 10**log_scale, shape)
         x = torch.from_numpy(x_np).to(dtype).to(backend.device).requires_grad_()
+        x_in = _relayout(x, layout)
         r = (torch.from_numpy(rng.normal(0, 1, shape)).to(dtype).to(backend.device)
              if with_residual else None)
         dy = torch.from_numpy(rng.normal(0, 1, shape)).to(dtype).to(backend.device)
         bn = _module(shape, backend.device, dtype, momentum=momentum, eps=eps,
                      activation=activation)
         _random_params(bn, rng)
-        y = bn(x, r)
+        y = bn(x_in, r)
         y.backward(dy)
 
         yr, cache = ref.forward(np64(x), np64(bn.weight), np64(bn.bias), eps=eps,
