@@ -286,3 +286,34 @@ def test_empty_batch_like_torch(backend, shape):
     assert torch.equal(ours.running_var, theirs.running_var)
     assert torch.equal(ours.weight.grad, theirs.weight.grad)
     assert torch.equal(ours.bias.grad, theirs.bias.grad)
+
+
+# ---------------------------------------------------------------------------------------
+# Gradients asked for only some inputs (frozen parameters, a first layer's input)
+
+
+@pytest.mark.parametrize("wanted", ["x", "weight", "bias", "residual", "weight+residual"])
+def test_partial_gradients(backend, gen, wanted):
+    shape = (3, 3, 2, 4)
+    ours = batchnorm.BatchNorm2d(3, activation="silu", device=backend.device,
+                                 dtype=torch.float64)
+    theirs = nn.BatchNorm2d(3, device=backend.device, dtype=torch.float64)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 1).to(backend.device)
+    r = torch.randn(shape, generator=gen, dtype=torch.float64).to(backend.device)
+    dy = torch.randn(shape, generator=gen, dtype=torch.float64).to(backend.device)
+    got = []
+    for m in (ours, theirs):
+        with torch.no_grad():
+            m.weight.copy_(torch.linspace(0.5, 1.5, 3))
+            m.bias.copy_(torch.linspace(-0.3, 0.3, 3))
+        leaves = {"x": x.clone(), "residual": r.clone(), "weight": m.weight, "bias": m.bias}
+        for name, t in leaves.items():
+            t.requires_grad_(name in wanted.split("+"))
+        if m is ours:
+            y = m(leaves["x"], leaves["residual"])
+        else:
+            y = nn.functional.silu(m(leaves["x"]) + leaves["residual"])
+        needed = [leaves[n] for n in wanted.split("+")]
+        got.append(torch.autograd.grad(y, needed, dy))
+    for a, b in zip(*got):
+        assert_close(a, b, torch.float64)
