@@ -35,7 +35,7 @@ that usually follow it (``y = relu(bn(x) + shortcut)`` in a ResNet block).
 *ε = 0.* When a channel is constant its variance is 0, and with ε = 0 the formula reads
 0/0. We define s = 0 there, so x̂ = 0 and the channel outputs β: the value the
 normalization gives for any ε > 0 (x − μ is exactly 0 for every element), kept at ε = 0.
-Its gradient with respect to x is 0 too (see below).
+Its gradient with respect to x is taken as 0 too (see below).
 
 *Numerics.* The mean is computed as ``shift + mean(x − shift)`` with ``shift`` the
 channel's first value, and the variance from those shifted values. In float64 this hardly
@@ -90,8 +90,10 @@ Given the upstream gradient ``g = ∂L/∂y``, work back through the four lines 
    projected out: moving every x of a channel together, or scaling them about their mean,
    does not change x̂.
 
-   For a zero-variance channel with ε = 0, s = 0 makes dx = 0 and Σ dz·x̂ = 0, which is the
-   derivative of the constant β that channel outputs.
+   For a zero-variance channel with ε = 0, s = 0 makes dx = 0 and Σ dz·x̂ = 0. Strictly,
+   normalization is not differentiable there (the slightest spread gives x̂ values of
+   order 1), so this is a choice: the gradient of the constant β the channel outputs,
+   which keeps training finite.
 
 The seed's example
 ------------------
