@@ -43,6 +43,10 @@ matters, but it makes a constant channel give exactly ``x − μ = 0`` (the mean
 floats can otherwise round away from their value) and shows the technique the float32
 kernels need: the textbook ``Σx²/n − μ²`` cancels catastrophically when the mean is large
 against the spread (data of mean 1e6 and standard deviation 1 in float32 lose every digit).
+The mean itself needs more than float32 there too: float32 values near 1e6 are 0.0625
+apart, so a float32 μ would move every x̂ by up to 0.03. The library keeps μ in float64
+and gives its float32 kernels the rounded μ plus a per-channel correction folded into the
+bias (``batchnorm.ops.centre_for_kernels``).
 
 Running statistics
 ------------------
