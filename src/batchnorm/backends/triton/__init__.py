@@ -434,10 +434,11 @@ def update_running_stats(running_mean, running_var, num_batches_tracked, mean, v
     elif momentum is None:
         return False
     m_hi, m_lo = split_float(0.0 if momentum is None else float(momentum))
+    b_hi, b_lo = split_float(count / max(count - 1, 1))
     nbt = num_batches_tracked if num_batches_tracked is not None else mean
     with _device_guard(mean):
         _reduce.running_update[(1,)](
             running_mean, running_var, nbt, mean, var, mean.shape[0],
-            count / max(count - 1, 1), m_hi, m_lo, HAS_NBT=num_batches_tracked is not None,
+            b_hi, b_lo, m_hi, m_lo, HAS_NBT=num_batches_tracked is not None,
             CUMULATIVE=momentum is None, BLOCK_C=min(_np2(mean.shape[0]), 1024), num_warps=4)
     return True

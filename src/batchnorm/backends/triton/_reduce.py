@@ -435,8 +435,8 @@ def sum_partials_centred(part_ptr, shift_ptr, sdz_ptr, sdzx_ptr, sdz_k_ptr, P, C
 
 
 @triton.jit
-def running_update(rm_ptr, rv_ptr, nbt_ptr, mean_ptr, var_ptr, C, bessel, momentum_hi,
-                   momentum_lo, HAS_NBT: tl.constexpr, CUMULATIVE: tl.constexpr,
+def running_update(rm_ptr, rv_ptr, nbt_ptr, mean_ptr, var_ptr, C, bessel_hi, bessel_lo,
+                   momentum_hi, momentum_lo, HAS_NBT: tl.constexpr, CUMULATIVE: tl.constexpr,
                    BLOCK_C: tl.constexpr):
     """``ops._update_running_stats_torch`` in one launch of one program (C-sized work; a
     single program, so that reading and incrementing num_batches_tracked needs no
@@ -454,6 +454,9 @@ def running_update(rm_ptr, rv_ptr, nbt_ptr, mean_ptr, var_ptr, C, bessel, moment
         factor += 1.0 / n.to(tl.float64)
     else:
         factor = factor + momentum_hi + momentum_lo
+    # count/(count − 1) arrives as two float32 halves too: one float32 would cost float64
+    # buffers 1e-8 of relative error (seen on an H200: running_var off in float64)
+    bessel = tl.zeros([BLOCK_C], dtype=tl.float64) + bessel_hi + bessel_lo
     offs = tl.arange(0, BLOCK_C)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + offs
@@ -464,5 +467,5 @@ def running_update(rm_ptr, rv_ptr, nbt_ptr, mean_ptr, var_ptr, C, bessel, moment
         tl.store(rm_ptr + cols, new_mean.to(rm_ptr.dtype.element_ty), mask=cmask)
         var = tl.load(var_ptr + cols, mask=cmask, other=0.0)
         rv = tl.load(rv_ptr + cols, mask=cmask, other=0.0)
-        new_var = var * bessel * factor.to(var_ty) + rv.to(var_ty) * (1.0 - factor).to(var_ty)
+        new_var = var * bessel.to(var_ty) * factor.to(var_ty) + rv.to(var_ty) * (1.0 - factor).to(var_ty)
         tl.store(rv_ptr + cols, new_var.to(rv_ptr.dtype.element_ty), mask=cmask)
