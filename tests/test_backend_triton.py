@@ -374,7 +374,10 @@ def test_cuda_graph_capture():
 
     def step():
         y = m(x)
-        return (y, *torch.autograd.grad(y, (x, m.weight, m.bias), dy))
+        grads = torch.autograd.grad(y, (x, m.weight, m.bias), dy)
+        # Detached: an autograd graph kept alive from an uncaptured step pins the leaves'
+        # AccumulateGrad nodes to the default stream, and capture then fails (torch 2.11).
+        return tuple(t.detach() for t in (y, *grads))
 
     with backends.using("triton"):
         expected = step()
