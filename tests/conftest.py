@@ -5,6 +5,7 @@ portable backend everywhere, ``cpu`` (numba) on the CPU, ``triton`` on CUDA, or 
 through the Triton interpreter when no GPU is present (small shapes only: it is slow).
 """
 
+import inspect
 import os
 import zlib
 
@@ -110,3 +111,20 @@ def make_input(shape, layout, dtype, device, generator=None, mean=0.0, std=1.0):
 def np64(t):
     """A tensor as a NumPy float64 array (None stays None)."""
     return None if t is None else t.detach().cpu().double().numpy()
+
+
+# torch added BatchNorm's keyword-only `bias` after 2.11 (the GPU machine's version).
+TORCH_HAS_BIAS_KWARG = "bias" in inspect.signature(torch.nn.BatchNorm2d.__init__).parameters
+
+
+def torch_batchnorm(cls, num_features, **kwargs):
+    """``cls(num_features, **kwargs)`` for a torch.nn batch-norm class, with ``bias=False``
+    emulated on torch versions without the keyword (the layer then has no bias, as the
+    keyword would make it)."""
+    if kwargs.get("bias", True) or TORCH_HAS_BIAS_KWARG:
+        return cls(num_features, **kwargs)
+    kwargs.pop("bias")
+    module = cls(num_features, **kwargs)
+    if module.affine:
+        module.register_parameter("bias", None)
+    return module

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import batchnorm
+from conftest import TORCH_HAS_BIAS_KWARG
 
 PAIRS = [(batchnorm.BatchNorm1d, nn.BatchNorm1d, (5, 4, 3)),
          (batchnorm.BatchNorm2d, nn.BatchNorm2d, (3, 4, 3, 2)),
@@ -74,6 +75,8 @@ def test_lazy_module_loads_a_state_dict(gen):
 
 @pytest.mark.parametrize("ours_cls,torch_cls,shape", PAIRS, ids=["1d", "2d", "3d"])
 def test_repr_is_torchs_plus_the_activation(ours_cls, torch_cls, shape):
+    if not TORCH_HAS_BIAS_KWARG:
+        pytest.skip("this torch predates BatchNorm's bias keyword and its 'bias=' in repr")
     for kwargs in ({}, dict(eps=0.0, momentum=None), dict(affine=False, bias=False),
                    dict(track_running_stats=False)):
         assert repr(ours_cls(4, **kwargs)) == repr(torch_cls(4, **kwargs))

@@ -19,7 +19,7 @@ from torch import nn
 import batchnorm
 from batchnorm import reference as ref
 from batchnorm.functional import activation_module
-from conftest import make_input, np64
+from conftest import make_input, np64, torch_batchnorm
 from tolerances import assert_close
 
 SHAPES = {"1d-NC": (6, 3), "1d-NCL": (4, 3, 5), "2d": (3, 3, 4, 5), "3d": (2, 3, 3, 2, 4)}
@@ -65,7 +65,7 @@ def _pair(rank, params, track, momentum, dtype, device, gen, eps=1e-5):
     kwargs = dict(eps=eps, momentum=momentum, track_running_stats=track, device=device,
                   dtype=dtype, **PARAMS[params])
     ours = getattr(batchnorm, CLASS[rank])(SHAPES[rank][1], **kwargs)
-    theirs = getattr(nn, CLASS[rank])(SHAPES[rank][1], **kwargs)
+    theirs = torch_batchnorm(getattr(nn, CLASS[rank]), SHAPES[rank][1], **kwargs)
     c = SHAPES[rank][1]
     with torch.no_grad():
         for name in ("weight", "bias"):

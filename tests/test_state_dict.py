@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import batchnorm
+from conftest import torch_batchnorm
 
 PAIRS = [(batchnorm.BatchNorm1d, nn.BatchNorm1d, (6, 3, 4)),
          (batchnorm.BatchNorm2d, nn.BatchNorm2d, (4, 3, 3, 3)),
@@ -39,7 +40,7 @@ def test_ours_to_torch_and_back(ours_cls, torch_cls, shape, config, gen):
     kwargs = CONFIGS[config]
     ours = _train(ours_cls(3, **kwargs), shape, gen)
     sd = ours.state_dict()
-    theirs = torch_cls(3, **kwargs)
+    theirs = torch_batchnorm(torch_cls, 3, **kwargs)
     assert list(sd.keys()) == list(theirs.state_dict().keys())
     assert sd._metadata[""]["version"] == theirs.state_dict()._metadata[""]["version"]
     for k, v in sd.items():
