@@ -235,3 +235,64 @@ def test_supports():
     assert not cpu.supports(torch.empty(2, 3, dtype=torch.bfloat16))
     assert not cpu.supports(torch.empty(2, 3, dtype=torch.float16))
     assert not cpu.supports(torch.empty(0, 3))
+
+
+@pytest.mark.parametrize("view", ["ncl", "mc"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("activation", ["none", "relu", "silu"])
+def test_fused_entry_points_match_portable_ops(view, training, activation):
+    """cpu.batch_norm_forward/backward (C-sized math in the kernels) against the general
+    ops path on the portable backend, on data with a large mean (the float64 mean's split)."""
+    from batchnorm import backends, ops
+
+    shape = LARGE[view] if training else SMALL[view]
+    x, dy, w, b, r = _case(shape, torch.float32, seed=9, with_residual=True, loc=1e4)
+    c = shape[1]
+    rm = torch.randn(c, dtype=torch.float32) + 1e4 if not training else None
+    rv = torch.rand(c, dtype=torch.float32) + 0.5 if not training else None
+    got = cpu.batch_norm_forward(x, w, b, r, rm, rv, 1e-5, activation, SLOPE)
+    with backends.using("portable"):
+        want = ops._batch_norm_forward(x, w, b, r, rm, rv, 1e-5, activation, SLOPE)
+    for g_, w_ in zip(got, want):
+        assert g_.dtype == w_.dtype
+        assert_close(g_, w_, torch.float32, scale=20)
+    y, mean, var = got
+    dx, sum_dz, sum_dzx, dres = cpu.batch_norm_backward(
+        dy, x, w, b, r, mean, var, 1e-5, training, activation, SLOPE, True, True,
+        activation != "none")
+    count = x.numel() // c
+    with backends.using("portable"):
+        invstd = ops.invstd_from_var(var, 1e-5)
+        mean_k, bias_k, shift = ops.centre_for_kernels(mean, invstd, w, b, torch.float32)
+        ref_dz, ref_dzx = portable.backward_reduce(dy, x, mean_k, invstd, w, bias_k, r,
+                                                   activation, SLOPE)
+        if shift is not None:
+            ref_dzx = ref_dzx - shift * ref_dz
+    n = count ** 0.5
+    assert_close(sum_dz, ref_dz, torch.float32, scale=20 * n)
+    assert_close(sum_dzx, ref_dzx, torch.float32, scale=20 * n)
+    assert dx.shape == x.shape and not torch.isnan(dx).any()
+    assert (dres is None) == (activation == "none")
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_running_update_matches_torch_ops(momentum, dtype):
+    from batchnorm import ops
+
+    gen = torch.Generator().manual_seed(10)
+    mean = torch.randn(5, generator=gen, dtype=torch.float64)
+    var = torch.rand(5, generator=gen, dtype=dtype)
+    state = [torch.randn(5, generator=gen, dtype=dtype), torch.rand(5, generator=gen, dtype=dtype),
+             torch.tensor(3)]
+    ref = [t.clone() for t in state]
+    assert cpu.update_running_stats(*state, mean, var, 17, momentum)
+    ops._update_running_stats_torch(*ref, mean, var, 17, momentum)
+    assert state[2].item() == ref[2].item() == 4
+    for got, want in zip(state[:2], ref[:2]):
+        torch.testing.assert_close(got, want, rtol=1e-6 if dtype == torch.float32 else 1e-12,
+                                   atol=0)
+    # what it does not take, it leaves to ops (and changes nothing)
+    half = [torch.zeros(5, dtype=torch.float16), torch.ones(5, dtype=torch.float16), None]
+    assert not cpu.update_running_stats(*half, mean, var, 17, 0.1)
+    assert not cpu.update_running_stats(None, None, torch.tensor(0), mean, var, 17, 0.1)

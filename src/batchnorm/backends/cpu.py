@@ -19,6 +19,7 @@ machine with the same build.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -74,12 +75,13 @@ def _np(t: Tensor):
 
 
 def _param(t: Tensor | None, dtype: torch.dtype):
-    """A per-channel tensor in the acc dtype, or the size-0 stand-in."""
+    """A per-channel tensor in the acc dtype, or the size-0 stand-in. (A strided 1-D
+    tensor is fine: numba compiles a strided variant.)"""
     if t is None:
         return _empty(dtype, 1)
-    if t.dtype != dtype:
+    if t.dtype is not dtype:
         t = t.to(dtype)
-    return t.detach().contiguous().numpy()
+    return t.detach().numpy()
 
 
 def _like(t: Tensor | None, x: Tensor):
@@ -229,7 +231,7 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
     var = torch.empty(c, dtype=acc)
     if running_mean is None:
         mean = torch.empty(c, dtype=torch.float64)
-        m2 = torch.empty(c, dtype=acc).numpy()
+        m2 = np.empty(c, dtype=np.float32 if acc is torch.float32 else np.float64)
         _pick(K.STATS[_view(x)], x)(_np(x), _reduce_split(x), mean.numpy(), m2)
         mean_np, v_np, mode, var_np = mean.numpy(), m2, _MODE_M2, var.numpy()
     else:
@@ -279,22 +281,22 @@ def update_running_stats(running_mean, running_var, num_batches_tracked, mean, v
     not apply: then ops runs its torch version."""
     if running_mean is None or running_var is None or not isinstance(count, int):
         return False
-    for t in (running_mean, running_var, mean, var):
-        if t.device.type != "cpu" or t.dtype not in _DTYPES or not t.is_contiguous():
-            return False
-    if running_mean.requires_grad or running_var.requires_grad:
+    if num_batches_tracked is None and momentum is None:
         return False
-    if num_batches_tracked is not None:
-        if num_batches_tracked.dtype != torch.int64 or num_batches_tracked.device.type != "cpu":
-            return False
-        nbt = num_batches_tracked.view(1).numpy()
-    elif momentum is None:
+    try:
+        # .numpy() refuses what the kernel cannot take (another device, requires_grad,
+        # bfloat16); a dtype or layout it was not compiled for compiles a variant
+        args = (running_mean.numpy(), running_var.numpy(),
+                _NO_COUNTER if num_batches_tracked is None else num_batches_tracked.view(1).numpy(),
+                mean.detach().numpy(), var.detach().numpy())
+    except (RuntimeError, TypeError):
         return False
-    else:
-        nbt = _NO_COUNTER
-    K.update_running(running_mean.numpy(), running_var.numpy(), nbt, mean.detach().numpy(),
-                     var.detach().numpy(), float(count), -1.0 if momentum is None else momentum)
+    if (args[0].dtype not in _NP_FLOATS or args[1].dtype not in _NP_FLOATS
+            or args[2].dtype != np.int64):
+        return False  # float16 buffers: numba's float16 arithmetic is limited
+    K.update_running(*args, float(count), -1.0 if momentum is None else momentum)
     return True
 
 
 _NO_COUNTER = torch.empty(0, dtype=torch.int64).numpy()
+_NP_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
