@@ -230,6 +230,7 @@ def copy_bandwidth(timer: _Timer, numel: int, dtype: torch.dtype, repeats: int) 
 def peak_memory(device: torch.device, fn) -> int:
     """Bytes allocated at the peak of one call of ``fn`` above what was allocated before."""
     if device.type == "cuda":
+        getattr(fn, "reset", lambda: None)()
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -237,6 +238,7 @@ def peak_memory(device: torch.device, fn) -> int:
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
     from torch.profiler import ProfilerActivity, profile
+    getattr(fn, "reset", lambda: None)()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
@@ -293,11 +295,17 @@ def _functions(case: Case, op: str, device: torch.device) -> dict:
         if not backward:
             return lambda: forward(x)
 
-        def fn():
+        def reset():
             x.grad = None
             if r is not None:
                 r.grad = None
+
+        def fn():
+            reset()
             forward(x).backward(dy)
+        # peak_memory clears the gradients before it starts counting: freeing the last
+        # call's gradients inside the window would hide one tensor of the peak
+        fn.reset = reset
         return fn
 
     fns = {"torch": step(torch_fwd), "ours": step(ours_fwd)}

@@ -83,8 +83,9 @@ def _act(z, code, slope):
     if code == 0:
         return z
     if code == 1:
-        # `z < 0` rather than max(z, 0): a NaN stays NaN, as in torch.relu
-        return 0.0 * z if z < 0 else z
+        # `z < 0` rather than max(z, 0): a NaN stays NaN, as in torch.relu. The zero is a
+        # float32 so that float32 loops stay float32 (a float64 literal would widen them)
+        return np.float32(0.0) if z < 0 else z
     if code == 2:
         return z * slope if z <= 0 else z
     if code == 3:
@@ -103,7 +104,7 @@ def _dz(dy, z, code, slope):
     """dy·act′(z); relu and leaky_relu select rather than multiply, as torch's backward
     does (a NaN gradient where the unit is off gives 0)."""
     if code == 1:
-        return dy if z > 0 else 0.0 * z
+        return np.float32(0.0) if z <= 0 else dy  # torch's threshold_backward, NaN z included
     if code == 2:
         return dy if z > 0 else dy * slope
     if code == 3:
