@@ -48,9 +48,10 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 def supports(x: Tensor) -> bool:
-    # No size threshold: numba's call overhead (~10 µs) is below the portable path's
-    # (a dozen torch ops, ~50 µs) at every size measured, tiny ones included; small
-    # tensors take the serial build (SERIAL_BELOW).
+    # No size threshold: measured 2026-11-27 on the 2-core machine, a module forward+backward
+    # on (2, 2, 3, 4) takes ~0.45 ms here against ~0.95 ms on the portable backend, and on
+    # (16, 64, 8, 8) ~0.65 ms against ~1.4 ms (a numba call costs a few µs, the portable
+    # path a dozen torch ops); small tensors take the serial build (SERIAL_BELOW).
     return x.device.type == "cpu" and x.dtype in _DTYPES and x.numel() > 0
 
 
