@@ -37,3 +37,14 @@ def test_tables_are_defined(device):
     cases = bench.cpu_cases() if device == "cpu" else bench.cuda_cases()
     assert len(cases) >= 10
     assert all(c.module_name.startswith("BatchNorm") for c in cases)
+
+
+def test_extra_rows_fold():
+    # The inference row (eval model vs folded) in the table's long format; the sync row
+    # spawns 2 ranks on a 16x256x56x56 input and is left to `batchnorm bench` itself.
+    rows = bench.extra_rows(torch.device("cpu"), quick=True, info=bench.machine(
+        torch.device("cpu")), sync=False)
+    assert [r["impl"] for r in rows] == ["eval model", "folded"]
+    assert all(r["ms"] > 0 and r["op"] == "inference" for r in rows)
+    assert rows[0]["ratio"] == 1.0 and rows[1]["ratio"] > 0
+    assert "folded" in bench.format_extra(rows)

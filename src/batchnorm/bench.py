@@ -519,6 +519,46 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", action="store_true", help="write a PNG chart beside the CSV")
     p.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    p.add_argument("--no-extras", action="store_true",
+                   help="skip the inference (fold) and SyncBatchNorm rows")
+
+
+def extra_rows(device: torch.device, quick: bool, info: dict, sync: bool) -> list[dict]:
+    """The two rows outside the table: inference, an eval model against the same model
+    folded by :func:`batchnorm.fold` (issue 6), and, on the CPU, a SyncBatchNorm step on 2
+    gloo ranks against a local BatchNorm step on the same per-rank input (issue 5)."""
+    from .tools import benchmark_fold
+
+    rows = []
+    empty = dict(ms_min="", gbps="", copy_gbps="", frac_copy="", peak_bytes="",
+                 numba_cache_hits="", numba_cache_misses="")
+    fold = benchmark_fold(device=device.type, repeats=10 if quick else 30)
+    for impl, ms in (("eval model", fold["eval_ms"]), ("folded", fold["folded_ms"])):
+        rows.append(dict(info, **empty, case="inference: small ResNet, eval vs folded",
+                         module="tools.fold", shape=str(fold["shape"]), dtype="float32",
+                         layout="contiguous", op="inference", impl=impl, ms=round(ms, 4),
+                         repeats=10 if quick else 30,
+                         ratio=round(fold["eval_ms"] / ms, 3)))
+    if sync and device.type == "cpu":
+        from .distributed import benchmark_sync_step
+
+        res = benchmark_sync_step(repeats=5 if quick else 20)
+        for impl, ms in (("local BatchNorm", res["local_ms"]), ("SyncBatchNorm", res["sync_ms"])):
+            rows.append(dict(info, **empty,
+                             case=f"SyncBatchNorm, {res['world_size']} gloo ranks",
+                             module="SyncBatchNorm", shape=str(tuple(res["shape"])),
+                             dtype="float32", layout="contiguous", op="fwd+bwd step",
+                             impl=impl, ms=round(ms, 3), repeats=res["repeats"],
+                             ratio=round(res["local_ms"] / ms, 3)))
+    return rows
+
+
+def format_extra(rows: list[dict]) -> str:
+    lines = []
+    for r in rows:
+        lines.append(f"{r['case']:<42} {r['shape']:<20} {r['impl']:<16} {r['ms']:9.3f} ms  "
+                     f"x{r['ratio']:.2f}")
+    return "\n".join(lines)
 
 
 def run(args) -> int:
@@ -528,6 +568,8 @@ def run(args) -> int:
         return 2
     rows = run_table(device, quick=args.quick, repeats=args.repeats,
                      compile=False if args.no_compile else None, memory=not args.no_memory)
+    extras = [] if args.no_extras else extra_rows(device, args.quick, machine(device),
+                                                  sync=not args.quick)
     info = rows[0]
     print(f"batchnorm bench on {info['device_name']} ({info['cpu_count']} CPUs, torch "
           f"{info['torch_version']}, {info['torch_threads']} threads), {info['date']}, "
@@ -537,8 +579,11 @@ def run(args) -> int:
           "move / our time; %copy = that over dst.copy_(src) in this run; vs comp = "
           "torch.compile ms / ours ms")
     print(format_table(rows))
+    if extras:
+        print("ratio = eval ms / folded ms; local ms / SyncBatchNorm ms (1.3x slower = 0.77)")
+        print(format_extra(extras))
     if args.csv or args.plot:
-        path = write_csv(rows, device.type)
+        path = write_csv(rows + extras, device.type)
         print(f"wrote {path}")
         if args.plot:
             print(f"wrote {plot(rows, path.with_suffix('.png'))}")
