@@ -135,20 +135,13 @@ def update_running_stats(
     ``momentum=None`` is the cumulative average, m = 1 / num_batches_tracked after the
     increment; it is computed as a tensor, so that no value leaves the device.
     """
-    if mean.device.type == "cpu" and not torch.compiler.is_compiling():
-        # Eager CPU: the same arithmetic in one numba call instead of ~10 torch ops
-        # (about 40 µs, more than a small batch norm itself); it declines what it does
-        # not take.
-        cpu = backends._load("cpu")
-        if cpu is not None and cpu.update_running_stats(
-                running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
-            return
-    if mean.device.type == "cuda" and not torch.compiler.is_compiling():
-        # Eager CUDA: one Triton launch instead of ~10 torch kernels (about 25 µs of device
-        # time a step, a sixth of the target on the smallest rows of issue 4)
-        tri = backends._load("triton")
-        if tri is not None and tri.update_running_stats(
-                running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
+    if not torch.compiler.is_compiling():
+        # Eager: the device's fast backend may do this C-sized arithmetic in one call (numba
+        # on the CPU, one Triton launch on CUDA) instead of ~10 small torch ops, which cost
+        # more than a small batch norm itself; it returns False for what it does not take.
+        fast = getattr(backends.for_device(mean.device), "update_running_stats", None)
+        if fast is not None and fast(running_mean, running_var, num_batches_tracked, mean,
+                                     var, count, momentum):
             return
     _update_running_stats_torch(running_mean, running_var, num_batches_tracked, mean, var,
                                 count, momentum)

@@ -76,6 +76,17 @@ def forced() -> str | None:
     return _forced
 
 
+_DEVICE_BACKENDS = {"cpu": "cpu", "cuda": "triton"}
+
+
+def for_device(device) -> ModuleType | None:
+    """The backend that owns C-sized helpers (such as a one-call running update) for a
+    device: the forced one, else numba's on the CPU and Triton's on CUDA; None if it does
+    not import."""
+    name = _forced or _DEVICE_BACKENDS.get(device.type)
+    return _load(name) if name is not None else None
+
+
 def select(x: Tensor) -> ModuleType:
     """The backend for this kernel view: the forced one, else the first that supports it."""
     if _forced is not None:
