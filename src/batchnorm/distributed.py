@@ -159,12 +159,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             sum_dz = x.new_zeros(c, dtype=invstd.dtype)
             sum_dz_xhat = torch.zeros_like(sum_dz)
         else:
-            sum_dz, sum_dz_xhat = backend.backward_reduce(
+            sum_dz, sum_dz_xhat_k = backend.backward_reduce(
                 dy, x, mean_k, invstd, weight, bias_k, residual, act, slope)
-            if shift is not None:
-                # The kernels' x̂' is x̂ + shift: Σdz·x̂ = Σdz·x̂' − shift·Σdz (linear: the
-                # local sums are corrected before they are summed across ranks).
-                sum_dz_xhat = sum_dz_xhat - shift * sum_dz
+            sum_dz_xhat = ops.sum_dz_xhat_from_kernels(sum_dz, sum_dz_xhat_k, shift)
 
         dx = dres = None
         want_dres = bool(need_r) and act != "none"
@@ -175,9 +172,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             both = torch.cat([sum_dz, sum_dz_xhat])
             dist.all_reduce(both, group=ctx.process_group)
             global_dz, global_dz_xhat = both[:c], both[c:]
-            if shift is not None:
-                # dz − Σdz/n − x̂·S/n  ==  dz − (Σdz − shift·S)/n − x̂'·S/n,  S = Σdz·x̂
-                global_dz = global_dz - shift * global_dz_xhat
+            global_dz = ops.sum_dz_for_kernels(global_dz, global_dz_xhat, shift)
         if empty:
             dx = torch.zeros_like(x) if need_x else None
             dres = torch.zeros_like(x) if want_dres else None

@@ -100,6 +100,20 @@ def centre_for_kernels(mean: Tensor, invstd: Tensor, weight: Tensor | None,
     return mean_k, bias_k, shift
 
 
+def sum_dz_xhat_from_kernels(sum_dz: Tensor, sum_dz_xhat_k: Tensor,
+                             shift: Tensor | None) -> Tensor:
+    """Σdz·x̂ from the kernels' Σdz·x̂', where x̂' = x̂ + shift (:func:`centre_for_kernels`):
+    Σdz·x̂ = Σdz·x̂' − shift·Σdz. Linear, so per-rank sums may be corrected before they
+    are summed across ranks."""
+    return sum_dz_xhat_k if shift is None else sum_dz_xhat_k - shift * sum_dz
+
+
+def sum_dz_for_kernels(sum_dz: Tensor, sum_dz_xhat: Tensor, shift: Tensor | None) -> Tensor:
+    """The Σdz that ``backward_elementwise`` must get when its x̂' is x̂ + shift:
+    dz − Σdz/n − x̂·S/n  ==  dz − (Σdz − shift·S)/n − x̂'·S/n,  with S = Σdz·x̂."""
+    return sum_dz if shift is None else sum_dz - shift * sum_dz_xhat
+
+
 def chan_combine(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Merge per-group statistics ``[G, C]`` (count, mean, m2) into one ``[C]`` set.
 
@@ -344,22 +358,17 @@ def _batch_norm_backward(ctx, dy, _dmean, _dvar):
 
     sum_dz = sum_dz_xhat = None
     if ctx.training or need_w or need_b:
-        sum_dz, sum_dz_xhat = prims.backward_reduce(
+        sum_dz, sum_dz_xhat_k = prims.backward_reduce(
             dy, x, mean_k, invstd, weight, bias_k, residual, act, slope)
-        if shift is not None:
-            # The kernels' x̂' is x̂ + shift: Σdz·x̂ = Σdz·x̂' − shift·Σdz.
-            sum_dz_xhat = sum_dz_xhat - shift * sum_dz
+        sum_dz_xhat = sum_dz_xhat_from_kernels(sum_dz, sum_dz_xhat_k, shift)
 
     dx = dres = None
     want_dres = bool(need_r) and act != "none"
     if need_x or want_dres:
-        sum_dz_k = sum_dz
-        if ctx.training and shift is not None:
-            # dz − Σdz/n − x̂·S/n  ==  dz − (Σdz − shift·S)/n − x̂'·S/n,  S = Σdz·x̂
-            sum_dz_k = sum_dz - shift * sum_dz_xhat
+        sum_dz_k = sum_dz_for_kernels(sum_dz, sum_dz_xhat, shift) if ctx.training else None
         dx, dres = prims.backward_elementwise(
             dy, x, mean_k, invstd, weight, bias_k, residual,
-            sum_dz_k if ctx.training else None, sum_dz_xhat if ctx.training else None,
+            sum_dz_k, sum_dz_xhat if ctx.training else None,
             count, act, slope, want_dres)
         dx = dx if need_x else None
         dres = dres if want_dres else None
