@@ -169,7 +169,7 @@ def batch_norm_resolved(input, running_mean, running_var, weight, bias, training
     validate(input, running_mean, running_var, weight, bias, training, momentum, eps,
              residual, num_batches_tracked)
     # While exporting, what changes no state is written with torch's ops (see below).
-    if (not training or running_mean is None) and torch.compiler.is_exporting():
+    if (not training or running_mean is None) and _is_exporting():
         return _standard_ops(input, running_mean, running_var, weight, bias, eps,
                              activation, slope, residual)
     shape = input.shape
@@ -188,6 +188,12 @@ def batch_norm_resolved(input, running_mean, running_var, weight, bias, training
         y, _, _ = ops.batch_norm(x, weight, bias, r, running_mean, running_var, eps,
                                  activation, slope)
     return ops.from_kernel_view(y, shape, channels_last)
+
+
+def _is_exporting() -> bool:
+    # torch.compiler.is_exporting appeared after torch 2.4, the oldest torch we support
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return is_exporting is not None and is_exporting()
 
 
 def _standard_ops(input, running_mean, running_var, weight, bias, eps, activation, slope,
