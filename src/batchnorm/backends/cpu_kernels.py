@@ -15,7 +15,8 @@ textbook formula Σx² − (Σx)²/n cancels catastrophically when |μ| ≫ σ, 
 
 Because s is one of the data, |d| is of the order of the spread, not of the mean, and the
 cancellation in S2 − S1²/n is only that of (μ − s)² against σ², a few digits at worst,
-while S1 and S2 accumulate in float64. A constant channel has every d == 0 exactly, so
+while S1 and S2 accumulate in float64 (blocks of ``_BLK`` values are summed in the data's
+dtype first, so that the loops vectorize). A constant channel has every d == 0 exactly, so
 μ == s exactly and m2 == 0 exactly, at any magnitude. The common shift also makes the
 parallel merge trivial: a channel is cut into pieces (so that two channels with a huge
 N·L still keep every core busy), each piece sums its own (S1, S2), and the pieces' sums are
@@ -76,6 +77,11 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 # Sums may be reassociated (that is what lets LLVM vectorize a reduction); nothing else
 # of fastmath is wanted: NaN and inf must propagate as in torch.
 _REDUCE_MATH = {"reassoc", "contract"}
+
+# Reductions sum short blocks of this many elements in the data's dtype (vectorizable),
+# each block's sum then added to a float64 accumulator: the float32 rounding stays that of
+# a few hundred terms of (x − shift), which are of the order of the spread.
+_BLK = 512
 
 
 @njit(inline="always", cache=True)
@@ -140,21 +146,27 @@ def stats_ncl(x, pieces, mean_out, m2_out):
         p = t - c * pieces
         i0 = total * p // pieces
         i1 = total * (p + 1) // pieces
-        shift = np.float64(x[0, c, 0])
+        sk = x[0, c, 0]
+        zero = x.dtype.type(0)
         a1 = 0.0
         a2 = 0.0
         i = i0
         while i < i1:
             n = i // l_
             l0 = i - n * l_
-            l1 = min(l_, l0 + (i1 - i))
+            l1 = min(l_, l0 + (i1 - i), l0 + _BLK)
             # a slice indexed from 0: LLVM then knows no index is negative (no wraparound
-            # check), which is what lets the loop vectorize
+            # check), which is what lets the loop vectorize. A short block (_BLK) sums in
+            # the data's dtype around the shift, then joins the float64 accumulator.
             xr = x[n, c, l0:l1]
+            b1 = zero
+            b2 = zero
             for l in range(l1 - l0):
-                d = np.float64(xr[l]) - shift
-                a1 += d
-                a2 += d * d
+                d = xr[l] - sk
+                b1 += d
+                b2 += d * d
+            a1 += np.float64(b1)
+            a2 += np.float64(b2)
             i += l1 - l0
         s1[t] = a1
         s2[t] = a2
@@ -174,19 +186,33 @@ def stats_mc(x, blocks, mean_out, m2_out):
     s1 = np.zeros((blocks, c_), np.float64)
     s2 = np.zeros((blocks, c_), np.float64)
     shift = np.empty(c_, np.float64)
+    sk = np.empty(c_, x.dtype)
     for c in range(c_):
         shift[c] = x[0, c]
+        sk[c] = x[0, c]
     for b in prange(blocks):
         r0 = m_ * b // blocks
         r1 = m_ * (b + 1) // blocks
         a1 = s1[b]
         a2 = s2[b]
-        for r in range(r0, r1):
-            xr = x[r]
+        # short blocks of rows summed in the data's dtype, then into float64
+        b1 = np.empty(c_, x.dtype)
+        b2 = np.empty(c_, x.dtype)
+        q = r0
+        while q < r1:
+            q1 = min(r1, q + _BLK)
+            b1[:] = 0
+            b2[:] = 0
+            for r in range(q, q1):
+                xr = x[r]
+                for c in range(c_):
+                    d = xr[c] - sk[c]
+                    b1[c] += d
+                    b2[c] += d * d
             for c in range(c_):
-                d = np.float64(xr[c]) - shift[c]
-                a1[c] += d
-                a2[c] += d * d
+                a1[c] += b1[c]
+                a2[c] += b2[c]
+            q = q1
     for c in range(c_):
         a1 = 0.0
         a2 = 0.0
@@ -358,27 +384,33 @@ def normalize_mc(x, mean_in, v, eps, count, mode, weight, bias, res, code, slope
 @njit(inline="always", fastmath=_REDUCE_MATH)
 def _reduce_ncl_span(dy, x, res, i0, i1, c, m, s, b, code, slope, has_res):
     l_ = x.shape[2]
+    zero = x.dtype.type(0)
     a1 = 0.0
     a2 = 0.0
     i = i0
     while i < i1:
         n = i // l_
         l0 = i - n * l_
-        l1 = min(l_, l0 + (i1 - i))
+        l1 = min(l_, l0 + (i1 - i), l0 + _BLK)
         xr = x[n, c, l0:l1]
         dyr = dy[n, c, l0:l1]
         rr = res[n, c, l0:l1] if has_res else xr
+        # a short block in the data's dtype, then into the float64 accumulator
+        b1 = zero
+        b2 = zero
         for l in range(l1 - l0):
             xc = xr[l] - m
             if code == 0:
-                g = np.float64(dyr[l])
+                g = dyr[l]
             else:
                 z = xc * s + b
                 if has_res:
                     z = z + rr[l]
-                g = np.float64(_dz(dyr[l], z, code, slope))
-            a1 += g
-            a2 += g * np.float64(xc)
+                g = _dz(dyr[l], z, code, slope)
+            b1 += g
+            b2 += g * xc
+        a1 += np.float64(b1)
+        a2 += np.float64(b2)
         i += l1 - l0
     return a1, a2
 
@@ -426,21 +458,34 @@ def reduce_ncl(dy, x, mean_in, v, eps, count, mode, weight, bias, res, code, slo
 
 @njit(inline="always", fastmath=_REDUCE_MATH)
 def _reduce_mc_rows(dy, x, res, r0, r1, mean, scale, shift, a1, a2, code, slope, has_res):
-    for r in range(r0, r1):
-        xr = x[r]
-        dyr = dy[r]
-        rr = res[r] if has_res else xr
-        for c in range(x.shape[1]):
-            xc = xr[c] - mean[c]
-            if code == 0:
-                g = np.float64(dyr[c])
-            else:
-                z = xc * scale[c] + shift[c]
-                if has_res:
-                    z = z + rr[c]
-                g = np.float64(_dz(dyr[c], z, code, slope))
-            a1[c] += g
-            a2[c] += g * np.float64(xc)
+    c_ = x.shape[1]
+    # short blocks of rows summed in the data's dtype, then into float64 (a1, a2)
+    b1 = np.empty(c_, x.dtype)
+    b2 = np.empty(c_, x.dtype)
+    q = r0
+    while q < r1:
+        q1 = min(r1, q + _BLK)
+        b1[:] = 0
+        b2[:] = 0
+        for r in range(q, q1):
+            xr = x[r]
+            dyr = dy[r]
+            rr = res[r] if has_res else xr
+            for c in range(c_):
+                xc = xr[c] - mean[c]
+                if code == 0:
+                    g = dyr[c]
+                else:
+                    z = xc * scale[c] + shift[c]
+                    if has_res:
+                        z = z + rr[c]
+                    g = _dz(dyr[c], z, code, slope)
+                b1[c] += g
+                b2[c] += g * xc
+        for c in range(c_):
+            a1[c] += b1[c]
+            a2[c] += b2[c]
+        q = q1
 
 
 def reduce_mc(dy, x, mean_in, v, eps, count, mode, weight, bias, res, code, slope, blocks,
