@@ -181,13 +181,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 dy, x, mean_k, invstd, weight, bias_k, residual,
                 global_dz if need_x else None, global_dz_xhat if need_x else None,
                 ctx.count, act, slope, want_dres)
-            dx = dx if need_x else None
             dres = dres if want_dres else None
-        if need_r and act == "none":
-            dres = dy  # d(x + r)/dr = 1
-        dweight = sum_dz_xhat.to(weight.dtype) if need_w else None
-        dbias = sum_dz.to(bias.dtype) if need_b else None
-        return dx, dweight, dbias, dres, None, None, None, None, None, None
+        return (*ops.autograd_grads(ctx.needs_input_grad[:4], dy, dx, dres, sum_dz,
+                                    sum_dz_xhat, weight, bias, act),
+                None, None, None, None, None, None)
 
 
 def _validate(input, running_mean, running_var, weight, bias, momentum, eps, residual,

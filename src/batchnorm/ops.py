@@ -318,6 +318,19 @@ def _setup_context(ctx, inputs, output):
     ctx.eager = False
 
 
+def autograd_grads(needs, dy, dx, dres, sum_dz, sum_dz_xhat, weight, bias, activation):
+    """``(dx, dweight, dbias, dresidual)`` as autograd wants them: None where no gradient
+    is needed; the parameter gradients are the backward sums in the parameters' dtypes,
+    and without an activation d(x + r)/dr = 1, so dresidual is dy itself."""
+    need_x, need_w, need_b, need_r = needs
+    if need_r and activation == "none":
+        dres = dy
+    return (dx if need_x else None,
+            sum_dz_xhat.to(weight.dtype) if need_w else None,
+            sum_dz.to(bias.dtype) if need_b else None,
+            dres if need_r else None)
+
+
 def _batch_norm_backward(ctx, dy, _dmean, _dvar):
     x, weight, bias, residual, mean, var = ctx.saved_tensors
     need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
@@ -335,11 +348,9 @@ def _batch_norm_backward(ctx, dy, _dmean, _dvar):
                               want_dres)
         if out is not None:
             dx, sum_dz, sum_dz_xhat, dres = out
-            dres = dy if need_r and act == "none" else dres  # d(x + r)/dr = 1
-            return (dx if need_x else None,
-                    sum_dz_xhat.to(weight.dtype) if need_w else None,
-                    sum_dz.to(bias.dtype) if need_b else None,
-                    dres, None, None, None, None, None)
+            return (*autograd_grads(ctx.needs_input_grad[:4], dy, dx, dres, sum_dz,
+                                    sum_dz_xhat, weight, bias, act),
+                    None, None, None, None, None)
 
     if torch.is_grad_enabled():
         # create_graph=True (double backward): build the backward from differentiable torch
@@ -370,14 +381,10 @@ def _batch_norm_backward(ctx, dy, _dmean, _dvar):
             dy, x, mean_k, invstd, weight, bias_k, residual,
             sum_dz_k, sum_dz_xhat if ctx.training else None,
             count, act, slope, want_dres)
-        dx = dx if need_x else None
         dres = dres if want_dres else None
-    if need_r and act == "none":
-        dres = dy  # d(x + r)/dr = 1
-
-    dweight = sum_dz_xhat.to(weight.dtype) if need_w else None
-    dbias = sum_dz.to(bias.dtype) if need_b else None
-    return dx, dweight, dbias, dres, None, None, None, None, None
+    return (*autograd_grads(ctx.needs_input_grad[:4], dy, dx, dres, sum_dz, sum_dz_xhat,
+                            weight, bias, act),
+            None, None, None, None, None)
 
 
 batch_norm_op.register_autograd(_batch_norm_backward, setup_context=_setup_context)
