@@ -23,7 +23,10 @@ What the columns mean
   was allocated before; on CPU the running sum of the allocation events of torch's
   profiler (``profile_memory=True``) over one forward+backward, its maximum. Both count
   what torch's allocator hands out; the numba kernels allocate their outputs through
-  torch, and only their C-sized scratch arrays (NumPy) are not counted.
+  torch, and only their C-sized scratch arrays (NumPy) are not counted. The CPU backend's
+  reusable output buffers (``backends/cpu_buffers.py``) are released before the window,
+  so the blocks the call takes are allocated inside it and counted as live to its end
+  (an upper bound: a block a step frees is never seen freed).
 * first call: the time of the first forward+backward of our module in this process: numba
   compiles the kernels then, or loads them from its on-disk cache (``cache hits``).
 
@@ -227,6 +230,14 @@ def copy_bandwidth(timer: _Timer, numel: int, dtype: torch.dtype, repeats: int) 
     return 2 * src.numel() * src.element_size() / (statistics.median(s) * 1e6)
 
 
+def _release_cpu_buffers() -> None:
+    try:
+        from .backends import cpu_buffers
+    except ImportError:
+        return
+    cpu_buffers.release()
+
+
 def peak_memory(device: torch.device, fn) -> int:
     """Bytes allocated at the peak of one call of ``fn`` above what was allocated before."""
     if device.type == "cuda":
@@ -239,6 +250,7 @@ def peak_memory(device: torch.device, fn) -> int:
         return torch.cuda.max_memory_allocated(device) - base
     from torch.profiler import ProfilerActivity, profile
     getattr(fn, "reset", lambda: None)()
+    _release_cpu_buffers()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]

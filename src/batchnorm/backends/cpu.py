@@ -1,8 +1,9 @@
 """The CPU backend: the four primitives as numba kernels (``cpu_kernels.py``).
 
 Same signatures and conventions as ``portable.py``. Tensors cross into numba as zero-copy
-NumPy views of contiguous CPU tensors; outputs are allocated by torch (``torch.empty``),
-so they come from torch's allocator (and honour ``THP_MEM_ALLOC_ENABLE``) and are
+NumPy views of contiguous CPU tensors. Tensor-sized outputs (y, dx) come from
+``cpu_buffers``: memory allocated by torch and kept for reuse once no tensor refers to
+it, because faulting in fresh pages cost more than the kernels (see there); they are
 returned without a copy.
 
 Dtypes: the kernels take float32 and float64. NumPy has no bfloat16 and numba's float16
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import cpu_buffers as buffers
 from . import cpu_kernels as K
 from . import portable
 
@@ -138,7 +140,7 @@ def normalize(x, mean, invstd, weight, bias, residual, activation: str, slope: f
         return y.to(x.dtype)
     x = x.contiguous()
     acc = x.dtype
-    y = torch.empty_like(x)
+    y = buffers.empty_like(x)
     kernel = _pick(K.NORMALIZE[_view(x)], x)
     kernel(_np(x), _param(mean, acc), _param(invstd, acc), 0.0, 1.0, _MODE_GIVEN,
            _param(weight, acc), _param(bias, acc), _like(residual, x), K.ACT_CODES[activation],
@@ -191,14 +193,14 @@ def backward_elementwise(
 def _elementwise(dy, x, mean_np, v_np, eps, mode, weight, bias, residual, sum_dz, sum_dzx,
                  count, activation, slope, want_dresidual):
     acc = x.dtype
-    dx = torch.empty_like(x)
+    dx = buffers.empty_like(x)
     dres = kernel_dres = None
     if want_dresidual:
         rdtype = residual.dtype if residual is not None else x.dtype
         if activation == "none":
             dres = dy.to(rdtype, copy=True)  # d(z)/d(residual) = 1: dz is dy itself
         else:
-            dres = kernel_dres = torch.empty_like(x)
+            dres = kernel_dres = buffers.empty_like(x)
     kernel = _pick(K.ELEMENTWISE[_view(x)], x)
     kernel(_like(dy, x), _np(x), mean_np, v_np, float(eps), float(max(count, 1)), mode,
            _param(weight, acc), _param(bias, acc),
@@ -228,7 +230,7 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
     acc = x.dtype
     c = x.shape[1]
     count = x.numel() // c
-    y = torch.empty_like(x)
+    y = buffers.empty_like(x)
     var = torch.empty(c, dtype=acc)
     if running_mean is None:
         mean = torch.empty(c, dtype=torch.float64)

@@ -1,0 +1,142 @@
+"""Reusable output buffers for the CPU backend: large outputs without fresh page faults.
+
+Why: a tensor of 100 MB allocated by torch on the CPU comes from ``mmap`` (glibc serves
+every allocation above 32 MB that way) and is returned to the kernel when freed, so each
+training step writes its outputs (``y`` in forward, ``dx`` in backward) into pages the
+kernel must fault in and zero again: measured on the 2-core machine, ~33 ms per 100 MB
+against ~2 ms to write memory already mapped (DESIGN.md, "CPU facts"), two to three times
+the kernels' own time. This module keeps those buffers and hands them out again once
+nothing refers to them, as the CUDA caching allocator does on GPUs.
+
+How a buffer is known to be free: each block is a NumPy array over memory allocated by
+torch (so torch's profiler and memory accounting see it when it is created); an output
+tensor is ``torch.from_numpy`` of a view of that array, and its storage holds a
+reference to the array until the storage dies, views and ``.numpy()`` views of the
+output included. A block whose only references are the pool's own is free.
+
+Bounds: only outputs of at least :data:`MIN_BYTES` are pooled (smaller ones glibc serves
+from its heap without faults); free blocks above :data:`cache_limit` bytes in all are
+released on the next allocation that misses, oldest first. ``BATCHNORM_CPU_BUFFER_CACHE_MB``
+sets that limit (0 turns the pool off); :func:`release` frees every free block now, like
+``torch.cuda.empty_cache``. Memory held between steps is at most what the outputs of one
+step needed at once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+import torch
+from torch import Tensor
+
+MIN_BYTES = 1 << 20
+_PAGE = 4096
+cache_limit = int(float(os.environ.get("BATCHNORM_CPU_BUFFER_CACHE_MB", "2048")) * 2**20)
+
+_lock = threading.Lock()
+# nbytes (page-rounded) -> blocks of that size, least recently handed out first
+_blocks: dict[int, list] = {}
+_stats = {"hits": 0, "misses": 0}
+
+
+def _new_block(nbytes: int):
+    return torch.empty(nbytes, dtype=torch.uint8).numpy()
+
+
+def _refs(block) -> int:
+    return sys.getrefcount(block)
+
+
+def _calibrate() -> int:
+    """What :func:`_refs` returns for a block held by a pool list and one local variable
+    of the caller, as every caller below holds it (measured, not assumed)."""
+    bucket = [_new_block(_PAGE)]
+    block = bucket[0]
+    return _refs(block)
+
+
+# A block with more references than this is in use (an output, a view of one, ...).
+_FREE = _calibrate()
+
+
+def _take(nbytes: int):
+    bucket = _blocks.get(nbytes)
+    if bucket:
+        for i in range(len(bucket)):
+            block = bucket[i]
+            if _refs(block) == _FREE:
+                # most recently handed out last, so that eviction takes the oldest
+                bucket.append(bucket.pop(i))
+                _stats["hits"] += 1
+                return block
+        block = None
+    _stats["misses"] += 1
+    _evict(cache_limit)
+    block = _new_block(nbytes)
+    _blocks.setdefault(nbytes, []).append(block)
+    return block
+
+
+def _free_bytes() -> int:
+    free = 0
+    for size, bucket in _blocks.items():
+        for block in bucket:
+            if _refs(block) == _FREE:
+                free += size
+    return free
+
+
+def _evict(limit: int) -> None:
+    """Drop free blocks, oldest first within the largest sizes, until at most ``limit``
+    bytes of free blocks remain."""
+    free = _free_bytes()
+    if free <= limit:
+        return
+    for size in sorted(_blocks, reverse=True):
+        keep = []
+        for block in _blocks[size]:
+            if free > limit and _refs(block) == _FREE:
+                free -= size
+            else:
+                keep.append(block)
+        _blocks[size] = keep
+    for size in [s for s, b in _blocks.items() if not b]:
+        del _blocks[size]
+
+
+def empty(shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """A contiguous CPU tensor, from a reused block when it is large enough to matter."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    nbytes = numel * torch.empty((), dtype=dtype).element_size() if numel else 0
+    if nbytes < MIN_BYTES or cache_limit <= 0:
+        return torch.empty(shape, dtype=dtype)
+    rounded = -(-nbytes // _PAGE) * _PAGE
+    with _lock:
+        block = _take(rounded)
+        # from_numpy keeps the view (and so the block) alive as long as the storage lives
+        out = torch.from_numpy(block[:nbytes])
+    return out.view(dtype).view(shape)
+
+
+def empty_like(x: Tensor) -> Tensor:
+    """:func:`empty` with x's shape and dtype (x contiguous, as kernel views are)."""
+    return empty(x.shape, x.dtype)
+
+
+def release() -> None:
+    """Free every cached block that no tensor uses (blocks in use stay until they are free)."""
+    with _lock:
+        _evict(0)
+
+
+def info() -> dict:
+    """Blocks and bytes held, in use and free, and the hit/miss counts since import."""
+    with _lock:
+        held = sum(size * len(b) for size, b in _blocks.items())
+        free = _free_bytes()
+        return {"blocks": sum(len(b) for b in _blocks.values()), "bytes_held": held,
+                "bytes_free": free, **_stats}

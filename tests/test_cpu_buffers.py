@@ -1,0 +1,126 @@
+"""The CPU backend's reusable output buffers: reuse only what no tensor refers to."""
+
+import threading
+
+import pytest
+import torch
+
+pytest.importorskip("numba")
+
+import batchnorm  # noqa: E402
+from batchnorm import backends  # noqa: E402
+from batchnorm.backends import cpu_buffers as buffers  # noqa: E402
+
+
+@pytest.fixture
+def pool(monkeypatch):
+    """Pool every size, start empty, and leave nothing behind."""
+    monkeypatch.setattr(buffers, "MIN_BYTES", 0)
+    monkeypatch.setattr(buffers, "cache_limit", 1 << 30)
+    buffers.release()
+    yield buffers
+    buffers.release()
+
+
+SHAPE = (8, 16, 32)
+
+
+def test_a_freed_output_is_reused(pool):
+    a = pool.empty(SHAPE, torch.float32)
+    ptr = a.data_ptr()
+    del a
+    b = pool.empty(SHAPE, torch.float32)
+    assert b.data_ptr() == ptr
+    assert b.shape == SHAPE and b.dtype == torch.float32 and b.is_contiguous()
+
+
+@pytest.mark.parametrize("hold", ["tensor", "view", "numpy", "grad_of_leaf"])
+def test_a_referenced_output_is_never_reused(pool, hold):
+    a = pool.empty(SHAPE, torch.float32)
+    ptr = a.data_ptr()
+    if hold == "grad_of_leaf":
+        keep = torch.zeros(SHAPE, requires_grad=True)
+        keep.grad = a
+    else:
+        keep = {"tensor": lambda: a, "view": lambda: a[1:3].transpose(0, 2), "numpy": lambda: a.numpy()}[hold]()
+    del a
+    b = pool.empty(SHAPE, torch.float32)
+    assert b.data_ptr() != ptr
+    del keep
+
+
+def test_release_frees_only_free_blocks(pool):
+    start = pool.info()["blocks"]  # blocks other tests' tensors may still hold
+    used = pool.empty(SHAPE, torch.float32)
+    free = pool.empty(SHAPE, torch.float32)
+    del free
+    before = pool.info()
+    assert before["blocks"] == start + 2 and before["bytes_free"] > 0
+    pool.release()
+    after = pool.info()
+    assert after["blocks"] == start + 1 and after["bytes_free"] == 0
+    used.fill_(3.0)
+    assert used.sum().item() == 3.0 * used.numel()
+
+
+def test_free_blocks_above_the_limit_are_evicted_on_a_miss(pool, monkeypatch):
+    sizes = [(1024 * (i + 1),) for i in range(6)]
+    for s in sizes:
+        pool.empty(s, torch.float32)  # each one freed at once
+    assert pool.info()["bytes_free"] >= sum(4 * s[0] for s in sizes)
+    monkeypatch.setattr(pool, "cache_limit", 8192)
+    big = pool.empty((50_000,), torch.float32)  # a miss: evicts down to the limit first
+    assert pool.info()["bytes_free"] <= 8192
+    del big
+
+
+def test_limit_zero_turns_the_pool_off(pool, monkeypatch):
+    monkeypatch.setattr(pool, "cache_limit", 0)
+    before = pool.info()
+    t = pool.empty(SHAPE, torch.float64)
+    assert t.shape == SHAPE and t.dtype == torch.float64
+    after = pool.info()
+    assert (after["hits"], after["misses"], after["blocks"]) == (
+        before["hits"], before["misses"], before["blocks"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_dtypes_and_odd_sizes(pool, dtype):
+    t = pool.empty((3, 5, 7), dtype)
+    t.copy_(torch.arange(105, dtype=torch.float32).view(3, 5, 7).to(dtype))
+    assert t.dtype == dtype and t.shape == (3, 5, 7)
+    assert torch.equal(t.flatten()[:5].float(), torch.arange(5, dtype=torch.float32))
+
+
+def test_threads_never_share_a_block(pool):
+    held = []
+    lock = threading.Lock()
+
+    def work():
+        mine = [pool.empty(SHAPE, torch.float32) for _ in range(50)]
+        with lock:
+            held.extend(mine)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({t.data_ptr() for t in held}) == len(held)
+
+
+def test_training_steps_keep_earlier_outputs_and_gradients_intact(pool, gen):
+    """End to end on the module: what step 1 returned is untouched by step 2."""
+    with backends.using("cpu"):
+        bn = batchnorm.BatchNorm2d(4, activation="relu")
+        x1 = torch.randn(3, 4, 5, 6, generator=gen, requires_grad=True)
+        y1 = bn(x1)
+        y1.backward(torch.randn(y1.shape, generator=gen))
+        y1_copy, g1_copy = y1.detach().clone(), x1.grad.clone()
+        for _ in range(3):
+            x2 = torch.randn(3, 4, 5, 6, generator=gen, requires_grad=True)
+            bn(x2).backward(torch.randn(3, 4, 5, 6, generator=gen))
+        assert torch.equal(y1, y1_copy)
+        assert torch.equal(x1.grad, g1_copy)
+        # and the steps above did reuse memory: blocks were handed out again
+        assert pool.info()["hits"] > 0
