@@ -240,26 +240,44 @@ def test_supports():
 @pytest.mark.parametrize("view", ["ncl", "mc"])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("activation", ["none", "relu", "silu"])
-def test_fused_entry_points_match_portable_ops(view, training, activation):
-    """cpu.batch_norm_forward/backward (C-sized math in the kernels) against the general
-    ops path on the portable backend, on data with a large mean (the float64 mean's split)."""
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_fused_entry_points_match_portable_ops(view, training, activation, size):
+    """cpu.batch_norm_forward/backward (C-sized math in the kernels; one numba call per
+    pass below SERIAL_BELOW, the parallel builds above) against the general ops path on
+    the portable backend, on data with a large mean (the float64 mean's split), the
+    running update included."""
     from batchnorm import backends, ops
 
-    shape = LARGE[view] if training else SMALL[view]
+    shape = (LARGE if size == "large" else SMALL)[view]
     x, dy, w, b, r = _case(shape, torch.float32, seed=9, with_residual=True, loc=1e4)
     c = shape[1]
     rm = torch.randn(c, dtype=torch.float32) + 1e4 if not training else None
     rv = torch.rand(c, dtype=torch.float32) + 0.5 if not training else None
-    got = cpu.batch_norm_forward(x, w, b, r, rm, rv, 1e-5, activation, SLOPE)
+    state = [torch.randn(c), torch.rand(c) + 0.5, torch.tensor(3)]
+    ref_state = [t.clone() for t in state]
+    update = (*state, None) if training else None
+    got = cpu.batch_norm_forward(x, w, b, r, rm, rv, 1e-5, activation, SLOPE, update)
+    assert got[3] == training  # the update was done in the kernels
+    saved = got[4]
+    got = got[:3]
     with backends.using("portable"):
-        want = ops._batch_norm_forward(x, w, b, r, rm, rv, 1e-5, activation, SLOPE)
+        want = ops._batch_norm_forward(x, w, b, r, rm, rv, 1e-5, activation, SLOPE,
+                                       (*ref_state, None) if training else None)
     for g_, w_ in zip(got, want):
         assert g_.dtype == w_.dtype
         assert_close(g_, w_, torch.float32, scale=20)
+    for g_, w_ in zip(state, ref_state):
+        torch.testing.assert_close(g_, w_, rtol=1e-6, atol=0)
+    assert state[2].item() == (4 if training else 3)
     y, mean, var = got
     dx, sum_dz, sum_dzx, dres = cpu.batch_norm_backward(
         dy, x, w, b, r, mean, var, 1e-5, training, activation, SLOPE, True, True,
         activation != "none")
+    # what the forward saved gives the same, bit for bit
+    again = cpu.batch_norm_backward(dy, x, w, b, r, mean, var, 1e-5, training, activation,
+                                    SLOPE, True, True, activation != "none", saved)
+    for g_, w_ in zip(again, (dx, sum_dz, sum_dzx, dres)):
+        assert (g_ is None and w_ is None) or torch.equal(g_, w_)
     count = x.numel() // c
     with backends.using("portable"):
         invstd = ops.invstd_from_var(var, 1e-5)

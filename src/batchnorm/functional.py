@@ -80,6 +80,9 @@ def _check_per_channel(name: str, t: Tensor | None, input: Tensor) -> None:
         raise TypeError(f"{name} must be floating point, got {t.dtype}")
 
 
+_PER_CHANNEL = ("running_mean", "running_var", "weight", "bias")
+
+
 def validate(input, running_mean, running_var, weight, bias, training, momentum, eps,
              residual, num_batches_tracked=None) -> None:
     """Every check of :func:`batch_norm`, made before anything is computed or mutated."""
@@ -93,9 +96,16 @@ def validate(input, running_mean, running_var, weight, bias, training, momentum,
         raise ValueError(
             f"batch_norm expects an input of shape (N, C, *) with at least 2 dimensions, got "
             f"shape {tuple(input.shape)}; for a single sample use input.unsqueeze(0)")
-    for name, t in (("running_mean", running_mean), ("running_var", running_var),
-                    ("weight", weight), ("bias", bias)):
-        _check_per_channel(name, t, input)
+    # The per-channel tensors: a quick pass for the usual case (each None or [C], floating,
+    # on the input's device: a handful of attribute reads, which count on small inputs),
+    # the detailed checks with their messages only when it fails.
+    per_channel = (running_mean, running_var, weight, bias)
+    shape, device = (input.shape[1],), input.device
+    for t in per_channel:
+        if t is not None and not (t.shape == shape and t.dtype in _FLOAT_DTYPES
+                                  and t.device == device):
+            for name, u in zip(_PER_CHANNEL, per_channel):
+                _check_per_channel(name, u, input)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together or both be None")
     if not training and running_mean is None:
@@ -172,22 +182,18 @@ def batch_norm_resolved(input, running_mean, running_var, weight, bias, training
     if (not training or running_mean is None) and _is_exporting():
         return _standard_ops(input, running_mean, running_var, weight, bias, eps,
                              activation, slope, residual)
-    shape = input.shape
-    channels_last = ops.is_channels_last(input)
-    x = ops.to_kernel_view(input, channels_last)
-    r = ops.to_kernel_view(residual, channels_last) if residual is not None else None
-    if training:
-        y, mean, var = ops.batch_norm(x, weight, bias, r, None, None, eps, activation, slope)
-        if x.numel() > 0:
-            ops.update_running_stats(running_mean, running_var, num_batches_tracked, mean,
-                                     var, x.numel() // x.shape[1], momentum)
-        elif num_batches_tracked is not None:
+    if not training:
+        return ops.batch_norm(input, weight, bias, residual, running_mean, running_var, eps,
+                              activation, slope)
+    update = None
+    if input.numel() == 0:
+        if num_batches_tracked is not None:
             # As torch: an empty batch is counted, the running statistics stay.
             num_batches_tracked.add_(1)
-    else:
-        y, _, _ = ops.batch_norm(x, weight, bias, r, running_mean, running_var, eps,
-                                 activation, slope)
-    return ops.from_kernel_view(y, shape, channels_last)
+    elif running_mean is not None or num_batches_tracked is not None:
+        update = (running_mean, running_var, num_batches_tracked, momentum)
+    return ops.batch_norm(input, weight, bias, residual, None, None, eps, activation, slope,
+                          update)
 
 
 def _is_exporting() -> bool:

@@ -150,17 +150,17 @@ class _BatchNorm(_NormBase):
         self._check_input_dim(input)
         # Batch statistics in training, and in eval too when there are no running ones;
         # a frozen layer uses and keeps its running statistics in training as in eval.
+        # (Each buffer and parameter is read once: nn.Module's attribute lookup is Python
+        # code, and its cost shows on small inputs.)
         training = self.training and not self._frozen
-        use_batch_stats = training or (self.running_mean is None and self.running_var is None)
-        keep_running = not self.training or self.track_running_stats
-        tracking = training and self.track_running_stats
+        running_mean, running_var = self.running_mean, self.running_var
+        use_batch_stats = training or (running_mean is None and running_var is None)
+        if self.training and not self.track_running_stats:
+            running_mean = running_var = None
         return F.batch_norm_resolved(
-            input,
-            self.running_mean if keep_running else None,
-            self.running_var if keep_running else None,
-            self.weight, self.bias, use_batch_stats, self.momentum, self.eps,
-            self.activation, self.activation_slope, residual,
-            self.num_batches_tracked if tracking else None,
+            input, running_mean, running_var, self.weight, self.bias, use_batch_stats,
+            self.momentum, self.eps, self.activation, self.activation_slope, residual,
+            self.num_batches_tracked if training and self.track_running_stats else None,
         )
 
 

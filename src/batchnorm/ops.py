@@ -45,18 +45,22 @@ def to_kernel_view(x: Tensor, channels_last: bool) -> Tensor:
     A view where the layout allows, a copy otherwise (non-contiguous slices, or a
     residual whose layout differs from the input's).
     """
-    c = x.shape[1]
-    if x.dim() == 2:
+    shape = x.shape
+    if len(shape) == 2:
         return x.contiguous()
     if channels_last:
-        return x.movedim(1, -1).contiguous().view(-1, c)
+        return x.movedim(1, -1).contiguous().view(-1, shape[1])
+    if len(shape) == 3:
+        return x.contiguous()
     # L spelled out: view(N, C, -1) is ambiguous for an empty batch.
-    return x.contiguous().view(x.shape[0], c, math.prod(x.shape[2:]))
+    return x.contiguous().view(shape[0], shape[1], math.prod(shape[2:]))
 
 
 def from_kernel_view(v: Tensor, shape: torch.Size, channels_last: bool) -> Tensor:
     """The inverse of :func:`to_kernel_view`: the input's shape, with its memory format."""
-    if len(shape) == 2 or not channels_last:
+    if len(shape) <= 3 and not channels_last:
+        return v
+    if not channels_last:
         return v.view(shape)
     permuted = (shape[0], *shape[2:], shape[1])
     return v.view(permuted).movedim(-1, 1)
@@ -257,17 +261,30 @@ def _(dy, x, mean, invstd, weight, bias, residual, sum_dz, sum_dz_xhat, count,
 
 
 def _batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps,
-                        activation, slope):
+                        activation, slope, update=None):
+    """``(y, mean, var)``; with ``update`` (see :func:`batch_norm`) the running statistics
+    have moved towards the batch's when it returns."""
+    return _forward(x, weight, bias, residual, running_mean, running_var, eps, activation,
+                    slope, update)[:3]
+
+
+def _forward(x, weight, bias, residual, running_mean, running_var, eps, activation, slope,
+             update):
+    """:func:`_batch_norm_forward`, plus ``(backend, saved)``: what the backend's fused
+    forward hands its fused backward (None when the general path ran)."""
     backend = backends.select(x)
     fused = getattr(backend, "batch_norm_forward", None)
     if fused is not None:
         # stats and normalize with the C-sized math below done inside the kernels (the
-        # CPU backend): the dozen torch ops on [C] tensors would cost more than a small
-        # input's whole computation
+        # CPU backend, and the running update too): the dozen torch ops on [C] tensors
+        # would cost more than a small input's whole computation
         out = fused(x, weight, bias, residual, running_mean, running_var, eps, activation,
-                    slope)
+                    slope, update)
         if out is not None:
-            return out
+            y, mean, var, updated, saved = out
+            if update is not None and not updated:
+                _update_from_batch(update, mean, var, x)
+            return y, mean, var, backend, saved
     acc = acc_dtype(x.dtype)
     if running_mean is None:
         mean, m2 = backend.stats(x)
@@ -276,10 +293,18 @@ def _batch_norm_forward(x, weight, bias, residual, running_mean, running_var, ep
     else:
         mean = running_mean.to(acc, copy=True)
         var = running_var.to(acc, copy=True)
+    if update is not None:
+        _update_from_batch(update, mean, var, x)
     invstd = invstd_from_var(var, eps)
     mean_k, bias_k, _ = centre_for_kernels(mean, invstd, weight, bias, acc)
     y = backend.normalize(x, mean_k, invstd, weight, bias_k, residual, activation, slope)
-    return y, mean, var
+    return y, mean, var, backend, None
+
+
+def _update_from_batch(update, mean, var, x) -> None:
+    running_mean, running_var, num_batches_tracked, momentum = update
+    update_running_stats(running_mean, running_var, num_batches_tracked, mean, var,
+                         x.numel() // x.shape[1], momentum)
 
 
 @torch.library.custom_op("batchnorm::batch_norm", mutates_args=())
@@ -309,8 +334,6 @@ def _setup_context(ctx, inputs, output):
     _, mean, var = output
     ctx.training = running_mean is None
     ctx.eps, ctx.activation, ctx.slope = eps, activation, slope
-    ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
-    ctx.has_residual = residual is not None
     # The residual is needed only to recompute the pre-activation in backward.
     keep_residual = residual if activation != "none" else None
     ctx.save_for_backward(x, weight, bias, keep_residual, mean, var)
@@ -326,13 +349,23 @@ def autograd_grads(needs, dy, dx, dres, sum_dz, sum_dz_xhat, weight, bias, activ
     if need_r and activation == "none":
         dres = dy
     return (dx if need_x else None,
-            sum_dz_xhat.to(weight.dtype) if need_w else None,
-            sum_dz.to(bias.dtype) if need_b else None,
+            _as(sum_dz_xhat, weight.dtype) if need_w else None,
+            _as(sum_dz, bias.dtype) if need_b else None,
             dres if need_r else None)
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _batch_norm_backward(ctx, dy, _dmean, _dvar):
     x, weight, bias, residual, mean, var = ctx.saved_tensors
+    if ctx.eager:
+        # _EagerBatchNorm saves the input as given; its kernel view is made here, where
+        # (with create_graph=True) it is part of the double-backward graph
+        x = to_kernel_view(x, ctx.channels_last)
+        if residual is not None:
+            residual = to_kernel_view(residual, ctx.channels_last)
     need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
     dy = dy.contiguous()
     count = x.numel() // x.shape[1]
@@ -341,11 +374,11 @@ def _batch_norm_backward(ctx, dy, _dmean, _dvar):
     if ctx.eager and not torch.is_grad_enabled():
         # the backend's two backward passes with the C-sized math done in the kernels (see
         # _batch_norm_forward); None where it does not apply
-        fused = getattr(backends.select(x), "batch_norm_backward", None)
+        fused = getattr(ctx.backend, "batch_norm_backward", None)
         want_dres = bool(need_r) and act != "none"
         out = fused and fused(dy, x, weight, bias, residual, mean, var, ctx.eps, ctx.training,
                               act, slope, bool(need_w or need_b), bool(need_x or want_dres),
-                              want_dres)
+                              want_dres, ctx.saved)
         if out is not None:
             dx, sum_dz, sum_dz_xhat, dres = out
             return (*autograd_grads(ctx.needs_input_grad[:4], dy, dx, dres, sum_dz,
@@ -406,31 +439,66 @@ class _EagerBatchNorm(torch.autograd.Function):
     """``batchnorm::batch_norm`` for eager mode: the same forward and backward, reached
     through ``autograd.Function`` rather than the custom-op dispatcher, whose overhead
     (about 0.1 ms a call, measured on the 2-core CPU machine) would dominate small
-    tensors."""
+    tensors. It takes the input as given (N, C, *) and makes the kernel views inside,
+    where no autograd node records them (two view nodes cost more than a small batch
+    norm), and returns y alone: the statistics stay inside, saved for backward, and the
+    running update (the last input) is done in the forward."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        output = _batch_norm_forward(*inputs)
-        _setup_context(ctx, inputs, output)
+    def forward(ctx, input, weight, bias, residual, running_mean, running_var, eps,
+                activation, slope, update):
+        channels_last = is_channels_last(input)
+        x = to_kernel_view(input, channels_last)
+        r = to_kernel_view(residual, channels_last) if residual is not None else None
+        y, mean, var, ctx.backend, ctx.saved = _forward(
+            x, weight, bias, r, running_mean, running_var, eps, activation, slope, update)
+        # as _setup_context, without the (mean, var) outputs to mark. ``saved`` holds
+        # the backend's views of the saved tensors; ctx.saved_tensors is still read in
+        # backward, so that an in-place change of x or the parameters raises as usual.
+        ctx.training = running_mean is None
+        ctx.eps, ctx.activation, ctx.slope = eps, activation, slope
+        ctx.channels_last = channels_last
+        ctx.save_for_backward(input, weight, bias, residual if activation != "none" else None,
+                              mean, var)
         ctx.eager = True
-        return output
+        return from_kernel_view(y, input.shape, channels_last)
 
     @staticmethod
-    def backward(ctx, *grads):
-        return _batch_norm_backward(ctx, *grads)
+    def backward(ctx, dy):
+        shape, channels_last = dy.shape, ctx.channels_last
+        dx, dw, db, dr, *_ = _batch_norm_backward(ctx, to_kernel_view(dy, channels_last),
+                                                  None, None)
+        if dx is not None:
+            dx = from_kernel_view(dx, shape, channels_last)
+        if dr is not None:
+            dr = from_kernel_view(dr, shape, channels_last)
+        return dx, dw, db, dr, None, None, None, None, None, None
 
 
-def batch_norm(x, weight, bias, residual, running_mean, running_var, eps, activation, slope):
-    """Local batch norm of a kernel view: ``(y, mean, biased var)``, differentiable in
-    x, weight, bias and residual. See :func:`batch_norm_op`."""
-    args = (x, weight, bias, residual, running_mean, running_var, eps, activation, slope)
-    if torch.compiler.is_compiling():
-        return batch_norm_op(*args)
-    if not torch.is_grad_enabled() or not (
-            x.requires_grad or (weight is not None and weight.requires_grad)
+def batch_norm(input, weight, bias, residual, running_mean, running_var, eps, activation,
+               slope, update=None) -> Tensor:
+    """Local batch norm of an (N, C, *) input: y, differentiable in input, weight, bias
+    and residual. See :func:`batch_norm_op`. ``update``: None, or, in training,
+    ``(running_mean, running_var, num_batches_tracked, momentum)`` to move towards the
+    batch statistics (:func:`update_running_stats`; inside the kernels where the
+    backend can)."""
+    compiling = torch.compiler.is_compiling()
+    if not compiling and torch.is_grad_enabled() and (
+            input.requires_grad or (weight is not None and weight.requires_grad)
             or (bias is not None and bias.requires_grad)
             or (residual is not None and residual.requires_grad)):
+        return _EagerBatchNorm.apply(input, weight, bias, residual, running_mean,
+                                     running_var, eps, activation, slope, update)
+    channels_last = is_channels_last(input)
+    x = to_kernel_view(input, channels_last)
+    r = to_kernel_view(residual, channels_last) if residual is not None else None
+    args = (x, weight, bias, r, running_mean, running_var, eps, activation, slope)
+    if compiling:
+        y, mean, var = batch_norm_op(*args)
+        if update is not None:
+            _update_from_batch(update, mean, var, x)
+    else:
         # nothing to differentiate: autograd.Function.apply alone costs about as much as
         # torch's whole batch norm on a small input (~15-40 µs on the 2-core CPU machine)
-        return _batch_norm_forward(*args)
-    return _EagerBatchNorm.apply(*args)
+        y = _batch_norm_forward(*args, update)[0]
+    return from_kernel_view(y, input.shape, channels_last)

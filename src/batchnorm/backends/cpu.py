@@ -98,20 +98,35 @@ def _like(t: Tensor | None, x: Tensor):
 
 def _reduce_split(x: Tensor) -> int:
     """Pieces per channel (NCL) or row blocks (MC) of a reduction."""
-    if x.dim() == 2:
-        m, c = x.shape
-        return max(1, min(_TASKS, m, (m * c) // _MIN_PIECE))
-    n, c, l_ = x.shape
-    return max(1, min(-(-_TASKS // c), (n * l_) // _MIN_PIECE))
+    return _splits(x.shape)[0]
 
 
 def _elementwise_split(x: Tensor) -> int:
     """Pieces per (n, c) row (NCL) or row blocks (MC) of an elementwise kernel."""
-    if x.dim() == 2:
-        m, c = x.shape
-        return max(1, min(4 * _TASKS, m, (m * c) // _MIN_PIECE))
-    n, c, l_ = x.shape
-    return max(1, min(-(-_TASKS // (n * c)), l_ // _MIN_PIECE))
+    return _splits(x.shape)[1]
+
+
+_SPLITS: dict = {}
+
+
+def _splits(shape) -> tuple[int, int]:
+    """(reduce, elementwise) splits of a kernel view's shape, computed once per shape (a
+    dict lookup costs less than the arithmetic's Python calls, which count on small
+    tensors)."""
+    got = _SPLITS.get(shape)
+    if got is None:
+        if len(shape) == 2:
+            m, c = shape
+            got = (max(1, min(_TASKS, m, (m * c) // _MIN_PIECE)),
+                   max(1, min(4 * _TASKS, m, (m * c) // _MIN_PIECE)))
+        else:
+            n, c, l_ = shape
+            got = (max(1, min(-(-_TASKS // c), (n * l_) // _MIN_PIECE)),
+                   max(1, min(-(-_TASKS // (n * c)), l_ // _MIN_PIECE)))
+        if len(_SPLITS) > 4096:  # shapes of a long-running process with varying batches
+            _SPLITS.clear()
+        _SPLITS[shape] = got
+    return got
 
 
 def stats(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -222,84 +237,152 @@ def _elementwise(dy, x, mean_np, v_np, eps, mode, weight, bias, residual, sum_dz
 
 
 def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps,
-                       activation, slope):
-    """``ops._batch_norm_forward``: ``(y, mean, var)``; mean in float64 in training."""
-    if x.dtype not in _DTYPES or x.numel() == 0:
+                       activation, slope, update=None):
+    """``ops._batch_norm_forward``: ``(y, mean, var, updated, saved)``; mean in float64 in
+    training. ``update`` (training only): ``(running_mean, running_var,
+    num_batches_tracked, momentum)`` to move towards the batch statistics, done here
+    after the normalize when the buffers suit the kernel (``updated`` True), else left
+    to ops. ``saved``: the NumPy views :func:`batch_norm_backward` takes back, so that
+    the backward does not make them again (on a small tensor each costs about as much
+    as the arithmetic)."""
+    acc = x.dtype
+    if acc not in _DTYPES or x.numel() == 0:
         return None
     x = x.contiguous()
-    acc = x.dtype
     c = x.shape[1]
-    count = x.numel() // c
+    numel = x.numel()
+    count = numel // c
+    view = "mc" if x.dim() == 2 else "ncl"
     y = buffers.empty_like(x)
-    var = torch.empty(c, dtype=acc)
-    if running_mean is None:
-        mean = torch.empty(c, dtype=torch.float64)
-        m2 = np.empty(c, dtype=np.float32 if acc is torch.float32 else np.float64)
-        _pick(K.STATS[_view(x)], x)(_np(x), _reduce_split(x), mean.numpy(), m2)
-        mean_np, v_np, mode, var_np = mean.numpy(), m2, _MODE_M2, var.numpy()
-    else:
+    xn, w, b = x.detach().numpy(), _param(weight, acc), _param(bias, acc)
+    res = _like(residual, x)
+    code, slope, eps = K.ACT_CODES[activation], float(slope), float(eps)
+    if running_mean is not None:
         mean = running_mean.to(acc, copy=True)
         var = running_var.to(acc, copy=True)
-        mean_np, v_np, mode, var_np = mean.numpy(), var.numpy(), _MODE_VAR, _empty(acc, 1)
-    _pick(K.NORMALIZE[_view(x)], x)(
-        _np(x), mean_np, v_np, float(eps), float(count), mode, _param(weight, acc),
-        _param(bias, acc), _like(residual, x), K.ACT_CODES[activation], float(slope),
-        _elementwise_split(x), y.numpy(), var_np)
-    return y, mean, var
+        mean_np, var_np = mean.numpy(), var.numpy()
+        _pick(K.NORMALIZE[view], x)(xn, mean_np, var_np, eps, float(count), _MODE_VAR, w, b,
+                                    res, code, slope, _elementwise_split(x), y.numpy(),
+                                    _empty(acc, 1))
+        updated = False
+    else:
+        mean_np = np.empty(c, np.float64)
+        var_np = np.empty(c, _NP_OF[acc])
+        m2 = np.empty(c, var_np.dtype)
+        mean, var = torch.from_numpy(mean_np), torch.from_numpy(var_np)
+        running = _running_arrays(*update) if update is not None else None
+        rsplit, esplit = _splits(x.shape)
+        if numel < SERIAL_BELOW:
+            rm, rv, counter, momentum = running or _NO_UPDATE[acc]
+            K.FORWARD_TRAIN[view](xn, rsplit, esplit, eps, float(count), w, b, res, code,
+                                  slope, rm, rv, counter, momentum, y.numpy(), mean_np, m2,
+                                  var_np)
+        else:
+            K.STATS[view][0](xn, rsplit, mean_np, m2)
+            K.NORMALIZE[view][0](xn, mean_np, m2, eps, float(count), _MODE_M2, w, b, res,
+                                 code, slope, esplit, y.numpy(), var_np)
+            if running is not None:
+                K.update_running(*running[:3], mean_np, var_np, float(count), running[3])
+        updated = running is not None
+    saved = (xn, mean_np, var_np, w, b, res if code != 0 else _empty(acc, x.dim()))
+    return y, mean, var, updated, saved
 
 
 def batch_norm_backward(dy, x, weight, bias, residual, mean, var, eps, training: bool,
                         activation, slope, need_sums: bool, need_dx: bool,
-                        want_dresidual: bool):
+                        want_dresidual: bool, saved=None):
     """``(dx, Σdz, Σdz·x̂, dresidual)`` from the saved (mean, biased var); dx (dresidual)
-    None unless asked, the sums None unless ``need_sums`` (required in training)."""
-    if x.dtype not in _DTYPES or x.numel() == 0:
+    None unless asked, the sums None unless ``need_sums`` (required in training).
+    ``saved``: what :func:`batch_norm_forward` returned for these tensors, or None."""
+    acc = x.dtype
+    if acc not in _DTYPES or x.numel() == 0:
         return None
     x = x.contiguous()
-    acc = x.dtype
     c = x.shape[1]
-    count = x.numel() // c
-    mean_np = mean.detach().numpy() if mean.dtype == torch.float64 else _param(mean, acc)
-    v_np = _param(var, acc)
+    numel = x.numel()
+    view = "mc" if x.dim() == 2 else "ncl"
+    if saved is None:
+        mean_np = mean.detach().numpy() if mean.dtype == torch.float64 else _param(mean, acc)
+        saved = (x.detach().numpy(), mean_np, _param(var, acc), _param(weight, acc),
+                 _param(bias, acc), _like(residual if activation != "none" else None, x))
+    xn, mean_np, var_np, w, b, res = saved
+    args = (_like(dy, x), xn, mean_np, var_np, float(eps), float(numel // c), _MODE_VAR, w, b,
+            res, K.ACT_CODES[activation], float(slope))
+    need_sums = need_sums or training
+    no_sums = _empty(acc, 1)
     sum_dz = sum_dzx = None
-    if need_sums or training:
-        sum_dz = torch.empty(c, dtype=acc)
-        sum_dzx = torch.empty(c, dtype=acc)
-        _pick(K.REDUCE[_view(x)], x)(
-            _like(dy, x), _np(x), mean_np, v_np, float(eps), float(count), _MODE_VAR,
-            _param(weight, acc), _param(bias, acc),
-            _like(residual if activation != "none" else None, x), K.ACT_CODES[activation],
-            float(slope), _reduce_split(x), sum_dz.numpy(), sum_dzx.numpy())
+    sums_np = (no_sums, no_sums)
+    if need_sums:
+        sums_np = (np.empty(c, _NP_OF[acc]), np.empty(c, _NP_OF[acc]))
+        sum_dz, sum_dzx = torch.from_numpy(sums_np[0]), torch.from_numpy(sums_np[1])
     dx = dres = None
+    dx_np = dres_np = _empty(acc, x.dim())
     if need_dx:
-        dx, dres = _elementwise(dy, x, mean_np, v_np, eps, _MODE_VAR, weight, bias, residual,
-                                sum_dz if training else None, sum_dzx if training else None,
-                                count, activation, slope, want_dresidual)
+        dx = buffers.empty_like(x)
+        dx_np = dx.numpy()
+        if want_dresidual:
+            # activation != 'none' here: without one, ops uses dy itself as dresidual
+            dres = buffers.empty_like(x)
+            dres_np = dres.numpy()
+    rsplit, esplit = _splits(x.shape)
+    if numel < SERIAL_BELOW:
+        K.BACKWARD[view](*args, rsplit, esplit, need_sums, need_dx, training, *sums_np,
+                         no_sums, dx_np, dres_np)
+    else:
+        if need_sums:
+            K.REDUCE[view][0](*args, rsplit, *sums_np)
+        if need_dx:
+            train_sums = sums_np if training else (no_sums, no_sums)
+            K.ELEMENTWISE[view][0](*args[:10], *train_sums, *args[10:], esplit, dx_np,
+                                   dres_np)
     return dx, sum_dz, sum_dzx, dres
+
+
+def _running_arrays(running_mean, running_var, num_batches_tracked, momentum):
+    """NumPy views for ``update_running``: (running_mean, running_var, counter, momentum
+    with -1 for None), or None where the kernel does not apply (ops then updates with
+    torch ops): float16/bfloat16 buffers (numba's float16 arithmetic is limited), another
+    device, buffers that require grad."""
+    if running_mean is None or running_var is None:
+        return None
+    if num_batches_tracked is None:
+        if momentum is None:
+            return None
+        counter = _NO_COUNTER
+    elif num_batches_tracked.dtype is not torch.int64:
+        return None
+    if running_mean.dtype not in _DTYPES or running_var.dtype not in _DTYPES:
+        return None
+    try:
+        # .numpy() refuses another device or requires_grad; a layout the kernel was not
+        # compiled for compiles a variant
+        if num_batches_tracked is not None:
+            counter = num_batches_tracked.view(1).numpy()
+        return (running_mean.numpy(), running_var.numpy(), counter,
+                -1.0 if momentum is None else float(momentum))
+    except (RuntimeError, TypeError):
+        return None
 
 
 def update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count,
                          momentum) -> bool:
     """``ops.update_running_stats`` in one kernel call; False (nothing done) where it does
     not apply: then ops runs its torch version."""
-    if running_mean is None or running_var is None or not isinstance(count, int):
+    if not isinstance(count, int):
         return False
-    if num_batches_tracked is None and momentum is None:
+    arrays = _running_arrays(running_mean, running_var, num_batches_tracked, momentum)
+    if arrays is None:
         return False
     try:
-        # .numpy() refuses what the kernel cannot take (another device, requires_grad,
-        # bfloat16); a dtype or layout it was not compiled for compiles a variant
-        args = (running_mean.numpy(), running_var.numpy(),
-                _NO_COUNTER if num_batches_tracked is None else num_batches_tracked.view(1).numpy(),
-                mean.detach().numpy(), var.detach().numpy())
+        batch = (mean.detach().numpy(), var.detach().numpy())
     except (RuntimeError, TypeError):
         return False
-    if (args[0].dtype not in _NP_FLOATS or args[1].dtype not in _NP_FLOATS
-            or args[2].dtype != np.int64):
-        return False  # float16 buffers: numba's float16 arithmetic is limited
-    K.update_running(*args, float(count), -1.0 if momentum is None else momentum)
+    K.update_running(*arrays[:3], *batch, float(count), arrays[3])
     return True
 
 
 _NO_COUNTER = torch.empty(0, dtype=torch.int64).numpy()
 _NP_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_NP_OF = {torch.float32: np.float32, torch.float64: np.float64}
+# FORWARD_TRAIN's arguments when there are no buffers to update (size 0: skipped)
+_NO_UPDATE = {dt: (_empty(dt, 1), _empty(dt, 1), _NO_COUNTER, 0.0) for dt in _DTYPES}

@@ -111,7 +111,22 @@ def empty(shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> Tensor:
     numel = 1
     for s in shape:
         numel *= s
-    nbytes = numel * torch.empty((), dtype=dtype).element_size() if numel else 0
+    return _empty(shape, dtype, numel * _ITEMSIZE[dtype])
+
+
+def empty_like(x: Tensor) -> Tensor:
+    """:func:`empty` with x's shape and dtype (x contiguous, as kernel views are)."""
+    nbytes = x.numel() * x.element_size()
+    if nbytes < MIN_BYTES:  # the common small case first: no more work than torch's
+        return torch.empty_like(x)
+    return _empty(x.shape, x.dtype, nbytes)
+
+
+_ITEMSIZE = {dt: torch.empty((), dtype=dt).element_size()
+             for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+
+
+def _empty(shape, dtype: torch.dtype, nbytes: int) -> Tensor:
     if nbytes < MIN_BYTES or cache_limit <= 0:
         return torch.empty(shape, dtype=dtype)
     rounded = -(-nbytes // _PAGE) * _PAGE
@@ -120,11 +135,6 @@ def empty(shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> Tensor:
         # from_numpy keeps the view (and so the block) alive as long as the storage lives
         out = torch.from_numpy(block[:nbytes])
     return out.view(dtype).view(shape)
-
-
-def empty_like(x: Tensor) -> Tensor:
-    """:func:`empty` with x's shape and dtype (x contiguous, as kernel views are)."""
-    return empty(x.shape, x.dtype)
 
 
 def release() -> None:
