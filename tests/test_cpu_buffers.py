@@ -109,16 +109,26 @@ def test_threads_never_share_a_block(pool):
     assert len({t.data_ptr() for t in held}) == len(held)
 
 
-def test_training_steps_keep_earlier_outputs_and_gradients_intact(pool, gen):
-    """End to end on the module: what step 1 returned is untouched by step 2."""
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "CL"])
+def test_training_steps_keep_earlier_outputs_and_gradients_intact(pool, gen, channels_last):
+    """End to end on the module: what step 1 returned is untouched by step 2, and equals
+    torch's; channels_last outputs are pooled (N, H, W, C) blocks seen through a permute."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     with backends.using("cpu"):
         bn = batchnorm.BatchNorm2d(4, activation="relu")
-        x1 = torch.randn(3, 4, 5, 6, generator=gen, requires_grad=True)
+        ref = torch.nn.BatchNorm2d(4)
+        x1 = torch.randn(3, 4, 5, 6, generator=gen).to(memory_format=fmt).requires_grad_()
+        x1_ref = x1.detach().clone().requires_grad_()
         y1 = bn(x1)
-        y1.backward(torch.randn(y1.shape, generator=gen))
+        assert y1.is_contiguous(memory_format=fmt)
+        dy = torch.randn(y1.shape, generator=gen)
+        torch.testing.assert_close(y1, torch.relu(ref(x1_ref)))
+        y1.backward(dy)
+        torch.relu(ref(x1_ref)).backward(dy)
+        torch.testing.assert_close(x1.grad, x1_ref.grad)
         y1_copy, g1_copy = y1.detach().clone(), x1.grad.clone()
         for _ in range(3):
-            x2 = torch.randn(3, 4, 5, 6, generator=gen, requires_grad=True)
+            x2 = torch.randn(3, 4, 5, 6, generator=gen).to(memory_format=fmt).requires_grad_()
             bn(x2).backward(torch.randn(3, 4, 5, 6, generator=gen))
         assert torch.equal(y1, y1_copy)
         assert torch.equal(x1.grad, g1_copy)

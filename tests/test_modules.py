@@ -173,3 +173,31 @@ def test_docstrings_are_shared_and_filled():
         assert cls.__name__ in doc and "Default: 0.1" in doc and "eps=0" in doc
         assert "{name}" not in doc and "{shape}" not in doc
     assert "BatchNorm2d" in batchnorm.LazyBatchNorm2d.__doc__
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_eager_graph_is_one_node_per_layer(layout, gen):
+    """The kernel views are made where autograd does not record them: the output's
+    grad_fn is our Function and its inputs lead straight to x's and the parameters'
+    accumulators (no view nodes, each of which costs more than a small batch norm)."""
+    x = torch.randn(2, 3, 4, 5, generator=gen)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    y = batchnorm.BatchNorm2d(3, activation="relu")(x)
+    assert y.is_contiguous(memory_format=torch.channels_last if layout == "channels_last"
+                           else torch.contiguous_format)
+    nexts = [f for f, _ in y.grad_fn.next_functions if f is not None]
+    assert nexts and all(type(f).__name__ == "AccumulateGrad" for f in nexts)
+    assert {id(f.variable) for f in nexts} >= {id(x)}
+
+
+def test_an_inplace_change_of_the_saved_input_is_detected(gen):
+    """The backend reuses its NumPy views of x in backward; autograd's version check of
+    the saved tensors still guards them."""
+    leaf = torch.randn(4, 3, 5, generator=gen, requires_grad=True)
+    x = leaf * 1.0
+    y = batchnorm.BatchNorm1d(3, activation="relu")(x)
+    x.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()

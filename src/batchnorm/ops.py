@@ -21,8 +21,6 @@ Tensors reaching the ops are *kernel views* (see ``backends/portable.py``);
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -34,36 +32,11 @@ from .backends.portable import acc_dtype, mean_dtype
 # Kernel views
 
 
-def is_channels_last(x: Tensor) -> bool:
-    """Dense with channels innermost (channels_last, channels_last_3d, or (N, L, C)ᵀ)."""
-    return x.dim() >= 3 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
-
-
-def to_kernel_view(x: Tensor, channels_last: bool) -> Tensor:
-    """(M, C) contiguous for channels-last data and 2-D input, else (N, C, L) contiguous.
-
-    A view where the layout allows, a copy otherwise (non-contiguous slices, or a
-    residual whose layout differs from the input's).
-    """
-    shape = x.shape
-    if len(shape) == 2:
-        return x.contiguous()
-    if channels_last:
-        return x.movedim(1, -1).contiguous().view(-1, shape[1])
-    if len(shape) == 3:
-        return x.contiguous()
-    # L spelled out: view(N, C, -1) is ambiguous for an empty batch.
-    return x.contiguous().view(shape[0], shape[1], math.prod(shape[2:]))
-
-
-def from_kernel_view(v: Tensor, shape: torch.Size, channels_last: bool) -> Tensor:
-    """The inverse of :func:`to_kernel_view`: the input's shape, with its memory format."""
-    if len(shape) <= 3 and not channels_last:
-        return v
-    if not channels_last:
-        return v.view(shape)
-    permuted = (shape[0], *shape[2:], shape[1])
-    return v.view(permuted).movedim(-1, 1)
+# Made in portable.py, where every backend can reach them (the fused entry points take
+# tensors as the caller has them and make their own views).
+is_channels_last = portable.is_channels_last
+to_kernel_view = portable.to_kernel_view
+from_kernel_view = portable.from_kernel_view
 
 
 # ---------------------------------------------------------------------------------------
@@ -262,29 +235,34 @@ def _(dy, x, mean, invstd, weight, bias, residual, sum_dz, sum_dz_xhat, count,
 
 def _batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps,
                         activation, slope, update=None):
-    """``(y, mean, var)``; with ``update`` (see :func:`batch_norm`) the running statistics
-    have moved towards the batch's when it returns."""
+    """``(y, mean, var)`` of a kernel view; with ``update`` (see :func:`batch_norm`) the
+    running statistics have moved towards the batch's when it returns."""
     return _forward(x, weight, bias, residual, running_mean, running_var, eps, activation,
                     slope, update)[:3]
 
 
 def _forward(x, weight, bias, residual, running_mean, running_var, eps, activation, slope,
-             update):
-    """:func:`_batch_norm_forward`, plus ``(backend, saved)``: what the backend's fused
-    forward hands its fused backward (None when the general path ran)."""
+             update, channels_last=False):
+    """:func:`_batch_norm_forward` of x as given ((N, C, *), channels-last when
+    ``channels_last``; y in the same shape and format), plus ``(backend, saved)``: what
+    the backend's fused forward hands its fused backward (None on the general path)."""
     backend = backends.select(x)
     fused = getattr(backend, "batch_norm_forward", None)
     if fused is not None:
-        # stats and normalize with the C-sized math below done inside the kernels (the
-        # CPU backend, and the running update too): the dozen torch ops on [C] tensors
-        # would cost more than a small input's whole computation
+        # stats and normalize with the C-sized math below done inside the kernels (and,
+        # on the CPU, the running update too): the dozen torch ops on [C] tensors would
+        # cost more than a small input's whole computation
         out = fused(x, weight, bias, residual, running_mean, running_var, eps, activation,
-                    slope, update)
+                    slope, update, channels_last)
         if out is not None:
             y, mean, var, updated, saved = out
             if update is not None and not updated:
                 _update_from_batch(update, mean, var, x)
             return y, mean, var, backend, saved
+    shape = x.shape
+    x = to_kernel_view(x, channels_last)
+    if residual is not None:
+        residual = to_kernel_view(residual, channels_last)
     acc = acc_dtype(x.dtype)
     if running_mean is None:
         mean, m2 = backend.stats(x)
@@ -298,7 +276,7 @@ def _forward(x, weight, bias, residual, running_mean, running_var, eps, activati
     invstd = invstd_from_var(var, eps)
     mean_k, bias_k, _ = centre_for_kernels(mean, invstd, weight, bias, acc)
     y = backend.normalize(x, mean_k, invstd, weight, bias_k, residual, activation, slope)
-    return y, mean, var, backend, None
+    return from_kernel_view(y, shape, channels_last), mean, var, backend, None
 
 
 def _update_from_batch(update, mean, var, x) -> None:
@@ -360,30 +338,43 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _batch_norm_backward(ctx, dy, _dmean, _dvar):
     x, weight, bias, residual, mean, var = ctx.saved_tensors
-    if ctx.eager:
-        # _EagerBatchNorm saves the input as given; its kernel view is made here, where
-        # (with create_graph=True) it is part of the double-backward graph
-        x = to_kernel_view(x, ctx.channels_last)
-        if residual is not None:
-            residual = to_kernel_view(residual, ctx.channels_last)
     need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
-    dy = dy.contiguous()
-    count = x.numel() // x.shape[1]
     act, slope = ctx.activation, ctx.slope
 
     if ctx.eager and not torch.is_grad_enabled():
         # the backend's two backward passes with the C-sized math done in the kernels (see
-        # _batch_norm_forward); None where it does not apply
+        # _batch_norm_forward), on the tensors as given; None where it does not apply
         fused = getattr(ctx.backend, "batch_norm_backward", None)
         want_dres = bool(need_r) and act != "none"
         out = fused and fused(dy, x, weight, bias, residual, mean, var, ctx.eps, ctx.training,
                               act, slope, bool(need_w or need_b), bool(need_x or want_dres),
-                              want_dres, ctx.saved)
+                              want_dres, ctx.saved, ctx.channels_last)
         if out is not None:
             dx, sum_dz, sum_dz_xhat, dres = out
             return (*autograd_grads(ctx.needs_input_grad[:4], dy, dx, dres, sum_dz,
                                     sum_dz_xhat, weight, bias, act),
                     None, None, None, None, None)
+
+    if ctx.eager:
+        # _EagerBatchNorm saves the tensors as given; their kernel views are made here,
+        # where (with create_graph=True) they are part of the double-backward graph
+        shape, channels_last = x.shape, ctx.channels_last
+        x = to_kernel_view(x, channels_last)
+        dy = to_kernel_view(dy, channels_last)
+        if residual is not None:
+            residual = to_kernel_view(residual, channels_last)
+        dx, dw, db, dr, *rest = _kernel_view_backward(ctx, x, weight, bias, residual, mean,
+                                                      var, dy)
+        return (from_kernel_view(dx, shape, channels_last) if dx is not None else None, dw, db,
+                from_kernel_view(dr, shape, channels_last) if dr is not None else None, *rest)
+    return _kernel_view_backward(ctx, x, weight, bias, residual, mean, var, dy)
+
+
+def _kernel_view_backward(ctx, x, weight, bias, residual, mean, var, dy):
+    need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+    act, slope = ctx.activation, ctx.slope
+    dy = dy.contiguous()
+    count = x.numel() // x.shape[1]
 
     if torch.is_grad_enabled():
         # create_graph=True (double backward): build the backward from differentiable torch
@@ -439,19 +430,18 @@ class _EagerBatchNorm(torch.autograd.Function):
     """``batchnorm::batch_norm`` for eager mode: the same forward and backward, reached
     through ``autograd.Function`` rather than the custom-op dispatcher, whose overhead
     (about 0.1 ms a call, measured on the 2-core CPU machine) would dominate small
-    tensors. It takes the input as given (N, C, *) and makes the kernel views inside,
-    where no autograd node records them (two view nodes cost more than a small batch
-    norm), and returns y alone: the statistics stay inside, saved for backward, and the
+    tensors. It hands the input to the backend as given (N, C, *), and the kernel views
+    are made inside, where no autograd node records them (view nodes cost more than a
+    small batch norm; the CPU backend makes them on the NumPy side), and returns y alone: the statistics stay inside, saved for backward, and the
     running update (the last input) is done in the forward."""
 
     @staticmethod
     def forward(ctx, input, weight, bias, residual, running_mean, running_var, eps,
                 activation, slope, update):
         channels_last = is_channels_last(input)
-        x = to_kernel_view(input, channels_last)
-        r = to_kernel_view(residual, channels_last) if residual is not None else None
         y, mean, var, ctx.backend, ctx.saved = _forward(
-            x, weight, bias, r, running_mean, running_var, eps, activation, slope, update)
+            input, weight, bias, residual, running_mean, running_var, eps, activation,
+            slope, update, channels_last)
         # as _setup_context, without the (mean, var) outputs to mark. ``saved`` holds
         # the backend's views of the saved tensors; ctx.saved_tensors is still read in
         # backward, so that an in-place change of x or the parameters raises as usual.
@@ -461,18 +451,11 @@ class _EagerBatchNorm(torch.autograd.Function):
         ctx.save_for_backward(input, weight, bias, residual if activation != "none" else None,
                               mean, var)
         ctx.eager = True
-        return from_kernel_view(y, input.shape, channels_last)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        shape, channels_last = dy.shape, ctx.channels_last
-        dx, dw, db, dr, *_ = _batch_norm_backward(ctx, to_kernel_view(dy, channels_last),
-                                                  None, None)
-        if dx is not None:
-            dx = from_kernel_view(dx, shape, channels_last)
-        if dr is not None:
-            dr = from_kernel_view(dr, shape, channels_last)
-        return dx, dw, db, dr, None, None, None, None, None, None
+        return (*_batch_norm_backward(ctx, dy, None, None)[:4],) + (None,) * 6
 
 
 def batch_norm(input, weight, bias, residual, running_mean, running_var, eps, activation,
@@ -490,15 +473,15 @@ def batch_norm(input, weight, bias, residual, running_mean, running_var, eps, ac
         return _EagerBatchNorm.apply(input, weight, bias, residual, running_mean,
                                      running_var, eps, activation, slope, update)
     channels_last = is_channels_last(input)
-    x = to_kernel_view(input, channels_last)
-    r = to_kernel_view(residual, channels_last) if residual is not None else None
-    args = (x, weight, bias, r, running_mean, running_var, eps, activation, slope)
-    if compiling:
-        y, mean, var = batch_norm_op(*args)
-        if update is not None:
-            _update_from_batch(update, mean, var, x)
-    else:
+    if not compiling:
         # nothing to differentiate: autograd.Function.apply alone costs about as much as
         # torch's whole batch norm on a small input (~15-40 µs on the 2-core CPU machine)
-        y = _batch_norm_forward(*args, update)[0]
+        return _forward(input, weight, bias, residual, running_mean, running_var, eps,
+                        activation, slope, update, channels_last)[0]
+    x = to_kernel_view(input, channels_last)
+    r = to_kernel_view(residual, channels_last) if residual is not None else None
+    y, mean, var = batch_norm_op(x, weight, bias, r, running_mean, running_var, eps,
+                                 activation, slope)
+    if update is not None:
+        _update_from_batch(update, mean, var, x)
     return from_kernel_view(y, input.shape, channels_last)

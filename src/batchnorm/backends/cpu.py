@@ -236,34 +236,76 @@ def _elementwise(dy, x, mean_np, v_np, eps, mode, weight, bias, residual, sum_dz
 # empty tensors): ops then runs its general path.
 
 
+# The fused entry points take tensors as the caller has them, (N, C, *) contiguous or
+# channels-last (``channels_last``), kernel views included, and make the kernel views on
+# the NumPy side: a torch ``view`` costs ~5 µs here, several per step on a small input.
+
+
+def _kernel_np(t: Tensor, channels_last: bool):
+    """The kernel view of a dense tensor, as a NumPy view: (N, C, L) or (M, C)."""
+    a = t.detach().numpy()
+    if a.ndim == 2 or (a.ndim == 3 and not channels_last):
+        return a
+    if channels_last:
+        return np.moveaxis(a, 1, -1).reshape(-1, a.shape[1])
+    return a.reshape(a.shape[0], a.shape[1], -1)
+
+
+def _dense(x: Tensor, channels_last: bool) -> Tensor:
+    return x if channels_last else x.contiguous()
+
+
+def _out_like(x: Tensor, channels_last: bool) -> Tensor:
+    """An output of x's shape and memory format (reusable buffers for large ones)."""
+    if not channels_last:
+        return buffers.empty_like(x)
+    if x.numel() * x.element_size() < buffers.MIN_BYTES:
+        return torch.empty_like(x)
+    shape = x.shape
+    return buffers.empty((shape[0], *shape[2:], shape[1]), x.dtype).movedim(-1, 1)
+
+
+def _same_np(t: Tensor | None, x: Tensor, channels_last: bool, ndim: int):
+    """A tensor-sized input (dy, residual) as a kernel-view array laid out as x, or the
+    size-0 stand-in."""
+    if t is None:
+        return _empty(x.dtype, ndim)
+    if t.dtype != x.dtype or t.stride() != x.stride():
+        t = torch.empty_like(x).copy_(t)
+    return _kernel_np(t, channels_last)
+
+
 def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps,
-                       activation, slope, update=None):
-    """``ops._batch_norm_forward``: ``(y, mean, var, updated, saved)``; mean in float64 in
-    training. ``update`` (training only): ``(running_mean, running_var,
-    num_batches_tracked, momentum)`` to move towards the batch statistics, done here
-    after the normalize when the buffers suit the kernel (``updated`` True), else left
-    to ops. ``saved``: the NumPy views :func:`batch_norm_backward` takes back, so that
-    the backward does not make them again (on a small tensor each costs about as much
-    as the arithmetic)."""
+                       activation, slope, update=None, channels_last=False):
+    """``ops._batch_norm_forward``: ``(y, mean, var, updated, saved)``, y in x's shape and
+    memory format; mean in float64 in training. ``update`` (training only):
+    ``(running_mean, running_var, num_batches_tracked, momentum)`` to move towards the
+    batch statistics, done here after the normalize when the buffers suit the kernel
+    (``updated`` True), else left to ops. ``saved``: the NumPy views
+    :func:`batch_norm_backward` takes back, so that the backward does not make them again
+    (on a small tensor each costs about as much as the arithmetic)."""
     acc = x.dtype
     if acc not in _DTYPES or x.numel() == 0:
         return None
-    x = x.contiguous()
+    x = _dense(x, channels_last)
     c = x.shape[1]
     numel = x.numel()
     count = numel // c
-    view = "mc" if x.dim() == 2 else "ncl"
-    y = buffers.empty_like(x)
-    xn, w, b = x.detach().numpy(), _param(weight, acc), _param(bias, acc)
-    res = _like(residual, x)
+    xn = _kernel_np(x, channels_last)
+    view = "mc" if xn.ndim == 2 else "ncl"
+    y = _out_like(x, channels_last)
+    yn = _kernel_np(y, channels_last)
+    w, b = _param(weight, acc), _param(bias, acc)
+    res = _same_np(residual, x, channels_last, xn.ndim)
     code, slope, eps = K.ACT_CODES[activation], float(slope), float(eps)
+    rsplit, esplit = _splits(xn.shape)
     if running_mean is not None:
         mean = running_mean.to(acc, copy=True)
         var = running_var.to(acc, copy=True)
         mean_np, var_np = mean.numpy(), var.numpy()
-        _pick(K.NORMALIZE[view], x)(xn, mean_np, var_np, eps, float(count), _MODE_VAR, w, b,
-                                    res, code, slope, _elementwise_split(x), y.numpy(),
-                                    _empty(acc, 1))
+        (K.NORMALIZE[view][0] if numel >= SERIAL_BELOW else K.NORMALIZE[view][1])(
+            xn, mean_np, var_np, eps, float(count), _MODE_VAR, w, b, res, code, slope, esplit,
+            yn, _empty(acc, 1))
         updated = False
     else:
         mean_np = np.empty(c, np.float64)
@@ -271,43 +313,45 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
         m2 = np.empty(c, var_np.dtype)
         mean, var = torch.from_numpy(mean_np), torch.from_numpy(var_np)
         running = _running_arrays(*update) if update is not None else None
-        rsplit, esplit = _splits(x.shape)
         if numel < SERIAL_BELOW:
             rm, rv, counter, momentum = running or _NO_UPDATE[acc]
             K.FORWARD_TRAIN[view](xn, rsplit, esplit, eps, float(count), w, b, res, code,
-                                  slope, rm, rv, counter, momentum, y.numpy(), mean_np, m2,
-                                  var_np)
+                                  slope, rm, rv, counter, momentum, yn, mean_np, m2, var_np)
         else:
             K.STATS[view][0](xn, rsplit, mean_np, m2)
             K.NORMALIZE[view][0](xn, mean_np, m2, eps, float(count), _MODE_M2, w, b, res,
-                                 code, slope, esplit, y.numpy(), var_np)
+                                 code, slope, esplit, yn, var_np)
             if running is not None:
                 K.update_running(*running[:3], mean_np, var_np, float(count), running[3])
         updated = running is not None
-    saved = (xn, mean_np, var_np, w, b, res if code != 0 else _empty(acc, x.dim()))
+    saved = (xn, mean_np, var_np, w, b, res if code != 0 else _empty(acc, xn.ndim))
     return y, mean, var, updated, saved
 
 
 def batch_norm_backward(dy, x, weight, bias, residual, mean, var, eps, training: bool,
                         activation, slope, need_sums: bool, need_dx: bool,
-                        want_dresidual: bool, saved=None):
-    """``(dx, Σdz, Σdz·x̂, dresidual)`` from the saved (mean, biased var); dx (dresidual)
-    None unless asked, the sums None unless ``need_sums`` (required in training).
-    ``saved``: what :func:`batch_norm_forward` returned for these tensors, or None."""
+                        want_dresidual: bool, saved=None, channels_last=False):
+    """``(dx, Σdz, Σdz·x̂, dresidual)`` from the saved (mean, biased var), dx and
+    dresidual in x's shape and memory format; dx (dresidual) None unless asked, the sums
+    None unless ``need_sums`` (required in training). ``saved``: what
+    :func:`batch_norm_forward` returned for these tensors, or None."""
     acc = x.dtype
     if acc not in _DTYPES or x.numel() == 0:
         return None
-    x = x.contiguous()
+    x = _dense(x, channels_last)
     c = x.shape[1]
     numel = x.numel()
-    view = "mc" if x.dim() == 2 else "ncl"
     if saved is None:
+        xn = _kernel_np(x, channels_last)
         mean_np = mean.detach().numpy() if mean.dtype == torch.float64 else _param(mean, acc)
-        saved = (x.detach().numpy(), mean_np, _param(var, acc), _param(weight, acc),
-                 _param(bias, acc), _like(residual if activation != "none" else None, x))
+        saved = (xn, mean_np, _param(var, acc), _param(weight, acc), _param(bias, acc),
+                 _same_np(residual if activation != "none" else None, x, channels_last,
+                          xn.ndim))
     xn, mean_np, var_np, w, b, res = saved
-    args = (_like(dy, x), xn, mean_np, var_np, float(eps), float(numel // c), _MODE_VAR, w, b,
-            res, K.ACT_CODES[activation], float(slope))
+    ndim = xn.ndim
+    view = "mc" if ndim == 2 else "ncl"
+    args = (_same_np(dy, x, channels_last, ndim), xn, mean_np, var_np, float(eps),
+            float(numel // c), _MODE_VAR, w, b, res, K.ACT_CODES[activation], float(slope))
     need_sums = need_sums or training
     no_sums = _empty(acc, 1)
     sum_dz = sum_dzx = None
@@ -316,15 +360,15 @@ def batch_norm_backward(dy, x, weight, bias, residual, mean, var, eps, training:
         sums_np = (np.empty(c, _NP_OF[acc]), np.empty(c, _NP_OF[acc]))
         sum_dz, sum_dzx = torch.from_numpy(sums_np[0]), torch.from_numpy(sums_np[1])
     dx = dres = None
-    dx_np = dres_np = _empty(acc, x.dim())
+    dx_np = dres_np = _empty(acc, ndim)
     if need_dx:
-        dx = buffers.empty_like(x)
-        dx_np = dx.numpy()
+        dx = _out_like(x, channels_last)
+        dx_np = _kernel_np(dx, channels_last)
         if want_dresidual:
             # activation != 'none' here: without one, ops uses dy itself as dresidual
-            dres = buffers.empty_like(x)
-            dres_np = dres.numpy()
-    rsplit, esplit = _splits(x.shape)
+            dres = _out_like(x, channels_last)
+            dres_np = _kernel_np(dres, channels_last)
+    rsplit, esplit = _splits(xn.shape)
     if numel < SERIAL_BELOW:
         K.BACKWARD[view](*args, rsplit, esplit, need_sums, need_dx, training, *sums_np,
                          no_sums, dx_np, dres_np)

@@ -31,6 +31,46 @@ from torch import Tensor
 ACTIVATIONS = ("none", "relu", "leaky_relu", "silu", "gelu", "gelu_tanh", "sigmoid", "tanh")
 
 
+# ---------------------------------------------------------------------------------------
+# Kernel views
+
+
+def is_channels_last(x: Tensor) -> bool:
+    """Dense with channels innermost (channels_last, channels_last_3d, or (N, L, C)ᵀ)."""
+    return x.dim() >= 3 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+
+
+def to_kernel_view(x: Tensor, channels_last: bool) -> Tensor:
+    """(M, C) contiguous for channels-last data and 2-D input, else (N, C, L) contiguous.
+
+    A view where the layout allows, a copy otherwise (non-contiguous slices, or a
+    residual whose layout differs from the input's).
+    """
+    shape = x.shape
+    if len(shape) == 2:
+        return x.contiguous()
+    if channels_last:
+        return x.movedim(1, -1).contiguous().view(-1, shape[1])
+    if len(shape) == 3:
+        return x.contiguous()
+    # L spelled out: view(N, C, -1) is ambiguous for an empty batch.
+    return x.contiguous().view(shape[0], shape[1], math.prod(shape[2:]))
+
+
+def from_kernel_view(v: Tensor, shape: torch.Size, channels_last: bool) -> Tensor:
+    """The inverse of :func:`to_kernel_view`: the input's shape, with its memory format."""
+    if len(shape) <= 3 and not channels_last:
+        return v
+    if not channels_last:
+        return v.view(shape)
+    permuted = (shape[0], *shape[2:], shape[1])
+    return v.view(permuted).movedim(-1, 1)
+
+
+# ---------------------------------------------------------------------------------------
+# Dtypes
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Statistics accumulate in float64 for float64 inputs, in float32 for the rest."""
     return torch.float64 if dtype == torch.float64 else torch.float32

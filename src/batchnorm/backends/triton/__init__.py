@@ -28,7 +28,7 @@ import torch
 import triton  # noqa: F401  (ImportError here marks the backend unavailable)
 from torch import Tensor
 
-from ..portable import acc_dtype, mean_dtype
+from ..portable import acc_dtype, from_kernel_view, mean_dtype, to_kernel_view
 from . import _elementwise, _reduce
 from ._activation import CODES, split_float
 
@@ -236,7 +236,7 @@ def stats(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps,
-                       activation, slope, update=None):
+                       activation, slope, update=None, channels_last=False):
     """``ops._batch_norm_forward`` in training: ``(y, mean, var, False, None)`` in three
     launches.
 
@@ -245,9 +245,15 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
     takes its own path) in evaluation, for empty inputs, and for what ``supports`` declines.
     The running update (``update``) is left to ops (``updated`` False): its one launch,
     :func:`update_running_stats`. Nothing is handed to the backward (``saved`` None).
+    x comes as the caller has it ((N, C, *), channels-last when ``channels_last``); y
+    goes back in its shape and format.
     """
     if running_mean is not None or x.numel() == 0 or not supports(x):
         return None
+    shape = x.shape
+    x = to_kernel_view(x, channels_last)
+    if residual is not None:
+        residual = to_kernel_view(residual, channels_last)
     _check_view(x)
     c = x.shape[1]
     acc = acc_dtype(x.dtype)
@@ -265,7 +271,7 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
             HAS_W=weight is not None, HAS_B=bias is not None, F64=acc == torch.float64,
             BLOCK_P=CONFIG["merge_block_p"], BLOCK_C=block_c, num_warps=4)
     y = normalize(x, mean_k, invstd, weight, bias_k, residual, activation, slope)
-    return y, mean, var, False, None
+    return from_kernel_view(y, shape, channels_last), mean, var, False, None
 
 
 def _dummy(t: Tensor | None, like: Tensor) -> Tensor:
@@ -345,9 +351,10 @@ def backward_reduce(dy, x, mean, invstd, weight, bias, residual, activation: str
 
 def batch_norm_backward(dy, x, weight, bias, residual, mean, var, eps, training: bool,
                         activation, slope, need_sums: bool, need_dx: bool,
-                        want_dresidual: bool, saved=None):
+                        want_dresidual: bool, saved=None, channels_last=False):
     """``ops._batch_norm_backward`` in four launches: ``(dx, Σdz, Σdz·x̂, dresidual)``.
-    (``saved``: what :func:`batch_norm_forward` handed over; always None here.)
+    (``saved``: what :func:`batch_norm_forward` handed over; always None here.) Tensors
+    as the caller has them, as in :func:`batch_norm_forward`.
 
     A one-program-per-128-channels prologue does the C-sized math ops would do with about
     fifteen torch kernels (invstd from the saved var; the float64-mean centring), and the
@@ -356,6 +363,10 @@ def batch_norm_backward(dy, x, weight, bias, residual, mean, var, eps, training:
     """
     if x.numel() == 0 or not supports(x):
         return None
+    shape = x.shape
+    x, dy = to_kernel_view(x, channels_last), to_kernel_view(dy, channels_last)
+    if residual is not None:
+        residual = to_kernel_view(residual, channels_last)
     _check_view(x)
     dy = _check_same("dy", dy, x)
     residual = _check_same("residual", residual, x)
@@ -387,6 +398,9 @@ def batch_norm_backward(dy, x, weight, bias, residual, mean, var, eps, training:
             dy, x, mean_k, invstd, weight, bias_k, residual,
             sum_dz_k if training else None, sum_dzx if training else None,
             x.numel() // c, activation, slope, want_dresidual)
+        dx = from_kernel_view(dx, shape, channels_last)
+        if dres is not None:
+            dres = from_kernel_view(dres, shape, channels_last)
     return dx, sum_dz, sum_dzx, dres
 
 
