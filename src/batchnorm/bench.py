@@ -39,6 +39,7 @@ large part of CPU times, so run the table under both settings).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as _dt
 import math
@@ -230,6 +231,20 @@ def copy_bandwidth(timer: _Timer, numel: int, dtype: torch.dtype, repeats: int) 
     return 2 * src.numel() * src.element_size() / (statistics.median(s) * 1e6)
 
 
+@contextlib.contextmanager
+def _stderr_silenced():
+    """File descriptor 2 to /dev/null for the duration (C++ logging included)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _release_cpu_buffers() -> None:
     try:
         from .backends import cpu_buffers
@@ -251,8 +266,16 @@ def peak_memory(device: torch.device, fn) -> int:
     from torch.profiler import ProfilerActivity, profile
     getattr(fn, "reset", lambda: None)()
     _release_cpu_buffers()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    # Some torch builds log two lines to stderr as the profiler starts and stops (per
+    # row, dozens in a table); only those two calls are silenced, never ``fn``.
+    with _stderr_silenced():
+        prof.__enter__()
+    try:
         fn()
+    finally:
+        with _stderr_silenced():
+            prof.__exit__(None, None, None)
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     events.sort(key=lambda e: e.start_ns())
     cur = peak = 0
