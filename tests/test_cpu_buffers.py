@@ -74,6 +74,17 @@ def test_free_blocks_above_the_limit_are_evicted_on_a_miss(pool, monkeypatch):
     del big
 
 
+def test_outputs_kept_beyond_the_per_size_cap_are_plain_allocations(pool, monkeypatch):
+    monkeypatch.setattr(pool, "MAX_PER_SIZE", 3)
+    start = pool.info()["blocks"]
+    kept = [pool.empty(SHAPE, torch.float32) for _ in range(6)]  # a caller keeping outputs
+    assert pool.info()["blocks"] == start + 3
+    assert len({t.data_ptr() for t in kept}) == 6
+    freed = kept.pop(0).data_ptr()
+    again = pool.empty(SHAPE, torch.float32)  # the freed block is found again
+    assert again.data_ptr() == freed and pool.info()["blocks"] == start + 3
+
+
 def test_limit_zero_turns_the_pool_off(pool, monkeypatch):
     monkeypatch.setattr(pool, "cache_limit", 0)
     before = pool.info()

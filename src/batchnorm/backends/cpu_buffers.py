@@ -15,8 +15,9 @@ reference to the array until the storage dies, views and ``.numpy()`` views of t
 output included. A block whose only references are the pool's own is free.
 
 Bounds: only outputs of at least :data:`MIN_BYTES` are pooled (smaller ones glibc serves
-from its heap without faults); free blocks above :data:`cache_limit` bytes in all are
-released on the next allocation that misses, oldest first. ``BATCHNORM_CPU_BUFFER_CACHE_MB``
+from its heap without faults), at most :data:`MAX_PER_SIZE` blocks of one size; free
+blocks above :data:`cache_limit` bytes in all are released on the next allocation that
+misses, largest sizes first. ``BATCHNORM_CPU_BUFFER_CACHE_MB``
 sets that limit (0 turns the pool off); :func:`release` frees every free block now, like
 ``torch.cuda.empty_cache``. Memory held between steps is at most what the outputs of one
 step needed at once.
@@ -32,6 +33,11 @@ import torch
 from torch import Tensor
 
 MIN_BYTES = 1 << 20
+# Blocks kept per size. A deep network holds a few dozen outputs of one size at once (its
+# y's until backward, then the dx's); beyond this many in use (outputs a caller keeps, say
+# every batch's predictions) allocations are plain torch ones, so that a search for a
+# free block never scans an ever longer list.
+MAX_PER_SIZE = 256
 _PAGE = 4096
 cache_limit = int(float(os.environ.get("BATCHNORM_CPU_BUFFER_CACHE_MB", "2048")) * 2**20)
 
@@ -73,6 +79,8 @@ def _take(nbytes: int):
                 return block
         block = None
     _stats["misses"] += 1
+    if bucket is not None and len(bucket) >= MAX_PER_SIZE:
+        return None
     _evict(cache_limit)
     block = _new_block(nbytes)
     _blocks.setdefault(nbytes, []).append(block)
@@ -132,6 +140,8 @@ def _empty(shape, dtype: torch.dtype, nbytes: int) -> Tensor:
     rounded = -(-nbytes // _PAGE) * _PAGE
     with _lock:
         block = _take(rounded)
+        if block is None:
+            return torch.empty(shape, dtype=dtype)
         # from_numpy keeps the view (and so the block) alive as long as the storage lives
         out = torch.from_numpy(block[:nbytes])
     return out.view(dtype).view(shape)
