@@ -8,6 +8,9 @@ though, arrives as float32 on the GPU: LeakyReLU's slope is therefore passed as 
 float32 pair ``slope_hi + slope_lo`` (see ``split_float``).
 """
 
+import functools
+
+import numpy as np
 import triton
 import triton.language as tl
 
@@ -15,9 +18,11 @@ CODES = {"none": 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4, "gelu_tanh
          "sigmoid": 6, "tanh": 7}
 
 
+@functools.lru_cache(maxsize=256)
 def split_float(v: float) -> tuple[float, float]:
-    """``v`` as two float32 values whose float64 sum is ``v`` to about 1e-14."""
-    import numpy as np
+    """``v`` as two float32 values whose float64 sum is ``v`` to about 1e-14 (cached: a
+    step asks for the same eps and slope several times, and host time counts on small
+    inputs)."""
     hi = float(np.float32(v))
     return hi, float(np.float32(v - hi))
 
