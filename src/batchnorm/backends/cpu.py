@@ -303,9 +303,8 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
         mean = running_mean.to(acc, copy=True)
         var = running_var.to(acc, copy=True)
         mean_np, var_np = mean.numpy(), var.numpy()
-        (K.NORMALIZE[view][0] if numel >= SERIAL_BELOW else K.NORMALIZE[view][1])(
-            xn, mean_np, var_np, eps, float(count), _MODE_VAR, w, b, res, code, slope, esplit,
-            yn, _empty(acc, 1))
+        _pick(K.NORMALIZE[view], x)(xn, mean_np, var_np, eps, float(count), _MODE_VAR, w, b,
+                                    res, code, slope, esplit, yn, _empty(acc, 1))
         updated = False
     else:
         mean_np = np.empty(c, np.float64)
