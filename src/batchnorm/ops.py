@@ -310,13 +310,19 @@ def _(x, weight, bias, residual, running_mean, running_var, eps, activation, slo
 def _setup_context(ctx, inputs, output):
     x, weight, bias, residual, running_mean, running_var, eps, activation, slope = inputs
     _, mean, var = output
+    _save(ctx, x, weight, bias, residual, running_mean, mean, var, eps, activation, slope)
+    ctx.mark_non_differentiable(mean, var)
+    ctx.eager = False
+
+
+def _save(ctx, x, weight, bias, residual, running_mean, mean, var, eps, activation, slope):
+    """What ``_batch_norm_backward`` reads from ctx, for the custom op and the eager
+    Function alike."""
     ctx.training = running_mean is None
     ctx.eps, ctx.activation, ctx.slope = eps, activation, slope
     # The residual is needed only to recompute the pre-activation in backward.
     keep_residual = residual if activation != "none" else None
     ctx.save_for_backward(x, weight, bias, keep_residual, mean, var)
-    ctx.mark_non_differentiable(mean, var)
-    ctx.eager = False
 
 
 def autograd_grads(needs, dy, dx, dres, sum_dz, sum_dz_xhat, weight, bias, activation):
@@ -430,10 +436,11 @@ class _EagerBatchNorm(torch.autograd.Function):
     """``batchnorm::batch_norm`` for eager mode: the same forward and backward, reached
     through ``autograd.Function`` rather than the custom-op dispatcher, whose overhead
     (about 0.1 ms a call, measured on the 2-core CPU machine) would dominate small
-    tensors. It hands the input to the backend as given (N, C, *), and the kernel views
-    are made inside, where no autograd node records them (view nodes cost more than a
-    small batch norm; the CPU backend makes them on the NumPy side), and returns y alone: the statistics stay inside, saved for backward, and the
-    running update (the last input) is done in the forward."""
+    tensors. It hands the input to the backend as given (N, C, *): the kernel views are
+    made inside, where no autograd node records them (view nodes cost more than a small
+    batch norm; the CPU backend makes them on the NumPy side). It returns y alone: the
+    statistics stay inside, saved for backward, and the running update (the last input)
+    is done in the forward."""
 
     @staticmethod
     def forward(ctx, input, weight, bias, residual, running_mean, running_var, eps,
@@ -442,14 +449,12 @@ class _EagerBatchNorm(torch.autograd.Function):
         y, mean, var, ctx.backend, ctx.saved = _forward(
             input, weight, bias, residual, running_mean, running_var, eps, activation,
             slope, update, channels_last)
-        # as _setup_context, without the (mean, var) outputs to mark. ``saved`` holds
-        # the backend's views of the saved tensors; ctx.saved_tensors is still read in
-        # backward, so that an in-place change of x or the parameters raises as usual.
-        ctx.training = running_mean is None
-        ctx.eps, ctx.activation, ctx.slope = eps, activation, slope
+        # ``saved`` holds the backend's views of the saved tensors; ctx.saved_tensors is
+        # still read in backward, so that an in-place change of x or the parameters
+        # raises as usual. (mean, var) are not outputs here: nothing to mark.
+        _save(ctx, input, weight, bias, residual, running_mean, mean, var, eps, activation,
+              slope)
         ctx.channels_last = channels_last
-        ctx.save_for_backward(input, weight, bias, residual if activation != "none" else None,
-                              mean, var)
         ctx.eager = True
         return y
 

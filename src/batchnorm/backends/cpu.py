@@ -87,15 +87,6 @@ def _param(t: Tensor | None, dtype: torch.dtype):
     return t.detach().numpy()
 
 
-def _like(t: Tensor | None, x: Tensor):
-    """A tensor-sized input (dy, residual) in x's dtype and layout, or the stand-in."""
-    if t is None:
-        return _empty(x.dtype, x.dim())
-    if t.dtype != x.dtype:
-        t = t.to(x.dtype)
-    return t.detach().contiguous().numpy()
-
-
 def _reduce_split(x: Tensor) -> int:
     """Pieces per channel (NCL) or row blocks (MC) of a reduction."""
     return _splits(x.shape)[0]
@@ -265,11 +256,11 @@ def _out_like(x: Tensor, channels_last: bool) -> Tensor:
     return buffers.empty((shape[0], *shape[2:], shape[1]), x.dtype).movedim(-1, 1)
 
 
-def _same_np(t: Tensor | None, x: Tensor, channels_last: bool, ndim: int):
-    """A tensor-sized input (dy, residual) as a kernel-view array laid out as x, or the
-    size-0 stand-in."""
+def _like(t: Tensor | None, x: Tensor, channels_last: bool = False):
+    """A tensor-sized input (dy, residual) as a kernel-view array laid out as x (dense),
+    or the size-0 stand-in."""
     if t is None:
-        return _empty(x.dtype, ndim)
+        return _empty(x.dtype, 2 if channels_last or x.dim() == 2 else 3)
     if t.dtype != x.dtype or t.stride() != x.stride():
         t = torch.empty_like(x).copy_(t)
     return _kernel_np(t, channels_last)
@@ -296,7 +287,7 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
     y = _out_like(x, channels_last)
     yn = _kernel_np(y, channels_last)
     w, b = _param(weight, acc), _param(bias, acc)
-    res = _same_np(residual, x, channels_last, xn.ndim)
+    res = _like(residual, x, channels_last)
     code, slope, eps = K.ACT_CODES[activation], float(slope), float(eps)
     rsplit, esplit = _splits(xn.shape)
     if running_mean is not None:
@@ -344,12 +335,11 @@ def batch_norm_backward(dy, x, weight, bias, residual, mean, var, eps, training:
         xn = _kernel_np(x, channels_last)
         mean_np = mean.detach().numpy() if mean.dtype == torch.float64 else _param(mean, acc)
         saved = (xn, mean_np, _param(var, acc), _param(weight, acc), _param(bias, acc),
-                 _same_np(residual if activation != "none" else None, x, channels_last,
-                          xn.ndim))
+                 _like(residual if activation != "none" else None, x, channels_last))
     xn, mean_np, var_np, w, b, res = saved
     ndim = xn.ndim
     view = "mc" if ndim == 2 else "ncl"
-    args = (_same_np(dy, x, channels_last, ndim), xn, mean_np, var_np, float(eps),
+    args = (_like(dy, x, channels_last), xn, mean_np, var_np, float(eps),
             float(numel // c), _MODE_VAR, w, b, res, K.ACT_CODES[activation], float(slope))
     need_sums = need_sums or training
     no_sums = _empty(acc, 1)
@@ -425,7 +415,6 @@ def update_running_stats(running_mean, running_var, num_batches_tracked, mean, v
 
 
 _NO_COUNTER = torch.empty(0, dtype=torch.int64).numpy()
-_NP_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _NP_OF = {torch.float32: np.float32, torch.float64: np.float64}
 # FORWARD_TRAIN's arguments when there are no buffers to update (size 0: skipped)
 _NO_UPDATE = {dt: (_empty(dt, 1), _empty(dt, 1), _NO_COUNTER, 0.0) for dt in _DTYPES}

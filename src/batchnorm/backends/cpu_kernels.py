@@ -698,15 +698,17 @@ ELEMENTWISE = {"ncl": _builds(elementwise_ncl), "mc": _builds(elementwise_mc)}
 # on the 2-core machine). These run a whole training forward (statistics, normalize with
 # var written, running update) or a whole backward (reduce, elementwise) of the *serial*
 # builds in one call, each array converted once. The kernels they call are the ones above,
-# so the numbers are the same bit for bit.
+# so the numbers are the same bit for bit: ``_stats``, ``_normalize``, ``_reduce`` and
+# ``_elementwise`` are not module names but bound per view by ``_bind`` below.
 
 
 def forward_train(x, rpieces, epieces, eps, count, weight, bias, res, code, slope,
                   running_mean, running_var, counter, momentum, y, mean, m2, var):
     """stats → normalize (mode 1, writes var) → update_running (when running_mean is not
     empty: the buffers move only once everything else has run)."""
-    _stats(x, rpieces, mean, m2)
-    _normalize(x, mean, m2, eps, count, 1, weight, bias, res, code, slope, epieces, y, var)
+    _stats(x, rpieces, mean, m2)  # noqa: F821
+    _normalize(x, mean, m2, eps, count, 1, weight, bias, res, code, slope,  # noqa: F821
+               epieces, y, var)
     if running_mean.shape[0] > 0:
         update_running(running_mean, running_var, counter, mean, var, count, momentum)
 
@@ -716,14 +718,14 @@ def backward(dy, x, mean, v, eps, count, mode, weight, bias, res, code, slope, r
     """reduce (if ``need_sums``) → elementwise (if ``need_dx``; the sums enter it only in
     ``training``, ``no_sums`` being the size-0 stand-in)."""
     if need_sums:
-        _reduce(dy, x, mean, v, eps, count, mode, weight, bias, res, code, slope, rpieces,
-                sum_dz, sum_dzx)
+        _reduce(dy, x, mean, v, eps, count, mode, weight, bias, res, code, slope,  # noqa: F821
+                rpieces, sum_dz, sum_dzx)
     if need_dx:
         if training:
-            _elementwise(dy, x, mean, v, eps, count, mode, weight, bias, res, sum_dz,
+            _elementwise(dy, x, mean, v, eps, count, mode, weight, bias, res, sum_dz,  # noqa: F821
                          sum_dzx, code, slope, epieces, dx, dres)
         else:
-            _elementwise(dy, x, mean, v, eps, count, mode, weight, bias, res, no_sums,
+            _elementwise(dy, x, mean, v, eps, count, mode, weight, bias, res, no_sums,  # noqa: F821
                          no_sums, code, slope, epieces, dx, dres)
 
 
