@@ -314,3 +314,50 @@ def test_running_update_matches_torch_ops(momentum, dtype):
     half = [torch.zeros(5, dtype=torch.float16), torch.ones(5, dtype=torch.float16), None]
     assert not cpu.update_running_stats(*half, mean, var, 17, 0.1)
     assert not cpu.update_running_stats(None, None, torch.tensor(0), mean, var, 17, 0.1)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7), (2, 3, 1), (5, 2, 13), (1, 4, 9)])
+@pytest.mark.parametrize("activation", ["none", "relu", "tanh"])
+def test_ncl_splits_give_the_same_numbers(shape, activation):
+    """Elementwise kernels cut the flat NCL array into ranges that start and end anywhere
+    in a row, reductions cut a channel's rows into pieces: every count, serial and
+    parallel, writes every element and gives the same numbers bit for bit."""
+    x, dy, w, b, r = _case(shape, torch.float32, seed=8, with_residual=True)
+    mean, invstd, n = _stats_for(x)
+    code = K.ACT_CODES[activation]
+    stats_args = (mean.numpy(), invstd.numpy(), 0.0, float(n), 0)
+    wb = (w.numpy(), b.numpy())
+    want_dres = activation != "none"
+    results = []
+    for build in (0, 1):
+        for split in (1, 2, 3, 5, 8, 64):
+            y = np.full(shape, np.nan, np.float32)
+            K.NORMALIZE["ncl"][build](x.numpy(), *stats_args, *wb, r.numpy(), code, SLOPE,
+                                      split, y, np.empty(0, np.float32))
+            dx = np.full(shape, np.nan, np.float32)
+            dres = np.full(shape if want_dres else (0, 0, 0), np.nan, np.float32)
+            s1 = np.full(shape[1], np.nan, np.float32)
+            s2 = np.full(shape[1], np.nan, np.float32)
+            K.ELEMENTWISE["ncl"][build](dy.numpy(), x.numpy(), *stats_args, *wb, r.numpy(),
+                                        np.ones(shape[1], np.float32),
+                                        np.ones(shape[1], np.float32), code, SLOPE, split,
+                                        dx, dres)
+            # the reduction's pieces change the summation order: compared with a tolerance
+            K.REDUCE["ncl"][build](dy.numpy(), x.numpy(), *stats_args, *wb, r.numpy(), code,
+                                   SLOPE, min(split, n), s1, s2)
+            mean64 = np.full(shape[1], np.nan)
+            m2 = np.full(shape[1], np.nan, np.float32)
+            K.STATS["ncl"][build](x.numpy(), min(split, n), mean64, m2)
+            results.append((y, dx, dres, s1, s2, mean64, m2))
+    ref_y = portable.normalize(x.double(), mean.double(), invstd.double(), _d(w), _d(b), _d(r),
+                               activation, SLOPE)
+    assert_close(torch.from_numpy(results[0][0]), ref_y, torch.float32, scale=2)
+    ref_m, ref_m2 = portable.stats(x.double())
+    for y, dx, dres, s1, s2, mean64, m2 in results:
+        np.testing.assert_array_equal(y, results[0][0])
+        np.testing.assert_array_equal(dx, results[0][1])
+        np.testing.assert_array_equal(dres, results[0][2])
+        np.testing.assert_allclose(s1, results[0][3], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(s2, results[0][4], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(mean64, ref_m.numpy(), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(m2, ref_m2.numpy(), rtol=1e-5, atol=1e-5)

@@ -13,9 +13,10 @@ accumulation, but two extra passes over memory. Whether that beats the portable 
 decides ``supports`` (see there). Empty tensors go to the portable functions.
 
 Work split: a reduction (statistics, backward_reduce) over an NCL view is cut into
-``pieces`` per channel and over an MC view into ``blocks`` of rows; both counts depend only
-on the shape, never on the thread count, so results are bitwise reproducible on any
-machine with the same build.
+``pieces`` per channel and over an MC view into ``blocks`` of rows; an elementwise kernel
+takes flat ranges of an NCL view (many short rows or a piece of a long one) or blocks of
+rows of an MC view. The counts depend only on the shape, never on the thread count, so
+results are bitwise reproducible on any machine with the same build.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def _reduce_split(x: Tensor) -> int:
 
 
 def _elementwise_split(x: Tensor) -> int:
-    """Pieces per (n, c) row (NCL) or row blocks (MC) of an elementwise kernel."""
+    """Flat ranges (NCL) or row blocks (MC) of an elementwise kernel."""
     return _splits(x.shape)[1]
 
 
@@ -112,8 +113,9 @@ def _splits(shape) -> tuple[int, int]:
                    max(1, min(4 * _TASKS, m, (m * c) // _MIN_PIECE)))
         else:
             n, c, l_ = shape
+            # the elementwise kernels cut the flat array into ranges (rows need not align)
             got = (max(1, min(-(-_TASKS // c), (n * l_) // _MIN_PIECE)),
-                   max(1, min(-(-_TASKS // (n * c)), l_ // _MIN_PIECE)))
+                   max(1, min(4 * _TASKS, (n * c * l_) // _MIN_PIECE)))
         if len(_SPLITS) > 4096:  # shapes of a long-running process with varying batches
             _SPLITS.clear()
         _SPLITS[shape] = got

@@ -139,6 +139,7 @@ def stats_ncl(x, pieces, mean_out, m2_out):
     n_, c_, l_ = x.shape
     total = n_ * l_
     tasks = c_ * pieces
+    xf = x.reshape(-1)
     s1 = np.empty(tasks, np.float64)
     s2 = np.empty(tasks, np.float64)
     for t in prange(tasks):
@@ -150,15 +151,19 @@ def stats_ncl(x, pieces, mean_out, m2_out):
         zero = x.dtype.type(0)
         a1 = 0.0
         a2 = 0.0
+        # the piece walks the channel's rows (stride C·L in the flat array): the row and
+        # the offset in it are found once, then advanced, never divided per row (a
+        # division per row cost more than a short row's arithmetic)
+        n = i0 // l_
+        l0 = i0 - n * l_
+        base = (n * c_ + c) * l_
         i = i0
         while i < i1:
-            n = i // l_
-            l0 = i - n * l_
             l1 = min(l_, l0 + (i1 - i), l0 + _BLK)
             # a slice indexed from 0: LLVM then knows no index is negative (no wraparound
             # check), which is what lets the loop vectorize. A short block (_BLK) sums in
             # the data's dtype around the shift, then joins the float64 accumulator.
-            xr = x[n, c, l0:l1]
+            xr = xf[base + l0:base + l1]
             b1 = zero
             b2 = zero
             for l in range(l1 - l0):
@@ -168,6 +173,11 @@ def stats_ncl(x, pieces, mean_out, m2_out):
             a1 += np.float64(b1)
             a2 += np.float64(b2)
             i += l1 - l0
+            if l1 == l_:
+                l0 = 0
+                base += c_ * l_
+            else:
+                l0 = l1
         s1[t] = a1
         s2[t] = a2
     for c in range(c_):
@@ -297,47 +307,66 @@ def _arrays(x, c_):
 
 
 @njit(inline="always")
-def _norm_ncl_row(x, res, y, n, c, l0, l1, m, s, b, code, slope, has_res):
+def _norm_ncl_seg(xf, rf, yf, a0, a1, m, s, b, code, slope, has_res):
     # slices indexed from 0 (see stats_ncl)
-    xr = x[n, c, l0:l1]
-    yr = y[n, c, l0:l1]
-    rr = res[n, c, l0:l1] if has_res else xr
-    for l in range(l1 - l0):
+    xr = xf[a0:a1]
+    yr = yf[a0:a1]
+    rr = rf[a0:a1] if has_res else xr
+    for l in range(a1 - a0):
         z = (xr[l] - m) * s + b
         if has_res:
             z = z + rr[l]
         yr[l] = _act(z, code, slope)
 
 
-def normalize_ncl(x, mean_in, v, eps, count, mode, weight, bias, res, code, slope, pieces, y,
+@njit(inline="always")
+def _norm_ncl_task(xf, rf, yf, e0, e1, l_, c_, mean, scale, shift, code, slope, has_res):
+    # The flat range [e0, e1) of the (N, C, L) array: whole rows of many short ones, or a
+    # piece of a long one. The first row's channel is found once, then advanced (a
+    # division per row cost more than a short row's arithmetic).
+    row = e0 // l_
+    c = row % c_
+    a0 = e0
+    while a0 < e1:
+        a1 = min(e1, (row + 1) * l_)
+        _norm_ncl_seg(xf, rf, yf, a0, a1, mean[c], scale[c], shift[c], code, slope, has_res)
+        a0 = a1
+        row += 1
+        c += 1
+        if c == c_:
+            c = 0
+
+
+def normalize_ncl(x, mean_in, v, eps, count, mode, weight, bias, res, code, slope, tasks, y,
                   var_out):
     n_, c_, l_ = x.shape
     mean, invstd, scale, shift, delta = _arrays(x, c_)
     _prologue(mean_in, v, eps, count, mode, weight, bias, mean, invstd, scale, shift, delta,
               var_out)
     has_res = res.shape[0] > 0
-    for t in prange(n_ * c_ * pieces):
-        row = t // pieces
-        p = t - row * pieces
-        n = row // c_
-        c = row - n * c_
-        l0 = l_ * p // pieces
-        l1 = l_ * (p + 1) // pieces
-        m = mean[c]
-        s = scale[c]
-        b = shift[c]
+    xf = x.reshape(-1)
+    yf = y.reshape(-1)
+    rf = res.reshape(-1)
+    total = x.size
+    for t in prange(tasks):
+        e0 = total * t // tasks
+        e1 = total * (t + 1) // tasks
+        # One branch per task, each calling its own copy of the whole walk: with the branch
+        # inside the walk (per row), LLVM optimized the loop nest as a whole 2-3x worse on
+        # short rows (measured on the 2-core machine).
         if code == 0:
             if has_res:
-                _norm_ncl_row(x, res, y, n, c, l0, l1, m, s, b, 0, slope, True)
+                _norm_ncl_task(xf, rf, yf, e0, e1, l_, c_, mean, scale, shift, 0, slope, True)
             else:
-                _norm_ncl_row(x, res, y, n, c, l0, l1, m, s, b, 0, slope, False)
+                _norm_ncl_task(xf, rf, yf, e0, e1, l_, c_, mean, scale, shift, 0, slope, False)
         elif code == 1:
             if has_res:
-                _norm_ncl_row(x, res, y, n, c, l0, l1, m, s, b, 1, slope, True)
+                _norm_ncl_task(xf, rf, yf, e0, e1, l_, c_, mean, scale, shift, 1, slope, True)
             else:
-                _norm_ncl_row(x, res, y, n, c, l0, l1, m, s, b, 1, slope, False)
+                _norm_ncl_task(xf, rf, yf, e0, e1, l_, c_, mean, scale, shift, 1, slope, False)
         else:
-            _norm_ncl_row(x, res, y, n, c, l0, l1, m, s, b, code, slope, has_res)
+            _norm_ncl_task(xf, rf, yf, e0, e1, l_, c_, mean, scale, shift, code, slope,
+                           has_res)
 
 
 @njit(inline="always")
@@ -382,19 +411,21 @@ def normalize_mc(x, mean_in, v, eps, count, mode, weight, bias, res, code, slope
 
 
 @njit(inline="always", fastmath=_REDUCE_MATH)
-def _reduce_ncl_span(dy, x, res, i0, i1, c, m, s, b, code, slope, has_res):
-    l_ = x.shape[2]
-    zero = x.dtype.type(0)
+def _reduce_ncl_span(dyf, xf, rf, i0, i1, c, c_, l_, m, s, b, code, slope, has_res):
+    """Σdz and Σdz·(x − m) over elements [i0, i1) of channel c's N·L values, walking its
+    rows in the flat arrays as stats_ncl does."""
+    zero = xf.dtype.type(0)
     a1 = 0.0
     a2 = 0.0
+    n = i0 // l_
+    l0 = i0 - n * l_
+    base = (n * c_ + c) * l_
     i = i0
     while i < i1:
-        n = i // l_
-        l0 = i - n * l_
         l1 = min(l_, l0 + (i1 - i), l0 + _BLK)
-        xr = x[n, c, l0:l1]
-        dyr = dy[n, c, l0:l1]
-        rr = res[n, c, l0:l1] if has_res else xr
+        xr = xf[base + l0:base + l1]
+        dyr = dyf[base + l0:base + l1]
+        rr = rf[base + l0:base + l1] if has_res else xr
         # a short block in the data's dtype, then into the float64 accumulator
         b1 = zero
         b2 = zero
@@ -412,6 +443,11 @@ def _reduce_ncl_span(dy, x, res, i0, i1, c, m, s, b, code, slope, has_res):
         a1 += np.float64(b1)
         a2 += np.float64(b2)
         i += l1 - l0
+        if l1 == l_:
+            l0 = 0
+            base += c_ * l_
+        else:
+            l0 = l1
     return a1, a2
 
 
@@ -426,6 +462,9 @@ def reduce_ncl(dy, x, mean_in, v, eps, count, mode, weight, bias, res, code, slo
     tasks = c_ * pieces
     s1 = np.empty(tasks, np.float64)
     s2 = np.empty(tasks, np.float64)
+    dyf = dy.reshape(-1)
+    xf = x.reshape(-1)
+    rf = res.reshape(-1)
     for t in prange(tasks):
         c = t // pieces
         p = t - c * pieces
@@ -435,14 +474,17 @@ def reduce_ncl(dy, x, mean_in, v, eps, count, mode, weight, bias, res, code, slo
         s = scale[c]
         b = shift[c]
         if code == 0:
-            a1, a2 = _reduce_ncl_span(dy, x, res, i0, i1, c, m, s, b, 0, slope, False)
+            a1, a2 = _reduce_ncl_span(dyf, xf, rf, i0, i1, c, c_, l_, m, s, b, 0, slope, False)
         elif code == 1:
             if has_res:
-                a1, a2 = _reduce_ncl_span(dy, x, res, i0, i1, c, m, s, b, 1, slope, True)
+                a1, a2 = _reduce_ncl_span(dyf, xf, rf, i0, i1, c, c_, l_, m, s, b, 1, slope,
+                                          True)
             else:
-                a1, a2 = _reduce_ncl_span(dy, x, res, i0, i1, c, m, s, b, 1, slope, False)
+                a1, a2 = _reduce_ncl_span(dyf, xf, rf, i0, i1, c, c_, l_, m, s, b, 1, slope,
+                                          False)
         else:
-            a1, a2 = _reduce_ncl_span(dy, x, res, i0, i1, c, m, s, b, code, slope, has_res)
+            a1, a2 = _reduce_ncl_span(dyf, xf, rf, i0, i1, c, c_, l_, m, s, b, code, slope,
+                                      has_res)
         s1[t] = a1
         s2[t] = a2
     for c in range(c_):
@@ -527,14 +569,14 @@ def reduce_mc(dy, x, mean_in, v, eps, count, mode, weight, bias, res, code, slop
 
 
 @njit(inline="always")
-def _dx_ncl_row(dy, x, res, dx, dres, n, c, l0, l1, m, s, b, a0, a1, a2, code, slope,
-                has_res, want_dres):
-    xr = x[n, c, l0:l1]
-    dyr = dy[n, c, l0:l1]
-    dxr = dx[n, c, l0:l1]
-    rr = res[n, c, l0:l1] if has_res else xr
-    drr = dres[n, c, l0:l1] if want_dres else dxr
-    for l in range(l1 - l0):
+def _dx_ncl_seg(dyf, xf, rf, dxf, drf, a0, a1, m, s, b, k0, k1, k2, code, slope, has_res,
+                want_dres):
+    xr = xf[a0:a1]
+    dyr = dyf[a0:a1]
+    dxr = dxf[a0:a1]
+    rr = rf[a0:a1] if has_res else xr
+    drr = drf[a0:a1] if want_dres else dxr
+    for l in range(a1 - a0):
         xc = xr[l] - m
         if code == 0:
             g = dyr[l]
@@ -543,13 +585,32 @@ def _dx_ncl_row(dy, x, res, dx, dres, n, c, l0, l1, m, s, b, a0, a1, a2, code, s
             if has_res:
                 z = z + rr[l]
             g = _dz(dyr[l], z, code, slope)
-        dxr[l] = a0 * (g - a1 - xc * a2)
+        dxr[l] = k0 * (g - k1 - xc * k2)
         if want_dres:
             drr[l] = g
 
 
+@njit(inline="always")
+def _dx_ncl_task(dyf, xf, rf, dxf, drf, e0, e1, l_, c_, coefs, code, slope, has_res,
+                 want_dres):
+    # a flat range, walked as in _norm_ncl_task
+    mean, scale, shift, k0, k1, k2 = coefs
+    row = e0 // l_
+    c = row % c_
+    a0 = e0
+    while a0 < e1:
+        a1 = min(e1, (row + 1) * l_)
+        _dx_ncl_seg(dyf, xf, rf, dxf, drf, a0, a1, mean[c], scale[c], shift[c], k0[c], k1[c],
+                    k2[c], code, slope, has_res, want_dres)
+        a0 = a1
+        row += 1
+        c += 1
+        if c == c_:
+            c = 0
+
+
 def elementwise_ncl(dy, x, mean_in, v, eps, count, mode, weight, bias, res, sum_dz, sum_dzx,
-                    code, slope, pieces, dx, dres):
+                    code, slope, tasks, dx, dres):
     n_, c_, l_ = x.shape
     mean, invstd, scale, shift, delta = _arrays(x, c_)
     _prologue(mean_in, v, eps, count, mode, weight, bias, mean, invstd, scale, shift, delta,
@@ -560,35 +621,32 @@ def elementwise_ncl(dy, x, mean_in, v, eps, count, mode, weight, bias, res, sum_
     _dx_coefs(invstd, weight, delta, sum_dz, sum_dzx, count, k0, k1, k2)
     has_res = res.shape[0] > 0
     want_dres = dres.shape[0] > 0
-    for t in prange(n_ * c_ * pieces):
-        row = t // pieces
-        p = t - row * pieces
-        n = row // c_
-        c = row - n * c_
-        l0 = l_ * p // pieces
-        l1 = l_ * (p + 1) // pieces
-        m = mean[c]
-        s = scale[c]
-        b = shift[c]
-        a0 = k0[c]
-        a1 = k1[c]
-        a2 = k2[c]
+    dyf = dy.reshape(-1)
+    xf = x.reshape(-1)
+    rf = res.reshape(-1)
+    dxf = dx.reshape(-1)
+    drf = dres.reshape(-1)
+    total = x.size
+    coefs = (mean, scale, shift, k0, k1, k2)
+    for t in prange(tasks):
+        e0 = total * t // tasks
+        e1 = total * (t + 1) // tasks
+        # one branch per task (see normalize_ncl)
         if code == 0:
-            _dx_ncl_row(dy, x, res, dx, dres, n, c, l0, l1, m, s, b, a0, a1, a2, 0, slope,
-                        False, False)
+            _dx_ncl_task(dyf, xf, rf, dxf, drf, e0, e1, l_, c_, coefs, 0, slope, False, False)
         elif code == 1:
             if want_dres:
-                _dx_ncl_row(dy, x, res, dx, dres, n, c, l0, l1, m, s, b, a0, a1, a2, 1, slope,
-                            True, True)
+                _dx_ncl_task(dyf, xf, rf, dxf, drf, e0, e1, l_, c_, coefs, 1, slope, True,
+                             True)
             elif has_res:
-                _dx_ncl_row(dy, x, res, dx, dres, n, c, l0, l1, m, s, b, a0, a1, a2, 1, slope,
-                            True, False)
+                _dx_ncl_task(dyf, xf, rf, dxf, drf, e0, e1, l_, c_, coefs, 1, slope, True,
+                             False)
             else:
-                _dx_ncl_row(dy, x, res, dx, dres, n, c, l0, l1, m, s, b, a0, a1, a2, 1, slope,
-                            False, False)
+                _dx_ncl_task(dyf, xf, rf, dxf, drf, e0, e1, l_, c_, coefs, 1, slope, False,
+                             False)
         else:
-            _dx_ncl_row(dy, x, res, dx, dres, n, c, l0, l1, m, s, b, a0, a1, a2, code, slope,
-                        has_res, want_dres)
+            _dx_ncl_task(dyf, xf, rf, dxf, drf, e0, e1, l_, c_, coefs, code, slope, has_res,
+                         want_dres)
 
 
 @njit(inline="always")
@@ -702,31 +760,31 @@ ELEMENTWISE = {"ncl": _builds(elementwise_ncl), "mc": _builds(elementwise_mc)}
 # ``_elementwise`` are not module names but bound per view by ``_bind`` below.
 
 
-def forward_train(x, rpieces, epieces, eps, count, weight, bias, res, code, slope,
+def forward_train(x, rsplit, esplit, eps, count, weight, bias, res, code, slope,
                   running_mean, running_var, counter, momentum, y, mean, m2, var):
     """stats → normalize (mode 1, writes var) → update_running (when running_mean is not
     empty: the buffers move only once everything else has run)."""
-    _stats(x, rpieces, mean, m2)  # noqa: F821
+    _stats(x, rsplit, mean, m2)  # noqa: F821
     _normalize(x, mean, m2, eps, count, 1, weight, bias, res, code, slope,  # noqa: F821
-               epieces, y, var)
+               esplit, y, var)
     if running_mean.shape[0] > 0:
         update_running(running_mean, running_var, counter, mean, var, count, momentum)
 
 
-def backward(dy, x, mean, v, eps, count, mode, weight, bias, res, code, slope, rpieces,
-             epieces, need_sums, need_dx, training, sum_dz, sum_dzx, no_sums, dx, dres):
+def backward(dy, x, mean, v, eps, count, mode, weight, bias, res, code, slope, rsplit,
+             esplit, need_sums, need_dx, training, sum_dz, sum_dzx, no_sums, dx, dres):
     """reduce (if ``need_sums``) → elementwise (if ``need_dx``; the sums enter it only in
     ``training``, ``no_sums`` being the size-0 stand-in)."""
     if need_sums:
         _reduce(dy, x, mean, v, eps, count, mode, weight, bias, res, code, slope,  # noqa: F821
-                rpieces, sum_dz, sum_dzx)
+                rsplit, sum_dz, sum_dzx)
     if need_dx:
         if training:
             _elementwise(dy, x, mean, v, eps, count, mode, weight, bias, res, sum_dz,  # noqa: F821
-                         sum_dzx, code, slope, epieces, dx, dres)
+                         sum_dzx, code, slope, esplit, dx, dres)
         else:
             _elementwise(dy, x, mean, v, eps, count, mode, weight, bias, res, no_sums,  # noqa: F821
-                         no_sums, code, slope, epieces, dx, dres)
+                         no_sums, code, slope, esplit, dx, dres)
 
 
 def _bind(f, view: str, **kernels):
