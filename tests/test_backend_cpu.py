@@ -22,7 +22,7 @@ from tolerances import assert_close  # noqa: E402
 # (N, C, L) and (M, C) views; the small ones take the serial build, the big ones the
 # parallel build with a channel cut into pieces (C = 2 < the 16 tasks wanted).
 SMALL = {"ncl": (4, 3, 50), "mc": (64, 5)}
-LARGE = {"ncl": (3, 2, 40_000), "mc": (70_000, 2)}
+LARGE = {"ncl": (3, 2, 50_000), "mc": (140_000, 2)}
 SLOPE = 0.2
 
 

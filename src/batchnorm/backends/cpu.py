@@ -35,8 +35,13 @@ _TASKS = 16
 # Below this many elements per piece the loop is too short to pay for a task.
 _MIN_PIECE = 4096
 # Below this many elements the serial build runs: waking the worker threads costs more
-# than the work (measured: see bench/README).
-SERIAL_BELOW = 1 << 16
+# than the work. Measured 2026-11-27 on the 2-core machine, module forward+backward steps
+# interleaved with torch's: serial was faster at 65,536 elements (BN 286 against 350 µs on
+# (16,64,8,8)) and 131,072 (364 against 406 µs), parallel from 262,144 (643 against 668
+# µs on (16,64,16,16)). The worker threads (numba's OpenMP pool) and torch's own OpenMP
+# pool spin-wait for work after each parallel region and take the cores from each other,
+# which is why the crossover sits this high.
+SERIAL_BELOW = 1 << 18
 
 
 def _pick(builds, x: Tensor):
