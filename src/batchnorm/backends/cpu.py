@@ -13,7 +13,8 @@ accumulation, but two extra passes over memory. Whether that beats the portable 
 decides ``supports`` (see there). Empty tensors go to the portable functions.
 
 Work split: a reduction (statistics, backward_reduce) over an NCL view is cut into
-``pieces`` per channel and over an MC view into ``blocks`` of rows; an elementwise kernel
+ranges of whole rows read in memory order when rows are short, else into ``pieces`` per
+channel, and over an MC view into ``blocks`` of rows; an elementwise kernel
 takes flat ranges of an NCL view (many short rows or a piece of a long one) or blocks of
 rows of an MC view. The counts depend only on the shape, never on the thread count, so
 results are bitwise reproducible on any machine with the same build.
@@ -94,7 +95,8 @@ def _param(t: Tensor | None, dtype: torch.dtype):
 
 
 def _reduce_split(x: Tensor) -> int:
-    """Pieces per channel (NCL) or row blocks (MC) of a reduction."""
+    """Tasks of a reduction: row ranges (NCL with short rows), pieces per channel (NCL
+    with long rows) or row blocks (MC)."""
     return _splits(x.shape)[0]
 
 
@@ -118,9 +120,11 @@ def _splits(shape) -> tuple[int, int]:
                    max(1, min(4 * _TASKS, m, (m * c) // _MIN_PIECE)))
         else:
             n, c, l_ = shape
-            # the elementwise kernels cut the flat array into ranges (rows need not align)
-            got = (max(1, min(-(-_TASKS // c), (n * l_) // _MIN_PIECE)),
-                   max(1, min(4 * _TASKS, (n * c * l_) // _MIN_PIECE)))
+            # reductions: tasks of whole rows where rows are short (K._BLK or less), else
+            # pieces per channel; elementwise kernels: flat ranges (rows need not align)
+            reduce = (max(1, min(_TASKS, n * c, (n * c * l_) // _MIN_PIECE)) if l_ <= K._BLK
+                      else max(1, min(-(-_TASKS // c), (n * l_) // _MIN_PIECE)))
+            got = (reduce, max(1, min(4 * _TASKS, (n * c * l_) // _MIN_PIECE)))
         if len(_SPLITS) > 4096:  # shapes of a long-running process with varying batches
             _SPLITS.clear()
         _SPLITS[shape] = got
