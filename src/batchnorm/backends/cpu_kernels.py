@@ -21,6 +21,9 @@ dtype first, so that the loops vectorize). A constant channel has every d == 0 e
 parallel merge trivial: a channel is cut into pieces (so that two channels with a huge
 N·L still keep every core busy), each piece sums its own (S1, S2), and the pieces' sums are
 added in a fixed order, so the result does not depend on the thread count or scheduling.
+Where rows are short (L ≤ ``_BLK``) the tasks are ranges of whole rows read in memory
+order instead, each with per-channel partials: a channel's rows lie C·L apart, a stride
+the prefetcher does not follow.
 
 Normalize
 ---------
@@ -136,7 +139,7 @@ def _dz(dy, z, code, slope):
 
 
 def stats_ncl(x, split, mean_out, m2_out):
-    n_, c_, l_ = x.shape
+    l_ = x.shape[2]
     if l_ <= _BLK:
         _stats_ncl_rows(x, split, mean_out, m2_out)
     else:
@@ -396,7 +399,7 @@ def _norm_ncl_task(xf, rf, yf, e0, e1, l_, c_, mean, scale, shift, code, slope, 
 
 def normalize_ncl(x, mean_in, v, eps, count, mode, weight, bias, res, code, slope, tasks, y,
                   var_out):
-    n_, c_, l_ = x.shape
+    c_, l_ = x.shape[1], x.shape[2]
     mean, invstd, scale, shift, delta = _arrays(x, c_)
     _prologue(mean_in, v, eps, count, mode, weight, bias, mean, invstd, scale, shift, delta,
               var_out)
@@ -735,7 +738,7 @@ def _dx_ncl_task(dyf, xf, rf, dxf, drf, e0, e1, l_, c_, coefs, code, slope, has_
 
 def elementwise_ncl(dy, x, mean_in, v, eps, count, mode, weight, bias, res, sum_dz, sum_dzx,
                     code, slope, tasks, dx, dres):
-    n_, c_, l_ = x.shape
+    c_, l_ = x.shape[1], x.shape[2]
     mean, invstd, scale, shift, delta = _arrays(x, c_)
     _prologue(mean_in, v, eps, count, mode, weight, bias, mean, invstd, scale, shift, delta,
               mean[0:0])
