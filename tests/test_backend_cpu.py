@@ -361,3 +361,52 @@ def test_ncl_splits_give_the_same_numbers(shape, activation):
         np.testing.assert_allclose(s2, results[0][4], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(mean64, ref_m.numpy(), rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(m2, ref_m2.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 1, 1), (7, 3, 1), (4, 6, 1, 1, 1)])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("activation", ["none", "relu"])
+def test_one_value_per_row_takes_the_channels_last_kernels(shape, channels_last, activation):
+    """(N, C, 1, ...) holds the memory of (N, C): the fused hooks run the (M, C) kernels on
+    it (rows of one value were 10x slower), in any memory format, with the numbers of
+    the float64 reference, running statistics and gradients included."""
+    import batchnorm
+    from batchnorm import reference
+
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(shape, generator=gen) * 3 + 1e3
+    if channels_last and len(shape) in (4, 5):
+        x = x.to(memory_format=torch.channels_last if len(shape) == 4
+                 else torch.channels_last_3d)
+    dy = torch.randn(shape, generator=gen)
+    r = torch.randn(shape, generator=gen)
+    c = shape[1]
+    w, b = torch.randn(c, generator=gen), torch.randn(c, generator=gen)
+    rm, rv, nbt = torch.randn(c), torch.rand(c) + 0.5, torch.tensor(0)
+    got = cpu.batch_norm_forward(x, w, b, r, None, None, 1e-5, activation, SLOPE,
+                                 (rm, rv, nbt, 0.1), channels_last and len(shape) > 3)
+    y, mean, var, updated, saved = got
+    assert saved[0].ndim == 2 and updated
+
+    module = {3: batchnorm.BatchNorm1d, 4: batchnorm.BatchNorm2d, 5: batchnorm.BatchNorm3d}
+    with torch.no_grad():
+        bn = module[len(shape)](c, activation=None if activation == "none" else activation)
+        bn.weight.copy_(w)
+        bn.bias.copy_(b)
+    xg = x.clone().requires_grad_()
+    rg = r.clone().requires_grad_()
+    out = bn(xg, rg)
+    out.backward(dy)
+    ref_y, cache = reference.forward(x.numpy(), w.numpy(), b.numpy(), eps=1e-5,
+                                     activation=activation, residual=r.numpy())
+    assert_close(y, torch.from_numpy(ref_y), torch.float32, scale=4)
+    assert_close(out.detach(), torch.from_numpy(ref_y), torch.float32, scale=4)
+    ref_rm, ref_rv, _ = reference.update_running(np.zeros(c), np.ones(c), 0, cache["mean"],
+                                                 cache["var"], cache["count"], 0.1)
+    assert_close(bn.running_mean, torch.from_numpy(ref_rm), torch.float32, scale=4)
+    assert_close(bn.running_var, torch.from_numpy(ref_rv), torch.float32, scale=4)
+    grads = reference.backward(dy.numpy(), cache)
+    assert_close(xg.grad, torch.from_numpy(grads["dx"]), torch.float32, scale=20)
+    assert_close(rg.grad, torch.from_numpy(grads["dresidual"]), torch.float32, scale=4)
+    assert_close(bn.weight.grad, torch.from_numpy(grads["dweight"]), torch.float32,
+                 scale=20 * shape[0] ** 0.5)
