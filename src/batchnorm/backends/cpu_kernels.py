@@ -87,6 +87,15 @@ _REDUCE_MATH = {"reassoc", "contract"}
 _BLK = 512
 
 
+def _twin(f, suffix: str):
+    """A copy of ``f`` under another name: numba's cache is keyed by the function's
+    qualified name, and two builds of one function (parallel, serial) would overwrite
+    each other's cache entries."""
+    code = f.__code__.replace(co_name=f.__name__ + suffix, co_qualname=f.__qualname__ + suffix)
+    return types.FunctionType(code, f.__globals__, f.__name__ + suffix, f.__defaults__,
+                              f.__closure__)
+
+
 @njit(inline="always", cache=True)
 def _act(z, code, slope):
     if code == 0:
@@ -473,8 +482,7 @@ def normalize_ncl(x, mean_in, v, eps, count, mode, weight, bias, res, code, slop
                            has_res)
 
 
-@njit(inline="always")
-def _norm_mc_tile(xf, rf, yf, e, n, mean, scale, shift, code, slope, has_res):
+def _norm_mc_tile_py(xf, rf, yf, e, n, mean, scale, shift, code, slope, has_res):
     xr = xf[e:e + n]
     yr = yf[e:e + n]
     rr = rf[e:e + n] if has_res else xr
@@ -483,6 +491,13 @@ def _norm_mc_tile(xf, rf, yf, e, n, mean, scale, shift, code, slope, has_res):
         if has_res:
             z = z + rr[j]
         yr[j] = _act(z, code, slope)
+
+
+# Whole tiles run an inlined copy per activation (the switch folds); the last, partial tile
+# of a range calls one shared compiled copy, so that each variant inlines a single loop
+# (two per variant doubled the channels-last kernels' compile time).
+_norm_mc_tile = njit(inline="always")(_norm_mc_tile_py)
+_norm_mc_tail = njit(cache=True)(_twin(_norm_mc_tile_py, "_tail"))
 
 
 @njit(inline="always")
@@ -494,7 +509,8 @@ def _norm_mc_rows(xf, rf, yf, r0, r1, c_, mean, scale, shift, code, slope, has_r
     while e + t_ <= end:
         _norm_mc_tile(xf, rf, yf, e, t_, mean, scale, shift, code, slope, has_res)
         e += t_
-    _norm_mc_tile(xf, rf, yf, e, end - e, mean, scale, shift, code, slope, has_res)
+    if e < end:
+        _norm_mc_tail(xf, rf, yf, e, end - e, mean, scale, shift, code, slope, has_res)
 
 
 def normalize_mc(x, mean_in, v, eps, count, mode, weight, bias, res, code, slope, blocks, y,
@@ -685,8 +701,7 @@ def reduce_ncl(dy, x, mean_in, v, eps, count, mode, weight, bias, res, code, slo
         sum_dzx[c] = np.float64(invstd[c]) * (a2 - delta[c] * a1)
 
 
-@njit(inline="always", fastmath=_REDUCE_MATH)
-def _reduce_mc_tile(dyf, xf, rf, e, n, mean, scale, shift, b1, b2, code, slope, has_res):
+def _reduce_mc_tile_py(dyf, xf, rf, e, n, mean, scale, shift, b1, b2, code, slope, has_res):
     xr = xf[e:e + n]
     dyr = dyf[e:e + n]
     rr = rf[e:e + n] if has_res else xr
@@ -701,6 +716,11 @@ def _reduce_mc_tile(dyf, xf, rf, e, n, mean, scale, shift, b1, b2, code, slope, 
             g = _dz(dyr[j], z, code, slope)
         b1[j] += g
         b2[j] += g * xc
+
+
+# one inlined copy per variant, one shared for partial tiles (see _norm_mc_tail)
+_reduce_mc_tile = njit(inline="always", fastmath=_REDUCE_MATH)(_reduce_mc_tile_py)
+_reduce_mc_tail = njit(cache=True, fastmath=_REDUCE_MATH)(_twin(_reduce_mc_tile_py, "_tail"))
 
 
 @njit(inline="always", fastmath=_REDUCE_MATH)
@@ -723,8 +743,9 @@ def _reduce_mc_rows(dyf, xf, rf, r0, r1, c_, mean, scale, shift, a1, a2, code, s
             _reduce_mc_tile(dyf, xf, rf, e, t_, mean, scale, shift, b1, b2, code, slope,
                             has_res)
             e += t_
-        _reduce_mc_tile(dyf, xf, rf, e, end - e, mean, scale, shift, b1, b2, code, slope,
-                        has_res)
+        if e < end:
+            _reduce_mc_tail(dyf, xf, rf, e, end - e, mean, scale, shift, b1, b2, code, slope,
+                            has_res)
         for j in range(t_):
             a1[j] += b1[j]
             a2[j] += b2[j]
@@ -856,8 +877,7 @@ def elementwise_ncl(dy, x, mean_in, v, eps, count, mode, weight, bias, res, sum_
                          want_dres)
 
 
-@njit(inline="always")
-def _dx_mc_tile(dyf, xf, rf, dxf, drf, e, n, coefs, code, slope, has_res, want_dres):
+def _dx_mc_tile_py(dyf, xf, rf, dxf, drf, e, n, coefs, code, slope, has_res, want_dres):
     mean, scale, shift, k0, k1, k2 = coefs  # tiled
     xr = xf[e:e + n]
     dyr = dyf[e:e + n]
@@ -878,6 +898,11 @@ def _dx_mc_tile(dyf, xf, rf, dxf, drf, e, n, coefs, code, slope, has_res, want_d
             drr[j] = g
 
 
+# one inlined copy per variant, one shared for partial tiles (see _norm_mc_tail)
+_dx_mc_tile = njit(inline="always")(_dx_mc_tile_py)
+_dx_mc_tail = njit(cache=True)(_twin(_dx_mc_tile_py, "_tail"))
+
+
 @njit(inline="always")
 def _dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, c_, coefs, code, slope, has_res, want_dres):
     # whole tiles, then the rest (see stats_mc)
@@ -887,7 +912,9 @@ def _dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, c_, coefs, code, slope, has_res, 
     while e + t_ <= end:
         _dx_mc_tile(dyf, xf, rf, dxf, drf, e, t_, coefs, code, slope, has_res, want_dres)
         e += t_
-    _dx_mc_tile(dyf, xf, rf, dxf, drf, e, end - e, coefs, code, slope, has_res, want_dres)
+    if e < end:
+        _dx_mc_tail(dyf, xf, rf, dxf, drf, e, end - e, coefs, code, slope, has_res,
+                    want_dres)
 
 
 def elementwise_mc(dy, x, mean_in, v, eps, count, mode, weight, bias, res, sum_dz, sum_dzx,
@@ -946,15 +973,6 @@ def update_running(running_mean, running_var, counter, mean, var, count, momentu
 
 # ---------------------------------------------------------------------------------------
 # Parallel and serial builds
-
-
-def _twin(f, suffix: str):
-    """A copy of ``f`` under another name: numba's cache is keyed by the function's
-    qualified name, and two builds of one function (parallel, serial) would overwrite
-    each other's cache entries."""
-    code = f.__code__.replace(co_name=f.__name__ + suffix, co_qualname=f.__qualname__ + suffix)
-    return types.FunctionType(code, f.__globals__, f.__name__ + suffix, f.__defaults__,
-                              f.__closure__)
 
 
 def _builds(f, fastmath=False):
