@@ -185,6 +185,18 @@ def stats_ncl(x, split, mean_out, m2_out):
 
 
 @njit(inline="always", fastmath=_REDUCE_MATH)
+def _shifted_block_sums(xr, n, sk):
+    """Σ(x − sk) and Σ(x − sk)² of one short block, in the data's dtype."""
+    b1 = xr.dtype.type(0)
+    b2 = xr.dtype.type(0)
+    for l in range(n):
+        d = xr[l] - sk
+        b1 += d
+        b2 += d * d
+    return b1, b2
+
+
+@njit(inline="always", fastmath=_REDUCE_MATH)
 def _stats_ncl_pieces(x, pieces, mean_out, m2_out):
     # Long rows: each channel is cut into ``pieces`` of its N·L values, so that two
     # channels with a huge N·L still keep every core busy.
@@ -200,7 +212,6 @@ def _stats_ncl_pieces(x, pieces, mean_out, m2_out):
         i0 = total * p // pieces
         i1 = total * (p + 1) // pieces
         sk = x[0, c, 0]
-        zero = x.dtype.type(0)
         a1 = 0.0
         a2 = 0.0
         # the piece walks the channel's rows (stride C·L in the flat array): the row and
@@ -215,12 +226,7 @@ def _stats_ncl_pieces(x, pieces, mean_out, m2_out):
             # check), which is what lets the loop vectorize. A short block (_BLK) sums in
             # the data's dtype around the shift, then joins the float64 accumulator.
             xr = xf[base + l0:base + l1]
-            b1 = zero
-            b2 = zero
-            for l in range(l1 - l0):
-                d = xr[l] - sk
-                b1 += d
-                b2 += d * d
+            b1, b2 = _shifted_block_sums(xr, l1 - l0, sk)
             a1 += np.float64(b1)
             a2 += np.float64(b2)
             i += l1 - l0
@@ -256,7 +262,6 @@ def _stats_ncl_rows(x, tasks, mean_out, m2_out):
         sks[c] = x[0, c, 0]
     p1 = np.zeros((tasks, c_))
     p2 = np.zeros((tasks, c_))
-    zero = x.dtype.type(0)
     for t in prange(tasks):
         r0 = rows * t // tasks
         r1 = rows * (t + 1) // tasks
@@ -266,12 +271,7 @@ def _stats_ncl_rows(x, tasks, mean_out, m2_out):
         for r in range(r0, r1):
             sk = sks[c]
             xr = xf[r * l_:(r + 1) * l_]
-            b1 = zero
-            b2 = zero
-            for l in range(l_):
-                d = xr[l] - sk
-                b1 += d
-                b2 += d * d
+            b1, b2 = _shifted_block_sums(xr, l_, sk)
             a1[c] += np.float64(b1)
             a2[c] += np.float64(b2)
             c += 1
@@ -547,10 +547,28 @@ def normalize_mc(x, mean_in, v, eps, count, mode, weight, bias, res, code, slope
 
 
 @njit(inline="always", fastmath=_REDUCE_MATH)
+def _dz_block_sums(dyr, xr, rr, n, m, s, b, code, slope, has_res):
+    """Σdz and Σdz·(x − m) of one short block, in the data's dtype."""
+    b1 = xr.dtype.type(0)
+    b2 = xr.dtype.type(0)
+    for l in range(n):
+        xc = xr[l] - m
+        if code == 0:
+            g = dyr[l]
+        else:
+            z = xc * s + b
+            if has_res:
+                z = z + rr[l]
+            g = _dz(dyr[l], z, code, slope)
+        b1 += g
+        b2 += g * xc
+    return b1, b2
+
+
+@njit(inline="always", fastmath=_REDUCE_MATH)
 def _reduce_ncl_span(dyf, xf, rf, i0, i1, c, c_, l_, m, s, b, code, slope, has_res):
     """Σdz and Σdz·(x − m) over elements [i0, i1) of channel c's N·L values, walking its
     rows in the flat arrays as stats_ncl does."""
-    zero = xf.dtype.type(0)
     a1 = 0.0
     a2 = 0.0
     n = i0 // l_
@@ -563,19 +581,7 @@ def _reduce_ncl_span(dyf, xf, rf, i0, i1, c, c_, l_, m, s, b, code, slope, has_r
         dyr = dyf[base + l0:base + l1]
         rr = rf[base + l0:base + l1] if has_res else xr
         # a short block in the data's dtype, then into the float64 accumulator
-        b1 = zero
-        b2 = zero
-        for l in range(l1 - l0):
-            xc = xr[l] - m
-            if code == 0:
-                g = dyr[l]
-            else:
-                z = xc * s + b
-                if has_res:
-                    z = z + rr[l]
-                g = _dz(dyr[l], z, code, slope)
-            b1 += g
-            b2 += g * xc
+        b1, b2 = _dz_block_sums(dyr, xr, rr, l1 - l0, m, s, b, code, slope, has_res)
         a1 += np.float64(b1)
         a2 += np.float64(b2)
         i += l1 - l0
@@ -592,7 +598,6 @@ def _reduce_ncl_rows_task(dyf, xf, rf, r0, r1, c_, l_, mean, scale, shift, a1, a
                           slope, has_res):
     """Σdz and Σdz·(x − m) of whole rows [r0, r1) in memory order, added to the
     per-channel partials a1, a2 (short rows; see _stats_ncl_rows)."""
-    zero = xf.dtype.type(0)
     c = r0 % c_
     for r in range(r0, r1):
         m = mean[c]
@@ -601,19 +606,7 @@ def _reduce_ncl_rows_task(dyf, xf, rf, r0, r1, c_, l_, mean, scale, shift, a1, a
         xr = xf[r * l_:(r + 1) * l_]
         dyr = dyf[r * l_:(r + 1) * l_]
         rr = rf[r * l_:(r + 1) * l_] if has_res else xr
-        b1 = zero
-        b2 = zero
-        for l in range(l_):
-            xc = xr[l] - m
-            if code == 0:
-                g = dyr[l]
-            else:
-                z = xc * s + b
-                if has_res:
-                    z = z + rr[l]
-                g = _dz(dyr[l], z, code, slope)
-            b1 += g
-            b2 += g * xc
+        b1, b2 = _dz_block_sums(dyr, xr, rr, l_, m, s, b, code, slope, has_res)
         a1[c] += np.float64(b1)
         a2[c] += np.float64(b2)
         c += 1
