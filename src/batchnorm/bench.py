@@ -372,9 +372,8 @@ def _first_call_ms(device: torch.device) -> tuple[float, int, int]:
     hits = misses = 0
     try:
         from .backends import cpu_kernels as K
-        tables = [K.STATS, K.NORMALIZE, K.REDUCE, K.ELEMENTWISE]
-        # the one-call entry points of small tensors (compiled with what they call inlined)
-        tables += [{v: (d,) for v, d in t.items()} for t in (K.FORWARD_TRAIN, K.BACKWARD)]
+        tables = [K.STATS, K.NORMALIZE, K.REDUCE, K.ELEMENTWISE, K.FORWARD_TRAIN,
+                  K.FORWARD_EVAL, K.BACKWARD]
         for table in tables:
             for builds in table.values():
                 for d in builds:

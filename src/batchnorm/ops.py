@@ -244,8 +244,7 @@ def _batch_norm_forward(x, weight, bias, residual, running_mean, running_var, ep
 def _forward(x, weight, bias, residual, running_mean, running_var, eps, activation, slope,
              update, channels_last=False):
     """:func:`_batch_norm_forward` of x as given ((N, C, *), channels-last when
-    ``channels_last``; y in the same shape and format), plus ``(backend, saved)``: what
-    the backend's fused forward hands its fused backward (None on the general path)."""
+    ``channels_last``; y in the same shape and format), plus the backend that ran it."""
     backend = backends.select(x)
     fused = getattr(backend, "batch_norm_forward", None)
     if fused is not None:
@@ -255,10 +254,10 @@ def _forward(x, weight, bias, residual, running_mean, running_var, eps, activati
         out = fused(x, weight, bias, residual, running_mean, running_var, eps, activation,
                     slope, update, channels_last)
         if out is not None:
-            y, mean, var, updated, saved = out
+            y, mean, var, updated = out
             if update is not None and not updated:
                 _update_from_batch(update, mean, var, x)
-            return y, mean, var, backend, saved
+            return y, mean, var, backend
     shape = x.shape
     x = to_kernel_view(x, channels_last)
     if residual is not None:
@@ -276,7 +275,7 @@ def _forward(x, weight, bias, residual, running_mean, running_var, eps, activati
     invstd = invstd_from_var(var, eps)
     mean_k, bias_k, _ = centre_for_kernels(mean, invstd, weight, bias, acc)
     y = backend.normalize(x, mean_k, invstd, weight, bias_k, residual, activation, slope)
-    return from_kernel_view(y, shape, channels_last), mean, var, backend, None
+    return from_kernel_view(y, shape, channels_last), mean, var, backend
 
 
 def _update_from_batch(update, mean, var, x) -> None:
@@ -354,7 +353,7 @@ def _batch_norm_backward(ctx, dy, _dmean, _dvar):
         want_dres = bool(need_r) and act != "none"
         out = fused and fused(dy, x, weight, bias, residual, mean, var, ctx.eps, ctx.training,
                               act, slope, bool(need_w or need_b), bool(need_x or want_dres),
-                              want_dres, ctx.saved, ctx.channels_last)
+                              want_dres, ctx.channels_last)
         if out is not None:
             dx, sum_dz, sum_dz_xhat, dres = out
             return (*autograd_grads(ctx.needs_input_grad[:4], dy, dx, dres, sum_dz,
@@ -446,12 +445,10 @@ class _EagerBatchNorm(torch.autograd.Function):
     def forward(ctx, input, weight, bias, residual, running_mean, running_var, eps,
                 activation, slope, update):
         channels_last = is_channels_last(input)
-        y, mean, var, ctx.backend, ctx.saved = _forward(
+        y, mean, var, ctx.backend = _forward(
             input, weight, bias, residual, running_mean, running_var, eps, activation,
             slope, update, channels_last)
-        # ``saved`` holds the backend's views of the saved tensors; ctx.saved_tensors is
-        # still read in backward, so that an in-place change of x or the parameters
-        # raises as usual. (mean, var) are not outputs here: nothing to mark.
+        # (mean, var) are not outputs here: nothing to mark.
         _save(ctx, input, weight, bias, residual, running_mean, mean, var, eps, activation,
               slope)
         ctx.channels_last = channels_last

@@ -91,11 +91,12 @@ def select(x: Tensor) -> ModuleType:
     """The backend for this kernel view: the forced one, else the first that supports it."""
     if _forced is not None:
         return _loaded[_forced]
-    if x.device.type == "cuda":
+    # is_cuda / is_cpu: reading x.device builds a Python object, which shows on small inputs
+    if x.is_cuda:
         mod = _load("triton")
         if mod is not None and mod.supports(x):
             return mod
-    elif x.device.type == "cpu":
+    elif x.is_cpu:
         mod = _load("cpu")
         if mod is not None and mod.supports(x):
             return mod

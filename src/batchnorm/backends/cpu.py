@@ -61,7 +61,7 @@ def supports(x: Tensor) -> bool:
     # on (2, 2, 3, 4) takes ~0.45 ms here against ~0.95 ms on the portable backend, and on
     # (16, 64, 8, 8) ~0.65 ms against ~1.4 ms (a numba call costs a few µs, the portable
     # path a dozen torch ops); small tensors take the serial build (SERIAL_BELOW).
-    return x.device.type == "cpu" and x.dtype in _DTYPES and x.numel() > 0
+    return x.is_cpu and x.dtype in _DTYPES and x.numel() > 0
 
 
 def _wide(t: Tensor | None) -> Tensor | None:
@@ -91,6 +91,16 @@ def _param(t: Tensor | None, dtype: torch.dtype):
         return _empty(dtype, 1)
     if t.dtype is not dtype:
         t = t.to(dtype)
+    return t.detach().numpy()
+
+
+def _like(t: Tensor | None, x: Tensor):
+    """A tensor-sized input (dy, residual) as an array laid out as the kernel view x, or
+    the size-0 stand-in."""
+    if t is None:
+        return _empty(x.dtype, x.dim())
+    if t.dtype != x.dtype or t.stride() != x.stride():
+        t = torch.empty_like(x).copy_(t)
     return t.detach().numpy()
 
 
@@ -239,8 +249,9 @@ def _elementwise(dy, x, mean_np, v_np, eps, mode, weight, bias, residual, sum_dz
 
 
 # The fused entry points take tensors as the caller has them, (N, C, *) contiguous or
-# channels-last (``channels_last``), kernel views included, and make the kernel views on
-# the NumPy side: a torch ``view`` costs ~5 µs here, several per step on a small input.
+# channels-last (``channels_last``), kernel views included, and hand the kernels each
+# tensor's address and the kernel view's shape (``cpu_kernels``: a NumPy view costs ~2 µs
+# a tensor, an address ~0.2 µs).
 
 
 def _rows_of_channels(x: Tensor, channels_last: bool) -> bool:
@@ -250,15 +261,16 @@ def _rows_of_channels(x: Tensor, channels_last: bool) -> bool:
     return channels_last or x.dim() == 2 or x.numel() == x.shape[0] * x.shape[1]
 
 
-def _kernel_np(t: Tensor, mc: bool):
-    """The kernel view of a dense tensor, as a NumPy view: (M, C) when ``mc`` (see
-    _rows_of_channels), else (N, C, L)."""
-    a = t.detach().numpy()
-    if a.ndim == 2 or (a.ndim == 3 and not mc):
-        return a
-    if mc:
-        return np.moveaxis(a, 1, -1).reshape(-1, a.shape[1])
-    return a.reshape(a.shape[0], a.shape[1], -1)
+def _kernel_shape(x: Tensor, channels_last: bool):
+    """``(view, n, l, splits)`` of a dense x: the kernel view is (n, C, l) ("ncl"), or
+    (n, C) rows of channels ("mc", l = 1; see _rows_of_channels); splits as _splits."""
+    c, numel = x.shape[1], x.numel()
+    if _rows_of_channels(x, channels_last):
+        m = numel // c
+        return "mc", m, 1, _splits((m, c))
+    n = x.shape[0]
+    l_ = numel // (n * c)
+    return "ncl", n, l_, _splits((n, c, l_))
 
 
 def _dense(x: Tensor, channels_last: bool) -> Tensor:
@@ -275,121 +287,128 @@ def _out_like(x: Tensor, channels_last: bool) -> Tensor:
     return buffers.empty((shape[0], *shape[2:], shape[1]), x.dtype).movedim(-1, 1)
 
 
-def _like(t: Tensor | None, x: Tensor, mc: bool = False):
-    """A tensor-sized input (dy, residual) as a kernel-view array laid out as x (dense),
-    or the size-0 stand-in; ``mc`` as for _kernel_np."""
-    if t is None:
-        return _empty(x.dtype, 2 if mc or x.dim() == 2 else 3)
-    if t.dtype != x.dtype or t.stride() != x.stride():
+def _laid_out_as(t: Tensor | None, x: Tensor) -> Tensor | None:
+    """A tensor-sized input (dy, residual) with x's dtype and strides (a copy if needed)."""
+    if t is not None and (t.dtype != x.dtype or t.stride() != x.stride()):
         t = torch.empty_like(x).copy_(t)
-    return _kernel_np(t, mc)
+    return t
+
+
+def _vector(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """A per-channel tensor as the kernels read it: ``dtype``, unit stride."""
+    if t is None:
+        return None
+    if t.dtype is not dtype:
+        return t.to(dtype, memory_format=torch.contiguous_format)
+    return t if t.stride() == (1,) else t.contiguous()
+
+
+def _at(t: Tensor | None) -> int:
+    """The kernels' handle of a tensor: its address, 0 for an absent one."""
+    return 0 if t is None else t.data_ptr()
+
+
+# The kernels' dtype argument: a scalar of the data's type (see cpu_kernels).
+_LIKE = {torch.float32: np.float32(0), torch.float64: np.float64(0)}
 
 
 def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps,
                        activation, slope, update=None, channels_last=False):
-    """``ops._batch_norm_forward``: ``(y, mean, var, updated, saved)``, y in x's shape and
-    memory format; mean in float64 in training. ``update`` (training only):
-    ``(running_mean, running_var, num_batches_tracked, momentum)`` to move towards the
-    batch statistics, done here after the normalize when the buffers suit the kernel
-    (``updated`` True), else left to ops. ``saved``: the NumPy views
-    :func:`batch_norm_backward` takes back, so that the backward does not make them again
-    (on a small tensor each costs about as much as the arithmetic)."""
+    """``ops._batch_norm_forward``: ``(y, mean, var, updated)``, y in x's shape and memory
+    format; mean in float64 in training. x is dense: contiguous, or channels-last
+    (``ops.is_channels_last``) when ``channels_last``; the kernels read it by address. ``update`` (training only): ``(running_mean,
+    running_var, num_batches_tracked, momentum)`` to move towards the batch statistics,
+    done here after the normalize when the buffers suit the kernel (``updated`` True),
+    else left to ops. None for what it does not take (halves, empty tensors)."""
     acc = x.dtype
     if acc not in _DTYPES or x.numel() == 0:
         return None
     x = _dense(x, channels_last)
     c = x.shape[1]
     numel = x.numel()
-    count = numel // c
-    mc = _rows_of_channels(x, channels_last)
-    xn = _kernel_np(x, mc)
-    view = "mc" if xn.ndim == 2 else "ncl"
+    view, n, l_, (rsplit, esplit) = _kernel_shape(x, channels_last)
+    build = 0 if numel >= SERIAL_BELOW else 1
     y = _out_like(x, channels_last)
-    yn = _kernel_np(y, mc)
-    w, b = _param(weight, acc), _param(bias, acc)
-    res = _like(residual, x, mc)
-    code, slope, eps = K.ACT_CODES[activation], float(slope), float(eps)
-    rsplit, esplit = _splits(xn.shape)
+    w, b = _vector(weight, acc), _vector(bias, acc)
+    res = _laid_out_as(residual, x)
+    code, like = K.ACT_CODES[activation], _LIKE[acc]
     if running_mean is not None:
         mean = running_mean.to(acc, copy=True)
         var = running_var.to(acc, copy=True)
-        mean_np, var_np = mean.numpy(), var.numpy()
-        _pick(K.NORMALIZE[view], x)(xn, mean_np, var_np, eps, float(count), _MODE_VAR, w, b,
-                                    res, code, slope, esplit, yn, _empty(acc, 1))
-        updated = False
-    else:
-        mean_np = np.empty(c, np.float64)
-        var_np = np.empty(c, _NP_OF[acc])
-        m2 = np.empty(c, var_np.dtype)
-        mean, var = torch.from_numpy(mean_np), torch.from_numpy(var_np)
-        running = _running_arrays(*update) if update is not None else None
-        if numel < SERIAL_BELOW:
-            rm, rv, counter, momentum = running or _NO_UPDATE[acc]
-            K.FORWARD_TRAIN[view](xn, rsplit, esplit, eps, float(count), w, b, res, code,
-                                  slope, rm, rv, counter, momentum, yn, mean_np, m2, var_np)
-        else:
-            K.STATS[view][0](xn, rsplit, mean_np, m2)
-            K.NORMALIZE[view][0](xn, mean_np, m2, eps, float(count), _MODE_M2, w, b, res,
-                                 code, slope, esplit, yn, var_np)
-            if running is not None:
-                K.update_running(*running[:3], mean_np, var_np, float(count), running[3])
-        updated = running is not None
-    saved = (xn, mean_np, var_np, w, b, res if code != 0 else _empty(acc, xn.ndim))
-    return y, mean, var, updated, saved
+        K.FORWARD_EVAL[view][build](
+            x.data_ptr(), n, c, l_, mean.data_ptr(), var.data_ptr(), float(eps),
+            float(numel // c), _at(w), _at(b), _at(res), code, float(slope), esplit,
+            y.data_ptr(), like, like)
+        return y, mean, var, False
+    mean = torch.empty(c, dtype=torch.float64)
+    var = torch.empty(c, dtype=acc)
+    running = _running_at(*update, acc) if update is not None else None
+    rm, rv, counter, momentum = running or (0, 0, 0, 0.0)
+    K.FORWARD_TRAIN[view][build](
+        x.data_ptr(), n, c, l_, rsplit, esplit, float(eps), float(numel // c), _at(w), _at(b),
+        _at(res), code, float(slope), rm, rv, counter, momentum, y.data_ptr(),
+        mean.data_ptr(), var.data_ptr(), like)
+    return y, mean, var, running is not None
 
 
 def batch_norm_backward(dy, x, weight, bias, residual, mean, var, eps, training: bool,
                         activation, slope, need_sums: bool, need_dx: bool,
-                        want_dresidual: bool, saved=None, channels_last=False):
+                        want_dresidual: bool, channels_last=False):
     """``(dx, Σdz, Σdz·x̂, dresidual)`` from the saved (mean, biased var), dx and
     dresidual in x's shape and memory format; dx (dresidual) None unless asked, the sums
-    None unless ``need_sums`` (required in training). ``saved``: what
-    :func:`batch_norm_forward` returned for these tensors, or None."""
+    None unless ``need_sums`` (required in training). None for what it does not take."""
     acc = x.dtype
     if acc not in _DTYPES or x.numel() == 0:
         return None
     x = _dense(x, channels_last)
     c = x.shape[1]
     numel = x.numel()
-    mc = _rows_of_channels(x, channels_last)
-    if saved is None:
-        xn = _kernel_np(x, mc)
-        mean_np = mean.detach().numpy() if mean.dtype == torch.float64 else _param(mean, acc)
-        saved = (xn, mean_np, _param(var, acc), _param(weight, acc), _param(bias, acc),
-                 _like(residual if activation != "none" else None, x, mc))
-    xn, mean_np, var_np, w, b, res = saved
-    ndim = xn.ndim
-    view = "mc" if ndim == 2 else "ncl"
-    args = (_like(dy, x, mc), xn, mean_np, var_np, float(eps),
-            float(numel // c), _MODE_VAR, w, b, res, K.ACT_CODES[activation], float(slope))
+    view, n, l_, (rsplit, esplit) = _kernel_shape(x, channels_last)
+    build = 0 if numel >= SERIAL_BELOW else 1
+    dy = _laid_out_as(dy, x)
+    res = _laid_out_as(residual, x) if activation != "none" else None
+    w, b = _vector(weight, acc), _vector(bias, acc)
+    # the mean as saved: float64 in training, the data's dtype in evaluation
+    mean = _vector(mean, torch.float64 if mean.dtype is torch.float64 else acc)
+    var = _vector(var, acc)
     need_sums = need_sums or training
-    no_sums = _empty(acc, 1)
-    sum_dz = sum_dzx = None
-    sums_np = (no_sums, no_sums)
+    sum_dz = sum_dzx = dx = dres = None
     if need_sums:
-        sums_np = (np.empty(c, _NP_OF[acc]), np.empty(c, _NP_OF[acc]))
-        sum_dz, sum_dzx = torch.from_numpy(sums_np[0]), torch.from_numpy(sums_np[1])
-    dx = dres = None
-    dx_np = dres_np = _empty(acc, ndim)
+        sum_dz, sum_dzx = torch.empty(c, dtype=acc), torch.empty(c, dtype=acc)
     if need_dx:
         dx = _out_like(x, channels_last)
-        dx_np = _kernel_np(dx, mc)
         if want_dresidual:
             # activation != 'none' here: without one, ops uses dy itself as dresidual
             dres = _out_like(x, channels_last)
-            dres_np = _kernel_np(dres, mc)
-    rsplit, esplit = _splits(xn.shape)
-    if numel < SERIAL_BELOW:
-        K.BACKWARD[view](*args, rsplit, esplit, need_sums, need_dx, training, *sums_np,
-                         no_sums, dx_np, dres_np)
-    else:
-        if need_sums:
-            K.REDUCE[view][0](*args, rsplit, *sums_np)
-        if need_dx:
-            train_sums = sums_np if training else (no_sums, no_sums)
-            K.ELEMENTWISE[view][0](*args[:10], *train_sums, *args[10:], esplit, dx_np,
-                                   dres_np)
+    K.BACKWARD[view][build](
+        dy.data_ptr(), x.data_ptr(), n, c, l_, mean.data_ptr(), var.data_ptr(), float(eps),
+        float(numel // c), _at(w), _at(b), _at(res), K.ACT_CODES[activation], float(slope),
+        rsplit, esplit, need_sums, need_dx, training, _at(sum_dz), _at(sum_dzx), _at(dx),
+        _at(dres), _LIKE[acc], _LIKE[mean.dtype])
     return dx, sum_dz, sum_dzx, dres
+
+
+def _running_at(running_mean, running_var, num_batches_tracked, momentum, acc):
+    """The kernels' handles of the running buffers, ``(running_mean, running_var, counter,
+    momentum with -1 for None)``, or None where the kernel does not apply (ops then
+    updates with torch ops): buffers of another dtype than the data's, on another device,
+    strided, or that require grad."""
+    if running_mean is None or running_var is None:
+        return None
+    counter = 0
+    if num_batches_tracked is None:
+        if momentum is None:
+            return None
+    elif (num_batches_tracked.dtype is not torch.int64 or not num_batches_tracked.is_cpu
+          or num_batches_tracked.requires_grad):
+        return None
+    else:
+        counter = num_batches_tracked.data_ptr()
+    for t in (running_mean, running_var):
+        if t.dtype is not acc or not t.is_cpu or t.requires_grad or t.stride() != (1,):
+            return None
+    return (running_mean.data_ptr(), running_var.data_ptr(), counter,
+            -1.0 if momentum is None else float(momentum))
 
 
 def _running_arrays(running_mean, running_var, num_batches_tracked, momentum):
@@ -436,6 +455,3 @@ def update_running_stats(running_mean, running_var, num_batches_tracked, mean, v
 
 
 _NO_COUNTER = torch.empty(0, dtype=torch.int64).numpy()
-_NP_OF = {torch.float32: np.float32, torch.float64: np.float64}
-# FORWARD_TRAIN's arguments when there are no buffers to update (size 0: skipped)
-_NO_UPDATE = {dt: (_empty(dt, 1), _empty(dt, 1), _NO_COUNTER, 0.0) for dt in _DTYPES}

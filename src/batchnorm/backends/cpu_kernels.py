@@ -68,7 +68,9 @@ import math
 import numpy as np
 import types
 
-from numba import njit, prange
+from numba import carray, njit, prange
+from numba.core import types as nb_types
+from numba.extending import intrinsic
 
 ACT_CODES = {"none": 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4, "gelu_tanh": 5,
              "sigmoid": 6, "tanh": 7}
@@ -982,55 +984,129 @@ ELEMENTWISE = {"ncl": _builds(elementwise_ncl), "mc": _builds(elementwise_mc)}
 
 
 # ---------------------------------------------------------------------------------------
-# One call per pass for small tensors
+# One call per pass, by address
 #
 # On a small tensor the arithmetic is nothing; the time goes to crossing from Python into
-# numba (~1-2 µs a call) and to making a NumPy view of each tensor (~1.5 µs each, measured
-# on the 2-core machine). These run a whole training forward (statistics, normalize with
-# var written, running update) or a whole backward (reduce, elementwise) of the *serial*
-# builds in one call, each array converted once. The kernels they call are the ones above,
-# so the numbers are the same bit for bit: ``_stats``, ``_normalize``, ``_reduce`` and
-# ``_elementwise`` are not module names but bound per view by ``_bind`` below.
+# numba. A NumPy view costs ~1.5-2 µs per tensor (torch's ``.numpy()``, then numba's typing
+# of the array: 11-14 µs for six arrays, measured on the 2-core machine) against ~0.2 µs
+# for an address (``Tensor.data_ptr()``, an integer argument). So these entry points take
+# each tensor as its address (0 for an absent one) plus the kernel view's shape, rebuild
+# the arrays inside, and run a whole training forward (statistics, normalize with var
+# written, running update), an evaluation forward, or a whole backward (reduce,
+# elementwise) in one call, of the parallel builds or of the serial ones. The kernels
+# they call are the ones above, so the numbers are the same bit for bit: ``_stats``,
+# ``_normalize``, ``_reduce``, ``_elementwise`` and ``_tensor_at`` are not module names
+# but bound per view and build by ``_bound_builds`` below. ``like`` (``mean_like``) is a
+# scalar of the data's (the mean's) dtype; the counter is int64, everything else in the
+# data's dtype. The mean is float64 in training (see ``portable.mean_dtype``), the data's
+# dtype in evaluation.
 
 
-def forward_train(x, rsplit, esplit, eps, count, weight, bias, res, code, slope,
-                  running_mean, running_var, counter, momentum, y, mean, m2, var):
+@intrinsic
+def _pointer(typingctx, address, like):
+    """The integer ``address`` as a pointer to ``like``'s type."""
+    target = nb_types.unliteral(like)
+    if not isinstance(address, nb_types.Integer) or not isinstance(target, nb_types.Number):
+        return None
+    pointer = nb_types.CPointer(target)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(pointer))
+    return pointer(nb_types.intp, like), codegen
+
+
+@njit(inline="always")
+def _vector_at(address, c, like):
+    """[c] at ``address``; size 0 where the address is 0 (an absent tensor)."""
+    return carray(_pointer(address, like), (c if address != 0 else 0,))
+
+
+@njit(inline="always")
+def _ncl_at(address, n, c, l_, like):
+    k = 1 if address != 0 else 0
+    return carray(_pointer(address, like), (n * k, c * k, l_ * k))
+
+
+@njit(inline="always")
+def _mc_at(address, m, c, l_, like):
+    k = 1 if address != 0 else 0
+    return carray(_pointer(address, like), (m * k, c * k))
+
+
+def forward_train_at(x, n, c, l_, rsplit, esplit, eps, count, weight, bias, res, code, slope,
+                     running_mean, running_var, counter, momentum, y, mean, var, like):
     """stats → normalize (mode 1, writes var) → update_running (when running_mean is not
-    empty: the buffers move only once everything else has run)."""
-    _stats(x, rsplit, mean, m2)  # noqa: F821
-    _normalize(x, mean, m2, eps, count, 1, weight, bias, res, code, slope,  # noqa: F821
-               esplit, y, var)
-    if running_mean.shape[0] > 0:
-        update_running(running_mean, running_var, counter, mean, var, count, momentum)
+    0: the buffers move only once everything else has run)."""
+    xa = _tensor_at(x, n, c, l_, like)  # noqa: F821
+    mean_a = _vector_at(mean, c, np.float64(0))
+    var_a = _vector_at(var, c, like)
+    m2 = np.empty_like(var_a)
+    _stats(xa, rsplit, mean_a, m2)  # noqa: F821
+    _normalize(xa, mean_a, m2, eps, count, 1, _vector_at(weight, c, like),  # noqa: F821
+               _vector_at(bias, c, like), _tensor_at(res, n, c, l_, like), code, slope,  # noqa: F821
+               esplit, _tensor_at(y, n, c, l_, like), var_a)  # noqa: F821
+    if running_mean != 0:
+        update_running(_vector_at(running_mean, c, like), _vector_at(running_var, c, like),
+                       _vector_at(counter, 1, np.int64(0)), mean_a, var_a, count, momentum)
 
 
-def backward(dy, x, mean, v, eps, count, mode, weight, bias, res, code, slope, rsplit,
-             esplit, need_sums, need_dx, training, sum_dz, sum_dzx, no_sums, dx, dres):
+def normalize_at(x, n, c, l_, mean, var, eps, count, weight, bias, res, code, slope, esplit,
+                 y, like, mean_like):
+    """normalize with given (mean, biased var): mode 2 (evaluation)."""
+    _normalize(_tensor_at(x, n, c, l_, like), _vector_at(mean, c, mean_like),  # noqa: F821
+               _vector_at(var, c, like), eps, count, 2, _vector_at(weight, c, like),
+               _vector_at(bias, c, like), _tensor_at(res, n, c, l_, like), code, slope,  # noqa: F821
+               esplit, _tensor_at(y, n, c, l_, like), _vector_at(0, 0, like))  # noqa: F821
+
+
+def backward_at(dy, x, n, c, l_, mean, var, eps, count, weight, bias, res, code, slope,
+                rsplit, esplit, need_sums, need_dx, training, sum_dz, sum_dzx, dx, dres, like,
+                mean_like):
     """reduce (if ``need_sums``) → elementwise (if ``need_dx``; the sums enter it only in
-    ``training``, ``no_sums`` being the size-0 stand-in)."""
+    ``training``), from the saved (mean, biased var): mode 2."""
+    dya = _tensor_at(dy, n, c, l_, like)  # noqa: F821
+    xa = _tensor_at(x, n, c, l_, like)  # noqa: F821
+    mean_a = _vector_at(mean, c, mean_like)
+    var_a = _vector_at(var, c, like)
+    w = _vector_at(weight, c, like)
+    b = _vector_at(bias, c, like)
+    r = _tensor_at(res, n, c, l_, like)  # noqa: F821
+    s1 = _vector_at(sum_dz, c, like)
+    s2 = _vector_at(sum_dzx, c, like)
     if need_sums:
-        _reduce(dy, x, mean, v, eps, count, mode, weight, bias, res, code, slope,  # noqa: F821
-                rsplit, sum_dz, sum_dzx)
+        _reduce(dya, xa, mean_a, var_a, eps, count, 2, w, b, r, code, slope,  # noqa: F821
+                rsplit, s1, s2)
     if need_dx:
-        if training:
-            _elementwise(dy, x, mean, v, eps, count, mode, weight, bias, res, sum_dz,  # noqa: F821
-                         sum_dzx, code, slope, esplit, dx, dres)
-        else:
-            _elementwise(dy, x, mean, v, eps, count, mode, weight, bias, res, no_sums,  # noqa: F821
-                         no_sums, code, slope, esplit, dx, dres)
+        if not training:
+            s1 = s2 = _vector_at(0, 0, like)
+        _elementwise(dya, xa, mean_a, var_a, eps, count, 2, w, b, r, s1, s2, code,  # noqa: F821
+                     slope, esplit, _tensor_at(dx, n, c, l_, like),  # noqa: F821
+                     _tensor_at(dres, n, c, l_, like))  # noqa: F821
 
 
-def _bind(f, view: str, **kernels):
-    """``f`` compiled with its ``_name`` globals bound to the serial builds of one view
-    (under its own name, for numba's cache; see ``_twin``)."""
+def _bind(f, view: str, **names):
+    """``f`` compiled with its ``_name`` globals bound to ``names`` (under its own name
+    per view, for numba's cache; see ``_twin``)."""
     g = dict(f.__globals__)
-    g.update({k: v[view][1] for k, v in kernels.items()})
+    g.update(names)
     code = f.__code__.replace(co_name=f"{f.__name__}_{view}",
                               co_qualname=f"{f.__qualname__}_{view}")
     return njit(cache=True)(types.FunctionType(code, g, f"{f.__name__}_{view}"))
 
 
-FORWARD_TRAIN = {v: _bind(forward_train, v, _stats=STATS, _normalize=NORMALIZE)
-                 for v in ("ncl", "mc")}
-BACKWARD = {v: _bind(backward, v, _reduce=REDUCE, _elementwise=ELEMENTWISE)
-            for v in ("ncl", "mc")}
+_AT = {"ncl": _ncl_at, "mc": _mc_at}
+
+
+def _bound_builds(f, view: str, **kernels):
+    """(parallel, serial) builds of ``f`` for one view: each with ``f``'s ``_name``
+    globals bound to that build of the kernels (the wrapper itself is serial code)."""
+    return tuple(_bind(f, view + suffix, _tensor_at=_AT[view],
+                       **{name: builds[view][i] for name, builds in kernels.items()})
+                 for i, suffix in enumerate(("", "_serial")))
+
+
+FORWARD_TRAIN = {v: _bound_builds(forward_train_at, v, _stats=STATS, _normalize=NORMALIZE)
+                 for v in _AT}
+FORWARD_EVAL = {v: _bound_builds(normalize_at, v, _normalize=NORMALIZE) for v in _AT}
+BACKWARD = {v: _bound_builds(backward_at, v, _reduce=REDUCE, _elementwise=ELEMENTWISE)
+            for v in _AT}

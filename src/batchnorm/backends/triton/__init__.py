@@ -237,14 +237,14 @@ def stats(x: Tensor) -> tuple[Tensor, Tensor]:
 
 def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps,
                        activation, slope, update=None, channels_last=False):
-    """``ops._batch_norm_forward`` in training: ``(y, mean, var, False, None)`` in three
+    """``ops._batch_norm_forward`` in training: ``(y, mean, var, False)`` in three
     launches.
 
     The statistics' stage 2 also does the C-sized math ops would do with a dozen torch
     kernels (var, invstd, the float64-mean centring), then normalize runs. None (ops then
     takes its own path) in evaluation, for empty inputs, and for what ``supports`` declines.
     The running update (``update``) is left to ops (``updated`` False): its one launch,
-    :func:`update_running_stats`. Nothing is handed to the backward (``saved`` None).
+    :func:`update_running_stats`.
     x comes as the caller has it ((N, C, *), channels-last when ``channels_last``); y
     goes back in its shape and format.
     """
@@ -271,7 +271,7 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
             HAS_W=weight is not None, HAS_B=bias is not None, F64=acc == torch.float64,
             BLOCK_P=CONFIG["merge_block_p"], BLOCK_C=block_c, num_warps=4)
     y = normalize(x, mean_k, invstd, weight, bias_k, residual, activation, slope)
-    return from_kernel_view(y, shape, channels_last), mean, var, False, None
+    return from_kernel_view(y, shape, channels_last), mean, var, False
 
 
 def _dummy(t: Tensor | None, like: Tensor) -> Tensor:
@@ -351,9 +351,9 @@ def backward_reduce(dy, x, mean, invstd, weight, bias, residual, activation: str
 
 def batch_norm_backward(dy, x, weight, bias, residual, mean, var, eps, training: bool,
                         activation, slope, need_sums: bool, need_dx: bool,
-                        want_dresidual: bool, saved=None, channels_last=False):
+                        want_dresidual: bool, channels_last=False):
     """``ops._batch_norm_backward`` in four launches: ``(dx, Σdz, Σdz·x̂, dresidual)``.
-    (``saved``: what :func:`batch_norm_forward` handed over; always None here.) Tensors
+    Tensors
     as the caller has them, as in :func:`batch_norm_forward`.
 
     A one-program-per-128-channels prologue does the C-sized math ops would do with about
