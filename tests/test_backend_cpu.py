@@ -427,7 +427,7 @@ def test_one_value_per_row_takes_the_channels_last_kernels(shape, channels_last,
     got = cpu.batch_norm_forward(x, w, b, r, None, None, 1e-5, activation, SLOPE,
                                  (rm, rv, nbt, 0.1), channels_last and len(shape) > 3)
     y, mean, var, updated = got
-    assert updated and cpu._kernel_shape(x, channels_last and len(shape) > 3)[0] == "mc"
+    assert updated and cpu._kernel_plan(x, channels_last and len(shape) > 3)[0] == "mc"
 
     module = {3: batchnorm.BatchNorm1d, 4: batchnorm.BatchNorm2d, 5: batchnorm.BatchNorm3d}
     with torch.no_grad():
@@ -451,3 +451,50 @@ def test_one_value_per_row_takes_the_channels_last_kernels(shape, channels_last,
     assert_close(rg.grad, torch.from_numpy(grads["dresidual"]), torch.float32, scale=4)
     assert_close(bn.weight.grad, torch.from_numpy(grads["dweight"]), torch.float32,
                  scale=20 * shape[0] ** 0.5)
+
+
+@pytest.mark.parametrize("shape", [(8, 300), (5, 70), (7, 48)])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("activation", ["none", "relu"])
+def test_wide_channels_few_rows(shape, affine, activation):
+    """(M, C) with C in the hundreds and a few rows (BatchNorm1d in an MLP): the
+    per-channel prologue and the fold of the per-block partials dominate there; against
+    the float64 reference, in training (running update included) and evaluation."""
+    import batchnorm
+    from batchnorm import reference
+
+    gen = torch.Generator().manual_seed(14)
+    c = shape[1]
+    x = _data(shape, torch.float32, gen, loc=100.0, scale=2.0)
+    dy = _data(shape, torch.float32, gen)
+    bn = batchnorm.BatchNorm1d(c, affine=affine,
+                               activation=None if activation == "none" else activation)
+    if affine:
+        with torch.no_grad():
+            bn.weight.copy_(_data((c,), torch.float32, gen))
+            bn.bias.copy_(_data((c,), torch.float32, gen))
+    w = bn.weight.detach().double().numpy() if affine else None
+    b = bn.bias.detach().double().numpy() if affine else None
+    xg = x.clone().requires_grad_()
+    y = bn(xg)
+    y.backward(dy)
+    ref_y, cache = reference.forward(x.double().numpy(), w, b, eps=1e-5, activation=activation)
+    assert_close(y.detach(), torch.from_numpy(ref_y), torch.float32, scale=4)
+    grads = reference.backward(dy.double().numpy(), cache)
+    assert_close(xg.grad, torch.from_numpy(grads["dx"]), torch.float32, scale=20)
+    if affine:
+        n = shape[0] ** 0.5
+        assert_close(bn.weight.grad, torch.from_numpy(grads["dweight"]), torch.float32,
+                     scale=20 * n)
+        assert_close(bn.bias.grad, torch.from_numpy(grads["dbias"]), torch.float32,
+                     scale=20 * n)
+    ref_rm, ref_rv, _ = reference.update_running(np.zeros(c), np.ones(c), 0, cache["mean"],
+                                                 cache["var"], cache["count"], 0.1)
+    assert_close(bn.running_mean, torch.from_numpy(ref_rm), torch.float32, scale=4)
+    assert_close(bn.running_var, torch.from_numpy(ref_rv), torch.float32, scale=4)
+    bn.eval()
+    ref_e, _ = reference.forward(x.double().numpy(), w, b, training=False,
+                                 running_mean=bn.running_mean.double().numpy(),
+                                 running_var=bn.running_var.double().numpy(), eps=1e-5,
+                                 activation=activation)
+    assert_close(bn(x), torch.from_numpy(ref_e), torch.float32, scale=4)

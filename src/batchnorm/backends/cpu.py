@@ -261,16 +261,18 @@ def _rows_of_channels(x: Tensor, channels_last: bool) -> bool:
     return channels_last or x.dim() == 2 or x.numel() == x.shape[0] * x.shape[1]
 
 
-def _kernel_shape(x: Tensor, channels_last: bool):
-    """``(view, n, l, splits)`` of a dense x: the kernel view is (n, C, l) ("ncl"), or
-    (n, C) rows of channels ("mc", l = 1; see _rows_of_channels); splits as _splits."""
+def _kernel_plan(x: Tensor, channels_last: bool):
+    """``(view, build, n, l, splits)`` of a dense x: the kernel view is (n, C, l) ("ncl"),
+    or (n, C) rows of channels ("mc", l = 1; see _rows_of_channels); build 0 (parallel) or
+    1 (serial, below SERIAL_BELOW); splits as _splits."""
     c, numel = x.shape[1], x.numel()
+    build = 0 if numel >= SERIAL_BELOW else 1
     if _rows_of_channels(x, channels_last):
         m = numel // c
-        return "mc", m, 1, _splits((m, c))
+        return "mc", build, m, 1, _splits((m, c))
     n = x.shape[0]
     l_ = numel // (n * c)
-    return "ncl", n, l_, _splits((n, c, l_))
+    return "ncl", build, n, l_, _splits((n, c, l_))
 
 
 def _dense(x: Tensor, channels_last: bool) -> Tensor:
@@ -326,8 +328,7 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
     x = _dense(x, channels_last)
     c = x.shape[1]
     numel = x.numel()
-    view, n, l_, (rsplit, esplit) = _kernel_shape(x, channels_last)
-    build = 0 if numel >= SERIAL_BELOW else 1
+    view, build, n, l_, (rsplit, esplit) = _kernel_plan(x, channels_last)
     y = _out_like(x, channels_last)
     w, b = _vector(weight, acc), _vector(bias, acc)
     res = _laid_out_as(residual, x)
@@ -363,8 +364,7 @@ def batch_norm_backward(dy, x, weight, bias, residual, mean, var, eps, training:
     x = _dense(x, channels_last)
     c = x.shape[1]
     numel = x.numel()
-    view, n, l_, (rsplit, esplit) = _kernel_shape(x, channels_last)
-    build = 0 if numel >= SERIAL_BELOW else 1
+    view, build, n, l_, (rsplit, esplit) = _kernel_plan(x, channels_last)
     dy = _laid_out_as(dy, x)
     res = _laid_out_as(residual, x) if activation != "none" else None
     w, b = _vector(weight, acc), _vector(bias, acc)

@@ -169,8 +169,10 @@ def _tiled(a, t_):
     """a (per channel) repeated over a tile of t_ positions."""
     c_ = a.shape[0]
     out = np.empty(t_, a.dtype)
-    for j in range(t_):
-        out[j] = a[j % c_]
+    # t_ is a multiple of C (_tile_len); no j % C: an integer division per value cost
+    # more than the arithmetic of a few rows when C is in the thousands
+    for k in range(t_ // c_):
+        out[k * c_:(k + 1) * c_] = a
     return out
 
 
@@ -300,6 +302,22 @@ def _stats_mc_tile(xf, e, n, skt, b1, b2):
         b2[j] += d * d
 
 
+@njit(inline="always")
+def _fold_tiles(s1, s2, c_):
+    """Per-channel totals of [blocks, k·C] partials, added block by block and, within a
+    block, tile position by tile position: the order of a loop over each channel's
+    positions, read in memory order (column by column, the reads were C·k·8 bytes apart:
+    108 against 25 µs for the statistics of (64, 1024) in 16 blocks)."""
+    a1 = np.zeros(c_, np.float64)
+    a2 = np.zeros(c_, np.float64)
+    for b in range(s1.shape[0]):
+        for k in range(s1.shape[1] // c_):
+            for c in range(c_):
+                a1[c] += s1[b, k * c_ + c]
+                a2[c] += s2[b, k * c_ + c]
+    return a1, a2
+
+
 def stats_mc(x, blocks, mean_out, m2_out):
     m_, c_ = x.shape
     t_ = _tile_len(c_)
@@ -338,20 +356,25 @@ def stats_mc(x, blocks, mean_out, m2_out):
                 a1[j] += b1[j]
                 a2[j] += b2[j]
             q = q1
+    a1, a2 = _fold_tiles(s1, s2, c_)
     for c in range(c_):
-        a1 = 0.0
-        a2 = 0.0
-        for b in range(blocks):
-            for j in range(c, t_, c_):
-                a1 += s1[b, j]
-                a2 += s2[b, j]
-        mean_out[c] = shift[c] + a1 / m_
-        m2 = a2 - a1 * a1 / m_
+        mean_out[c] = shift[c] + a1[c] / m_
+        m2 = a2[c] - a1[c] * a1[c] / m_
         m2_out[c] = 0.0 if m2 < 0 else m2  # rounding can dip below 0; NaN stays NaN
 
 
 # ---------------------------------------------------------------------------------------
 # Per-channel coefficients (C-sized, serial)
+
+
+@njit(cache=True, error_model="numpy")
+def _invstd_of(var, eps, invstd):
+    """invstd = 1/√(var + eps), 0 where var + eps is not > 0. Compiled apart with numpy's
+    error model: Python's (the default) tests every division for zero, which kept the
+    loop scalar (18 against 4.5 µs for C = 4096); the guard already excludes it."""
+    for c in range(var.shape[0]):
+        ve = var[c] + eps
+        invstd[c] = 1.0 / math.sqrt(ve) if ve > 0 else 0.0
 
 
 @njit(inline="always")
@@ -368,27 +391,51 @@ def _prologue(mean, v, eps, count, mode, weight, bias, mean_k, invstd, scale, sh
     backward, into the sums): x̂ = (x − mean_k)·r − delta·r exactly as
     ``ops.centre_for_kernels`` does. γ = 1, β = 0 where absent.
     """
-    has_w = weight.shape[0] > 0
-    has_b = bias.shape[0] > 0
-    for c in range(mean_k.shape[0]):
-        if mode == 0:
+    # One job per loop, no test inside: with the mode and the optional arrays tested per
+    # channel the loop stayed scalar, ~10 ns a channel (43 µs for C = 4096, more than the
+    # arithmetic of a few rows of BatchNorm1d).
+    c_ = mean_k.shape[0]
+    if mode == 0:
+        for c in range(c_):
             mean_k[c] = mean[c]
-            r = v[c]
+            invstd[c] = v[c]
+    else:
+        var = np.empty(c_, np.float64)
+        if mode == 1:
+            for c in range(c_):
+                var[c] = v[c] / count
         else:
-            var = v[c] / count if mode == 1 else v[c]
-            if var_out.shape[0] > 0:
-                var_out[c] = var
-                var = var_out[c]  # the acc-dtype value, as the unfused path has it
-            ve = np.float64(var) + eps
-            invstd[c] = 1.0 / math.sqrt(ve) if ve > 0 else 0.0
-            r = invstd[c]
+            for c in range(c_):
+                var[c] = v[c]
+        if var_out.shape[0] > 0:
+            for c in range(c_):
+                var_out[c] = var[c]
+                var[c] = var_out[c]  # the acc-dtype value, as the unfused path has it
+        _invstd_of(var, eps, invstd)
+        for c in range(c_):
             mean_k[c] = mean[c]
-        invstd[c] = r
+    for c in range(c_):
         delta[c] = np.float64(mean[c]) - np.float64(mean_k[c])
-        w = weight[c] if has_w else 1.0
-        scale[c] = r * w
-        b = np.float64(bias[c]) if has_b else 0.0
-        shift[c] = b - np.float64(w) * np.float64(r) * delta[c]
+    if weight.shape[0] > 0:
+        for c in range(c_):
+            scale[c] = invstd[c] * weight[c]
+    else:
+        for c in range(c_):
+            scale[c] = invstd[c]
+    if bias.shape[0] > 0:
+        if weight.shape[0] > 0:
+            for c in range(c_):
+                shift[c] = (np.float64(bias[c])
+                            - np.float64(weight[c]) * np.float64(invstd[c]) * delta[c])
+        else:
+            for c in range(c_):
+                shift[c] = np.float64(bias[c]) - np.float64(invstd[c]) * delta[c]
+    elif weight.shape[0] > 0:
+        for c in range(c_):
+            shift[c] = 0.0 - np.float64(weight[c]) * np.float64(invstd[c]) * delta[c]
+    else:
+        for c in range(c_):
+            shift[c] = 0.0 - np.float64(invstd[c]) * delta[c]
 
 
 @njit(inline="always")
@@ -776,15 +823,10 @@ def reduce_mc(dy, x, mean_in, v, eps, count, mode, weight, bias, res, code, slop
         else:
             _reduce_mc_rows(dyf, xf, rf, r0, r1, c_, mt, st, bt, a1, a2, code, slope,
                             has_res)
+    a1, a2 = _fold_tiles(s1, s2, c_)
     for c in range(c_):
-        a1 = 0.0
-        a2 = 0.0
-        for bl in range(blocks):
-            for j in range(c, t_, c_):
-                a1 += s1[bl, j]
-                a2 += s2[bl, j]
-        sum_dz[c] = a1
-        sum_dzx[c] = np.float64(invstd[c]) * (a2 - delta[c] * a1)
+        sum_dz[c] = a1[c]
+        sum_dzx[c] = np.float64(invstd[c]) * (a2[c] - delta[c] * a1[c])
 
 
 # ---------------------------------------------------------------------------------------
