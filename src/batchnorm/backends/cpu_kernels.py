@@ -1044,6 +1044,13 @@ ELEMENTWISE = {"ncl": _builds(elementwise_ncl), "mc": _builds(elementwise_mc)}
 # dtype in evaluation.
 
 
+# The prologue's modes as run-time int64 values: a literal (``1``) in the call would
+# make numba compile the kernel once more for ``Literal[int](1)``, beside the int64
+# variant the primitives use (each kernel variant costs 10-40 s of compilation).
+_MODE_M2 = np.int64(1)
+_MODE_VAR = np.int64(2)
+
+
 @intrinsic
 def _pointer(typingctx, address, like):
     """The integer ``address`` as a pointer to ``like``'s type."""
@@ -1084,7 +1091,7 @@ def forward_train_at(x, n, c, l_, rsplit, esplit, eps, count, weight, bias, res,
     var_a = _vector_at(var, c, like)
     m2 = np.empty_like(var_a)
     _stats(xa, rsplit, mean_a, m2)  # noqa: F821
-    _normalize(xa, mean_a, m2, eps, count, 1, _vector_at(weight, c, like),  # noqa: F821
+    _normalize(xa, mean_a, m2, eps, count, _MODE_M2, _vector_at(weight, c, like),  # noqa: F821
                _vector_at(bias, c, like), _tensor_at(res, n, c, l_, like), code, slope,  # noqa: F821
                esplit, _tensor_at(y, n, c, l_, like), var_a)  # noqa: F821
     if running_mean != 0:
@@ -1096,7 +1103,7 @@ def normalize_at(x, n, c, l_, mean, var, eps, count, weight, bias, res, code, sl
                  y, like, mean_like):
     """normalize with given (mean, biased var): mode 2 (evaluation)."""
     _normalize(_tensor_at(x, n, c, l_, like), _vector_at(mean, c, mean_like),  # noqa: F821
-               _vector_at(var, c, like), eps, count, 2, _vector_at(weight, c, like),
+               _vector_at(var, c, like), eps, count, _MODE_VAR, _vector_at(weight, c, like),
                _vector_at(bias, c, like), _tensor_at(res, n, c, l_, like), code, slope,  # noqa: F821
                esplit, _tensor_at(y, n, c, l_, like), _vector_at(0, 0, like))  # noqa: F821
 
@@ -1116,12 +1123,12 @@ def backward_at(dy, x, n, c, l_, mean, var, eps, count, weight, bias, res, code,
     s1 = _vector_at(sum_dz, c, like)
     s2 = _vector_at(sum_dzx, c, like)
     if need_sums:
-        _reduce(dya, xa, mean_a, var_a, eps, count, 2, w, b, r, code, slope,  # noqa: F821
+        _reduce(dya, xa, mean_a, var_a, eps, count, _MODE_VAR, w, b, r, code, slope,  # noqa: F821
                 rsplit, s1, s2)
     if need_dx:
         if not training:
             s1 = s2 = _vector_at(0, 0, like)
-        _elementwise(dya, xa, mean_a, var_a, eps, count, 2, w, b, r, s1, s2, code,  # noqa: F821
+        _elementwise(dya, xa, mean_a, var_a, eps, count, _MODE_VAR, w, b, r, s1, s2, code,  # noqa: F821
                      slope, esplit, _tensor_at(dx, n, c, l_, like),  # noqa: F821
                      _tensor_at(dres, n, c, l_, like))  # noqa: F821
 
