@@ -1,7 +1,8 @@
 """The CPU backend: the four primitives as numba kernels (``cpu_kernels.py``).
 
 Same signatures and conventions as ``portable.py``. Tensors cross into numba as zero-copy
-NumPy views of contiguous CPU tensors. Tensor-sized outputs (y, dx) come from
+NumPy views of contiguous CPU tensors in the primitives, and as addresses in the fused
+entry points ops calls for local batch norm (see there). Tensor-sized outputs (y, dx) come from
 ``cpu_buffers``: memory allocated by torch and kept for reuse once no tensor refers to
 it, because faulting in fresh pages cost more than the kernels (see there); they are
 returned without a copy.
