@@ -46,8 +46,13 @@ _MIN_PIECE = 4096
 SERIAL_BELOW = 1 << 18
 
 
+def _build(numel: int) -> int:
+    """0 (the parallel build) or 1 (the serial one, below SERIAL_BELOW)."""
+    return 0 if numel >= SERIAL_BELOW else 1
+
+
 def _pick(builds, x: Tensor):
-    return builds[0 if x.numel() >= SERIAL_BELOW else 1]
+    return builds[_build(x.numel())]
 
 
 def _view(x: Tensor) -> str:
@@ -267,7 +272,7 @@ def _kernel_plan(x: Tensor, channels_last: bool):
     or (n, C) rows of channels ("mc", l = 1; see _rows_of_channels); build 0 (parallel) or
     1 (serial, below SERIAL_BELOW); splits as _splits."""
     c, numel = x.shape[1], x.numel()
-    build = 0 if numel >= SERIAL_BELOW else 1
+    build = _build(numel)
     if _rows_of_channels(x, channels_last):
         m = numel // c
         return "mc", build, m, 1, _splits((m, c))
