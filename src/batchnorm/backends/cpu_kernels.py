@@ -595,6 +595,18 @@ def normalize_mc(x, mean_in, v, eps, count, mode, weight, bias, res, code, slope
 # backward_reduce: Σdz and Σdz·(x − μ) per channel, partials in float64
 
 
+@njit(inline="always")
+def _dz_at(dyr, rr, l, xc, s, b, code, slope, has_res):
+    """dz of value l of an NCL row, given xc = x − m: dy itself without an activation (z
+    is not needed then), else dy·act′(z) with z recomputed."""
+    if code == 0:
+        return dyr[l]
+    z = xc * s + b
+    if has_res:
+        z = z + rr[l]
+    return _dz(dyr[l], z, code, slope)
+
+
 @njit(inline="always", fastmath=_REDUCE_MATH)
 def _dz_block_sums(dyr, xr, rr, n, m, s, b, code, slope, has_res):
     """Σdz and Σdz·(x − m) of one short block, in the data's dtype."""
@@ -602,13 +614,7 @@ def _dz_block_sums(dyr, xr, rr, n, m, s, b, code, slope, has_res):
     b2 = xr.dtype.type(0)
     for l in range(n):
         xc = xr[l] - m
-        if code == 0:
-            g = dyr[l]
-        else:
-            z = xc * s + b
-            if has_res:
-                z = z + rr[l]
-            g = _dz(dyr[l], z, code, slope)
+        g = _dz_at(dyr, rr, l, xc, s, b, code, slope, has_res)
         b1 += g
         b2 += g * xc
     return b1, b2
@@ -843,13 +849,7 @@ def _dx_ncl_seg(dyf, xf, rf, dxf, drf, a0, a1, m, s, b, k0, k1, k2, code, slope,
     drr = drf[a0:a1] if want_dres else dxr
     for l in range(a1 - a0):
         xc = xr[l] - m
-        if code == 0:
-            g = dyr[l]
-        else:
-            z = xc * s + b
-            if has_res:
-                z = z + rr[l]
-            g = _dz(dyr[l], z, code, slope)
+        g = _dz_at(dyr, rr, l, xc, s, b, code, slope, has_res)
         dxr[l] = k0 * (g - k1 - xc * k2)
         if want_dres:
             drr[l] = g
