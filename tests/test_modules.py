@@ -193,11 +193,43 @@ def test_eager_graph_is_one_node_per_layer(layout, gen):
 
 
 def test_an_inplace_change_of_the_saved_input_is_detected(gen):
-    """The backend reuses its NumPy views of x in backward; autograd's version check of
-    the saved tensors still guards them."""
+    """The backend reads x by its address in backward; autograd's version check of the
+    saved tensors still guards it."""
     leaf = torch.randn(4, 3, 5, generator=gen, requires_grad=True)
     x = leaf * 1.0
     y = batchnorm.BatchNorm1d(3, activation="relu")(x)
     x.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+class _Doubled(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+def test_parameters_reached_other_ways_are_read(gen):
+    """forward reads the parameters and buffers from the module's dicts (cheaper than
+    ``nn.Module.__getattr__``); where they live elsewhere they are read as attributes:
+    a parametrization, a parameter replaced by a plain tensor (as ``weight_norm`` does),
+    ``torch.func.functional_call``. Each gives what torch's module gives."""
+    from torch.nn.utils import parametrize
+    x = torch.randn(4, 3, 5, generator=gen)
+    ours, theirs = batchnorm.BatchNorm1d(3), nn.BatchNorm1d(3)
+    for bn in (ours, theirs):
+        parametrize.register_parametrization(bn, "weight", _Doubled())
+    torch.testing.assert_close(ours(x), theirs(x))
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+
+    ours, theirs = batchnorm.BatchNorm1d(3), nn.BatchNorm1d(3)
+    for bn in (ours, theirs):
+        del bn.bias
+        bn.bias = torch.full((3,), 0.5)
+    torch.testing.assert_close(ours(x), theirs(x))
+
+    ours, theirs = batchnorm.BatchNorm1d(3), nn.BatchNorm1d(3)
+    state = {"weight": torch.full((3,), 3.0), "running_mean": torch.ones(3)}
+    got = torch.func.functional_call(ours.eval(), state, (x,))
+    want = torch.func.functional_call(theirs.eval(), state, (x,))
+    torch.testing.assert_close(got, want)
+    assert torch.equal(ours.weight, torch.ones(3))  # the module's own are untouched

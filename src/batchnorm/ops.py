@@ -343,23 +343,6 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _batch_norm_backward(ctx, dy, _dmean, _dvar):
     x, weight, bias, residual, mean, var = ctx.saved_tensors
-    need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
-    act, slope = ctx.activation, ctx.slope
-
-    if ctx.eager and not torch.is_grad_enabled():
-        # the backend's two backward passes with the C-sized math done in the kernels (see
-        # _batch_norm_forward), on the tensors as given; None where it does not apply
-        fused = getattr(ctx.backend, "batch_norm_backward", None)
-        want_dres = bool(need_r) and act != "none"
-        out = fused and fused(dy, x, weight, bias, residual, mean, var, ctx.eps, ctx.training,
-                              act, slope, bool(need_w or need_b), bool(need_x or want_dres),
-                              want_dres, ctx.channels_last)
-        if out is not None:
-            dx, sum_dz, sum_dz_xhat, dres = out
-            return (*autograd_grads(ctx.needs_input_grad[:4], dy, dx, dres, sum_dz,
-                                    sum_dz_xhat, weight, bias, act),
-                    None, None, None, None, None)
-
     if ctx.eager:
         # _EagerBatchNorm saves the tensors as given; their kernel views are made here,
         # where (with create_graph=True) they are part of the double-backward graph
@@ -457,7 +440,33 @@ class _EagerBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        return (*_batch_norm_backward(ctx, dy, None, None)[:4],) + (None,) * 6
+        if not torch.is_grad_enabled():
+            grads = _fused_backward(ctx, dy)
+            if grads is not None:
+                return (*grads, None, None, None, None, None, None)
+        return (*_batch_norm_backward(ctx, dy, None, None)[:4], None, None, None, None, None,
+                None)
+
+
+def _fused_backward(ctx, dy):
+    """``(dx, dweight, dbias, dresidual)`` of an :class:`_EagerBatchNorm` from the backend's
+    two backward passes with the C-sized math done in the kernels (see :func:`_forward`),
+    on the tensors as given; None where the backend has none or does not take them."""
+    fused = getattr(ctx.backend, "batch_norm_backward", None)
+    if fused is None:
+        return None
+    x, weight, bias, residual, mean, var = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:4]
+    need_x, need_w, need_b, need_r = needs
+    act = ctx.activation
+    want_dres = need_r and act != "none"
+    out = fused(dy, x, weight, bias, residual, mean, var, ctx.eps, ctx.training, act,
+                ctx.slope, need_w or need_b, need_x or want_dres, want_dres,
+                ctx.channels_last)
+    if out is None:
+        return None
+    dx, sum_dz, sum_dz_xhat, dres = out
+    return autograd_grads(needs, dy, dx, dres, sum_dz, sum_dz_xhat, weight, bias, act)
 
 
 try:

@@ -260,37 +260,53 @@ def _elementwise(dy, x, mean_np, v_np, eps, mode, weight, bias, residual, sum_dz
 # a tensor, an address ~0.2 µs).
 
 
-def _rows_of_channels(x: Tensor, channels_last: bool) -> bool:
-    """Whether x's kernel view is (M, C): channels-last data, a 2-D input, or an (N, C, 1..)
-    input, whose memory is that of (N, C) (BatchNorm after global pooling): as (N, C, 1)
-    rows of one value each it ran 10x slower than torch (measured on (4096, 256, 1, 1))."""
-    return channels_last or x.dim() == 2 or x.numel() == x.shape[0] * x.shape[1]
+def _rows_of_channels(shape, channels_last: bool) -> bool:
+    """Whether the kernel view of a dense x of this shape is (M, C): channels-last data, a
+    2-D input, or an (N, C, 1..) input, whose memory is that of (N, C) (BatchNorm after
+    global pooling): as (N, C, 1) rows of one value each it ran 10x slower than torch
+    (measured on (4096, 256, 1, 1))."""
+    return channels_last or len(shape) == 2 or shape.numel() == shape[0] * shape[1]
+
+
+_PLANS: dict = {}
 
 
 def _kernel_plan(x: Tensor, channels_last: bool):
-    """``(view, build, n, l, splits)`` of a dense x: the kernel view is (n, C, l) ("ncl"),
-    or (n, C) rows of channels ("mc", l = 1; see _rows_of_channels); build 0 (parallel) or
-    1 (serial, below SERIAL_BELOW); splits as _splits."""
-    c, numel = x.shape[1], x.numel()
-    build = _build(numel)
-    if _rows_of_channels(x, channels_last):
-        m = numel // c
-        return "mc", build, m, 1, _splits((m, c))
-    n = x.shape[0]
-    l_ = numel // (n * c)
-    return "ncl", build, n, l_, _splits((n, c, l_))
+    """``(view, build, n, c, l, rsplit, esplit, count, pooled)`` of a dense x: the kernel
+    view is (n, c, l) ("ncl"), or (n, c) rows of channels ("mc", l = 1; see
+    _rows_of_channels); build 0 (parallel) or 1 (serial, below SERIAL_BELOW); the splits
+    as _splits; count = values per channel, a float; pooled: whether outputs of x's size
+    come from ``cpu_buffers``. Kept per shape: the arithmetic's Python calls cost more
+    than a small kernel."""
+    key = (x.shape, channels_last, x.dtype)
+    plan = _PLANS.get(key)
+    if plan is None:
+        shape = x.shape
+        c, numel = shape[1], shape.numel()
+        if _rows_of_channels(shape, channels_last):
+            view, n, l_ = "mc", numel // c, 1
+            splits = _splits((n, c))
+        else:
+            view, n, l_ = "ncl", shape[0], numel // (shape[0] * c)
+            splits = _splits((n, c, l_))
+        plan = (view, _build(numel), n, c, l_, *splits, float(numel // c),
+                numel * x.element_size() >= buffers.MIN_BYTES)
+        if len(_PLANS) > 4096:  # shapes of a long-running process with varying batches
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
 
 
 def _dense(x: Tensor, channels_last: bool) -> Tensor:
     return x if channels_last else x.contiguous()
 
 
-def _out_like(x: Tensor, channels_last: bool) -> Tensor:
-    """An output of x's shape and memory format (reusable buffers for large ones)."""
+def _out_like(x: Tensor, channels_last: bool, pooled: bool) -> Tensor:
+    """An output of x's shape and memory format (reusable buffers when ``pooled``)."""
+    if not pooled:
+        return torch.empty_like(x)
     if not channels_last:
         return buffers.empty_like(x)
-    if x.numel() * x.element_size() < buffers.MIN_BYTES:
-        return torch.empty_like(x)
     shape = x.shape
     return buffers.empty((shape[0], *shape[2:], shape[1]), x.dtype).movedim(-1, 1)
 
@@ -324,18 +340,17 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
                        activation, slope, update=None, channels_last=False):
     """``ops._batch_norm_forward``: ``(y, mean, var, updated)``, y in x's shape and memory
     format; mean in float64 in training. x is dense: contiguous, or channels-last
-    (``ops.is_channels_last``) when ``channels_last``; the kernels read it by address. ``update`` (training only): ``(running_mean,
-    running_var, num_batches_tracked, momentum)`` to move towards the batch statistics,
+    (``ops.is_channels_last``) when ``channels_last``; the kernels read it by address.
+    ``update`` (training only): ``(running_mean, running_var, num_batches_tracked,
+    momentum)`` to move towards the batch statistics,
     done here after the normalize when the buffers suit the kernel (``updated`` True),
     else left to ops. None for what it does not take (halves, empty tensors)."""
     acc = x.dtype
     if acc not in _DTYPES or x.numel() == 0:
         return None
     x = _dense(x, channels_last)
-    c = x.shape[1]
-    numel = x.numel()
-    view, build, n, l_, (rsplit, esplit) = _kernel_plan(x, channels_last)
-    y = _out_like(x, channels_last)
+    view, build, n, c, l_, rsplit, esplit, count, pooled = _kernel_plan(x, channels_last)
+    y = _out_like(x, channels_last, pooled)
     w, b = _vector(weight, acc), _vector(bias, acc)
     res = _laid_out_as(residual, x)
     code, like = K.ACT_CODES[activation], _LIKE[acc]
@@ -343,8 +358,8 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
         mean = running_mean.to(acc, copy=True)
         var = running_var.to(acc, copy=True)
         K.FORWARD_EVAL[view][build](
-            x.data_ptr(), n, c, l_, mean.data_ptr(), var.data_ptr(), float(eps),
-            float(numel // c), _at(w), _at(b), _at(res), code, float(slope), esplit,
+            x.data_ptr(), n, c, l_, mean.data_ptr(), var.data_ptr(), float(eps), count, _at(w),
+            _at(b), _at(res), code, float(slope), esplit,
             y.data_ptr(), like, like)
         return y, mean, var, False
     mean = torch.empty(c, dtype=torch.float64)
@@ -352,7 +367,7 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
     running = _running_at(*update, acc) if update is not None else None
     rm, rv, counter, momentum = running or (0, 0, 0, 0.0)
     K.FORWARD_TRAIN[view][build](
-        x.data_ptr(), n, c, l_, rsplit, esplit, float(eps), float(numel // c), _at(w), _at(b),
+        x.data_ptr(), n, c, l_, rsplit, esplit, float(eps), count, _at(w), _at(b),
         _at(res), code, float(slope), rm, rv, counter, momentum, y.data_ptr(),
         mean.data_ptr(), var.data_ptr(), like)
     return y, mean, var, running is not None
@@ -368,27 +383,25 @@ def batch_norm_backward(dy, x, weight, bias, residual, mean, var, eps, training:
     if acc not in _DTYPES or x.numel() == 0:
         return None
     x = _dense(x, channels_last)
-    c = x.shape[1]
-    numel = x.numel()
-    view, build, n, l_, (rsplit, esplit) = _kernel_plan(x, channels_last)
+    view, build, n, c, l_, rsplit, esplit, count, pooled = _kernel_plan(x, channels_last)
     dy = _laid_out_as(dy, x)
     res = _laid_out_as(residual, x) if activation != "none" else None
     w, b = _vector(weight, acc), _vector(bias, acc)
-    # the mean as saved: float64 in training, the data's dtype in evaluation
-    mean = _vector(mean, torch.float64 if mean.dtype is torch.float64 else acc)
-    var = _vector(var, acc)
+    # (mean, var) are those batch_norm_forward returned for this x (the same dtypes take
+    # both): unit stride, var in the data's dtype, the mean in float64 in training and
+    # in the data's dtype in evaluation
     need_sums = need_sums or training
     sum_dz = sum_dzx = dx = dres = None
     if need_sums:
         sum_dz, sum_dzx = torch.empty(c, dtype=acc), torch.empty(c, dtype=acc)
     if need_dx:
-        dx = _out_like(x, channels_last)
+        dx = _out_like(x, channels_last, pooled)
         if want_dresidual:
             # activation != 'none' here: without one, ops uses dy itself as dresidual
-            dres = _out_like(x, channels_last)
+            dres = _out_like(x, channels_last, pooled)
     K.BACKWARD[view][build](
         dy.data_ptr(), x.data_ptr(), n, c, l_, mean.data_ptr(), var.data_ptr(), float(eps),
-        float(numel // c), _at(w), _at(b), _at(res), K.ACT_CODES[activation], float(slope),
+        count, _at(w), _at(b), _at(res), K.ACT_CODES[activation], float(slope),
         rsplit, esplit, need_sums, need_dx, training, _at(sum_dz), _at(sum_dzx), _at(dx),
         _at(dres), _LIKE[acc], _LIKE[mean.dtype])
     return dx, sum_dz, sum_dzx, dres
