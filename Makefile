@@ -23,7 +23,10 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(VENV)/bin/batchnorm demo
 
+# The CPU kernels are compiled first, on every core (numba compiles one at a time, and the
+# suite meets ~80 of them on a fresh clone); the tests then load them from numba's cache.
 test: install
+	$(VENV)/bin/batchnorm compile
 	$(PY) -m pytest -q
 
 bench: install

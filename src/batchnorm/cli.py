@@ -2,6 +2,7 @@
 
     batchnorm demo     the seed article's worked example, step by step
     batchnorm bench    our modules against torch on this machine (see ``bench.py``)
+    batchnorm compile  the CPU kernels into numba's cache, on every core
 """
 
 from __future__ import annotations
@@ -85,10 +86,36 @@ def demo(out=sys.stdout) -> int:
     return 0
 
 
+def compile_kernels(jobs: int | None, out=None) -> int:
+    """``batchnorm compile``: numba's cache filled before the first use (see
+    ``backends/cpu_compile.py``), with a line per group as it finishes."""
+    out = out or sys.stdout
+    try:
+        from .backends import cpu_compile
+    except ImportError as e:  # numba missing: there are no CPU kernels to compile
+        print(f"batchnorm compile: the CPU backend is not available ({e})", file=sys.stderr)
+        return 2
+
+    def report(group, seconds):
+        view, build, dtype = group
+        print(f"  {view:3s} {('parallel', 'serial')[build]:8s} {str(dtype)[6:]:7s} "
+              f"{seconds:6.1f} s", file=out, flush=True)
+
+    print(f"batchnorm compile: {len(cpu_compile.GROUPS)} groups of CPU kernels",
+          file=out, flush=True)
+    seconds = cpu_compile.precompile(jobs, report)
+    print(f"done in {seconds:.1f} s", file=out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="batchnorm", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="the seed article's worked example, step by step")
+    compile_parser = sub.add_parser(
+        "compile", help="compile the CPU kernels into numba's cache, on every core")
+    compile_parser.add_argument("--jobs", type=int, default=None,
+                                help="processes at once (default: the number of cores)")
     bench_parser = sub.add_parser("bench", help="benchmark our modules against torch")
     try:
         from . import bench
@@ -99,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "demo":
         return demo()
+    if args.command == "compile":
+        return compile_kernels(args.jobs)
     if bench is None:
         print("batchnorm bench is not available in this build", file=sys.stderr)
         return 2

@@ -1,0 +1,50 @@
+"""``batchnorm compile``: the groups compile what the modules run, in worker processes."""
+
+import pytest
+import torch
+
+pytest.importorskip("numba")
+
+from batchnorm import cli  # noqa: E402
+from batchnorm.backends import cpu, cpu_compile  # noqa: E402
+from batchnorm.backends import cpu_kernels as K  # noqa: E402
+
+
+def test_groups_cover_every_view_build_and_dtype():
+    assert set(cpu_compile.GROUPS) == {(v, b, d) for v in ("ncl", "mc") for b in (0, 1)
+                                       for d in (torch.float32, torch.float64)}
+    for view, build, _ in cpu_compile.GROUPS:
+        x = torch.empty(cpu_compile._shape(view, build))
+        assert cpu._kernel_plan(x, False)[:2] == (view, build)
+
+
+def test_a_group_compiles_the_kernels_a_module_runs():
+    """After the (serial, NCL, float64) group, a module's training and evaluation steps on
+    such a tensor find every kernel they call compiled for their argument types."""
+    cpu_compile.compile_group("ncl", 1, torch.float64)
+    kernels = [K.FORWARD_TRAIN["ncl"][1], K.FORWARD_EVAL["ncl"][1], K.BACKWARD["ncl"][1]]
+    before = [len(k.signatures) for k in kernels]
+    assert all(before)
+    import batchnorm
+    bn = batchnorm.BatchNorm1d(3, activation="relu").double()
+    x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    bn(x).sum().backward()
+    bn.eval()(x).sum().backward()
+    assert [len(k.signatures) for k in kernels] == before
+
+
+def test_precompile_in_two_processes_reports_each_group(capsys):
+    groups = [("ncl", 1, torch.float64), ("mc", 1, torch.float64)]
+    done = []
+    seconds = cpu_compile.precompile(2, lambda g, s: done.append(g), groups=groups)
+    assert sorted(done, key=str) == sorted(groups, key=str) and seconds > 0
+
+
+def test_cli_compile(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(cpu_compile, "precompile",
+                        lambda jobs, report: calls.append(jobs) or report(
+                            ("ncl", 1, torch.float32), 1.5) or 2.0)
+    assert cli.main(["compile", "--jobs", "3"]) == 0
+    out = capsys.readouterr().out
+    assert calls == [3] and "ncl serial   float32" in out and "done in 2.0 s" in out
