@@ -5,9 +5,9 @@ import torch
 
 pytest.importorskip("numba")
 
-from batchnorm import cli  # noqa: E402
-from batchnorm.backends import cpu, cpu_compile  # noqa: E402
-from batchnorm.backends import cpu_kernels as K  # noqa: E402
+from batchnorm import cli
+from batchnorm.backends import cpu, cpu_compile
+from batchnorm.backends import cpu_kernels as K
 
 
 def test_groups_cover_every_view_build_and_dtype():
