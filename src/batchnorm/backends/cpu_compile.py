@@ -2,10 +2,11 @@
 
 numba compiles each kernel for its argument types on the first call and keeps the machine
 code in its on-disk cache (``__pycache__`` beside ``cpu_kernels.py``, or
-``NUMBA_CACHE_DIR``), where every later process finds it. A fresh install meets about 80
-such compilations one after another: most of the ten minutes the first test run took on the
-2-core machine (2026-11-27: 812 s with a cold cache, 171 s with a warm one). They do not
-depend on each other, so :func:`precompile` runs them in several processes at once.
+``NUMBA_CACHE_DIR``), where every later process finds it. A fresh install meets about 90
+such compilations one after another: most of the time of the first test run on the 2-core
+machine (2026-11-27: 812 s with a cold cache, 171 s with a warm one). They do not depend
+on each other, so :func:`precompile` runs them in several processes at once: on that
+machine 398 s for the groups below (790 s of compilation in all), then 184 s of tests.
 
 The work is cut into groups, one per kernel view (NCL, MC), build (parallel, serial) and
 dtype (float32, float64). A group calls the fused entry points (training and evaluation
@@ -28,7 +29,10 @@ import torch
 from . import cpu
 
 _VIEWS = ("mc", "ncl")
-_BUILDS = (1, 0)  # serial first: the serial channels-last kernels take longest
+# Groups took 42-165 s each on the 2-core machine, the float32 ones longest (their backward
+# has two variants: a float64 mean in training, a float32 one in evaluation); this order
+# kept both workers busy to within 25 s of the end.
+_BUILDS = (1, 0)
 _DTYPES = (torch.float32, torch.float64)
 GROUPS = [(v, b, d) for b in _BUILDS for v in _VIEWS for d in _DTYPES]
 
