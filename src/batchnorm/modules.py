@@ -170,9 +170,10 @@ def _state_of(m: nn.Module) -> tuple:
 
     Read from the module's parameter and buffer dicts: ``m.weight`` goes through
     ``nn.Module.__getattr__``, about 1.5 µs a name on torch 2.13 (measured on the 2-core
-    machine), a third of a small batch norm's own time for the five names. Where a name
-    is not in those dicts (a parametrization, ``weight_norm``, a plain attribute set
-    over a deleted parameter) the attributes are read as usual.
+    machine): the five names cost about 8 µs of the 50 µs our module's training forward
+    took on (2, 2, 3, 4). Where a name is not in those dicts (a parametrization,
+    ``weight_norm``, a plain attribute set over a deleted parameter) the attributes are
+    read as usual.
     """
     p, b = m._parameters, m._buffers
     try:

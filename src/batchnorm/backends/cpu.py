@@ -342,9 +342,9 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
     format; mean in float64 in training. x is dense: contiguous, or channels-last
     (``ops.is_channels_last``) when ``channels_last``; the kernels read it by address.
     ``update`` (training only): ``(running_mean, running_var, num_batches_tracked,
-    momentum)`` to move towards the batch statistics,
-    done here after the normalize when the buffers suit the kernel (``updated`` True),
-    else left to ops. None for what it does not take (halves, empty tensors)."""
+    momentum)`` to move towards the batch statistics, done here after the normalize when
+    the buffers suit the kernel (``updated`` True), else left to ops. None for what it
+    does not take (halves, empty tensors)."""
     acc = x.dtype
     if acc not in _DTYPES or x.numel() == 0:
         return None
