@@ -2,8 +2,8 @@
 
 Same signatures and conventions as ``portable.py``. Tensors cross into numba as zero-copy
 NumPy views of contiguous CPU tensors in the primitives, and as addresses in the fused
-entry points ops calls for local batch norm (see there). Tensor-sized outputs (y, dx) come from
-``cpu_buffers``: memory allocated by torch and kept for reuse once no tensor refers to
+entry points ops calls for local batch norm (see there). Tensor-sized outputs (y, dx)
+come from ``cpu_buffers``: memory allocated by torch and kept for reuse once no tensor refers to
 it, because faulting in fresh pages cost more than the kernels (see there); they are
 returned without a copy.
 
@@ -359,8 +359,7 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
         var = running_var.to(acc, copy=True)
         K.FORWARD_EVAL[view][build](
             x.data_ptr(), n, c, l_, mean.data_ptr(), var.data_ptr(), float(eps), count, _at(w),
-            _at(b), _at(res), code, float(slope), esplit,
-            y.data_ptr(), like, like)
+            _at(b), _at(res), code, float(slope), esplit, y.data_ptr(), like, like)
         return y, mean, var, False
     mean = torch.empty(c, dtype=torch.float64)
     var = torch.empty(c, dtype=acc)
