@@ -3,9 +3,9 @@
 Same signatures and conventions as ``portable.py``. Tensors cross into numba as zero-copy
 NumPy views of contiguous CPU tensors in the primitives, and as addresses in the fused
 entry points ops calls for local batch norm (see there). Tensor-sized outputs (y, dx)
-come from ``cpu_buffers``: memory allocated by torch and kept for reuse once no tensor refers to
-it, because faulting in fresh pages cost more than the kernels (see there); they are
-returned without a copy.
+come from ``cpu_buffers``: memory allocated by torch and kept for reuse once no tensor
+refers to it, because faulting in fresh pages cost more than the kernels (see there);
+they are returned without a copy.
 
 Dtypes: the kernels take float32 and float64. NumPy has no bfloat16 and numba's float16
 arithmetic is limited, so float16/bfloat16 tensors are converted to float32 by torch on
