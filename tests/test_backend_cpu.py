@@ -498,3 +498,72 @@ def test_wide_channels_few_rows(shape, affine, activation):
                                  running_var=bn.running_var.double().numpy(), eps=1e-5,
                                  activation=activation)
     assert_close(bn(x), torch.from_numpy(ref_e), torch.float32, scale=4)
+
+
+@pytest.mark.parametrize("shape", [(40, 3, 5), (32, 6, 2, 3), (33, 4, 3, 2, 2), (256, 64, 4, 4)],
+                         ids=["1d", "2d", "3d", "2d-parallel"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu"])
+def test_short_rows_run_as_wide_rows(shape, dtype, activation):
+    """(N, C, L) with short rows goes to the MC kernels as N rows of C·L values, each
+    channel's coefficients spread over its L columns and its sums folded from them: the
+    float64 reference's numbers, with a residual, data at a large mean, a constant channel
+    (exactly the bias), the running update, the gradients and evaluation."""
+    import batchnorm
+    from batchnorm import reference
+
+    gen = torch.Generator().manual_seed(15)
+    c = shape[1]
+    x = _data(shape, dtype, gen, loc=1e3, scale=2.0)
+    x[:, 1] = 4321.5
+    dy, r = _data(shape, dtype, gen), _data(shape, dtype, gen)
+    n, l_ = shape[0], x.numel() // (shape[0] * c)
+    assert cpu._kernel_plan(x, False)[:5] == ("mc", cpu._build(x.numel()), n, c, l_)
+    module = {3: batchnorm.BatchNorm1d, 4: batchnorm.BatchNorm2d, 5: batchnorm.BatchNorm3d}
+    bn = module[len(shape)](c, activation=None if activation == "none" else activation,
+                            dtype=dtype)
+    with torch.no_grad():
+        bn.weight.copy_(_data((c,), dtype, gen))
+        bn.bias.copy_(_data((c,), dtype, gen))
+    w, b = bn.weight.detach().double().numpy(), bn.bias.detach().double().numpy()
+    xg, rg = x.clone().requires_grad_(), r.clone().requires_grad_()
+    y = bn(xg, rg)
+    y.backward(dy)
+    ref_y, cache = reference.forward(x.double().numpy(), w, b, eps=1e-5, activation=activation,
+                                     residual=r.double().numpy())
+    assert_close(y.detach(), torch.from_numpy(ref_y), dtype, scale=4)
+    if activation == "none":
+        # x̂ == 0 exactly on the constant channel: y = bias + residual
+        torch.testing.assert_close(y.detach()[:, 1], bn.bias.detach()[1] + r[:, 1],
+                                   rtol=0, atol=0)
+    grads = reference.backward(dy.double().numpy(), cache)
+    scale = 20 * (x.numel() // c) ** 0.5
+    assert_close(xg.grad, torch.from_numpy(grads["dx"]), dtype, scale=20)
+    assert_close(rg.grad, torch.from_numpy(grads["dresidual"]), dtype, scale=4)
+    assert_close(bn.weight.grad, torch.from_numpy(grads["dweight"]), dtype, scale=scale)
+    assert_close(bn.bias.grad, torch.from_numpy(grads["dbias"]), dtype, scale=scale)
+    ref_rm, ref_rv, _ = reference.update_running(np.zeros(c), np.ones(c), 0, cache["mean"],
+                                                 cache["var"], cache["count"], 0.1)
+    assert_close(bn.running_mean, torch.from_numpy(ref_rm), dtype, scale=4)
+    assert_close(bn.running_var, torch.from_numpy(ref_rv), dtype, scale=4)
+    bn.eval()
+    ref_e, _ = reference.forward(x.double().numpy(), w, b, training=False,
+                                 running_mean=bn.running_mean.double().numpy(),
+                                 running_var=bn.running_var.double().numpy(), eps=1e-5,
+                                 activation=activation, residual=r.double().numpy())
+    assert_close(bn(x, r), torch.from_numpy(ref_e), dtype, scale=4)
+
+
+@pytest.mark.parametrize("shape, wide", [((15, 3, 5), False), ((16, 3, 5), True),
+                                         ((32, 3, 32), False), ((32, 3, 31), True),
+                                         ((32, 128, 16), True), ((32, 129, 16), False)])
+def test_which_short_rows_run_as_wide_rows(shape, wide):
+    """The bounds of ``cpu._wide_rows``: rows shorter than WIDE_BELOW, at most
+    WIDE_MAX_COLUMNS values a row, at least WIDE_MIN_ROWS rows; channels-last input is
+    (M, C) already."""
+    assert (cpu.WIDE_BELOW, cpu.WIDE_MAX_COLUMNS, cpu.WIDE_MIN_ROWS) == (32, 2048, 16)
+    x = torch.empty(shape)
+    view, _, n, c, l_ = cpu._kernel_plan(x, False)[:5]
+    assert (view == "mc") == wide and (n, c, l_) == shape
+    x4 = torch.empty(*shape, 1).to(memory_format=torch.channels_last)
+    assert cpu._kernel_plan(x4, True)[:5] == ("mc", 1, shape[0] * shape[2], shape[1], 1)

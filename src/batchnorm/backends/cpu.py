@@ -17,7 +17,9 @@ Work split: a reduction (statistics, backward_reduce) over an NCL view is cut in
 ranges of whole rows read in memory order when rows are short, else into ``pieces`` per
 channel, and over an MC view into ``blocks`` of rows; an elementwise kernel
 takes flat ranges of an NCL view (many short rows or a piece of a long one) or blocks of
-rows of an MC view. The counts depend only on the shape, never on the thread count, so
+rows of an MC view; the serial build (small tensors) runs one task. An NCL array with
+short rows goes to the fused entry points' MC kernels as rows of C·L values
+(``_wide_rows``). The counts depend only on the shape, never on the thread count, so
 results are bitwise reproducible on any machine with the same build.
 """
 
@@ -130,7 +132,14 @@ def _splits(shape) -> tuple[int, int]:
     tensors)."""
     got = _SPLITS.get(shape)
     if got is None:
-        if len(shape) == 2:
+        numel = 1
+        for s in shape:
+            numel *= s
+        if numel < SERIAL_BELOW:
+            # the serial build: one task, no partials to merge (with 16 row blocks the MC
+            # kernels on (64, 1024) took 1.5-2x longer in the serial build, measured)
+            got = (1, 1)
+        elif len(shape) == 2:
             m, c = shape
             got = (max(1, min(_TASKS, m, (m * c) // _MIN_PIECE)),
                    max(1, min(4 * _TASKS, m, (m * c) // _MIN_PIECE)))
@@ -271,13 +280,33 @@ def _rows_of_channels(shape, channels_last: bool) -> bool:
 _PLANS: dict = {}
 
 
+def _wide_rows(n: int, c: int, l_: int) -> bool:
+    """Whether an (n, c, l) array runs the MC kernels as n rows of c·l values (see
+    cpu_kernels, "Channels-last tiles") rather than as n·c rows of l.
+
+    Measured 2026-11-27 on the 2-core machine, kernels alone, forward + backward, wide
+    rows against NCL rows: NCL rows shorter than 32 run mostly outside LLVM's vectorized
+    loop, and wide rows took 0.20x the time on (256, 128, 2, 2), 0.57x on (256, 8, 16),
+    0.61x on (16, 128, 2, 2), 0.66x on (32, 64, 4, 4), 0.75x on (64, 128, 4, 4), 0.62-0.95x
+    with rows of 17 to 31 values. They lose where the row of c·l coefficients outgrows
+    the caches, 1.78x on (64, 256, 4, 4) and 2.70x on (128, 512, 4, 4), and where few
+    rows pay for building it: 1.07x on (16, 64, 4, 4), 1.5x on (8, 512, 4, 4)."""
+    return l_ < WIDE_BELOW and c * l_ <= WIDE_MAX_COLUMNS and n >= WIDE_MIN_ROWS
+
+
+# The bounds of _wide_rows (measured; see there).
+WIDE_BELOW = 32
+WIDE_MAX_COLUMNS = 2048
+WIDE_MIN_ROWS = 16
+
+
 def _kernel_plan(x: Tensor, channels_last: bool):
     """``(view, build, n, c, l, rsplit, esplit, count, pooled)`` of a dense x: the kernel
-    view is (n, c, l) ("ncl"), or (n, c) rows of channels ("mc", l = 1; see
-    _rows_of_channels); build 0 (parallel) or 1 (serial, below SERIAL_BELOW); the splits
-    as _splits; count = values per channel, a float; pooled: whether outputs of x's size
-    come from ``cpu_buffers``. Kept per shape: the arithmetic's Python calls cost more
-    than a small kernel."""
+    view is (n, c, l) ("ncl"), or rows ("mc") of c channels (l = 1; see
+    _rows_of_channels) or of c·l values (wide rows; see _wide_rows); build 0 (parallel)
+    or 1 (serial, below SERIAL_BELOW); the splits as _splits; count = values per channel,
+    a float; pooled: whether outputs of x's size come from ``cpu_buffers``. Kept per
+    shape: the arithmetic's Python calls cost more than a small kernel."""
     key = (x.shape, channels_last, x.dtype)
     plan = _PLANS.get(key)
     if plan is None:
@@ -287,8 +316,13 @@ def _kernel_plan(x: Tensor, channels_last: bool):
             view, n, l_ = "mc", numel // c, 1
             splits = _splits((n, c))
         else:
-            view, n, l_ = "ncl", shape[0], numel // (shape[0] * c)
-            splits = _splits((n, c, l_))
+            n, l_ = shape[0], numel // (shape[0] * c)
+            if _wide_rows(n, c, l_):
+                view = "mc"
+                splits = _splits((n, c * l_))
+            else:
+                view = "ncl"
+                splits = _splits((n, c, l_))
         plan = (view, _build(numel), n, c, l_, *splits, float(numel // c),
                 numel * x.element_size() >= buffers.MIN_BYTES)
         if len(_PLANS) > 4096:  # shapes of a long-running process with varying batches

@@ -154,25 +154,42 @@ def _dz(dy, z, code, slope):
 # on (65536, 8) took 2.2 ms a pass against 0.3 ms without the activation (measured). The
 # MC kernels therefore work on tiles of k whole rows, k·C ≥ _TILE values, with the
 # per-channel coefficients repeated k times: position j of a tile is channel j mod C.
+#
+# The same kernels take an (N, C, L) array with short rows as (N, C·L) ("wide rows"):
+# its columns are then C groups of ``rep`` = L, column j belonging to channel j // L, and
+# the coefficients are repeated L times within a row as well. Each NCL row of a few values
+# is a loop too short to vectorize (on (64, 128, 8) the NCL kernels took 2-3x longer
+# than these, measured); a row of C·L values is not. The per-channel arrays (mean, var,
+# weight, ...) always have C entries, which is how the kernels know ``rep``: the columns
+# of x over the channels.
+
 
 _TILE = 64
 
 
 @njit(inline="always")
-def _tile_len(c_):
-    """k·C for the smallest k with k·C ≥ _TILE."""
-    return c_ * max(1, -(-_TILE // c_))
+def _tile_len(cols):
+    """k·cols for the smallest k with k·cols ≥ _TILE."""
+    return cols * max(1, -(-_TILE // cols))
 
 
 @njit(inline="always")
-def _tiled(a, t_):
-    """a (per channel) repeated over a tile of t_ positions."""
-    c_ = a.shape[0]
+def _tiled(a, rep, t_):
+    """a (per channel), each value over ``rep`` neighbouring columns, repeated over a tile
+    of t_ positions."""
+    cols = a.shape[0] * rep
     out = np.empty(t_, a.dtype)
-    # t_ is a multiple of C (_tile_len); no j % C: an integer division per value cost
-    # more than the arithmetic of a few rows when C is in the thousands
-    for k in range(t_ // c_):
-        out[k * c_:(k + 1) * c_] = a
+    # Scalar loops, not slice assignments: in the parallel builds numba turns each slice
+    # assignment into a parallel loop of its own, one per channel here (wide rows on
+    # (64, 256, 4, 4) took 13x longer than these loops, measured).
+    for c in range(a.shape[0]):
+        v = a[c]
+        for j in range(c * rep, (c + 1) * rep):
+            out[j] = v
+    # t_ is a multiple of the row (_tile_len): copy the first row on, with no j % cols
+    # (an integer division per value cost more than a few rows' arithmetic at large C)
+    for j in range(cols, t_):
+        out[j] = out[j - cols]
     return out
 
 
@@ -303,31 +320,36 @@ def _stats_mc_tile(xf, e, n, skt, b1, b2):
 
 
 @njit(inline="always")
-def _fold_tiles(s1, s2, c_):
-    """Per-channel totals of [blocks, k·C] partials, added block by block and, within a
-    block, tile position by tile position: the order of a loop over each channel's
+def _fold_tiles(s1, s2, c_, rep):
+    """Per-channel totals of [blocks, k·C·rep] partials, added block by block and, within
+    a block, tile position by tile position: the order of a loop over each channel's
     positions, read in memory order (column by column, the reads were C·k·8 bytes apart:
     108 against 25 µs for the statistics of (64, 1024) in 16 blocks)."""
     a1 = np.zeros(c_, np.float64)
     a2 = np.zeros(c_, np.float64)
+    cols = c_ * rep
     for b in range(s1.shape[0]):
-        for k in range(s1.shape[1] // c_):
+        for k in range(s1.shape[1] // cols):
             for c in range(c_):
-                a1[c] += s1[b, k * c_ + c]
-                a2[c] += s2[b, k * c_ + c]
+                for j in range(k * cols + c * rep, k * cols + (c + 1) * rep):
+                    a1[c] += s1[b, j]
+                    a2[c] += s2[b, j]
     return a1, a2
 
 
 def stats_mc(x, blocks, mean_out, m2_out):
-    m_, c_ = x.shape
-    t_ = _tile_len(c_)
+    m_, cols = x.shape
+    c_ = mean_out.shape[0]
+    rep = cols // c_  # wide rows: L columns a channel (see "Channels-last tiles")
+    t_ = _tile_len(cols)
     xf = x.reshape(-1)
     shift = np.empty(c_, np.float64)
     sk = np.empty(c_, x.dtype)
+    # one shift for all of a channel's columns, so that their sums add up as they are
     for c in range(c_):
-        shift[c] = x[0, c]
-        sk[c] = x[0, c]
-    skt = _tiled(sk, t_)
+        shift[c] = x[0, c * rep]
+        sk[c] = x[0, c * rep]
+    skt = _tiled(sk, rep, t_)
     s1 = np.zeros((blocks, t_), np.float64)
     s2 = np.zeros((blocks, t_), np.float64)
     for b in prange(blocks):
@@ -344,8 +366,8 @@ def stats_mc(x, blocks, mean_out, m2_out):
             q1 = min(r1, q + _BLK)
             b1[:] = 0
             b2[:] = 0
-            e = q * c_
-            end = q1 * c_
+            e = q * cols
+            end = q1 * cols
             # whole tiles, then the rest: a loop whose trip count is the tile's length
             # (invariant) vectorizes as the row loop did; a min() per tile cost 1.5x
             while e + t_ <= end:
@@ -356,10 +378,11 @@ def stats_mc(x, blocks, mean_out, m2_out):
                 a1[j] += b1[j]
                 a2[j] += b2[j]
             q = q1
-    a1, a2 = _fold_tiles(s1, s2, c_)
+    a1, a2 = _fold_tiles(s1, s2, c_, rep)
+    total = m_ * rep
     for c in range(c_):
-        mean_out[c] = shift[c] + a1[c] / m_
-        m2 = a2[c] - a1[c] * a1[c] / m_
+        mean_out[c] = shift[c] + a1[c] / total
+        m2 = a2[c] - a1[c] * a1[c] / total
         m2_out[c] = 0.0 if m2 < 0 else m2  # rounding can dip below 0; NaN stays NaN
 
 
@@ -550,11 +573,11 @@ _norm_mc_tail = njit(cache=True)(_twin(_norm_mc_tile_py, "_tail"))
 
 
 @njit(inline="always")
-def _norm_mc_rows(xf, rf, yf, r0, r1, c_, mean, scale, shift, code, slope, has_res):
+def _norm_mc_rows(xf, rf, yf, r0, r1, cols, mean, scale, shift, code, slope, has_res):
     # rows [r0, r1): whole tiles, then the rest (see stats_mc); mean, scale, shift tiled
     t_ = mean.shape[0]
-    e = r0 * c_
-    end = r1 * c_
+    e = r0 * cols
+    end = r1 * cols
     while e + t_ <= end:
         _norm_mc_tile(xf, rf, yf, e, t_, mean, scale, shift, code, slope, has_res)
         e += t_
@@ -564,13 +587,15 @@ def _norm_mc_rows(xf, rf, yf, r0, r1, c_, mean, scale, shift, code, slope, has_r
 
 def normalize_mc(x, mean_in, v, eps, count, mode, weight, bias, res, code, slope, blocks, y,
                  var_out):
-    m_, c_ = x.shape
+    m_, cols = x.shape
+    c_ = v.shape[0]
+    rep = cols // c_
     mean, invstd, scale, shift, delta = _arrays(x, c_)
     _prologue(mean_in, v, eps, count, mode, weight, bias, mean, invstd, scale, shift, delta,
               var_out)
     has_res = res.shape[0] > 0
-    t_ = _tile_len(c_)
-    mt, st, bt = _tiled(mean, t_), _tiled(scale, t_), _tiled(shift, t_)
+    t_ = _tile_len(cols)
+    mt, st, bt = _tiled(mean, rep, t_), _tiled(scale, rep, t_), _tiled(shift, rep, t_)
     xf = x.reshape(-1)
     yf = y.reshape(-1)
     rf = res.reshape(-1)
@@ -579,16 +604,16 @@ def normalize_mc(x, mean_in, v, eps, count, mode, weight, bias, res, code, slope
         r1 = m_ * (bl + 1) // blocks
         if code == 0:
             if has_res:
-                _norm_mc_rows(xf, rf, yf, r0, r1, c_, mt, st, bt, 0, slope, True)
+                _norm_mc_rows(xf, rf, yf, r0, r1, cols, mt, st, bt, 0, slope, True)
             else:
-                _norm_mc_rows(xf, rf, yf, r0, r1, c_, mt, st, bt, 0, slope, False)
+                _norm_mc_rows(xf, rf, yf, r0, r1, cols, mt, st, bt, 0, slope, False)
         elif code == 1:
             if has_res:
-                _norm_mc_rows(xf, rf, yf, r0, r1, c_, mt, st, bt, 1, slope, True)
+                _norm_mc_rows(xf, rf, yf, r0, r1, cols, mt, st, bt, 1, slope, True)
             else:
-                _norm_mc_rows(xf, rf, yf, r0, r1, c_, mt, st, bt, 1, slope, False)
+                _norm_mc_rows(xf, rf, yf, r0, r1, cols, mt, st, bt, 1, slope, False)
         else:
-            _norm_mc_rows(xf, rf, yf, r0, r1, c_, mt, st, bt, code, slope, has_res)
+            _norm_mc_rows(xf, rf, yf, r0, r1, cols, mt, st, bt, code, slope, has_res)
 
 
 # ---------------------------------------------------------------------------------------
@@ -772,7 +797,7 @@ _reduce_mc_tail = njit(cache=True, fastmath=_REDUCE_MATH)(_twin(_reduce_mc_tile_
 
 
 @njit(inline="always", fastmath=_REDUCE_MATH)
-def _reduce_mc_rows(dyf, xf, rf, r0, r1, c_, mean, scale, shift, a1, a2, code, slope,
+def _reduce_mc_rows(dyf, xf, rf, r0, r1, cols, mean, scale, shift, a1, a2, code, slope,
                     has_res):
     t_ = mean.shape[0]
     # short blocks of rows summed in the data's dtype per tile position, then into
@@ -784,8 +809,8 @@ def _reduce_mc_rows(dyf, xf, rf, r0, r1, c_, mean, scale, shift, a1, a2, code, s
         q1 = min(r1, q + _BLK)
         b1[:] = 0
         b2[:] = 0
-        e = q * c_
-        end = q1 * c_
+        e = q * cols
+        end = q1 * cols
         # whole tiles, then the rest (see stats_mc)
         while e + t_ <= end:
             _reduce_mc_tile(dyf, xf, rf, e, t_, mean, scale, shift, b1, b2, code, slope,
@@ -802,13 +827,15 @@ def _reduce_mc_rows(dyf, xf, rf, r0, r1, c_, mean, scale, shift, a1, a2, code, s
 
 def reduce_mc(dy, x, mean_in, v, eps, count, mode, weight, bias, res, code, slope, blocks,
               sum_dz, sum_dzx):
-    m_, c_ = x.shape
+    m_, cols = x.shape
+    c_ = v.shape[0]
+    rep = cols // c_
     mean, invstd, scale, shift, delta = _arrays(x, c_)
     _prologue(mean_in, v, eps, count, mode, weight, bias, mean, invstd, scale, shift, delta,
               mean[0:0])
     has_res = res.shape[0] > 0
-    t_ = _tile_len(c_)
-    mt, st, bt = _tiled(mean, t_), _tiled(scale, t_), _tiled(shift, t_)
+    t_ = _tile_len(cols)
+    mt, st, bt = _tiled(mean, rep, t_), _tiled(scale, rep, t_), _tiled(shift, rep, t_)
     dyf = dy.reshape(-1)
     xf = x.reshape(-1)
     rf = res.reshape(-1)
@@ -820,16 +847,17 @@ def reduce_mc(dy, x, mean_in, v, eps, count, mode, weight, bias, res, code, slop
         a1 = s1[bl]
         a2 = s2[bl]
         if code == 0:
-            _reduce_mc_rows(dyf, xf, rf, r0, r1, c_, mt, st, bt, a1, a2, 0, slope, False)
+            _reduce_mc_rows(dyf, xf, rf, r0, r1, cols, mt, st, bt, a1, a2, 0, slope, False)
         elif code == 1:
             if has_res:
-                _reduce_mc_rows(dyf, xf, rf, r0, r1, c_, mt, st, bt, a1, a2, 1, slope, True)
+                _reduce_mc_rows(dyf, xf, rf, r0, r1, cols, mt, st, bt, a1, a2, 1, slope, True)
             else:
-                _reduce_mc_rows(dyf, xf, rf, r0, r1, c_, mt, st, bt, a1, a2, 1, slope, False)
+                _reduce_mc_rows(dyf, xf, rf, r0, r1, cols, mt, st, bt, a1, a2, 1, slope,
+                                False)
         else:
-            _reduce_mc_rows(dyf, xf, rf, r0, r1, c_, mt, st, bt, a1, a2, code, slope,
+            _reduce_mc_rows(dyf, xf, rf, r0, r1, cols, mt, st, bt, a1, a2, code, slope,
                             has_res)
-    a1, a2 = _fold_tiles(s1, s2, c_)
+    a1, a2 = _fold_tiles(s1, s2, c_, rep)
     for c in range(c_):
         sum_dz[c] = a1[c]
         sum_dzx[c] = np.float64(invstd[c]) * (a2[c] - delta[c] * a1[c])
@@ -941,11 +969,11 @@ _dx_mc_tail = njit(cache=True)(_twin(_dx_mc_tile_py, "_tail"))
 
 
 @njit(inline="always")
-def _dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, c_, coefs, code, slope, has_res, want_dres):
+def _dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, cols, coefs, code, slope, has_res, want_dres):
     # whole tiles, then the rest (see stats_mc)
     t_ = coefs[0].shape[0]
-    e = r0 * c_
-    end = r1 * c_
+    e = r0 * cols
+    end = r1 * cols
     while e + t_ <= end:
         _dx_mc_tile(dyf, xf, rf, dxf, drf, e, t_, coefs, code, slope, has_res, want_dres)
         e += t_
@@ -956,7 +984,9 @@ def _dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, c_, coefs, code, slope, has_res, 
 
 def elementwise_mc(dy, x, mean_in, v, eps, count, mode, weight, bias, res, sum_dz, sum_dzx,
                    code, slope, blocks, dx, dres):
-    m_, c_ = x.shape
+    m_, cols = x.shape
+    c_ = v.shape[0]
+    rep = cols // c_
     mean, invstd, scale, shift, delta = _arrays(x, c_)
     _prologue(mean_in, v, eps, count, mode, weight, bias, mean, invstd, scale, shift, delta,
               mean[0:0])
@@ -966,9 +996,9 @@ def elementwise_mc(dy, x, mean_in, v, eps, count, mode, weight, bias, res, sum_d
     _dx_coefs(invstd, weight, delta, sum_dz, sum_dzx, count, k0, k1, k2)
     has_res = res.shape[0] > 0
     want_dres = dres.shape[0] > 0
-    t_ = _tile_len(c_)
-    coefs = (_tiled(mean, t_), _tiled(scale, t_), _tiled(shift, t_), _tiled(k0, t_),
-             _tiled(k1, t_), _tiled(k2, t_))
+    t_ = _tile_len(cols)
+    coefs = (_tiled(mean, rep, t_), _tiled(scale, rep, t_), _tiled(shift, rep, t_),
+             _tiled(k0, rep, t_), _tiled(k1, rep, t_), _tiled(k2, rep, t_))
     dyf = dy.reshape(-1)
     xf = x.reshape(-1)
     rf = res.reshape(-1)
@@ -978,16 +1008,17 @@ def elementwise_mc(dy, x, mean_in, v, eps, count, mode, weight, bias, res, sum_d
         r0 = m_ * bl // blocks
         r1 = m_ * (bl + 1) // blocks
         if code == 0:
-            _dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, c_, coefs, 0, slope, False, False)
+            _dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, cols, coefs, 0, slope, False, False)
         elif code == 1:
             if want_dres:
-                _dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, c_, coefs, 1, slope, True, True)
+                _dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, cols, coefs, 1, slope, True, True)
             elif has_res:
-                _dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, c_, coefs, 1, slope, True, False)
+                _dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, cols, coefs, 1, slope, True, False)
             else:
-                _dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, c_, coefs, 1, slope, False, False)
+                _dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, cols, coefs, 1, slope, False,
+                            False)
         else:
-            _dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, c_, coefs, code, slope, has_res,
+            _dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, cols, coefs, code, slope, has_res,
                         want_dres)
 
 
@@ -1078,8 +1109,9 @@ def _ncl_at(address, n, c, l_, like):
 
 @njit(inline="always")
 def _mc_at(address, m, c, l_, like):
+    # (m, c) rows of channels (l_ = 1), or an (n, c, l) array as wide rows (n, c·l)
     k = 1 if address != 0 else 0
-    return carray(_pointer(address, like), (m * k, c * k))
+    return carray(_pointer(address, like), (m * k, c * l_ * k))
 
 
 def forward_train_at(x, n, c, l_, rsplit, esplit, eps, count, weight, bias, res, code, slope,
