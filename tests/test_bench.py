@@ -48,3 +48,27 @@ def test_extra_rows_fold():
     assert all(r["ms"] > 0 and r["op"] == "inference" for r in rows)
     assert rows[0]["ratio"] == 1.0 and rows[1]["ratio"] > 0
     assert "folded" in bench.format_extra(rows)
+
+
+def test_shape_cases_parse():
+    assert bench.parse_case("64,64,4,4") == bench.Case((64, 64, 4, 4))
+    case = bench.parse_case("8,16,4,4,4:cl", torch.float64)
+    assert case.shape == (8, 16, 4, 4, 4) and case.channels_last
+    assert case.dtype == torch.float64 and case.label == "3d (8, 16, 4, 4, 4) f64 CL"
+    for bad in ("64", "64,x", "1,2,3,4,5,6", "0,4", "64,64:cl", "64,64,4,4:nhwc"):
+        with pytest.raises(ValueError, match="--shape"):
+            bench.parse_case(bad)
+
+
+def test_cli_times_given_shapes(capsys):
+    import argparse
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    args = p.parse_args(["--device", "cpu", "--shape", "2,2,3,4", "--shape", "4,3,2,2:cl",
+                         "--repeats", "2", "--no-memory", "--no-compile"])
+    assert bench.run(args) == 0
+    out = capsys.readouterr().out
+    assert "2d (2, 2, 3, 4) f32 " in out and "2d (4, 3, 2, 2) f32 CL" in out
+    assert "(32, 256, 56, 56)" not in out and "folded" not in out
+    assert bench.run(p.parse_args(["--device", "cpu", "--shape", "2,2:cl"])) == 2
+    assert "--shape '2,2:cl'" in capsys.readouterr().err

@@ -102,6 +102,24 @@ def cpu_cases(quick: bool = False, compile: bool | None = None) -> list[Case]:
     return cases
 
 
+def parse_case(text: str, dtype: torch.dtype = F32) -> Case:
+    """A case from ``--shape``: sizes separated by commas, ``:cl`` for channels-last
+    (4-D or 5-D), e.g. ``64,64,4,4`` or ``32,256,56,56:cl``."""
+    sizes, _, layout = text.partition(":")
+    try:
+        shape = tuple(int(v) for v in sizes.split(","))
+    except ValueError:
+        raise ValueError(f"--shape {text!r}: expected sizes separated by commas, such as "
+                         f"64,64,4,4 (add :cl for channels-last)") from None
+    if not 2 <= len(shape) <= 5 or min(shape) < 1:
+        raise ValueError(f"--shape {text!r}: a batch norm input has 2 to 5 dimensions, each "
+                         f"at least 1")
+    if layout not in ("", "cl") or (layout == "cl" and len(shape) < 4):
+        raise ValueError(f"--shape {text!r}: the only layout suffix is :cl, for a 4-D or 5-D "
+                         f"shape")
+    return Case(shape, dtype, channels_last=layout == "cl")
+
+
 def cuda_cases(quick: bool = False, compile: bool | None = None) -> list[Case]:
     """The GPU table of issue 4: bf16 inputs (float32 weights) unless noted."""
     c = compile is not False
@@ -499,11 +517,13 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_csv(rows: list[dict], device: str, directory: Path = RESULTS_DIR) -> Path:
+def write_csv(rows: list[dict], device: str, directory: Path = RESULTS_DIR,
+              name: str = "") -> Path:
+    """``<device>-<date>[-<name>][-thp<N>].csv`` in ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     day = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
     thp = os.environ.get("THP_MEM_ALLOC_ENABLE")
-    suffix = f"-thp{thp}" if thp else ""
+    suffix = (f"-{name}" if name else "") + (f"-thp{thp}" if thp else "")
     path = directory / f"{device}-{day}{suffix}.csv"
     fields = list(rows[0].keys())
     for r in rows:
@@ -558,6 +578,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     p.add_argument("--no-extras", action="store_true",
                    help="skip the inference (fold) and SyncBatchNorm rows")
+    p.add_argument("--shape", action="append", default=None, metavar="N,C,...[:cl]",
+                   help="time these shapes instead of the table (repeatable; :cl for "
+                        "channels-last); the CSV is then <device>-<date>-shapes.csv")
+    p.add_argument("--dtype", default="float32",
+                   choices=["float32", "float64", "float16", "bfloat16"],
+                   help="dtype of the --shape cases (default: float32)")
 
 
 def extra_rows(device: torch.device, quick: bool, info: dict, sync: bool) -> list[dict]:
@@ -603,10 +629,19 @@ def run(args) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("batchnorm bench: --device cuda but no GPU is visible", file=sys.stderr)
         return 2
+    cases = None
+    if args.shape:
+        try:
+            cases = [parse_case(text, getattr(torch, args.dtype)) for text in args.shape]
+        except ValueError as e:
+            print(f"batchnorm bench: {e}", file=sys.stderr)
+            return 2
     rows = run_table(device, quick=args.quick, repeats=args.repeats,
-                     compile=False if args.no_compile else None, memory=not args.no_memory)
-    extras = [] if args.no_extras else extra_rows(device, args.quick, machine(device),
-                                                  sync=not args.quick)
+                     compile=False if args.no_compile else None, memory=not args.no_memory,
+                     cases=cases)
+    extras = [] if args.no_extras or cases else extra_rows(device, args.quick,
+                                                           machine(device),
+                                                           sync=not args.quick)
     info = rows[0]
     print(f"batchnorm bench on {info['device_name']} ({info['cpu_count']} CPUs, torch "
           f"{info['torch_version']}, {info['torch_threads']} threads), {info['date']}, "
@@ -620,7 +655,7 @@ def run(args) -> int:
         print("ratio = eval ms / folded ms; local ms / SyncBatchNorm ms (1.3x slower = 0.77)")
         print(format_extra(extras))
     if args.csv or args.plot:
-        path = write_csv(rows + extras, device.type)
+        path = write_csv(rows + extras, device.type, name="shapes" if cases else "")
         print(f"wrote {path}")
         if args.plot:
             print(f"wrote {plot(rows, path.with_suffix('.png'))}")
