@@ -136,8 +136,8 @@ def _splits(shape) -> tuple[int, int]:
         for s in shape:
             numel *= s
         if numel < SERIAL_BELOW:
-            # the serial build: one task, no partials to merge (with 16 row blocks the MC
-            # kernels on (64, 1024) took 1.5-2x longer in the serial build, measured)
+            # the serial build: one task, no partials to merge (in 16 row blocks the MC
+            # kernels' forward on (64, 1024) took 67-69 µs against 46, measured)
             got = (1, 1)
         elif len(shape) == 2:
             m, c = shape
