@@ -135,7 +135,7 @@ def _splits(shape) -> tuple[int, int]:
         numel = 1
         for s in shape:
             numel *= s
-        if numel < SERIAL_BELOW:
+        if _build(numel) == 1:
             # the serial build: one task, no partials to merge (in 16 row blocks the MC
             # kernels' forward on (64, 1024) took 67-69 µs against 46, measured)
             got = (1, 1)
@@ -284,7 +284,7 @@ def _wide_rows(n: int, c: int, l_: int) -> bool:
     """Whether an (n, c, l) array runs the MC kernels as n rows of c·l values (see
     cpu_kernels, "Channels-last tiles") rather than as n·c rows of l.
 
-    Measured 2026-11-27 on the 2-core machine, kernels alone, forward + backward, wide
+    Measured 2026-11-28 on the 2-core machine, kernels alone, forward + backward, wide
     rows against NCL rows: NCL rows shorter than 32 run mostly outside LLVM's vectorized
     loop, and wide rows took 0.20x the time on (256, 128, 2, 2), 0.57x on (256, 8, 16),
     0.61x on (16, 128, 2, 2), 0.66x on (32, 64, 4, 4), 0.75x on (64, 128, 4, 4), 0.62-0.95x
