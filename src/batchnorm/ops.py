@@ -420,9 +420,9 @@ class _EagerBatchNorm(torch.autograd.Function):
     (about 0.1 ms a call, measured on the 2-core CPU machine) would dominate small
     tensors. It hands the input to the backend as given (N, C, *): the kernel views are
     made inside, where no autograd node records them (view nodes cost more than a small
-    batch norm; the CPU backend hands its kernels addresses and shapes). It returns y alone: the
-    statistics stay inside, saved for backward, and the running update (the last input)
-    is done in the forward."""
+    batch norm; the CPU backend hands its kernels addresses and shapes). It returns y
+    alone: the statistics stay inside, saved for backward, and the running update (the
+    last input) is done in the forward."""
 
     @staticmethod
     def forward(ctx, input, weight, bias, residual, running_mean, running_var, eps,
