@@ -453,13 +453,15 @@ def test_one_value_per_row_takes_the_channels_last_kernels(shape, channels_last,
                  scale=20 * shape[0] ** 0.5)
 
 
-@pytest.mark.parametrize("shape", [(8, 300), (5, 70), (7, 48)])
+@pytest.mark.parametrize("shape", [(8, 300), (5, 70), (7, 48), (128, 2048)],
+                         ids=["300", "70", "48", "2048-parallel"])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("activation", ["none", "relu"])
 def test_wide_channels_few_rows(shape, affine, activation):
-    """(M, C) with C in the hundreds and a few rows (BatchNorm1d in an MLP): the
-    per-channel prologue and the fold of the per-block partials dominate there; against
-    the float64 reference, in training (running update included) and evaluation."""
+    """(M, C) with C in the hundreds or thousands and few rows (BatchNorm1d in an MLP):
+    the per-channel prologue and the fold of the per-block partials dominate there (the
+    last shape runs the parallel build in two row blocks); against the float64 reference,
+    in training (running update included) and evaluation."""
     import batchnorm
     from batchnorm import reference
 
@@ -498,6 +500,15 @@ def test_wide_channels_few_rows(shape, affine, activation):
                                  running_var=bn.running_var.double().numpy(), eps=1e-5,
                                  activation=activation)
     assert_close(bn(x), torch.from_numpy(ref_e), torch.float32, scale=4)
+
+
+@pytest.mark.parametrize("shape, blocks", [((64, 4096), 2), ((128, 2048), 2), ((512, 1024), 8),
+                                           ((4096, 64), 16), ((3, 100_000), 2)])
+def test_mc_reductions_keep_enough_rows_a_block(shape, blocks):
+    """A parallel MC reduction's row blocks hold at least cpu._MC_BLOCK_ROWS rows (each
+    block's float64 partials are a whole row), and there are always two to share."""
+    assert np.prod(shape) >= cpu.SERIAL_BELOW
+    assert cpu._splits(shape)[0] == blocks
 
 
 @pytest.mark.parametrize("shape", [(40, 3, 5), (32, 6, 2, 3), (33, 4, 3, 2, 2), (256, 64, 4, 4)],

@@ -38,6 +38,8 @@ _DTYPES = (torch.float32, torch.float64)
 _TASKS = 16
 # Below this many elements per piece the loop is too short to pay for a task.
 _MIN_PIECE = 4096
+# Fewest rows a block of an MC reduction (see _splits).
+_MC_BLOCK_ROWS = 64
 # Below this many elements the serial build runs: waking the worker threads costs more
 # than the work. Measured 2026-11-27 on the 2-core machine, module forward+backward steps
 # interleaved with torch's: serial was faster at 65,536 elements (BN 286 against 350 µs on
@@ -141,7 +143,11 @@ def _splits(shape) -> tuple[int, int]:
             got = (1, 1)
         elif len(shape) == 2:
             m, c = shape
-            got = (max(1, min(_TASKS, m, (m * c) // _MIN_PIECE)),
+            # a reduction's row block sums into float64 partials of a whole row, zeroed and
+            # folded afterwards: blocks of fewer than _MC_BLOCK_ROWS rows spend more on
+            # those than they win (the forward, statistics then normalize, of (64, 4096)
+            # and (256, 2048) took 1.3-2.8x as long with 16 blocks as with 2, measured)
+            got = (max(min(2, m), min(_TASKS, m // _MC_BLOCK_ROWS, (m * c) // _MIN_PIECE)),
                    max(1, min(4 * _TASKS, m, (m * c) // _MIN_PIECE)))
         else:
             n, c, l_ = shape

@@ -178,6 +178,11 @@ def _tiled(a, rep, t_):
     """a (per channel), each value over ``rep`` neighbouring columns, repeated over a tile
     of t_ positions."""
     cols = a.shape[0] * rep
+    if t_ == cols and rep == 1:
+        # the tile is the array itself (C >= _TILE, one column a channel): a copy of each
+        # per-channel array was most of a small batch's time at large C (normalize on
+        # (2, 2048) took 15 µs with the copies, 4 without, measured)
+        return a
     out = np.empty(t_, a.dtype)
     # Scalar loops, not slice assignments: in the parallel builds numba turns each slice
     # assignment into a parallel loop of its own, one per channel here (wide rows on
@@ -328,6 +333,13 @@ def _fold_tiles(s1, s2, c_, rep):
     a1 = np.zeros(c_, np.float64)
     a2 = np.zeros(c_, np.float64)
     cols = c_ * rep
+    if rep == 1:  # the same order of additions, without a one-value loop per channel
+        for b in range(s1.shape[0]):
+            for k in range(s1.shape[1] // cols):
+                for c in range(c_):
+                    a1[c] += s1[b, k * cols + c]
+                    a2[c] += s2[b, k * cols + c]
+        return a1, a2
     for b in range(s1.shape[0]):
         for k in range(s1.shape[1] // cols):
             for c in range(c_):
@@ -467,16 +479,23 @@ def _dx_coefs(invstd, weight, delta, sum_dz, sum_dzx, count, k0, k1, k2):
     (S = Σdz·x̂, x̂ = (x − mean_k)·r − delta·r):  k1 = Σdz/n − delta·r·S/n,  k2 = r·S/n.
 
     In evaluation (no sums) k1 = k2 = 0, i.e. dx = γ·r·dz."""
-    has_w = weight.shape[0] > 0
-    train = sum_dz.shape[0] > 0
-    for c in range(invstd.shape[0]):
-        r = np.float64(invstd[c])
-        k0[c] = r * weight[c] if has_w else r
-        if train:
+    # One job per loop, no test inside (see _prologue): with the tests in one loop the
+    # MC elementwise kernel on (2, 2048) took 11 µs against 6 (measured)
+    c_ = invstd.shape[0]
+    if weight.shape[0] > 0:
+        for c in range(c_):
+            k0[c] = np.float64(invstd[c]) * weight[c]
+    else:
+        for c in range(c_):
+            k0[c] = invstd[c]
+    if sum_dz.shape[0] > 0:
+        for c in range(c_):
+            r = np.float64(invstd[c])
             s = np.float64(sum_dzx[c]) / count
             k1[c] = np.float64(sum_dz[c]) / count - delta[c] * r * s
             k2[c] = r * s
-        else:
+    else:
+        for c in range(c_):
             k1[c] = 0.0
             k2[c] = 0.0
 
