@@ -24,6 +24,15 @@ def test_run_table_smoke(tmp_path):
     assert path.read_text().count("\n") == len(rows) + 1
 
 
+def test_named_csv_never_overwrites_and_the_table_does(tmp_path, monkeypatch):
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    rows = [{"case": "a", "ms": 1.0}]
+    shapes = [bench.write_csv(rows, "cpu", tmp_path, name="shapes") for _ in range(3)]
+    assert len(set(shapes)) == 3
+    assert shapes[0].name.endswith("-shapes.csv") and shapes[1].name.endswith("-shapes-2.csv")
+    assert bench.write_csv(rows, "cpu", tmp_path) == bench.write_csv(rows, "cpu", tmp_path)
+
+
 def test_cli_parses():
     import argparse
     p = argparse.ArgumentParser()

@@ -519,12 +519,20 @@ def format_table(rows: list[dict]) -> str:
 
 def write_csv(rows: list[dict], device: str, directory: Path = RESULTS_DIR,
               name: str = "") -> Path:
-    """``<device>-<date>[-<name>][-thp<N>].csv`` in ``directory``."""
+    """``<device>-<date>[-<name>[-<k>]][-thp<N>].csv`` in ``directory``.
+
+    A rerun of the table replaces that day's file; a named run (``--shape``) times
+    shapes of its own, so it never overwrites an earlier one: the second of a day is
+    ``-<name>-2``, and so on."""
     directory.mkdir(parents=True, exist_ok=True)
     day = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
-    thp = os.environ.get("THP_MEM_ALLOC_ENABLE")
-    suffix = (f"-{name}" if name else "") + (f"-thp{thp}" if thp else "")
-    path = directory / f"{device}-{day}{suffix}.csv"
+    thp = f"-thp{os.environ['THP_MEM_ALLOC_ENABLE']}" if os.environ.get(
+        "THP_MEM_ALLOC_ENABLE") else ""
+    path = directory / f"{device}-{day}{'-' + name if name else ''}{thp}.csv"
+    k = 2
+    while name and path.exists():
+        path = directory / f"{device}-{day}-{name}-{k}{thp}.csv"
+        k += 1
     fields = list(rows[0].keys())
     for r in rows:
         for k in r:
@@ -580,7 +588,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip the inference (fold) and SyncBatchNorm rows")
     p.add_argument("--shape", action="append", default=None, metavar="N,C,...[:cl]",
                    help="time these shapes instead of the table (repeatable; :cl for "
-                        "channels-last); the CSV is then <device>-<date>-shapes.csv")
+                        "channels-last); the CSV is then <device>-<date>-shapes[-k].csv, never overwritten")
     p.add_argument("--dtype", default="float32",
                    choices=["float32", "float64", "float16", "bfloat16"],
                    help="dtype of the --shape cases (default: float32)")
