@@ -511,8 +511,10 @@ def test_mc_reductions_keep_enough_rows_a_block(shape, blocks):
     assert cpu._splits(shape)[0] == blocks
 
 
-@pytest.mark.parametrize("shape", [(40, 3, 5), (32, 6, 2, 3), (33, 4, 3, 2, 2), (256, 64, 4, 4)],
-                         ids=["1d", "2d", "3d", "2d-parallel"])
+@pytest.mark.parametrize("shape", [(40, 3, 5), (32, 6, 2, 3), (33, 4, 3, 2, 2), (256, 64, 4, 4),
+                                   (16, 512, 3, 3), (32, 1024, 3, 3)],
+                         ids=["1d", "2d", "3d", "2d-parallel", "2d-long-rows",
+                              "2d-long-rows-parallel"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("activation", ["none", "relu", "gelu"])
 def test_short_rows_run_as_wide_rows(shape, dtype, activation):
@@ -565,16 +567,21 @@ def test_short_rows_run_as_wide_rows(shape, dtype, activation):
     assert_close(bn(x, r), torch.from_numpy(ref_e), dtype, scale=4)
 
 
-@pytest.mark.parametrize("shape, wide", [((15, 3, 5), False), ((16, 3, 5), True),
-                                         ((32, 3, 32), False), ((32, 3, 31), True),
-                                         ((32, 128, 16), True), ((32, 129, 16), False)])
+@pytest.mark.parametrize("shape, wide", [
+    ((15, 3, 5), False), ((16, 3, 5), True), ((32, 3, 32), False), ((32, 3, 31), True),
+    ((16, 512, 16), True), ((16, 513, 16), False), ((32, 1024, 16), True),
+    ((32, 1025, 16), False), ((16, 4096, 9), True), ((16, 4097, 9), False),
+    ((16, 1024, 10), False)])
 def test_which_short_rows_run_as_wide_rows(shape, wide):
-    """The bounds of ``cpu._wide_rows``: rows shorter than WIDE_BELOW, at most
-    WIDE_MAX_COLUMNS values a row, at least WIDE_MIN_ROWS rows; channels-last input is
-    (M, C) already."""
-    assert (cpu.WIDE_BELOW, cpu.WIDE_MAX_COLUMNS, cpu.WIDE_MIN_ROWS) == (32, 2048, 16)
+    """The bounds of ``cpu._wide_rows``: rows shorter than WIDE_BELOW, at least
+    WIDE_MIN_ROWS rows, at most WIDE_MAX_COLUMNS values a row (twice that from twice
+    the rows), WIDE_MAX_COLUMNS_SHORT for rows of at most WIDE_SHORT values;
+    channels-last input is (M, C) already."""
+    assert (cpu.WIDE_BELOW, cpu.WIDE_MIN_ROWS, cpu.WIDE_MAX_COLUMNS, cpu.WIDE_SHORT,
+            cpu.WIDE_MAX_COLUMNS_SHORT) == (32, 16, 8192, 9, 36864)
     x = torch.empty(shape)
     view, _, n, c, l_ = cpu._kernel_plan(x, False)[:5]
     assert (view == "mc") == wide and (n, c, l_) == shape
     x4 = torch.empty(*shape, 1).to(memory_format=torch.channels_last)
-    assert cpu._kernel_plan(x4, True)[:5] == ("mc", 1, shape[0] * shape[2], shape[1], 1)
+    view4, _, *ncl4 = cpu._kernel_plan(x4, True)[:5]
+    assert view4 == "mc" and ncl4 == [shape[0] * shape[2], shape[1], 1]

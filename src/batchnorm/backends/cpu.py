@@ -290,20 +290,36 @@ def _wide_rows(n: int, c: int, l_: int) -> bool:
     """Whether an (n, c, l) array runs the MC kernels as n rows of c·l values (see
     cpu_kernels, "Channels-last tiles") rather than as n·c rows of l.
 
-    Measured 2026-11-28 on the 2-core machine, kernels alone, forward + backward, wide
-    rows against NCL rows: NCL rows shorter than 32 run mostly outside LLVM's vectorized
-    loop, and wide rows took 0.20x the time on (256, 128, 2, 2), 0.57x on (256, 8, 16),
-    0.61x on (16, 128, 2, 2), 0.66x on (32, 64, 4, 4), 0.75x on (64, 128, 4, 4), 0.62-0.95x
-    with rows of 17 to 31 values. They lose where the row of c·l coefficients outgrows
-    the caches, 1.78x on (64, 256, 4, 4) and 2.70x on (128, 512, 4, 4), and where few
-    rows pay for building it: 1.07x on (16, 64, 4, 4), 1.5x on (8, 512, 4, 4)."""
-    return l_ < WIDE_BELOW and c * l_ <= WIDE_MAX_COLUMNS and n >= WIDE_MIN_ROWS
+    NCL rows shorter than 32 run mostly outside LLVM's vectorized loop; wide rows pay
+    for tiles of per-channel coefficients c·l long, built once a call. Measured
+    2026-11-28 on the 2-core machine, module forward+backward, wide rows against NCL rows
+    (steps of both interleaved in one process, medians of 9): 0.55-0.58x the time on
+    (16, 8192, 2, 2), (16, 4096, 2, 2), (32, 1024, 3, 3) and (64, 2048, 3, 3), 0.61x on
+    (128, 512, 4, 4), 0.66-0.68x on (32, 2048, 3, 3), (32, 512, 3, 3) and
+    (128, 256, 5, 5), 0.73x on (32, 4096, 3, 3), 0.78x on (16, 2048, 3, 3), 0.82-0.91x on
+    (32, 1024, 4, 4), (64, 1024, 4, 4), (16, 4096, 3, 3), (16, 512, 4, 4) and
+    (32, 512, 5, 5). They lose with few rows (1.10-1.11x on (8, 512, 4, 4) and
+    (8, 256, 3, 3)), and where the tiles outgrow the caches with rows of more than a few
+    values: 1.06-1.09x on (16, 1024, 4, 4), 1.30-1.35x on (16, 1024, 5, 5),
+    (32, 1024, 5, 5), (16, 2048, 4, 4) and (32, 2048, 5, 5). Rows of at most WIDE_SHORT
+    values gain even from tiles past the caches. Kernels alone (forward + backward):
+    0.55x on (64, 256, 4, 4) and (128, 512, 4, 4), 0.77x on (16, 2048, 3, 3), 1.39x on
+    (16, 1024, 4, 4)."""
+    if l_ >= WIDE_BELOW or n < WIDE_MIN_ROWS:
+        return False
+    if l_ <= WIDE_SHORT:
+        return c * l_ <= WIDE_MAX_COLUMNS_SHORT
+    return c * l_ <= (WIDE_MAX_COLUMNS if n < 2 * WIDE_MIN_ROWS else 2 * WIDE_MAX_COLUMNS)
 
 
-# The bounds of _wide_rows (measured; see there).
+# The bounds of _wide_rows (measured; see there): rows shorter than WIDE_BELOW values, at
+# least WIDE_MIN_ROWS of them, at most WIDE_MAX_COLUMNS values a row (twice that from
+# twice the rows), or WIDE_MAX_COLUMNS_SHORT where rows hold at most WIDE_SHORT values.
 WIDE_BELOW = 32
-WIDE_MAX_COLUMNS = 2048
 WIDE_MIN_ROWS = 16
+WIDE_MAX_COLUMNS = 8192
+WIDE_SHORT = 9
+WIDE_MAX_COLUMNS_SHORT = 36864
 
 
 def _kernel_plan(x: Tensor, channels_last: bool):
