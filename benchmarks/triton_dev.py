@@ -64,9 +64,11 @@ VARIANTS = [
     ("reduce_tile=8192", {"reduce_tile": 8192}, "reduce"),
     ("programs_per_sm=4", {"programs_per_sm": 4}, "reduce"),
     ("programs_per_sm=16", {"programs_per_sm": 16}, "reduce"),
-    ("elem_tile=2048,warps=4", {"elem_tile": 2048, "elem_warps": 4}, "elem"),
+    ("elem_tile=2048,warps=4", {"elem_tile": 2048, "elem_warps": 4, "elem_warps_cl": 4}, "elem"),
     ("elem_tile=8192", {"elem_tile": 8192}, "elem"),
     ("elem_warps=4", {"elem_warps": 4}, "elem"),
+    # the (M, C) passes' warps were 8 (elem_warps) until section E showed 4 faster there
+    ("elem_warps_cl=8", {"elem_warps_cl": 8}, "elem"),
     ("persistent 8/SM", {"elem_programs_per_sm": 8}, "elem"),
     ("persistent 32/SM", {"elem_programs_per_sm": 32}, "elem"),
     ("block_c=64", {"block_c": 64}, "all"),
