@@ -529,10 +529,10 @@ def write_csv(rows: list[dict], device: str, directory: Path = RESULTS_DIR,
     thp = f"-thp{os.environ['THP_MEM_ALLOC_ENABLE']}" if os.environ.get(
         "THP_MEM_ALLOC_ENABLE") else ""
     path = directory / f"{device}-{day}{'-' + name if name else ''}{thp}.csv"
-    k = 2
+    run = 2
     while name and path.exists():
-        path = directory / f"{device}-{day}-{name}-{k}{thp}.csv"
-        k += 1
+        path = directory / f"{device}-{day}-{name}-{run}{thp}.csv"
+        run += 1
     fields = list(rows[0].keys())
     for r in rows:
         for k in r:
@@ -588,7 +588,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip the inference (fold) and SyncBatchNorm rows")
     p.add_argument("--shape", action="append", default=None, metavar="N,C,...[:cl]",
                    help="time these shapes instead of the table (repeatable; :cl for "
-                        "channels-last); the CSV is then <device>-<date>-shapes[-k].csv, never overwritten")
+                        "channels-last); the CSV is then <device>-<date>-shapes[-k].csv, "
+                        "never overwritten")
     p.add_argument("--dtype", default="float32",
                    choices=["float32", "float64", "float16", "bfloat16"],
                    help="dtype of the --shape cases (default: float32)")
