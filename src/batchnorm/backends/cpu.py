@@ -336,15 +336,10 @@ def _kernel_plan(x: Tensor, channels_last: bool):
         c, numel = shape[1], shape.numel()
         if _rows_of_channels(shape, channels_last):
             view, n, l_ = "mc", numel // c, 1
-            splits = _splits((n, c))
         else:
             n, l_ = shape[0], numel // (shape[0] * c)
-            if _wide_rows(n, c, l_):
-                view = "mc"
-                splits = _splits((n, c * l_))
-            else:
-                view = "ncl"
-                splits = _splits((n, c, l_))
+            view = "mc" if _wide_rows(n, c, l_) else "ncl"
+        splits = _splits((n, c * l_) if view == "mc" else (n, c, l_))
         plan = (view, _build(numel), n, c, l_, *splits, float(numel // c),
                 numel * x.element_size() >= buffers.MIN_BYTES)
         if len(_PLANS) > 4096:  # shapes of a long-running process with varying batches
