@@ -127,11 +127,17 @@ def _phases(x, act="relu", residual=False):
     w = torch.empty(c)
     r = torch.empty_like(x) if residual else None
     count = x.numel() // c
+    update = (w.clone(), w.clone(), torch.zeros((), dtype=torch.int64), 0.1)
+    saved = torch.empty((4, c), dtype=mean.dtype)
     return [
         ("batch_norm_forward", lambda: tb.batch_norm_forward(x, w, w, r, None, None, 1e-5, act,
-                                                             0.0)),
+                                                             0.0, update)),
+        ("forward (eval)", lambda: tb.batch_norm_forward(x, w, w, r, w, w, 1e-5, act, 0.0)),
         ("batch_norm_backward", lambda: tb.batch_norm_backward(
             x, x, w, w, r, mean.double(), mean, 1e-5, True, act, 0.0, True, True, residual)),
+        ("backward (saved)", lambda: tb.batch_norm_backward(
+            x, x, w, w, r, mean.double(), mean, 1e-5, True, act, 0.0, True, True, residual,
+            saved=saved)),
         ("update_running_stats", lambda: tb.update_running_stats(
             w, w.clone(), torch.zeros((), dtype=torch.int64), mean.double(), mean, count, None)),
         ("stats", lambda: tb.stats(x)),

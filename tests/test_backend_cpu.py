@@ -311,7 +311,7 @@ def test_fused_entry_points_read_any_layout_by_address(dtype):
     for g_, w_ in zip(got[:3], want[:3]):
         assert torch.equal(g_, w_)
 
-    y, mean, var, _ = want
+    y, mean, var, _, _ = want
     dy = torch.ones((), dtype=dtype).expand(shape)  # as y.sum().backward() gives
     got = cpu.batch_norm_backward(dy, x, w, b, None, mean, var, 1e-5, True, "relu", 0.0,
                                   True, True, False)
@@ -426,7 +426,7 @@ def test_one_value_per_row_takes_the_channels_last_kernels(shape, channels_last,
     rm, rv, nbt = torch.randn(c), torch.rand(c) + 0.5, torch.tensor(0)
     got = cpu.batch_norm_forward(x, w, b, r, None, None, 1e-5, activation, SLOPE,
                                  (rm, rv, nbt, 0.1), channels_last and len(shape) > 3)
-    y, mean, var, updated = got
+    y, mean, var, updated, _ = got
     assert updated and cpu._kernel_plan(x, channels_last and len(shape) > 3)[0] == "mc"
 
     module = {3: batchnorm.BatchNorm1d, 4: batchnorm.BatchNorm2d, 5: batchnorm.BatchNorm3d}

@@ -260,10 +260,10 @@ def test_persistent_grid(shape, monkeypatch):
     sums = tb.backward_reduce(dy, *args)
     y, (dx, dr) = tb.normalize(*args), tb.backward_elementwise(dy, *args[:6], *sums, count,
                                                                "silu", 0.0, True)
-    plan = tb._elem_plan(x)
-    n_tiles = plan["grid"][0]
+    geometry = tb._geometry(x.shape, False)
+    n_tiles = tb._elem_plan(geometry, x.device)["grid"][0]
     monkeypatch.setitem(tb.CONFIG, "elem_programs_per_sm", 1)
-    assert tb._elem_plan(x)["grid"][0] < n_tiles  # several tiles per program
+    assert tb._elem_plan(geometry, x.device)["grid"][0] < n_tiles  # several tiles per program
     assert torch.equal(tb.normalize(*args), y)
     dx2, dr2 = tb.backward_elementwise(dy, *args[:6], *sums, count, "silu", 0.0, True)
     assert torch.equal(dx2, dx) and torch.equal(dr2, dr)
@@ -317,7 +317,7 @@ def test_supports(monkeypatch):
     assert tb.supports(x)
     assert not tb.supports(x.long())
     if not CUDA:
-        monkeypatch.delenv("TRITON_INTERPRET")
+        monkeypatch.setattr(tb, "_INTERPRET", False)
         assert not tb.supports(x)
     else:
         assert backends.select(x) is tb
@@ -411,8 +411,8 @@ def test_fused_forward_matches_ops(shape, dtype, affine, monkeypatch):
     r = _data(shape, dtype)
     args = (x, w, b, r, None, None, 1e-5, "silu", 0.0)
     with backends.using("triton"):
-        y, mean, var, updated = tb.batch_norm_forward(*args)
-        assert not updated
+        y, mean, var, updated, saved = tb.batch_norm_forward(*args)
+        assert not updated and saved.shape == (4, shape[1])
         monkeypatch.delattr(tb, "batch_norm_forward")
         y2, mean2, var2 = ops._batch_norm_forward(*args)
     assert mean.dtype == mean2.dtype and var.dtype == var2.dtype and y.dtype == dtype
@@ -422,12 +422,126 @@ def test_fused_forward_matches_ops(shape, dtype, affine, monkeypatch):
 
 
 def test_fused_forward_declines():
+    """Empty inputs and strided running buffers are left to ops."""
     x = _data(SHAPES[0], torch.float32)
     c = x.shape[1]
-    rm, rv = torch.zeros(c, device=DEVICE), torch.ones(c, device=DEVICE)
+    rm, rv = torch.zeros(c, 2, device=DEVICE)[:, 0], torch.ones(c, 2, device=DEVICE)[:, 1]
     assert tb.batch_norm_forward(x, None, None, None, rm, rv, 1e-5, "none", 0.0) is None
     empty = torch.empty((0, c, 3), device=DEVICE)
     assert tb.batch_norm_forward(empty, None, None, None, None, None, 1e-5, "none", 0.0) is None
+
+
+@pytest.mark.parametrize("buffers", [torch.float32, torch.float64], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[-1]], ids=_id)
+def test_fused_eval_matches_ops(shape, affine, buffers, monkeypatch):
+    """Evaluation in two launches (the coefficients from the running buffers, normalize)
+    gives what ops computes with torch ops, the mean and var as ops copies them (rounded to
+    the acc dtype first), and its backward with or without the saved rows alike."""
+    from batchnorm import ops
+
+    x = _data(shape, torch.float32)
+    c = x.shape[1]
+    w, b = _params(c) if affine else (None, None)
+    rm = (torch.randn(c, dtype=torch.float64) * 3 + 1e4).to(buffers).to(DEVICE)
+    rv = (torch.rand(c, dtype=torch.float64) + 0.5).to(buffers).to(DEVICE)
+    args = (x, w, b, None, rm, rv, 1e-5, "relu", 0.0)
+    with backends.using("triton"):
+        y, mean, var, updated, saved = tb.batch_norm_forward(*args)
+        assert not updated
+        monkeypatch.delattr(tb, "batch_norm_forward")
+        y2, mean2, var2 = ops._batch_norm_forward(*args)
+    assert mean.dtype == mean2.dtype == var.dtype == torch.float32
+    assert torch.equal(mean, mean2) and torch.equal(var, var2)
+    assert_close(y, y2, scale=2)
+    dy = _data(shape, torch.float32)
+    with_saved = tb.batch_norm_backward(dy, x, w, b, None, mean, var, 1e-5, False, "relu", 0.0,
+                                        True, True, False, saved=saved)
+    without = tb.batch_norm_backward(dy, x, w, b, None, mean, var, 1e-5, False, "relu", 0.0,
+                                     True, True, False)
+    for got, want in zip(with_saved, without):
+        assert (got is None and want is None) or torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[-1]], ids=_id)
+def test_fused_backward_saved_rows(shape, dtype):
+    """The rows the training forward saves are bit for bit those the backward's prologue
+    recomputes from (mean, var): the same backward either way."""
+    x = _data(shape, dtype, mean=1e4)
+    c = x.shape[1]
+    w, b = _params(c)
+    r, dy = _data(shape, dtype), _data(shape, dtype)
+    y, mean, var, _, saved = tb.batch_norm_forward(x, w, b, r, None, None, 1e-5, "silu", 0.0)
+    for training in (True, False):
+        call = (dy, x, w, b, r, mean, var, 1e-5, training, "silu", 0.0, True, True, True)
+        for got, want in zip(tb.batch_norm_backward(*call, saved=saved),
+                             tb.batch_norm_backward(*call)):
+            assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("tracked", [True, False], ids=["nbt", "no-nbt"])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[-1]], ids=_id)
+def test_fused_forward_running_update(shape, tracked):
+    """With a fixed momentum the statistics' second stage moves the running buffers (and
+    num_batches_tracked, once) bit for bit as the separate launch does; the cumulative
+    average (momentum None) and buffers of another dtype are left to ops."""
+    x = _data(shape, torch.float32, mean=1e4)
+    c = x.shape[1]
+    count = x.numel() // c
+    state = [torch.randn(c, device=DEVICE), torch.rand(c, device=DEVICE) + 0.5,
+             torch.tensor(3, device=DEVICE) if tracked else None]
+    ref = [t.clone() if t is not None else None for t in state]
+    _, mean, var, updated, _ = tb.batch_norm_forward(x, None, None, None, None, None, 1e-5,
+                                                     "none", 0.0, (*state, 0.1))
+    assert updated
+    assert tb.update_running_stats(*ref, mean, var, count, 0.1)
+    for got, want in zip(state, ref):
+        assert (got is None and want is None) or torch.equal(got, want)
+    for momentum, buffers in ((None, torch.float32), (0.1, torch.float64)):
+        if momentum is None and not tracked:
+            continue  # the cumulative average needs num_batches_tracked
+        others = [state[0].to(buffers), state[1].to(buffers), state[2]]
+        before = [t.clone() if t is not None else None for t in others]
+        out = tb.batch_norm_forward(x, None, None, None, None, None, 1e-5, "none", 0.0,
+                                    (*others, momentum))
+        # float64 buffers: running_buffers_ok takes them; only the cumulative case declines
+        assert out[3] == (momentum is not None)
+        if momentum is None:
+            for got, want in zip(others, before):
+                assert torch.equal(got, want)
+
+
+def test_fused_hooks_any_layout():
+    """The hooks read tensors by address: strided weight and bias, a dy expanded from a
+    scalar, a residual in another memory format give what contiguous ones give."""
+    shape = (3, 4, 5, 6)
+    x = _data(shape, torch.float32).contiguous(memory_format=torch.channels_last)
+    c = shape[1]
+    wide = _data((c, 2), torch.float32)
+    w, b = wide[:, 0], wide[:, 1]
+    w_plain, b_plain = w.contiguous(), b.contiguous()
+    r = _data(shape, torch.float32)  # NCHW against a channels-last x
+    got = tb.batch_norm_forward(x, w, b, r, None, None, 1e-5, "relu", 0.0, None, True)
+    want = tb.batch_norm_forward(x, w_plain, b_plain,
+                                 r.contiguous(memory_format=torch.channels_last), None, None,
+                                 1e-5, "relu", 0.0, None, True)
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    for g_, w_ in zip(got[:3] + got[4:], want[:3] + want[4:]):
+        assert torch.equal(g_, w_)
+    _, mean, var, _, saved = want
+    dy = torch.ones((), device=DEVICE).expand(shape)
+    got = tb.batch_norm_backward(dy, x, w, b, r, mean, var, 1e-5, True, "relu", 0.0, True,
+                                 True, True, True, saved=saved)
+    want = tb.batch_norm_backward(
+        dy.contiguous(memory_format=torch.channels_last), x, w_plain, b_plain,
+        r.contiguous(memory_format=torch.channels_last), mean, var, 1e-5, True, "relu", 0.0,
+        True, True, True, True, saved=saved)
+    for g_, w_ in zip(got, want):
+        assert torch.equal(g_, w_)
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="residual has shape"):
+        tb.batch_norm_forward(x, w, b, r[:, :, :2], None, None, 1e-5, "relu", 0.0, None, True)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

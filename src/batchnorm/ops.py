@@ -244,20 +244,26 @@ def _batch_norm_forward(x, weight, bias, residual, running_mean, running_var, ep
 def _forward(x, weight, bias, residual, running_mean, running_var, eps, activation, slope,
              update, channels_last=False):
     """:func:`_batch_norm_forward` of x as given ((N, C, *), channels-last when
-    ``channels_last``; y in the same shape and format), plus the backend that ran it."""
+    ``channels_last``; y in the same shape and format), plus the backend that ran it and
+    what that backend keeps for its ``batch_norm_backward`` (``saved``, or None).
+
+    A backend's ``batch_norm_forward`` hook returns ``(y, mean, var, updated, saved)``:
+    ``updated`` whether it did the running update, ``saved`` its own per-channel results
+    (or None) that its ``batch_norm_backward`` takes back as ``saved=``.
+    """
     backend = backends.select(x)
     fused = getattr(backend, "batch_norm_forward", None)
     if fused is not None:
         # stats and normalize with the C-sized math below done inside the kernels (and,
-        # on the CPU, the running update too): the dozen torch ops on [C] tensors would
-        # cost more than a small input's whole computation
+        # where the buffers allow, the running update too): the dozen torch ops on [C]
+        # tensors would cost more than a small input's whole computation
         out = fused(x, weight, bias, residual, running_mean, running_var, eps, activation,
                     slope, update, channels_last)
         if out is not None:
-            y, mean, var, updated = out
+            y, mean, var, updated, saved = out
             if update is not None and not updated:
                 _update_from_batch(update, mean, var, x)
-            return y, mean, var, backend
+            return y, mean, var, backend, saved
     shape = x.shape
     x = to_kernel_view(x, channels_last)
     if residual is not None:
@@ -275,7 +281,7 @@ def _forward(x, weight, bias, residual, running_mean, running_var, eps, activati
     invstd = invstd_from_var(var, eps)
     mean_k, bias_k, _ = centre_for_kernels(mean, invstd, weight, bias, acc)
     y = backend.normalize(x, mean_k, invstd, weight, bias_k, residual, activation, slope)
-    return from_kernel_view(y, shape, channels_last), mean, var, backend
+    return from_kernel_view(y, shape, channels_last), mean, var, backend, None
 
 
 def _update_from_batch(update, mean, var, x) -> None:
@@ -428,7 +434,7 @@ class _EagerBatchNorm(torch.autograd.Function):
     def forward(ctx, input, weight, bias, residual, running_mean, running_var, eps,
                 activation, slope, update):
         channels_last = is_channels_last(input)
-        y, mean, var, ctx.backend = _forward(
+        y, mean, var, ctx.backend, ctx.backend_saved = _forward(
             input, weight, bias, residual, running_mean, running_var, eps, activation,
             slope, update, channels_last)
         # (mean, var) are not outputs here: nothing to mark.
@@ -462,7 +468,7 @@ def _fused_backward(ctx, dy):
     want_dres = need_r and act != "none"
     out = fused(dy, x, weight, bias, residual, mean, var, ctx.eps, ctx.training, act,
                 ctx.slope, need_w or need_b, need_x or want_dres, want_dres,
-                ctx.channels_last)
+                ctx.channels_last, saved=ctx.backend_saved)
     if out is None:
         return None
     dx, sum_dz, sum_dz_xhat, dres = out

@@ -389,7 +389,7 @@ _LIKE = {torch.float32: np.float32(0), torch.float64: np.float64(0)}
 
 def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps,
                        activation, slope, update=None, channels_last=False):
-    """``ops._batch_norm_forward``: ``(y, mean, var, updated)``, y in x's shape and memory
+    """``ops._batch_norm_forward``: ``(y, mean, var, updated, None)``, y in x's shape and memory
     format; mean in float64 in training. x is dense: contiguous, or channels-last
     (``ops.is_channels_last``) when ``channels_last``; the kernels read it by address.
     ``update`` (training only): ``(running_mean, running_var, num_batches_tracked,
@@ -411,7 +411,7 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
         K.FORWARD_EVAL[view][build](
             x.data_ptr(), n, c, l_, mean.data_ptr(), var.data_ptr(), float(eps), count, _at(w),
             _at(b), _at(res), code, float(slope), esplit, y.data_ptr(), like, like)
-        return y, mean, var, False
+        return y, mean, var, False, None
     mean = torch.empty(c, dtype=torch.float64)
     var = torch.empty(c, dtype=acc)
     running = _running_at(*update, acc) if update is not None else None
@@ -420,15 +420,17 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
         x.data_ptr(), n, c, l_, rsplit, esplit, float(eps), count, _at(w), _at(b),
         _at(res), code, float(slope), rm, rv, counter, momentum, y.data_ptr(),
         mean.data_ptr(), var.data_ptr(), like)
-    return y, mean, var, running is not None
+    return y, mean, var, running is not None, None
 
 
 def batch_norm_backward(dy, x, weight, bias, residual, mean, var, eps, training: bool,
                         activation, slope, need_sums: bool, need_dx: bool,
-                        want_dresidual: bool, channels_last=False):
+                        want_dresidual: bool, channels_last=False, saved=None):
     """``(dx, Σdz, Σdz·x̂, dresidual)`` from the saved (mean, biased var), dx and
     dresidual in x's shape and memory format; dx (dresidual) None unless asked, the sums
-    None unless ``need_sums`` (required in training). None for what it does not take."""
+    None unless ``need_sums`` (required in training). None for what it does not take.
+    ``saved`` (what ``batch_norm_forward`` handed ops besides the statistics) is None
+    here: the kernels recompute invstd in their prologue."""
     acc = x.dtype
     if acc not in _DTYPES or x.numel() == 0:
         return None

@@ -55,8 +55,8 @@ def compile_group(view: str, build: int, dtype: torch.dtype) -> None:
     running = (torch.zeros(c, dtype=dtype), torch.ones(c, dtype=dtype),
                torch.zeros((), dtype=torch.long), 0.1)
     for rm, rv, update in ((None, None, running), (running[0], running[1], None)):
-        _, mean, var, _ = cpu.batch_norm_forward(x, w, b, x, rm, rv, 1e-5, "relu", 0.0,
-                                                 update)
+        _, mean, var, _, _ = cpu.batch_norm_forward(x, w, b, x, rm, rv, 1e-5, "relu", 0.0,
+                                                    update)
         cpu.batch_norm_backward(dy, x, w, b, x, mean, var, 1e-5, rm is None, "relu", 0.0,
                                 True, True, True)
     # the primitives, as SyncBatchNorm and the general path call them

@@ -22,7 +22,10 @@ accepts CPU tensors, for tests.
 from __future__ import annotations
 
 import functools
+import math
 import os
+from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 import triton  # noqa: F401  (ImportError here marks the backend unavailable)
@@ -70,15 +73,15 @@ def _apply_env_config() -> None:
 _apply_env_config()
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+# Read once, as triton itself does at import: whether kernels are interpreted on the CPU.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def supports(x: Tensor) -> bool:
     """CUDA tensors of a floating dtype; CPU ones too under ``TRITON_INTERPRET=1``."""
     if x.dtype not in _DTYPES:
         return False
-    return x.is_cuda or (x.device.type == "cpu" and _interpreting())
+    return x.is_cuda or (_INTERPRET and x.device.type == "cpu")
 
 
 @functools.lru_cache(maxsize=None)
@@ -95,17 +98,17 @@ def _np2(n: int) -> int:
 
 
 def _cached(fn):
-    """Memoize a launch plan on (shape, device, CONFIG): plans are pure functions of those,
-    and the host time of a step matters for the small rows."""
+    """Memoize a launch plan on (geometry, device, CONFIG): plans are pure functions of
+    those, and the host time of a step matters for the small rows."""
     cache = {}
 
-    def wrapper(x: Tensor):
-        key = (tuple(x.shape), x.device, tuple(CONFIG.values()))
+    def wrapper(g: "_Geometry", device: torch.device):
+        key = (g, device, tuple(CONFIG.values()))
         plan = cache.get(key)
         if plan is None:
             if len(cache) > 4096:
                 cache.clear()
-            plan = cache[key] = fn(x)
+            plan = cache[key] = fn(g, device)
         return plan
     wrapper.__wrapped__ = fn
     return wrapper
@@ -115,38 +118,54 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+_NO_GUARD = nullcontext()
+
+
 def _device_guard(x: Tensor):
-    return torch.cuda.device(x.device) if x.is_cuda else _NullContext()
-
-
-class _NullContext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+    return torch.cuda.device(x.device) if x.is_cuda else _NO_GUARD
 
 
 # --------------------------------------------------------------------------------------
 # Launch geometry
 
 
+class _Geometry(NamedTuple):
+    """A kernel view's sizes: ``(M, C)`` with the channels innermost (``cl``; ``l`` is 1),
+    or ``(N, C, L)``. The kernels read tensors by address, so any tensor whose memory is
+    laid out as that view will do: the view itself, or the input as given (contiguous, or
+    channels-last dense), which saves the view calls of a step."""
+    cl: bool
+    n: int
+    c: int
+    l: int
+
+
+@functools.lru_cache(maxsize=4096)
+def _geometry(shape: torch.Size, channels_last: bool) -> _Geometry:
+    """Of a kernel view (2-D or 3-D, ``channels_last`` False) or of an (N, C, *) input whose
+    memory is contiguous, or channels-last dense when ``channels_last``."""
+    c = shape[1]
+    if len(shape) == 2 or channels_last:
+        return _Geometry(True, math.prod(shape) // c if c else 0, c, 1)
+    return _Geometry(False, shape[0], c, math.prod(shape[2:]))
+
+
 @_cached
-def _reduce_plan(x: Tensor) -> dict:
+def _reduce_plan(g: _Geometry, device: torch.device) -> dict:
     """Tiles and the split of each channel's values over programs, for stage 1."""
     tile = CONFIG["reduce_tile"]
-    target = CONFIG["programs_per_sm"] * _sm_count(x.device)
-    if x.dim() == 2:
-        m, c = x.shape
+    target = CONFIG["programs_per_sm"] * _sm_count(device)
+    if g.cl:
+        m, c = g.n, g.c
         block_c = min(_np2(c), CONFIG["block_c"])
         block_m = min(max(tile // block_c, 1), _np2(m))
         ncb = _cdiv(c, block_c)
         per_cb = max(1, _cdiv(target, ncb))
         rows = _cdiv(_cdiv(m, block_m), per_cb) * block_m
         p = _cdiv(m, rows)
-        return dict(cl=True, P=p, grid=(p * ncb,), rows=rows, ncb=ncb,
+        return dict(P=p, grid=(p * ncb,), rows=rows, ncb=ncb, shift_stride=1,
                     BLOCK_M=block_m, BLOCK_C=block_c)
-    n, c, length = x.shape
+    n, c, length = g.n, g.c, g.l
     block_l = min(_np2(length), tile)
     block_n = min(max(tile // block_l, 1), _np2(n))
     nb, lb = _cdiv(n, block_n), _cdiv(length, block_l)
@@ -156,8 +175,8 @@ def _reduce_plan(x: Tensor) -> dict:
     kn = max(1, k // kl)
     cols, rows = kl * block_l, kn * block_n
     p_l, p_n = _cdiv(length, cols), _cdiv(n, rows)
-    return dict(cl=False, P=p_n * p_l, grid=(p_n * p_l * c,), rows=rows, cols=cols, p_l=p_l,
-                BLOCK_N=block_n, BLOCK_L=block_l)
+    return dict(P=p_n * p_l, grid=(p_n * p_l * c,), rows=rows, cols=cols, p_l=p_l,
+                shift_stride=length, BLOCK_N=block_n, BLOCK_L=block_l)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -167,24 +186,25 @@ def _merge_grid(c: int, block_c_max: int) -> tuple[tuple[int], int]:
 
 
 @_cached
-def _elem_plan(x: Tensor) -> dict:
+def _elem_plan(g: _Geometry, device: torch.device) -> dict:
     """(R, K, C) and the tile of the elementwise passes."""
     tile = CONFIG["elem_tile"]
-    if x.dim() == 2:
-        r, k = x.shape
-        c = k
+    if g.cl:
+        r, k = g.n, g.c
         block_k = min(_np2(k), CONFIG["block_c"])
     else:
-        n, c, k = x.shape
-        r = n * c
+        r, k = g.n * g.c, g.l
         block_k = min(_np2(k), tile)
     block_r = min(max(tile // block_k, 1), _np2(r))
     n_tiles = _cdiv(r, block_r) * _cdiv(k, block_k)
-    persistent = CONFIG["elem_programs_per_sm"] * _sm_count(x.device)
+    persistent = CONFIG["elem_programs_per_sm"] * _sm_count(device)
     grid = (min(n_tiles, persistent) if persistent > 0 else n_tiles,)
-    cl = x.dim() == 2
-    return dict(R=r, K=k, C=c, grid=grid, BLOCK_R=block_r, BLOCK_K=block_k, CL=cl,
-                warps=CONFIG["elem_warps_cl" if cl else "elem_warps"])
+    return dict(R=r, K=k, C=g.c, grid=grid, BLOCK_R=block_r, BLOCK_K=block_k, CL=g.cl,
+                warps=CONFIG["elem_warps_cl" if g.cl else "elem_warps"])
+
+
+# --------------------------------------------------------------------------------------
+# Arguments
 
 
 def _check_view(x: Tensor) -> None:
@@ -201,86 +221,6 @@ def _activation_args(activation: str, slope: float):
     return CODES[activation], hi, lo
 
 
-# --------------------------------------------------------------------------------------
-# The four primitives
-
-
-def _stats_partials(x: Tensor) -> tuple[Tensor, int, int]:
-    """Stage 1 of the statistics: ``(part [3, P, C], P, shift_stride)``."""
-    c = x.shape[1]
-    plan = _reduce_plan(x)
-    p = plan["P"]
-    # count, mean and m2 planes of the partials in one allocation (host time per launch)
-    part = torch.empty((3, p, c), dtype=acc_dtype(x.dtype), device=x.device)
-    warps = CONFIG["reduce_warps"]
-    if plan["cl"]:
-        _reduce.stats_partial_mc[plan["grid"]](
-            x, part, x.shape[0], c, plan["rows"], plan["ncb"], p * c,
-            BLOCK_M=plan["BLOCK_M"], BLOCK_C=plan["BLOCK_C"], num_warps=warps)
-        return part, p, 1
-    _reduce.stats_partial_ncl[plan["grid"]](
-        x, part, x.shape[0], c, x.shape[2], plan["rows"], plan["cols"], plan["p_l"],
-        p * c, BLOCK_N=plan["BLOCK_N"], BLOCK_L=plan["BLOCK_L"], num_warps=warps)
-    return part, p, x.shape[2]
-
-
-def stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel ``mean`` (in ``portable.mean_dtype``, float64) and ``m2`` (acc dtype);
-    see ``_reduce.py`` for the numerics."""
-    _check_view(x)
-    c = x.shape[1]
-    acc = acc_dtype(x.dtype)
-    mean = torch.empty(c, dtype=mean_dtype(x), device=x.device)
-    m2 = torch.empty(c, dtype=acc, device=x.device)
-    if x.numel() == 0:
-        return mean.zero_(), m2.zero_()
-    with _device_guard(x):
-        part, p, shift_stride = _stats_partials(x)
-        grid, block_c = _merge_grid(c, CONFIG["merge_block_c"])
-        _reduce.stats_merge[grid](x, part, mean, m2, p, c, shift_stride, p * c,
-                                  BLOCK_P=CONFIG["merge_block_p"], BLOCK_C=block_c, num_warps=4)
-    return mean, m2
-
-
-def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps,
-                       activation, slope, update=None, channels_last=False):
-    """``ops._batch_norm_forward`` in training: ``(y, mean, var, False)`` in three
-    launches.
-
-    The statistics' stage 2 also does the C-sized math ops would do with a dozen torch
-    kernels (var, invstd, the float64-mean centring), then normalize runs. None (ops then
-    takes its own path) in evaluation, for empty inputs, and for what ``supports`` declines.
-    The running update (``update``) is left to ops (``updated`` False): its one launch,
-    :func:`update_running_stats`.
-    x comes as the caller has it ((N, C, *), channels-last when ``channels_last``); y
-    goes back in its shape and format.
-    """
-    if running_mean is not None or x.numel() == 0 or not supports(x):
-        return None
-    shape = x.shape
-    x = to_kernel_view(x, channels_last)
-    if residual is not None:
-        residual = to_kernel_view(residual, channels_last)
-    _check_view(x)
-    c = x.shape[1]
-    acc = acc_dtype(x.dtype)
-    mean = torch.empty(c, dtype=mean_dtype(x), device=x.device)
-    var = torch.empty(c, dtype=acc, device=x.device)
-    scratch = torch.empty((3, c), dtype=acc, device=x.device)  # mean_k, invstd, bias_k
-    eps_hi, eps_lo = split_float(eps)
-    with _device_guard(x):
-        part, p, shift_stride = _stats_partials(x)
-        grid, block_c = _merge_grid(c, CONFIG["merge_block_c"])
-        mean_k, invstd, bias_k = scratch.unbind(0)
-        _reduce.stats_finalize[grid](
-            x, part, mean, var, mean_k, invstd, bias_k, _dummy(weight, mean),
-            _dummy(bias, mean), p, c, shift_stride, p * c, x.numel() // c, eps_hi, eps_lo,
-            HAS_W=weight is not None, HAS_B=bias is not None, F64=acc == torch.float64,
-            BLOCK_P=CONFIG["merge_block_p"], BLOCK_C=block_c, num_warps=4)
-    y = normalize(x, mean_k, invstd, weight, bias_k, residual, activation, slope)
-    return from_kernel_view(y, shape, channels_last), mean, var, False
-
-
 def _dummy(t: Tensor | None, like: Tensor) -> Tensor:
     # A pointer the kernel never reads (its HAS_* flag is off).
     return like if t is None else t
@@ -294,6 +234,125 @@ def _check_same(name: str, t: Tensor | None, x: Tensor) -> Tensor | None:
     return t.contiguous()
 
 
+def _dense(x: Tensor, channels_last: bool) -> Tensor:
+    """An input as given, in a layout the kernels read by address: ``ops`` hands
+    channels-last inputs dense (``portable.is_channels_last``), the rest may need a copy."""
+    return x if channels_last else x.contiguous()
+
+
+def _laid_out_as(name: str, t: Tensor | None, x: Tensor) -> Tensor | None:
+    """dy or the residual with x's strides (a copy in its own dtype where they differ)."""
+    if t is None or t.stride() == x.stride():
+        if t is not None and t.shape != x.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, the input {tuple(x.shape)}")
+        return t
+    if t.shape != x.shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, the input {tuple(x.shape)}")
+    return torch.empty_like(x, dtype=t.dtype).copy_(t)
+
+
+def _per_channel(t: Tensor, acc: torch.dtype) -> Tensor:
+    return t.to(acc).contiguous()
+
+
+def _unit_stride(t: Tensor | None) -> Tensor | None:
+    """A per-channel tensor (weight, bias, saved statistics) as the kernels index it."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
+# --------------------------------------------------------------------------------------
+# Launches: tensors laid out as the geometry says, per-channel vectors ready; no checks
+
+
+def _launch_stats_partials(x: Tensor, g: _Geometry, plan: dict, part: Tensor) -> None:
+    """Stage 1 of the statistics into ``part`` (count, mean and m2 planes of [P, C])."""
+    p, c, warps = plan["P"], g.c, CONFIG["reduce_warps"]
+    if g.cl:
+        _reduce.stats_partial_mc[plan["grid"]](
+            x, part, g.n, c, plan["rows"], plan["ncb"], p * c,
+            BLOCK_M=plan["BLOCK_M"], BLOCK_C=plan["BLOCK_C"], num_warps=warps)
+    else:
+        _reduce.stats_partial_ncl[plan["grid"]](
+            x, part, g.n, c, g.l, plan["rows"], plan["cols"], plan["p_l"], p * c,
+            BLOCK_N=plan["BLOCK_N"], BLOCK_L=plan["BLOCK_L"], num_warps=warps)
+
+
+def _launch_normalize(x, y, g, residual, mean_k, invstd, weight, bias_k, act, hi, lo):
+    plan = _elem_plan(g, x.device)
+    _elementwise.normalize_kernel[plan["grid"]](
+        x, y, _dummy(residual, x), mean_k, invstd, _dummy(weight, mean_k),
+        _dummy(bias_k, mean_k), plan["R"], plan["K"], plan["C"], hi, lo, CL=plan["CL"],
+        ACT=act, HAS_W=weight is not None, HAS_B=bias_k is not None,
+        HAS_RES=residual is not None, BLOCK_R=plan["BLOCK_R"], BLOCK_K=plan["BLOCK_K"],
+        num_warps=plan["warps"])
+
+
+def _launch_backward_partials(dy, x, g, plan, part, mean_k, invstd, weight, bias_k,
+                              residual, act, hi, lo) -> None:
+    """Stage 1 of the backward reduction into ``part`` (Σdz and Σdz·x̂ planes of [P, C])."""
+    p, c = plan["P"], g.c
+    flags = dict(ACT=act, HAS_W=weight is not None, HAS_B=bias_k is not None,
+                 HAS_RES=residual is not None and act != 0, num_warps=CONFIG["reduce_warps"])
+    common = (dy, x, _dummy(residual, x), mean_k, invstd, _dummy(weight, mean_k),
+              _dummy(bias_k, mean_k), part)
+    if g.cl:
+        _reduce.backward_partial_mc[plan["grid"]](
+            *common, g.n, c, plan["rows"], plan["ncb"], p * c, hi, lo,
+            BLOCK_M=plan["BLOCK_M"], BLOCK_C=plan["BLOCK_C"], **flags)
+    else:
+        _reduce.backward_partial_ncl[plan["grid"]](
+            *common, g.n, c, g.l, plan["rows"], plan["cols"], plan["p_l"], p * c, hi, lo,
+            BLOCK_N=plan["BLOCK_N"], BLOCK_L=plan["BLOCK_L"], **flags)
+
+
+def _launch_backward_elementwise(dy, x, g, dx, dres, mean_k, invstd, weight, bias_k,
+                                 residual, sum_dz, sum_dz_xhat, count, act, hi, lo) -> None:
+    plan = _elem_plan(g, x.device)
+    train = sum_dz is not None
+    _elementwise.backward_kernel[plan["grid"]](
+        dy, x, _dummy(residual, x), mean_k, invstd, _dummy(weight, mean_k),
+        _dummy(bias_k, mean_k), sum_dz if train else mean_k,
+        sum_dz_xhat if train else mean_k, dx, _dummy(dres, dx), int(count), plan["R"],
+        plan["K"], plan["C"], hi, lo, CL=plan["CL"], ACT=act, HAS_W=weight is not None,
+        HAS_B=bias_k is not None, HAS_RES=residual is not None and act != 0, TRAIN=train,
+        WANT_DRES=dres is not None, BLOCK_R=plan["BLOCK_R"], BLOCK_K=plan["BLOCK_K"],
+        num_warps=plan["warps"])
+
+
+def _launch_prepare(mean, var, weight, bias, out, c, eps, copy: bool) -> None:
+    eps_hi, eps_lo = split_float(eps)
+    _reduce.prepare[(_cdiv(c, 128),)](
+        mean, var, _dummy(weight, out), _dummy(bias, out), out, c, eps_hi, eps_lo,
+        HAS_W=weight is not None, HAS_B=bias is not None, F64=out.dtype == torch.float64,
+        COPY=copy, BLOCK_C=128, num_warps=4)
+
+
+# --------------------------------------------------------------------------------------
+# The four primitives, on kernel views
+
+
+def stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel ``mean`` (in ``portable.mean_dtype``, float64) and ``m2`` (acc dtype);
+    see ``_reduce.py`` for the numerics."""
+    _check_view(x)
+    c = x.shape[1]
+    acc = acc_dtype(x.dtype)
+    mean = torch.empty(c, dtype=mean_dtype(x), device=x.device)
+    m2 = torch.empty(c, dtype=acc, device=x.device)
+    if x.numel() == 0:
+        return mean.zero_(), m2.zero_()
+    g = _geometry(x.shape, False)
+    plan = _reduce_plan(g, x.device)
+    p = plan["P"]
+    with _device_guard(x):
+        part = torch.empty(3 * p * c, dtype=acc, device=x.device)
+        _launch_stats_partials(x, g, plan, part)
+        grid, block_c = _merge_grid(c, CONFIG["merge_block_c"])
+        _reduce.stats_merge[grid](x, part, mean, m2, p, c, plan["shift_stride"], p * c,
+                                  BLOCK_P=CONFIG["merge_block_p"], BLOCK_C=block_c, num_warps=4)
+    return mean, m2
+
+
 def normalize(x, mean, invstd, weight, bias, residual, activation: str, slope: float) -> Tensor:
     """``y = act(weight * (x - mean) * invstd + bias + residual)``, in x's dtype."""
     _check_view(x)
@@ -303,36 +362,11 @@ def normalize(x, mean, invstd, weight, bias, residual, activation: str, slope: f
         return y
     act, hi, lo = _activation_args(activation, slope)
     acc = acc_dtype(x.dtype)
-    mean, invstd = mean.to(acc).contiguous(), invstd.to(acc).contiguous()
-    plan = _elem_plan(x)
     with _device_guard(x):
-        _elementwise.normalize_kernel[plan["grid"]](
-            x, y, _dummy(residual, x), mean, invstd, _dummy(weight, mean), _dummy(bias, mean),
-            plan["R"], plan["K"], plan["C"], hi, lo, CL=plan["CL"], ACT=act,
-            HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None,
-            BLOCK_R=plan["BLOCK_R"], BLOCK_K=plan["BLOCK_K"], num_warps=plan["warps"])
+        _launch_normalize(x, y, _geometry(x.shape, False), residual, _per_channel(mean, acc),
+                          _per_channel(invstd, acc), _unit_stride(weight), _unit_stride(bias),
+                          act, hi, lo)
     return y
-
-
-def _backward_partials(dy, x, mean, invstd, weight, bias, residual, act, hi, lo):
-    """Stage 1 of the backward reduction: ``(part [2, P, C], P)`` (Σdz and Σdz·x̂ planes)."""
-    c = x.shape[1]
-    plan = _reduce_plan(x)
-    p = plan["P"]
-    part = torch.empty((2, p, c), dtype=acc_dtype(x.dtype), device=x.device)
-    flags = dict(ACT=act, HAS_W=weight is not None, HAS_B=bias is not None,
-                 HAS_RES=residual is not None and act != 0, num_warps=CONFIG["reduce_warps"])
-    common = (dy, x, _dummy(residual, x), mean, invstd, _dummy(weight, mean),
-              _dummy(bias, mean), part)
-    if plan["cl"]:
-        _reduce.backward_partial_mc[plan["grid"]](
-            *common, x.shape[0], c, plan["rows"], plan["ncb"], p * c, hi, lo,
-            BLOCK_M=plan["BLOCK_M"], BLOCK_C=plan["BLOCK_C"], **flags)
-    else:
-        _reduce.backward_partial_ncl[plan["grid"]](
-            *common, x.shape[0], c, x.shape[2], plan["rows"], plan["cols"], plan["p_l"],
-            p * c, hi, lo, BLOCK_N=plan["BLOCK_N"], BLOCK_L=plan["BLOCK_L"], **flags)
-    return part, p
 
 
 def backward_reduce(dy, x, mean, invstd, weight, bias, residual, activation: str, slope: float):
@@ -347,68 +381,18 @@ def backward_reduce(dy, x, mean, invstd, weight, bias, residual, activation: str
     if x.numel() == 0:
         return sdz.zero_(), sdzx.zero_()
     act, hi, lo = _activation_args(activation, slope)
-    mean, invstd = mean.to(acc).contiguous(), invstd.to(acc).contiguous()
+    g = _geometry(x.shape, False)
+    plan = _reduce_plan(g, x.device)
+    p = plan["P"]
     with _device_guard(x):
-        part, p = _backward_partials(dy, x, mean, invstd, weight, bias, residual, act, hi, lo)
+        part = torch.empty(2 * p * c, dtype=acc, device=x.device)
+        _launch_backward_partials(dy, x, g, plan, part, _per_channel(mean, acc),
+                                  _per_channel(invstd, acc), _unit_stride(weight),
+                                  _unit_stride(bias), residual, act, hi, lo)
         grid, block_c = _merge_grid(c, CONFIG["merge_block_c"])
         _reduce.sum_partials[grid](part, sdz, sdzx, p, c, p * c, BLOCK_P=CONFIG["merge_block_p"],
                                    BLOCK_C=block_c, num_warps=4)
     return sdz, sdzx
-
-
-def batch_norm_backward(dy, x, weight, bias, residual, mean, var, eps, training: bool,
-                        activation, slope, need_sums: bool, need_dx: bool,
-                        want_dresidual: bool, channels_last=False):
-    """``ops._batch_norm_backward`` in four launches: ``(dx, Σdz, Σdz·x̂, dresidual)``.
-    Tensors
-    as the caller has them, as in :func:`batch_norm_forward`.
-
-    A one-program-per-128-channels prologue does the C-sized math ops would do with about
-    fifteen torch kernels (invstd from the saved var; the float64-mean centring), and the
-    merge of the sums applies the centring's corrections. dx (dresidual) is None unless
-    asked, the sums None unless ``need_sums`` or training. None where it does not apply.
-    """
-    if x.numel() == 0 or not supports(x):
-        return None
-    shape = x.shape
-    x, dy = to_kernel_view(x, channels_last), to_kernel_view(dy, channels_last)
-    if residual is not None:
-        residual = to_kernel_view(residual, channels_last)
-    _check_view(x)
-    dy = _check_same("dy", dy, x)
-    residual = _check_same("residual", residual, x)
-    c = x.shape[1]
-    acc = acc_dtype(x.dtype)
-    act, hi, lo = _activation_args(activation, slope)
-    eps_hi, eps_lo = split_float(eps)
-    pre = torch.empty((4, c), dtype=acc, device=x.device)  # mean_k, invstd, bias_k, shift
-    sum_dz = sum_dzx = sum_dz_k = None
-    with _device_guard(x):
-        _reduce.backward_prepare[(_cdiv(c, 128),)](
-            mean, var, _dummy(weight, pre), _dummy(bias, pre), pre, c, eps_hi, eps_lo,
-            HAS_W=weight is not None, HAS_B=bias is not None, F64=acc == torch.float64,
-            BLOCK_C=128, num_warps=4)
-        mean_k, invstd, bias_k, shift = pre.unbind(0)
-        if need_sums or training:
-            part, p = _backward_partials(dy, x, mean_k, invstd, weight, bias_k, residual, act,
-                                         hi, lo)
-            sum_dz = torch.empty(c, dtype=acc, device=x.device)
-            sum_dzx = torch.empty(c, dtype=acc, device=x.device)
-            sum_dz_k = torch.empty(c, dtype=acc, device=x.device)
-            grid, block_c = _merge_grid(c, CONFIG["merge_block_c"])
-            _reduce.sum_partials_centred[grid](
-                part, shift, sum_dz, sum_dzx, sum_dz_k, p, c, p * c,
-                BLOCK_P=CONFIG["merge_block_p"], BLOCK_C=block_c, num_warps=4)
-    dx = dres = None
-    if need_dx:
-        dx, dres = backward_elementwise(
-            dy, x, mean_k, invstd, weight, bias_k, residual,
-            sum_dz_k if training else None, sum_dzx if training else None,
-            x.numel() // c, activation, slope, want_dresidual)
-        dx = from_kernel_view(dx, shape, channels_last)
-        if dres is not None:
-            dres = from_kernel_view(dres, shape, channels_last)
-    return dx, sum_dz, sum_dzx, dres
 
 
 def backward_elementwise(
@@ -427,36 +411,176 @@ def backward_elementwise(
         return dx, dres
     act, hi, lo = _activation_args(activation, slope)
     acc = acc_dtype(x.dtype)
-    mean, invstd = mean.to(acc).contiguous(), invstd.to(acc).contiguous()
-    train = sum_dz is not None
-    if train:
-        sum_dz, sum_dz_xhat = sum_dz.to(acc).contiguous(), sum_dz_xhat.to(acc).contiguous()
-    plan = _elem_plan(x)
+    if sum_dz is not None:
+        sum_dz, sum_dz_xhat = _per_channel(sum_dz, acc), _per_channel(sum_dz_xhat, acc)
     with _device_guard(x):
-        _elementwise.backward_kernel[plan["grid"]](
-            dy, x, _dummy(residual, x), mean, invstd, _dummy(weight, mean), _dummy(bias, mean),
-            sum_dz if train else mean, sum_dz_xhat if train else mean, dx, _dummy(dres, dx),
-            int(count), plan["R"], plan["K"], plan["C"], hi, lo, CL=plan["CL"], ACT=act,
-            HAS_W=weight is not None, HAS_B=bias is not None,
-            HAS_RES=residual is not None and act != 0, TRAIN=train, WANT_DRES=want_dresidual,
-            BLOCK_R=plan["BLOCK_R"], BLOCK_K=plan["BLOCK_K"], num_warps=plan["warps"])
+        _launch_backward_elementwise(
+            dy, x, _geometry(x.shape, False), dx, dres, _per_channel(mean, acc),
+            _per_channel(invstd, acc), _unit_stride(weight), _unit_stride(bias), residual,
+            sum_dz, sum_dz_xhat, count, act, hi, lo)
     return dx, dres
+
+
+# --------------------------------------------------------------------------------------
+# Whole passes (the hooks ops calls): the C-sized math inside the kernels, tensors as given
+
+
+def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps,
+                       activation, slope, update=None, channels_last=False):
+    """``ops._batch_norm_forward``: ``(y, mean, var, updated, saved)``.
+
+    Training, three launches: the statistics' stage 1; stage 2 with the C-sized math ops
+    would do with a dozen torch kernels (var, invstd, the float64-mean centring) and, with
+    a fixed momentum, the running update (``updated`` True; otherwise ops launches
+    :func:`update_running_stats`); normalize. Evaluation, two: the coefficients from the
+    running statistics (:func:`_reduce.prepare`), normalize. ``saved`` is the [4, C] rows
+    mean_k, invstd, bias_k, shift, which :func:`batch_norm_backward` takes back instead of
+    recomputing them. None (ops then takes its own path) for empty inputs and for what
+    ``supports`` declines.
+    x comes as the caller has it ((N, C, *), channels-last when ``channels_last``); y
+    goes back in its shape and memory format.
+    """
+    if x.numel() == 0 or not supports(x):
+        return None
+    if running_mean is not None and not (running_mean.is_contiguous()
+                                         and running_var.is_contiguous()):
+        return None
+    x = _dense(x, channels_last)
+    g = _geometry(x.shape, channels_last)
+    residual = _laid_out_as("residual", residual, x)
+    weight, bias = _unit_stride(weight), _unit_stride(bias)
+    act, hi, lo = _activation_args(activation, slope)
+    c, acc, device = g.c, acc_dtype(x.dtype), x.device
+    updated = False
+    with _device_guard(x):
+        if running_mean is not None:
+            coef = torch.empty((6, c), dtype=acc, device=device)
+            _launch_prepare(running_mean, running_var, weight, bias, coef, c, eps, copy=True)
+            mean, var = coef[4], coef[5]
+        else:
+            plan = _reduce_plan(g, device)
+            p = plan["P"]
+            mean = torch.empty(c, dtype=mean_dtype(x), device=device)
+            # var, the four coefficient rows and the partials in one allocation: host time
+            work = torch.empty(5 * c + 3 * p * c, dtype=acc, device=device)
+            var, coef = work[:c], work[c:5 * c].view(4, c)
+            part = work[5 * c:]
+            _launch_stats_partials(x, g, plan, part)
+            count = g.n * g.l
+            running = _running_for_finalize(update, mean)
+            updated = running is not None
+            rm, rv, nbt, m_hi, m_lo = running if updated else (mean, mean, mean, 0.0, 0.0)
+            b_hi, b_lo = split_float(count / max(count - 1, 1)) if updated else (0.0, 0.0)
+            eps_hi, eps_lo = split_float(eps)
+            grid, block_c = _merge_grid(c, CONFIG["merge_block_c"])
+            _reduce.stats_finalize[grid](
+                x, part, mean, var, coef, _dummy(weight, mean), _dummy(bias, mean), rm, rv,
+                nbt, p, c, plan["shift_stride"], p * c, count, eps_hi, eps_lo, b_hi, b_lo,
+                m_hi, m_lo, HAS_W=weight is not None, HAS_B=bias is not None,
+                F64=acc == torch.float64, UPDATE=updated, HAS_NBT=updated and nbt is not mean,
+                BLOCK_P=CONFIG["merge_block_p"], BLOCK_C=block_c, num_warps=4)
+        y = torch.empty_like(x)
+        mean_k, invstd, bias_k, _ = coef.unbind(0)[:4]
+        _launch_normalize(x, y, g, residual, mean_k, invstd, weight, bias_k, act, hi, lo)
+    return y, mean, var, updated, coef[:4]
+
+
+def _running_for_finalize(update, mean: Tensor):
+    """``(running_mean, running_var, num_batches_tracked or mean, momentum_hi,
+    momentum_lo)`` where ``stats_finalize`` can do the running update (a fixed momentum,
+    buffers the kernel takes), else None."""
+    if update is None:
+        return None
+    running_mean, running_var, num_batches_tracked, momentum = update
+    if momentum is None or not _running_buffers_ok(running_mean, running_var,
+                                                   num_batches_tracked, mean):
+        return None
+    nbt = mean if num_batches_tracked is None else num_batches_tracked
+    return (running_mean, running_var, nbt, *split_float(float(momentum)))
+
+
+def _running_buffers_ok(running_mean, running_var, num_batches_tracked, mean: Tensor) -> bool:
+    """Whether the running-update kernels can update these buffers in place."""
+    if running_mean is None or running_var is None:
+        return False
+    for t in (running_mean, running_var):
+        if (not supports(t) or t.device != mean.device or not t.is_contiguous()
+                or t.requires_grad or t.dim() != 1):
+            return False
+    return num_batches_tracked is None or (num_batches_tracked.dtype == torch.int64
+                                           and num_batches_tracked.device == mean.device)
+
+
+def batch_norm_backward(dy, x, weight, bias, residual, mean, var, eps, training: bool,
+                        activation, slope, need_sums: bool, need_dx: bool,
+                        want_dresidual: bool, channels_last=False, saved=None):
+    """``ops._batch_norm_backward``: ``(dx, Σdz, Σdz·x̂, dresidual)``, dx and dresidual in x's
+    shape and memory format. Tensors as the caller has them, as in
+    :func:`batch_norm_forward`.
+
+    Three launches: the reduction's stage 1, the merge of the sums with the centring's
+    corrections, the elementwise pass; a fourth first (:func:`_reduce.prepare`: invstd
+    from the saved var, the float64-mean centring) unless ``saved`` holds the rows
+    :func:`batch_norm_forward` made. dx (dresidual) is None unless asked, the sums None
+    unless ``need_sums`` or training. None where it does not apply.
+    """
+    if x.numel() == 0 or not supports(x):
+        return None
+    x = _dense(x, channels_last)
+    g = _geometry(x.shape, channels_last)
+    dy = _laid_out_as("dy", dy, x)
+    residual = _laid_out_as("residual", residual, x)
+    weight, bias = _unit_stride(weight), _unit_stride(bias)
+    act, hi, lo = _activation_args(activation, slope)
+    c, acc, device = g.c, acc_dtype(x.dtype), x.device
+    need_sums = need_sums or training
+    plan = _reduce_plan(g, device) if need_sums else None
+    p = plan["P"] if need_sums else 0
+    pre = 0 if saved is not None else 4 * c
+    # the coefficients (unless saved), Σdz as the elementwise pass takes it, the partials
+    work = torch.empty(pre + c + 2 * p * c, dtype=acc, device=device)
+    sum_dz = sum_dzx = sum_dz_k = dx = dres = None
+    with _device_guard(x):
+        if saved is None:
+            saved = work[:pre].view(4, c)
+            _launch_prepare(_unit_stride(mean), _unit_stride(var), weight, bias, saved, c, eps,
+                            copy=False)
+        mean_k, invstd, bias_k, shift = saved.unbind(0)
+        if need_sums:
+            part = work[pre + c:]
+            _launch_backward_partials(dy, x, g, plan, part, mean_k, invstd, weight, bias_k,
+                                      residual, act, hi, lo)
+            sum_dz = torch.empty(c, dtype=acc, device=device)
+            sum_dzx = torch.empty(c, dtype=acc, device=device)
+            sum_dz_k = work[pre:pre + c]
+            grid, block_c = _merge_grid(c, CONFIG["merge_block_c"])
+            _reduce.sum_partials_centred[grid](
+                part, shift, sum_dz, sum_dzx, sum_dz_k, p, c, p * c,
+                BLOCK_P=CONFIG["merge_block_p"], BLOCK_C=block_c, num_warps=4)
+        if need_dx:
+            dx = torch.empty_like(x)
+            if want_dresidual:
+                dres = torch.empty_like(
+                    x, dtype=residual.dtype if residual is not None else x.dtype)
+            _launch_backward_elementwise(
+                dy, x, g, dx, dres, mean_k, invstd, weight, bias_k, residual,
+                sum_dz_k if training else None, sum_dzx if training else None, g.n * g.l,
+                act, hi, lo)
+    return dx, sum_dz, sum_dzx, dres
 
 
 def update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count,
                          momentum) -> bool:
     """``ops.update_running_stats`` in one launch instead of ~10 torch kernels; False
     (nothing done) where it does not apply, and ops then runs its torch version."""
-    if running_mean is None or running_var is None or not isinstance(count, int):
+    if not isinstance(count, int) or not _running_buffers_ok(
+            running_mean, running_var, num_batches_tracked, mean):
         return False
-    for t in (running_mean, running_var, mean, var):
+    for t in (mean, var):
         if (not supports(t) or t.device != mean.device or not t.is_contiguous()
                 or t.requires_grad or t.dim() != 1):
             return False
-    if num_batches_tracked is not None:
-        if num_batches_tracked.dtype != torch.int64 or num_batches_tracked.device != mean.device:
-            return False
-    elif momentum is None:
+    if num_batches_tracked is None and momentum is None:
         return False
     m_hi, m_lo = split_float(0.0 if momentum is None else float(momentum))
     b_hi, b_lo = split_float(count / max(count - 1, 1))

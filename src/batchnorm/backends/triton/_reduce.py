@@ -301,16 +301,24 @@ def sum_partials(part_ptr, a_ptr, b_ptr, P, C, PC, BLOCK_P: tl.constexpr,
 
 
 @triton.jit
-def stats_finalize(x_ptr, part_ptr, mean_ptr, var_ptr, mean_k_ptr, invstd_ptr, bias_k_ptr,
-                   w_ptr, b_ptr, P, C, SHIFT_STRIDE, PC, count, eps_hi, eps_lo,
-                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, F64: tl.constexpr,
-                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def stats_finalize(x_ptr, part_ptr, mean_ptr, var_ptr, coef_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr,
+                   nbt_ptr, P, C, SHIFT_STRIDE, PC, count, eps_hi, eps_lo, bessel_hi,
+                   bessel_lo, momentum_hi, momentum_lo, HAS_W: tl.constexpr,
+                   HAS_B: tl.constexpr, F64: tl.constexpr, UPDATE: tl.constexpr,
+                   HAS_NBT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """``stats_merge``, then the C-sized math of ``ops._batch_norm_forward`` in the same
     program, so a training forward is three launches instead of a dozen:
     var = m2 / count, invstd = 1/√(var + eps) (0 where var + eps == 0), and
     ``ops.centre_for_kernels``: mean_k = acc(mean), shift = (mean − mean_k)·invstd,
     bias_k = bias − weight·shift. Divisions and the square root are IEEE-rounded
-    (div_rn, sqrt_rn), as torch's are; float64 inputs give shift == 0, bias_k == bias."""
+    (div_rn, sqrt_rn), as torch's are; float64 inputs give shift == 0, bias_k == bias.
+    ``coef`` gets the four [C] rows of :func:`prepare` (mean_k, invstd, bias_k, shift),
+    which the backward then reads instead of recomputing them.
+
+    With ``UPDATE`` the running statistics move towards the batch's here as in
+    :func:`running_update`, with a fixed momentum (the cumulative average needs the
+    incremented num_batches_tracked in every program: :func:`running_update` does it);
+    program 0 increments num_batches_tracked, which no program reads."""
     pcount_ptr, pmean_ptr, pm2_ptr = part_ptr, part_ptr + PC, part_ptr + 2 * PC
     acc_ty = part_ptr.dtype.element_ty
     mean_ty = mean_ptr.dtype.element_ty
@@ -344,26 +352,17 @@ def stats_finalize(x_ptr, part_ptr, mean_ptr, var_ptr, mean_k_ptr, invstd_ptr, b
         var = m2 / count_f
     else:
         var = tl.math.div_rn(m2, count_f)
-    v = (var + eps_hi) + eps_lo
-    positive = v > 0
-    v = tl.where(positive, v, 1.0)
-    if F64:
-        invstd = 1.0 / tl.sqrt(v)
-    else:
-        invstd = tl.math.div_rn(tl.zeros_like(v) + 1.0, tl.math.sqrt_rn(v))
-    invstd = tl.where(positive, invstd, 0.0)
-    mean_k = mean.to(acc_ty)
-    centre = (mean - mean_k.to(mean_ty)).to(acc_ty) * invstd
-    if HAS_W:
-        centre = centre * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(acc_ty)
-    bias_k = -centre
-    if HAS_B:
-        bias_k = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(acc_ty) - centre
     tl.store(mean_ptr + cols, mean, mask=cmask)
     tl.store(var_ptr + cols, var, mask=cmask)
-    tl.store(mean_k_ptr + cols, mean_k, mask=cmask)
-    tl.store(invstd_ptr + cols, invstd, mask=cmask)
-    tl.store(bias_k_ptr + cols, bias_k, mask=cmask)
+    _store_coefficients(coef_ptr, cols, cmask, C, mean, var, w_ptr, b_ptr, eps_hi, eps_lo,
+                        acc_ty, HAS_W, HAS_B, F64)
+    if UPDATE:
+        if HAS_NBT:
+            if tl.program_id(0) == 0:
+                tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
+        factor = tl.zeros([BLOCK_C], dtype=tl.float64) + momentum_hi + momentum_lo
+        bessel = tl.zeros([BLOCK_C], dtype=tl.float64) + bessel_hi + bessel_lo
+        _running_step(rm_ptr, rv_ptr, cols, cmask, mean, var, factor, bessel)
 
 
 @triton.jit
@@ -380,21 +379,15 @@ def _invstd(var, eps_hi, eps_lo, F64: tl.constexpr):
 
 
 @triton.jit
-def backward_prepare(mean_ptr, var_ptr, w_ptr, b_ptr, out_ptr, C, eps_hi, eps_lo,
-                     HAS_W: tl.constexpr, HAS_B: tl.constexpr, F64: tl.constexpr,
-                     BLOCK_C: tl.constexpr):
-    """The C-sized prologue of ``ops._batch_norm_backward`` in one launch: invstd from the
-    saved var, and ``ops.centre_for_kernels`` (mean_k, bias_k, shift) from the saved
-    (float64) mean. ``out`` holds the four [C] rows mean_k, invstd, bias_k, shift."""
-    acc_ty = out_ptr.dtype.element_ty
-    mean_ty = mean_ptr.dtype.element_ty
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
-    invstd = _invstd(tl.load(var_ptr + cols, mask=cmask, other=1.0).to(acc_ty), eps_hi, eps_lo,
-                     F64)
+def _store_coefficients(out_ptr, cols, cmask, C, mean, var, w_ptr, b_ptr, eps_hi, eps_lo,
+                        acc_ty: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                        F64: tl.constexpr):
+    """The four [C] rows the elementwise kernels and the backward merge read, from the
+    (float64) mean and the biased var: mean_k = acc(mean), invstd, bias_k = bias −
+    weight·shift and shift = (mean − mean_k)·invstd (``ops.centre_for_kernels``)."""
+    invstd = _invstd(var.to(acc_ty), eps_hi, eps_lo, F64)
     mean_k = mean.to(acc_ty)
-    shift = (mean - mean_k.to(mean_ty)).to(acc_ty) * invstd
+    shift = (mean - mean_k.to(mean.dtype)).to(acc_ty) * invstd
     centre = shift
     if HAS_W:
         centre = shift * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(acc_ty)
@@ -405,6 +398,28 @@ def backward_prepare(mean_ptr, var_ptr, w_ptr, b_ptr, out_ptr, C, eps_hi, eps_lo
     tl.store(out_ptr + C + cols, invstd, mask=cmask)
     tl.store(out_ptr + 2 * C + cols, bias_k, mask=cmask)
     tl.store(out_ptr + 3 * C + cols, shift, mask=cmask)
+
+
+@triton.jit
+def prepare(mean_ptr, var_ptr, w_ptr, b_ptr, out_ptr, C, eps_hi, eps_lo,
+            HAS_W: tl.constexpr, HAS_B: tl.constexpr, F64: tl.constexpr, COPY: tl.constexpr,
+            BLOCK_C: tl.constexpr):
+    """The C-sized prologue of ``ops._batch_norm_backward`` in one launch, from a saved
+    mean and var (see :func:`_store_coefficients`). ``out`` holds the four [C] rows
+    mean_k, invstd, bias_k, shift, and with ``COPY`` (evaluation: the statistics are the
+    running buffers) two more, the mean and the var in the acc dtype, as ops would copy
+    them, the mean rounded to it first as ops does."""
+    acc_ty = out_ptr.dtype.element_ty
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
+    var = tl.load(var_ptr + cols, mask=cmask, other=1.0).to(acc_ty)
+    if COPY:
+        mean = mean.to(acc_ty)
+        tl.store(out_ptr + 4 * C + cols, mean, mask=cmask)
+        tl.store(out_ptr + 5 * C + cols, var, mask=cmask)
+    _store_coefficients(out_ptr, cols, cmask, C, mean, var, w_ptr, b_ptr, eps_hi, eps_lo,
+                        acc_ty, HAS_W, HAS_B, F64)
 
 
 @triton.jit
@@ -435,15 +450,28 @@ def sum_partials_centred(part_ptr, shift_ptr, sdz_ptr, sdzx_ptr, sdz_k_ptr, P, C
 
 
 @triton.jit
+def _running_step(rm_ptr, rv_ptr, cols, cmask, mean, var, factor, bessel):
+    """running = batch·m + running·(1 − m) for the channels ``cols``, the variance
+    unbiased by ``bessel`` = count/(count − 1); the arithmetic in the batch statistics'
+    dtypes, m and bessel float64 vectors."""
+    mean_ty = mean.dtype
+    var_ty = var.dtype
+    rm = tl.load(rm_ptr + cols, mask=cmask, other=0.0)
+    new_mean = mean * factor.to(mean_ty) + rm.to(mean_ty) * (1.0 - factor).to(mean_ty)
+    tl.store(rm_ptr + cols, new_mean.to(rm_ptr.dtype.element_ty), mask=cmask)
+    rv = tl.load(rv_ptr + cols, mask=cmask, other=0.0)
+    new_var = var * bessel.to(var_ty) * factor.to(var_ty) + rv.to(var_ty) * (1.0 - factor).to(var_ty)
+    tl.store(rv_ptr + cols, new_var.to(rv_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
 def running_update(rm_ptr, rv_ptr, nbt_ptr, mean_ptr, var_ptr, C, bessel_hi, bessel_lo,
                    momentum_hi, momentum_lo, HAS_NBT: tl.constexpr, CUMULATIVE: tl.constexpr,
                    BLOCK_C: tl.constexpr):
     """``ops._update_running_stats_torch`` in one launch of one program (C-sized work; a
     single program, so that reading and incrementing num_batches_tracked needs no
-    ordering between programs): running = batch·m + running·(1 − m), the variance
-    unbiased by ``bessel`` = count/(count − 1), m = momentum or 1/num_batches_tracked."""
-    mean_ty = mean_ptr.dtype.element_ty
-    var_ty = var_ptr.dtype.element_ty
+    ordering between programs): :func:`_running_step` with m = momentum or
+    1/num_batches_tracked."""
     if HAS_NBT:
         n = tl.load(nbt_ptr) + 1
         tl.store(nbt_ptr, n)
@@ -462,10 +490,5 @@ def running_update(rm_ptr, rv_ptr, nbt_ptr, mean_ptr, var_ptr, C, bessel_hi, bes
         cols = c0 + offs
         cmask = cols < C
         mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
-        rm = tl.load(rm_ptr + cols, mask=cmask, other=0.0)
-        new_mean = mean * factor.to(mean_ty) + rm.to(mean_ty) * (1.0 - factor).to(mean_ty)
-        tl.store(rm_ptr + cols, new_mean.to(rm_ptr.dtype.element_ty), mask=cmask)
         var = tl.load(var_ptr + cols, mask=cmask, other=0.0)
-        rv = tl.load(rv_ptr + cols, mask=cmask, other=0.0)
-        new_var = var * bessel.to(var_ty) * factor.to(var_ty) + rv.to(var_ty) * (1.0 - factor).to(var_ty)
-        tl.store(rv_ptr + cols, new_var.to(rv_ptr.dtype.element_ty), mask=cmask)
+        _running_step(rm_ptr, rv_ptr, cols, cmask, mean, var, factor, bessel)
