@@ -225,6 +225,35 @@ def test_residual_in_another_layout(backend, gen, layout):
     assert_close(got, dres.to(got.device), torch.float64)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_strided_parameters_and_buffers(backend, gen, layout, training):
+    """Through the functional API weight, bias and the running buffers may be strided
+    views: the kernels must not read them as if they were contiguous."""
+    shape = (3, 4, 3, 5)
+    _, x = make_input(shape, layout, torch.float32, backend.device, gen)
+    c = shape[1]
+    params = torch.randn(c, 2, generator=gen).to(backend.device)
+    buffers = torch.rand(c, 4, generator=gen).to(backend.device) + 0.5
+    ours = [x.detach().clone().requires_grad_(), params.clone().requires_grad_(),
+            buffers.clone()]
+    theirs = [x.detach().clone().requires_grad_(), params.clone().requires_grad_(),
+              buffers.clone()]
+    outs = []
+    for fn, (xi, p, buf) in ((batchnorm.functional.batch_norm, ours),
+                             (torch.nn.functional.batch_norm, theirs)):
+        # weight, bias, running mean and var: views of stride 2 and 4
+        outs.append(fn(xi, buf[:, 0], buf[:, 2], p[:, 0], p[:, 1], training=training))
+    assert ours[1][:, 0].stride() == (2,) and ours[2][:, 0].stride() == (4,)
+    assert_close(outs[0], outs[1], torch.float32)
+    assert_close(ours[2], theirs[2], torch.float32)  # the running statistics
+    dy = torch.randn(shape, generator=gen).to(backend.device)
+    for y in outs:
+        y.backward(dy)
+    assert_close(ours[0].grad, theirs[0].grad, torch.float32, scale=4)
+    assert_close(ours[1].grad, theirs[1].grad, torch.float32, scale=10)
+
+
 # ---------------------------------------------------------------------------------------
 # Half inputs with float32 parameters (autocast style)
 
