@@ -158,6 +158,7 @@ def main(argv=None) -> int:
     tb._sm_count.cache_clear()
     tb._sm_count = lambda device: 132  # an H100 SXM
     tb.supports = lambda x: True  # CPU stand-ins for CUDA tensors
+    tb._launch.DIRECT = False  # every launch through JITFunction.run, intercepted here
     rows = ROWS if args.rows == ["all"] else {k: ROWS[k] for k in args.rows}
     failures = 0
     print(f"triton {triton.__version__}, target sm_{args.arch}, CONFIG {tb.CONFIG}")

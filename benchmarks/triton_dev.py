@@ -88,6 +88,7 @@ class Bench:
         self.results = {}  # label -> {impl: ms, "floor": ms, "target": ms} (sections B, F)
         self.kernel_sum = {}  # label -> Σ of the four primitives' times (section C)
         self.host = {}  # label -> host ms to enqueue one step of ours
+        self.host_jit = {}  # the same, every launch through kernel[grid] (no direct launches)
         self.copy_gbps = float("nan")
         day = datetime.date.today().isoformat()
         slug = self.device.replace(" ", "-").replace("/", "-")
@@ -235,15 +236,26 @@ def section_b(bench: Bench, rows, with_compile=False):
             if not with_compile:
                 # Host time to enqueue one step (no synchronization inside): when it exceeds
                 # the device time the step is host-bound, and only the graph shows the kernels.
-                torch.cuda.synchronize()
-                t = time.perf_counter()
-                for _ in range(10):
-                    fns["ours"]()
-                host_ms = (time.perf_counter() - t) * 100
-                torch.cuda.synchronize()
-                bench.record(section="B", row=label, mode="bn_relu_fwd_bwd",
-                             impl="ours_host_enqueue", config="default", ms=f"{host_ms:.4f}")
-                bench.host[label] = host_ms
+                # Twice: with the direct launches of backends/triton/_launch.py, and with
+                # every launch through Triton's kernel[grid], which they replace.
+                from batchnorm.backends.triton import _launch
+                for impl, direct, into in (("ours_host_enqueue", True, bench.host),
+                                           ("ours_host_enqueue_jit_launch", False,
+                                            bench.host_jit)):
+                    was, _launch.DIRECT = _launch.DIRECT, direct and _launch.DIRECT
+                    try:
+                        fns["ours"]()
+                        torch.cuda.synchronize()
+                        t = time.perf_counter()
+                        for _ in range(10):
+                            fns["ours"]()
+                        host_ms = (time.perf_counter() - t) * 100
+                        torch.cuda.synchronize()
+                    finally:
+                        _launch.DIRECT = was
+                    bench.record(section="B", row=label, mode="bn_relu_fwd_bwd", impl=impl,
+                                 config="default", ms=f"{host_ms:.4f}")
+                    into[label] = host_ms
             for impl, ms in (timed if with_compile else res).items():
                 bench.record(section="F" if with_compile else "B", row=label,
                              mode="bn_relu_fwd_bwd", impl=impl,
@@ -416,7 +428,7 @@ def print_summary(bench):
     print(f"\n== summary: BN+ReLU fwd+bwd on {bench.device}, ms ==")
     print(f"{'row':28s} {'ours':>7s} {'graph':>7s} {'eager':>7s} {'compile':>7s} "
           f"{'floor*':>7s} {'target':>7s} {'vs torch':>8s} {'target?':>7s} {'Σkernels':>8s} "
-          f"{'host':>7s}")
+          f"{'host':>7s} {'host/jit':>8s}")
     for label, res in bench.results.items():
         ours, graph, eager, comp = (res.get(k) for k in ("ours", "graph", "eager", "compile"))
         floor, target = res["floor"], res["target"]
@@ -424,10 +436,12 @@ def print_summary(bench):
         f = lambda v: f"{v:7.3f}" if v is not None else "      -"  # noqa: E731
         print(f"{label:28s} {f(ours)} {f(graph)} {f(eager)} {f(comp)} {floor:7.3f} "
               f"{target:7.2f} {best / ours:7.2f}x {'yes' if ours <= target else 'no':>7s} "
-              f"{f(bench.kernel_sum.get(label)):>8s} {f(bench.host.get(label))}")
+              f"{f(bench.kernel_sum.get(label)):>8s} {f(bench.host.get(label))} "
+              f"{f(bench.host_jit.get(label)):>8s}")
     print("graph = ours captured in a CUDA graph; Σkernels = the four primitives timed alone "
           "(section C):\nours − Σkernels ≈ what runs around the tensor passes (C-sized kernels, "
-          "launch gaps, the running update); host = CPU time to enqueue one step of ours.")
+          "launch gaps, the running update); host = CPU time to enqueue one step of ours,\n"
+          "host/jit = the same with every launch through kernel[grid] (direct launches off).")
 
 
 def main(argv=None) -> int:

@@ -8,6 +8,10 @@
   activation's derivative recomputed from x) folded in.
 * Launch grids come from shapes only, and nothing here reads a device value on the host:
   a training step stays capturable in a CUDA graph.
+* Small inputs are host-bound, so the whole passes (``batch_norm_forward`` /
+  ``batch_norm_backward``, which ops calls) do the C-sized math inside the kernels, read
+  tensors as given by address, and launch through ``_launch.launch``, which calls a
+  compiled kernel's launcher directly once Triton's JIT has picked it.
 
 The launchers accept the kernel views of ``portable.py``: ``(N, C, L)`` or ``(M, C)``,
 contiguous. The tile and grid choices live in :data:`CONFIG` (read at every call;
@@ -34,6 +38,7 @@ from torch import Tensor
 from ..portable import acc_dtype, from_kernel_view, mean_dtype, to_kernel_view
 from . import _elementwise, _reduce
 from ._activation import CODES, split_float
+from ._launch import launch
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -268,23 +273,23 @@ def _launch_stats_partials(x: Tensor, g: _Geometry, plan: dict, part: Tensor) ->
     """Stage 1 of the statistics into ``part`` (count, mean and m2 planes of [P, C])."""
     p, c, warps = plan["P"], g.c, CONFIG["reduce_warps"]
     if g.cl:
-        _reduce.stats_partial_mc[plan["grid"]](
-            x, part, g.n, c, plan["rows"], plan["ncb"], p * c,
-            BLOCK_M=plan["BLOCK_M"], BLOCK_C=plan["BLOCK_C"], num_warps=warps)
+        launch(_reduce.stats_partial_mc, plan["grid"],
+               x, part, g.n, c, plan["rows"], plan["ncb"], p * c,
+               BLOCK_M=plan["BLOCK_M"], BLOCK_C=plan["BLOCK_C"], num_warps=warps)
     else:
-        _reduce.stats_partial_ncl[plan["grid"]](
-            x, part, g.n, c, g.l, plan["rows"], plan["cols"], plan["p_l"], p * c,
-            BLOCK_N=plan["BLOCK_N"], BLOCK_L=plan["BLOCK_L"], num_warps=warps)
+        launch(_reduce.stats_partial_ncl, plan["grid"],
+               x, part, g.n, c, g.l, plan["rows"], plan["cols"], plan["p_l"], p * c,
+               BLOCK_N=plan["BLOCK_N"], BLOCK_L=plan["BLOCK_L"], num_warps=warps)
 
 
 def _launch_normalize(x, y, g, residual, mean_k, invstd, weight, bias_k, act, hi, lo):
     plan = _elem_plan(g, x.device)
-    _elementwise.normalize_kernel[plan["grid"]](
-        x, y, _dummy(residual, x), mean_k, invstd, _dummy(weight, mean_k),
-        _dummy(bias_k, mean_k), plan["R"], plan["K"], plan["C"], hi, lo, CL=plan["CL"],
-        ACT=act, HAS_W=weight is not None, HAS_B=bias_k is not None,
-        HAS_RES=residual is not None, BLOCK_R=plan["BLOCK_R"], BLOCK_K=plan["BLOCK_K"],
-        num_warps=plan["warps"])
+    launch(_elementwise.normalize_kernel, plan["grid"],
+           x, y, _dummy(residual, x), mean_k, invstd, _dummy(weight, mean_k),
+           _dummy(bias_k, mean_k), plan["R"], plan["K"], plan["C"], hi, lo, CL=plan["CL"],
+           ACT=act, HAS_W=weight is not None, HAS_B=bias_k is not None,
+           HAS_RES=residual is not None, BLOCK_R=plan["BLOCK_R"], BLOCK_K=plan["BLOCK_K"],
+           num_warps=plan["warps"])
 
 
 def _launch_backward_partials(dy, x, g, plan, part, mean_k, invstd, weight, bias_k,
@@ -296,35 +301,35 @@ def _launch_backward_partials(dy, x, g, plan, part, mean_k, invstd, weight, bias
     common = (dy, x, _dummy(residual, x), mean_k, invstd, _dummy(weight, mean_k),
               _dummy(bias_k, mean_k), part)
     if g.cl:
-        _reduce.backward_partial_mc[plan["grid"]](
-            *common, g.n, c, plan["rows"], plan["ncb"], p * c, hi, lo,
-            BLOCK_M=plan["BLOCK_M"], BLOCK_C=plan["BLOCK_C"], **flags)
+        launch(_reduce.backward_partial_mc, plan["grid"],
+               *common, g.n, c, plan["rows"], plan["ncb"], p * c, hi, lo,
+               BLOCK_M=plan["BLOCK_M"], BLOCK_C=plan["BLOCK_C"], **flags)
     else:
-        _reduce.backward_partial_ncl[plan["grid"]](
-            *common, g.n, c, g.l, plan["rows"], plan["cols"], plan["p_l"], p * c, hi, lo,
-            BLOCK_N=plan["BLOCK_N"], BLOCK_L=plan["BLOCK_L"], **flags)
+        launch(_reduce.backward_partial_ncl, plan["grid"],
+               *common, g.n, c, g.l, plan["rows"], plan["cols"], plan["p_l"], p * c, hi, lo,
+               BLOCK_N=plan["BLOCK_N"], BLOCK_L=plan["BLOCK_L"], **flags)
 
 
 def _launch_backward_elementwise(dy, x, g, dx, dres, mean_k, invstd, weight, bias_k,
                                  residual, sum_dz, sum_dz_xhat, count, act, hi, lo) -> None:
     plan = _elem_plan(g, x.device)
     train = sum_dz is not None
-    _elementwise.backward_kernel[plan["grid"]](
-        dy, x, _dummy(residual, x), mean_k, invstd, _dummy(weight, mean_k),
-        _dummy(bias_k, mean_k), sum_dz if train else mean_k,
-        sum_dz_xhat if train else mean_k, dx, _dummy(dres, dx), int(count), plan["R"],
-        plan["K"], plan["C"], hi, lo, CL=plan["CL"], ACT=act, HAS_W=weight is not None,
-        HAS_B=bias_k is not None, HAS_RES=residual is not None and act != 0, TRAIN=train,
-        WANT_DRES=dres is not None, BLOCK_R=plan["BLOCK_R"], BLOCK_K=plan["BLOCK_K"],
-        num_warps=plan["warps"])
+    launch(_elementwise.backward_kernel, plan["grid"],
+           dy, x, _dummy(residual, x), mean_k, invstd, _dummy(weight, mean_k),
+           _dummy(bias_k, mean_k), sum_dz if train else mean_k,
+           sum_dz_xhat if train else mean_k, dx, _dummy(dres, dx), int(count), plan["R"],
+           plan["K"], plan["C"], hi, lo, CL=plan["CL"], ACT=act, HAS_W=weight is not None,
+           HAS_B=bias_k is not None, HAS_RES=residual is not None and act != 0, TRAIN=train,
+           WANT_DRES=dres is not None, BLOCK_R=plan["BLOCK_R"], BLOCK_K=plan["BLOCK_K"],
+           num_warps=plan["warps"])
 
 
 def _launch_prepare(mean, var, weight, bias, out, c, eps, copy: bool) -> None:
     eps_hi, eps_lo = split_float(eps)
-    _reduce.prepare[(_cdiv(c, 128),)](
-        mean, var, _dummy(weight, out), _dummy(bias, out), out, c, eps_hi, eps_lo,
-        HAS_W=weight is not None, HAS_B=bias is not None, F64=out.dtype == torch.float64,
-        COPY=copy, BLOCK_C=128, num_warps=4)
+    launch(_reduce.prepare, (_cdiv(c, 128),),
+           mean, var, _dummy(weight, out), _dummy(bias, out), out, c, eps_hi, eps_lo,
+           HAS_W=weight is not None, HAS_B=bias is not None, F64=out.dtype == torch.float64,
+           COPY=copy, BLOCK_C=128, num_warps=4)
 
 
 # --------------------------------------------------------------------------------------
@@ -348,8 +353,8 @@ def stats(x: Tensor) -> tuple[Tensor, Tensor]:
         part = torch.empty(3 * p * c, dtype=acc, device=x.device)
         _launch_stats_partials(x, g, plan, part)
         grid, block_c = _merge_grid(c, CONFIG["merge_block_c"])
-        _reduce.stats_merge[grid](x, part, mean, m2, p, c, plan["shift_stride"], p * c,
-                                  BLOCK_P=CONFIG["merge_block_p"], BLOCK_C=block_c, num_warps=4)
+        launch(_reduce.stats_merge, grid, x, part, mean, m2, p, c, plan["shift_stride"], p * c,
+               BLOCK_P=CONFIG["merge_block_p"], BLOCK_C=block_c, num_warps=4)
     return mean, m2
 
 
@@ -390,8 +395,8 @@ def backward_reduce(dy, x, mean, invstd, weight, bias, residual, activation: str
                                   _per_channel(invstd, acc), _unit_stride(weight),
                                   _unit_stride(bias), residual, act, hi, lo)
         grid, block_c = _merge_grid(c, CONFIG["merge_block_c"])
-        _reduce.sum_partials[grid](part, sdz, sdzx, p, c, p * c, BLOCK_P=CONFIG["merge_block_p"],
-                                   BLOCK_C=block_c, num_warps=4)
+        launch(_reduce.sum_partials, grid, part, sdz, sdzx, p, c, p * c,
+               BLOCK_P=CONFIG["merge_block_p"], BLOCK_C=block_c, num_warps=4)
     return sdz, sdzx
 
 
@@ -473,12 +478,12 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
             b_hi, b_lo = split_float(count / max(count - 1, 1)) if updated else (0.0, 0.0)
             eps_hi, eps_lo = split_float(eps)
             grid, block_c = _merge_grid(c, CONFIG["merge_block_c"])
-            _reduce.stats_finalize[grid](
-                x, part, mean, var, coef, _dummy(weight, mean), _dummy(bias, mean), rm, rv,
-                nbt, p, c, plan["shift_stride"], p * c, count, eps_hi, eps_lo, b_hi, b_lo,
-                m_hi, m_lo, HAS_W=weight is not None, HAS_B=bias is not None,
-                F64=acc == torch.float64, UPDATE=updated, HAS_NBT=updated and nbt is not mean,
-                BLOCK_P=CONFIG["merge_block_p"], BLOCK_C=block_c, num_warps=4)
+            launch(_reduce.stats_finalize, grid,
+                   x, part, mean, var, coef, _dummy(weight, mean), _dummy(bias, mean), rm, rv,
+                   nbt, p, c, plan["shift_stride"], p * c, count, eps_hi, eps_lo, b_hi, b_lo,
+                   m_hi, m_lo, HAS_W=weight is not None, HAS_B=bias is not None,
+                   F64=acc == torch.float64, UPDATE=updated, HAS_NBT=updated and nbt is not mean,
+                   BLOCK_P=CONFIG["merge_block_p"], BLOCK_C=block_c, num_warps=4)
         y = torch.empty_like(x)
         mean_k, invstd, bias_k, _ = coef.unbind(0)[:4]
         _launch_normalize(x, y, g, residual, mean_k, invstd, weight, bias_k, act, hi, lo)
@@ -554,9 +559,9 @@ def batch_norm_backward(dy, x, weight, bias, residual, mean, var, eps, training:
             sum_dzx = torch.empty(c, dtype=acc, device=device)
             sum_dz_k = work[pre:pre + c]
             grid, block_c = _merge_grid(c, CONFIG["merge_block_c"])
-            _reduce.sum_partials_centred[grid](
-                part, shift, sum_dz, sum_dzx, sum_dz_k, p, c, p * c,
-                BLOCK_P=CONFIG["merge_block_p"], BLOCK_C=block_c, num_warps=4)
+            launch(_reduce.sum_partials_centred, grid,
+                   part, shift, sum_dz, sum_dzx, sum_dz_k, p, c, p * c,
+                   BLOCK_P=CONFIG["merge_block_p"], BLOCK_C=block_c, num_warps=4)
         if need_dx:
             dx = torch.empty_like(x)
             if want_dresidual:
@@ -586,8 +591,8 @@ def update_running_stats(running_mean, running_var, num_batches_tracked, mean, v
     b_hi, b_lo = split_float(count / max(count - 1, 1))
     nbt = num_batches_tracked if num_batches_tracked is not None else mean
     with _device_guard(mean):
-        _reduce.running_update[(1,)](
-            running_mean, running_var, nbt, mean, var, mean.shape[0],
-            b_hi, b_lo, m_hi, m_lo, HAS_NBT=num_batches_tracked is not None,
-            CUMULATIVE=momentum is None, BLOCK_C=min(_np2(mean.shape[0]), 1024), num_warps=4)
+        launch(_reduce.running_update, (1,),
+               running_mean, running_var, nbt, mean, var, mean.shape[0],
+               b_hi, b_lo, m_hi, m_lo, HAS_NBT=num_batches_tracked is not None,
+               CUMULATIVE=momentum is None, BLOCK_C=min(_np2(mean.shape[0]), 1024), num_warps=4)
     return True
