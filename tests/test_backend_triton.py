@@ -480,12 +480,12 @@ def test_fused_backward_saved_rows(shape, dtype):
             assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("momentum", [0.1, 0.0, 1.0])
 @pytest.mark.parametrize("tracked", [True, False], ids=["nbt", "no-nbt"])
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[-1]], ids=_id)
-def test_fused_forward_running_update(shape, tracked):
+def test_fused_forward_running_update(shape, tracked, momentum):
     """With a fixed momentum the statistics' second stage moves the running buffers (and
-    num_batches_tracked, once) bit for bit as the separate launch does; the cumulative
-    average (momentum None) and buffers of another dtype are left to ops."""
+    num_batches_tracked, once) bit for bit as the separate launch does."""
     x = _data(shape, torch.float32, mean=1e4)
     c = x.shape[1]
     count = x.numel() // c
@@ -493,23 +493,26 @@ def test_fused_forward_running_update(shape, tracked):
              torch.tensor(3, device=DEVICE) if tracked else None]
     ref = [t.clone() if t is not None else None for t in state]
     _, mean, var, updated, _ = tb.batch_norm_forward(x, None, None, None, None, None, 1e-5,
-                                                     "none", 0.0, (*state, 0.1))
+                                                     "none", 0.0, (*state, momentum))
     assert updated
-    assert tb.update_running_stats(*ref, mean, var, count, 0.1)
+    assert tb.update_running_stats(*ref, mean, var, count, momentum)
     for got, want in zip(state, ref):
         assert (got is None and want is None) or torch.equal(got, want)
-    for momentum, buffers in ((None, torch.float32), (0.1, torch.float64)):
-        if momentum is None and not tracked:
-            continue  # the cumulative average needs num_batches_tracked
-        others = [state[0].to(buffers), state[1].to(buffers), state[2]]
-        before = [t.clone() if t is not None else None for t in others]
+
+
+def test_fused_forward_running_update_declines():
+    """The cumulative average (momentum None) is left to ops' separate launch; float64
+    buffers with float32 data are updated in the kernel."""
+    x = _data(SHAPES[0], torch.float32)
+    c = x.shape[1]
+    for momentum, buffers, done in ((None, torch.float32, False), (0.1, torch.float64, True)):
+        state = [torch.zeros(c, dtype=buffers, device=DEVICE),
+                 torch.ones(c, dtype=buffers, device=DEVICE), torch.tensor(3, device=DEVICE)]
+        before = [t.clone() for t in state]
         out = tb.batch_norm_forward(x, None, None, None, None, None, 1e-5, "none", 0.0,
-                                    (*others, momentum))
-        # float64 buffers: running_buffers_ok takes them; only the cumulative case declines
-        assert out[3] == (momentum is not None)
-        if momentum is None:
-            for got, want in zip(others, before):
-                assert torch.equal(got, want)
+                                    (*state, momentum))
+        assert out[3] == done
+        assert all(torch.equal(a, b) for a, b in zip(state, before)) != done
 
 
 def test_fused_hooks_any_layout():
