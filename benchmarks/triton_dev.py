@@ -280,8 +280,8 @@ def section_b(bench: Bench, rows, with_compile=False):
 
 def primitive_calls(shape, dtype, cl, act="relu"):
     """The four primitives on the kernel view of one row, with the bytes each must move."""
-    from batchnorm import ops
     import batchnorm.backends.triton as tb
+    from batchnorm import ops
 
     x, w, b, dy, _ = make_inputs(shape, dtype, cl)
     x = ops.to_kernel_view(x.detach(), cl)

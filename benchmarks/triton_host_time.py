@@ -59,8 +59,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="cProfile of 300 steps")
     args = ap.parse_args(argv)
     fake_cuda_driver.install(_count)
-    from batchnorm.backends.triton import _launch
     import batchnorm.backends.triton as tb
+    from batchnorm.backends.triton import _launch
 
     shape = tuple(int(v) for v in args.shape.split(","))
     module = batchnorm.BatchNorm2d(shape[1], activation="relu") if len(shape) == 4 else \

@@ -35,7 +35,7 @@ import torch
 import triton  # noqa: F401  (ImportError here marks the backend unavailable)
 from torch import Tensor
 
-from ..portable import acc_dtype, from_kernel_view, mean_dtype, to_kernel_view
+from ..portable import acc_dtype, mean_dtype
 from . import _elementwise, _reduce
 from ._activation import CODES, split_float
 from ._launch import launch
