@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 from torch import Tensor
 
 try:
@@ -30,9 +31,12 @@ except ImportError:  # a Triton without these: every launch through kernel[grid]
     knobs = CompiledKernel = driver = None
 
 # Off: every launch through kernel[grid] (to compare, or should a Triton version change the
-# launcher's calling convention); always off for the interpreter. Read at import.
+# launcher's calling convention); always off for the interpreter, and on ROCm, where Triton
+# also specializes pointers on their range (the key below knows NVIDIA's distinctions
+# only). Read at import.
 DIRECT = (os.environ.get("BATCHNORM_TRITON_DIRECT_LAUNCH", "1") != "0"
-          and os.environ.get("TRITON_INTERPRET") != "1" and knobs is not None)
+          and os.environ.get("TRITON_INTERPRET") != "1" and knobs is not None
+          and getattr(torch.version, "hip", None) is None)
 
 _I32_MIN, _I32_END, _U64_MIN = -(1 << 31), 1 << 31, 1 << 63
 
