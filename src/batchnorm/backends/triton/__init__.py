@@ -440,15 +440,16 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
     :func:`update_running_stats`); normalize. Evaluation, two: the coefficients from the
     running statistics (:func:`_reduce.prepare`), normalize. ``saved`` is the [4, C] rows
     mean_k, invstd, bias_k, shift, which :func:`batch_norm_backward` takes back instead of
-    recomputing them. None (ops then takes its own path) for empty inputs and for what
-    ``supports`` declines.
+    recomputing them. None (ops then takes its own path) for empty inputs, for what
+    ``supports`` declines, and in evaluation for strided running buffers or ones on
+    another device.
     x comes as the caller has it ((N, C, *), channels-last when ``channels_last``); y
     goes back in its shape and memory format.
     """
     if x.numel() == 0 or not supports(x):
         return None
-    if running_mean is not None and not (running_mean.is_contiguous()
-                                         and running_var.is_contiguous()):
+    if running_mean is not None and not all(
+            t.is_contiguous() and t.device == x.device for t in (running_mean, running_var)):
         return None
     x = _dense(x, channels_last)
     g = _geometry(x.shape, channels_last)
