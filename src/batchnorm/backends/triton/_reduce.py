@@ -138,17 +138,16 @@ def stats_partial_mc(x_ptr, part_ptr, M, C, ROWS, NCB, PC,
 
 
 @triton.jit
-def stats_merge(x_ptr, part_ptr, mean_ptr, m2_ptr, P, C, SHIFT_STRIDE, PC,
-                BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Chan's G-way merge of the P partials of each channel, then the shift added back.
+def _merge(x_ptr, part_ptr, P, C, SHIFT_STRIDE, PC, cols, cmask, mean_ty: tl.constexpr,
+           BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Chan's G-way merge of the P partials of the channels ``cols``, then the shift added
+    back: ``(mean in mean_ty, m2 in the acc dtype)``.
 
     Two sweeps over the partials (they are small): the merged mean first, then the
     deviations of the partial means from it, so no raw second moment appears.
     """
     pcount_ptr, pmean_ptr, pm2_ptr = part_ptr, part_ptr + PC, part_ptr + 2 * PC
     acc_ty = part_ptr.dtype.element_ty
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
     rp = tl.arange(0, BLOCK_P)
     tot = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
     wsum = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
@@ -172,13 +171,23 @@ def stats_merge(x_ptr, part_ptr, mean_ptr, m2_ptr, P, C, SHIFT_STRIDE, PC,
         m2 = tl.load(pm2_ptr + off, mask=mask, other=0.0)
         dev = mu - mean_d[None, :]
         acc += m2 + n * dev * dev
-    # The mean leaves in mean_ptr's dtype (float64: see portable.mean_dtype): the shift is a
-    # value of the data and mean_d is small, so their sum there keeps the large-mean digits
-    # a float32 mean would round away.
-    mean_ty = mean_ptr.dtype.element_ty
+    # The mean leaves in mean_ty (float64: see portable.mean_dtype): the shift is a value of
+    # the data and mean_d is small, so their sum there keeps the large-mean digits a float32
+    # mean would round away.
     shift = tl.load(x_ptr + cols.to(tl.int64) * SHIFT_STRIDE, mask=cmask, other=0.0)
-    tl.store(mean_ptr + cols, shift.to(mean_ty) + mean_d.to(mean_ty), mask=cmask)
-    tl.store(m2_ptr + cols, tl.sum(acc, axis=0), mask=cmask)
+    return shift.to(mean_ty) + mean_d.to(mean_ty), tl.sum(acc, axis=0)
+
+
+@triton.jit
+def stats_merge(x_ptr, part_ptr, mean_ptr, m2_ptr, P, C, SHIFT_STRIDE, PC,
+                BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Stage 2 of ``stats``: :func:`_merge` for a block of channels."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mean, m2 = _merge(x_ptr, part_ptr, P, C, SHIFT_STRIDE, PC, cols, cmask,
+                      mean_ptr.dtype.element_ty, BLOCK_P, BLOCK_C)
+    tl.store(mean_ptr + cols, mean, mask=cmask)
+    tl.store(m2_ptr + cols, m2, mask=cmask)
 
 
 # --------------------------------------------------------------------------------------
@@ -306,7 +315,7 @@ def stats_finalize(x_ptr, part_ptr, mean_ptr, var_ptr, coef_ptr, w_ptr, b_ptr, r
                    bessel_lo, momentum_hi, momentum_lo, HAS_W: tl.constexpr,
                    HAS_B: tl.constexpr, F64: tl.constexpr, UPDATE: tl.constexpr,
                    HAS_NBT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """``stats_merge``, then the C-sized math of ``ops._batch_norm_forward`` in the same
+    """:func:`_merge`, then the C-sized math of ``ops._batch_norm_forward`` in the same
     program, so a training forward is three launches instead of a dozen:
     var = m2 / count, invstd = 1/√(var + eps) (0 where var + eps == 0), and
     ``ops.centre_for_kernels``: mean_k = acc(mean), shift = (mean − mean_k)·invstd,
@@ -319,34 +328,11 @@ def stats_finalize(x_ptr, part_ptr, mean_ptr, var_ptr, coef_ptr, w_ptr, b_ptr, r
     :func:`running_update`, with a fixed momentum (the cumulative average needs the
     incremented num_batches_tracked in every program: :func:`running_update` does it);
     program 0 increments num_batches_tracked, which no program reads."""
-    pcount_ptr, pmean_ptr, pm2_ptr = part_ptr, part_ptr + PC, part_ptr + 2 * PC
     acc_ty = part_ptr.dtype.element_ty
-    mean_ty = mean_ptr.dtype.element_ty
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    rp = tl.arange(0, BLOCK_P)
-    tot = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
-    wsum = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
-    for p0 in range(0, P, BLOCK_P):
-        rows = p0 + rp
-        mask = (rows < P)[:, None] & cmask[None, :]
-        off = rows[:, None] * C + cols[None, :]
-        n = tl.load(pcount_ptr + off, mask=mask, other=0.0)
-        tot += n
-        wsum += n * tl.load(pmean_ptr + off, mask=mask, other=0.0)
-    total = tl.sum(tot, axis=0)
-    mean_d = tl.sum(wsum, axis=0) / tl.where(total > 0, total, 1.0)
-    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
-    for p0 in range(0, P, BLOCK_P):
-        rows = p0 + rp
-        mask = (rows < P)[:, None] & cmask[None, :]
-        off = rows[:, None] * C + cols[None, :]
-        n = tl.load(pcount_ptr + off, mask=mask, other=0.0)
-        dev = tl.load(pmean_ptr + off, mask=mask, other=0.0) - mean_d[None, :]
-        acc += tl.load(pm2_ptr + off, mask=mask, other=0.0) + n * dev * dev
-    m2 = tl.sum(acc, axis=0)
-    shift = tl.load(x_ptr + cols.to(tl.int64) * SHIFT_STRIDE, mask=cmask, other=0.0)
-    mean = shift.to(mean_ty) + mean_d.to(mean_ty)
+    mean, m2 = _merge(x_ptr, part_ptr, P, C, SHIFT_STRIDE, PC, cols, cmask,
+                      mean_ptr.dtype.element_ty, BLOCK_P, BLOCK_C)
     count_f = tl.maximum(tl.zeros_like(m2) + count, 1.0)
     if F64:  # float64 division and square root are IEEE-rounded already
         var = m2 / count_f
