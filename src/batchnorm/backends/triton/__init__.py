@@ -505,14 +505,18 @@ def _running_for_finalize(update, mean: Tensor):
     return (running_mean, running_var, nbt, *split_float(float(momentum)))
 
 
+def _plain_vector(t: Tensor, device: torch.device) -> bool:
+    """A [C] tensor the running-update kernels may read or write in place."""
+    return (supports(t) and t.device == device and t.is_contiguous() and not t.requires_grad
+            and t.dim() == 1)
+
+
 def _running_buffers_ok(running_mean, running_var, num_batches_tracked, mean: Tensor) -> bool:
     """Whether the running-update kernels can update these buffers in place."""
     if running_mean is None or running_var is None:
         return False
-    for t in (running_mean, running_var):
-        if (not supports(t) or t.device != mean.device or not t.is_contiguous()
-                or t.requires_grad or t.dim() != 1):
-            return False
+    if not (_plain_vector(running_mean, mean.device) and _plain_vector(running_var, mean.device)):
+        return False
     return num_batches_tracked is None or (num_batches_tracked.dtype == torch.int64
                                            and num_batches_tracked.device == mean.device)
 
@@ -582,10 +586,8 @@ def update_running_stats(running_mean, running_var, num_batches_tracked, mean, v
     if not isinstance(count, int) or not _running_buffers_ok(
             running_mean, running_var, num_batches_tracked, mean):
         return False
-    for t in (mean, var):
-        if (not supports(t) or t.device != mean.device or not t.is_contiguous()
-                or t.requires_grad or t.dim() != 1):
-            return False
+    if not (_plain_vector(mean, mean.device) and _plain_vector(var, mean.device)):
+        return False
     if num_batches_tracked is None and momentum is None:
         return False
     m_hi, m_lo = split_float(0.0 if momentum is None else float(momentum))
