@@ -460,6 +460,9 @@ def running_update(rm_ptr, rv_ptr, nbt_ptr, mean_ptr, var_ptr, C, bessel_hi, bes
     1/num_batches_tracked."""
     if HAS_NBT:
         n = tl.load(nbt_ptr) + 1
+        # Every thread loads the counter and thread 0 alone stores it (the PTX of sm_90):
+        # without the barrier a late warp could read the incremented value.
+        tl.debug_barrier()
         tl.store(nbt_ptr, n)
     # as a float64 vector: a runtime float is float32 on the GPU, a Python float in the
     # interpreter, and neither has .to()
