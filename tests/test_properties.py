@@ -258,3 +258,41 @@ def test_eps_zero_in_eval_with_zero_running_variance(backend, gen):
         bn.bias.copy_(torch.randn(3, generator=gen))
     y = bn(torch.randn(2, 3, 4, generator=gen).to(backend.device))
     assert torch.isfinite(y).all() and (y[:, 1] == bn.bias[1]).all()
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(shape=st.lists(st.integers(0, 3), min_size=1, max_size=5),
+       order=st.randoms(use_true_random=False), channels_last=st.booleans(),
+       step=st.integers(1, 2))
+def test_is_channels_last_is_the_moved_view_being_contiguous(shape, order, channels_last,
+                                                             step):
+    """``is_channels_last`` asks torch's memory-format flag for 4-D and 5-D tensors; it
+    must agree with its definition, the channel-last view being contiguous, for
+    channels-last and randomly permuted strides, size-1 and empty dimensions, and sliced
+    last dimensions."""
+    from batchnorm.backends.portable import is_channels_last
+
+    dims = list(range(len(shape)))
+    if channels_last and len(shape) >= 2:
+        dims = [0, *range(2, len(shape)), 1]  # memory order: N, spatial..., C
+    else:
+        order.shuffle(dims)
+    base = torch.empty([shape[d] for d in dims]).permute([dims.index(i) for i in range(len(shape))])
+    x = base[..., ::step] if base.dim() else base
+    want = x.dim() >= 3 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+    assert is_channels_last(x) == want
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (2, 1, 4, 5), (2, 3, 1, 1), (1, 3, 4, 5),
+                                   (2, 3, 4, 1), (0, 3, 4, 5), (2, 3, 2, 4, 5), (2, 3, 1, 4, 1),
+                                   (2, 3, 5)])
+def test_is_channels_last_on_channels_last_tensors(shape):
+    """The channels-last layouts themselves (size-1 and empty dimensions included), dense
+    and sliced, against the definition."""
+    from batchnorm.backends.portable import is_channels_last
+
+    x = torch.empty(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
+    for t in (x, x[..., ::2], x[:, :1], x.contiguous()):
+        want = t.dim() >= 3 and not t.is_contiguous() and t.movedim(1, -1).is_contiguous()
+        assert is_channels_last(t) == want
+    assert is_channels_last(x) == (not x.is_contiguous())
