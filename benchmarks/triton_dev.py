@@ -60,6 +60,10 @@ VARIANT_ROWS = ["(256,256,56,56) bf16 CL", "(256,256,56,56) bf16 NCHW",
 # affects, so only those are timed (every variant costs compilations).
 VARIANTS = [
     ("default", {}, "all"),
+    # stage 1's loads pipelined through shared memory (the CL reductions ran at 50-64% of
+    # the copy bandwidth on the H200, 2026-11-27); first, in case the budget runs out
+    ("reduce_stages=2", {"reduce_stages": 2}, "reduce"),
+    ("reduce_stages=3", {"reduce_stages": 3}, "reduce"),
     ("reduce_tile=2048,warps=4", {"reduce_tile": 2048, "reduce_warps": 4}, "reduce"),
     ("reduce_tile=8192", {"reduce_tile": 8192}, "reduce"),
     ("programs_per_sm=4", {"programs_per_sm": 4}, "reduce"),

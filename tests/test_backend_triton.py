@@ -269,6 +269,23 @@ def test_persistent_grid(shape, monkeypatch):
     assert torch.equal(dx2, dx) and torch.equal(dr2, dr)
 
 
+@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[-1]], ids=_id)
+def test_pipelined_reductions(shape, stages, monkeypatch):
+    """Stage 1's loop with its loads pipelined (CONFIG reduce_stages) gives the same sums
+    (the same arithmetic per element; the compiler may lay the tile out differently over
+    the threads, so the last additions may round differently)."""
+    if not CUDA:
+        pytest.skip("the interpreter runs tl.range(num_stages=...) as a plain loop")
+    x, mean, invstd, count, w, b, r, dy = _case(shape, torch.float32, True, True)
+    want = (*tb.stats(x), *tb.backward_reduce(dy, x, mean, invstd, w, b, r, "silu", 0.0))
+    monkeypatch.setitem(tb.CONFIG, "reduce_stages", stages)
+    got = (*tb.stats(x), *tb.backward_reduce(dy, x, mean, invstd, w, b, r, "silu", 0.0))
+    n = (x.numel() // x.shape[1]) ** 0.5
+    for g_, w_ in zip(got, want):
+        assert_close(g_, w_, dtype=torch.float32, scale=4 * n)
+
+
 def test_float64_exact():
     """float64 stays float64 throughout (LeakyReLU's slope too, though a GPU passes
     runtime floats as float32)."""

@@ -48,6 +48,11 @@ CONFIG = {
     "programs_per_sm": 8,
     "reduce_tile": 4096,
     "reduce_warps": 8,
+    # Tiles in flight in stage 1's loop (num_stages of its tl.range): 1 is a plain loop;
+    # 2-3 pipeline the loads through shared memory. Unmeasured on a GPU: the channels-last
+    # reductions ran at 50-64% of the copy bandwidth on an H200 (2026-11-27), and section E
+    # of benchmarks/triton_dev.py compares 2 and 3.
+    "reduce_stages": 1,
     # Elementwise passes: tiles of elem_tile elements; one per program when
     # elem_programs_per_sm is 0, else a persistent grid of that many programs per SM.
     "elem_tile": 4096,
@@ -271,15 +276,17 @@ def _unit_stride(t: Tensor | None) -> Tensor | None:
 
 def _launch_stats_partials(x: Tensor, g: _Geometry, plan: dict, part: Tensor) -> None:
     """Stage 1 of the statistics into ``part`` (count, mean and m2 planes of [P, C])."""
-    p, c, warps = plan["P"], g.c, CONFIG["reduce_warps"]
+    p, c, warps, stages = plan["P"], g.c, CONFIG["reduce_warps"], CONFIG["reduce_stages"]
     if g.cl:
         launch(_reduce.stats_partial_mc, plan["grid"],
                x, part, g.n, c, plan["rows"], plan["ncb"], p * c,
-               BLOCK_M=plan["BLOCK_M"], BLOCK_C=plan["BLOCK_C"], num_warps=warps)
+               BLOCK_M=plan["BLOCK_M"], BLOCK_C=plan["BLOCK_C"], STAGES=stages,
+               num_warps=warps)
     else:
         launch(_reduce.stats_partial_ncl, plan["grid"],
                x, part, g.n, c, g.l, plan["rows"], plan["cols"], plan["p_l"], p * c,
-               BLOCK_N=plan["BLOCK_N"], BLOCK_L=plan["BLOCK_L"], num_warps=warps)
+               BLOCK_N=plan["BLOCK_N"], BLOCK_L=plan["BLOCK_L"], STAGES=stages,
+               num_warps=warps)
 
 
 def _launch_normalize(x, y, g, residual, mean_k, invstd, weight, bias_k, act, hi, lo):
@@ -297,7 +304,8 @@ def _launch_backward_partials(dy, x, g, plan, part, mean_k, invstd, weight, bias
     """Stage 1 of the backward reduction into ``part`` (Σdz and Σdz·x̂ planes of [P, C])."""
     p, c = plan["P"], g.c
     flags = dict(ACT=act, HAS_W=weight is not None, HAS_B=bias_k is not None,
-                 HAS_RES=residual is not None and act != 0, num_warps=CONFIG["reduce_warps"])
+                 HAS_RES=residual is not None and act != 0, STAGES=CONFIG["reduce_stages"],
+                 num_warps=CONFIG["reduce_warps"])
     common = (dy, x, _dummy(residual, x), mean_k, invstd, _dummy(weight, mean_k),
               _dummy(bias_k, mean_k), part)
     if g.cl:

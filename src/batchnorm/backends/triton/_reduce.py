@@ -15,6 +15,11 @@ Kernel views (see ``portable.py``):
   ``[BLOCK_M, BLOCK_C]`` tiles with C contiguous (coalesced, vectorized loads); program id
   ``p * n_channel_blocks + cb``.
 
+The innermost loop of stage 1 is ``tl.range(..., num_stages=STAGES)``: 1 (the default,
+``CONFIG["reduce_stages"]``) compiles as a plain loop; 2 or 3 let Triton pipeline the
+loads of the next tiles through shared memory (``cp.async`` on sm_80 and later), more
+bytes in flight per program, the same arithmetic in the same order.
+
 A program's ranges are whole multiples of its tile, so the only masks needed are
 ``row < N`` and ``col < L`` (or ``< C``): with L and C divisible by 16, Triton then still
 proves 16-byte alignment and emits vector loads; a mask against a computed bound would
@@ -64,7 +69,7 @@ def _dz(dy, x, mu, inv, w, b, r, ACT: tl.constexpr, HAS_W: tl.constexpr,
 
 @triton.jit
 def stats_partial_ncl(x_ptr, part_ptr, N, C, L, ROWS, COLS, P_L, PC,
-                      BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, STAGES: tl.constexpr):
     pid = tl.program_id(0)
     c = pid % C
     p = pid // C
@@ -82,7 +87,7 @@ def stats_partial_ncl(x_ptr, part_ptr, N, C, L, ROWS, COLS, P_L, PC,
     for nb in range(n0, n_end, BLOCK_N):
         rows = nb + rn
         row_off = (rows.to(tl.int64) * C + c) * L
-        for lb in range(l0, l_end, BLOCK_L):
+        for lb in tl.range(l0, l_end, BLOCK_L, num_stages=STAGES):
             cols = lb + rl
             mask = (rows < N)[:, None] & (cols < L)[None, :]
             v = tl.load(x_ptr + row_off[:, None] + cols[None, :], mask=mask, other=0.0)
@@ -101,7 +106,7 @@ def stats_partial_ncl(x_ptr, part_ptr, N, C, L, ROWS, COLS, P_L, PC,
 
 @triton.jit
 def stats_partial_mc(x_ptr, part_ptr, M, C, ROWS, NCB, PC,
-                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr):
     pid = tl.program_id(0)
     cb = pid % NCB
     p = pid // NCB
@@ -115,7 +120,7 @@ def stats_partial_mc(x_ptr, part_ptr, M, C, ROWS, NCB, PC,
     rm = tl.arange(0, BLOCK_M)
     s = tl.zeros([BLOCK_M, BLOCK_C], dtype=acc_ty)
     q = tl.zeros([BLOCK_M, BLOCK_C], dtype=acc_ty)
-    for mb in range(m0, m_end, BLOCK_M):
+    for mb in tl.range(m0, m_end, BLOCK_M, num_stages=STAGES):
         rows = mb + rm
         mask = (rows < M)[:, None] & cmask[None, :]
         ptrs = x_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :]
@@ -198,7 +203,8 @@ def stats_merge(x_ptr, part_ptr, mean_ptr, m2_ptr, P, C, SHIFT_STRIDE, PC,
 def backward_partial_ncl(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr,
                          N, C, L, ROWS, COLS, P_L, PC, slope_hi, slope_lo,
                          ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                         HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
+                         HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+                         STAGES: tl.constexpr):
     pid = tl.program_id(0)
     c = pid % C
     p = pid // C
@@ -223,7 +229,7 @@ def backward_partial_ncl(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_pt
     for nb in range(n0, n_end, BLOCK_N):
         rows = nb + rn
         row_off = (rows.to(tl.int64) * C + c) * L
-        for lb in range(l0, l_end, BLOCK_L):
+        for lb in tl.range(l0, l_end, BLOCK_L, num_stages=STAGES):
             cols = lb + rl
             mask = (rows < N)[:, None] & (cols < L)[None, :]
             off = row_off[:, None] + cols[None, :]
@@ -247,7 +253,8 @@ def backward_partial_ncl(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_pt
 def backward_partial_mc(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr,
                         M, C, ROWS, NCB, PC, slope_hi, slope_lo,
                         ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                        HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                        HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                        STAGES: tl.constexpr):
     pid = tl.program_id(0)
     cb = pid % NCB
     p = pid // NCB
@@ -268,7 +275,7 @@ def backward_partial_mc(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr
     rm = tl.arange(0, BLOCK_M)
     sdz = tl.zeros([BLOCK_M, BLOCK_C], dtype=acc_ty)
     sdzx = tl.zeros([BLOCK_M, BLOCK_C], dtype=acc_ty)
-    for mb in range(m0, m_end, BLOCK_M):
+    for mb in tl.range(m0, m_end, BLOCK_M, num_stages=STAGES):
         rows = mb + rm
         mask = (rows < M)[:, None] & cmask[None, :]
         off = rows.to(tl.int64)[:, None] * C + cols[None, :]
