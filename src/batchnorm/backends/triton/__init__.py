@@ -252,13 +252,11 @@ def _dense(x: Tensor, channels_last: bool) -> Tensor:
 
 def _laid_out_as(name: str, t: Tensor | None, x: Tensor) -> Tensor | None:
     """dy or the residual with x's strides (a copy in its own dtype where they differ)."""
-    if t is None or t.stride() == x.stride():
-        if t is not None and t.shape != x.shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}, the input {tuple(x.shape)}")
-        return t
+    if t is None:
+        return None
     if t.shape != x.shape:
         raise ValueError(f"{name} has shape {tuple(t.shape)}, the input {tuple(x.shape)}")
-    return torch.empty_like(x, dtype=t.dtype).copy_(t)
+    return t if t.stride() == x.stride() else torch.empty_like(x, dtype=t.dtype).copy_(t)
 
 
 def _per_channel(t: Tensor, acc: torch.dtype) -> Tensor:
@@ -483,15 +481,15 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
             count = g.n * g.l
             running = _running_for_finalize(update, mean)
             updated = running is not None
-            rm, rv, nbt, m_hi, m_lo = running if updated else (mean, mean, mean, 0.0, 0.0)
+            rm, rv, nbt, m_hi, m_lo = running if updated else (mean, mean, None, 0.0, 0.0)
             b_hi, b_lo = split_float(count / max(count - 1, 1)) if updated else (0.0, 0.0)
             eps_hi, eps_lo = split_float(eps)
             grid, block_c = _merge_grid(c, CONFIG["merge_block_c"])
             launch(_reduce.stats_finalize, grid,
                    x, part, mean, var, coef, _dummy(weight, mean), _dummy(bias, mean), rm, rv,
-                   nbt, p, c, plan["shift_stride"], p * c, count, eps_hi, eps_lo, b_hi, b_lo,
-                   m_hi, m_lo, HAS_W=weight is not None, HAS_B=bias is not None,
-                   F64=acc == torch.float64, UPDATE=updated, HAS_NBT=updated and nbt is not mean,
+                   _dummy(nbt, mean), p, c, plan["shift_stride"], p * c, count, eps_hi, eps_lo,
+                   b_hi, b_lo, m_hi, m_lo, HAS_W=weight is not None, HAS_B=bias is not None,
+                   F64=acc == torch.float64, UPDATE=updated, HAS_NBT=nbt is not None,
                    BLOCK_P=CONFIG["merge_block_p"], BLOCK_C=block_c, num_warps=4)
         y = torch.empty_like(x)
         mean_k, invstd, bias_k, _ = coef.unbind(0)[:4]
@@ -500,17 +498,16 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
 
 
 def _running_for_finalize(update, mean: Tensor):
-    """``(running_mean, running_var, num_batches_tracked or mean, momentum_hi,
-    momentum_lo)`` where ``stats_finalize`` can do the running update (a fixed momentum,
-    buffers the kernel takes), else None."""
+    """``(running_mean, running_var, num_batches_tracked, momentum_hi, momentum_lo)``
+    where ``stats_finalize`` can do the running update (a fixed momentum, buffers the
+    kernel takes), else None."""
     if update is None:
         return None
     running_mean, running_var, num_batches_tracked, momentum = update
     if momentum is None or not _running_buffers_ok(running_mean, running_var,
                                                    num_batches_tracked, mean):
         return None
-    nbt = mean if num_batches_tracked is None else num_batches_tracked
-    return (running_mean, running_var, nbt, *split_float(float(momentum)))
+    return (running_mean, running_var, num_batches_tracked, *split_float(float(momentum)))
 
 
 def _plain_vector(t: Tensor, device: torch.device) -> bool:
