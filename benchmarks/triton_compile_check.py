@@ -1,6 +1,7 @@
 """Compile the triton backend's kernels for a GPU, without a GPU, and show what they became.
 
     PYTHONPATH=src python benchmarks/triton_compile_check.py [--arch 90] [--rows all|NAME...]
+        [--candidates]
 
 For each row of issue 4 (and a few extra kernel views) it runs the real launchers on
 unallocated CPU tensors with the launch intercepted, rebuilds each launch's specialization
@@ -9,6 +10,9 @@ compiles it ahead of time for ``sm_<arch>`` with the ptxas bundled in the triton
 prints per kernel: global load/store widths from the PTX (``v4.b32`` = 16 bytes), registers
 and spills from the cubin. Catches GPU-only compile errors the interpreter cannot, and
 shows whether the 16-byte vector accesses the design counts on were emitted.
+``--candidates``: every plan the autotuner may time for each pass, not only the defaults
+(identical compilations are shown once); kernels with a stack frame or local memory
+(register spills) are counted, failures fail the run.
 """
 
 from __future__ import annotations
@@ -153,12 +157,22 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--rows", nargs="*", default=["all"])
     ap.add_argument("--act", default="relu")
+    ap.add_argument("--candidates", action="store_true",
+                    help="every autotuner candidate plan, not only the defaults")
     args = ap.parse_args(argv)
     target = GPUTarget("cuda", args.arch, 32)
-    tb._sm_count.cache_clear()
-    tb._sm_count = lambda device: 132  # an H100 SXM
+    tb._plans.sm_count.cache_clear()
+    tb._plans.sm_count = lambda device: 132  # an H100 SXM
     tb.supports = lambda x: True  # CPU stand-ins for CUDA tensors
     tb._launch.DIRECT = False  # every launch through JITFunction.run, intercepted here
+    if args.candidates:
+        # the autotuner on CPU tensors, its timer a no-op: each candidate's warm-up launch
+        # is what gets recorded
+        tb.CONFIG["autotune"] = 1
+        tb._plans.TUNE_ON_CPU = True
+        tb._plans.ROUNDS = 0
+    seen = set()
+    spills = 0
     rows = ROWS if args.rows == ["all"] else {k: ROWS[k] for k in args.rows}
     failures = 0
     print(f"triton {triton.__version__}, target sm_{args.arch}, CONFIG {tb.CONFIG}")
@@ -169,18 +183,25 @@ def main(argv=None) -> int:
             for kernel, kargs, kwargs, grid in _record_launches(call):
                 try:
                     src, options, spec = _source(kernel, list(kargs), dict(kwargs))
+                    identity = (kernel.fn.__name__, spec, str(options), str(src.signature))
+                    if args.candidates and identity in seen:
+                        continue
+                    seen.add(identity)
                     k = triton.compile(src, target=target, options=options)
+                    resources = _resources(k.asm['cubin'])
+                    spills += not re.search(r"stack 0 .*local 0", resources)
                     ptx = k.asm["ptx"]
                     mem = collections.Counter(re.findall(r"(?:ld|st)\.global[\.\w]*", ptx))
                     mem = " ".join(f"{op.replace('.global', '')}x{n}" for op, n in sorted(mem.items()))
                     print(f"  {phase:21s} {kernel.fn.__name__:20s} grid {grid[0]:>7} "
-                          f"warps {options.get('num_warps', 4)} {_resources(k.asm['cubin'])}\n"
+                          f"warps {options.get('num_warps', 4)} {resources}\n"
                           f"      {spec}\n      {mem}")
                 except Exception as e:  # noqa: BLE001
                     failures += 1
                     print(f"  {phase:21s} {kernel.fn.__name__}: COMPILE FAILED: "
                           f"{type(e).__name__}: {str(e)[:2000]}")
-    print(f"\n{failures} compile failures")
+    print(f"\n{failures} compile failures, {spills} kernels with a stack frame or local "
+          f"memory (spills)")
     return 1 if failures else 0
 
 

@@ -4,14 +4,15 @@
 
 Sections, each skipped once the time budget is spent (the CSV is written as it goes):
   A  the card, versions, and a device copy's bandwidth (read + write) measured now;
-  B  issue 4's rows, BN+ReLU training forward+backward: ours, ours captured in a CUDA
-     graph (device time only, and proof that nothing syncs with the host), torch eager,
-     and the host time to enqueue one step of ours;
+  B  issue 4's rows, BN+ReLU training forward+backward: ours, ours with the default plans
+     (no autotuning), ours captured in a CUDA graph (device time only, and proof that
+     nothing syncs with the host), torch eager, and the host time to enqueue one step of
+     ours; then what the autotuner chose per pass and row (T);
   C  ours per primitive (stats, normalize, backward_reduce, backward_elementwise): time,
      effective GB/s over the bytes each must move, fraction of the copy bandwidth; and the
      device time of the C-sized torch ops of ops.py;
-  E  tile/grid variants of the kernels (``batchnorm.backends.triton.CONFIG``), per
-     primitive, on a few rows: which configuration to keep;
+  E  tile/grid variants of the kernels (``batchnorm.backends.triton.CONFIG``, autotuning
+     off), per primitive, on a few rows: which defaults and candidates to keep;
   D  plain BN and BN+add+ReLU forward+backward, ours against eager, on a few rows;
   F  the rows the issue has a torch.compile number for, again, with torch.compile
      (last: compiling takes tens of seconds a row).
@@ -185,6 +186,19 @@ def fwd_bwd(impl, x, w, b, dy, r, act):
     return fn
 
 
+def with_defaults(fn):
+    """fn with the autotuner off: every pass with the default plan."""
+    from batchnorm.backends.triton import CONFIG
+
+    def run():
+        was, CONFIG["autotune"] = CONFIG["autotune"], 0
+        try:
+            return fn()
+        finally:
+            CONFIG["autotune"] = was
+    return run
+
+
 def graphed(fn):
     """fn captured in a CUDA graph (after a warmup on a side stream), replayed."""
     s = torch.cuda.Stream()
@@ -208,7 +222,7 @@ def section_b(bench: Bench, rows, with_compile=False):
         print("\n== F: BN+ReLU rows again, with torch.compile (while the budget lasts) ==")
     else:
         print("\n== B: BN+ReLU training forward+backward (ms; floor/target from issue 4) ==")
-    print(f"{'row':28s} {'ours':>7s} {'graph':>7s} {'eager':>7s} {'compile':>8s} "
+    print(f"{'row':28s} {'ours':>7s} {'dflt':>7s} {'graph':>7s} {'eager':>7s} {'compile':>8s} "
           f"{'floor*':>7s} {'target':>7s}  vs best torch")
     for label in rows:
         if bench.left() < (60 if with_compile else 20):
@@ -223,6 +237,7 @@ def section_b(bench: Bench, rows, with_compile=False):
                    "eager": fwd_bwd("eager", x, w, b, dy, r, "relu")}
             res = dict(bench.results.get(label, {}))
             if not with_compile:
+                fns["defaults"] = with_defaults(fns["ours"])
                 try:
                     res["graph"] = time_interleaved({"graph": graphed(fns["ours"])},
                                                     reps=20)["graph"]
@@ -268,7 +283,7 @@ def section_b(bench: Bench, rows, with_compile=False):
                              frac_copy=f"{floor_now / ms:.3f}")
             best_torch = min(v for k, v in res.items() if k in ("eager", "compile"))
             fmt = lambda k: f"{res[k]:7.3f}" if k in res else "      -"  # noqa: E731
-            line = (f"{label:28s} {fmt('ours')} {fmt('graph')} {fmt('eager')} "
+            line = (f"{label:28s} {fmt('ours')} {fmt('defaults')} {fmt('graph')} {fmt('eager')} "
                     f"{fmt('compile'):>8s} {floor_now:7.3f} {target:7.2f}  "
                     f"{best_torch / res['ours']:.2f}x")
             print(line)
@@ -279,7 +294,30 @@ def section_b(bench: Bench, rows, with_compile=False):
             print(f"{label:28s} FAILED: {type(e).__name__}: {str(e)[:500]}")
             traceback.print_exc()
         torch.cuda.empty_cache()
-    print("  floor* = 8 passes over the input at the copy bandwidth measured in this run")
+    print("  floor* = 8 passes over the input at the copy bandwidth measured in this run;"
+          " dflt = ours with the default plans (autotuning off)")
+    if not with_compile:
+        autotuner_choices(bench)
+
+
+def autotuner_choices(bench):
+    """Section T: per pass and shape met so far, the default plan's and the chosen plan's
+    time as the autotuner measured them."""
+    from batchnorm.backends.triton import _plans
+
+    print("\n== T: the autotuner's choices (ms of the pass as timed when tuning) ==")
+    print(f"{'pass':21s} {'geometry (cl, n, c, l)':28s} {'dtype':9s} {'default':>8s} "
+          f"{'chosen':>8s}  chosen plan (of n timed)")
+    for entry in _plans.LOG:
+        g, ms = entry["geometry"], entry["ms"]
+        geometry = f"({int(g.cl)}, {g.n}, {g.c}, {g.l})"
+        dtype = str(entry["dtype"])[6:]
+        print(f"{entry['pass_name']:21s} {geometry:28s} {dtype:9s} {ms['default']:8.4f} "
+              f"{ms[entry['chosen']]:8.4f}  {entry['chosen']} (of {len(ms)})")
+        for label, t in ms.items():
+            bench.record(section="T", row=f"{geometry} {dtype}", mode=entry["pass_name"],
+                         impl="ours", config=label, ms=f"{t:.4f}",
+                         note="chosen" if label == entry["chosen"] else "")
 
 
 def primitive_calls(shape, dtype, cl, act="relu"):
@@ -407,7 +445,7 @@ def section_e(bench, rows):
                 print("  (time budget spent)")
                 break
             tb.CONFIG.clear()
-            tb.CONFIG.update(defaults, **change)
+            tb.CONFIG.update(defaults, **change, autotune=0)
             try:
                 out = time_primitives(bench, label, name, parts, "E")
                 for k, (ms, _) in out.items():
@@ -430,19 +468,21 @@ def section_e(bench, rows):
 def print_summary(bench):
     print(f"\nCSV: {', '.join(bench.paths)}  ({time.time() - bench.t0:.0f} s)")
     print(f"\n== summary: BN+ReLU fwd+bwd on {bench.device}, ms ==")
-    print(f"{'row':28s} {'ours':>7s} {'graph':>7s} {'eager':>7s} {'compile':>7s} "
+    print(f"{'row':28s} {'ours':>7s} {'dflt':>7s} {'graph':>7s} {'eager':>7s} {'compile':>7s} "
           f"{'floor*':>7s} {'target':>7s} {'vs torch':>8s} {'target?':>7s} {'Σkernels':>8s} "
           f"{'host':>7s} {'host/jit':>8s}")
     for label, res in bench.results.items():
-        ours, graph, eager, comp = (res.get(k) for k in ("ours", "graph", "eager", "compile"))
+        ours, dflt, graph, eager, comp = (res.get(k) for k in ("ours", "defaults", "graph",
+                                                               "eager", "compile"))
         floor, target = res["floor"], res["target"]
         best = min(v for v in (eager, comp) if v is not None)
         f = lambda v: f"{v:7.3f}" if v is not None else "      -"  # noqa: E731
-        print(f"{label:28s} {f(ours)} {f(graph)} {f(eager)} {f(comp)} {floor:7.3f} "
+        print(f"{label:28s} {f(ours)} {f(dflt)} {f(graph)} {f(eager)} {f(comp)} {floor:7.3f} "
               f"{target:7.2f} {best / ours:7.2f}x {'yes' if ours <= target else 'no':>7s} "
               f"{f(bench.kernel_sum.get(label)):>8s} {f(bench.host.get(label))} "
               f"{f(bench.host_jit.get(label)):>8s}")
-    print("graph = ours captured in a CUDA graph; Σkernels = the four primitives timed alone "
+    print("dflt = ours with the default plans (no autotuning); "
+          "graph = ours captured in a CUDA graph; Σkernels = the four primitives timed alone "
           "(section C):\nours − Σkernels ≈ what runs around the tensor passes (C-sized kernels, "
           "launch gaps, the running update); host = CPU time to enqueue one step of ours,\n"
           "host/jit = the same with every launch through kernel[grid] (direct launches off).")

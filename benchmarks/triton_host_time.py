@@ -99,7 +99,7 @@ def main(argv=None) -> int:
                             f"({LAUNCHES[0] / args.steps:.0f} launches)", times))
         _launch.DIRECT = direct
         # one normalize launch alone, through the backend's launcher
-        geometry = tb._geometry(x.shape, args.cl)
+        geometry = tb.geometry(x.shape, args.cl)
         rows = torch.zeros(4, shape[1])
         y, w = torch.empty_like(x), module.weight.detach()
         mean_k, invstd, bias_k = rows[0], rows[1], rows[2]

@@ -14,6 +14,11 @@ import torch
 if not torch.cuda.is_available():
     # Must be set before triton is imported: it decides how @triton.jit compiles.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# On a GPU the triton backend times several plans per pass the first time it meets a
+# shape (compiling each): the suite's hundreds of shapes would spend its time there. Off
+# (as read at import, for spawned processes too); the autotuner's own tests turn it on.
+os.environ["BATCHNORM_TRITON_CONFIG"] = ",".join(
+    filter(None, [os.environ.get("BATCHNORM_TRITON_CONFIG"), "autotune=0"]))
 
 from dataclasses import dataclass  # noqa: E402
 

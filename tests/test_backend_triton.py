@@ -260,10 +260,10 @@ def test_persistent_grid(shape, monkeypatch):
     sums = tb.backward_reduce(dy, *args)
     y, (dx, dr) = tb.normalize(*args), tb.backward_elementwise(dy, *args[:6], *sums, count,
                                                                "silu", 0.0, True)
-    geometry = tb._geometry(x.shape, False)
-    n_tiles = tb._elem_plan(geometry, x.device)["grid"][0]
+    geometry = tb.geometry(x.shape, False)
+    n_tiles = tb._plans.elem_plan(geometry, x.device)["grid"][0]
     monkeypatch.setitem(tb.CONFIG, "elem_programs_per_sm", 1)
-    assert tb._elem_plan(geometry, x.device)["grid"][0] < n_tiles  # several tiles per program
+    assert tb._plans.elem_plan(geometry, x.device)["grid"][0] < n_tiles  # several tiles per program
     assert torch.equal(tb.normalize(*args), y)
     dx2, dr2 = tb.backward_elementwise(dy, *args[:6], *sums, count, "silu", 0.0, True)
     assert torch.equal(dx2, dx) and torch.equal(dr2, dr)
@@ -631,3 +631,212 @@ def test_update_running_stats(momentum):
     for got, want in zip(state, ref):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert not tb.update_running_stats(None, None, None, mean, var, 1000, momentum)
+
+
+# --------------------------------------------------------------------------------------
+# Per-shape plans: every candidate the autotuner may pick computes the same, and the
+# choice is made once, by the timer, without side effects
+
+
+# On a GPU every candidate is a compilation (~20 a case): float32 only there.
+@pytest.mark.parametrize("dtype", [torch.float32] + ([] if CUDA else [torch.bfloat16]),
+                         ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[-1]], ids=_id)
+def test_candidate_plans(shape, dtype):
+    """Each pass with each of its candidate plans: the reductions within tolerance of
+    float64, the elementwise passes bit for bit the default plan's."""
+    x, mean, invstd, count, w, b, r, dy = _case(shape, dtype, True, True)
+    c, acc, act = shape[1], torch.float32, tb.CODES["relu"]
+    g = tb.geometry(x.shape, False)
+    plans = {p: [plan for _, plan in tb._plans.candidates(p, g, x.device)]
+             for p in tb._plans.PASSES}
+    # the knobs move something even on tiny shapes (block_c only for (M, C) views)
+    assert all(len(plans[p]) >= (3 if tb._plans.PASSES[p] else 2) for p in plans)
+    ref_mean, ref_m2 = portable.stats(x.double())
+    ref_sums = portable.backward_reduce(*_f64(dy, x, mean, invstd, w, b, r), "relu", 0.0)
+    nan = float("nan")
+    for plan in plans["stats"]:
+        part = torch.full((3 * plan["P"] * c,), nan, dtype=acc, device=DEVICE)
+        got_mean = torch.full((c,), nan, dtype=portable.mean_dtype(x), device=DEVICE)
+        got_m2 = torch.full((c,), nan, dtype=acc, device=DEVICE)
+        tb._launch_stats_partials(x, g, plan, part)
+        tb._launch_stats_merge(x, g, plan, part, got_mean, got_m2)
+        assert_close(got_mean, ref_mean, dtype=acc, scale=10)
+        assert_close(got_m2, ref_m2, dtype=acc, scale=10)
+    for plan in plans["backward_reduce"]:
+        part = torch.full((2 * plan["P"] * c,), nan, dtype=acc, device=DEVICE)
+        sums = torch.full((2, c), nan, dtype=acc, device=DEVICE)
+        tb._launch_backward_partials(dy, x, g, plan, part, mean, invstd, w, b, r, act, 0.0, 0.0)
+        tb._launch_sum_partials(g, plan, part, sums[0], sums[1])
+        for got, want in zip(sums, ref_sums):
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * count ** 0.5)
+    sum_dz, sum_dzx = tb.backward_reduce(dy, x, mean, invstd, w, b, r, "relu", 0.0)
+    outputs = []
+    for y_plan, dx_plan in zip(plans["normalize"], plans["backward_elementwise"]):
+        y, dx, dres = (torch.full_like(x, nan) for _ in range(3))
+        tb._launch_normalize(x, y, g, r, mean, invstd, w, b, act, 0.0, 0.0, y_plan)
+        tb._launch_backward_elementwise(dy, x, g, dx, dres, mean, invstd, w, b, r, sum_dz,
+                                        sum_dzx, count, act, 0.0, 0.0, dx_plan)
+        outputs.append((y, dx, dres))
+    assert_close(outputs[0][0], portable.normalize(*_f64(x, mean, invstd, w, b, r), "relu", 0.0),
+                 dtype=dtype, scale=2)
+    for got in outputs[1:]:
+        assert all(torch.equal(a, e) for a, e in zip(got, outputs[0]))
+
+
+class _Timer:
+    """The autotuner's timer: ``fastest`` (a pass -> candidate index, default the last)
+    takes 1 ms, the others 2; counts its calls."""
+
+    def __init__(self, fastest=None):
+        self.fastest, self.calls = fastest or {}, []
+
+    def __call__(self, run, plan, reps):
+        self.calls.append(plan)
+        for _ in range(reps):  # as the real one does
+            run(plan)
+        return 1.0 if self._is_fastest(plan) else 2.0
+
+    def _is_fastest(self, plan):
+        for pass_name, plans in self.candidates.items():
+            if plan in plans:
+                return plans.index(plan) == self.fastest.get(pass_name, len(plans) - 1)
+        raise AssertionError(f"timed a plan that is no candidate: {plan}")
+
+
+@pytest.fixture
+def tuning(monkeypatch):
+    """The autotuner on (for CPU tensors too, under the interpreter), with a fresh memory
+    and a stand-in timer (on CUDA too: the choice must not depend on timing noise)."""
+    plans = tb._plans
+    monkeypatch.setitem(tb.CONFIG, "autotune", 1)
+    monkeypatch.setattr(plans, "TUNE_ON_CPU", True)
+    monkeypatch.setattr(plans, "CHOSEN", {})
+    monkeypatch.setattr(plans, "LOG", [])
+    monkeypatch.setattr(plans, "ROUNDS", 1)
+    monkeypatch.setattr(plans, "REPS", 1)
+    timer = _Timer()
+    monkeypatch.setattr(plans, "timer", timer)
+
+    def expect(g, fastest=None):
+        timer.candidates = {p: [plan for _, plan in plans.candidates(p, g, torch.device(DEVICE))]
+                            for p in plans.PASSES}
+        timer.fastest = fastest or {}
+        return timer
+    return expect
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[-1]], ids=_id)
+def test_autotune_keeps_the_fastest(shape, tuning):
+    x = _data(shape, torch.float32)
+    g = tb.geometry(x.shape, False)
+    timer = tuning(g, {"stats": 2})
+    mean, m2 = tb.stats(x)
+    candidates = timer.candidates["stats"]
+    assert len(timer.calls) == len(candidates)  # ROUNDS x each candidate
+    assert tb._plans.chosen("stats", g, x) == candidates[2]
+    entry = tb._plans.LOG[-1]
+    labels = [label for label, _ in tb._plans.candidates("stats", g, x.device)]
+    assert entry["pass_name"] == "stats" and entry["dtype"] == x.dtype
+    assert list(entry["ms"]) == labels and entry["chosen"] == labels[2]
+    again = tb.stats(x)
+    assert len(timer.calls) == len(candidates)  # kept: not timed again
+    assert torch.equal(again[0], mean) and torch.equal(again[1], m2)
+    ref_mean, ref_m2 = portable.stats(x.double())
+    assert_close(mean, ref_mean, dtype=torch.float32, scale=10)
+    assert_close(m2, ref_m2, dtype=torch.float32, scale=10)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "CL"])
+def test_autotune_training_step(channels_last, tuning):
+    """A module's first training step tunes all four passes (the last candidate of each
+    wins) and still matches torch: the running statistics moved once, not once per
+    candidate timed, and num_batches_tracked counts one step."""
+    import batchnorm
+
+    shape = MODULE_SHAPES[0]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    ours = batchnorm.BatchNorm2d(shape[1], activation="relu").to(DEVICE)
+    theirs = torch.nn.BatchNorm2d(shape[1]).to(DEVICE)
+    x = _data(shape, torch.float32).contiguous(memory_format=fmt)
+    dy = torch.randn(shape, device=DEVICE)
+    timer = tuning(tb.geometry(x.shape, channels_last))
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with backends.using("triton"):
+        y1 = ours(x1)
+        y1.backward(dy)
+    y2 = torch.relu(theirs(x2))
+    y2.backward(dy)
+    assert sorted(entry["pass_name"] for entry in tb._plans.LOG) == sorted(tb._plans.PASSES)
+    assert all(entry["chosen"] == list(entry["ms"])[-1] for entry in tb._plans.LOG)
+    assert len(timer.calls) == sum(map(len, timer.candidates.values()))
+    assert_close(y1, y2, scale=2)
+    assert_close(x1.grad, x2.grad, scale=4)
+    assert_close(ours.weight.grad, theirs.weight.grad, scale=10)
+    assert_close(ours.running_mean, theirs.running_mean)
+    assert_close(ours.running_var, theirs.running_var)
+    assert int(ours.num_batches_tracked) == 1
+
+
+def test_autotune_skips_what_fails_and_where_it_must(tuning, monkeypatch):
+    """A candidate that fails to launch is left out (the defaults must not fail); the
+    reductions keep the defaults under deterministic algorithms; autotune=0 times nothing."""
+    x = _data(SHAPES[0], torch.float32)
+    g = tb.geometry(x.shape, False)
+    timer = tuning(g, {"normalize": 1})
+    candidates = timer.candidates["normalize"]
+
+    def run(plan):
+        if plan is candidates[1]:
+            raise RuntimeError("out of resources")
+    # the failing candidate would have been the fastest; of the rest (equal times) the
+    # first, the defaults
+    assert tb._plans.choose("normalize", g, x, run) == candidates[0]
+    assert candidates[1] not in timer.calls and len(timer.calls) == len(candidates) - 1
+
+    def broken(plan):
+        raise RuntimeError("the defaults fail")
+    with pytest.raises(RuntimeError, match="the defaults fail"):
+        tb._plans.choose("backward_elementwise", g, x, broken)
+
+    timer.calls.clear()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert tb._plans.choose("stats", g, x, run) == tb._plans.reduce_plan(g, x.device)
+        assert not timer.calls and tb._plans.chosen("stats", g, x) is None  # tuned later
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    monkeypatch.setitem(tb.CONFIG, "autotune", 0)
+    assert tb._plans.choose("stats", g, x, run) == tb._plans.reduce_plan(g, x.device)
+    assert tb._plans.chosen("stats", g, x) is not None and not timer.calls
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA events and graphs need a GPU")
+def test_autotune_on_the_device(monkeypatch):
+    """With the real timer: a first step tunes with CUDA events and gives what the
+    defaults give (within the reductions' rounding); a step captured in a CUDA graph
+    tunes nothing (the defaults), and its shape is tuned on the next eager call."""
+    import batchnorm
+
+    monkeypatch.setattr(tb._plans, "CHOSEN", {})
+    monkeypatch.setattr(tb._plans, "LOG", [])
+    m = batchnorm.BatchNorm2d(32, activation="relu").to(DEVICE)
+    x = _data((16, 32, 24, 24), torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    x2 = _data((8, 32, 12, 12), torch.float32)
+    with backends.using("triton"), torch.no_grad():
+        monkeypatch.setitem(tb.CONFIG, "autotune", 0)
+        plain = m(x).float()
+        m(x2)  # compiles the defaults' kernels for x2 before the capture
+        monkeypatch.setitem(tb.CONFIG, "autotune", 1)
+        tuned = m(x).float()
+        assert sorted(entry["pass_name"] for entry in tb._plans.LOG) == ["normalize", "stats"]
+        assert all(len(entry["ms"]) > 1 for entry in tb._plans.LOG)
+        assert_close(tuned, plain, dtype=torch.bfloat16, scale=2)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            m(x2)
+        assert len(tb._plans.LOG) == 2
+        graph.replay()
+        m(x2)
+        assert len(tb._plans.LOG) == 4

@@ -7,16 +7,18 @@
   (``_elementwise.py``), with the residual and the activation (and, in backward, the
   activation's derivative recomputed from x) folded in.
 * Launch grids come from shapes only, and nothing here reads a device value on the host:
-  a training step stays capturable in a CUDA graph.
+  a training step stays capturable in a CUDA graph. (The one synchronization is the
+  autotuner's, the first time a shape is met; never during a capture.)
 * Small inputs are host-bound, so the whole passes (``batch_norm_forward`` /
   ``batch_norm_backward``, which ops calls) do the C-sized math inside the kernels, read
   tensors as given by address, and launch through ``_launch.launch``, which calls a
   compiled kernel's launcher directly once Triton's JIT has picked it.
 
-The launchers accept the kernel views of ``portable.py``: ``(N, C, L)`` or ``(M, C)``,
-contiguous. The tile and grid choices live in :data:`CONFIG` (read at every call;
-``benchmarks/triton_dev.py`` times variants by editing it); the environment variable
-``BATCHNORM_TRITON_CONFIG="reduce_tile=8192,programs_per_sm=4"`` overrides it at import.
+The primitives accept the kernel views of ``portable.py``: ``(N, C, L)`` or ``(M, C)``,
+contiguous. Tiles, warps and grids are plans (``_plans.py``): defaults in :data:`CONFIG`
+(``BATCHNORM_TRITON_CONFIG="reduce_tile=8192,autotune=0"`` overrides them at import;
+``benchmarks/triton_dev.py`` times variants by editing it), and, on a GPU, the fastest of a
+few candidates around them per shape, timed the first time a shape is met.
 
 On a machine without a GPU, ``TRITON_INTERPRET=1`` (set before triton is imported) runs
 the same kernels on CPU tensors through Triton's NumPy interpreter; ``supports`` then
@@ -25,63 +27,20 @@ accepts CPU tensors, for tests.
 
 from __future__ import annotations
 
-import functools
-import math
 import os
 from contextlib import nullcontext
-from typing import NamedTuple
 
 import torch
 import triton  # noqa: F401  (ImportError here marks the backend unavailable)
 from torch import Tensor
 
 from ..portable import acc_dtype, mean_dtype
-from . import _elementwise, _reduce
+from . import _elementwise, _plans, _reduce
 from ._activation import CODES, split_float
 from ._launch import launch
+from ._plans import CONFIG, Geometry, cdiv, geometry, merge_grid, np2
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-CONFIG = {
-    # Stage-1 reductions: aim for this many programs per SM in total, each walking tiles of
-    # reduce_tile elements (accumulators live in registers: 2 per element of the tile).
-    "programs_per_sm": 8,
-    "reduce_tile": 4096,
-    "reduce_warps": 8,
-    # Tiles in flight in stage 1's loop (num_stages of its tl.range): 1 is a plain loop;
-    # 2-3 pipeline the loads through shared memory. Unmeasured on a GPU: the channels-last
-    # reductions ran at 50-64% of the copy bandwidth on an H200 (2026-11-27), and section E
-    # of benchmarks/triton_dev.py compares 2 and 3.
-    "reduce_stages": 1,
-    # Elementwise passes: tiles of elem_tile elements; one per program when
-    # elem_programs_per_sm is 0, else a persistent grid of that many programs per SM.
-    "elem_tile": 4096,
-    "elem_warps": 8,
-    # ... over (M, C) views (channels-last, BatchNorm1d): 4 warps took backward_elementwise
-    # on (256,256,56,56) bf16 CL from 0.517 to 0.295 ms, on (8192,4096) bf16 from 0.132 to
-    # 0.119, and normalize on (8192,4096) from 0.085 to 0.062 (H200, section E of
-    # benchmarks/triton_dev.py, 2026-11-27); over NCL views they were 1-3% slower.
-    "elem_warps_cl": 4,
-    "elem_programs_per_sm": 0,
-    # Widest channel block of an (M, C) tile; rows fill the rest of the tile.
-    "block_c": 128,
-    # Stage-2 merges: [merge_block_p, <= merge_block_c] tiles, one program per channel block.
-    "merge_block_p": 64,
-    "merge_block_c": 32,
-}
-
-
-def _apply_env_config() -> None:
-    spec = os.environ.get("BATCHNORM_TRITON_CONFIG", "")
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        key, _, value = item.partition("=")
-        if key not in CONFIG:
-            raise ValueError(f"BATCHNORM_TRITON_CONFIG: unknown key {key!r}; known: {sorted(CONFIG)}")
-        CONFIG[key] = int(value)
-
-
-_apply_env_config()
-
 
 # Read once, as triton itself does at import: whether kernels are interpreted on the CPU.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -94,123 +53,11 @@ def supports(x: Tensor) -> bool:
     return x.is_cuda or (_INTERPRET and x.device.type == "cpu")
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 2  # interpreter: a few programs per channel, enough to exercise the merge
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _np2(n: int) -> int:
-    # Not triton.next_power_of_2: in Triton 3.9 that is a wrapped constexpr function costing
-    # ~20 µs a call on the host, which is per launch.
-    return 1 << (max(int(n), 1) - 1).bit_length()
-
-
-def _cached(fn):
-    """Memoize a launch plan on (geometry, device, CONFIG): plans are pure functions of
-    those, and the host time of a step matters for the small rows."""
-    cache = {}
-
-    def wrapper(g: "_Geometry", device: torch.device):
-        key = (g, device, tuple(CONFIG.values()))
-        plan = cache.get(key)
-        if plan is None:
-            if len(cache) > 4096:
-                cache.clear()
-            plan = cache[key] = fn(g, device)
-        return plan
-    wrapper.__wrapped__ = fn
-    return wrapper
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 _NO_GUARD = nullcontext()
 
 
 def _device_guard(x: Tensor):
     return torch.cuda.device(x.device) if x.is_cuda else _NO_GUARD
-
-
-# --------------------------------------------------------------------------------------
-# Launch geometry
-
-
-class _Geometry(NamedTuple):
-    """A kernel view's sizes: ``(M, C)`` with the channels innermost (``cl``; ``l`` is 1),
-    or ``(N, C, L)``. The kernels read tensors by address, so any tensor whose memory is
-    laid out as that view will do: the view itself, or the input as given (contiguous, or
-    channels-last dense), which saves the view calls of a step."""
-    cl: bool
-    n: int
-    c: int
-    l: int
-
-
-@functools.lru_cache(maxsize=4096)
-def _geometry(shape: torch.Size, channels_last: bool) -> _Geometry:
-    """Of a kernel view (2-D or 3-D, ``channels_last`` False) or of an (N, C, *) input whose
-    memory is contiguous, or channels-last dense when ``channels_last``."""
-    c = shape[1]
-    if len(shape) == 2 or channels_last:
-        return _Geometry(True, math.prod(shape) // c if c else 0, c, 1)
-    return _Geometry(False, shape[0], c, math.prod(shape[2:]))
-
-
-@_cached
-def _reduce_plan(g: _Geometry, device: torch.device) -> dict:
-    """Tiles and the split of each channel's values over programs, for stage 1."""
-    tile = CONFIG["reduce_tile"]
-    target = CONFIG["programs_per_sm"] * _sm_count(device)
-    if g.cl:
-        m, c = g.n, g.c
-        block_c = min(_np2(c), CONFIG["block_c"])
-        block_m = min(max(tile // block_c, 1), _np2(m))
-        ncb = _cdiv(c, block_c)
-        per_cb = max(1, _cdiv(target, ncb))
-        rows = _cdiv(_cdiv(m, block_m), per_cb) * block_m
-        p = _cdiv(m, rows)
-        return dict(P=p, grid=(p * ncb,), rows=rows, ncb=ncb, shift_stride=1,
-                    BLOCK_M=block_m, BLOCK_C=block_c)
-    n, c, length = g.n, g.c, g.l
-    block_l = min(_np2(length), tile)
-    block_n = min(max(tile // block_l, 1), _np2(n))
-    nb, lb = _cdiv(n, block_n), _cdiv(length, block_l)
-    per_channel = max(1, _cdiv(target, c))
-    k = max(1, (nb * lb) // per_channel)  # tiles per program
-    kl = min(lb, k)
-    kn = max(1, k // kl)
-    cols, rows = kl * block_l, kn * block_n
-    p_l, p_n = _cdiv(length, cols), _cdiv(n, rows)
-    return dict(P=p_n * p_l, grid=(p_n * p_l * c,), rows=rows, cols=cols, p_l=p_l,
-                shift_stride=length, BLOCK_N=block_n, BLOCK_L=block_l)
-
-
-@functools.lru_cache(maxsize=1024)
-def _merge_grid(c: int, block_c_max: int) -> tuple[tuple[int], int]:
-    block_c = min(_np2(c), block_c_max)
-    return (_cdiv(c, block_c),), block_c
-
-
-@_cached
-def _elem_plan(g: _Geometry, device: torch.device) -> dict:
-    """(R, K, C) and the tile of the elementwise passes."""
-    tile = CONFIG["elem_tile"]
-    if g.cl:
-        r, k = g.n, g.c
-        block_k = min(_np2(k), CONFIG["block_c"])
-    else:
-        r, k = g.n * g.c, g.l
-        block_k = min(_np2(k), tile)
-    block_r = min(max(tile // block_k, 1), _np2(r))
-    n_tiles = _cdiv(r, block_r) * _cdiv(k, block_k)
-    persistent = CONFIG["elem_programs_per_sm"] * _sm_count(device)
-    grid = (min(n_tiles, persistent) if persistent > 0 else n_tiles,)
-    return dict(R=r, K=k, C=g.c, grid=grid, BLOCK_R=block_r, BLOCK_K=block_k, CL=g.cl,
-                warps=CONFIG["elem_warps_cl" if g.cl else "elem_warps"])
 
 
 # --------------------------------------------------------------------------------------
@@ -269,26 +116,41 @@ def _unit_stride(t: Tensor | None) -> Tensor | None:
 
 
 # --------------------------------------------------------------------------------------
-# Launches: tensors laid out as the geometry says, per-channel vectors ready; no checks
+# Launches: tensors laid out as the geometry says, per-channel vectors ready; no checks.
+# A plan (``_plans``) is each launch's tiles, warps and grid.
 
 
-def _launch_stats_partials(x: Tensor, g: _Geometry, plan: dict, part: Tensor) -> None:
+def _launch_stats_partials(x: Tensor, g: Geometry, plan: dict, part: Tensor) -> None:
     """Stage 1 of the statistics into ``part`` (count, mean and m2 planes of [P, C])."""
-    p, c, warps, stages = plan["P"], g.c, CONFIG["reduce_warps"], CONFIG["reduce_stages"]
+    p, c = plan["P"], g.c
     if g.cl:
         launch(_reduce.stats_partial_mc, plan["grid"],
                x, part, g.n, c, plan["rows"], plan["ncb"], p * c,
-               BLOCK_M=plan["BLOCK_M"], BLOCK_C=plan["BLOCK_C"], STAGES=stages,
-               num_warps=warps)
+               BLOCK_M=plan["BLOCK_M"], BLOCK_C=plan["BLOCK_C"], STAGES=plan["stages"],
+               num_warps=plan["warps"])
     else:
         launch(_reduce.stats_partial_ncl, plan["grid"],
                x, part, g.n, c, g.l, plan["rows"], plan["cols"], plan["p_l"], p * c,
-               BLOCK_N=plan["BLOCK_N"], BLOCK_L=plan["BLOCK_L"], STAGES=stages,
-               num_warps=warps)
+               BLOCK_N=plan["BLOCK_N"], BLOCK_L=plan["BLOCK_L"], STAGES=plan["stages"],
+               num_warps=plan["warps"])
 
 
-def _launch_normalize(x, y, g, residual, mean_k, invstd, weight, bias_k, act, hi, lo):
-    plan = _elem_plan(g, x.device)
+def _launch_stats_merge(x: Tensor, g: Geometry, plan: dict, part: Tensor, mean: Tensor,
+                        m2: Tensor) -> None:
+    p, c = plan["P"], g.c
+    grid, block_c = merge_grid(c, CONFIG["merge_block_c"])
+    launch(_reduce.stats_merge, grid, x, part, mean, m2, p, c, plan["shift_stride"], p * c,
+           BLOCK_P=CONFIG["merge_block_p"], BLOCK_C=block_c, num_warps=4)
+
+
+def _launch_normalize(x, y, g, residual, mean_k, invstd, weight, bias_k, act, hi, lo,
+                      plan=None):
+    """The normalize pass; with ``plan`` None, the plan chosen for the shape (the choice
+    times this same launch with each candidate plan: it only writes y)."""
+    if plan is None:
+        plan = _plans.chosen("normalize", g, x) or _plans.choose(
+            "normalize", g, x, lambda p: _launch_normalize(
+                x, y, g, residual, mean_k, invstd, weight, bias_k, act, hi, lo, p))
     launch(_elementwise.normalize_kernel, plan["grid"],
            x, y, _dummy(residual, x), mean_k, invstd, _dummy(weight, mean_k),
            _dummy(bias_k, mean_k), plan["R"], plan["K"], plan["C"], hi, lo, CL=plan["CL"],
@@ -302,8 +164,8 @@ def _launch_backward_partials(dy, x, g, plan, part, mean_k, invstd, weight, bias
     """Stage 1 of the backward reduction into ``part`` (Σdz and Σdz·x̂ planes of [P, C])."""
     p, c = plan["P"], g.c
     flags = dict(ACT=act, HAS_W=weight is not None, HAS_B=bias_k is not None,
-                 HAS_RES=residual is not None and act != 0, STAGES=CONFIG["reduce_stages"],
-                 num_warps=CONFIG["reduce_warps"])
+                 HAS_RES=residual is not None and act != 0, STAGES=plan["stages"],
+                 num_warps=plan["warps"])
     common = (dy, x, _dummy(residual, x), mean_k, invstd, _dummy(weight, mean_k),
               _dummy(bias_k, mean_k), part)
     if g.cl:
@@ -316,9 +178,24 @@ def _launch_backward_partials(dy, x, g, plan, part, mean_k, invstd, weight, bias
                BLOCK_N=plan["BLOCK_N"], BLOCK_L=plan["BLOCK_L"], **flags)
 
 
+def _launch_sum_partials(g: Geometry, plan: dict, part: Tensor, sdz: Tensor,
+                         sdzx: Tensor) -> None:
+    p, c = plan["P"], g.c
+    grid, block_c = merge_grid(c, CONFIG["merge_block_c"])
+    launch(_reduce.sum_partials, grid, part, sdz, sdzx, p, c, p * c,
+           BLOCK_P=CONFIG["merge_block_p"], BLOCK_C=block_c, num_warps=4)
+
+
 def _launch_backward_elementwise(dy, x, g, dx, dres, mean_k, invstd, weight, bias_k,
-                                 residual, sum_dz, sum_dz_xhat, count, act, hi, lo) -> None:
-    plan = _elem_plan(g, x.device)
+                                 residual, sum_dz, sum_dz_xhat, count, act, hi, lo,
+                                 plan=None) -> None:
+    """The backward elementwise pass; ``plan`` as in :func:`_launch_normalize` (it only
+    writes dx and dres)."""
+    if plan is None:
+        plan = _plans.chosen("backward_elementwise", g, x) or _plans.choose(
+            "backward_elementwise", g, x, lambda p: _launch_backward_elementwise(
+                dy, x, g, dx, dres, mean_k, invstd, weight, bias_k, residual, sum_dz,
+                sum_dz_xhat, count, act, hi, lo, p))
     train = sum_dz is not None
     launch(_elementwise.backward_kernel, plan["grid"],
            dy, x, _dummy(residual, x), mean_k, invstd, _dummy(weight, mean_k),
@@ -332,10 +209,43 @@ def _launch_backward_elementwise(dy, x, g, dx, dres, mean_k, invstd, weight, bia
 
 def _launch_prepare(mean, var, weight, bias, out, c, eps, copy: bool) -> None:
     eps_hi, eps_lo = split_float(eps)
-    launch(_reduce.prepare, (_cdiv(c, 128),),
+    launch(_reduce.prepare, (cdiv(c, 128),),
            mean, var, _dummy(weight, out), _dummy(bias, out), out, c, eps_hi, eps_lo,
            HAS_W=weight is not None, HAS_B=bias is not None, F64=out.dtype == torch.float64,
            COPY=copy, BLOCK_C=128, num_warps=4)
+
+
+# The reductions' plans decide the size of their partials, so they are chosen before
+# those are allocated, by timing stage 1 and its plain merge into scratch buffers.
+
+
+def _stats_plan(x: Tensor, g: Geometry) -> dict:
+    plan = _plans.chosen("stats", g, x)
+    if plan is not None:
+        return plan
+
+    def run(plan):
+        acc = acc_dtype(x.dtype)
+        part = torch.empty(3 * plan["P"] * g.c, dtype=acc, device=x.device)
+        mean = torch.empty(g.c, dtype=mean_dtype(x), device=x.device)
+        _launch_stats_partials(x, g, plan, part)
+        _launch_stats_merge(x, g, plan, part, mean, torch.empty_like(part[:g.c]))
+    return _plans.choose("stats", g, x, run)
+
+
+def _backward_reduce_plan(dy, x, g, mean_k, invstd, weight, bias_k, residual, act, hi,
+                          lo) -> dict:
+    plan = _plans.chosen("backward_reduce", g, x)
+    if plan is not None:
+        return plan
+
+    def run(plan):
+        part = torch.empty(2 * plan["P"] * g.c, dtype=acc_dtype(x.dtype), device=x.device)
+        _launch_backward_partials(dy, x, g, plan, part, mean_k, invstd, weight, bias_k,
+                                  residual, act, hi, lo)
+        _launch_sum_partials(g, plan, part, torch.empty_like(part[:g.c]),
+                             torch.empty_like(part[:g.c]))
+    return _plans.choose("backward_reduce", g, x, run)
 
 
 # --------------------------------------------------------------------------------------
@@ -352,15 +262,12 @@ def stats(x: Tensor) -> tuple[Tensor, Tensor]:
     m2 = torch.empty(c, dtype=acc, device=x.device)
     if x.numel() == 0:
         return mean.zero_(), m2.zero_()
-    g = _geometry(x.shape, False)
-    plan = _reduce_plan(g, x.device)
-    p = plan["P"]
+    g = geometry(x.shape, False)
     with _device_guard(x):
-        part = torch.empty(3 * p * c, dtype=acc, device=x.device)
+        plan = _stats_plan(x, g)
+        part = torch.empty(3 * plan["P"] * c, dtype=acc, device=x.device)
         _launch_stats_partials(x, g, plan, part)
-        grid, block_c = _merge_grid(c, CONFIG["merge_block_c"])
-        launch(_reduce.stats_merge, grid, x, part, mean, m2, p, c, plan["shift_stride"], p * c,
-               BLOCK_P=CONFIG["merge_block_p"], BLOCK_C=block_c, num_warps=4)
+        _launch_stats_merge(x, g, plan, part, mean, m2)
     return mean, m2
 
 
@@ -374,7 +281,7 @@ def normalize(x, mean, invstd, weight, bias, residual, activation: str, slope: f
     act, hi, lo = _activation_args(activation, slope)
     acc = acc_dtype(x.dtype)
     with _device_guard(x):
-        _launch_normalize(x, y, _geometry(x.shape, False), residual, _per_channel(mean, acc),
+        _launch_normalize(x, y, geometry(x.shape, False), residual, _per_channel(mean, acc),
                           _per_channel(invstd, acc), _unit_stride(weight), _unit_stride(bias),
                           act, hi, lo)
     return y
@@ -392,17 +299,14 @@ def backward_reduce(dy, x, mean, invstd, weight, bias, residual, activation: str
     if x.numel() == 0:
         return sdz.zero_(), sdzx.zero_()
     act, hi, lo = _activation_args(activation, slope)
-    g = _geometry(x.shape, False)
-    plan = _reduce_plan(g, x.device)
-    p = plan["P"]
+    g = geometry(x.shape, False)
+    args = (_per_channel(mean, acc), _per_channel(invstd, acc), _unit_stride(weight),
+            _unit_stride(bias), residual, act, hi, lo)
     with _device_guard(x):
-        part = torch.empty(2 * p * c, dtype=acc, device=x.device)
-        _launch_backward_partials(dy, x, g, plan, part, _per_channel(mean, acc),
-                                  _per_channel(invstd, acc), _unit_stride(weight),
-                                  _unit_stride(bias), residual, act, hi, lo)
-        grid, block_c = _merge_grid(c, CONFIG["merge_block_c"])
-        launch(_reduce.sum_partials, grid, part, sdz, sdzx, p, c, p * c,
-               BLOCK_P=CONFIG["merge_block_p"], BLOCK_C=block_c, num_warps=4)
+        plan = _backward_reduce_plan(dy, x, g, *args)
+        part = torch.empty(2 * plan["P"] * c, dtype=acc, device=x.device)
+        _launch_backward_partials(dy, x, g, plan, part, *args)
+        _launch_sum_partials(g, plan, part, sdz, sdzx)
     return sdz, sdzx
 
 
@@ -426,7 +330,7 @@ def backward_elementwise(
         sum_dz, sum_dz_xhat = _per_channel(sum_dz, acc), _per_channel(sum_dz_xhat, acc)
     with _device_guard(x):
         _launch_backward_elementwise(
-            dy, x, _geometry(x.shape, False), dx, dres, _per_channel(mean, acc),
+            dy, x, geometry(x.shape, False), dx, dres, _per_channel(mean, acc),
             _per_channel(invstd, acc), _unit_stride(weight), _unit_stride(bias), residual,
             sum_dz, sum_dz_xhat, count, act, hi, lo)
     return dx, dres
@@ -458,7 +362,7 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
             t.is_contiguous() and t.device == x.device for t in (running_mean, running_var)):
         return None
     x = _dense(x, channels_last)
-    g = _geometry(x.shape, channels_last)
+    g = geometry(x.shape, channels_last)
     residual = _laid_out_as("residual", residual, x)
     weight, bias = _unit_stride(weight), _unit_stride(bias)
     act, hi, lo = _activation_args(activation, slope)
@@ -470,7 +374,7 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
             _launch_prepare(running_mean, running_var, weight, bias, coef, c, eps, copy=True)
             mean, var = coef[4], coef[5]
         else:
-            plan = _reduce_plan(g, device)
+            plan = _stats_plan(x, g)
             p = plan["P"]
             mean = torch.empty(c, dtype=mean_dtype(x), device=device)
             # var, the four coefficient rows and the partials in one allocation: host time
@@ -484,7 +388,7 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
             rm, rv, nbt, m_hi, m_lo = running if updated else (mean, mean, None, 0.0, 0.0)
             b_hi, b_lo = split_float(count / max(count - 1, 1)) if updated else (0.0, 0.0)
             eps_hi, eps_lo = split_float(eps)
-            grid, block_c = _merge_grid(c, CONFIG["merge_block_c"])
+            grid, block_c = merge_grid(c, CONFIG["merge_block_c"])
             launch(_reduce.stats_finalize, grid,
                    x, part, mean, var, coef, _dummy(weight, mean), _dummy(bias, mean), rm, rv,
                    _dummy(nbt, mean), p, c, plan["shift_stride"], p * c, count, eps_hi, eps_lo,
@@ -542,33 +446,33 @@ def batch_norm_backward(dy, x, weight, bias, residual, mean, var, eps, training:
     if x.numel() == 0 or not supports(x):
         return None
     x = _dense(x, channels_last)
-    g = _geometry(x.shape, channels_last)
+    g = geometry(x.shape, channels_last)
     dy = _laid_out_as("dy", dy, x)
     residual = _laid_out_as("residual", residual, x)
     weight, bias = _unit_stride(weight), _unit_stride(bias)
     act, hi, lo = _activation_args(activation, slope)
     c, acc, device = g.c, acc_dtype(x.dtype), x.device
     need_sums = need_sums or training
-    plan = _reduce_plan(g, device) if need_sums else None
-    p = plan["P"] if need_sums else 0
-    pre = 0 if saved is not None else 4 * c
-    # the coefficients (unless saved), Σdz as the elementwise pass takes it, the partials
-    work = torch.empty(pre + c + 2 * p * c, dtype=acc, device=device)
     sum_dz = sum_dzx = sum_dz_k = dx = dres = None
     with _device_guard(x):
         if saved is None:
-            saved = work[:pre].view(4, c)
+            saved = torch.empty((4, c), dtype=acc, device=device)
             _launch_prepare(_unit_stride(mean), _unit_stride(var), weight, bias, saved, c, eps,
                             copy=False)
         mean_k, invstd, bias_k, shift = saved.unbind(0)
         if need_sums:
-            part = work[pre + c:]
+            plan = _backward_reduce_plan(dy, x, g, mean_k, invstd, weight, bias_k, residual,
+                                         act, hi, lo)
+            p = plan["P"]
+            # Σdz as the elementwise pass takes it, and the partials
+            work = torch.empty(c + 2 * p * c, dtype=acc, device=device)
+            part = work[c:]
             _launch_backward_partials(dy, x, g, plan, part, mean_k, invstd, weight, bias_k,
                                       residual, act, hi, lo)
             sum_dz = torch.empty(c, dtype=acc, device=device)
             sum_dzx = torch.empty(c, dtype=acc, device=device)
-            sum_dz_k = work[pre:pre + c]
-            grid, block_c = _merge_grid(c, CONFIG["merge_block_c"])
+            sum_dz_k = work[:c]
+            grid, block_c = merge_grid(c, CONFIG["merge_block_c"])
             launch(_reduce.sum_partials_centred, grid,
                    part, shift, sum_dz, sum_dzx, sum_dz_k, p, c, p * c,
                    BLOCK_P=CONFIG["merge_block_p"], BLOCK_C=block_c, num_warps=4)
@@ -602,5 +506,5 @@ def update_running_stats(running_mean, running_var, num_batches_tracked, mean, v
         launch(_reduce.running_update, (1,),
                running_mean, running_var, nbt, mean, var, mean.shape[0],
                b_hi, b_lo, m_hi, m_lo, HAS_NBT=num_batches_tracked is not None,
-               CUMULATIVE=momentum is None, BLOCK_C=min(_np2(mean.shape[0]), 1024), num_warps=4)
+               CUMULATIVE=momentum is None, BLOCK_C=min(np2(mean.shape[0]), 1024), num_warps=4)
     return True

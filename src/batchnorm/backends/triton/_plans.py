@@ -1,0 +1,299 @@
+"""Launch plans of the triton backend: tiles, warps and grids per input shape.
+
+A plan is a pure function of a kernel view's geometry (:class:`Geometry`), the device (its
+SM count) and a configuration (the keys of :data:`CONFIG`). ``CONFIG`` holds the defaults.
+With ``CONFIG["autotune"]`` on (the default), the first time a pass meets a shape on a GPU
+(geometry, dtype and device) it times a few configurations around the defaults on the
+device and keeps the fastest for that shape: the best tiles differ by shape (an H200's
+section E of ``benchmarks/triton_dev.py``, 2026-11-27: half the programs per SM took the
+channels-last statistics from 0.157 to 0.134 ms but twice as many helped NCHW; a
+persistent grid halved normalize on (8192, 4096) and changed nothing elsewhere).
+
+What tuning may and may not do:
+* only side-effect-free launches are timed: stage 1 of a reduction with its plain merge
+  into scratch buffers, and the elementwise passes, whose outputs the real launch then
+  writes again; the running update is never part of it, so it is applied once;
+* it synchronizes with the host, once per shape; never while a CUDA graph is being
+  captured (the defaults are used then, and the shape is tuned on a later call);
+* a reduction's plan changes the order of its additions, so its last bits: under
+  ``torch.use_deterministic_algorithms(True)`` the reductions keep the defaults (bits
+  that depend only on the shape, dtype and GPU model); the elementwise passes compute the
+  same bits with every plan and are always tuned.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Callable, NamedTuple
+
+import torch
+
+CONFIG = {
+    # Time candidate plans per shape on the GPU the first time it is met (see above); 0
+    # uses the values below everywhere.
+    "autotune": 1,
+    # Stage-1 reductions: aim for this many programs per SM in total, each walking tiles of
+    # reduce_tile elements (accumulators live in registers: 2 per element of the tile).
+    "programs_per_sm": 8,
+    "reduce_tile": 4096,
+    "reduce_warps": 8,
+    # Tiles in flight in stage 1's loop (num_stages of its tl.range): 1 is a plain loop;
+    # 2-3 pipeline the loads through shared memory. Unmeasured on a GPU: the channels-last
+    # reductions ran at 50-64% of the copy bandwidth on an H200 (2026-11-27), and section E
+    # of benchmarks/triton_dev.py compares 2 and 3.
+    "reduce_stages": 1,
+    # Elementwise passes: tiles of elem_tile elements; one per program when
+    # elem_programs_per_sm is 0, else a persistent grid of that many programs per SM.
+    "elem_tile": 4096,
+    "elem_warps": 8,
+    # ... over (M, C) views (channels-last, BatchNorm1d): 4 warps took backward_elementwise
+    # on (256,256,56,56) bf16 CL from 0.517 to 0.295 ms, on (8192,4096) bf16 from 0.132 to
+    # 0.119, and normalize on (8192,4096) from 0.085 to 0.062 (H200, section E of
+    # benchmarks/triton_dev.py, 2026-11-27); over NCL views they were 1-3% slower.
+    "elem_warps_cl": 4,
+    "elem_programs_per_sm": 0,
+    # Widest channel block of an (M, C) tile; rows fill the rest of the tile.
+    "block_c": 128,
+    # Stage-2 merges: [merge_block_p, <= merge_block_c] tiles, one program per channel block.
+    "merge_block_p": 64,
+    "merge_block_c": 32,
+}
+
+
+def apply_env_config() -> None:
+    """``BATCHNORM_TRITON_CONFIG="reduce_tile=8192,autotune=0"``: CONFIG values, read at import."""
+    spec = os.environ.get("BATCHNORM_TRITON_CONFIG", "")
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        key, _, value = item.partition("=")
+        if key not in CONFIG:
+            raise ValueError(f"BATCHNORM_TRITON_CONFIG: unknown key {key!r}; known: {sorted(CONFIG)}")
+        CONFIG[key] = int(value)
+
+
+apply_env_config()
+
+
+class Geometry(NamedTuple):
+    """A kernel view's sizes: ``(M, C)`` with the channels innermost (``cl``; ``l`` is 1),
+    or ``(N, C, L)``. The kernels read tensors by address, so any tensor whose memory is
+    laid out as that view will do: the view itself, or the input as given (contiguous, or
+    channels-last dense), which saves the view calls of a step."""
+    cl: bool
+    n: int
+    c: int
+    l: int
+
+
+@functools.lru_cache(maxsize=4096)
+def geometry(shape: torch.Size, channels_last: bool) -> Geometry:
+    """Of a kernel view (2-D or 3-D, ``channels_last`` False) or of an (N, C, *) input whose
+    memory is contiguous, or channels-last dense when ``channels_last``."""
+    c = shape[1]
+    if len(shape) == 2 or channels_last:
+        return Geometry(True, math.prod(shape) // c if c else 0, c, 1)
+    return Geometry(False, shape[0], c, math.prod(shape[2:]))
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 2  # interpreter: a few programs per channel, enough to exercise the merge
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def np2(n: int) -> int:
+    # Not triton.next_power_of_2: in Triton 3.9 that is a wrapped constexpr function costing
+    # ~20 µs a call on the host, which is per launch.
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _memoized(fn):
+    """Memoize a plan on (geometry, device, configuration values)."""
+    cache = {}
+
+    def wrapper(g: Geometry, device: torch.device, cfg: dict = CONFIG):
+        key = (g, device, tuple(cfg.values()))
+        plan = cache.get(key)
+        if plan is None:
+            if len(cache) > 4096:
+                cache.clear()
+            plan = cache[key] = fn(g, device, cfg)
+        return plan
+    wrapper.__wrapped__ = fn
+    return wrapper
+
+
+@_memoized
+def reduce_plan(g: Geometry, device: torch.device, cfg: dict) -> dict:
+    """Stage 1 of a reduction: the tile, and the split of each channel's values over P
+    programs (``[P, C]`` partials)."""
+    tile = cfg["reduce_tile"]
+    target = cfg["programs_per_sm"] * sm_count(device)
+    common = dict(warps=cfg["reduce_warps"], stages=cfg["reduce_stages"])
+    if g.cl:
+        m, c = g.n, g.c
+        block_c = min(np2(c), cfg["block_c"])
+        block_m = min(max(tile // block_c, 1), np2(m))
+        ncb = cdiv(c, block_c)
+        per_cb = max(1, cdiv(target, ncb))
+        rows = cdiv(cdiv(m, block_m), per_cb) * block_m
+        p = cdiv(m, rows)
+        return dict(P=p, grid=(p * ncb,), rows=rows, ncb=ncb, shift_stride=1,
+                    BLOCK_M=block_m, BLOCK_C=block_c, **common)
+    n, c, length = g.n, g.c, g.l
+    block_l = min(np2(length), tile)
+    block_n = min(max(tile // block_l, 1), np2(n))
+    nb, lb = cdiv(n, block_n), cdiv(length, block_l)
+    per_channel = max(1, cdiv(target, c))
+    k = max(1, (nb * lb) // per_channel)  # tiles per program
+    kl = min(lb, k)
+    kn = max(1, k // kl)
+    cols, rows = kl * block_l, kn * block_n
+    p_l, p_n = cdiv(length, cols), cdiv(n, rows)
+    return dict(P=p_n * p_l, grid=(p_n * p_l * c,), rows=rows, cols=cols, p_l=p_l,
+                shift_stride=length, BLOCK_N=block_n, BLOCK_L=block_l, **common)
+
+
+@_memoized
+def elem_plan(g: Geometry, device: torch.device, cfg: dict) -> dict:
+    """(R, K, C), the tile and the grid of the elementwise passes."""
+    tile = cfg["elem_tile"]
+    if g.cl:
+        r, k = g.n, g.c
+        block_k = min(np2(k), cfg["block_c"])
+    else:
+        r, k = g.n * g.c, g.l
+        block_k = min(np2(k), tile)
+    block_r = min(max(tile // block_k, 1), np2(r))
+    n_tiles = cdiv(r, block_r) * cdiv(k, block_k)
+    persistent = cfg["elem_programs_per_sm"] * sm_count(device)
+    grid = (min(n_tiles, persistent) if persistent > 0 else n_tiles,)
+    return dict(R=r, K=k, C=g.c, grid=grid, BLOCK_R=block_r, BLOCK_K=block_k, CL=g.cl,
+                warps=cfg["elem_warps_cl" if g.cl else "elem_warps"])
+
+
+@functools.lru_cache(maxsize=1024)
+def merge_grid(c: int, block_c_max: int) -> tuple[tuple[int], int]:
+    block_c = min(np2(c), block_c_max)
+    return (cdiv(c, block_c),), block_c
+
+
+# --------------------------------------------------------------------------------------
+# Per-shape choice
+
+# The passes a plan is chosen for, and whether their plan decides a reduction's order.
+PASSES = {"stats": True, "backward_reduce": True, "normalize": False,
+          "backward_elementwise": False}
+
+
+def variants(pass_name: str, cfg: dict) -> list[dict]:
+    """The changes to ``cfg`` the autotuner times for a pass: none first, then one or two
+    knobs moved, where the H200's section E (2026-11-27) saw a gain on some shape."""
+    if PASSES[pass_name]:
+        pps, tile, warps = cfg["programs_per_sm"], cfg["reduce_tile"], cfg["reduce_warps"]
+        half = {"reduce_tile": max(tile // 2, 1), "reduce_warps": max(warps // 2, 1)}
+        return [{}, {"programs_per_sm": max(pps // 2, 1)}, {"programs_per_sm": 2 * pps},
+                half, {**half, "programs_per_sm": 2 * pps}, {"reduce_tile": 2 * tile},
+                {"reduce_stages": 2 if cfg["reduce_stages"] == 1 else 1},
+                {"block_c": 2 * cfg["block_c"]}]
+    other = {"elem_warps": 4 if cfg["elem_warps"] == 8 else 8,
+             "elem_warps_cl": 4 if cfg["elem_warps_cl"] == 8 else 8}
+    return [{}, other, {"block_c": 2 * cfg["block_c"]}, {"elem_tile": 2 * cfg["elem_tile"]},
+            {"elem_programs_per_sm": 32 if cfg["elem_programs_per_sm"] == 0 else 0}]
+
+
+def candidates(pass_name: str, g: Geometry, device: torch.device) -> list[tuple[str, dict]]:
+    """``(label, plan)`` of the distinct plans :func:`variants` give for this geometry, the
+    defaults (label "default") first; a label names the knobs a variant moved."""
+    make = reduce_plan if PASSES[pass_name] else elem_plan
+    out, plans = [], []
+    for change in variants(pass_name, CONFIG):
+        plan = make(g, device, {**CONFIG, **change})
+        if plan not in plans:
+            plans.append(plan)
+            out.append((",".join(f"{k}={v}" for k, v in change.items()) or "default", plan))
+    return out
+
+
+def device_ms(run: Callable[[dict], None], plan: dict, reps: int) -> float:
+    """Milliseconds of one ``run(plan)`` on the current CUDA stream (CUDA events)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        run(plan)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+# How the autotuner times a plan (tests put a stand-in here), its rounds and repetitions.
+timer = device_ms
+ROUNDS, REPS = 3, 3
+# Tune CPU tensors too (the interpreter; for the tests of the tuning itself).
+TUNE_ON_CPU = False
+
+CHOSEN: dict = {}  # (pass, geometry, dtype, device, CONFIG values) -> plan
+# What tuning did, for benchmarks and tests: dicts of pass, geometry, dtype, ms by label
+# (candidates that failed to launch, e.g. out of shared memory, are left out) and the
+# label chosen.
+LOG: list = []
+
+
+def chosen(pass_name: str, g: Geometry, x: torch.Tensor):
+    """The plan kept for this pass and shape, or None (then call :func:`choose`)."""
+    return CHOSEN.get((pass_name, g, x.dtype, x.device, tuple(CONFIG.values())))
+
+
+def _static_default(x: torch.Tensor) -> bool:
+    """Whether this process never tunes for x (the defaults can be kept for good)."""
+    return not CONFIG["autotune"] or (not x.is_cuda and not TUNE_ON_CPU)
+
+
+def _tunable_now(pass_name: str, x: torch.Tensor) -> bool:
+    if PASSES[pass_name] and torch.are_deterministic_algorithms_enabled():
+        return False
+    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def choose(pass_name: str, g: Geometry, x: torch.Tensor, run: Callable[[dict], None]) -> dict:
+    """The plan for this pass and shape, kept for the next calls: the fastest candidate by
+    ``run(plan)``, which must launch the pass with that plan on buffers it may overwrite
+    (and nothing else); ties go to the earlier candidate, the defaults first. The defaults'
+    plan where tuning is off, and, not kept (the shape is tuned on a later call), during
+    a CUDA graph capture or, for reductions, under deterministic algorithms."""
+    key = (pass_name, g, x.dtype, x.device, tuple(CONFIG.values()))
+    static = _static_default(x)
+    if static or not _tunable_now(pass_name, x):
+        plan = (reduce_plan if PASSES[pass_name] else elem_plan)(g, x.device)
+        if static:
+            CHOSEN[key] = plan
+        return plan
+    labelled = candidates(pass_name, g, x.device)
+    ran = []
+    for i, (_, plan) in enumerate(labelled):
+        try:
+            run(plan)  # compiles it
+        except Exception:
+            if i == 0:
+                raise  # the defaults must work: a real error
+            continue  # a variant the device cannot run (shared memory, registers)
+        ran.append(i)
+    times = dict.fromkeys(ran, math.inf)
+    for _ in range(ROUNDS):
+        for i in ran:
+            times[i] = min(times[i], timer(run, labelled[i][1], REPS))
+    best = min(ran, key=times.__getitem__)
+    if len(LOG) > 4096:
+        LOG.clear()
+    LOG.append(dict(pass_name=pass_name, geometry=g, dtype=x.dtype,
+                    ms={labelled[i][0]: times[i] for i in ran}, chosen=labelled[best][0]))
+    if len(CHOSEN) > 4096:
+        CHOSEN.clear()
+    CHOSEN[key] = plan = labelled[best][1]
+    return plan
