@@ -46,6 +46,9 @@ ROWS = {  # name: (shape, dtype, channels_last)
     "8192x4096-bf16": ((8192, 4096), torch.bfloat16, False),
     "2048x7x7-fp32-NCHW": ((256, 2048, 7, 7), torch.float32, False),
     "fp64-NCL": ((16, 32, 1000), torch.float64, False),
+    # channel counts no multiple of 16, several partials per channel
+    "24x56x56-bf16-CL": ((64, 24, 56, 56), torch.bfloat16, True),
+    "4000x100-fp32": ((4000, 100), torch.float32, False),
 }
 
 _TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",

@@ -140,7 +140,8 @@ def _launch_stats_merge(x: Tensor, g: Geometry, plan: dict, part: Tensor, mean: 
     p, c = plan["P"], g.c
     grid, block_c = merge_grid(c, CONFIG["merge_block_c"])
     launch(_reduce.stats_merge, grid, x, part, mean, m2, p, c, plan["shift_stride"], p * c,
-           BLOCK_P=CONFIG["merge_block_p"], BLOCK_C=block_c, num_warps=4)
+           BLOCK_P=CONFIG["merge_block_p"], BLOCK_C=block_c,
+           num_warps=CONFIG["merge_warps"])
 
 
 def _launch_normalize(x, y, g, residual, mean_k, invstd, weight, bias_k, act, hi, lo,
@@ -183,7 +184,8 @@ def _launch_sum_partials(g: Geometry, plan: dict, part: Tensor, sdz: Tensor,
     p, c = plan["P"], g.c
     grid, block_c = merge_grid(c, CONFIG["merge_block_c"])
     launch(_reduce.sum_partials, grid, part, sdz, sdzx, p, c, p * c,
-           BLOCK_P=CONFIG["merge_block_p"], BLOCK_C=block_c, num_warps=4)
+           BLOCK_P=CONFIG["merge_block_p"], BLOCK_C=block_c,
+           num_warps=CONFIG["merge_warps"])
 
 
 def _launch_backward_elementwise(dy, x, g, dx, dres, mean_k, invstd, weight, bias_k,
@@ -394,7 +396,8 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
                    _dummy(nbt, mean), p, c, plan["shift_stride"], p * c, count, eps_hi, eps_lo,
                    b_hi, b_lo, m_hi, m_lo, HAS_W=weight is not None, HAS_B=bias is not None,
                    F64=acc == torch.float64, UPDATE=updated, HAS_NBT=nbt is not None,
-                   BLOCK_P=CONFIG["merge_block_p"], BLOCK_C=block_c, num_warps=4)
+                   BLOCK_P=CONFIG["merge_block_p"], BLOCK_C=block_c,
+                   num_warps=CONFIG["merge_warps"])
         y = torch.empty_like(x)
         mean_k, invstd, bias_k, _ = coef.unbind(0)[:4]
         _launch_normalize(x, y, g, residual, mean_k, invstd, weight, bias_k, act, hi, lo)
@@ -475,7 +478,8 @@ def batch_norm_backward(dy, x, weight, bias, residual, mean, var, eps, training:
             grid, block_c = merge_grid(c, CONFIG["merge_block_c"])
             launch(_reduce.sum_partials_centred, grid,
                    part, shift, sum_dz, sum_dzx, sum_dz_k, p, c, p * c,
-                   BLOCK_P=CONFIG["merge_block_p"], BLOCK_C=block_c, num_warps=4)
+                   BLOCK_P=CONFIG["merge_block_p"], BLOCK_C=block_c,
+                   num_warps=CONFIG["merge_warps"])
         if need_dx:
             dx = torch.empty_like(x)
             if want_dresidual:
