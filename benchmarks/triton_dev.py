@@ -1,6 +1,7 @@
 """Development timings of the triton backend on one GPU (standalone: needs only torch+triton).
 
     PYTHONPATH=src python3 benchmarks/triton_dev.py [--budget 170] [--out DIR] [--quick]
+        [--sections BCEDF] [--tag NAME]
 
 Sections, each skipped once the time budget is spent (the CSV is written as it goes):
   A  the card, versions, and a device copy's bandwidth (read + write) measured now;
@@ -100,7 +101,8 @@ class Bench:
         self.paths = []
         for d in filter(None, [args.out, os.environ.get("OUT"), "benchmarks/results"]):
             os.makedirs(d, exist_ok=True)
-            p = os.path.join(d, f"triton-dev-{slug}-{day}.csv")
+            tag = f"-{args.tag}" if args.tag else ""
+            p = os.path.join(d, f"triton-dev-{slug}-{day}{tag}.csv")
             if p not in self.paths:
                 self.paths.append(p)
 
@@ -496,6 +498,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="another folder for the CSV")
     ap.add_argument("--quick", action="store_true", help="4 rows only")
     ap.add_argument("--sections", default="BCEDF")
+    ap.add_argument("--tag", default="", help="appended to the CSV's name (runs of one day)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to time")
