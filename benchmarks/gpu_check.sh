@@ -114,7 +114,9 @@ fi
 echo
 echo "================ gpu_check summary ($(( SECONDS - START )) s) ================"
 printf '%s\n' "${STATUS[@]}"
-grep -h -E "passed|failed|error" "${LOGS[0]}"/gpu_check-tests_*.log 2>/dev/null | tail -4
+# this run's logs only (logs of earlier runs kept in the same folder carry a card and date)
+grep -h -E "passed|failed|error" "${LOGS[0]}"/gpu_check-tests_{triton,parity}.log 2>/dev/null |
+    tail -4
 if [ -f "${LOGS[0]}/gpu_check-bench.log" ]; then
     echo "-- batchnorm bench (last lines) --"
     tail -n 16 "${LOGS[0]}/gpu_check-bench.log"
