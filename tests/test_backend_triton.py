@@ -842,3 +842,20 @@ def test_autotune_on_the_device(monkeypatch):
         graph.replay()
         m(x2)
         assert len(tb._plans.LOG) == 4
+
+
+def test_config_from_the_environment(monkeypatch):
+    """BATCHNORM_TRITON_CONFIG sets CONFIG values at import; unknown keys and values that
+    are no integers are refused by name. (conftest sets autotune=0 for the suite.)"""
+    assert tb.CONFIG["autotune"] == 0
+    config = dict(tb.CONFIG)
+    monkeypatch.setattr(tb._plans, "CONFIG", config)
+    monkeypatch.setenv("BATCHNORM_TRITON_CONFIG", "reduce_tile=2048, autotune=1,")
+    tb._plans.apply_env_config()
+    assert config["reduce_tile"] == 2048 and config["autotune"] == 1
+    monkeypatch.setenv("BATCHNORM_TRITON_CONFIG", "reduce_tiles=2048")
+    with pytest.raises(ValueError, match="unknown key 'reduce_tiles'"):
+        tb._plans.apply_env_config()
+    monkeypatch.setenv("BATCHNORM_TRITON_CONFIG", "block_c=wide")
+    with pytest.raises(ValueError, match="block_c wants an integer, got 'wide'"):
+        tb._plans.apply_env_config()

@@ -26,7 +26,8 @@ from __future__ import annotations
 import functools
 import math
 import os
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -72,9 +73,14 @@ def apply_env_config() -> None:
     spec = os.environ.get("BATCHNORM_TRITON_CONFIG", "")
     for item in filter(None, (s.strip() for s in spec.split(","))):
         key, _, value = item.partition("=")
+        key = key.strip()
         if key not in CONFIG:
             raise ValueError(f"BATCHNORM_TRITON_CONFIG: unknown key {key!r}; known: {sorted(CONFIG)}")
-        CONFIG[key] = int(value)
+        try:
+            CONFIG[key] = int(value)
+        except ValueError:
+            raise ValueError(
+                f"BATCHNORM_TRITON_CONFIG: {key} wants an integer, got {value!r}") from None
 
 
 apply_env_config()
@@ -296,8 +302,8 @@ def choose(pass_name: str, g: Geometry, x: torch.Tensor, run: Callable[[dict], N
     best = min(ran, key=times.__getitem__)
     if len(LOG) > 4096:
         LOG.clear()
-    LOG.append(dict(pass_name=pass_name, geometry=g, dtype=x.dtype,
-                    ms={labelled[i][0]: times[i] for i in ran}, chosen=labelled[best][0]))
+    LOG.append({"pass_name": pass_name, "geometry": g, "dtype": x.dtype,
+                "ms": {labelled[i][0]: times[i] for i in ran}, "chosen": labelled[best][0]})
     if len(CHOSEN) > 4096:
         CHOSEN.clear()
     CHOSEN[key] = plan = labelled[best][1]
