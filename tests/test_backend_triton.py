@@ -859,3 +859,22 @@ def test_config_from_the_environment(monkeypatch):
     monkeypatch.setenv("BATCHNORM_TRITON_CONFIG", "block_c=wide")
     with pytest.raises(ValueError, match="block_c wants an integer, got 'wide'"):
         tb._plans.apply_env_config()
+
+
+def test_device_guard(monkeypatch):
+    """A pass switches the current CUDA device only when x lives on another one."""
+    class OnGpu:
+        is_cuda = True
+
+        def __init__(self, index):
+            self.index = index
+
+        def get_device(self):
+            return self.index
+
+    switched = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda index: switched.append(index) or index)
+    assert tb._device_guard(torch.zeros(1)) is tb._NO_GUARD
+    assert tb._device_guard(OnGpu(0)) is tb._NO_GUARD and not switched
+    assert tb._device_guard(OnGpu(1)) == 1 and switched == [1]

@@ -57,7 +57,14 @@ _NO_GUARD = nullcontext()
 
 
 def _device_guard(x: Tensor):
-    return torch.cuda.device(x.device) if x.is_cuda else _NO_GUARD
+    """Make x's GPU the current device while the launches of a pass are made (Triton
+    launches on the current device's current stream). Nothing to do when it already is,
+    the usual case: ``torch.cuda.device``'s constructor, enter and exit are a few µs of
+    host time a pass, which small inputs spend per step."""
+    if not x.is_cuda:
+        return _NO_GUARD
+    index = x.get_device()
+    return _NO_GUARD if index == torch.cuda.current_device() else torch.cuda.device(index)
 
 
 # --------------------------------------------------------------------------------------
