@@ -224,8 +224,8 @@ def section_b(bench: Bench, rows, with_compile=False):
         print("\n== F: BN+ReLU rows again, with torch.compile (while the budget lasts) ==")
     else:
         print("\n== B: BN+ReLU training forward+backward (ms; floor/target from issue 4) ==")
-    print(f"{'row':28s} {'ours':>7s} {'dflt':>7s} {'graph':>7s} {'eager':>7s} {'compile':>8s} "
-          f"{'floor*':>7s} {'target':>7s}  vs best torch")
+    print(f"{'row':28s} {'ours':>7s} {'dflt':>7s} {'graph':>7s} {'eager':>7s} {'e/graph':>7s} "
+          f"{'compile':>8s} {'floor*':>7s} {'target':>7s}  vs best torch")
     for label in rows:
         if bench.left() < (60 if with_compile else 20):
             print("  (time budget spent; skipping the remaining rows)")
@@ -240,11 +240,14 @@ def section_b(bench: Bench, rows, with_compile=False):
             res = dict(bench.results.get(label, {}))
             if not with_compile:
                 fns["defaults"] = with_defaults(fns["ours"])
-                try:
-                    res["graph"] = time_interleaved({"graph": graphed(fns["ours"])},
-                                                    reps=20)["graph"]
-                except Exception as e:  # noqa: BLE001
-                    print(f"  CUDA graph capture failed: {type(e).__name__}: {e}")
+                # Device time alone, ours and torch eager alike: the small rows are
+                # host-bound for both (the CPU takes longer to enqueue a step than the GPU
+                # to run it), and a graph replays a step with no host in the way.
+                for impl, key in (("ours", "graph"), ("eager", "eager_graph")):
+                    try:
+                        res[key] = time_interleaved({key: graphed(fns[impl])}, reps=20)[key]
+                    except Exception as e:  # noqa: BLE001
+                        print(f"  CUDA graph capture of {impl} failed: {type(e).__name__}: {e}")
             else:
                 try:
                     fns["compile"] = fwd_bwd("compile", x, w, b, dy, r, "relu")
@@ -286,6 +289,7 @@ def section_b(bench: Bench, rows, with_compile=False):
             best_torch = min(v for k, v in res.items() if k in ("eager", "compile"))
             fmt = lambda k: f"{res[k]:7.3f}" if k in res else "      -"  # noqa: E731
             line = (f"{label:28s} {fmt('ours')} {fmt('defaults')} {fmt('graph')} {fmt('eager')} "
+                    f"{fmt('eager_graph')} "
                     f"{fmt('compile'):>8s} {floor_now:7.3f} {target:7.2f}  "
                     f"{best_torch / res['ours']:.2f}x")
             print(line)
@@ -297,7 +301,8 @@ def section_b(bench: Bench, rows, with_compile=False):
             traceback.print_exc()
         torch.cuda.empty_cache()
     print("  floor* = 8 passes over the input at the copy bandwidth measured in this run;"
-          " dflt = ours with the default plans (autotuning off)")
+          " dflt = ours with the default plans (autotuning off);\n  graph, e/graph = ours,"
+          " torch eager captured in a CUDA graph and replayed (device time, no host)")
     if not with_compile:
         autotuner_choices(bench)
 
@@ -470,21 +475,24 @@ def section_e(bench, rows):
 def print_summary(bench):
     print(f"\nCSV: {', '.join(bench.paths)}  ({time.time() - bench.t0:.0f} s)")
     print(f"\n== summary: BN+ReLU fwd+bwd on {bench.device}, ms ==")
-    print(f"{'row':28s} {'ours':>7s} {'dflt':>7s} {'graph':>7s} {'eager':>7s} {'compile':>7s} "
-          f"{'floor*':>7s} {'target':>7s} {'vs torch':>8s} {'target?':>7s} {'Σkernels':>8s} "
-          f"{'host':>7s} {'host/jit':>8s}")
+    print(f"{'row':28s} {'ours':>7s} {'dflt':>7s} {'graph':>7s} {'eager':>7s} {'e/graph':>7s} "
+          f"{'compile':>7s} {'floor*':>7s} {'target':>7s} {'vs torch':>8s} {'target?':>7s} "
+          f"{'Σkernels':>8s} {'host':>7s} {'host/jit':>8s} {'g vs e/g':>8s}")
     for label, res in bench.results.items():
-        ours, dflt, graph, eager, comp = (res.get(k) for k in ("ours", "defaults", "graph",
-                                                               "eager", "compile"))
+        ours, dflt, graph, eager, egraph, comp = (
+            res.get(k) for k in ("ours", "defaults", "graph", "eager", "eager_graph", "compile"))
         floor, target = res["floor"], res["target"]
         best = min(v for v in (eager, comp) if v is not None)
         f = lambda v: f"{v:7.3f}" if v is not None else "      -"  # noqa: E731
-        print(f"{label:28s} {f(ours)} {f(dflt)} {f(graph)} {f(eager)} {f(comp)} {floor:7.3f} "
+        graphs = f"{egraph / graph:7.2f}x" if graph and egraph else "       -"
+        print(f"{label:28s} {f(ours)} {f(dflt)} {f(graph)} {f(eager)} {f(egraph)} {f(comp)} "
+              f"{floor:7.3f} "
               f"{target:7.2f} {best / ours:7.2f}x {'yes' if ours <= target else 'no':>7s} "
               f"{f(bench.kernel_sum.get(label)):>8s} {f(bench.host.get(label))} "
-              f"{f(bench.host_jit.get(label)):>8s}")
-    print("dflt = ours with the default plans (no autotuning); "
-          "graph = ours captured in a CUDA graph; Σkernels = the four primitives timed alone "
+              f"{f(bench.host_jit.get(label)):>8s} {graphs:>8s}")
+    print("dflt = ours with the default plans (no autotuning); graph, e/graph = ours, torch "
+          "eager captured in a CUDA graph (device time; g vs e/g = e/graph / graph);\n"
+          "Σkernels = the four primitives timed alone "
           "(section C):\nours − Σkernels ≈ what runs around the tensor passes (C-sized kernels, "
           "launch gaps, the running update); host = CPU time to enqueue one step of ours,\n"
           "host/jit = the same with every launch through kernel[grid] (direct launches off).")
