@@ -66,6 +66,9 @@ VARIANTS = [
     # the copy bandwidth on the H200, 2026-11-27); first, in case the budget runs out
     ("reduce_stages=2", {"reduce_stages": 2}, "reduce"),
     ("reduce_stages=3", {"reduce_stages": 3}, "reduce"),
+    # (M, C) stage 1 loads two tiles before adding either (same registers, twice the bytes in
+    # flight; untimed on a GPU before 2026-12-02)
+    ("reduce_unroll=2", {"reduce_unroll": 2}, "reduce"),
     ("reduce_tile=2048,warps=4", {"reduce_tile": 2048, "reduce_warps": 4}, "reduce"),
     ("reduce_tile=8192", {"reduce_tile": 8192}, "reduce"),
     ("programs_per_sm=4", {"programs_per_sm": 4}, "reduce"),

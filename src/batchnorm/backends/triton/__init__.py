@@ -134,7 +134,7 @@ def _launch_stats_partials(x: Tensor, g: Geometry, plan: dict, part: Tensor) -> 
         launch(_reduce.stats_partial_mc, plan["grid"],
                x, part, g.n, c, plan["rows"], plan["ncb"], p * c,
                BLOCK_M=plan["BLOCK_M"], BLOCK_C=plan["BLOCK_C"], STAGES=plan["stages"],
-               num_warps=plan["warps"])
+               UNROLL=plan["unroll"], num_warps=plan["warps"])
     else:
         launch(_reduce.stats_partial_ncl, plan["grid"],
                x, part, g.n, c, g.l, plan["rows"], plan["cols"], plan["p_l"], p * c,
@@ -179,7 +179,8 @@ def _launch_backward_partials(dy, x, g, plan, part, mean_k, invstd, weight, bias
     if g.cl:
         launch(_reduce.backward_partial_mc, plan["grid"],
                *common, g.n, c, plan["rows"], plan["ncb"], p * c, hi, lo,
-               BLOCK_M=plan["BLOCK_M"], BLOCK_C=plan["BLOCK_C"], **flags)
+               BLOCK_M=plan["BLOCK_M"], BLOCK_C=plan["BLOCK_C"], UNROLL=plan["unroll"],
+               **flags)
     else:
         launch(_reduce.backward_partial_ncl, plan["grid"],
                *common, g.n, c, g.l, plan["rows"], plan["cols"], plan["p_l"], p * c, hi, lo,

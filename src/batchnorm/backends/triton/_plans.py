@@ -45,6 +45,10 @@ CONFIG = {
     # reductions ran at 50-64% of the copy bandwidth on an H200 (2026-11-27), and section E
     # of benchmarks/triton_dev.py compares 2 and 3.
     "reduce_stages": 1,
+    # (M, C) views: tiles loaded per loop step before their additions (1 or 2); 2 doubles
+    # the bytes in flight without doubling the accumulators. Unmeasured on a GPU; an
+    # autotuner candidate.
+    "reduce_unroll": 1,
     # Elementwise passes: tiles of elem_tile elements; one per program when
     # elem_programs_per_sm is 0, else a persistent grid of that many programs per SM.
     "elem_tile": 4096,
@@ -151,12 +155,14 @@ def reduce_plan(g: Geometry, device: torch.device, cfg: dict) -> dict:
         m, c = g.n, g.c
         block_c = min(np2(c), cfg["block_c"])
         block_m = min(max(tile // block_c, 1), np2(m))
+        unroll = cfg["reduce_unroll"] if m > block_m else 1
+        step = block_m * unroll  # a program's rows are whole loop steps
         ncb = cdiv(c, block_c)
         per_cb = max(1, cdiv(target, ncb))
-        rows = cdiv(cdiv(m, block_m), per_cb) * block_m
+        rows = cdiv(cdiv(m, step), per_cb) * step
         p = cdiv(m, rows)
         return dict(P=p, grid=(p * ncb,), rows=rows, ncb=ncb, shift_stride=1,
-                    BLOCK_M=block_m, BLOCK_C=block_c, **common)
+                    BLOCK_M=block_m, BLOCK_C=block_c, unroll=unroll, **common)
     n, c, length = g.n, g.c, g.l
     block_l = min(np2(length), tile)
     block_n = min(max(tile // block_l, 1), np2(n))
@@ -205,13 +211,15 @@ PASSES = {"stats": True, "backward_reduce": True, "normalize": False,
 
 def variants(pass_name: str, cfg: dict) -> list[dict]:
     """The changes to ``cfg`` the autotuner times for a pass: none first, then one or two
-    knobs moved, where the H200's section E (2026-11-27) saw a gain on some shape."""
+    knobs moved, where the H200's section E (2026-11-27) saw a gain on some shape (and the
+    reductions' two-tile loads, ``reduce_unroll``, not yet timed on a GPU)."""
     if PASSES[pass_name]:
         pps, tile, warps = cfg["programs_per_sm"], cfg["reduce_tile"], cfg["reduce_warps"]
         half = {"reduce_tile": max(tile // 2, 1), "reduce_warps": max(warps // 2, 1)}
         return [{}, {"programs_per_sm": max(pps // 2, 1)}, {"programs_per_sm": 2 * pps},
                 half, {**half, "programs_per_sm": 2 * pps}, {"reduce_tile": 2 * tile},
                 {"reduce_stages": 2 if cfg["reduce_stages"] == 1 else 1},
+                {"reduce_unroll": 2 if cfg["reduce_unroll"] == 1 else 1},
                 {"block_c": 2 * cfg["block_c"]}]
     other = {"elem_warps": 4 if cfg["elem_warps"] == 8 else 8,
              "elem_warps_cl": 4 if cfg["elem_warps_cl"] == 8 else 8}

@@ -18,7 +18,11 @@ Kernel views (see ``portable.py``):
 The innermost loop of stage 1 is ``tl.range(..., num_stages=STAGES)``: 1 (the default,
 ``CONFIG["reduce_stages"]``) compiles as a plain loop; 2 or 3 let Triton pipeline the
 loads of the next tiles through shared memory (``cp.async`` on sm_80 and later), more
-bytes in flight per program, the same arithmetic in the same order.
+bytes in flight per program, the same arithmetic in the same order. The ``(M, C)``
+kernels can also load two tiles before adding either (``UNROLL`` 2,
+``CONFIG["reduce_unroll"]``): twice the bytes in flight in registers, for the loads only
+(the accumulators stay one tile), the additions in the same order; a program's rows are
+then a multiple of two tiles.
 
 A program's ranges are whole multiples of its tile, so the only masks needed are
 ``row < N`` and ``col < L`` (or ``< C``): with L and C divisible by 16, Triton then still
@@ -105,8 +109,17 @@ def stats_partial_ncl(x_ptr, part_ptr, N, C, L, ROWS, COLS, P_L, PC,
 
 
 @triton.jit
+def _tile_mc(x_ptr, rows, cols, cmask, M, C):
+    """One [rows, cols] tile of an (M, C) tensor as stored (0 where masked), and its mask."""
+    mask = (rows < M)[:, None] & cmask[None, :]
+    v = tl.load(x_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=mask, other=0.0)
+    return v, mask
+
+
+@triton.jit
 def stats_partial_mc(x_ptr, part_ptr, M, C, ROWS, NCB, PC,
-                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr,
+                     UNROLL: tl.constexpr):
     pid = tl.program_id(0)
     cb = pid % NCB
     p = pid // NCB
@@ -120,14 +133,17 @@ def stats_partial_mc(x_ptr, part_ptr, M, C, ROWS, NCB, PC,
     rm = tl.arange(0, BLOCK_M)
     s = tl.zeros([BLOCK_M, BLOCK_C], dtype=acc_ty)
     q = tl.zeros([BLOCK_M, BLOCK_C], dtype=acc_ty)
-    for mb in tl.range(m0, m_end, BLOCK_M, num_stages=STAGES):
-        rows = mb + rm
-        mask = (rows < M)[:, None] & cmask[None, :]
-        ptrs = x_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :]
-        v = tl.load(ptrs, mask=mask, other=0.0)
+    for mb in tl.range(m0, m_end, BLOCK_M * UNROLL, num_stages=STAGES):
+        v, mask = _tile_mc(x_ptr, mb + rm, cols, cmask, M, C)
+        if UNROLL == 2:  # the second tile's load issued before the first tile's additions
+            v2, mask2 = _tile_mc(x_ptr, mb + BLOCK_M + rm, cols, cmask, M, C)
         d = tl.where(mask, v.to(acc_ty) - shift[None, :], 0.0)
         s += d
         q += d * d
+        if UNROLL == 2:
+            d = tl.where(mask2, v2.to(acc_ty) - shift[None, :], 0.0)
+            s += d
+            q += d * d
     n = (m_end - m0).to(acc_ty)
     ssum = tl.sum(s, axis=0)
     qsum = tl.sum(q, axis=0)
@@ -250,11 +266,24 @@ def backward_partial_ncl(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_pt
 
 
 @triton.jit
+def _backward_tile(dy_ptr, x_ptr, r_ptr, rows, cols, cmask, M, C, acc_ty: tl.constexpr,
+                   HAS_RES: tl.constexpr):
+    """x, dy and the residual (0.0 without one) of one [rows, cols] tile in the
+    accumulation dtype, and its mask."""
+    xv, mask = _tile_mc(x_ptr, rows, cols, cmask, M, C)
+    dyv, _ = _tile_mc(dy_ptr, rows, cols, cmask, M, C)
+    rv = 0.0
+    if HAS_RES:
+        rv = _tile_mc(r_ptr, rows, cols, cmask, M, C)[0].to(acc_ty)
+    return xv.to(acc_ty), dyv.to(acc_ty), rv, mask
+
+
+@triton.jit
 def backward_partial_mc(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr,
                         M, C, ROWS, NCB, PC, slope_hi, slope_lo,
                         ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                         HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                        STAGES: tl.constexpr):
+                        STAGES: tl.constexpr, UNROLL: tl.constexpr):
     pid = tl.program_id(0)
     cb = pid % NCB
     p = pid // NCB
@@ -275,21 +304,23 @@ def backward_partial_mc(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr
     rm = tl.arange(0, BLOCK_M)
     sdz = tl.zeros([BLOCK_M, BLOCK_C], dtype=acc_ty)
     sdzx = tl.zeros([BLOCK_M, BLOCK_C], dtype=acc_ty)
-    for mb in tl.range(m0, m_end, BLOCK_M, num_stages=STAGES):
-        rows = mb + rm
-        mask = (rows < M)[:, None] & cmask[None, :]
-        off = rows.to(tl.int64)[:, None] * C + cols[None, :]
-        xv = tl.load(x_ptr + off, mask=mask, other=0.0).to(acc_ty)
-        dyv = tl.load(dy_ptr + off, mask=mask, other=0.0).to(acc_ty)
-        if HAS_RES:
-            rv = tl.load(r_ptr + off, mask=mask, other=0.0).to(acc_ty)
-        else:
-            rv = 0.0
-        xhat, dz = _dz(dyv, xv, mu, inv, w, b, rv, ACT, HAS_W, HAS_B, HAS_RES,
-                       slope_hi, slope_lo)
+    for mb in tl.range(m0, m_end, BLOCK_M * UNROLL, num_stages=STAGES):
+        xv, dyv, rv, mask = _backward_tile(dy_ptr, x_ptr, r_ptr, mb + rm, cols, cmask, M, C,
+                                           acc_ty, HAS_RES)
+        if UNROLL == 2:  # the second tile's loads issued before the first tile's additions
+            xv2, dyv2, rv2, mask2 = _backward_tile(dy_ptr, x_ptr, r_ptr, mb + BLOCK_M + rm,
+                                                   cols, cmask, M, C, acc_ty, HAS_RES)
+        xhat, dz = _dz(dyv, xv, mu, inv, w, b, rv, ACT, HAS_W, HAS_B, HAS_RES, slope_hi,
+                       slope_lo)
         dz = tl.where(mask, dz, 0.0)
         sdz += dz
         sdzx += dz * xhat
+        if UNROLL == 2:
+            xhat, dz = _dz(dyv2, xv2, mu, inv, w, b, rv2, ACT, HAS_W, HAS_B, HAS_RES,
+                           slope_hi, slope_lo)
+            dz = tl.where(mask2, dz, 0.0)
+            sdz += dz
+            sdzx += dz * xhat
     out = p * C + cols
     tl.store(psdz_ptr + out, tl.sum(sdz, axis=0), mask=cmask)
     tl.store(psdzx_ptr + out, tl.sum(sdzx, axis=0), mask=cmask)
