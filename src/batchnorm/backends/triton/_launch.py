@@ -6,14 +6,15 @@ and looks the compiled kernel up on every launch: about 13.5 µs of Python a lau
 nothing), against 0.6 µs for handing the compiled kernel's launcher its arguments. A
 small batch norm's step is six launches, and on small inputs the host time is the step.
 
-:func:`launch` keys each kernel's compiled form on exactly what Triton specializes a
-runtime argument on (a tensor's dtype and 16-byte alignment; an integer's equality to 1,
-divisibility by 16 and width; nothing for floats), the constexprs, ``num_warps`` and the
-device. A key seen for the first time goes through ``kernel[grid]`` (which compiles and
-launches, and returns the compiled kernel, kept for the key); later launches call that
-kernel's launcher as ``JITFunction.run`` does (Triton >= 3.3: every argument, constexprs
-included, in signature order, on the current device's current stream). A launch hook
-(a profiler) or the interpreter sends every launch through ``kernel[grid]``.
+:func:`launch` keys each kernel's compiled form on what Triton specializes a runtime
+argument on (a tensor's dtype and 16-byte alignment; an integer's equality to 1,
+divisibility by 16 and width; nothing for floats), or finer (a plain int keys by its
+value), the constexprs, ``num_warps`` and the device. A key seen for the first time goes
+through ``kernel[grid]`` (which compiles and launches, and returns the compiled kernel,
+kept for the key); later launches call that kernel's launcher as ``JITFunction.run``
+does (Triton >= 3.3: every argument, constexprs included, in signature order, on the
+current device's current stream). A launch hook (a profiler) or the interpreter sends
+every launch through ``kernel[grid]``.
 """
 
 from __future__ import annotations
@@ -42,14 +43,21 @@ _I32_MIN, _I32_END, _U64_MIN = -(1 << 31), 1 << 31, 1 << 63
 
 
 def _arg_key(a):
-    # the distinctions triton's native_specialize_impl makes (checked in the tests)
+    # At least the distinctions triton's native_specialize_impl makes (checked in the
+    # tests). A plain int is its own key, finer than Triton's (== 1, % 16, width) and
+    # cheaper to make: a launch's ints come from the shape, so a shape's launches hit.
+    t = type(a)
+    if t is int:
+        return a
+    if t is float:
+        return float
     if isinstance(a, Tensor):
         return a.dtype, not a.data_ptr() % 16
     if isinstance(a, bool):
         return bool
     if isinstance(a, int):
         return a == 1, not a % 16, _I32_MIN <= a < _I32_END, a >= _U64_MIN
-    return type(a)
+    return t
 
 
 def _inert(hook) -> bool:
