@@ -135,7 +135,7 @@ def _phases(x, act="relu", residual=False):
     r = torch.empty_like(x) if residual else None
     count = x.numel() // c
     update = (w.clone(), w.clone(), torch.zeros((), dtype=torch.int64), 0.1)
-    saved = torch.empty((4, c), dtype=mean.dtype)
+    saved = torch.empty((4, c), dtype=mean.dtype).unbind(0)
     return [
         ("batch_norm_forward", lambda: tb.batch_norm_forward(x, w, w, r, None, None, 1e-5, act,
                                                              0.0, update)),

@@ -358,11 +358,11 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
     would do with a dozen torch kernels (var, invstd, the float64-mean centring) and, with
     a fixed momentum, the running update (``updated`` True; otherwise ops launches
     :func:`update_running_stats`); normalize. Evaluation, two: the coefficients from the
-    running statistics (:func:`_reduce.prepare`), normalize. ``saved`` is the [4, C] rows
-    mean_k, invstd, bias_k, shift, which :func:`batch_norm_backward` takes back instead of
-    recomputing them. None (ops then takes its own path) for empty inputs, for what
-    ``supports`` declines, and in evaluation for strided running buffers or ones on
-    another device.
+    running statistics (:func:`_reduce.prepare`), normalize. ``saved`` is the four [C] rows
+    (mean_k, invstd, bias_k, shift), contiguous in this order in one buffer, which
+    :func:`batch_norm_backward` takes back instead of recomputing them. None (ops then
+    takes its own path) for empty inputs, for what ``supports`` declines, and in
+    evaluation for strided running buffers or ones on another device.
     x comes as the caller has it ((N, C, *), channels-last when ``channels_last``); y
     goes back in its shape and memory format.
     """
@@ -382,15 +382,15 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
         if running_mean is not None:
             coef = torch.empty((6, c), dtype=acc, device=device)
             _launch_prepare(running_mean, running_var, weight, bias, coef, c, eps, copy=True)
-            mean, var = coef[4], coef[5]
+            *rows, mean, var = coef.unbind(0)
         else:
             plan = _stats_plan(x, g)
             p = plan["P"]
             mean = torch.empty(c, dtype=mean_dtype(x), device=device)
-            # var, the four coefficient rows and the partials in one allocation: host time
+            # var, the four coefficient rows and the partials in one allocation, cut in one
+            # call: host time
             work = torch.empty(5 * c + 3 * p * c, dtype=acc, device=device)
-            var, coef = work[:c], work[c:5 * c].view(4, c)
-            part = work[5 * c:]
+            var, *rows, part = work.split_with_sizes((c, c, c, c, c, 3 * p * c))
             _launch_stats_partials(x, g, plan, part)
             count = g.n * g.l
             running = _running_for_finalize(update, mean)
@@ -399,17 +399,17 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
             b_hi, b_lo = split_float(count / max(count - 1, 1)) if updated else (0.0, 0.0)
             eps_hi, eps_lo = split_float(eps)
             grid, block_c = merge_grid(c, CONFIG["merge_block_c"])
-            launch(_reduce.stats_finalize, grid,
-                   x, part, mean, var, coef, _dummy(weight, mean), _dummy(bias, mean), rm, rv,
+            launch(_reduce.stats_finalize, grid,  # rows[0]: where the four rows start
+                   x, part, mean, var, rows[0], _dummy(weight, mean), _dummy(bias, mean), rm, rv,
                    _dummy(nbt, mean), p, c, plan["shift_stride"], p * c, count, eps_hi, eps_lo,
                    b_hi, b_lo, m_hi, m_lo, HAS_W=weight is not None, HAS_B=bias is not None,
                    F64=acc == torch.float64, UPDATE=updated, HAS_NBT=nbt is not None,
                    BLOCK_P=CONFIG["merge_block_p"], BLOCK_C=block_c,
                    num_warps=CONFIG["merge_warps"])
         y = torch.empty_like(x)
-        mean_k, invstd, bias_k, _ = coef.unbind(0)[:4]
+        mean_k, invstd, bias_k, _ = rows
         _launch_normalize(x, y, g, residual, mean_k, invstd, weight, bias_k, act, hi, lo)
-    return y, mean, var, updated, coef[:4]
+    return y, mean, var, updated, tuple(rows)
 
 
 def _running_for_finalize(update, mean: Tensor):
@@ -467,22 +467,22 @@ def batch_norm_backward(dy, x, weight, bias, residual, mean, var, eps, training:
     sum_dz = sum_dzx = sum_dz_k = dx = dres = None
     with _device_guard(x):
         if saved is None:
-            saved = torch.empty((4, c), dtype=acc, device=device)
-            _launch_prepare(_unit_stride(mean), _unit_stride(var), weight, bias, saved, c, eps,
+            coef = torch.empty((4, c), dtype=acc, device=device)
+            _launch_prepare(_unit_stride(mean), _unit_stride(var), weight, bias, coef, c, eps,
                             copy=False)
-        mean_k, invstd, bias_k, shift = saved.unbind(0)
+            saved = coef.unbind(0)
+        mean_k, invstd, bias_k, shift = saved
         if need_sums:
             plan = _backward_reduce_plan(dy, x, g, mean_k, invstd, weight, bias_k, residual,
                                          act, hi, lo)
             p = plan["P"]
             # Σdz as the elementwise pass takes it, and the partials
             work = torch.empty(c + 2 * p * c, dtype=acc, device=device)
-            part = work[c:]
+            sum_dz_k, part = work.split_with_sizes((c, 2 * p * c))
             _launch_backward_partials(dy, x, g, plan, part, mean_k, invstd, weight, bias_k,
                                       residual, act, hi, lo)
             sum_dz = torch.empty(c, dtype=acc, device=device)
             sum_dzx = torch.empty(c, dtype=acc, device=device)
-            sum_dz_k = work[:c]
             grid, block_c = merge_grid(c, CONFIG["merge_block_c"])
             launch(_reduce.sum_partials_centred, grid,
                    part, shift, sum_dz, sum_dzx, sum_dz_k, p, c, p * c,
