@@ -4,13 +4,13 @@
 #
 # 1. the card and the versions;
 # 2. the table first, what issue 4 is measured by: benchmarks/triton_dev.py section B, its
-#    rows (BN+ReLU fwd+bwd: ours, ours with the default plans, ours in a CUDA graph, torch
-#    eager; host time) and what the autotuner chose for each (T);
+#    rows (BN+ReLU fwd+bwd: ours, ours with the default plans, ours and torch eager in a
+#    CUDA graph, torch eager; host time), what the autotuner chose for each (T), and
+#    section F, the rows the issue has a torch.compile number for, next to torch.compile;
 # 3. the GPU tests: tests/test_backend_triton.py, then the triton cases of the shared
 #    parity suite (tests/test_parity.py -k triton) if it exists;
 # 4. the rest of triton_dev.py with what is left: per-primitive GB/s, the
-#    kernel-configuration variants, plain BN and BN+add+ReLU, and the rows again next to
-#    torch.compile;
+#    kernel-configuration variants, plain BN and BN+add+ReLU;
 # 5. `python3 -m batchnorm bench --device cuda --csv --quick --no-compile` if
 #    src/batchnorm/bench.py exists (the full table does not fit in 7 minutes; see below);
 # 6. a short table last.
@@ -73,16 +73,16 @@ print("batchnorm backends available:", backends.available(), dict(backends._load
 EOF
 
 # The table: 10 rows; the autotuner compiles and times its candidates on each row's first
-# step (section B took ~15 s on the H200 on 2026-11-27, before autotuning).
-stage table "$(limit 160)" $PY benchmarks/triton_dev.py --budget 130 --sections B --tag table
+# step (section B took ~15 s on the H200 on 2026-11-27, before autotuning; section F 26 s).
+stage table "$(limit 190)" $PY benchmarks/triton_dev.py --budget 170 --sections BF --tag table
 
 # 97.6 s for 134 tests on the H200 (2026-11-27); 2026-11-28 added ~40, 2026-12-02 ~8 (the
 # autotuner's: ~60 compilations), mostly compiles
-stage tests_triton "$(limit 200)" $PY -m pytest -q --maxfail=5 -p no:cacheprovider \
+stage tests_triton "$(limit 170)" $PY -m pytest -q --maxfail=5 -p no:cacheprovider \
     tests/test_backend_triton.py --durations=5
 
 if [ -f tests/test_parity.py ]; then
-    stage tests_parity "$(limit 35)" $PY -m pytest -q --maxfail=5 -p no:cacheprovider \
+    stage tests_parity "$(limit 30)" $PY -m pytest -q --maxfail=5 -p no:cacheprovider \
         tests/test_parity.py -k triton
 else
     echo "(tests/test_parity.py not present: skipped)"
@@ -90,14 +90,14 @@ fi
 
 # The rest of triton_dev gets what is left, less the bench's share when bench.py exists; it
 # stops starting work when its budget is spent, the stage limit adds a margin for the last
-# step. Section F (torch.compile) last: it compiles a graph a row.
+# step.
 RESERVE=15
-[ -f src/batchnorm/bench.py ] && RESERVE=50
+[ -f src/batchnorm/bench.py ] && RESERVE=45
 DEV_BUDGET=$(( $(left) - RESERVE - 20 ))
 (( DEV_BUDGET > 200 )) && DEV_BUDGET=200
 (( DEV_BUDGET < 30 )) && DEV_BUDGET=30
 stage triton_dev "$(( DEV_BUDGET + 20 ))" $PY benchmarks/triton_dev.py --budget "$DEV_BUDGET" \
-    --sections CEDF
+    --sections CED
 
 if [ -f src/batchnorm/bench.py ]; then
     # The full table (10 rows x 4 ops, torch.compile for each) takes far longer than this
@@ -105,7 +105,7 @@ if [ -f src/batchnorm/bench.py ]; then
     #   PYTHONPATH=src python3 -m batchnorm bench --device cuda --csv
     # on its own for the committed table. GPU_CHECK_BENCH_ARGS overrides the arguments.
     read -r -a BENCH_ARGS <<< "${GPU_CHECK_BENCH_ARGS:---quick --no-compile}"
-    stage bench "$(limit 50)" $PY -m batchnorm bench --device cuda --csv "${BENCH_ARGS[@]}"
+    stage bench "$(limit 45)" $PY -m batchnorm bench --device cuda --csv "${BENCH_ARGS[@]}"
     for d in "${LOGS[@]:1}"; do cp "$RESULTS"/*.csv "$d/" 2>/dev/null; done
 else
     echo "(src/batchnorm/bench.py not present: the table is triton_dev.py's)"
