@@ -251,9 +251,13 @@ def device_ms(run: Callable[[dict], None], plan: dict, reps: int) -> float:
     return start.elapsed_time(end) / reps
 
 
-# How the autotuner times a plan (tests put a stand-in here), its rounds and repetitions.
+# How the autotuner times a plan (tests put a stand-in here), its rounds and repetitions,
+# and how much faster than the defaults a candidate must be to replace them (below that,
+# timing noise would pick plans at random, and the defaults' bits are the same in every
+# process).
 timer = device_ms
 ROUNDS, REPS = 3, 3
+MARGIN = 0.97
 # Tune CPU tensors too (the interpreter; for the tests of the tuning itself).
 TUNE_ON_CPU = False
 
@@ -283,9 +287,9 @@ def _tunable_now(pass_name: str, x: torch.Tensor) -> bool:
 def choose(pass_name: str, g: Geometry, x: torch.Tensor, run: Callable[[dict], None]) -> dict:
     """The plan for this pass and shape, kept for the next calls: the fastest candidate by
     ``run(plan)``, which must launch the pass with that plan on buffers it may overwrite
-    (and nothing else); ties go to the earlier candidate, the defaults first. The defaults'
-    plan where tuning is off, and, not kept (the shape is tuned on a later call), during
-    a CUDA graph capture or, for reductions, under deterministic algorithms."""
+    (and nothing else), where it beats the defaults by ``MARGIN``, else the defaults. The
+    defaults' plan where tuning is off, and, not kept (the shape is tuned on a later call),
+    during a CUDA graph capture or, for reductions, under deterministic algorithms."""
     key = (pass_name, g, x.dtype, x.device, tuple(CONFIG.values()))
     static = _static_default(x)
     if static or not _tunable_now(pass_name, x):
@@ -308,6 +312,8 @@ def choose(pass_name: str, g: Geometry, x: torch.Tensor, run: Callable[[dict], N
         for i in ran:
             times[i] = min(times[i], timer(run, labelled[i][1], REPS))
     best = min(ran, key=times.__getitem__)
+    if times[best] > MARGIN * times[0]:  # ran[0] is 0: the defaults ran, or we raised
+        best = 0
     if len(LOG) > 4096:
         LOG.clear()
     LOG.append({"pass_name": pass_name, "geometry": g, "dtype": x.dtype,
