@@ -1,7 +1,7 @@
 """Host time of the triton backend's training step, measured on a machine without a GPU.
 
     PYTHONPATH=src python benchmarks/triton_host_time.py [--shape 8,64,7,7] [--cl]
-        [--steps 2000] [--eval] [--profile]
+        [--steps 2000] [--eval] [--profile] [--parts]
 
 Small inputs are host-bound on a GPU: the step takes as long as the CPU needs to enqueue
 it. This runs the step on CPU tensors through Triton's real launch path (JIT binding,
@@ -11,7 +11,10 @@ machine's host does per step but the driver's launch call itself (a few µs a la
 the CUDA allocator. Kernels compile for sm_90 on the first step (ptxas of the triton
 wheel). Prints the minimum, 10th percentile and median of a step, with the direct launches
 on and off (interleaved runs of ``--steps`` steps each), and one launch alone; pin it to a
-core (``taskset -c 1``) on a shared machine.
+core (``taskset -c 1``) on a shared machine. ``--parts``: where a training step's time goes,
+with the launches stubbed out (the module's forward, the two backend hooks alone, the
+backward), next to a bare ``autograd.Function`` step that does nothing (the floor of any
+Python autograd node).
 """
 
 from __future__ import annotations
@@ -49,6 +52,58 @@ def _line(name: str, times: list[float]) -> str:
             f"median {times[len(times) // 2] * 1e6:7.1f} µs")
 
 
+class _Bare(torch.autograd.Function):
+    """The cheapest Python autograd node with batch norm's inputs: allocates its outputs."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _parts(tb, module, x, dy, args) -> None:
+    """Minimum times of a training step's pieces, the launches stubbed out."""
+    w, b = module.weight.detach(), module.bias.detach()
+    state = (module.running_mean, module.running_var, module.num_batches_tracked, 0.1)
+    xd = x.detach()
+    _, mean, var, _, saved = tb.batch_norm_forward(xd, w, b, None, None, None, 1e-5, "relu",
+                                                   0.0, state, args.cl)
+
+    def backward_only():
+        y = module(x)
+        t = time.perf_counter()
+        y.backward(dy)
+        return time.perf_counter() - t
+
+    real_launch, tb.launch = tb.launch, lambda *a, **k: None
+    try:
+        pieces = {
+            "step, launches stubbed": lambda: module(x).backward(dy),
+            "module forward": lambda: module(x),
+            "forward hook": lambda: tb.batch_norm_forward(
+                xd, w, b, None, None, None, 1e-5, "relu", 0.0, state, args.cl),
+            "backward hook": lambda: tb.batch_norm_backward(
+                dy, xd, w, b, None, mean, var, 1e-5, True, "relu", 0.0, True, True, False,
+                args.cl, saved=saved),
+            "bare Function step": lambda: _Bare.apply(x, module.weight,
+                                                      module.bias).backward(dy),
+        }
+        for name, fn in pieces.items():
+            for _ in range(100):
+                fn()
+            print(_line(name, _timed(fn, args.steps)))
+        for _ in range(100):
+            backward_only()
+        print(_line("backward alone", sorted(backward_only() for _ in range(args.steps))))
+    finally:
+        tb.launch = real_launch
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="8,64,7,7")
@@ -57,6 +112,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--profile", action="store_true", help="cProfile of 300 steps")
+    ap.add_argument("--parts", action="store_true", help="a training step's pieces")
     args = ap.parse_args(argv)
     fake_cuda_driver.install(_count)
     import batchnorm.backends.triton as tb
@@ -112,6 +168,8 @@ def main(argv=None) -> int:
                 one()
             print(_line(f"one launch, direct {'on ' if on else 'off'}", _timed(one, 5000)))
         _launch.DIRECT = direct
+        if args.parts and not args.eval:
+            _parts(tb, module, x, dy, args)
         if args.profile:
             import cProfile
             import pstats
