@@ -220,6 +220,10 @@ def variants(pass_name: str, cfg: dict) -> list[dict]:
                 half, {**half, "programs_per_sm": 2 * pps}, {"reduce_tile": 2 * tile},
                 {"reduce_stages": 2 if cfg["reduce_stages"] == 1 else 1},
                 {"reduce_unroll": 2 if cfg["reduce_unroll"] == 1 else 1},
+                # fewer partials, as many bytes in flight: for few channels in (M, C) views,
+                # whose merge is one program over all of them (no new compilation)
+                {"reduce_unroll": 2 if cfg["reduce_unroll"] == 1 else 1,
+                 "programs_per_sm": max(pps // 2, 1)},
                 {"block_c": 2 * cfg["block_c"]}]
     other = {"elem_warps": 4 if cfg["elem_warps"] == 8 else 8,
              "elem_warps_cl": 4 if cfg["elem_warps_cl"] == 8 else 8}
