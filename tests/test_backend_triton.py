@@ -892,3 +892,35 @@ def test_autotune_keeps_the_defaults_within_the_margin(tuning, monkeypatch):
         monkeypatch.setattr(tb._plans, "timer", lambda run, plan, reps, f=faster: (
             f if plan is candidates[1] else 1.0))
         assert tb._plans.choose("normalize", g, x, lambda plan: None) is candidates[want]
+
+
+def test_merge_tiles():
+    """Few channels: narrower channel blocks (more programs) and taller tiles of as many
+    elements (fewer steps over the partials); many channels keep CONFIG's tile."""
+    launch = tb._plans._merge_launch
+    assert launch(256, 523, 64, 32, 8) == ((8,), {"BLOCK_P": 64, "BLOCK_C": 32, "num_warps": 8})
+    assert launch(32, 1024, 64, 32, 8) == ((8,), {"BLOCK_P": 512, "BLOCK_C": 4, "num_warps": 8})
+    assert launch(64, 1046, 64, 32, 8) == ((8,), {"BLOCK_P": 256, "BLOCK_C": 8, "num_warps": 8})
+    assert launch(7, 3, 64, 32, 8) == ((2,), {"BLOCK_P": 4, "BLOCK_C": 4, "num_warps": 8})
+    assert launch(1, 1, 64, 32, 8)[1]["BLOCK_C"] == 1
+
+
+@pytest.mark.parametrize("shape", [(200, 12), (4, 6, 300)], ids=_id)
+def test_merge_of_few_channels(shape, monkeypatch):
+    """The narrowed merges (several partials per channel, several steps) give the sums."""
+    for key, value in dict(merge_block_p=4, merge_block_c=16, programs_per_sm=32,
+                           reduce_tile=64, block_c=8).items():  # on a GPU too
+        monkeypatch.setitem(tb.CONFIG, key, value)
+    x, mean, invstd, count, w, b, r, dy = _case(shape, torch.float32, True, True)
+    plan = tb._plans.reduce_plan(tb.geometry(x.shape, False), x.device)
+    grid, tile = tb._plans.merge_launch(shape[1], plan["P"])
+    # narrowed and taller, and still several steps over the partials
+    assert tile["BLOCK_C"] == 4 and plan["P"] > tile["BLOCK_P"] > 4, (plan["P"], tile)
+    ref_mean, ref_m2 = portable.stats(x.double())
+    got_mean, got_m2 = tb.stats(x)
+    assert_close(got_mean, ref_mean, dtype=torch.float32, scale=10)
+    assert_close(got_m2, ref_m2, dtype=torch.float32, scale=10)
+    sums = tb.backward_reduce(dy, x, mean, invstd, w, b, r, "relu", 0.0)
+    ref = portable.backward_reduce(*_f64(dy, x, mean, invstd, w, b, r), "relu", 0.0)
+    for got, want in zip(sums, ref):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * count ** 0.5)

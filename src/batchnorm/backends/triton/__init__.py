@@ -38,7 +38,7 @@ from ..portable import acc_dtype, mean_dtype
 from . import _elementwise, _plans, _reduce
 from ._activation import CODES, split_float
 from ._launch import launch
-from ._plans import CONFIG, Geometry, cdiv, geometry, merge_grid, np2
+from ._plans import CONFIG, Geometry, cdiv, geometry, merge_launch, np2
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -145,10 +145,9 @@ def _launch_stats_partials(x: Tensor, g: Geometry, plan: dict, part: Tensor) -> 
 def _launch_stats_merge(x: Tensor, g: Geometry, plan: dict, part: Tensor, mean: Tensor,
                         m2: Tensor) -> None:
     p, c = plan["P"], g.c
-    grid, block_c = merge_grid(c, CONFIG["merge_block_c"])
+    grid, tile = merge_launch(c, p)
     launch(_reduce.stats_merge, grid, x, part, mean, m2, p, c, plan["shift_stride"], p * c,
-           BLOCK_P=CONFIG["merge_block_p"], BLOCK_C=block_c,
-           num_warps=CONFIG["merge_warps"])
+           **tile)
 
 
 def _launch_normalize(x, y, g, residual, mean_k, invstd, weight, bias_k, act, hi, lo,
@@ -190,10 +189,8 @@ def _launch_backward_partials(dy, x, g, plan, part, mean_k, invstd, weight, bias
 def _launch_sum_partials(g: Geometry, plan: dict, part: Tensor, sdz: Tensor,
                          sdzx: Tensor) -> None:
     p, c = plan["P"], g.c
-    grid, block_c = merge_grid(c, CONFIG["merge_block_c"])
-    launch(_reduce.sum_partials, grid, part, sdz, sdzx, p, c, p * c,
-           BLOCK_P=CONFIG["merge_block_p"], BLOCK_C=block_c,
-           num_warps=CONFIG["merge_warps"])
+    grid, tile = merge_launch(c, p)
+    launch(_reduce.sum_partials, grid, part, sdz, sdzx, p, c, p * c, **tile)
 
 
 def _launch_backward_elementwise(dy, x, g, dx, dres, mean_k, invstd, weight, bias_k,
@@ -398,14 +395,13 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
             rm, rv, nbt, m_hi, m_lo = running if updated else (mean, mean, None, 0.0, 0.0)
             b_hi, b_lo = split_float(count / max(count - 1, 1)) if updated else (0.0, 0.0)
             eps_hi, eps_lo = split_float(eps)
-            grid, block_c = merge_grid(c, CONFIG["merge_block_c"])
+            grid, tile = merge_launch(c, p)
             launch(_reduce.stats_finalize, grid,  # rows[0]: where the four rows start
                    x, part, mean, var, rows[0], _dummy(weight, mean), _dummy(bias, mean), rm, rv,
                    _dummy(nbt, mean), p, c, plan["shift_stride"], p * c, count, eps_hi, eps_lo,
                    b_hi, b_lo, m_hi, m_lo, HAS_W=weight is not None, HAS_B=bias is not None,
                    F64=acc == torch.float64, UPDATE=updated, HAS_NBT=nbt is not None,
-                   BLOCK_P=CONFIG["merge_block_p"], BLOCK_C=block_c,
-                   num_warps=CONFIG["merge_warps"])
+                   **tile)
         y = torch.empty_like(x)
         mean_k, invstd, bias_k, _ = rows
         _launch_normalize(x, y, g, residual, mean_k, invstd, weight, bias_k, act, hi, lo)
@@ -483,11 +479,9 @@ def batch_norm_backward(dy, x, weight, bias, residual, mean, var, eps, training:
                                       residual, act, hi, lo)
             sum_dz = torch.empty(c, dtype=acc, device=device)
             sum_dzx = torch.empty(c, dtype=acc, device=device)
-            grid, block_c = merge_grid(c, CONFIG["merge_block_c"])
+            grid, tile = merge_launch(c, p)
             launch(_reduce.sum_partials_centred, grid,
-                   part, shift, sum_dz, sum_dzx, sum_dz_k, p, c, p * c,
-                   BLOCK_P=CONFIG["merge_block_p"], BLOCK_C=block_c,
-                   num_warps=CONFIG["merge_warps"])
+                   part, shift, sum_dz, sum_dzx, sum_dz_k, p, c, p * c, **tile)
         if need_dx:
             dx = torch.empty_like(x)
             if want_dresidual:

@@ -61,8 +61,9 @@ CONFIG = {
     "elem_programs_per_sm": 0,
     # Widest channel block of an (M, C) tile; rows fill the rest of the tile.
     "block_c": 128,
-    # Stage-2 merges: [merge_block_p, <= merge_block_c] tiles, one program per channel block,
-    # merge_warps warps. 8 warps, not 4: a [64, 32] tile at 16 elements a thread, with two
+    # Stage-2 merges: [merge_block_p, <= merge_block_c] tiles (taller and narrower with few
+    # channels: merge_launch), one program per channel block, merge_warps warps. 8 warps,
+    # not 4: a [64, 32] tile at 16 elements a thread, with two
     # loads at offsets apart by a number of channels that is no multiple of 16, crashes
     # Triton 3.9's compiler for sm_90 (a segmentation fault in make_llir; C = 24 or 100,
     # tests/fake_cuda_launches.py); at 8 elements a thread it compiles.
@@ -195,10 +196,26 @@ def elem_plan(g: Geometry, device: torch.device, cfg: dict) -> dict:
                 warps=cfg["elem_warps_cl" if g.cl else "elem_warps"])
 
 
+def merge_launch(c: int, p: int) -> tuple[tuple[int], dict]:
+    """Grid and tile (``BLOCK_P``, ``BLOCK_C``, ``num_warps``) of a stage-2 merge of
+    ``p`` partials of ``c`` channels, from CONFIG's merge keys."""
+    return _merge_launch(c, p, CONFIG["merge_block_p"], CONFIG["merge_block_c"],
+                         CONFIG["merge_warps"])
+
+
 @functools.lru_cache(maxsize=1024)
-def merge_grid(c: int, block_c_max: int) -> tuple[tuple[int], int]:
-    block_c = min(np2(c), block_c_max)
-    return (cdiv(c, block_c),), block_c
+def _merge_launch(c: int, p: int, block_p: int, block_c: int, warps: int):
+    # One program per block of channels, looping over the partials in [BLOCK_P, BLOCK_C]
+    # tiles; each step waits for its loads, so the merge is latency-bound. With few
+    # channels (under 8 blocks; channels-last views then have ~1,000 partials) the blocks
+    # narrow, down to 4 channels, and the tile grows taller by as much: more programs, and
+    # fewer steps (C = 32: 8 programs of 2 steps instead of one of 16, each way).
+    tile = block_p * block_c
+    block_c = min(np2(c), block_c)
+    while block_c > 4 and cdiv(c, block_c) < 8:
+        block_c //= 2
+    block_p = max(1, min(tile // block_c, np2(p)))
+    return (cdiv(c, block_c),), {"BLOCK_P": block_p, "BLOCK_C": block_c, "num_warps": warps}
 
 
 # --------------------------------------------------------------------------------------
