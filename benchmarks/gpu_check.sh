@@ -2,7 +2,9 @@
 # The GPU check of the triton backend, in one call of about 7 minutes:
 #   bash benchmarks/gpu_check.sh            (from the repository root; installs nothing)
 #
-# 1. the card and the versions;
+# 1. the card and the versions, and a preflight of the direct launches (off for the rest
+#    of the check if a directly launched step differs from or fails where kernel[grid]
+#    does not);
 # 2. the table first, what issue 4 is measured by: benchmarks/triton_dev.py section B, its
 #    rows (BN+ReLU fwd+bwd: ours, ours with the default plans, ours and torch eager in a
 #    CUDA graph, torch eager; host time), what the autotuner chose for each (T), and
@@ -71,6 +73,39 @@ print("cuda", torch.version.cuda, "available", torch.cuda.is_available(),
 from batchnorm import backends
 print("batchnorm backends available:", backends.available(), dict(backends._load_errors))
 EOF
+
+# Direct launches (backends/triton/_launch.py) were written against Triton 3.9's launcher
+# and checked through a stand-in driver only: if a step launched directly differs from (or
+# fails where) kernel[grid] does not, everything after runs with them off, and says so.
+stage preflight "$(limit 90)" env BATCHNORM_TRITON_CONFIG=autotune=0 $PY - <<'EOF'
+import sys, torch, batchnorm
+from batchnorm.backends.triton import _launch
+m = batchnorm.BatchNorm2d(32, activation="relu").cuda()
+x = torch.randn(8, 32, 16, 16, device="cuda").contiguous(memory_format=torch.channels_last)
+x.requires_grad_()
+def step():
+    x.grad = None
+    y = m(x)
+    y.backward(torch.ones_like(y))
+    torch.cuda.synchronize()
+    return y.detach().clone(), x.grad.clone()
+direct = _launch.DIRECT
+_launch.DIRECT = False
+want = step()
+if not direct:
+    print("direct launches are off here (interpreter, ROCm, or a Triton without them)")
+    sys.exit(0)
+_launch.DIRECT = True
+step()  # each key's first launch goes through kernel[grid]
+got = step()
+same = all(torch.equal(a, b) for a, b in zip(got, want))
+print("direct launches:", "same results as kernel[grid]" if same else "DIFFERENT results")
+sys.exit(0 if same else 3)
+EOF
+if [ "${STATUS[-1]}" != "preflight: exit 0" ]; then
+    export BATCHNORM_TRITON_DIRECT_LAUNCH=0
+    echo "!! direct launches off for the rest of this check (BATCHNORM_TRITON_DIRECT_LAUNCH=0)"
+fi
 
 # The table: 10 rows; the autotuner compiles and times its candidates on each row's first
 # step (section B took ~15 s on the H200 on 2026-11-27, before autotuning; section F 26 s).
