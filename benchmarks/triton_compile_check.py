@@ -172,6 +172,7 @@ def main(argv=None) -> int:
         # the autotuner on CPU tensors, its timer a no-op: each candidate's warm-up launch
         # is what gets recorded
         tb.CONFIG["autotune"] = 1
+        tb.CONFIG["autotune_min_numel"] = 0
         tb._plans.TUNE_ON_CPU = True
         tb._plans.ROUNDS = 0
     seen = set()

@@ -712,6 +712,7 @@ def tuning(monkeypatch):
     and a stand-in timer (on CUDA too: the choice must not depend on timing noise)."""
     plans = tb._plans
     monkeypatch.setitem(tb.CONFIG, "autotune", 1)
+    monkeypatch.setitem(tb.CONFIG, "autotune_min_numel", 0)
     monkeypatch.setattr(plans, "TUNE_ON_CPU", True)
     monkeypatch.setattr(plans, "CHOSEN", {})
     monkeypatch.setattr(plans, "LOG", [])
@@ -782,7 +783,8 @@ def test_autotune_training_step(channels_last, tuning):
 
 def test_autotune_skips_what_fails_and_where_it_must(tuning, monkeypatch):
     """A candidate that fails to launch is left out (the defaults must not fail); the
-    reductions keep the defaults under deterministic algorithms; autotune=0 times nothing."""
+    reductions keep the defaults under deterministic algorithms; autotune=0 times nothing,
+    nor does an input under autotune_min_numel."""
     x = _data(SHAPES[0], torch.float32)
     g = tb.geometry(x.shape, False)
     timer = tuning(g, {"normalize": 1})
@@ -812,6 +814,10 @@ def test_autotune_skips_what_fails_and_where_it_must(tuning, monkeypatch):
     monkeypatch.setitem(tb.CONFIG, "autotune", 0)
     assert tb._plans.choose("stats", g, x, run) == tb._plans.reduce_plan(g, x.device)
     assert tb._plans.chosen("stats", g, x) is not None and not timer.calls
+    monkeypatch.setitem(tb.CONFIG, "autotune", 1)  # an input under autotune_min_numel
+    monkeypatch.setitem(tb.CONFIG, "autotune_min_numel", x.numel() + 1)
+    assert tb._plans.choose("normalize", g, x, run) == tb._plans.elem_plan(g, x.device)
+    assert tb._plans.chosen("normalize", g, x) is not None and not timer.calls
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA events and graphs need a GPU")
@@ -823,6 +829,7 @@ def test_autotune_on_the_device(monkeypatch):
 
     monkeypatch.setattr(tb._plans, "CHOSEN", {})
     monkeypatch.setattr(tb._plans, "LOG", [])
+    monkeypatch.setitem(tb.CONFIG, "autotune_min_numel", 0)
     m = batchnorm.BatchNorm2d(32, activation="relu").to(DEVICE)
     x = _data((16, 32, 24, 24), torch.bfloat16).contiguous(memory_format=torch.channels_last)
     x2 = _data((8, 32, 12, 12), torch.float32)

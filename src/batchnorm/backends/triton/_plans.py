@@ -33,8 +33,11 @@ import torch
 
 CONFIG = {
     # Time candidate plans per shape on the GPU the first time it is met (see above); 0
-    # uses the values below everywhere.
+    # uses the values below everywhere. Inputs of fewer elements than autotune_min_numel
+    # keep the defaults: their passes take a few µs, within the timing's noise, and their
+    # steps are bound by the host's time anyway.
     "autotune": 1,
+    "autotune_min_numel": 1 << 20,
     # Stage-1 reductions: aim for this many programs per SM in total, each walking tiles of
     # reduce_tile elements (accumulators live in registers: 2 per element of the tile).
     "programs_per_sm": 8,
@@ -296,7 +299,8 @@ def chosen(pass_name: str, g: Geometry, x: torch.Tensor):
 
 def _static_default(x: torch.Tensor) -> bool:
     """Whether this process never tunes for x (the defaults can be kept for good)."""
-    return not CONFIG["autotune"] or (not x.is_cuda and not TUNE_ON_CPU)
+    return (not CONFIG["autotune"] or x.numel() < CONFIG["autotune_min_numel"]
+            or (not x.is_cuda and not TUNE_ON_CPU))
 
 
 def _tunable_now(pass_name: str, x: torch.Tensor) -> bool:
