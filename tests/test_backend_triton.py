@@ -144,6 +144,18 @@ def test_stats_constant_channels(shape, dtype):
     assert torch.equal(m2[: min(c, 4)], torch.zeros_like(expected))
 
 
+def _assert_reductions(x, mean, invstd, count, w, b, r, dy):
+    """float32 stats and backward_reduce (relu, residual) against float64."""
+    ref_mean, ref_m2 = portable.stats(x.double())
+    got_mean, got_m2 = tb.stats(x)
+    assert_close(got_mean, ref_mean, dtype=torch.float32, scale=10)
+    assert_close(got_m2, ref_m2, dtype=torch.float32, scale=10)
+    sums = tb.backward_reduce(dy, x, mean, invstd, w, b, r, "relu", 0.0)
+    ref = portable.backward_reduce(*_f64(dy, x, mean, invstd, w, b, r), "relu", 0.0)
+    for got, want in zip(sums, ref):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * count ** 0.5)
+
+
 @pytest.mark.skipif(not CUDA, reason="under the interpreter every test already uses tiny tiles")
 @pytest.mark.parametrize("shape", [(8, 6, 3000), (3000, 40)], ids=_id)
 def test_tiny_tiles_compiled(shape, monkeypatch):
@@ -153,14 +165,7 @@ def test_tiny_tiles_compiled(shape, monkeypatch):
                            merge_block_c=8, programs_per_sm=1).items():
         monkeypatch.setitem(tb.CONFIG, key, value)
     x, mean, invstd, count, w, b, r, dy = _case(shape, torch.float32, True, True)
-    ref_mean, ref_m2 = portable.stats(x.double())
-    got_mean, got_m2 = tb.stats(x)
-    assert_close(got_mean, ref_mean, dtype=torch.float32, scale=10)
-    assert_close(got_m2, ref_m2, dtype=torch.float32, scale=10)
-    sums = tb.backward_reduce(dy, x, mean, invstd, w, b, r, "relu", 0.0)
-    ref = portable.backward_reduce(*_f64(dy, x, mean, invstd, w, b, r), "relu", 0.0)
-    for got, want in zip(sums, ref):
-        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * count ** 0.5)
+    _assert_reductions(x, mean, invstd, count, w, b, r, dy)
 
 
 def test_stats_empty_and_deterministic():
@@ -923,11 +928,4 @@ def test_merge_of_few_channels(shape, monkeypatch):
     grid, tile = tb._plans.merge_launch(shape[1], plan["P"])
     # narrowed and taller, and still several steps over the partials
     assert tile["BLOCK_C"] == 4 and plan["P"] > tile["BLOCK_P"] > 4, (plan["P"], tile)
-    ref_mean, ref_m2 = portable.stats(x.double())
-    got_mean, got_m2 = tb.stats(x)
-    assert_close(got_mean, ref_mean, dtype=torch.float32, scale=10)
-    assert_close(got_m2, ref_m2, dtype=torch.float32, scale=10)
-    sums = tb.backward_reduce(dy, x, mean, invstd, w, b, r, "relu", 0.0)
-    ref = portable.backward_reduce(*_f64(dy, x, mean, invstd, w, b, r), "relu", 0.0)
-    for got, want in zip(sums, ref):
-        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * count ** 0.5)
+    _assert_reductions(x, mean, invstd, count, w, b, r, dy)

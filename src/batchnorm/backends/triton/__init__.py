@@ -38,7 +38,8 @@ from ..portable import acc_dtype, mean_dtype
 from . import _elementwise, _plans, _reduce
 from ._activation import CODES, split_float
 from ._launch import launch
-from ._plans import CONFIG, Geometry, cdiv, geometry, merge_launch, np2
+from ._plans import CONFIG  # noqa: F401  (public: batchnorm.backends.triton.CONFIG)
+from ._plans import Geometry, cdiv, geometry, merge_launch, np2
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

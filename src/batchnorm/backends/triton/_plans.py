@@ -292,9 +292,13 @@ CHOSEN: dict = {}  # (pass, geometry, dtype, device, CONFIG values) -> plan
 LOG: list = []
 
 
+def _key(pass_name: str, g: Geometry, x: torch.Tensor) -> tuple:
+    return pass_name, g, x.dtype, x.device, tuple(CONFIG.values())
+
+
 def chosen(pass_name: str, g: Geometry, x: torch.Tensor):
     """The plan kept for this pass and shape, or None (then call :func:`choose`)."""
-    return CHOSEN.get((pass_name, g, x.dtype, x.device, tuple(CONFIG.values())))
+    return CHOSEN.get(_key(pass_name, g, x))
 
 
 def _static_default(x: torch.Tensor) -> bool:
@@ -315,7 +319,7 @@ def choose(pass_name: str, g: Geometry, x: torch.Tensor, run: Callable[[dict], N
     (and nothing else), where it beats the defaults by ``MARGIN``, else the defaults. The
     defaults' plan where tuning is off, and, not kept (the shape is tuned on a later call),
     during a CUDA graph capture or, for reductions, under deterministic algorithms."""
-    key = (pass_name, g, x.dtype, x.device, tuple(CONFIG.values()))
+    key = _key(pass_name, g, x)
     static = _static_default(x)
     if static or not _tunable_now(pass_name, x):
         plan = (reduce_plan if PASSES[pass_name] else elem_plan)(g, x.device)
