@@ -23,6 +23,9 @@ from triton.backends.nvidia.driver import CudaDriver  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
 
 
+MULTIPROCESSORS = 132  # an H100 SXM's
+
+
 class _Utils:
     handles: dict = {}
 
@@ -31,7 +34,7 @@ class _Utils:
         return handle, handle, 32, 0, 1024  # module, function, registers, spills, threads
 
     def get_device_properties(self, device):
-        return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536,
+        return {"max_shared_mem": 232448, "multiprocessor_count": MULTIPROCESSORS, "max_num_regs": 65536,
                 "warpSize": 32, "sm_clock_rate": 1980000, "mem_clock_rate": 2619000,
                 "mem_bus_width": 5120}
 

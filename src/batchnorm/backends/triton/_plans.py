@@ -66,10 +66,10 @@ CONFIG = {
     "block_c": 128,
     # Stage-2 merges: [merge_block_p, <= merge_block_c] tiles (taller and narrower with few
     # channels: merge_launch), one program per channel block, merge_warps warps. 8 warps,
-    # not 4: a [64, 32] tile at 16 elements a thread, with two
-    # loads at offsets apart by a number of channels that is no multiple of 16, crashes
-    # Triton 3.9's compiler for sm_90 (a segmentation fault in make_llir; C = 24 or 100,
-    # tests/fake_cuda_launches.py); at 8 elements a thread it compiles.
+    # not 4: a 2048-value tile at 16 values a thread, with two loads at offsets apart by a
+    # number of channels that is no multiple of 16, crashes Triton 3.9's compiler for
+    # sm_90 (a segmentation fault in make_llir; C = 24 in 512 partials,
+    # tests/fake_cuda_launches.py; Triton 3.6 compiles it); at 8 values a thread it compiles.
     "merge_block_p": 64,
     "merge_block_c": 32,
     "merge_warps": 8,
