@@ -220,10 +220,11 @@ def graphed(fn):
 
 def section_b(bench: Bench, rows, with_compile=False):
     """BN+ReLU rows. First pass: ours, ours in a graph, eager. Second pass (with_compile,
-    run last because compiling is slow): the rows the issue has a torch.compile number for,
-    ours and eager again next to torch.compile, in the same interleaved timing."""
+    run last because compiling is slow): ours and eager again next to torch.compile, in the
+    same interleaved timing, the rows the issue has a torch.compile number for first, then
+    the others (the issue's 1.2x is against the better of eager and compile on every row)."""
     if with_compile:
-        rows = [r for r in rows if ROWS[r][4] is not None]
+        rows = sorted(rows, key=lambda r: ROWS[r][4] is None)
         print("\n== F: BN+ReLU rows again, with torch.compile (while the budget lasts) ==")
     else:
         print("\n== B: BN+ReLU training forward+backward (ms; floor/target from issue 4) ==")
@@ -480,20 +481,29 @@ def print_summary(bench):
     print(f"\nCSV: {', '.join(bench.paths)}  ({time.time() - bench.t0:.0f} s)")
     print(f"\n== summary: BN+ReLU fwd+bwd on {bench.device}, ms ==")
     print(f"{'row':28s} {'ours':>7s} {'dflt':>7s} {'graph':>7s} {'eager':>7s} {'e/graph':>7s} "
-          f"{'compile':>7s} {'floor*':>7s} {'target':>7s} {'vs torch':>8s} {'target?':>7s} "
-          f"{'Σkernels':>8s} {'host':>7s} {'host/jit':>8s} {'g vs e/g':>8s}")
+          f"{'compile':>7s} {'floor*':>7s} {'target':>7s} {'target*':>7s} {'vs torch':>8s} "
+          f"{'met?':>5s} {'Σkernels':>8s} {'host':>7s} {'host/jit':>8s} {'g vs e/g':>8s}")
+    met = 0
     for label, res in bench.results.items():
         ours, dflt, graph, eager, egraph, comp = (
             res.get(k) for k in ("ours", "defaults", "graph", "eager", "eager_graph", "compile"))
         floor, target = res["floor"], res["target"]
         best = min(v for v in (eager, comp) if v is not None)
+        # Issue 4's two targets on this card: at most 85% of the floor measured here
+        # (target*; the issue's column is an H100's, 3.0 TB/s), and 1.2x the better of torch
+        # eager and torch.compile ("?" where compile was not timed: not yet decided).
+        ok = ours <= floor / 0.85 and best / ours >= 1.2
+        verdict = ("yes" if comp is not None else "yes?") if ok else "no"
+        met += verdict == "yes"
         f = lambda v: f"{v:7.3f}" if v is not None else "      -"  # noqa: E731
         graphs = f"{egraph / graph:7.2f}x" if graph and egraph else "       -"
         print(f"{label:28s} {f(ours)} {f(dflt)} {f(graph)} {f(eager)} {f(egraph)} {f(comp)} "
-              f"{floor:7.3f} "
-              f"{target:7.2f} {best / ours:7.2f}x {'yes' if ours <= target else 'no':>7s} "
+              f"{floor:7.3f} {target:7.2f} {floor / 0.85:7.3f} {best / ours:7.2f}x "
+              f"{verdict:>5s} "
               f"{f(bench.kernel_sum.get(label)):>8s} {f(bench.host.get(label))} "
               f"{f(bench.host_jit.get(label)):>8s} {graphs:>8s}")
+    print(f"issue 4: {met} of {len(ROWS)} rows meet both targets (ours <= target* = floor*/0.85, "
+          "and >= 1.2x the better of eager and compile)")
     print("dflt = ours with the default plans (no autotuning); graph, e/graph = ours, torch "
           "eager captured in a CUDA graph (device time; g vs e/g = e/graph / graph);\n"
           "Σkernels = the four primitives timed alone "
