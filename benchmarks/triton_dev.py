@@ -330,6 +330,8 @@ def autotuner_choices(bench):
             bench.record(section="T", row=f"{geometry} {dtype}", mode=entry["pass_name"],
                          impl="ours", config=label, ms=f"{t:.4f}",
                          note="chosen" if label == entry["chosen"] else "")
+    print(f"(timed behind a GPU spin; the host's enqueueing of one timed run took up to "
+          f"{_plans._HOST_MS_PER_RUN[0]:.3f} ms)")
 
 
 def primitive_calls(shape, dtype, cl, act="relu"):

@@ -906,6 +906,63 @@ def test_autotune_keeps_the_defaults_within_the_margin(tuning, monkeypatch):
         assert tb._plans.choose("normalize", g, x, lambda plan: None) is candidates[want]
 
 
+def test_autotune_repeats_short_passes(tuning, monkeypatch):
+    """Each timing covers at least TIMED_MS of the defaults' time: a 0.01 ms pass is run
+    10 times a timing after the defaults' first (REPS) timing, a 1 ms pass REPS times."""
+    x = _data(SHAPES[0], torch.float32)
+    g = tb.geometry(x.shape, False)
+    tuning(g)
+    monkeypatch.setattr(tb._plans, "ROUNDS", 2)
+    monkeypatch.setattr(tb._plans, "REPS", 3)
+    for ms, want in ((0.01, 10), (1.0, 3)):
+        monkeypatch.setattr(tb._plans, "CHOSEN", {})
+        reps = []
+        monkeypatch.setattr(tb._plans, "timer", lambda run, plan, n, ms=ms, out=reps: (
+            out.append(n) or ms))
+        tb._plans.choose("normalize", g, x, lambda plan: None)
+        assert reps[0] == 3 and set(reps[1:]) == {want}
+        assert len(reps) == 2 * len(tb._plans.candidates("normalize", g, x.device))
+
+
+def test_device_timer_waits_behind_a_spin(monkeypatch):
+    """The device timer enqueues the runs behind a GPU spin longer than the host's
+    enqueueing; where the spin ended first (the start event already reached), it times
+    again behind a spin twice as long. (CUDA stand-ins: what is checked is the order of
+    the calls and the lengths asked for.)"""
+    plans = tb._plans
+    events, calls = [], []
+
+    class Event:
+        reached = iter([True, False])  # the first spin ends too early, the second does not
+
+        def __init__(self, enable_timing):
+            events.append(self)
+
+        def record(self):
+            calls.append("record")
+
+        def query(self):
+            return next(Event.reached)
+
+        def synchronize(self):
+            calls.append("sync")
+
+        def elapsed_time(self, other):
+            return 6.0
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(plans, "_spin", lambda cycles: calls.append(("spin", cycles)))
+    monkeypatch.setattr(plans, "_CYCLES_PER_MS", {0: 1000.0})
+    monkeypatch.setattr(plans, "_HOST_MS_PER_RUN", [0.05])
+    ms = plans.device_ms(lambda plan: calls.append("run"), {}, 3)
+    assert ms == 2.0
+    spin = 0.02 + 2 * 3 * 0.05
+    assert calls == [("spin", int(spin * 1000)), "record", "run", "run", "run", "record", "sync",
+                     ("spin", int((spin + 2 * 3 * 0.05) * 1000)), "record", "run", "run",
+                     "run", "record", "sync"]
+
+
 def test_merge_tiles():
     """Few channels: narrower channel blocks (more programs) and taller tiles of as many
     elements (fewer steps over the partials); many channels keep CONFIG's tile."""

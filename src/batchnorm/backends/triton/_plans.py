@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import time
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -264,23 +265,66 @@ def candidates(pass_name: str, g: Geometry, device: torch.device) -> list[tuple[
     return out
 
 
+# The host's time to enqueue one run(plan) (ms; the largest seen, capped), and the GPU's
+# spin cycles per ms by device: see device_ms.
+_HOST_MS_PER_RUN = [0.05]
+_CYCLES_PER_MS: dict = {}
+_spin = getattr(torch.cuda, "_sleep", None)  # a kernel that spins for a number of cycles
+
+
+def _cycles_per_ms(device: int) -> float:
+    cycles = _CYCLES_PER_MS.get(device)
+    if cycles is None:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        _spin(1000)  # loads the kernel
+        start.record()
+        _spin(1_000_000)
+        end.record()
+        end.synchronize()
+        cycles = _CYCLES_PER_MS[device] = 1e6 / max(start.elapsed_time(end), 1e-3)
+    return cycles
+
+
 def device_ms(run: Callable[[dict], None], plan: dict, reps: int) -> float:
-    """Milliseconds of one ``run(plan)`` on the current CUDA stream (CUDA events)."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        run(plan)
-    end.record()
-    end.synchronize()
+    """Milliseconds of one ``run(plan)`` on the current CUDA stream (CUDA events).
+
+    The runs are enqueued behind a kernel that keeps the GPU spinning for longer than the
+    host takes to enqueue them, so that they run back to back: a pass of a few tens of µs
+    runs faster than the host enqueues it (two launches and an allocation), and events
+    around host-bound launches would time the host, the same for every plan. Should the
+    spin have ended before the host was done (the start event already reached), the
+    timing is repeated behind a longer spin.
+    """
+    device = torch.cuda.current_device()
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if _spin is not None:
+            spin_ms = 0.02 + 2 * reps * _HOST_MS_PER_RUN[0]
+            _spin(int(spin_ms * _cycles_per_ms(device)))
+        start.record()
+        t = time.perf_counter()
+        for _ in range(reps):
+            run(plan)
+        host_ms = (time.perf_counter() - t) * 1e3 / reps
+        queued_behind = _spin is not None and not start.query()
+        end.record()
+        estimate = _HOST_MS_PER_RUN[0] * (1 if queued_behind else 2)
+        _HOST_MS_PER_RUN[0] = min(max(estimate, host_ms), 1.0)
+        end.synchronize()
+        if queued_behind or _spin is None:
+            break
     return start.elapsed_time(end) / reps
 
 
-# How the autotuner times a plan (tests put a stand-in here), its rounds and repetitions,
-# and how much faster than the defaults a candidate must be to replace them (below that,
+# How the autotuner times a plan (tests put a stand-in here), its rounds and least
+# repetitions (more for short passes: each timing covers at least TIMED_MS of the
+# defaults' device time, at most MAX_REPS runs; events resolve about a microsecond), and
+# how much faster than the defaults a candidate must be to replace them (below that,
 # timing noise would pick plans at random, and the defaults' bits are the same in every
 # process).
 timer = device_ms
-ROUNDS, REPS = 3, 3
+ROUNDS, REPS, MAX_REPS = 3, 3, 32
+TIMED_MS = 0.1
 MARGIN = 0.97
 # Tune CPU tensors too (the interpreter; for the tests of the tuning itself).
 TUNE_ON_CPU = False
@@ -337,9 +381,12 @@ def choose(pass_name: str, g: Geometry, x: torch.Tensor, run: Callable[[dict], N
             continue  # a variant the device cannot run (shared memory, registers)
         ran.append(i)
     times = dict.fromkeys(ran, math.inf)
+    reps = 0
     for _ in range(ROUNDS):
-        for i in ran:
-            times[i] = min(times[i], timer(run, labelled[i][1], REPS))
+        for i in ran:  # the defaults (i = 0) first
+            times[i] = min(times[i], timer(run, labelled[i][1], reps or REPS))
+            if not reps:
+                reps = max(REPS, min(MAX_REPS, math.ceil(TIMED_MS / max(times[0], 1e-4))))
     best = min(ran, key=times.__getitem__)
     if times[best] > MARGIN * times[0]:  # ran[0] is 0: the defaults ran, or we raised
         best = 0
