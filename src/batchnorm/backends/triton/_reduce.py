@@ -327,13 +327,12 @@ def backward_partial_mc(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr
 
 
 @triton.jit
-def sum_partials(part_ptr, a_ptr, b_ptr, P, C, PC, BLOCK_P: tl.constexpr,
+def _column_sums(part_ptr, P, C, PC, cols, cmask, BLOCK_P: tl.constexpr,
                  BLOCK_C: tl.constexpr):
-    """Column sums of the two ``[P, C]`` planes of ``part``, in a fixed order (deterministic)."""
+    """Sums over the P rows of the two ``[P, C]`` planes of ``part`` for the channels
+    ``cols``, in a fixed order (deterministic)."""
     pa_ptr, pb_ptr = part_ptr, part_ptr + PC
     acc_ty = part_ptr.dtype.element_ty
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
     rp = tl.arange(0, BLOCK_P)
     sa = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
     sb = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
@@ -343,8 +342,18 @@ def sum_partials(part_ptr, a_ptr, b_ptr, P, C, PC, BLOCK_P: tl.constexpr,
         off = rows[:, None] * C + cols[None, :]
         sa += tl.load(pa_ptr + off, mask=mask, other=0.0)
         sb += tl.load(pb_ptr + off, mask=mask, other=0.0)
-    tl.store(a_ptr + cols, tl.sum(sa, axis=0), mask=cmask)
-    tl.store(b_ptr + cols, tl.sum(sb, axis=0), mask=cmask)
+    return tl.sum(sa, axis=0), tl.sum(sb, axis=0)
+
+
+@triton.jit
+def sum_partials(part_ptr, a_ptr, b_ptr, P, C, PC, BLOCK_P: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
+    """Column sums of the two ``[P, C]`` planes of ``part`` (:func:`_column_sums`)."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    sa, sb = _column_sums(part_ptr, P, C, PC, cols, cmask, BLOCK_P, BLOCK_C)
+    tl.store(a_ptr + cols, sa, mask=cmask)
+    tl.store(b_ptr + cols, sb, mask=cmask)
 
 
 @triton.jit
@@ -452,22 +461,11 @@ def sum_partials_centred(part_ptr, shift_ptr, sdz_ptr, sdzx_ptr, sdz_k_ptr, P, C
     """``sum_partials``, then the shift corrections of ``ops._batch_norm_backward``: the
     kernels' x̂' is x̂ + shift, so S = Σdz·x̂ = Σdz·x̂' − shift·Σdz, and the elementwise
     pass gets Σdz − shift·S in place of Σdz."""
-    pa_ptr, pb_ptr = part_ptr, part_ptr + PC
-    acc_ty = part_ptr.dtype.element_ty
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    rp = tl.arange(0, BLOCK_P)
-    sa = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
-    sb = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
-    for p0 in range(0, P, BLOCK_P):
-        rows = p0 + rp
-        mask = (rows < P)[:, None] & cmask[None, :]
-        off = rows[:, None] * C + cols[None, :]
-        sa += tl.load(pa_ptr + off, mask=mask, other=0.0)
-        sb += tl.load(pb_ptr + off, mask=mask, other=0.0)
-    sdz = tl.sum(sa, axis=0)
+    sdz, sdzx_k = _column_sums(part_ptr, P, C, PC, cols, cmask, BLOCK_P, BLOCK_C)
     shift = tl.load(shift_ptr + cols, mask=cmask, other=0.0)
-    s = tl.sum(sb, axis=0) - shift * sdz
+    s = sdzx_k - shift * sdz
     tl.store(sdz_ptr + cols, sdz, mask=cmask)
     tl.store(sdzx_ptr + cols, s, mask=cmask)
     tl.store(sdz_k_ptr + cols, sdz - shift * s, mask=cmask)
