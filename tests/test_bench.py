@@ -81,3 +81,51 @@ def test_cli_times_given_shapes(capsys):
     assert "(32, 256, 56, 56)" not in out and "folded" not in out
     assert bench.run(p.parse_args(["--device", "cpu", "--shape", "2,2:cl"])) == 2
     assert "--shape '2,2:cl'" in capsys.readouterr().err
+
+
+def test_compile_ops_choose_what_torch_compile_is_timed_for(monkeypatch, capsys):
+    monkeypatch.setattr(torch, "compile", lambda fn: fn)  # the plumbing, not a compile
+    rows = bench.run_table("cpu", repeats=1, cases=[bench.Case((2, 2, 3, 4), compile=True)],
+                           ops=("fwd", "fwd+bwd"), progress=False, target_ms=0.5,
+                           memory=False, compile_ops=("fwd+bwd",))
+    assert {(r["op"], r["impl"]) for r in rows[1:]} == {
+        ("fwd", "torch"), ("fwd", "ours"), ("fwd+bwd", "torch"), ("fwd+bwd", "ours"),
+        ("fwd+bwd", "torch.compile")}
+    import argparse
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    assert bench.run(p.parse_args(["--device", "cpu", "--compile-ops", "fwd,relu"])) == 2
+    assert "--compile-ops 'fwd,relu': ops are fwd, fwd+bwd" in capsys.readouterr().err
+
+
+def test_issue4_verdict():
+    """benchmarks/issue4_verdict.py judges the bench's CUDA rows by the issue's rules: 85%
+    of the floor measured in the run (frac_copy) and 1.2x the better torch, per card."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "issue4_verdict.py"
+    spec = importlib.util.spec_from_file_location("issue4_verdict", path)
+    verdict = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(verdict)
+
+    def row(case, op, impl, ms, frac=""):
+        return {"case": case, "op": op, "impl": impl, "ms": str(ms), "frac_copy": str(frac)}
+    relu, plain = "bn+relu fwd+bwd", "fwd+bwd"
+    rows = [row("first call", "first", "ours", 3000.0),
+            # meets both: 0.9 of the copy rate, 1.25x torch.compile
+            row("a", relu, "torch", 2.0), row("a", relu, "ours", 1.0, 0.9),
+            row("a", relu, "torch.compile", 1.25), row("a", plain, "torch", 1.3),
+            row("a", plain, "ours", 1.0, 0.9),
+            # fast enough against eager, 1.15x torch.compile only; plain 1.1x
+            row("b", relu, "torch", 2.0), row("b", relu, "ours", 1.0, 0.9),
+            row("b", relu, "torch.compile", 1.15), row("b", plain, "torch", 1.1),
+            row("b", plain, "ours", 1.0, 0.9),
+            # 80% of the copy rate; c2 meets both without a torch.compile time
+            row("c", relu, "torch", 2.0), row("c", relu, "ours", 1.0, 0.8),
+            row("c2", relu, "torch", 2.0), row("c2", relu, "ours", 1.0, 0.86)]
+    got = {v["case"]: (v["bn_relu"], v["plain"]) for v in verdict.verdicts(rows)}
+    assert got == {"a": ("yes", "yes"), "b": ("no", "no"), "c": ("no", None),
+                   "c2": ("yes?", None)}
+    text = verdict.report(rows)
+    assert "BN+ReLU rows meeting both targets: 1 of 4 (1 more without a torch.compile time)" \
+        in text and "plain BN fwd+bwd >= 1.2x eager: 1 of 2" in text

@@ -324,8 +324,9 @@ def _input(case: Case, device: torch.device, gen: torch.Generator, requires_grad
     return x.requires_grad_(requires_grad)
 
 
-def _functions(case: Case, op: str, device: torch.device) -> dict:
-    """{'torch': fn, 'ours': fn[, 'torch.compile': fn]} for one op, on fresh data."""
+def _functions(case: Case, op: str, device: torch.device, compile: bool) -> dict:
+    """{'torch': fn, 'ours': fn[, 'torch.compile': fn if ``compile``]} for one op, on fresh
+    data."""
     gen = torch.Generator(device=device).manual_seed(0)
     relu = op != "fwd" and op != "fwd+bwd"
     add = op == "bn+add+relu fwd+bwd"
@@ -362,7 +363,7 @@ def _functions(case: Case, op: str, device: torch.device) -> dict:
         return fn
 
     fns = {"torch": step(torch_fwd), "ours": step(ours_fwd)}
-    if case.compile:
+    if compile:
         ctbn = _modules(case, device, None)[0]
 
         def compiled_body(x):
@@ -427,11 +428,13 @@ def _sig(v: float) -> float:
 def run_table(device="cpu", quick: bool = False, repeats: int | None = None,
               compile: bool | None = None, cases: list[Case] | None = None,
               ops: tuple[str, ...] = OPS, progress: bool = True,
-              target_ms: float | None = None, memory: bool = True) -> list[dict]:
+              target_ms: float | None = None, memory: bool = True,
+              compile_ops: tuple[str, ...] | None = None) -> list[dict]:
     """Time the table on ``device``; one dict per (case, op, implementation).
 
     ``cases`` defaults to the device's standard table (``cpu_cases``/``cuda_cases``);
-    ``compile=False`` leaves torch.compile out. Each dict holds the machine description,
+    ``compile=False`` leaves torch.compile out; ``compile_ops`` (default: every op) the ops
+    it is timed for, in the cases that have it (compiling takes seconds a case and op). Each dict holds the machine description,
     the case, ``ms`` (median), ``ms_min``, ``ratio`` (torch eager ms / this row's ms for
     our rows, so > 1 means we are faster; 1 for torch's rows), ``gbps``, ``copy_gbps``,
     ``frac_copy`` and, for forward+backward rows, ``peak_bytes``.
@@ -464,7 +467,8 @@ def run_table(device="cpu", quick: bool = False, repeats: int | None = None,
         copy_gbps = copy_cache[key]
         nbytes = numel * torch.empty((), dtype=case.dtype).element_size()
         for op in ops:
-            fns = _functions(case, op, device)
+            fns = _functions(case, op, device, case.compile and (
+                compile_ops is None or op in compile_ops))
             samples = interleaved(timer, fns, repeats, target_ms)
             peaks = {}
             if memory and op != "fwd":
@@ -583,6 +587,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="write benchmarks/results/<device>-<date>.csv (long format)")
     p.add_argument("--plot", action="store_true", help="write a PNG chart beside the CSV")
     p.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
+    p.add_argument("--compile-ops", default=None, metavar="OP[,OP...]",
+                   help="time torch.compile for these ops only (of: " + ", ".join(OPS)
+                        + "; default: all)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     p.add_argument("--no-extras", action="store_true",
                    help="skip the inference (fold) and SyncBatchNorm rows")
@@ -645,9 +652,17 @@ def run(args) -> int:
         except ValueError as e:
             print(f"batchnorm bench: {e}", file=sys.stderr)
             return 2
+    compile_ops = None
+    if args.compile_ops is not None:
+        compile_ops = tuple(op.strip() for op in args.compile_ops.split(",") if op.strip())
+        unknown = [op for op in compile_ops if op not in OPS]
+        if unknown or not compile_ops:
+            print(f"batchnorm bench: --compile-ops {args.compile_ops!r}: ops are "
+                  f"{', '.join(OPS)}", file=sys.stderr)
+            return 2
     rows = run_table(device, quick=args.quick, repeats=args.repeats,
                      compile=False if args.no_compile else None, memory=not args.no_memory,
-                     cases=cases)
+                     cases=cases, compile_ops=compile_ops)
     extras = [] if args.no_extras or cases else extra_rows(device, args.quick,
                                                            machine(device),
                                                            sync=not args.quick)
