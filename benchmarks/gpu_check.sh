@@ -1,25 +1,24 @@
 #!/usr/bin/env bash
-# The GPU check of the triton backend, in one call of about 7 minutes:
+# The GPU check of the triton backend, in one call of about 8 minutes:
 #   bash benchmarks/gpu_check.sh            (from the repository root; installs nothing)
 #
 # 1. the card and the versions, and a preflight of the direct launches (off for the rest
 #    of the check if a directly launched step differs from or fails where kernel[grid]
 #    does not);
-# 2. the table first, what issue 4 is measured by: benchmarks/triton_dev.py section B, its
-#    rows (BN+ReLU fwd+bwd: ours, ours with the default plans, ours and torch eager in a
-#    CUDA graph, torch eager; host time), what the autotuner chose for each (T), and
-#    section F, the rows again next to torch.compile (the issue's compile rows first), and
-#    the summary's verdict on issue 4's two targets for this card;
+# 2. the table first, what issue 4 is measured by: `batchnorm bench --device cuda --csv`,
+#    its 10 rows x 4 ops (forward; forward+backward; BN+ReLU and BN+add+ReLU
+#    forward+backward), ours against torch eager, and torch.compile on the BN+ReLU op (the
+#    one whose target names it; compiling every op does not fit), then
+#    benchmarks/issue4_verdict.py, row by row against the issue's targets on this card;
 # 3. the GPU tests: tests/test_backend_triton.py, then the triton cases of the shared
 #    parity suite (tests/test_parity.py -k triton) if it exists;
-# 4. the rest of triton_dev.py with what is left: per-primitive GB/s, the
-#    kernel-configuration variants, plain BN and BN+add+ReLU;
-# 5. `python3 -m batchnorm bench --device cuda --csv --quick --no-compile` if
-#    src/batchnorm/bench.py exists (the full table does not fit in 7 minutes; see below);
-# 6. a short table last.
+# 4. benchmarks/triton_dev.py with what is left: section B (BN+ReLU: ours with the default
+#    plans, ours and torch eager captured in CUDA graphs, the host's time a step), T (what
+#    the autotuner chose), then C (per primitive, device time), E (variants), D;
+# 5. a short summary last.
 # Every stage has its own time limit and runs whatever the previous ones did; logs and CSVs
 # go to benchmarks/results/ (logs in logs/) and, when set (the device machine sets it), to $OUT.
-# GPU_CHECK_SECONDS (default 420) is the whole script's budget.
+# GPU_CHECK_SECONDS (default 480) is the whole script's budget.
 
 set -u
 cd "$(dirname "$0")/.." || exit 1
@@ -32,7 +31,8 @@ mkdir -p "$RESULTS/logs"
 LOGS=("$RESULTS/logs")
 if [ -n "${OUT:-}" ]; then mkdir -p "$OUT" && LOGS+=("$OUT"); fi
 START=$SECONDS
-BUDGET=${GPU_CHECK_SECONDS:-420}
+STARTED=$(mktemp)  # its time: files newer than it are this run's
+BUDGET=${GPU_CHECK_SECONDS:-480}
 STATUS=()
 
 left() { echo $(( BUDGET - (SECONDS - START) )); }
@@ -108,18 +108,29 @@ if [ "${STATUS[-1]}" != "preflight: exit 0" ]; then
     echo "!! direct launches off for the rest of this check (BATCHNORM_TRITON_DIRECT_LAUNCH=0)"
 fi
 
-# The table: 10 rows; the autotuner compiles and times its candidates on each row's first
-# step (section B took ~15 s on the H200 on 2026-11-27, before autotuning; section F 26 s
-# for 5 rows, ~5 s a row of torch.compile; all 10 now).
-stage table "$(limit 240)" $PY benchmarks/triton_dev.py --budget 220 --sections BF --tag table
+# The table: 10 rows x 4 ops; on each row's first call the autotuner compiles and times
+# its candidates (~40 compilations at ~0.2 s), torch.compile takes ~5 s a row (H200 host,
+# 2026-11-27). The bench starts no row after --budget seconds, so a slow run still leaves
+# a table (and its CSV).
+table() {
+    stage "$1" "$(limit 250)" $PY -m batchnorm bench --device cuda --csv --no-extras \
+        --repeats 9 --compile-ops "bn+relu fwd+bwd" --budget 200
+}
+table table
 rc=${STATUS[-1]##*exit }
 if (( rc > 128 && rc != 137 )); then
     # killed by a signal (a compiler crash on one of the autotuner's candidates would be a
     # SIGSEGV): the table again with the default plans only, and the rest of the check too
     export BATCHNORM_TRITON_CONFIG="autotune=0"
     echo "!! the table died by signal $(( rc - 128 )); again without autotuning"
-    stage table_defaults "$(limit 150)" $PY benchmarks/triton_dev.py --budget 130 --sections B \
-        --tag table-defaults
+    table table_defaults
+fi
+# the CSV this run wrote (a committed one of an earlier run may share the folder)
+CSV=$(find "$RESULTS" -maxdepth 1 -name 'cuda-*.csv' -newer "$STARTED" 2>/dev/null | head -1)
+for d in "${LOGS[@]:1}"; do [ -n "$CSV" ] && cp "$CSV" "$d/"; done
+if [ -n "$CSV" ]; then
+    $PY benchmarks/issue4_verdict.py "$CSV" 2>&1 | tee "${LOGS[0]}/gpu_check-verdict.log"
+    for d in "${LOGS[@]:1}"; do cp "${LOGS[0]}/gpu_check-verdict.log" "$d/"; done
 fi
 
 # 97.6 s for 134 tests on the H200 (2026-11-27); 2026-11-28 added ~40, 2026-12-02 ~8 (the
@@ -134,28 +145,13 @@ else
     echo "(tests/test_parity.py not present: skipped)"
 fi
 
-# The rest of triton_dev gets what is left, less the bench's share when bench.py exists; it
-# stops starting work when its budget is spent, the stage limit adds a margin for the last
-# step.
-RESERVE=15
-[ -f src/batchnorm/bench.py ] && RESERVE=45
-DEV_BUDGET=$(( $(left) - RESERVE - 20 ))
+# triton_dev.py gets what is left: B (and T) first, then C, E, D; it stops starting work
+# when its budget is spent, the stage limit adds a margin for the last step.
+DEV_BUDGET=$(( $(left) - 25 ))
 (( DEV_BUDGET > 200 )) && DEV_BUDGET=200
 (( DEV_BUDGET < 30 )) && DEV_BUDGET=30
 stage triton_dev "$(( DEV_BUDGET + 20 ))" $PY benchmarks/triton_dev.py --budget "$DEV_BUDGET" \
-    --sections CED
-
-if [ -f src/batchnorm/bench.py ]; then
-    # The full table (10 rows x 4 ops, torch.compile for each) takes far longer than this
-    # script may: here its quick form checks it runs on the GPU and gives 3 rows; run
-    #   PYTHONPATH=src python3 -m batchnorm bench --device cuda --csv
-    # on its own for the committed table. GPU_CHECK_BENCH_ARGS overrides the arguments.
-    read -r -a BENCH_ARGS <<< "${GPU_CHECK_BENCH_ARGS:---quick --no-compile}"
-    stage bench "$(limit 45)" $PY -m batchnorm bench --device cuda --csv "${BENCH_ARGS[@]}"
-    for d in "${LOGS[@]:1}"; do cp "$RESULTS"/*.csv "$d/" 2>/dev/null; done
-else
-    echo "(src/batchnorm/bench.py not present: the table is triton_dev.py's)"
-fi
+    --sections BCED
 
 echo
 echo "================ gpu_check summary ($(( SECONDS - START )) s) ================"
@@ -163,12 +159,13 @@ printf '%s\n' "${STATUS[@]}"
 # this run's logs only (logs of earlier runs kept in the same folder carry a card and date)
 grep -h -E "passed|failed|error" "${LOGS[0]}"/gpu_check-tests_{triton,parity}.log 2>/dev/null |
     tail -4
-if [ -f "${LOGS[0]}/gpu_check-bench.log" ]; then
-    echo "-- batchnorm bench (last lines) --"
-    tail -n 16 "${LOGS[0]}/gpu_check-bench.log"
-fi
-for name in table table_defaults triton_dev; do
+for name in table table_defaults; do
     [ -f "${LOGS[0]}/gpu_check-$name.log" ] || continue
-    echo "-- $name (its last summary) --"
-    tac "${LOGS[0]}/gpu_check-$name.log" 2>/dev/null | sed '/^== summary/q' | tac
+    echo "-- $name (the bench's table) --"
+    sed -n '/^case /,$p' "${LOGS[0]}/gpu_check-$name.log"
 done
+[ -f "${LOGS[0]}/gpu_check-verdict.log" ] && cat "${LOGS[0]}/gpu_check-verdict.log"
+if [ -f "${LOGS[0]}/gpu_check-triton_dev.log" ]; then
+    echo "-- triton_dev (its last summary) --"
+    tac "${LOGS[0]}/gpu_check-triton_dev.log" 2>/dev/null | sed '/^== summary/q' | tac
+fi

@@ -122,13 +122,16 @@ class Bench:
                 w.writerows(self.rows_out)
 
 
-def time_interleaved(fns: dict, reps: int, warmup: int = 3, device_time: bool = False) -> dict:
+def time_interleaved(fns: dict, reps: int, warmup: int = 3, device_time: bool = False,
+                     from_idle: bool = False) -> dict:
     """Median ms of each callable, run in turn (a, b, c, a, b, c, ...) after a warmup.
 
-    As a caller sees it by default: where the host takes longer to enqueue a call than the
-    GPU to run it, that is the host's time. ``device_time``: each round of calls waits
-    behind a GPU spin longer than the host's enqueueing of the round, so the calls run back
-    to back and the events time the GPU's work alone (the autotuner's way)."""
+    By default calls follow each other unsynchronized: a call the host enqueues slower
+    than the GPU runs it may be timed short, its launches queued behind the previous
+    call's work. ``from_idle``: the GPU is idle when each call starts, so a host-bound call
+    is timed at the host's pace, as a caller sees it. ``device_time``: each round of calls
+    waits behind a GPU spin longer than the host's enqueueing of the round, so the calls run
+    back to back and the events time the GPU's work alone (the autotuner's way)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -147,6 +150,8 @@ def time_interleaved(fns: dict, reps: int, warmup: int = 3, device_time: bool = 
         if spin:
             torch.cuda._sleep(spin)
         for k, fn in fns.items():
+            if from_idle:
+                torch.cuda.synchronize()
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
             fn()
@@ -276,7 +281,7 @@ def section_b(bench: Bench, rows, with_compile=False):
                 except Exception as e:  # noqa: BLE001
                     fns.pop("compile", None)
                     print(f"  torch.compile failed: {type(e).__name__}: {str(e)[:300]}")
-            timed = time_interleaved(fns, reps=bench.args.reps)
+            timed = time_interleaved(fns, reps=bench.args.reps, from_idle=True)
             res.update(timed)
             if not with_compile:
                 # Host time to enqueue one step (no synchronization inside): when it exceeds
@@ -451,7 +456,8 @@ def section_d(bench, rows):
             try:
                 x, w, b, dy, r = make_inputs(shape, dtype, cl, residual)
                 res = time_interleaved({impl: fwd_bwd(impl, x, w, b, dy, r, act)
-                                        for impl in ("ours", "eager")}, reps=bench.args.reps)
+                                        for impl in ("ours", "eager")}, reps=bench.args.reps,
+                                       from_idle=True)
                 for impl, ms in res.items():
                     bench.record(section="D", row=label, mode=mode + "_fwd_bwd", impl=impl,
                                  config="default", ms=f"{ms:.4f}")

@@ -129,3 +129,11 @@ def test_issue4_verdict():
     text = verdict.report(rows)
     assert "BN+ReLU rows meeting both targets: 1 of 4 (1 more without a torch.compile time)" \
         in text and "plain BN fwd+bwd >= 1.2x eager: 1 of 2" in text
+
+
+def test_budget_stops_starting_cases(capsys):
+    cases = [bench.Case((2, 2, 3, 4)), bench.Case((4, 3, 2, 2))]
+    rows = bench.run_table("cpu", repeats=1, compile=False, cases=cases, ops=("fwd",),
+                           progress=False, target_ms=0.5, memory=False, budget_s=0)
+    assert [r["case"] for r in rows] == ["first call"]
+    assert "0 s spent; 2 of 2 cases left out" in capsys.readouterr().err

@@ -429,12 +429,15 @@ def run_table(device="cpu", quick: bool = False, repeats: int | None = None,
               compile: bool | None = None, cases: list[Case] | None = None,
               ops: tuple[str, ...] = OPS, progress: bool = True,
               target_ms: float | None = None, memory: bool = True,
-              compile_ops: tuple[str, ...] | None = None) -> list[dict]:
+              compile_ops: tuple[str, ...] | None = None,
+              budget_s: float | None = None) -> list[dict]:
     """Time the table on ``device``; one dict per (case, op, implementation).
 
     ``cases`` defaults to the device's standard table (``cpu_cases``/``cuda_cases``);
     ``compile=False`` leaves torch.compile out; ``compile_ops`` (default: every op) the ops
-    it is timed for, in the cases that have it (compiling takes seconds a case and op). Each dict holds the machine description,
+    it is timed for, in the cases that have it (compiling takes seconds a case and op);
+    ``budget_s``: no case is started after that many seconds (the rows of those done are
+    returned; a time-limited run then still has a table). Each dict holds the machine description,
     the case, ``ms`` (median), ``ms_min``, ``ratio`` (torch eager ms / this row's ms for
     our rows, so > 1 means we are faster; 1 for torch's rows), ``gbps``, ``copy_gbps``,
     ``frac_copy`` and, for forward+backward rows, ``peak_bytes``.
@@ -459,7 +462,11 @@ def run_table(device="cpu", quick: bool = False, repeats: int | None = None,
                  gbps="", copy_gbps="", frac_copy="", peak_bytes="",
                  numba_cache_hits=hits, numba_cache_misses=misses)]
     copy_cache: dict[tuple, float] = {}
-    for case in cases:
+    for i, case in enumerate(cases):
+        if budget_s is not None and time.perf_counter() - prog.t0 > budget_s:
+            print(f"batchnorm bench: {budget_s:.0f} s spent; {len(cases) - i} of "
+                  f"{len(cases)} cases left out", file=sys.stderr, flush=True)
+            break
         numel = math.prod(case.shape)
         key = (numel, case.dtype)
         if key not in copy_cache:
@@ -591,6 +598,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="time torch.compile for these ops only (of: " + ", ".join(OPS)
                         + "; default: all)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                   help="start no case after this many seconds (the table has those done)")
     p.add_argument("--no-extras", action="store_true",
                    help="skip the inference (fold) and SyncBatchNorm rows")
     p.add_argument("--shape", action="append", default=None, metavar="N,C,...[:cl]",
@@ -662,7 +671,7 @@ def run(args) -> int:
             return 2
     rows = run_table(device, quick=args.quick, repeats=args.repeats,
                      compile=False if args.no_compile else None, memory=not args.no_memory,
-                     cases=cases, compile_ops=compile_ops)
+                     cases=cases, compile_ops=compile_ops, budget_s=args.budget)
     extras = [] if args.no_extras or cases else extra_rows(device, args.quick,
                                                            machine(device),
                                                            sync=not args.quick)
