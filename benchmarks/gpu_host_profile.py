@@ -1,11 +1,16 @@
 """Where the host time of one eager training step goes, on a GPU.
 
-    PYTHONPATH=src python3 benchmarks/gpu_host_profile.py [--steps 200]
+    PYTHONPATH=src python3 benchmarks/gpu_host_profile.py [--steps 200] [--parts]
 
 On the H200 check of 2026-11-27 the small rows of issue 4 were host-bound: enqueueing one
 BN+ReLU forward+backward took 1.1-1.7 ms of CPU time against 0.2-0.6 ms of device time.
 This runs such a step many times under cProfile (the device work is tiny next to it) and
 prints the functions that cost the most host time, ours and torch's side by side.
+``--parts`` (no profiler): the host time of a step's pieces on a small input, whose
+device work is shorter still: our forward alone (with and without autograd), our
+backward alone, one launch, a bare ``autograd.Function`` step on CUDA tensors (the floor
+of any Python autograd node, whose backward the engine runs on its CUDA thread), and
+torch's BN+ReLU step.
 """
 
 from __future__ import annotations
@@ -19,6 +24,78 @@ import time
 import torch
 
 import batchnorm
+
+
+class BareFunction(torch.autograd.Function):
+    """The cheapest Python autograd node with batch norm's inputs: allocates its outputs."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _min_us(fn, steps: int, rounds: int = 3) -> float:
+    """Least µs of ``fn`` over ``rounds`` of ``steps`` calls (the GPU drained between)."""
+    best = float("inf")
+    for _ in range(rounds):
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        best = min(best, (time.perf_counter() - t) / steps * 1e6)
+        torch.cuda.synchronize()
+    return best
+
+
+def parts(steps: int) -> None:
+    """Host µs of a step's pieces on (8, 64, 7, 7) channels_last float32."""
+    import batchnorm.backends.triton as tb
+
+    x = torch.randn(8, 64, 7, 7, device="cuda").contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    dy = torch.randn_like(x)
+    ours = batchnorm.BatchNorm2d(64, activation="relu").cuda()
+    theirs = torch.nn.Sequential(torch.nn.BatchNorm2d(64), torch.nn.ReLU()).cuda()
+
+    def backward_only():
+        y = ours(x)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        y.backward(dy)
+        return time.perf_counter() - t
+
+    def no_grad_forward():
+        with torch.no_grad():
+            ours(x)
+
+    geometry = tb.geometry(x.shape, True)
+    rows = torch.zeros(4, 64, device="cuda")
+    y, w = torch.empty_like(x), ours.weight.detach()
+    pieces = {
+        "ours: step (fwd+bwd)": _step_fn(ours, x, dy),
+        "torch: BN+ReLU step": _step_fn(theirs, x, dy),
+        "bare Function step": lambda: BareFunction.apply(x, ours.weight,
+                                                         ours.bias).backward(dy),
+        "ours: forward (autograd)": lambda: ours(x),
+        "ours: forward (no_grad)": no_grad_forward,
+        "ours: one normalize launch": lambda: tb._launch_normalize(
+            x, y, geometry, None, rows[0], rows[1], w, rows[2], 1, 0.0, 0.0),
+        "torch.empty_like": lambda: torch.empty_like(x),
+    }
+    for name, fn in pieces.items():
+        print(f"{name:30s} {_min_us(fn, steps):8.1f} µs")
+    for _ in range(20):
+        backward_only()
+    print(f"{'ours: backward alone':30s} "
+          f"{min(backward_only() for _ in range(steps)) * 1e6:8.1f} µs")
 
 
 def _step_fn(module, x, dy):
@@ -45,10 +122,14 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--shape", default="256,2048,7,7")
+    ap.add_argument("--parts", action="store_true", help="a step's pieces, no profiler")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device")
         return 1
+    if args.parts:
+        parts(args.steps)
+        return 0
     shape = tuple(int(s) for s in args.shape.split(","))
     c = shape[1]
     x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)

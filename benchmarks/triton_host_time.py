@@ -27,6 +27,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import fake_cuda_driver  # noqa: E402  (before triton: unsets TRITON_INTERPRET)
 import torch  # noqa: E402
+from gpu_host_profile import BareFunction  # this folder
 
 import batchnorm  # noqa: E402
 from batchnorm import backends  # noqa: E402
@@ -50,20 +51,6 @@ def _timed(step, steps: int) -> list[float]:
 def _line(name: str, times: list[float]) -> str:
     return (f"{name:34s} min {times[0] * 1e6:7.1f}  p10 {times[len(times) // 10] * 1e6:7.1f}  "
             f"median {times[len(times) // 2] * 1e6:7.1f} µs")
-
-
-class _Bare(torch.autograd.Function):
-    """The cheapest Python autograd node with batch norm's inputs: allocates its outputs."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        return torch.empty_like(x)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
 
 
 def _parts(tb, module, x, dy, args) -> None:
@@ -90,7 +77,7 @@ def _parts(tb, module, x, dy, args) -> None:
             "backward hook": lambda: tb.batch_norm_backward(
                 dy, xd, w, b, None, mean, var, 1e-5, True, "relu", 0.0, True, True, False,
                 args.cl, saved=saved),
-            "bare Function step": lambda: _Bare.apply(x, module.weight,
+            "bare Function step": lambda: BareFunction.apply(x, module.weight,
                                                       module.bias).backward(dy),
         }
         for name, fn in pieces.items():
