@@ -9,7 +9,8 @@
 #    its 10 rows x 4 ops (forward; forward+backward; BN+ReLU and BN+add+ReLU
 #    forward+backward), ours against torch eager, and torch.compile on the BN+ReLU op (the
 #    one whose target names it; compiling every op does not fit), then
-#    benchmarks/issue4_verdict.py, row by row against the issue's targets on this card;
+#    benchmarks/issue4_verdict.py, row by row against the issue's targets on this card,
+#    and where the host time of an eager step goes (benchmarks/gpu_host_profile.py --parts);
 # 3. the GPU tests: tests/test_backend_triton.py, then the triton cases of the shared
 #    parity suite (tests/test_parity.py -k triton) if it exists;
 # 4. benchmarks/triton_dev.py with what is left: section B (BN+ReLU: ours with the default
@@ -133,6 +134,10 @@ if [ -n "$CSV" ]; then
     for d in "${LOGS[@]:1}"; do cp "${LOGS[0]}/gpu_check-verdict.log" "$d/"; done
 fi
 
+# Where an eager step's host time goes (the 2026-11-27 steps were host-bound on every row:
+# 1.3-1.7 ms of host time a step): a few seconds.
+stage host_parts "$(limit 40)" $PY benchmarks/gpu_host_profile.py --parts --steps 300
+
 # 97.6 s for 134 tests on the H200 (2026-11-27); 2026-11-28 added ~40, 2026-12-02 ~8 (the
 # autotuner's: ~60 compilations), mostly compiles
 stage tests_triton "$(limit 180)" $PY -m pytest -q --maxfail=5 -p no:cacheprovider \
@@ -165,6 +170,7 @@ for name in table table_defaults; do
     sed -n '/^case /,$p' "${LOGS[0]}/gpu_check-$name.log"
 done
 [ -f "${LOGS[0]}/gpu_check-verdict.log" ] && cat "${LOGS[0]}/gpu_check-verdict.log"
+[ -f "${LOGS[0]}/gpu_check-host_parts.log" ] && cat "${LOGS[0]}/gpu_check-host_parts.log"
 if [ -f "${LOGS[0]}/gpu_check-triton_dev.log" ]; then
     echo "-- triton_dev (its last summary) --"
     tac "${LOGS[0]}/gpu_check-triton_dev.log" 2>/dev/null | sed '/^== summary/q' | tac
