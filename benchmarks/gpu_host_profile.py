@@ -105,18 +105,6 @@ def _step_fn(module, x, dy):
     return step
 
 
-def _host_ms(step, steps: int) -> float:
-    """CPU time per step to enqueue it (the device queue is drained between rounds)."""
-    for _ in range(10):
-        step()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    host = (time.perf_counter() - start) / steps * 1e3
-    torch.cuda.synchronize()
-    return host
-
 
 def main() -> int:
     ap = argparse.ArgumentParser()
@@ -145,7 +133,7 @@ def main() -> int:
     for name, module in (("ours", ours), ("torch", theirs)):
         step = _step_fn(module, x, dy)
         print(f"{name:6s} host ms per BN+ReLU fwd+bwd step on {shape} bf16: "
-              f"{_host_ms(step, args.steps):.3f}")
+              f"{_min_us(step, args.steps, rounds=1) / 1e3:.3f}")
     step = _step_fn(ours, x, dy)
     profile = cProfile.Profile()
     profile.enable()
