@@ -22,7 +22,6 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.driver import CudaDriver  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
 
-
 MULTIPROCESSORS = 132  # an H100 SXM's
 
 
