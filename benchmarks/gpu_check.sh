@@ -12,7 +12,7 @@
 #    one whose target names it; compiling every op does not fit), then
 #    benchmarks/issue4_verdict.py, row by row against the issue's targets on this card;
 # 3. the GPU tests: tests/test_backend_triton.py, then the triton cases of the shared
-#    suite (parity, properties, gradcheck: 219 cases);
+#    suite (parity, properties, gradcheck: 219 cases; the bytes BN+ReLU keeps for backward);
 # 4. a short summary last.
 # Every stage has its own time limit and runs whatever the previous ones did; logs and the
 # CSV go to benchmarks/results/ (logs in logs/) and, when set, to $OUT. GPU_CHECK_SECONDS
@@ -57,9 +57,10 @@ stage tests_triton "$(limit 150)" $PY -m pytest -q --maxfail=5 -p no:cacheprovid
     tests/test_backend_triton.py --durations=5
 
 # the shared suite's triton cases (parity alone: 53 s for its 306 CUDA cases, portable and
-# triton, on the H200 on 2026-11-27)
+# triton, on the H200 on 2026-11-27), and what BN+ReLU keeps for backward against torch
 stage tests_shared "$(limit 90)" $PY -m pytest -q --maxfail=5 -p no:cacheprovider \
-    tests/test_parity.py tests/test_properties.py tests/test_gradcheck.py -k triton
+    tests/test_parity.py tests/test_properties.py tests/test_gradcheck.py \
+    tests/test_modules.py -k triton
 
 echo
 echo "================ gpu_check summary ($(( SECONDS - START )) s) ================"
