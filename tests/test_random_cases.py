@@ -1,0 +1,125 @@
+"""Random combinations of what the parity suite varies one at a time.
+
+Each case draws a shape (2-D to 5-D, up to 33 channels), a dtype, a layout (contiguous,
+channels-last, a strided slice, channels innermost through a transpose), weights (none,
+float32, the input's dtype, strided), a residual (in the input's dtype or float32, in
+another layout), running statistics (none, float32, float64), momentum (0, 1, None: the
+cumulative average), eps (0 included), an activation, training or evaluation, and which
+inputs want a gradient. Every backend must give what the portable backend (plain torch
+ops, itself checked against torch and the float64 reference by the parity suite) gives:
+the output and its layout, the running statistics, num_batches_tracked and the gradients.
+A failing seed reproduces on its own: ``pytest tests/test_random_cases.py -k "seed7"``.
+"""
+
+import math
+import random
+
+import pytest
+import torch
+from tolerances import TOLERANCES
+
+from batchnorm import backends
+from batchnorm import functional as F
+
+ACTIVATIONS = (None, "relu", "leaky_relu", "silu", "gelu", "gelu_tanh", "sigmoid", "tanh")
+SEEDS = range(60)
+
+
+def _random_case(seed: int) -> dict:
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    dims = rng.choice([2, 3, 4, 5])
+    c = rng.choice([1, 2, 3, 5, 8, 16, 17, 33])
+    spatial = [rng.choice([1, 2, 3, 5, 7]) for _ in range(dims - 2)]
+    training = rng.random() < 0.7
+    n = rng.choice([1, 2, 3, 4])
+    if training and n * math.prod(spatial) < 2:
+        n = 2  # batch statistics need two values a channel
+    shape = (n, c, *spatial)
+    dtype = rng.choice([torch.float32, torch.float64, torch.bfloat16, torch.float16])
+    x = (torch.randn(shape, generator=gen) * rng.choice([1.0, 3.0])
+         + rng.choice([0.0, 5.0, -100.0])).to(dtype)
+    layout = rng.choice(["contiguous", "channels_last", "strided", "transposed"])
+    if layout == "channels_last" and dims in (4, 5):
+        x = x.contiguous(memory_format=torch.channels_last if dims == 4
+                         else torch.channels_last_3d)
+    elif layout == "strided":
+        x = torch.stack([x, torch.zeros_like(x)], dim=1)[:, 0]  # every other block
+    elif layout == "transposed" and dims >= 3:
+        x = x.transpose(1, -1).contiguous().transpose(1, -1)
+    weight_dtype = rng.choice([None, torch.float32, dtype])
+    weight = bias = None
+    if weight_dtype is not None:
+        weight = (torch.rand(c, generator=gen) + 0.5).to(weight_dtype)
+        if rng.random() < 0.2:
+            weight = torch.stack([weight, weight], dim=1)[:, 0]  # strided
+        if rng.random() < 0.8:
+            bias = torch.randn(c, generator=gen).to(weight_dtype)
+    residual = None
+    if rng.random() < 0.35:
+        residual = torch.randn(shape, generator=gen).to(rng.choice([dtype, torch.float32]))
+        if dims == 4 and rng.random() < 0.3:
+            residual = residual.contiguous(memory_format=torch.channels_last)
+    track = not training or rng.random() < 0.8
+    running_mean = running_var = num_batches_tracked = None
+    if track:
+        stats_dtype = torch.float64 if rng.random() < 0.1 else torch.float32
+        running_mean = (torch.randn(c, generator=gen) * 0.1).to(stats_dtype)
+        running_var = (torch.rand(c, generator=gen) + 0.5).to(stats_dtype)
+        num_batches_tracked = torch.tensor(rng.choice([0, 3]))
+    momentum = rng.choice([0.1, None, 0.0, 1.0, 0.3]) if training else 0.1
+    if momentum is None and num_batches_tracked is None:
+        momentum = 0.1
+    return {
+        "x": x, "weight": weight, "bias": bias, "residual": residual,
+        "running_mean": running_mean, "running_var": running_var,
+        "num_batches_tracked": num_batches_tracked, "momentum": momentum,
+        "eps": rng.choice([1e-5, 0.0, 0.1]), "activation": rng.choice(ACTIVATIONS),
+        "training": training, "wants_grad": [rng.random() < p for p in (0.8, 0.7, 0.7, 0.6)],
+        "dy_seed": seed + 1}
+
+
+def _run(case: dict, backend: str, device: str) -> dict:
+    """One forward (and backward, where some input wants a gradient) on copies of the
+    case's tensors; what it gave and what it left in the running buffers."""
+    def copy(t):
+        return None if t is None else t.detach().clone().to(device)
+    x, weight, bias, residual = (copy(case[k]) for k in ("x", "weight", "bias", "residual"))
+    state = [copy(case[k]) for k in ("running_mean", "running_var", "num_batches_tracked")]
+    leaves = []
+    for t, wants in zip((x, weight, bias, residual), case["wants_grad"]):
+        if t is not None and wants:
+            leaves.append(t.requires_grad_())
+    with backends.using(backend):
+        y = F.batch_norm(x, state[0], state[1], weight, bias, case["training"],
+                         case["momentum"], case["eps"], activation=case["activation"],
+                         residual=residual, num_batches_tracked=state[2])
+        grads = ()
+        if leaves:
+            dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(case["dy_seed"]))
+            grads = torch.autograd.grad(y, leaves, dy.to(y.dtype).to(device))
+    # the layout: strides of the dimensions longer than 1 (the others' do not matter)
+    layout = [s for s, n in zip(y.stride(), y.shape) if n > 1]
+    return {"y": y.detach(), "layout": layout, "state": state, "grads": grads}
+
+
+@pytest.mark.parametrize("seed", SEEDS, ids=lambda s: f"seed{s}")
+def test_random_case_gives_what_the_portable_backend_gives(backend, seed):
+    if backend.name == "portable":
+        pytest.skip("the portable backend is the oracle here")
+    case = _random_case(seed)
+    want = _run(case, "portable", backend.device)
+    got = _run(case, backend.name, backend.device)
+    rtol, atol = TOLERANCES[case["x"].dtype]
+    # scaled as the parity suite's half types and sums are: values up to ~100 in size
+    torch.testing.assert_close(got["y"], want["y"], rtol=rtol * 4, atol=atol * 4,
+                               equal_nan=True)
+    assert got["layout"] == want["layout"]
+    for g, w in zip(got["state"], want["state"]):
+        if w is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g, w, rtol=max(rtol, 1e-5), atol=max(atol, 1e-5))
+    assert len(got["grads"]) == len(want["grads"])
+    for g, w in zip(got["grads"], want["grads"]):
+        torch.testing.assert_close(g, w, rtol=rtol * 40, atol=atol * 40, equal_nan=True)
