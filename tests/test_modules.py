@@ -242,7 +242,8 @@ def _bytes_kept_for_backward(module, x) -> int:
     kept = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
         y = module(x)
-    kept += getattr(y.grad_fn, "backend_saved", None) or ()
+    if isinstance(module, batchnorm.BatchNorm2d):
+        kept += y.grad_fn.backend_saved or ()
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept}
     return sum(storages.values())
 
