@@ -20,6 +20,7 @@ every launch through ``kernel[grid]``.
 from __future__ import annotations
 
 import os
+from operator import itemgetter
 
 import torch
 from torch import Tensor
@@ -74,6 +75,10 @@ class _Kernel:
         self.constexprs = tuple(p.name for p in fn.params if p.is_constexpr)
         if any(p.is_constexpr for p in fn.params[:len(fn.params) - len(self.constexprs)]):
             raise TypeError(f"{fn.__name__}: launch() needs the constexpr parameters last")
+        # their values in signature order, as a tuple, from launch()'s keyword arguments
+        # (itemgetter of one name gives the value itself)
+        get = itemgetter(*self.constexprs) if self.constexprs else lambda _: ()
+        self.constexpr_values = get if len(self.constexprs) != 1 else lambda kw: (get(kw),)
         self.compiled: dict = {}
 
 
@@ -91,8 +96,9 @@ def launch(fn, grid: tuple, *args, num_warps: int, **constexprs) -> None:
     kernel = _KERNELS.get(id(fn))
     if kernel is None:
         kernel = _KERNELS[id(fn)] = _Kernel(fn)
-    values = tuple(constexprs[name] for name in kernel.constexprs)
-    device = driver.active.get_current_device()
+    values = kernel.constexpr_values(constexprs)
+    active = driver.active
+    device = active.get_current_device()
     key = (device, num_warps, values, *map(_arg_key, args))
     compiled = kernel.compiled.get(key)
     if compiled is None:
@@ -102,7 +108,7 @@ def launch(fn, grid: tuple, *args, num_warps: int, **constexprs) -> None:
                 kernel.compiled.clear()
             kernel.compiled[key] = compiled
         return
-    stream = driver.active.get_current_stream(device)
+    stream = active.get_current_stream(device)
     compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
                  stream, compiled.function, compiled.packed_metadata, None, None, None,
                  *args, *values)
