@@ -8,7 +8,8 @@ cumulative average), eps (0 included), an activation, training or evaluation, an
 inputs want a gradient. Every backend must give what the portable backend (plain torch
 ops, itself checked against torch and the float64 reference by the parity suite) gives:
 the output and its layout, the running statistics, num_batches_tracked and the gradients.
-A failing seed reproduces on its own: ``pytest tests/test_random_cases.py -k "seed7"``.
+The seed decides all of a case's data: a failing case reruns alone by its test id
+(``...[cpu-cpu-seed7]``).
 """
 
 import math
