@@ -334,6 +334,28 @@ def test_fused_entry_points_read_any_layout_by_address(dtype):
     assert_close(got[0], ref, dtype)
 
 
+@pytest.mark.parametrize("buffers", ["same", "other dtype", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_eval_for_y_alone_reads_the_running_buffers(dtype, buffers):
+    """When the caller keeps y alone, evaluation hands the kernel the running buffers
+    themselves where their dtype and layout allow (no copies), and gives the same y; the
+    buffers are not touched, and the statistics are not returned."""
+    gen = torch.Generator().manual_seed(13)
+    shape, c = (6, 4, 9), 4
+    x = _data(shape, dtype, gen, loc=50.0)
+    w, b = _data((c,), dtype, gen), _data((c,), dtype, gen)
+    other = torch.float64 if dtype == torch.float32 else torch.float32
+    rm = _data((c, 2), dtype if buffers != "other dtype" else other, gen)[:, 0] + 50.0
+    rv = torch.rand(c, 2, dtype=rm.dtype)[:, 1] + 0.5
+    if buffers != "strided":
+        rm, rv = rm.contiguous(), rv.contiguous()
+    before = rm.clone(), rv.clone()
+    want = cpu.batch_norm_forward(x, w, b, None, rm, rv, 1e-5, "relu", 0.0)
+    got = cpu.batch_norm_forward(x, w, b, None, rm, rv, 1e-5, "relu", 0.0, need_stats=False)
+    assert torch.equal(got[0], want[0]) and got[1] is None and got[2] is None
+    assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
+
+
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_running_update_matches_torch_ops(momentum, dtype):

@@ -487,6 +487,44 @@ def test_fused_eval_matches_ops(shape, affine, buffers, monkeypatch):
         assert (got is None and want is None) or torch.equal(got, want)
 
 
+@pytest.mark.parametrize("case", [
+    (torch.float32, torch.float32, True, False, "relu"),
+    (torch.bfloat16, torch.float32, True, True, "leaky_relu"),
+    (torch.float32, torch.float64, False, True, "silu"),
+    (torch.float64, torch.float32, True, False, "none"),
+    (torch.float16, torch.float16, False, False, "gelu"),
+], ids=["f32", "bf16-res", "f64-buffers", "f64", "f16-buffers"])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[-1]], ids=_id)
+def test_eval_for_y_alone_is_one_launch(shape, case, monkeypatch):
+    """When the caller keeps y alone (no autograd), evaluation normalizes straight from
+    the running buffers: one launch instead of two, and the same y (values equal, the
+    sign of a zero aside)."""
+    dtype, buffers, affine, residual, act = case
+    x = _data(shape, dtype, mean=1e3 if dtype != torch.bfloat16 else 0.0)
+    c = x.shape[1]
+    w, b = _params(c, torch.float32 if dtype == torch.bfloat16 else dtype) if affine else (
+        None, None)
+    r = _data(shape, dtype) if residual else None
+    rm = (torch.randn(c, dtype=torch.float64) * 3 + 1e3).to(buffers).to(DEVICE)
+    rv = (torch.rand(c, dtype=torch.float64) + 0.5).to(buffers).to(DEVICE)
+    before = rm.clone(), rv.clone()
+    args = (x, w, b, r, rm, rv, 1e-3, act, 0.1)
+    launched = []
+    real_launch = tb.launch
+    monkeypatch.setattr(tb, "launch", lambda fn, *a, **k: launched.append(fn) or
+                        real_launch(fn, *a, **k))
+    with backends.using("triton"):
+        y2, *_ = tb.batch_norm_forward(*args)
+        assert len(launched) == 2
+        launched.clear()
+        y, mean, var, updated, saved = tb.batch_norm_forward(*args, need_stats=False)
+    assert launched == [tb._elementwise.normalize_running_kernel]
+    assert mean is None and var is None and saved is None and not updated
+    assert y.dtype == dtype and y.stride() == x.stride()
+    assert torch.equal(y, y2)
+    assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[-1]], ids=_id)
 def test_fused_backward_saved_rows(shape, dtype):

@@ -242,14 +242,16 @@ def _batch_norm_forward(x, weight, bias, residual, running_mean, running_var, ep
 
 
 def _forward(x, weight, bias, residual, running_mean, running_var, eps, activation, slope,
-             update, channels_last=False):
+             update, channels_last=False, need_stats=True):
     """:func:`_batch_norm_forward` of x as given ((N, C, *), channels-last when
     ``channels_last``; y in the same shape and format), plus the backend that ran it and
     what that backend keeps for its ``batch_norm_backward`` (``saved``, or None).
 
     A backend's ``batch_norm_forward`` hook returns ``(y, mean, var, updated, saved)``:
     ``updated`` whether it did the running update, ``saved`` its own per-channel results
-    (or None) that its ``batch_norm_backward`` takes back as ``saved=``.
+    (or None) that its ``batch_norm_backward`` takes back as ``saved=``. Without
+    ``need_stats`` (the caller keeps y alone) a hook may return None for mean, var and
+    saved, except where ops still needs them for the running update.
     """
     backend = backends.select(x)
     fused = getattr(backend, "batch_norm_forward", None)
@@ -258,7 +260,7 @@ def _forward(x, weight, bias, residual, running_mean, running_var, eps, activati
         # where the buffers allow, the running update too): the dozen torch ops on [C]
         # tensors would cost more than a small input's whole computation
         out = fused(x, weight, bias, residual, running_mean, running_var, eps, activation,
-                    slope, update, channels_last)
+                    slope, update, channels_last, need_stats)
         if out is not None:
             y, mean, var, updated, saved = out
             if update is not None and not updated:
@@ -513,7 +515,7 @@ def batch_norm(input, weight, bias, residual, running_mean, running_var, eps, ac
         # nothing to differentiate: autograd.Function.apply alone costs about as much as
         # torch's whole batch norm on a small input (~15-40 µs on the 2-core CPU machine)
         return _forward(input, weight, bias, residual, running_mean, running_var, eps,
-                        activation, slope, update, channels_last)[0]
+                        activation, slope, update, channels_last, need_stats=False)[0]
     x = to_kernel_view(input, channels_last)
     r = to_kernel_view(residual, channels_last) if residual is not None else None
     y, mean, var = batch_norm_op(x, weight, bias, r, running_mean, running_var, eps,

@@ -388,14 +388,19 @@ _LIKE = {torch.float32: np.float32(0), torch.float64: np.float64(0)}
 
 
 def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps,
-                       activation, slope, update=None, channels_last=False):
+                       activation, slope, update=None, channels_last=False,
+                       need_stats=True):
     """``ops._batch_norm_forward``: ``(y, mean, var, updated, None)``, y in x's shape and memory
     format; mean in float64 in training. x is dense: contiguous, or channels-last
     (``ops.is_channels_last``) when ``channels_last``; the kernels read it by address.
     ``update`` (training only): ``(running_mean, running_var, num_batches_tracked,
     momentum)`` to move towards the batch statistics, done here after the normalize when
-    the buffers suit the kernel (``updated`` True), else left to ops. None for what it
-    does not take (halves, empty tensors)."""
+    the buffers suit the kernel (``updated`` True), else left to ops. In evaluation the
+    returned mean and var are copies of the running buffers (ops saves them for backward,
+    and the buffers may move before it runs), unless ``need_stats`` is False: the caller
+    keeps y alone, the kernel reads the buffers themselves where their dtype and layout
+    allow, and mean and var come back None.
+    None for what it does not take (halves, empty tensors)."""
     acc = x.dtype
     if acc not in _DTYPES or x.numel() == 0:
         return None
@@ -406,12 +411,12 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
     res = _laid_out_as(residual, x)
     code, like = K.ACT_CODES[activation], _LIKE[acc]
     if running_mean is not None:
-        mean = running_mean.to(acc, copy=True)
-        var = running_var.to(acc, copy=True)
+        mean = running_mean.to(acc, copy=need_stats).contiguous()
+        var = running_var.to(acc, copy=need_stats).contiguous()
         K.FORWARD_EVAL[view][build](
             x.data_ptr(), n, c, l_, mean.data_ptr(), var.data_ptr(), float(eps), count, _at(w),
             _at(b), _at(res), code, float(slope), esplit, y.data_ptr(), like, like)
-        return y, mean, var, False, None
+        return (y, mean, var, False, None) if need_stats else (y, None, None, False, None)
     mean = torch.empty(c, dtype=torch.float64)
     var = torch.empty(c, dtype=acc)
     running = _running_at(*update, acc) if update is not None else None

@@ -167,6 +167,26 @@ def _launch_normalize(x, y, g, residual, mean_k, invstd, weight, bias_k, act, hi
            num_warps=plan["warps"])
 
 
+def _launch_normalize_running(x, y, g, residual, running_mean, running_var, weight, bias,
+                              eps, act, hi, lo, plan=None):
+    """Evaluation's normalize straight from the running statistics, in one launch where
+    :func:`_reduce.prepare` then :func:`_launch_normalize` take two; ``plan`` as there
+    (the shape's normalize plan serves both)."""
+    if plan is None:
+        plan = _plans.chosen("normalize", g, x) or _plans.choose(
+            "normalize", g, x, lambda p: _launch_normalize_running(
+                x, y, g, residual, running_mean, running_var, weight, bias, eps, act, hi, lo,
+                p))
+    eps_hi, eps_lo = split_float(eps)
+    launch(_elementwise.normalize_running_kernel, plan["grid"],
+           x, y, _dummy(residual, x), running_mean, running_var,
+           _dummy(weight, running_mean), _dummy(bias, running_mean), plan["R"], plan["K"],
+           plan["C"], hi, lo, eps_hi, eps_lo, CL=plan["CL"], ACT=act,
+           HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None,
+           F64=acc_dtype(x.dtype) == torch.float64, BLOCK_R=plan["BLOCK_R"],
+           BLOCK_K=plan["BLOCK_K"], num_warps=plan["warps"])
+
+
 def _launch_backward_partials(dy, x, g, plan, part, mean_k, invstd, weight, bias_k,
                               residual, act, hi, lo) -> None:
     """Stage 1 of the backward reduction into ``part`` (Σdz and Σdz·x̂ planes of [P, C])."""
@@ -349,14 +369,17 @@ def backward_elementwise(
 
 
 def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps,
-                       activation, slope, update=None, channels_last=False):
+                       activation, slope, update=None, channels_last=False,
+                       need_stats=True):
     """``ops._batch_norm_forward``: ``(y, mean, var, updated, saved)``.
 
     Training, three launches: the statistics' stage 1; stage 2 with the C-sized math ops
     would do with a dozen torch kernels (var, invstd, the float64-mean centring) and, with
     a fixed momentum, the running update (``updated`` True; otherwise ops launches
     :func:`update_running_stats`); normalize. Evaluation, two: the coefficients from the
-    running statistics (:func:`_reduce.prepare`), normalize. ``saved`` is the four [C] rows
+    running statistics (:func:`_reduce.prepare`), normalize; one without ``need_stats``
+    (the caller uses y alone: mean, var and saved come back None), which normalizes
+    straight from the running statistics. ``saved`` is the four [C] rows
     (mean_k, invstd, bias_k, shift), contiguous in this order in one buffer, which
     :func:`batch_norm_backward` takes back instead of recomputing them. None (ops then
     takes its own path) for empty inputs, for what ``supports`` declines, and in
@@ -377,6 +400,11 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
     c, acc, device = g.c, acc_dtype(x.dtype), x.device
     updated = False
     with _device_guard(x):
+        if running_mean is not None and not need_stats:
+            y = torch.empty_like(x)
+            _launch_normalize_running(x, y, g, residual, running_mean, running_var, weight,
+                                      bias, eps, act, hi, lo)
+            return y, None, None, False, None
         if running_mean is not None:
             coef = torch.empty((6, c), dtype=acc, device=device)
             _launch_prepare(running_mean, running_var, weight, bias, coef, c, eps, copy=True)

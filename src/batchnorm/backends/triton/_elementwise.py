@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._activation import activate
-from ._reduce import _dz
+from ._reduce import _dz, _invstd
 
 
 @triton.jit
@@ -33,10 +33,9 @@ def _tile(t, R, K, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _channel(ptr, rows, cols, R, K, C, acc_ptr, CL: tl.constexpr):
-    """A per-channel [C] vector, read for this tile in acc_ptr's dtype and shaped to
+def _channel(ptr, rows, cols, R, K, C, acc_ty: tl.constexpr, CL: tl.constexpr):
+    """A per-channel [C] vector, read for this tile in the dtype ``acc_ty`` and shaped to
     broadcast against the tile."""
-    acc_ty = acc_ptr.dtype.element_ty
     if CL:
         v = tl.load(ptr + cols, mask=cols < K, other=0.0).to(acc_ty)[None, :]
     else:
@@ -45,27 +44,58 @@ def _channel(ptr, rows, cols, R, K, C, acc_ptr, CL: tl.constexpr):
 
 
 @triton.jit
+def _normalize_tile(t, x_ptr, y_ptr, r_ptr, mean_ptr, scale_ptr, w_ptr, b_ptr, R, K, C,
+                    slope_hi, slope_lo, eps_hi, eps_lo, acc_ty: tl.constexpr,
+                    CL: tl.constexpr, ACT: tl.constexpr, HAS_W: tl.constexpr,
+                    HAS_B: tl.constexpr, HAS_RES: tl.constexpr, FROM_VAR: tl.constexpr,
+                    F64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y = act(w·(x − mean)·invstd + b + r) on tile t; with ``FROM_VAR`` scale_ptr holds
+    the variance and invstd is formed here (``_reduce._invstd``), else it holds invstd."""
+    rows, cols, mask, off = _tile(t, R, K, BLOCK_R, BLOCK_K)
+    scale = _channel(scale_ptr, rows, cols, R, K, C, acc_ty, CL)
+    if FROM_VAR:
+        scale = _invstd(scale, eps_hi, eps_lo, F64)
+    if HAS_W:
+        scale = scale * _channel(w_ptr, rows, cols, R, K, C, acc_ty, CL)
+    mu = _channel(mean_ptr, rows, cols, R, K, C, acc_ty, CL)
+    x = tl.load(x_ptr + off, mask=mask, other=0.0).to(acc_ty)
+    z = (x - mu) * scale
+    if HAS_B:
+        z = z + _channel(b_ptr, rows, cols, R, K, C, acc_ty, CL)
+    if HAS_RES:
+        z = z + tl.load(r_ptr + off, mask=mask, other=0.0).to(acc_ty)
+    y = activate(z, ACT, slope_hi, slope_lo)
+    tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def normalize_kernel(x_ptr, y_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, R, K, C,
                      slope_hi, slope_lo, CL: tl.constexpr, ACT: tl.constexpr,
                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y = act(w·(x − mean)·invstd + b + r)."""
-    acc_ty = mean_ptr.dtype.element_ty
+    """y = act(w·(x − mean)·invstd + b + r), mean and invstd in the acc dtype."""
     n_tiles = tl.cdiv(R, BLOCK_R) * tl.cdiv(K, BLOCK_K)
     for t in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
-        rows, cols, mask, off = _tile(t, R, K, BLOCK_R, BLOCK_K)
-        scale = _channel(invstd_ptr, rows, cols, R, K, C, mean_ptr, CL)
-        if HAS_W:
-            scale = scale * _channel(w_ptr, rows, cols, R, K, C, mean_ptr, CL)
-        mu = _channel(mean_ptr, rows, cols, R, K, C, mean_ptr, CL)
-        x = tl.load(x_ptr + off, mask=mask, other=0.0).to(acc_ty)
-        z = (x - mu) * scale
-        if HAS_B:
-            z = z + _channel(b_ptr, rows, cols, R, K, C, mean_ptr, CL)
-        if HAS_RES:
-            z = z + tl.load(r_ptr + off, mask=mask, other=0.0).to(acc_ty)
-        y = activate(z, ACT, slope_hi, slope_lo)
-        tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
+        _normalize_tile(t, x_ptr, y_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, R, K, C,
+                        slope_hi, slope_lo, 0.0, 0.0, mean_ptr.dtype.element_ty, CL, ACT,
+                        HAS_W, HAS_B, HAS_RES, False, False, BLOCK_R, BLOCK_K)
+
+
+@triton.jit
+def normalize_running_kernel(x_ptr, y_ptr, r_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, R, K, C,
+                             slope_hi, slope_lo, eps_hi, eps_lo, CL: tl.constexpr,
+                             ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                             HAS_RES: tl.constexpr, F64: tl.constexpr,
+                             BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Evaluation in one launch: normalize straight from the running statistics (any
+    floating dtype), rounded to the acc dtype (float64 with ``F64``, else float32) as
+    ``_reduce.prepare`` rounds them, so y is bit for bit the two-launch y."""
+    acc_ty = tl.float64 if F64 else tl.float32
+    n_tiles = tl.cdiv(R, BLOCK_R) * tl.cdiv(K, BLOCK_K)
+    for t in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        _normalize_tile(t, x_ptr, y_ptr, r_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, R, K, C,
+                        slope_hi, slope_lo, eps_hi, eps_lo, acc_ty, CL, ACT, HAS_W, HAS_B,
+                        HAS_RES, True, F64, BLOCK_R, BLOCK_K)
 
 
 # The backward of y = act(z), z = w·x̂ + b + r, x̂ = (x − μ)·σ⁻¹, where μ and
@@ -97,14 +127,14 @@ def backward_kernel(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, sd
     n_tiles = tl.cdiv(R, BLOCK_R) * tl.cdiv(K, BLOCK_K)
     for t in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
         rows, cols, mask, off = _tile(t, R, K, BLOCK_R, BLOCK_K)
-        mu = _channel(mean_ptr, rows, cols, R, K, C, mean_ptr, CL)
-        inv = _channel(invstd_ptr, rows, cols, R, K, C, mean_ptr, CL)
+        mu = _channel(mean_ptr, rows, cols, R, K, C, acc_ty, CL)
+        inv = _channel(invstd_ptr, rows, cols, R, K, C, acc_ty, CL)
         if HAS_W:
-            w = _channel(w_ptr, rows, cols, R, K, C, mean_ptr, CL)
+            w = _channel(w_ptr, rows, cols, R, K, C, acc_ty, CL)
         else:
             w = 1.0
         if HAS_B:
-            b = _channel(b_ptr, rows, cols, R, K, C, mean_ptr, CL)
+            b = _channel(b_ptr, rows, cols, R, K, C, acc_ty, CL)
         else:
             b = 0.0
         x = tl.load(x_ptr + off, mask=mask, other=0.0).to(acc_ty)
@@ -118,8 +148,8 @@ def backward_kernel(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, sd
         if TRAIN:
             # count is an integer argument: dividing the acc-dtype sums by it keeps float64
             # exact where a float32 1/count would not be.
-            mean_dz = _channel(sdz_ptr, rows, cols, R, K, C, mean_ptr, CL) / count
-            mean_dzx = _channel(sdzx_ptr, rows, cols, R, K, C, mean_ptr, CL) / count
+            mean_dz = _channel(sdz_ptr, rows, cols, R, K, C, acc_ty, CL) / count
+            mean_dzx = _channel(sdzx_ptr, rows, cols, R, K, C, acc_ty, CL) / count
             g = dz - mean_dz - xhat * mean_dzx
         dx = g * (inv * w)
         tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
