@@ -89,7 +89,7 @@ def normalize_running_kernel(x_ptr, y_ptr, r_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, 
                              BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """Evaluation in one launch: normalize straight from the running statistics (any
     floating dtype), rounded to the acc dtype (float64 with ``F64``, else float32) as
-    ``_reduce.prepare`` rounds them, so y is bit for bit the two-launch y."""
+    ``_reduce.prepare`` rounds them: y has the two-launch y's values (a zero's sign aside)."""
     acc_ty = tl.float64 if F64 else tl.float32
     n_tiles = tl.cdiv(R, BLOCK_R) * tl.cdiv(K, BLOCK_K)
     for t in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
