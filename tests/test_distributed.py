@@ -367,6 +367,26 @@ def test_convert_a_single_layer_returns_a_new_one():
         bd.convert_sync_batchnorm(batchnorm.LazyBatchNorm2d())
 
 
+def test_convert_and_revert_keep_a_frozen_layer_frozen():
+    """A frozen layer keeps its running statistics through both conversions, and unfreeze
+    afterwards still gives back what freeze(affine=True) took."""
+    x = torch.randn(8, 4, 3, 3) * 3 + 2
+    model = nn.Sequential(batchnorm.BatchNorm2d(4), nn.BatchNorm2d(4))
+    batchnorm.freeze(model, affine=True)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    synced = bd.convert_sync_batchnorm(model)
+    assert all(m.frozen for m in synced)
+    synced(x)
+    reverted = bd.revert_sync_batchnorm(synced)
+    assert all(m.frozen for m in reverted)
+    reverted(x)
+    assert all(torch.equal(reverted.state_dict()[k], v) for k, v in before.items())
+    batchnorm.unfreeze(reverted)
+    assert all(p.requires_grad for p in reverted.parameters())
+    assert not any(m.frozen for m in reverted)
+
+
 @pytest.mark.parametrize("shape", [(6, 3), (6, 3, 5), (4, 3, 2, 5), (2, 3, 2, 3, 2)])
 def test_without_a_process_group_it_is_batchnorm(shape):
     assert not dist.is_initialized()
@@ -394,6 +414,26 @@ def test_world_of_one_is_batchnorm(tmp_path):
         assert torch.equal(y, y_local) and torch.equal(g_sync, g_local)
         with pytest.raises(ValueError, match="more than 1 value per channel"):
             sync(torch.randn(1, 3))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_outside_the_group_runs_local_batchnorm(tmp_path, monkeypatch):
+    """torch.distributed answers -1 for the size of a group this rank is not in; the
+    module then normalizes locally, as torch's SyncBatchNorm does, and the functional form,
+    which only the group's ranks may call, says so."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0,
+                            world_size=1)
+    try:
+        monkeypatch.setattr(bd.dist, "get_world_size", lambda group=None: -1)
+        assert bd.world_size(object()) == -1
+        torch.manual_seed(5)
+        x = torch.randn(4, 3, 5)
+        sync, local = bd.SyncBatchNorm(3, activation="relu"), bd.BatchNormNd(3, activation="relu")
+        assert torch.equal(sync(x), local(x))
+        assert torch.equal(sync.running_mean, local.running_mean)
+        with pytest.raises(ValueError, match="not a member of process_group"):
+            bd.sync_batch_norm(x, None, None, None, None, 0.1, 1e-5)
     finally:
         dist.destroy_process_group()
 

@@ -73,7 +73,8 @@ __all__ = [
 
 
 def world_size(process_group=None) -> int:
-    """Ranks in ``process_group`` (the default group for None); 1 without torch.distributed."""
+    """Ranks in ``process_group`` (the default group for None); 1 without torch.distributed,
+    -1 on a rank that is not a member of ``process_group`` (torch's answer there)."""
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(process_group)
@@ -219,6 +220,10 @@ def sync_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Ten
     count after it, and the running statistics change last.
     """
     ranks = world_size(process_group)
+    if ranks < 1:
+        raise ValueError(f"sync_batch_norm: this rank ({dist.get_rank()}) is not a member of "
+                         f"process_group: call it on the group's ranks only (SyncBatchNorm "
+                         f"runs local batch norm on the others, as torch's does)")
     _validate(input, running_mean, running_var, weight, bias, momentum, eps, residual,
               num_batches_tracked)
     shape = input.shape
@@ -286,8 +291,10 @@ class SyncBatchNorm(_BatchNorm):
             _check_rank(type(self).__name__, input, (), "at least 2D")
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
-        # Eval and frozen layers use the running statistics: nothing to synchronize.
-        if not self.training or self.frozen or world_size(self.process_group) == 1:
+        # Eval and frozen layers use the running statistics: nothing to synchronize. A world
+        # of one has no one to synchronize with, and a rank outside process_group (size -1)
+        # none either: torch's SyncBatchNorm runs local batch norm on both.
+        if not self.training or self.frozen or world_size(self.process_group) <= 1:
             return super().forward(input, residual)
         self._check_input_dim(input)
         tracking = self.track_running_stats
@@ -324,13 +331,19 @@ def _is_batchnorm(module: nn.Module) -> bool:
 
 def _move_state(src: nn.Module, dst: nn.Module) -> nn.Module:
     """dst takes src's parameters and buffers (the same tensors: optimizers and other
-    references stay valid, device and dtype are kept), and its training mode."""
+    references stay valid, device and dtype are kept), its training mode, and its
+    ``frozen`` state with what :func:`batchnorm.unfreeze` restores (ours only: torch's
+    layers cannot be frozen)."""
     with torch.no_grad():
         for name in ("weight", "bias"):
             setattr(dst, name, getattr(src, name, None))
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             dst.register_buffer(name, getattr(src, name, None))
     dst.train(src.training)
+    if isinstance(src, _BatchNorm):
+        dst.frozen = src.frozen
+        if "_affine_frozen_by_freeze" in src.__dict__:  # batchnorm.freeze(affine=True)'s record
+            dst._affine_frozen_by_freeze = list(src._affine_frozen_by_freeze)
     if hasattr(src, "qconfig"):
         dst.qconfig = src.qconfig
     return dst
@@ -357,7 +370,7 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
 
     Converts our BatchNorm1d/2d/3d and SyncBatchNorm and torch's ``nn.BatchNorm1d/2d/3d``
     and ``nn.SyncBatchNorm``, keeping parameters and buffers (the same tensors), device,
-    dtype, training mode and fused activation. Returns the converted module (a new object
+    dtype, training mode, ``frozen`` state and fused activation. Returns the converted module (a new object
     when ``module`` itself is a batch-norm layer, else ``module`` changed in place), as
     ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does. The original class is recorded
     for :func:`revert_sync_batchnorm`.
