@@ -412,12 +412,12 @@ def _population_stats(model, batches):
     probe = copy.deepcopy(model).train()
 
     def keep(name):
-        def hook(module, args):
-            x = args[0].detach()
+        def hook(module, args, kwargs):
+            x = (args[0] if args else kwargs["input"]).detach()
             seen.setdefault(name, []).append(x.transpose(0, 1).reshape(x.shape[1], -1))
         return hook
 
-    hooks = [m.register_forward_pre_hook(keep(n))
+    hooks = [m.register_forward_pre_hook(keep(n), with_kwargs=True)
              for n, m in probe.named_modules() if tools._common.is_any_bn(m)]
     with torch.no_grad():
         for b in batches:
@@ -472,6 +472,68 @@ def test_recalibrate_restores_modes_limits_batches_and_skips_frozen(capsys):
     assert "recalibrate: done, 3 batches" in capsys.readouterr().err or True  # tqdm may be used
     with pytest.raises(ValueError, match="no batches"):
         batchnorm.recalibrate(model, [], progress=False)
+
+
+def _bn_state(model):
+    """Every batch norm's running statistics, momentum and training flag, copied."""
+    return {n: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(),
+                m.momentum, m.training)
+            for n, m in model.named_modules() if getattr(m, "running_mean", None) is not None}
+
+
+def _assert_same_bn_state(model, before):
+    after = _bn_state(model)
+    assert after.keys() == before.keys()
+    for n, (mean, var, tracked, momentum, training) in before.items():
+        a_mean, a_var, a_tracked, a_momentum, a_training = after[n]
+        assert torch.equal(a_mean, mean) and torch.equal(a_var, var), n
+        assert torch.equal(a_tracked, tracked), n
+        assert (a_momentum, a_training) == (momentum, training), n
+
+
+@pytest.mark.parametrize("ours", [False, True], ids=["torch", "ours"])
+@pytest.mark.parametrize("where", ["loader", "forward"])
+def test_recalibrate_failure_leaves_statistics_as_they_were(ours, where):
+    model, x = make("mlp")
+    if ours:
+        batchnorm.convert(model)
+    model.eval()
+    model[4].momentum = None
+    before = _bn_state(model)
+
+    def batches():
+        yield x
+        yield x + 1
+        if where == "loader":
+            raise OSError("disk")
+        yield x[:, :2]  # the first Linear fails on it
+
+    with pytest.raises(OSError if where == "loader" else RuntimeError):
+        batchnorm.recalibrate(model, batches(), progress=False)
+    _assert_same_bn_state(model, before)
+    assert not model.training
+
+
+class _KeywordInput(nn.Module):
+    def __init__(self, bn):
+        super().__init__()
+        self.fc = nn.Linear(6, 4)
+        self.bn = bn
+
+    def forward(self, x):
+        return self.bn(input=self.fc(x))
+
+
+@pytest.mark.parametrize("bn", [nn.BatchNorm1d(4), batchnorm.BatchNorm1d(4)],
+                         ids=["torch", "ours"])
+def test_recalibrate_batch_norm_called_with_keyword_input(bn):
+    model = _KeywordInput(bn)
+    batches = [(torch.randn(5, 6, dtype=torch.float32), None) for _ in range(3)]
+    expected = _population_stats(model, batches)
+    seen = batchnorm.recalibrate(model, batches, progress=False)
+    assert seen == {"bn": 15}
+    torch.testing.assert_close(model.bn.running_mean, expected["bn"][0])
+    torch.testing.assert_close(model.bn.running_var, expected["bn"][1])
 
 
 def _recal_worker(rank, init_file, result_file):

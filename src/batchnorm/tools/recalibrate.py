@@ -12,6 +12,7 @@ per-batch variances; across processes the same merge runs as two all-reduces.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import sys
 
@@ -32,16 +33,21 @@ def _default_forward(model: nn.Module, batch):
 
 
 class _Accumulator:
-    """count (a Python int: shapes only, no device sync), mean and m2 in float64."""
+    """count (a Python int: shapes only, no device sync), mean and m2 in float64, of the
+    input of ``layer``: a forward pre-hook (with kwargs), so the input may come by position
+    or by name (``bn(input=x)``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, layer: nn.Module) -> None:
         self.count = 0
         self.mean: Tensor | None = None
         self.m2: Tensor | None = None
+        # The name of forward's first parameter: "input" for torch's and ours, whatever a
+        # subclass calls it otherwise.
+        self.input_name = next(iter(inspect.signature(layer.forward).parameters))
 
     @torch.no_grad()
-    def __call__(self, module: nn.Module, args) -> None:
-        x = args[0].detach()
+    def __call__(self, module: nn.Module, args, kwargs) -> None:
+        x = (args[0] if args else kwargs[self.input_name]).detach()
         c = x.shape[1]
         n = x.numel() // c if c else 0
         if n == 0:
@@ -106,6 +112,20 @@ def _plain_progress(iterable, total):
     print(f"recalibrate: done, {i} batches", file=sys.stderr, flush=True)
 
 
+def _saved_state(m: nn.Module) -> tuple:
+    return (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(),
+            m.momentum)
+
+
+@torch.no_grad()
+def _restore(m: nn.Module, state: tuple) -> None:
+    mean, var, tracked, momentum = state
+    m.momentum = momentum
+    m.running_mean.copy_(mean)
+    m.running_var.copy_(var)
+    m.num_batches_tracked.copy_(tracked)
+
+
 def recalibrate(model: nn.Module, batches, num_batches: int | None = None,
                 progress: bool = True, *, forward=None, device=None) -> dict[str, int]:
     """Recompute the running statistics of every batch norm in ``model`` as the exact
@@ -117,7 +137,9 @@ def recalibrate(model: nn.Module, batches, num_batches: int | None = None,
     values seen and ``running_var`` their *unbiased* variance (count − 1), as torch stores
     it; ``num_batches_tracked`` counts the calls. When ``torch.distributed`` is initialized,
     the statistics of all processes are merged (each process must call this). Afterwards
-    every module's training flag is restored.
+    every module's training flag is restored. If a batch or ``forward`` raises, every
+    layer's running statistics, ``num_batches_tracked`` and momentum are put back as they
+    were before the call, and the exception propagates.
 
     Args:
         model: a model with our or torch's batch norms. Frozen layers, ``FrozenBatchNorm*d``
@@ -140,11 +162,11 @@ def recalibrate(model: nn.Module, batches, num_batches: int | None = None,
     if not layers:
         raise ValueError("recalibrate(): the model has no batch norm with running statistics "
                          "to recalibrate (frozen layers are left alone)")
-    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
-             for _, m in layers]
-    accs = [_Accumulator() for _ in layers]
+    saved = [_saved_state(m) for _, m in layers]
+    accs = [_Accumulator(m) for _, m in layers]
     modes = [(m, m.training) for m in model.modules()]
-    handles = [m.register_forward_pre_hook(a) for (_, m), a in zip(layers, accs)]
+    handles = [m.register_forward_pre_hook(a, with_kwargs=True)
+               for (_, m), a in zip(layers, accs)]
     total = num_batches
     if hasattr(batches, "__len__"):
         total = len(batches) if num_batches is None else min(num_batches, len(batches))
@@ -162,20 +184,24 @@ def recalibrate(model: nn.Module, batches, num_batches: int | None = None,
                     batch = tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, batch)
                 forward(model, batch)
                 seen += 1
+        if distributed:
+            _all_reduce(layers, accs)
+    except BaseException:
+        # The training-mode forwards have reset and partly updated the running statistics
+        # (and Ctrl-C lands here too): give every layer back exactly what it had.
+        for (_, m), state in zip(layers, saved):
+            _restore(m, state)
+        raise
     finally:
         for h in handles:
             h.remove()
         for m, mode in modes:
             m.training = mode
-    if distributed:
-        _all_reduce(layers, accs)
     result = {}
     with torch.no_grad():
-        for (name, m), a, (rm, rv, nbt) in zip(layers, accs, saved):
+        for (name, m), a, state in zip(layers, accs, saved):
             if a.count == 0:  # never called: keep what it had
-                m.running_mean.copy_(rm)
-                m.running_var.copy_(rv)
-                m.num_batches_tracked.copy_(nbt)
+                _restore(m, state)
                 continue
             m.running_mean.copy_(a.mean.to(m.running_mean.dtype))
             m.running_var.copy_((a.m2 / max(a.count - 1, 1)).to(m.running_var.dtype))
