@@ -307,6 +307,36 @@ def test_fold_skips_layers_without_running_stats_and_handles_root():
     torch.testing.assert_close(affine(x), bn(x), rtol=1e-5, atol=1e-5)
 
 
+class _OwnResidual(nn.Module):
+    """The convolution's output is the batch norm's input *and* its residual: one user
+    node, two uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.bn = batchnorm.BatchNorm2d(3, activation="relu")
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y, residual=y)
+
+
+def test_fold_counts_every_use_of_the_layer_output():
+    model = _OwnResidual().eval()
+    randomize(model)
+    x = torch.randn(2, 3, 4, 4)
+    folded, report = batchnorm.fold(model)
+    assert report.folded == [] and report.scale_shift == ["bn"]
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_uses_counts_occurrences_not_user_nodes():
+    graph = tools._common.trace(_OwnResidual())
+    conv = next(n for n in graph.nodes if n.target == "conv")
+    assert len(conv.users) == 1 and tools._common.uses(conv) == 2
+
+
 # ---------------------------------------------------------------------------------------
 # freeze
 

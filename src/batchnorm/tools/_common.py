@@ -71,6 +71,23 @@ def module_calls(graph: torch.fx.Graph) -> dict[str, list[torch.fx.Node]]:
     return calls
 
 
+def uses(node: torch.fx.Node) -> int:
+    """How many times ``node``'s value is read: every occurrence in its users' args and
+    kwargs, nested ones included. ``node.users`` counts distinct user *nodes*, so
+    ``bn(y, residual=y)`` is one user but two uses."""
+    count = 0
+
+    def visit(arg: torch.fx.Node) -> torch.fx.Node:
+        nonlocal count
+        if arg is node:
+            count += 1
+        return arg
+
+    for user in node.users:
+        torch.fx.node.map_arg((user.args, user.kwargs), visit)
+    return count
+
+
 def sequential_pairs(model: nn.Module, first, second):
     """``(name_a, a, name_b, b)`` for consecutive children of plain ``nn.Sequential``s with
     ``first(a)`` and ``second(b)``. Only the exact class: a subclass may have its own

@@ -27,6 +27,7 @@ from ._common import (
     set_submodule,
     trace,
     use_counts,
+    uses,
 )
 
 _FUSABLE = tuple(F._ACTIVATION_MODULES)
@@ -139,7 +140,7 @@ def _fusion_pairs(model: nn.Module) -> list[tuple[str, str]]:
         src = node.args[0] if node.args else None
         if (len(node.args) != 1 or node.kwargs or not isinstance(src, torch.fx.Node)
                 or src.op != "call_module" or len(calls[src.target]) != 1
-                or len(src.users) != 1 or not bn_ok(model.get_submodule(src.target))):
+                or uses(src) != 1 or not bn_ok(model.get_submodule(src.target))):
             continue
         pairs.append((src.target, act_name))
     return pairs

@@ -24,6 +24,7 @@ from ._common import (
     set_submodule,
     trace,
     use_counts,
+    uses,
 )
 from .freeze import _FrozenBatchNorm
 
@@ -166,7 +167,7 @@ def _pairs(model: nn.Module) -> tuple[str, dict[str, str]]:
             continue
         src = nodes[0].args[0]
         if (isinstance(src, torch.fx.Node) and src.op == "call_module"
-                and len(calls[src.target]) == 1 and len(src.users) == 1):
+                and len(calls[src.target]) == 1 and uses(src) == 1):
             layer = model.get_submodule(src.target)
             if layer_ok(layer) and _compatible(layer, bn):
                 pairs[bn_name] = src.target
