@@ -337,6 +337,56 @@ def test_uses_counts_occurrences_not_user_nodes():
     assert len(conv.users) == 1 and tools._common.uses(conv) == 2
 
 
+class _TiedWeight(nn.Module):
+    """forward reads the Linear's weight directly, besides calling the Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.bn(self.fc(x)) + torch.nn.functional.linear(x, self.fc.weight, self.fc.bias)
+
+
+def test_fold_leaves_a_layer_whose_weight_is_read_elsewhere():
+    model = _TiedWeight().eval()
+    randomize(model)
+    x = torch.randn(3, 4)
+    folded, report = batchnorm.fold(model)
+    assert report.folded == [] and report.scale_shift == ["bn"]
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+class _Branchy(nn.Module):
+    """Wraps a model in control flow on a value, so that fold falls back to nn.Sequential."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        return self.body(x if x.sum() > 0 else -x)
+
+
+@pytest.mark.parametrize("traced", [True, False], ids=["fx", "sequential"])
+@pytest.mark.parametrize("shared", ["weight", "bias"])
+def test_fold_leaves_a_layer_whose_parameters_another_layer_shares(traced, shared):
+    body = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 4))
+    setattr(body[2], shared, getattr(body[0], shared))
+    model = (body if traced else _Branchy(body)).eval()
+    randomize(model)
+    x = torch.randn(3, 4)
+    folded, report = batchnorm.fold(model)
+    assert report.method == ("fx" if traced else "sequential")
+    assert report.folded == [] and len(report.scale_shift) == 1
+    fbody = folded if traced else folded.body
+    assert getattr(fbody[0], shared) is getattr(fbody[2], shared)  # still one parameter
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------
 # freeze
 

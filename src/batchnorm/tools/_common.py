@@ -46,6 +46,14 @@ def use_counts(model: nn.Module) -> dict[int, int]:
     return counts
 
 
+def parameter_counts(model: nn.Module) -> dict[int, int]:
+    """How many times each Parameter object appears in the module tree (tied weights)."""
+    counts: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    return counts
+
+
 class _LeafTracer(Tracer):
     """torch.fx tracer that keeps every batch-norm-like module of ours as one node."""
 

@@ -20,6 +20,7 @@ from ..ops import invstd_from_var
 from ._common import (
     is_any_bn,
     module_calls,
+    parameter_counts,
     sequential_pairs,
     set_submodule,
     trace,
@@ -150,16 +151,23 @@ def _fold_into(layer: nn.Module, s: Tensor, t: Tensor) -> None:
 
 def _pairs(model: nn.Module) -> tuple[str, dict[str, str]]:
     """``bn_name -> layer_name`` where the batch norm's only input is the layer's output, the
-    layer's output goes nowhere else, and neither is used twice."""
+    layer's output goes nowhere else, neither is used twice, and nothing else reads the
+    layer's weight or bias (a Parameter another module shares, or, when the model traces,
+    ``self.fc.weight`` read in a forward): folding rewrites them."""
     counts = use_counts(model)
+    param_counts = parameter_counts(model)
     once = lambda m: counts[id(m)] == 1
-    layer_ok = lambda m: _foldable(m) and once(m)
+    layer_ok = lambda m: _foldable(m) and once(m) and all(
+        param_counts[id(p)] == 1 for p in m.parameters())
     bn_ok = lambda m: is_any_bn(m) and once(m)
     graph = trace(model)
     if graph is None:
         return "sequential", {nb: nl for nl, layer, nb, bn in
                               sequential_pairs(model, layer_ok, bn_ok) if _compatible(layer, bn)}
     calls = module_calls(graph)
+    attributes_read = [node.target for node in graph.nodes if node.op == "get_attr"]
+    read_directly = lambda name: any(a == name or a.startswith(name + ".")
+                                     for a in attributes_read)
     pairs = {}
     for bn_name, nodes in calls.items():
         bn = model.get_submodule(bn_name)
@@ -167,7 +175,8 @@ def _pairs(model: nn.Module) -> tuple[str, dict[str, str]]:
             continue
         src = nodes[0].args[0]
         if (isinstance(src, torch.fx.Node) and src.op == "call_module"
-                and len(calls[src.target]) == 1 and uses(src) == 1):
+                and len(calls[src.target]) == 1 and uses(src) == 1
+                and not read_directly(src.target)):
             layer = model.get_submodule(src.target)
             if layer_ok(layer) and _compatible(layer, bn):
                 pairs[bn_name] = src.target
@@ -181,9 +190,11 @@ def fold(model: nn.Module) -> tuple[nn.Module, FoldReport]:
     Each batch norm (ours, torch's, frozen) whose input is the output of a ``Conv1d/2d/3d``,
     ``ConvTranspose1d/2d/3d`` or ``Linear`` used only there goes into that layer's weight
     and bias, and becomes a :class:`ChannelAffine` that only applies its fused activation
-    (and residual); any other becomes a ``ChannelAffine`` with its scale and shift. The
+    (and residual); any other becomes a ``ChannelAffine`` with its scale and shift. A layer
+    whose weight or bias is used elsewhere too (a Parameter shared with another module, or
+    one a ``forward`` reads directly, such as tied weights) is not folded into. The
     predecessors are found with ``torch.fx`` when the model traces, else by order in plain
-    ``nn.Sequential``. A ``Linear`` is assumed to produce ``(N, C)`` for the
+    ``nn.Sequential``; a direct read of a weight is seen only when the model traces. A ``Linear`` is assumed to produce ``(N, C)`` for the
     ``BatchNorm1d`` after it. Layers without running statistics are skipped.
 
     Raises ``RuntimeError`` for a model in training mode (or with a batch norm in training
