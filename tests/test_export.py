@@ -79,9 +79,24 @@ def test_export_without_running_stats_uses_standard_ops():
         torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-def test_folded_model_exports():
-    model, x = _ours("residual")
+@pytest.mark.parametrize("name", ["residual", "mlp"])
+def test_folded_model_exports(name):
+    # mlp: the ChannelAffine left by a Linear -> BatchNorm1d fold checks its input's rank.
+    model, x = _ours(name)
     folded, _ = batchnorm.fold(model)
     ep = torch.export.export(folded, (x,))
     with torch.no_grad():
         torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_folded_mlp_exports_to_onnx():
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    model, x = _ours("mlp")
+    folded, _ = batchnorm.fold(model)
+    program = torch.onnx.export(folded, (x,), dynamo=True, verbose=False)
+    session = ort.InferenceSession(program.model_proto.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(out), model(x), rtol=1e-5, atol=1e-5)

@@ -387,6 +387,22 @@ def test_fold_leaves_a_layer_whose_parameters_another_layer_shares(traced, share
         torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bn_cls", [nn.BatchNorm1d, batchnorm.BatchNorm1d, nn.SyncBatchNorm])
+def test_fold_linear_refuses_input_of_another_rank(bn_cls):
+    # On (N, L, C) the batch norm normalizes dim 1 = L, which a fold into the Linear's C
+    # outputs cannot express; with L == C nothing else would fail.
+    model = nn.Sequential(nn.Linear(4, 4), bn_cls(4)).eval()
+    randomize(model)
+    folded, report = batchnorm.fold(model)
+    assert report.folded == [("1", "0")]
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+        model(torch.randn(2, 4, 4))  # the original takes it (normalizing L)
+        with pytest.raises(ValueError, match=r"folded into the Linear.*\(N, C\).*3D"):
+            folded(torch.randn(2, 4, 4))
+
+
 # ---------------------------------------------------------------------------------------
 # freeze
 

@@ -52,18 +52,31 @@ class ChannelAffine(nn.Module):
     activation always runs in place on a tensor this module made: each fresh tensor an
     inference pass allocates costs page faults on the CPU (see DESIGN.md). The ops used
     in place do not need their input for backward, so autograd still works.
+
+    ``linear_input``: the batch norm went into a ``Linear`` (``fold`` sets it), which is
+    right only when its output is ``(N, C)``; any other rank raises ``ValueError``.
     """
 
     def __init__(self, scale: Tensor | None, shift: Tensor | None, activation: str = "none",
-                 slope: float = 0.0, inplace: bool = False) -> None:
+                 slope: float = 0.0, inplace: bool = False, linear_input: bool = False) -> None:
         super().__init__()
         self.register_buffer("scale", scale)
         self.register_buffer("shift", shift)
         self.activation, self.activation_slope = activation, slope
         self.inplace = inplace
+        self.linear_input = linear_input
         self.act = F.activation_module(activation, slope) or nn.Identity()
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        # On (N, L, C) the batch norm normalized dim 1 = L, not the Linear's C outputs the
+        # fold scaled: the folded model would silently disagree (nothing fails when L == C).
+        # The rank is static under torch.export and ONNX export, so the check exports away.
+        if self.linear_input and input.dim() != 2:
+            raise ValueError(
+                f"ChannelAffine: this batch norm was folded into the Linear before it, which "
+                f"is right only for (N, C) input, got {input.dim()}D input of shape "
+                f"{tuple(input.shape)}: the batch norm normalized dim 1 of it, not the "
+                f"Linear's features. Run the unfolded model for this input")
         y, owned = input, self.inplace
         if self.scale is not None:
             view = (-1,) + (1,) * (input.dim() - 2)
@@ -77,6 +90,7 @@ class ChannelAffine(nn.Module):
 
     def extra_repr(self) -> str:
         text = "folded" if self.scale is None else f"{self.scale.shape[0]}"
+        text += ", (N, C) input only" if self.linear_input else ""
         return text + (f", activation={self.activation!r}" if self.activation != "none" else "")
 
 
@@ -194,8 +208,14 @@ def fold(model: nn.Module) -> tuple[nn.Module, FoldReport]:
     whose weight or bias is used elsewhere too (a Parameter shared with another module, or
     one a ``forward`` reads directly, such as tied weights) is not folded into. The
     predecessors are found with ``torch.fx`` when the model traces, else by order in plain
-    ``nn.Sequential``; a direct read of a weight is seen only when the model traces. A ``Linear`` is assumed to produce ``(N, C)`` for the
-    ``BatchNorm1d`` after it. Layers without running statistics are skipped.
+    ``nn.Sequential``; a direct read of a weight is seen only when the model traces.
+    Layers without running statistics are skipped.
+
+    A batch norm after a ``Linear`` is folded for ``(N, C)`` input, the only case where its
+    channels are the Linear's features (on ``(N, L, C)`` a ``BatchNorm1d`` normalizes
+    ``L``). fold sees no shapes, so the ``ChannelAffine`` left in its place raises
+    ``ValueError`` at call time for input of any other rank, rather than disagree with
+    the original model.
 
     Raises ``RuntimeError`` for a model in training mode (or with a batch norm in training
     mode that is not frozen): folding bakes in running statistics that training changes.
@@ -231,9 +251,11 @@ def fold(model: nn.Module) -> tuple[nn.Module, FoldReport]:
             continue
         s, t = _affine_of(bn)
         if name in pairs:
-            _fold_into(new.get_submodule(pairs[name]), s, t)
+            layer = new.get_submodule(pairs[name])
+            _fold_into(layer, s, t)
             # The layer's output feeds only this module: it may be overwritten.
-            repl = ChannelAffine(None, None, *_activation_of(bn), inplace=True)
+            repl = ChannelAffine(None, None, *_activation_of(bn), inplace=True,
+                                 linear_input=isinstance(layer, nn.Linear))
             report.folded.append((name, pairs[name]))
         else:
             dt = bn.running_mean.dtype
