@@ -2,6 +2,7 @@
 small models written here: a ResNet-style CNN, an MLP with BatchNorm1d, a 3d conv block."""
 
 import copy
+import importlib
 import io
 
 import numpy as np
@@ -211,6 +212,49 @@ def test_convert_sync_batchnorm():
     assert_close(model(x), nn.Sequential(model[0], nn.BatchNorm1d(4))(x))
     back = batchnorm.revert(model)
     assert type(back[1]) is nn.SyncBatchNorm
+
+
+def _fail_on_second_call(monkeypatch, owner, name):
+    """Make ``owner.name`` raise on its second call: a layer deep in the model that cannot
+    be converted, after one that could."""
+    original = getattr(owner, name)
+    calls = []
+
+    def failing(m):
+        calls.append(m)
+        if len(calls) == 2:
+            raise RuntimeError("cannot build this layer")
+        return original(m)
+
+    monkeypatch.setattr(owner, name, failing)
+
+
+def _tree(model):
+    """(name, module object, training flag) at every place, and every layer's state."""
+    return ([(n, m, m.training) for n, m in model.named_modules(remove_duplicate=False)],
+            {n: (getattr(m, "activation", None), getattr(m, "frozen", None))
+             for n, m in model.named_modules()})
+
+
+@pytest.mark.parametrize("how", ["convert", "freeze", "freeze_buffers"])
+def test_convert_and_freeze_leave_the_model_unchanged_when_a_layer_fails(monkeypatch, how):
+    # The package's ``convert`` is the function; the module is reached by its full name.
+    convert_mod = importlib.import_module("batchnorm.tools.convert")
+    model, _ = make("resnet")
+    if how == "freeze_buffers":
+        _fail_on_second_call(monkeypatch, _FrozenBatchNorm, "from_batchnorm")
+    else:
+        _fail_on_second_call(monkeypatch, convert_mod, "_to_ours")
+    before = _tree(model)
+    with pytest.raises(RuntimeError, match="cannot build"):
+        if how == "convert":
+            batchnorm.convert(model)
+        else:
+            batchnorm.freeze(model, buffers=how == "freeze_buffers")
+    after = _tree(model)
+    assert [(n, type(m)) for n, m, _ in after[0]] == [(n, type(m)) for n, m, _ in before[0]]
+    assert all(a[1] is b[1] and a[2] == b[2] for a, b in zip(after[0], before[0]))
+    assert after[1] == before[1]
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -162,22 +162,31 @@ def convert(model: nn.Module, fuse_activations: bool = True) -> nn.Module:
     replaced by a :class:`FusedActivation` (an identity). Pairs are found by ``torch.fx``
     when the model traces, else by order inside plain ``nn.Sequential``. Activations
     applied as functions (``F.relu(x)``) or through a module reused elsewhere stay as they
-    are. Returns the model (a new module only when ``model`` itself is a batch norm).
+    are. Returns the model (a new module only when ``model`` itself is a batch norm). If a
+    layer fails to convert, the exception leaves the model unchanged.
     """
     pairs = _fusion_pairs(model) if fuse_activations else []
     if is_torch_bn(model):
         return _to_ours(model)
+    # Every replacement is built before the first is installed: when one layer fails to
+    # convert, the exception leaves the model exactly as it was, not half converted.
     replaced: dict[int, nn.Module] = {}
-    for name, m in list(model.named_modules(remove_duplicate=False)):
+    places = []
+    for name, m in model.named_modules(remove_duplicate=False):
         if name and is_torch_bn(m):
             if id(m) not in replaced:
                 replaced[id(m)] = _to_ours(m)
-            set_submodule(model, name, replaced[id(m)])
+            places.append((name, replaced[id(m)]))
+    fusions = []
     for bn_name, act_name in pairs:
-        act = model.get_submodule(act_name)
-        bn = model.get_submodule(bn_name)
-        bn.activation, bn.activation_slope = F.resolve_activation(act)
-        set_submodule(model, act_name, FusedActivation(act, bn_name).train(act.training))
+        act, bn = model.get_submodule(act_name), model.get_submodule(bn_name)
+        fusions.append((replaced.get(id(bn), bn), F.resolve_activation(act), act_name,
+                        FusedActivation(act, bn_name).train(act.training)))
+    for name, new in places:
+        set_submodule(model, name, new)
+    for bn, (activation, slope), act_name, fused in fusions:
+        bn.activation, bn.activation_slope = activation, slope
+        set_submodule(model, act_name, fused)
     return model
 
 

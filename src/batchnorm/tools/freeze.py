@@ -115,18 +115,26 @@ def freeze(model: nn.Module, affine: bool = False, buffers: bool = False) -> nn.
     ``requires_grad=False`` on weight and bias (``unfreeze`` gives it back). ``buffers=True``
     instead replaces each layer with a :class:`FrozenBatchNorm1d/2d/3d` copy (parameters
     become buffers; ``unfreeze`` does not undo that). Layers without running statistics
-    (``track_running_stats=False``) are left as they are, with a warning.
+    (``track_running_stats=False``) are left as they are, with a warning. If a layer fails
+    to convert or copy, the exception leaves the model unchanged.
     """
     if buffers:
         if is_our_bn(model) or is_torch_bn(model):
             return _FrozenBatchNorm.from_batchnorm(model)
-        for name, m in list(model.named_modules(remove_duplicate=False)):
+        # All copies first, then install them: a layer that fails leaves the model as it was.
+        frozen: dict[int, _FrozenBatchNorm] = {}
+        places = []
+        for name, m in model.named_modules(remove_duplicate=False):
             if (is_our_bn(m) or is_torch_bn(m)) and name:
                 if m.running_mean is None:
                     warnings.warn(f"freeze: {name} has no running statistics; left as it is",
                                   stacklevel=2)
                     continue
-                set_submodule(model, name, _FrozenBatchNorm.from_batchnorm(m))
+                if id(m) not in frozen:  # a shared layer stays one shared copy
+                    frozen[id(m)] = _FrozenBatchNorm.from_batchnorm(m)
+                places.append((name, frozen[id(m)]))
+        for name, new in places:
+            set_submodule(model, name, new)
         return model
     from .convert import convert
     model = convert(model, fuse_activations=False)
