@@ -137,3 +137,63 @@ def test_budget_stops_starting_cases(capsys):
                            progress=False, target_ms=0.5, memory=False, budget_s=0)
     assert [r["case"] for r in rows] == ["first call"]
     assert "0 s spent; 2 of 2 cases left out" in capsys.readouterr().err
+
+
+def test_quick_tables_leave_torch_compile_out_unless_asked():
+    # --help: "--quick ... no torch.compile unless --compile-ops asks for it", on both devices
+    for table in (bench.cpu_cases, bench.cuda_cases):
+        full = [c for c in table() if c.compile]
+        assert full and not any(c.compile for c in table(quick=True))
+        asked = [c for c in table(quick=True, compile=True) if c.compile]
+        assert asked and set(asked) <= set(full)
+        assert not any(c.compile for c in table(compile=False))
+        assert not any(c.compile for c in table(quick=True, compile=False))
+
+
+def _run_args(monkeypatch, argv):
+    """What ``bench.run`` hands run_table for these arguments (nothing is timed)."""
+    import argparse
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    seen = {}
+
+    def fake_run_table(device, **kwargs):
+        seen.update(kwargs)
+        return [dict(bench.machine(torch.device("cpu")), case="first call", ms=1.0,
+                     numba_cache_hits=0, numba_cache_misses=0)]
+    monkeypatch.setattr(bench, "run_table", fake_run_table)
+    monkeypatch.setattr(bench, "extra_rows", lambda *a, **k: [])
+    rc = bench.run(p.parse_args(["--device", "cpu", *argv]))
+    return rc, seen
+
+
+def test_shape_cases_honour_compile_ops_and_no_compile(monkeypatch, capsys):
+    rc, seen = _run_args(monkeypatch, ["--shape", "2,2,3,4", "--shape", "4,3,2,2:cl"])
+    assert rc == 0 and seen["compile"] is None
+    assert [c.compile for c in seen["cases"]] == [False, False]  # not asked for
+    rc, seen = _run_args(monkeypatch, ["--shape", "2,2,3,4", "--shape", "4,3,2,2:cl",
+                                       "--compile-ops", "bn+relu fwd+bwd"])
+    assert rc == 0 and [c.compile for c in seen["cases"]] == [True, True]
+    assert seen["compile_ops"] == ("bn+relu fwd+bwd",)
+    rc, seen = _run_args(monkeypatch, ["--shape", "2,2,3,4", "--no-compile"])
+    assert rc == 0 and seen["compile"] is False and not seen["cases"][0].compile
+    # the table: --quick alone leaves it to the table (none), --compile-ops asks for it
+    rc, seen = _run_args(monkeypatch, ["--quick"])
+    assert rc == 0 and seen["compile"] is None and seen["cases"] is None
+    rc, seen = _run_args(monkeypatch, ["--quick", "--compile-ops", "fwd"])
+    assert rc == 0 and seen["compile"] is True
+    capsys.readouterr()
+    rc, seen = _run_args(monkeypatch, ["--no-compile", "--compile-ops", "fwd"])
+    assert rc == 2 and not seen
+    assert "--no-compile and --compile-ops" in capsys.readouterr().err
+
+
+def test_extra_rows_legend_names_only_the_rows_present():
+    info = {"case": "x", "shape": "(1,)", "ms": 1.0, "ratio": 1.0}
+    fold = [dict(info, impl="eval model"), dict(info, impl="folded")]
+    sync = [dict(info, impl="local BatchNorm"), dict(info, impl="SyncBatchNorm")]
+    text = bench.format_extra(fold)
+    assert text.splitlines()[0] == "ratio = eval ms / folded ms"
+    assert "SyncBatchNorm" not in text
+    assert "local ms / SyncBatchNorm ms" in bench.format_extra(fold + sync).splitlines()[0]
+

@@ -86,12 +86,17 @@ class Case:
 F32, BF16 = torch.float32, torch.bfloat16
 
 
+def _with_compile(quick: bool, compile: bool | None) -> bool:
+    """Whether a table's cases time torch.compile: ``compile`` None (the default) means
+    the full table does and the quick one does not; True, both; False, neither."""
+    return compile is True or (compile is None and not quick)
+
+
 def cpu_cases(quick: bool = False, compile: bool | None = None) -> list[Case]:
-    """The CPU table of issue 3; ``torch.compile`` (slow to compile on CPU) on a subset."""
-    with_compile = compile is not False and not quick
-    if quick:
-        return [Case((32, 256, 56, 56)), Case((32, 256, 56, 56), channels_last=True),
-                Case((8192, 1024)), Case((2, 2, 3, 4)), Case((16, 64, 8, 8))]
+    """The CPU table of issue 3; ``torch.compile`` (slow to compile on CPU) on a subset:
+    (32, 256, 56, 56) contiguous and (2, 2, 3, 4). ``quick``: 5 of the cases, without
+    torch.compile unless ``compile=True`` (see :func:`_with_compile`)."""
+    with_compile = _with_compile(quick, compile)
     cases = []
     for shape in [(32, 64, 112, 112), (32, 256, 56, 56), (64, 512, 28, 28), (128, 2048, 7, 7)]:
         for cl in (False, True):
@@ -99,12 +104,17 @@ def cpu_cases(quick: bool = False, compile: bool | None = None) -> list[Case]:
                               compile=with_compile and shape == (32, 256, 56, 56) and not cl))
     cases += [Case((8192, 1024)), Case((256, 512, 64)), Case((8, 32, 16, 64, 64)),
               Case((2, 2, 3, 4), compile=with_compile), Case((16, 64, 8, 8))]
+    if quick:
+        keep = [((32, 256, 56, 56), False), ((32, 256, 56, 56), True), ((8192, 1024), False),
+                ((2, 2, 3, 4), False), ((16, 64, 8, 8), False)]
+        cases = [c for c in cases if (c.shape, c.channels_last) in keep]
     return cases
 
 
-def parse_case(text: str, dtype: torch.dtype = F32) -> Case:
+def parse_case(text: str, dtype: torch.dtype = F32, compile: bool = False) -> Case:
     """A case from ``--shape``: sizes separated by commas, ``:cl`` for channels-last
-    (4-D or 5-D), e.g. ``64,64,4,4`` or ``32,256,56,56:cl``."""
+    (4-D or 5-D), e.g. ``64,64,4,4`` or ``32,256,56,56:cl``; ``compile``: time
+    torch.compile too (``--compile-ops`` given)."""
     sizes, _, layout = text.partition(":")
     try:
         shape = tuple(int(v) for v in sizes.split(","))
@@ -117,12 +127,14 @@ def parse_case(text: str, dtype: torch.dtype = F32) -> Case:
     if layout not in ("", "cl") or (layout == "cl" and len(shape) < 4):
         raise ValueError(f"--shape {text!r}: the only layout suffix is :cl, for a 4-D or 5-D "
                          f"shape")
-    return Case(shape, dtype, channels_last=layout == "cl")
+    return Case(shape, dtype, channels_last=layout == "cl", compile=compile)
 
 
 def cuda_cases(quick: bool = False, compile: bool | None = None) -> list[Case]:
-    """The GPU table of issue 4: bf16 inputs (float32 weights) unless noted."""
-    c = compile is not False
+    """The GPU table of issue 4: bf16 inputs (float32 weights) unless noted; torch.compile
+    on every case. ``quick``: 3 of the cases, without torch.compile unless ``compile=True``
+    (see :func:`_with_compile`)."""
+    c = _with_compile(quick, compile)
     cases = [
         Case((256, 64, 112, 112), BF16, True, compile=c),
         Case((256, 256, 56, 56), BF16, True, compile=c),
@@ -433,10 +445,13 @@ def run_table(device="cpu", quick: bool = False, repeats: int | None = None,
               budget_s: float | None = None) -> list[dict]:
     """Time the table on ``device``; one dict per (case, op, implementation).
 
-    ``cases`` defaults to the device's standard table (``cpu_cases``/``cuda_cases``);
-    ``compile=False`` leaves torch.compile out; ``compile_ops`` (default: every op) the ops
-    it is timed for, in the cases that have it (compiling takes seconds a case and op);
-    ``budget_s``: no case is started after that many seconds (the rows of those done are
+    ``cases`` defaults to the device's standard table (``cpu_cases``/``cuda_cases``, whose
+    ``compile`` argument this passes on: None, the full table times torch.compile on its
+    cases that have it and ``quick`` nowhere; True, the quick table too); ``compile=False``
+    leaves torch.compile out, also of given ``cases``; ``compile_ops`` (default: every op)
+    the ops it is timed for, in the cases that have it (compiling takes seconds a case and
+    op); ``budget_s``: no case (its rows of every op in ``ops``) is started after that many
+    seconds, and a case started before runs to its end (the rows of those done are
     returned; a time-limited run then still has a table). Each dict holds the machine description,
     the case, ``ms`` (median), ``ms_min``, ``ratio`` (torch eager ms / this row's ms for
     our rows, so > 1 means we are faster; 1 for torch's rows), ``gbps``, ``copy_gbps``,
@@ -587,21 +602,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="device to run on: cpu or cuda (default: cuda if available)")
     p.add_argument("--quick", action="store_true",
-                   help="a subset, fewer repeats, no torch.compile (under a minute)")
+                   help="a subset (5 CPU or 3 GPU cases), 5 repeats, no torch.compile unless "
+                        "--compile-ops asks for it, and no SyncBatchNorm row (under a "
+                        "minute)")
     p.add_argument("--repeats", type=int, default=None,
                    help="samples per side (median reported; default 15, --quick 5)")
     p.add_argument("--csv", action="store_true",
                    help="write benchmarks/results/<device>-<date>.csv (long format)")
     p.add_argument("--plot", action="store_true", help="write a PNG chart beside the CSV")
-    p.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
+    p.add_argument("--no-compile", action="store_true",
+                   help="leave torch.compile out (the full table times it on some cases)")
     p.add_argument("--compile-ops", default=None, metavar="OP[,OP...]",
                    help="time torch.compile for these ops only (of: " + ", ".join(OPS)
-                        + "; default: all)")
+                        + "; default: all), in the table's cases that have it; with "
+                          "--quick, in those of the subset; with --shape, on every shape "
+                          "(--quick and --shape time torch.compile only when this is given)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
-                   help="start no case after this many seconds (the table has those done)")
+                   help="start no case (one input: its rows of all 4 ops) after this many "
+                        "seconds; one started before runs to its end, and the table has "
+                        "the cases done")
     p.add_argument("--no-extras", action="store_true",
-                   help="skip the inference (fold) and SyncBatchNorm rows")
+                   help="skip the inference (fold) row and, on the CPU, the SyncBatchNorm "
+                        "row")
     p.add_argument("--shape", action="append", default=None, metavar="N,C,...[:cl]",
                    help="time these shapes instead of the table (repeatable; :cl for "
                         "channels-last); the CSV is then <device>-<date>-shapes[-k].csv, "
@@ -642,7 +665,14 @@ def extra_rows(device: torch.device, quick: bool, info: dict, sync: bool) -> lis
 
 
 def format_extra(rows: list[dict]) -> str:
-    lines = []
+    """The extra rows, under a line that says what their ratio is (of the rows present)."""
+    impls = {r["impl"] for r in rows}
+    ratios = []
+    if "folded" in impls:
+        ratios.append("eval ms / folded ms")
+    if "SyncBatchNorm" in impls:
+        ratios.append("local ms / SyncBatchNorm ms (1.3x slower = 0.77)")
+    lines = ["ratio = " + "; ".join(ratios)] if ratios else []
     for r in rows:
         lines.append(f"{r['case']:<42} {r['shape']:<20} {r['impl']:<16} {r['ms']:9.3f} ms  "
                      f"x{r['ratio']:.2f}")
@@ -654,10 +684,18 @@ def run(args) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("batchnorm bench: --device cuda but no GPU is visible", file=sys.stderr)
         return 2
+    if args.no_compile and args.compile_ops is not None:
+        print("batchnorm bench: --no-compile and --compile-ops ask for opposite things",
+              file=sys.stderr)
+        return 2
+    # None: the table's own choice (the full table times torch.compile on some cases,
+    # --quick nowhere); --compile-ops asks for it, --quick and --shape included
+    compile = False if args.no_compile else (True if args.compile_ops is not None else None)
     cases = None
     if args.shape:
         try:
-            cases = [parse_case(text, getattr(torch, args.dtype)) for text in args.shape]
+            cases = [parse_case(text, getattr(torch, args.dtype), compile=compile is True)
+                     for text in args.shape]
         except ValueError as e:
             print(f"batchnorm bench: {e}", file=sys.stderr)
             return 2
@@ -670,7 +708,7 @@ def run(args) -> int:
                   f"{', '.join(OPS)}", file=sys.stderr)
             return 2
     rows = run_table(device, quick=args.quick, repeats=args.repeats,
-                     compile=False if args.no_compile else None, memory=not args.no_memory,
+                     compile=compile, memory=not args.no_memory,
                      cases=cases, compile_ops=compile_ops, budget_s=args.budget)
     extras = [] if args.no_extras or cases else extra_rows(device, args.quick,
                                                            machine(device),
@@ -685,7 +723,6 @@ def run(args) -> int:
           "torch.compile ms / ours ms")
     print(format_table(rows))
     if extras:
-        print("ratio = eval ms / folded ms; local ms / SyncBatchNorm ms (1.3x slower = 0.77)")
         print(format_extra(extras))
     if args.csv or args.plot:
         path = write_csv(rows + extras, device.type, name="shapes" if cases else "")
