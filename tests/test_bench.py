@@ -197,3 +197,19 @@ def test_extra_rows_legend_names_only_the_rows_present():
     assert "SyncBatchNorm" not in text
     assert "local ms / SyncBatchNorm ms" in bench.format_extra(fold + sync).splitlines()[0]
 
+
+def test_results_dir_is_the_checkouts_or_the_current_directorys(tmp_path, monkeypatch):
+    from pathlib import Path
+    repo = Path(bench.__file__).resolve().parents[2]
+    if (repo / "pyproject.toml").is_file():  # the tests run from a checkout
+        assert bench.results_dir() == repo / "benchmarks" / "results"
+    # an installed wheel: the module lies in site-packages; never write beside it
+    site = tmp_path / "lib" / "python3" / "site-packages" / "batchnorm"
+    site.mkdir(parents=True)
+    monkeypatch.setattr(bench, "__file__", str(site / "bench.py"))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert bench.results_dir() == work / "benchmarks" / "results"
+    path = bench.write_csv([{"case": "a", "ms": 1.0}], "cpu")
+    assert path.parent == work / "benchmarks" / "results" and path.is_file()

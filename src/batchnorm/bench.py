@@ -31,7 +31,7 @@ What the columns mean
   compiles the kernels then, or loads them from its on-disk cache (``cache hits``).
 
 The CSV (``--csv``) is in long format, one row per (case, operation, implementation), with
-the machine described on every row, including ``THP_MEM_ALLOC_ENABLE`` (torch's CPU
+the machine described on every row (it goes to :func:`results_dir`), including ``THP_MEM_ALLOC_ENABLE`` (torch's CPU
 allocator takes transparent huge pages when it is 1; page faults of fresh outputs are a
 large part of CPU times, so run the table under both settings).
 """
@@ -57,7 +57,17 @@ OPS = ("fwd", "fwd+bwd", "bn+relu fwd+bwd", "bn+add+relu fwd+bwd")
 # tensor-sized passes each op must make (see the module docstring)
 _PASSES = {"fwd": 3, "fwd+bwd": 8, "bn+relu fwd+bwd": 8, "bn+add+relu fwd+bwd": 12}
 
-RESULTS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+
+
+def results_dir() -> Path:
+    """Where ``--csv`` writes: ``benchmarks/results`` of the source checkout this module
+    runs from (an editable install, or ``PYTHONPATH=src``), else ``benchmarks/results``
+    under the current directory (an installed wheel: never inside site-packages)."""
+    here = Path(__file__).resolve()
+    root = here.parents[2]
+    if here.parent.parent.name == "src" and (root / "pyproject.toml").is_file():
+        return root / "benchmarks" / "results"
+    return Path.cwd() / "benchmarks" / "results"
 
 
 @dataclass(frozen=True)
@@ -543,13 +553,15 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_csv(rows: list[dict], device: str, directory: Path = RESULTS_DIR,
+def write_csv(rows: list[dict], device: str, directory: Path | None = None,
               name: str = "") -> Path:
-    """``<device>-<date>[-<name>[-<k>]][-thp<N>].csv`` in ``directory``.
+    """``<device>-<date>[-<name>[-<k>]][-thp<N>].csv`` in ``directory`` (default:
+    :func:`results_dir`).
 
     A rerun of the table replaces that day's file; a named run (``--shape``) times
     shapes of its own, so it never overwrites an earlier one: the second of a day is
     ``-<name>-2``, and so on."""
+    directory = results_dir() if directory is None else Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     day = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
     thp = f"-thp{os.environ['THP_MEM_ALLOC_ENABLE']}" if os.environ.get(
@@ -608,7 +620,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=None,
                    help="samples per side (median reported; default 15, --quick 5)")
     p.add_argument("--csv", action="store_true",
-                   help="write benchmarks/results/<device>-<date>.csv (long format)")
+                   help="write <device>-<date>.csv (long format) into benchmarks/results/ "
+                        "of the source checkout batchnorm runs from (editable install or "
+                        "PYTHONPATH=src), else of the current directory")
     p.add_argument("--plot", action="store_true", help="write a PNG chart beside the CSV")
     p.add_argument("--no-compile", action="store_true",
                    help="leave torch.compile out (the full table times it on some cases)")
