@@ -109,7 +109,9 @@ def compile_kernels(jobs: int | None, out=None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="batchnorm", description=__doc__.split("\n\n")[0])
+    # the docstring's first line, without its reST markup (argparse prints it as is)
+    parser = argparse.ArgumentParser(prog="batchnorm",
+                                     description=__doc__.split("\n\n")[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="the seed article's worked example, step by step")
     compile_parser = sub.add_parser(
