@@ -756,6 +756,54 @@ def test_flax_conventions_round_trip():
     assert config["momentum"] == pytest.approx(0.9)
 
 
+def _layer_state(bn):
+    return ([t.clone() for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var)],
+            bn.momentum, bn.eps)
+
+
+@pytest.mark.parametrize("load", ["keras", "flax"])
+@pytest.mark.parametrize("problem,kwargs,match", [
+    ("variance shape", {}, r"moving variance has shape \(4,\)"),
+    ("count", {"count": 1}, "count must be >= 2"),
+    ("momentum", {"momentum": 1.5}, r"momentum must be .*\[0, 1\]"),
+    ("momentum type", {"momentum": "0.99"}, "momentum must be"),
+    ("eps", {"epsilon": -1.0}, "epsilon must be"),
+])
+def test_load_validates_everything_before_writing(load, problem, kwargs, match):
+    w = _keras_weights(3, seed=4)
+    if problem == "variance shape":
+        w["bn/moving_variance:0"] = np.ones(4, np.float32)
+    bn = batchnorm.BatchNorm2d(3)
+    before = _layer_state(bn)
+    with pytest.raises(ValueError, match=match):
+        if load == "keras":
+            tools.load_keras(bn, w, **kwargs)
+        else:
+            variables = {"params": {"scale": w["bn/gamma:0"], "bias": w["bn/beta:0"]},
+                         "batch_stats": {"mean": w["bn/moving_mean:0"],
+                                         "var": w["bn/moving_variance:0"]}}
+            tools.load_flax(bn, variables, **kwargs)
+    after = _layer_state(bn)
+    assert all(torch.equal(a, b) for a, b in zip(after[0], before[0]))
+    assert after[1:] == before[1:]
+
+
+@pytest.mark.parametrize("bn_cls", [batchnorm.BatchNorm2d, nn.BatchNorm2d])
+def test_cumulative_average_layer_round_trips(bn_cls):
+    # momentum=None (a cumulative average) exports as momentum None, and loads back as one.
+    source = bn_cls(3, momentum=None)
+    randomize(nn.Sequential(source))
+    weights, config = tools.to_keras(source)
+    assert config["momentum"] is None
+    target = tools.load_keras(bn_cls(3), weights, momentum=config["momentum"],
+                              epsilon=config["epsilon"])
+    assert target.momentum is None and target.eps == source.eps
+    assert torch.equal(target.running_var, source.running_var)
+    variables, config = tools.to_flax(source)
+    target = tools.load_flax(bn_cls(3), variables, momentum=config["momentum"])
+    assert target.momentum is None and torch.equal(target.weight, source.weight)
+
+
 def test_benchmark_fold_hook():
     result = tools.benchmark_fold(repeats=2, batch=2, size=8, channels=4, blocks=1)
     assert result["folded"] == 3 and result["ratio"] > 0 and result["max_rel_diff"] < 1e-5

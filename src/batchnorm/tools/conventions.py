@@ -29,6 +29,7 @@ business: permute Keras/Flax channels-last inputs to (N, C, ...).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 
 import numpy as np
@@ -49,29 +50,59 @@ def _bessel(count: int | None) -> float:
     return count / (count - 1)
 
 
+def _checked(t, value, what: str, absent_because: str):
+    """``value`` as a float64 tensor of ``t``'s shape (None where both are absent), or
+    ValueError; writes nothing."""
+    if t is None:
+        if value is not None:
+            raise ValueError(f"the source has {what} but this layer has none ({absent_because})")
+        return None
+    if value is None:
+        raise ValueError(f"the source has no {what} but this layer has one")
+    v = torch.as_tensor(np.asarray(value), dtype=torch.float64)
+    if v.shape != t.shape:
+        raise ValueError(f"{what} has shape {tuple(v.shape)}, the layer expects "
+                         f"{tuple(t.shape)}")
+    return v
+
+
+def _is_number(x) -> bool:
+    # numbers.Real takes Python and NumPy scalars; a bool is not a momentum or an eps.
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _torch_momentum(momentum) -> float | None:
+    """torch's momentum for a Keras/Flax decay; None (a cumulative average) stays None."""
+    if momentum is None:
+        return None
+    if not (_is_number(momentum) and 0.0 <= momentum <= 1.0):
+        raise ValueError(f"momentum must be the Keras/Flax decay in [0, 1] (0.99 is torch's "
+                         f"momentum 0.01), or None for a cumulative average; got {momentum!r}")
+    return 1.0 - float(momentum)
+
+
 @torch.no_grad()
 def _load(bn: nn.Module, weight, bias, mean, var, momentum, eps, count) -> nn.Module:
-    def put(t, value, what):
-        if t is None:
-            if value is not None:
-                raise ValueError(f"the source has {what} but this layer has none "
-                                 f"(affine=False or bias=False)")
-            return
-        if value is None:
-            raise ValueError(f"the source has no {what} but this layer has one")
-        v = torch.as_tensor(np.asarray(value), dtype=torch.float64)
-        if v.shape != t.shape:
-            raise ValueError(f"{what} has shape {tuple(v.shape)}, the layer expects "
-                             f"{tuple(t.shape)}")
-        t.copy_(v)
-
-    put(getattr(bn, "weight", None), weight, "a scale (gamma)")
-    put(getattr(bn, "bias", None), bias, "an offset (beta)")
-    put(bn.running_mean, mean, "a moving mean")
-    put(bn.running_var, None if var is None else np.asarray(var, dtype=np.float64) * _bessel(count),
-        "a moving variance")
-    bn.momentum = 1.0 - momentum
-    bn.eps = eps
+    # Everything is checked before the first write: a bad array, count, momentum or eps
+    # raises with the layer exactly as it was, never with some of it loaded.
+    bessel = _bessel(count)
+    torch_momentum = _torch_momentum(momentum)
+    if not (_is_number(eps) and eps >= 0):
+        raise ValueError(f"epsilon must be a number >= 0, got {eps!r}")
+    no_stats = "track_running_stats=False"
+    targets = [getattr(bn, "weight", None), getattr(bn, "bias", None), bn.running_mean,
+               bn.running_var]
+    values = [_checked(targets[0], weight, "a scale (gamma)", "affine=False"),
+              _checked(targets[1], bias, "an offset (beta)", "affine=False or bias=False"),
+              _checked(targets[2], mean, "a moving mean", no_stats),
+              _checked(targets[3], var, "a moving variance", no_stats)]
+    if values[3] is not None:
+        values[3] = values[3] * bessel
+    for t, v in zip(targets, values):
+        if t is not None:
+            t.copy_(v)
+    bn.momentum = torch_momentum
+    bn.eps = float(eps)
     return bn
 
 
@@ -95,8 +126,13 @@ def load_keras(bn: nn.Module, weights, *, momentum: float = 0.99, epsilon: float
     (names may carry a scope and ``:0``; gamma/beta absent for ``scale``/``center=False``),
     or the 4-list ``layer.get_weights()`` returns. ``momentum`` and ``epsilon`` are the
     Keras layer's; ``bn.momentum`` becomes ``1 - momentum`` and ``bn.eps`` ``epsilon``.
+    ``momentum=None``, what :func:`to_keras` gives for a ``momentum=None`` layer, makes
+    ``bn`` one too (a cumulative average), so the round trip keeps it.
     ``count``: values per channel of a training batch, to turn the biased moving variance
     into torch's unbiased one (see the module docstring). Default: copied as is.
+
+    Shapes, ``count``, ``momentum`` (a decay in [0, 1], or None) and ``epsilon`` (>= 0) are
+    all checked before anything is written: on ``ValueError`` ``bn`` is unchanged.
     """
     if isinstance(weights, Mapping):
         w = {_key(k): v for k, v in weights.items()}
@@ -127,7 +163,8 @@ def load_flax(bn: nn.Module, variables: Mapping, *, momentum: float = 0.99,
 
     ``variables``: ``{'params': {'scale', 'bias'}, 'batch_stats': {'mean', 'var'}}`` for
     this layer (arrays of any kind NumPy reads, jax arrays included). ``momentum`` and
-    ``epsilon`` are the Flax layer's; ``count`` as in :func:`load_keras`.
+    ``epsilon`` are the Flax layer's (``momentum=None`` and the checks before writing as
+    in :func:`load_keras`); ``count`` as in :func:`load_keras`.
     """
     params = variables.get("params", {})
     stats = variables["batch_stats"]
