@@ -479,6 +479,17 @@ def test_freeze_affine_and_unfreeze():
     assert not any(m.frozen for m in bns(model))
 
 
+@pytest.mark.parametrize("second", [{"affine": True}, {}], ids=["affine", "plain"])
+def test_freeze_twice_then_unfreeze_gives_back_requires_grad(second):
+    model, _x = make("mlp")
+    model[4].bias.requires_grad_(False)  # the user's, before any freeze: stays off
+    batchnorm.freeze(model, affine=True)
+    batchnorm.freeze(model, **second)
+    batchnorm.unfreeze(model)
+    assert model[1].weight.requires_grad and model[1].bias.requires_grad
+    assert model[4].weight.requires_grad and not model[4].bias.requires_grad
+
+
 def test_frozen_state_dict_round_trip_and_strict_loading_both_ways():
     model, _ = make("resnet")
     torch_sd = model.state_dict()

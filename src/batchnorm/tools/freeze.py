@@ -112,7 +112,8 @@ def freeze(model: nn.Module, affine: bool = False, buffers: bool = False) -> nn.
 
     torch's ``BatchNorm*d`` layers are first converted to ours (``convert`` without
     activation fusion), since only ours have the ``frozen`` state. ``affine=True`` also sets
-    ``requires_grad=False`` on weight and bias (``unfreeze`` gives it back). ``buffers=True``
+    ``requires_grad=False`` on weight and bias (``unfreeze`` gives it back to those it
+    turned off, also after repeated calls). ``buffers=True``
     instead replaces each layer with a :class:`FrozenBatchNorm1d/2d/3d` copy (parameters
     become buffers; ``unfreeze`` does not undo that). Layers without running statistics
     (``track_running_stats=False``) are left as they are, with a warning. If a layer fails
@@ -150,9 +151,13 @@ def freeze(model: nn.Module, affine: bool = False, buffers: bool = False) -> nn.
             froze = [p for p in (m.weight, m.bias) if p is not None and p.requires_grad]
             for p in froze:
                 p.requires_grad_(False)
-            # Remember what we froze, so that unfreeze gives back only that.
-            m._affine_frozen_by_freeze = [n for n in ("weight", "bias")
-                                          if any(getattr(m, n) is p for p in froze)]
+            # Remember what we froze, so that unfreeze gives back only that. Merged with
+            # an earlier call's record: that call froze them, so this one finds nothing
+            # to freeze, and overwriting would lose what unfreeze must give back.
+            earlier = m.__dict__.get("_affine_frozen_by_freeze", [])
+            m._affine_frozen_by_freeze = [
+                n for n in ("weight", "bias")
+                if n in earlier or any(getattr(m, n) is p for p in froze)]
     return model
 
 
