@@ -615,8 +615,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="device to run on: cpu or cuda (default: cuda if available)")
     p.add_argument("--quick", action="store_true",
                    help="a subset (5 CPU or 3 GPU cases), 5 repeats, no torch.compile unless "
-                        "--compile-ops asks for it, and no SyncBatchNorm row (under a "
-                        "minute)")
+                        "--compile-ops asks for it, and no SyncBatchNorm row (a minute "
+                        "or two)")
     p.add_argument("--repeats", type=int, default=None,
                    help="samples per side (median reported; default 15, --quick 5)")
     p.add_argument("--csv", action="store_true",
