@@ -257,6 +257,29 @@ def test_convert_and_freeze_leave_the_model_unchanged_when_a_layer_fails(monkeyp
     assert after[1] == before[1]
 
 
+class _MyBatchNorm(nn.BatchNorm2d):
+    """A user's subclass of torch's batch norm: its forward may be its own."""
+
+
+def _with_subclass():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1),
+                          _MyBatchNorm(4))
+    randomize(model)
+    return model
+
+
+@pytest.mark.parametrize("how", ["convert", "freeze", "freeze_buffers"])
+def test_convert_and_freeze_leave_a_subclass_with_a_warning(how):
+    model = _with_subclass()
+    run = {"convert": batchnorm.convert, "freeze": batchnorm.freeze,
+           "freeze_buffers": lambda m: batchnorm.freeze(m, buffers=True)}[how]
+    with pytest.warns(UserWarning, match=r"'3' is a _MyBatchNorm.*subclass of torch's "
+                                         r"BatchNorm2d.*left"):
+        run(model)
+    assert type(model[3]) is _MyBatchNorm
+    assert not tools._common.is_torch_bn(model[1])  # the exact class is still converted
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_revert_restores_structure_and_outputs(name):
     ref, x = make(name, torch.float64)
@@ -569,7 +592,8 @@ def _population_stats(model, batches):
         return hook
 
     hooks = [m.register_forward_pre_hook(keep(n), with_kwargs=True)
-             for n, m in probe.named_modules() if tools._common.is_any_bn(m)]
+             for n, m in probe.named_modules()
+             if tools._common.is_any_bn(m) or isinstance(m, nn.modules.batchnorm._BatchNorm)]
     with torch.no_grad():
         for b in batches:
             probe(b[0])
@@ -685,6 +709,16 @@ def test_recalibrate_batch_norm_called_with_keyword_input(bn):
     assert seen == {"bn": 15}
     torch.testing.assert_close(model.bn.running_mean, expected["bn"][0])
     torch.testing.assert_close(model.bn.running_var, expected["bn"][1])
+
+
+def test_recalibrate_includes_subclasses_of_torch_batch_norm():
+    model = _with_subclass().eval()
+    batches = [(torch.randn(n, 3, 6, 6) + 1, None) for n in (3, 5)]
+    expected = _population_stats(model, batches)
+    seen = batchnorm.recalibrate(model, batches, progress=False)
+    assert set(seen) == {"1", "3"} and not model[3].training
+    torch.testing.assert_close(model[3].running_mean, expected["3"][0])
+    torch.testing.assert_close(model[3].running_var, expected["3"][1])
 
 
 def _recal_worker(rank, init_file, result_file):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import torch
 from torch import nn
@@ -11,7 +12,7 @@ from torch.fx import Tracer
 from ..modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
 # Exact types: a user subclass of torch's BatchNorm may override forward, and replacing it
-# would silently drop that behaviour.
+# would silently drop that behaviour (see is_torch_bn_subclass).
 TORCH_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 OURS_BY_RANK = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d,
                 nn.BatchNorm3d: BatchNorm3d}
@@ -21,6 +22,27 @@ TORCH_BY_OURS = {BatchNorm1d: nn.BatchNorm1d, BatchNorm2d: nn.BatchNorm2d,
 
 def is_torch_bn(m: nn.Module) -> bool:
     return type(m) in TORCH_BN
+
+
+def is_torch_bn_subclass(m: nn.Module) -> bool:
+    """A user's subclass of torch's batch norm: not one of the exact classes, nor torch's
+    own (``LazyBatchNorm*d``)."""
+    return (isinstance(m, nn.modules.batchnorm._BatchNorm) and not is_torch_bn(m)
+            and not type(m).__module__.startswith("torch."))
+
+
+def warn_subclasses(model: nn.Module, caller: str, consequence: str) -> None:
+    """Warn, once per layer, about each subclass of torch's batch norm that ``caller``
+    leaves as it is, naming the layer and its class."""
+    for name, m in model.named_modules():
+        if is_torch_bn_subclass(m):
+            base = next(c.__name__ for c in type(m).__mro__ if c in TORCH_BN + (
+                nn.modules.batchnorm._BatchNorm,))
+            where = repr(name) if name else "the model"
+            warnings.warn(f"{caller}: {where} is a {type(m).__name__}, a subclass of torch's "
+                          f"{base}, and is left as it is: its forward may differ from "
+                          f"torch's, so it is not replaced by ours. {consequence}",
+                          stacklevel=3)
 
 
 def is_our_bn(m: nn.Module) -> bool:

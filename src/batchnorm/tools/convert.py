@@ -28,6 +28,7 @@ from ._common import (
     trace,
     use_counts,
     uses,
+    warn_subclasses,
 )
 
 _FUSABLE = tuple(F._ACTIVATION_MODULES)
@@ -151,7 +152,8 @@ def convert(model: nn.Module, fuse_activations: bool = True) -> nn.Module:
 
     Parameters and buffers are shared with the old layers (same tensors: device, dtype and
     optimizer references are kept), and each layer keeps its train/eval mode. Only those
-    exact classes are converted: a subclass may have its own ``forward``.
+    exact classes are converted: a user's subclass may have its own ``forward``, so it is
+    left as it is, with a warning naming the layer and its class.
 
     ``torch.nn.SyncBatchNorm`` becomes ``batchnorm.distributed.SyncBatchNorm`` when that
     module is available, else a local :class:`SyncFallbackBatchNorm` (with a warning).
@@ -165,6 +167,13 @@ def convert(model: nn.Module, fuse_activations: bool = True) -> nn.Module:
     are. Returns the model (a new module only when ``model`` itself is a batch norm). If a
     layer fails to convert, the exception leaves the model unchanged.
     """
+    warn_subclasses(model, "convert", "It goes on working as torch's layer; if its forward "
+                    "is torch's, replace it by hand to convert it.")
+    return _convert(model, fuse_activations)
+
+
+def _convert(model: nn.Module, fuse_activations: bool) -> nn.Module:
+    """:func:`convert` without the warnings about subclasses (callers word their own)."""
     pairs = _fusion_pairs(model) if fuse_activations else []
     if is_torch_bn(model):
         return _to_ours(model)

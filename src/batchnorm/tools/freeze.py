@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from ..modules import _check_rank
-from ._common import is_our_bn, is_torch_bn, set_submodule
+from ._common import is_our_bn, is_torch_bn, set_submodule, warn_subclasses
 
 
 class _FrozenBatchNorm(nn.Module):
@@ -116,9 +116,14 @@ def freeze(model: nn.Module, affine: bool = False, buffers: bool = False) -> nn.
     turned off, also after repeated calls). ``buffers=True``
     instead replaces each layer with a :class:`FrozenBatchNorm1d/2d/3d` copy (parameters
     become buffers; ``unfreeze`` does not undo that). Layers without running statistics
-    (``track_running_stats=False``) are left as they are, with a warning. If a layer fails
-    to convert or copy, the exception leaves the model unchanged.
+    (``track_running_stats=False``) are left as they are, with a warning, and so are
+    subclasses of torch's batch norms (their ``forward`` may differ from the layer that
+    would replace them; the warning names the layer and its class). If a layer fails to
+    convert or copy, the exception leaves the model unchanged.
     """
+    warn_subclasses(model, "freeze", "It is not frozen: in train() it still normalizes with "
+                    "batch statistics and updates its running ones. Keep it in eval mode "
+                    "yourself (call .eval() on it after model.train()).")
     if buffers:
         if is_our_bn(model) or is_torch_bn(model):
             return _FrozenBatchNorm.from_batchnorm(model)
@@ -137,8 +142,8 @@ def freeze(model: nn.Module, affine: bool = False, buffers: bool = False) -> nn.
         for name, new in places:
             set_submodule(model, name, new)
         return model
-    from .convert import convert
-    model = convert(model, fuse_activations=False)
+    from .convert import _convert
+    model = _convert(model, fuse_activations=False)
     for name, m in model.named_modules():
         if not is_our_bn(m):
             continue

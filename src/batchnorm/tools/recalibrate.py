@@ -18,10 +18,11 @@ import sys
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.utils._pytree import tree_map
 
 from .. import backends, ops
-from ._common import is_our_bn, is_torch_bn
+from ._common import is_our_bn
 
 
 def _default_forward(model: nn.Module, batch):
@@ -112,6 +113,18 @@ def _plain_progress(iterable, total):
     print(f"recalibrate: done, {i} batches", file=sys.stderr, flush=True)
 
 
+def _recalibrated(m: nn.Module) -> bool:
+    """Ours, and any instance of torch's batch norm (a user's subclass too, as
+    ``torch.optim.swa_utils.update_bn`` takes them: the model runs in train(), so a layer
+    left out would have its running statistics updated and not restored), with running
+    statistics, not frozen, and not a lazy layer that has not seen input yet."""
+    if not (is_our_bn(m) or isinstance(m, nn.modules.batchnorm._BatchNorm)):
+        return False
+    if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params():
+        return False
+    return m.track_running_stats and not getattr(m, "frozen", False)
+
+
 def _saved_state(m: nn.Module) -> tuple:
     return (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(),
             m.momentum)
@@ -142,8 +155,9 @@ def recalibrate(model: nn.Module, batches, num_batches: int | None = None,
     were before the call, and the exception propagates.
 
     Args:
-        model: a model with our or torch's batch norms. Frozen layers, ``FrozenBatchNorm*d``
-            and layers without running statistics keep theirs.
+        model: a model with our or torch's batch norms (subclasses of torch's included).
+            Frozen layers, ``FrozenBatchNorm*d`` and layers without running statistics
+            keep theirs.
         batches: an iterable of batches, e.g. a DataLoader.
         num_batches: how many batches to use. Default: all
         progress: show a progress bar (tqdm if installed, else lines on stderr). Default: True
@@ -156,9 +170,7 @@ def recalibrate(model: nn.Module, batches, num_batches: int | None = None,
         statistics and is absent.
     """
     forward = forward or _default_forward
-    layers = [(name, m) for name, m in model.named_modules()
-              if (is_our_bn(m) or is_torch_bn(m)) and m.track_running_stats
-              and not getattr(m, "frozen", False)]
+    layers = [(name, m) for name, m in model.named_modules() if _recalibrated(m)]
     if not layers:
         raise ValueError("recalibrate(): the model has no batch norm with running statistics "
                          "to recalibrate (frozen layers are left alone)")
