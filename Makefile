@@ -24,7 +24,8 @@ demo: install
 	$(VENV)/bin/batchnorm demo
 
 # The CPU kernels are compiled first, on every core (numba compiles one at a time, and the
-# suite meets ~80 of them on a fresh clone); the tests then load them from numba's cache.
+# suite meets most of its ~110 variants on a fresh clone; see backends/cpu_compile.py);
+# the tests then load them from numba's cache.
 test: install
 	$(VENV)/bin/batchnorm compile
 	$(PY) -m pytest -q

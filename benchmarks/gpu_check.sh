@@ -28,8 +28,8 @@ source benchmarks/gpu_common.sh
 
 # The table: 10 rows x 4 ops; on each row's first call the autotuner compiles and times
 # its candidates (~40 compilations at ~0.2 s), torch.compile takes ~5 s a row (H200 host,
-# 2026-11-27). The bench starts no row after --budget seconds, so a slow run still leaves
-# a table (and its CSV).
+# 2026-11-27). The bench starts no case (a row's 4 ops) after --budget seconds, so a slow
+# run still leaves a table (and its CSV).
 table() {
     stage "$1" "$(limit 210)" $PY -m batchnorm bench --device cuda --csv --no-extras \
         --repeats 9 --compile-ops "bn+relu fwd+bwd" --budget 170
