@@ -23,9 +23,9 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(VENV)/bin/batchnorm demo
 
-# The CPU kernels are compiled first, on every core (numba compiles one at a time, and the
-# suite meets most of its ~110 variants on a fresh clone; see backends/cpu_compile.py);
-# the tests then load them from numba's cache.
+# The CPU kernels (about 110 compiled variants, see backends/cpu_compile.py) are compiled
+# first, on every core (numba compiles one at a time); the tests then load them from
+# numba's cache.
 test: install
 	$(VENV)/bin/batchnorm compile
 	$(PY) -m pytest -q
