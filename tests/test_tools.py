@@ -871,6 +871,21 @@ def test_folded_model_gradients(activation):
     torch.testing.assert_close(dx, dx_ref)
 
 
+@pytest.mark.parametrize("before", ["conv", "nothing"], ids=["folded", "scale_shift"])
+def test_folded_model_gradients_with_negative_leaky_slope(before):
+    # In-place leaky_relu has no backward for a negative slope: the out-of-place op runs.
+    first = nn.Conv2d(3, 3, 1) if before == "conv" else nn.Identity()
+    model = nn.Sequential(first, batchnorm.BatchNorm2d(3, activation=nn.LeakyReLU(-0.1)))
+    model = model.double().eval()
+    randomize(model)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    folded, _ = batchnorm.fold(model)
+    y_ref, dx_ref, _ = outputs_and_grads(model, x)
+    y, dx, _ = outputs_and_grads(folded, x)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(dx, dx_ref)
+
+
 def test_frozen_sync_batchnorm_uses_running_stats_in_train(monkeypatch):
     # A frozen SyncBatchNorm must neither synchronize nor compute batch statistics. The
     # world is made to look like 2 ranks, so taking the synchronized path would fail.

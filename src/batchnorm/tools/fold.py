@@ -42,6 +42,15 @@ _INPLACE_ACTIVATIONS = {
 }
 
 
+def _inplace_activation(activation: str, slope: float):
+    """The in-place op for ``activation``, or None where there is none that autograd can
+    differentiate: in-place leaky_relu with a negative slope has no backward in torch (the
+    sign of its output no longer tells which side of 0 the input was)."""
+    if activation == "leaky_relu" and slope < 0:
+        return None
+    return _INPLACE_ACTIVATIONS.get(activation)
+
+
 class ChannelAffine(nn.Module):
     """``act(x * scale + shift + residual)`` per channel (dim 1): what is left of a batch
     norm after :func:`fold`. ``scale``/``shift`` are None when the batch norm went into the
@@ -51,7 +60,8 @@ class ChannelAffine(nn.Module):
     before feeds only this one), so the residual and activation may overwrite it. The
     activation always runs in place on a tensor this module made: each fresh tensor an
     inference pass allocates costs page faults on the CPU (see DESIGN.md). The ops used
-    in place do not need their input for backward, so autograd still works.
+    in place do not need their input for backward, so autograd still works (leaky_relu
+    with a negative slope, which would, runs out of place).
 
     ``linear_input``: the batch norm went into a ``Linear`` (``fold`` sets it), which is
     right only when its output is ``(N, C)``; any other rank raises ``ValueError``.
@@ -85,7 +95,7 @@ class ChannelAffine(nn.Module):
             y, owned = (y.add_(residual) if owned else y + residual), True
         if self.activation == "none":
             return y
-        act_ = _INPLACE_ACTIVATIONS.get(self.activation)
+        act_ = _inplace_activation(self.activation, self.activation_slope)
         return act_(y, self.activation_slope) if owned and act_ is not None else self.act(y)
 
     def extra_repr(self) -> str:
