@@ -298,6 +298,19 @@ def test_revert_layer_built_with_activation():
     assert_close(model(x), y)
 
 
+def test_revert_gives_restored_modules_the_mode_of_those_they_replace():
+    model, _ = make("resnet")
+    batchnorm.convert(model)
+    model.eval()
+    batchnorm.revert(model)
+    assert isinstance(model[2], nn.ReLU)
+    assert not any(m.training for m in model.modules())
+    built = nn.Sequential(nn.Linear(3, 4), batchnorm.BatchNorm1d(4, activation="relu")).eval()
+    batchnorm.revert(built)
+    assert isinstance(built[1], nn.Sequential)
+    assert not any(m.training for m in built.modules())
+
+
 # ---------------------------------------------------------------------------------------
 # fold
 

@@ -112,7 +112,8 @@ def _to_torch(m: _BatchNorm) -> nn.Module:
         new = cls(*args, device="meta")
     new = _share_state(new, m)
     act = F.activation_module(m.activation, m.activation_slope)
-    return new if act is None else nn.Sequential(new, act)
+    # A new module starts in training mode: the pair takes the mode of the layer it replaces.
+    return new if act is None else nn.Sequential(new, act).train(m.training)
 
 
 def _revertible(m: nn.Module) -> bool:
@@ -204,7 +205,8 @@ def revert(model: nn.Module) -> nn.Module:
 
     An activation that ``convert`` fused goes back where it was; any other fused activation
     (a layer built with ``activation=...``) becomes ``nn.Sequential(torch_bn, activation)``,
-    which changes that layer's state_dict keys (``bn.weight`` -> ``bn.0.weight``). A layer
+    which changes that layer's state_dict keys (``bn.weight`` -> ``bn.0.weight``). Every
+    module put back takes the train/eval mode of the one it replaces. A layer
     built with ``bias=False`` gets torch's bias as a fixed zero (``requires_grad=False``).
     A layer called with a ``residual`` cannot become a torch one: its call would fail.
     """
@@ -218,7 +220,9 @@ def revert(model: nn.Module) -> nn.Module:
         fused = F.resolve_activation(m.original)
         if is_our_bn(bn) and (bn.activation, bn.activation_slope) == fused:
             bn.activation, bn.activation_slope = "none", 0.0
-            set_submodule(model, name, m.original)
+            # The original sat outside the module tree while fused, so model.train() and
+            # .eval() since convert reached only the FusedActivation: take its mode.
+            set_submodule(model, name, m.original.train(m.training))
     if _revertible(model):
         return _to_torch(model)
     replaced: dict[int, nn.Module] = {}
