@@ -318,6 +318,31 @@ def test_empty_batch_like_torch(backend, shape):
 
 
 # ---------------------------------------------------------------------------------------
+# A corrupted running variance
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_nan_or_negative_running_var_gives_nan_like_torch(backend, gen, grad, dtype, layout):
+    """Evaluation with running_var NaN or negative gives NaN on those channels, as torch
+    does (the zero-variance rule covers var + eps == 0 only: it must not turn a model
+    whose statistics went bad into one that quietly outputs its bias)."""
+    ours = batchnorm.BatchNorm2d(4, device=backend.device, dtype=dtype).eval()
+    theirs = nn.BatchNorm2d(4, device=backend.device, dtype=dtype).eval()
+    for m in (ours, theirs):
+        with torch.no_grad():
+            m.running_var.copy_(torch.tensor([float("nan"), -1.0, 0.0, 2.0]))
+            m.eps = 0.0 if m is ours else 1e-30  # torch refuses eps=0; ours: channel 2 -> bias
+    _, x = make_input((3, 4, 2, 5), layout, dtype, backend.device, gen)
+    with torch.set_grad_enabled(grad):
+        y, expected = ours(x), theirs(x)
+    assert y[:, :2].isnan().all() and expected[:, :2].isnan().all()
+    assert torch.equal(y[:, 2], torch.zeros_like(y[:, 2]))  # bias 0: the eps = 0 rule
+    assert_close(y[:, 3], expected[:, 3], dtype)
+
+
+# ---------------------------------------------------------------------------------------
 # Gradients asked for only some inputs (frozen parameters, a first layer's input)
 
 

@@ -46,13 +46,15 @@ from_kernel_view = portable.from_kernel_view
 def invstd_from_var(var: Tensor, eps: float) -> Tensor:
     """1/√(var + eps), and 0 where var + eps == 0.
 
-    eps = 0 is allowed: a zero-variance channel then normalizes to x̂ = 0 (output = bias,
-    gradient 0) instead of 0/0. Both branches are kept finite so that the gradient of
-    this expression (double backward) is never 0·inf.
+    eps = 0 is allowed: a zero-variance channel then normalizes to x̂ = 0 (pre-activation
+    output = bias, gradient 0) instead of 0/0. Both branches are kept finite so that the
+    gradient of this expression (double backward) is never 0·inf. A NaN or negative
+    var + eps (a corrupted running_var, in evaluation) gives NaN, as torch's does: the
+    zero rule must not hide it.
     """
     v = var + eps
-    positive = v > 0
-    return torch.where(positive, torch.rsqrt(torch.where(positive, v, torch.ones_like(v))), 0)
+    zero = v == 0
+    return torch.where(zero, 0, torch.rsqrt(torch.where(zero, torch.ones_like(v), v)))
 
 
 def centre_for_kernels(mean: Tensor, invstd: Tensor, weight: Tensor | None,

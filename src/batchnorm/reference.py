@@ -236,10 +236,12 @@ def batch_stats(x) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 def invstd(var: np.ndarray, eps: float) -> np.ndarray:
-    """``1 / √(var + eps)``, and 0 where ``var + eps == 0`` (the ε = 0 rule)."""
+    """``1 / √(var + eps)``, and 0 where ``var + eps == 0`` (the ε = 0 rule); NaN where
+    ``var + eps`` is negative or NaN (a corrupted running variance), as in torch."""
     v = _f64(var) + eps
-    safe = np.where(v > 0, v, 1.0)
-    return np.where(v > 0, 1.0 / np.sqrt(safe), 0.0)
+    zero = v == 0
+    with np.errstate(invalid="ignore"):
+        return np.where(zero, 0.0, 1.0 / np.sqrt(np.where(zero, 1.0, v)))
 
 
 def forward(x, weight=None, bias=None, *, training: bool = True, running_mean=None,

@@ -404,12 +404,13 @@ def stats_mc(x, blocks, mean_out, m2_out):
 
 @njit(cache=True, error_model="numpy")
 def _invstd_of(var, eps, invstd):
-    """invstd = 1/√(var + eps), 0 where var + eps is not > 0. Compiled apart with numpy's
-    error model: Python's (the default) tests every division for zero, which kept the
-    loop scalar (18 against 4.5 µs for C = 4096); the guard already excludes it."""
+    """invstd = 1/√(var + eps), 0 where var + eps == 0, NaN where it is negative or NaN
+    (``ops.invstd_from_var``). Compiled apart with numpy's error model: Python's (the
+    default) tests every division for zero, which kept the loop scalar (18 against 4.5 µs
+    for C = 4096); the guard already excludes it, and √ of a negative is NaN there."""
     for c in range(var.shape[0]):
         ve = var[c] + eps
-        invstd[c] = 1.0 / math.sqrt(ve) if ve > 0 else 0.0
+        invstd[c] = 1.0 / math.sqrt(ve) if ve != 0 else 0.0
 
 
 @njit(inline="always")

@@ -400,15 +400,16 @@ def stats_finalize(x_ptr, part_ptr, mean_ptr, var_ptr, coef_ptr, w_ptr, b_ptr, r
 
 @triton.jit
 def _invstd(var, eps_hi, eps_lo, F64: tl.constexpr):
-    """``ops.invstd_from_var``: 1/√(var + eps), 0 where var + eps == 0, IEEE-rounded."""
+    """``ops.invstd_from_var``: 1/√(var + eps), 0 where var + eps == 0 (NaN where it is
+    negative or NaN), IEEE-rounded."""
     v = (var + eps_hi) + eps_lo
-    positive = v > 0
-    v = tl.where(positive, v, 1.0)
+    zero = v == 0
+    v = tl.where(zero, 1.0, v)
     if F64:
         r = 1.0 / tl.sqrt(v)
     else:
         r = tl.math.div_rn(tl.zeros_like(v) + 1.0, tl.math.sqrt_rn(v))
-    return tl.where(positive, r, 0.0)
+    return tl.where(zero, 0.0, r)
 
 
 @triton.jit
