@@ -298,11 +298,12 @@ class SyncBatchNorm(_BatchNorm):
             return super().forward(input, residual)
         self._check_input_dim(input)
         tracking = self.track_running_stats
+        num_batches_tracked = self.num_batches_tracked if tracking else None
         return sync_batch_norm(
             input, self.running_mean if tracking else None,
-            self.running_var if tracking else None, self.weight, self.bias, self.momentum,
-            self.eps, self.activation, self.activation_slope, residual,
-            self.num_batches_tracked if tracking else None, self.process_group)
+            self.running_var if tracking else None, self.weight, self.bias,
+            self._momentum_given(num_batches_tracked), self.eps, self.activation,
+            self.activation_slope, residual, num_batches_tracked, self.process_group)
 
 
 class BatchNormNd(_BatchNorm):

@@ -165,7 +165,8 @@ def batch_norm(
     :func:`resolve_activation`) and ``residual`` (a tensor of the input's shape) are
     applied in the same pass. ``num_batches_tracked`` (a long scalar tensor) is
     incremented in training and drives ``momentum=None``, the cumulative average, as
-    the modules do. ``eps = 0`` is allowed: a zero-variance channel gives ``bias``.
+    the modules do. ``eps = 0`` is allowed: a zero-variance channel gives ``bias``
+    (then the residual and activation, where fused).
     """
     act, slope = resolve_activation(activation)
     return batch_norm_resolved(input, running_mean, running_var, weight, bias, training,

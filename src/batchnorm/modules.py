@@ -9,6 +9,8 @@ load both ways.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor, nn
 from torch.nn import init
@@ -19,10 +21,15 @@ from . import functional as F
 
 
 def check_constructor_args(num_features: int, eps: float, momentum: float | None,
-                           allow_zero_features: bool = False) -> None:
-    """ValueError for arguments torch accepts silently but that cannot work."""
-    if not isinstance(num_features, int) or isinstance(num_features, bool) or (
-            num_features < 1 and not (allow_zero_features and num_features == 0)):
+                           allow_zero_features: bool = False) -> int:
+    """ValueError for arguments torch accepts silently but that cannot work; returns
+    ``num_features`` as a Python int (an integer type such as ``np.int64`` is accepted,
+    as torch accepts it)."""
+    try:
+        count = None if isinstance(num_features, bool) else operator.index(num_features)
+    except TypeError:
+        count = None
+    if count is None or (count < 1 and not (allow_zero_features and count == 0)):
         raise ValueError(f"num_features must be a positive int (the C of an (N, C, ...) "
                          f"input), got {num_features!r}")
     if not eps >= 0:
@@ -30,6 +37,7 @@ def check_constructor_args(num_features: int, eps: float, momentum: float | None
     if momentum is not None and not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], or None for a cumulative average, "
                          f"got {momentum!r}")
+    return count
 
 
 class _NormBase(nn.Module):
@@ -42,8 +50,8 @@ class _NormBase(nn.Module):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None,
                  dtype=None, *, bias: bool = True, activation=None) -> None:
-        check_constructor_args(num_features, eps, momentum,
-                               allow_zero_features=isinstance(self, LazyModuleMixin))
+        num_features = check_constructor_args(
+            num_features, eps, momentum, allow_zero_features=isinstance(self, LazyModuleMixin))
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
         self.num_features = num_features
@@ -88,6 +96,14 @@ class _NormBase(nn.Module):
 
     def _check_input_dim(self, input: Tensor) -> None:
         raise NotImplementedError
+
+    def _momentum_given(self, num_batches_tracked: Tensor | None) -> float | None:
+        """The momentum a training step passes on. ``momentum=None`` averages over
+        num_batches_tracked; with that buffer set to None torch's layers take the factor
+        0.0 (the running statistics stay as they are), and so do ours."""
+        if self.momentum is None and num_batches_tracked is None:
+            return 0.0
+        return self.momentum
 
     @property
     def frozen(self) -> bool:
@@ -155,10 +171,12 @@ class _BatchNorm(_NormBase):
         use_batch_stats = training or (running_mean is None and running_var is None)
         if self.training and not self.track_running_stats:
             running_mean = running_var = None
+        if not (training and self.track_running_stats):
+            num_batches_tracked = None
         return F.batch_norm_resolved(
             input, running_mean, running_var, weight, bias, use_batch_stats,
-            self.momentum, self.eps, self.activation, self.activation_slope, residual,
-            num_batches_tracked if training and self.track_running_stats else None,
+            self._momentum_given(num_batches_tracked), self.eps, self.activation,
+            self.activation_slope, residual, num_batches_tracked,
         )
 
 
@@ -207,7 +225,8 @@ _DOC = r"""Batch Normalization over a {rank} input, a drop-in for ``torch.nn.{na
     Args:
         num_features: C, the channel count of an input of shape {shape}.
         eps: added to the variance for stability. ``eps=0`` is accepted (torch refuses it
-            in training); a zero-variance channel then outputs ``bias``. Default: 1e-5
+            in training); a zero-variance channel is then normalized to 0, so it outputs
+            ``bias`` (then the residual and activation, where fused). Default: 1e-5
         momentum: weight of the batch in the running statistics; None for a cumulative
             average over all batches seen. Default: 0.1
         affine: learnable per-channel ``weight`` (γ) and ``bias`` (β). Default: True
