@@ -83,7 +83,17 @@ CASES = {
                         lambda g: torch.randn(2, 3, 2, 2, generator=g),
                         lambda g: torch.empty(2, 3, 2, 2, device="meta"), RuntimeError,
                         ["residual is on meta", ".to("]),
+    # torch raises this from save_for_backward, after its running update
+    "inference-input": (lambda: batchnorm.BatchNorm2d(3),
+                        lambda g: _inference(torch.randn(2, 3, 2, 2, generator=g)), None,
+                        RuntimeError, ["Inference tensors cannot be saved for backward",
+                                       ".clone()"]),
 }
+
+
+def _inference(t):
+    with torch.inference_mode():
+        return t.clone()
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -176,6 +186,47 @@ def test_constructor_accepts_the_edges():
     for kwargs in (dict(eps=0.0), dict(momentum=0.0), dict(momentum=1.0), dict(momentum=None)):
         bn = batchnorm.BatchNorm1d(2, **kwargs)
         assert bn(torch.randn(5, 2)).shape == (5, 2)
+
+
+def test_constructor_takes_integer_types_as_torch_does():
+    np = pytest.importorskip("numpy")
+    bn = batchnorm.BatchNorm2d(np.int64(3))
+    assert bn.num_features == 3 and type(bn.num_features) is int
+    assert nn.BatchNorm2d(np.int64(3)).num_features == 3
+    with pytest.raises(ValueError, match="num_features must be a positive int"):
+        batchnorm.BatchNorm2d(3.0)
+
+
+def test_running_buffers_made_under_inference_mode_are_not_updated_outside_it(gen):
+    """torch refuses the in-place update; our CPU kernels write by address, past torch's
+    check, so ours checks first."""
+    x = torch.randn(4, 3, 2, 2, generator=gen)
+    for cls in (nn.BatchNorm2d, batchnorm.BatchNorm2d):
+        with torch.inference_mode():
+            bn = cls(3).requires_grad_(False)
+        before = _snapshot(bn)
+        with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside "
+                                               "InferenceMode is not allowed"):
+            bn(x)
+        if cls is batchnorm.BatchNorm2d:  # torch's has counted the failed batch
+            _assert_untouched(bn, before)
+            with torch.inference_mode():  # where the update is allowed
+                bn(x)
+            assert bn.num_batches_tracked.item() == 1
+
+
+def test_momentum_none_without_num_batches_tracked_is_torchs_factor_zero(gen):
+    x = torch.randn(4, 3, 2, 2, generator=gen)
+    theirs = _randomized(nn.BatchNorm2d(3, momentum=None), gen)
+    ours = batchnorm.BatchNorm2d(3, momentum=None)
+    ours.load_state_dict(theirs.state_dict())
+    before = _snapshot(ours)
+    for bn in (theirs, ours):
+        bn.num_batches_tracked = None
+        bn(x)
+    assert torch.equal(ours.running_mean, before["running_mean"])
+    assert torch.equal(ours.running_mean, theirs.running_mean)
+    assert torch.equal(ours.running_var, theirs.running_var)
 
 
 # ---------------------------------------------------------------------------------------

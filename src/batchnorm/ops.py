@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from . import backends
 from .backends import portable
@@ -482,20 +483,87 @@ def _fused_backward(ctx, dy):
 try:
     # Function.apply is Python that, besides calling the C apply, prepares functorch
     # transforms (vmap, grad, ...): ~9 µs of the ~60 µs of torch's whole small batch norm
-    # on the 2-core machine. _eager_apply calls the C apply directly when no transform
-    # can be involved; private names, so any change falls back to Function.apply.
+    # on the 2-core machine. Calls under a transform take the composed path instead (see
+    # _composed), so _eager_apply calls the C apply directly; private names, so any change
+    # falls back to Function.apply.
     _c_apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, _EagerBatchNorm)
-    _transforms_active = torch._C._are_functorch_transforms_active
-    _is_functorch_tensor = torch._C._functorch.is_functorch_wrapped_tensor
 except (AttributeError, KeyError, TypeError):
     _c_apply = None
+# (functorch's wrapped tensors exist only while a transform is active)
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
+_tracing_state = torch._C._get_tracing_state
 
 
 def _eager_apply(input, weight, bias, residual, *rest):
-    if (_c_apply is None or _transforms_active() or _is_functorch_tensor(input)
-            or (residual is not None and _is_functorch_tensor(residual))):
+    if _c_apply is None:
         return _EagerBatchNorm.apply(input, weight, bias, residual, *rest)
     return _c_apply(input, weight, bias, residual, *rest)
+
+
+def _needs_composed() -> bool:
+    """Whether the call runs under something our kernels cannot serve: a torch.func
+    transform (vmap, grad, jvp, ...: its tensors have no storage to hand a kernel, and
+    an autograd.Function would need rules for each), forward-mode AD (dual tensors), or
+    torch.jit.trace (which records torch ops, and would miss a kernel's work)."""
+    return (_transforms_active() or forward_ad._current_level >= 0
+            or _tracing_state() is not None)
+
+
+def _composed(input, weight, bias, residual, running_mean, running_var, eps, activation,
+              slope, update) -> Tensor:
+    """Batch norm in torch ops alone (the portable backend's, called directly): the same
+    arithmetic as the kernels (shifted statistics, the wide mean split as
+    :func:`centre_for_kernels` splits it, the eps = 0 rule), which autograd, forward-mode
+    AD and torch.func differentiate, vmap batches and torch.jit.trace records like any
+    torch code. Slower than the kernels: only for the calls :func:`_needs_composed` picks.
+    Under vmap a training step that updates running statistics fails on the in-place
+    update, as torch's own batch norm does."""
+    channels_last = is_channels_last(input)
+    x = to_kernel_view(input, channels_last)
+    r = to_kernel_view(residual, channels_last) if residual is not None else None
+    acc = acc_dtype(x.dtype)
+    if running_mean is None:
+        mean, m2 = portable.stats(x)
+        count = x.numel() // x.shape[1]
+        var = m2 / max(count, 1)
+        if update is not None:
+            running_mean_, running_var_, num_batches_tracked, momentum = update
+            _update_running_stats_torch(running_mean_, running_var_, num_batches_tracked,
+                                        mean.detach(), var.detach(), count, momentum)
+    else:
+        mean, var = running_mean.to(acc), running_var.to(acc)
+    invstd = invstd_from_var(var, eps)
+    mean_k, bias_k, _ = centre_for_kernels(mean, invstd, weight, bias, acc)
+    y = portable.normalize(x, mean_k, invstd, weight, bias_k, r, activation, slope)
+    return from_kernel_view(y, input.shape, channels_last)
+
+
+def _refuse_inference_tensors(input, weight, bias, residual, activation) -> None:
+    """The error ``save_for_backward`` would raise, raised before the forward (and its
+    running update) runs: a failed call changes nothing. (A check is ~0.2 µs: the bias
+    is asked only without a weight, as both come from one module.)"""
+    if (input.is_inference() or (weight is not None and weight.is_inference())
+            or (weight is None and bias is not None and bias.is_inference())
+            or (residual is not None and activation != "none" and residual.is_inference())):
+        raise RuntimeError(
+            "Inference tensors cannot be saved for backward: an input, weight or bias "
+            "made under torch.inference_mode() needs a gradient here. Make a normal "
+            "tensor of it with .clone() outside inference_mode, or run the call under "
+            "torch.no_grad() or torch.inference_mode()")
+
+
+def _refuse_inference_buffers(update) -> None:
+    """torch's error for an in-place update of an inference tensor outside inference mode:
+    our eager running update writes by address on the CPU, past torch's own check.
+    (running_mean stands for the three buffers, made together by a module.)"""
+    running_mean, _, num_batches_tracked, _ = update
+    buffer = running_mean if running_mean is not None else num_batches_tracked
+    if (buffer is not None and buffer.is_inference()
+            and not torch.is_inference_mode_enabled()):
+        raise RuntimeError(
+            "Inplace update to inference tensor outside InferenceMode is not allowed: the "
+            "running statistics were made under torch.inference_mode(). Build the layer "
+            "outside inference_mode, or run this training step under it")
 
 
 def batch_norm(input, weight, bias, residual, running_mean, running_var, eps, activation,
@@ -506,10 +574,17 @@ def batch_norm(input, weight, bias, residual, running_mean, running_var, eps, ac
     batch statistics (:func:`update_running_stats`; inside the kernels where the
     backend can)."""
     compiling = torch.compiler.is_compiling()
+    if not compiling:
+        if update is not None:
+            _refuse_inference_buffers(update)
+        if _needs_composed():
+            return _composed(input, weight, bias, residual, running_mean, running_var, eps,
+                             activation, slope, update)
     if not compiling and torch.is_grad_enabled() and (
             input.requires_grad or (weight is not None and weight.requires_grad)
             or (bias is not None and bias.requires_grad)
             or (residual is not None and residual.requires_grad)):
+        _refuse_inference_tensors(input, weight, bias, residual, activation)
         return _eager_apply(input, weight, bias, residual, running_mean, running_var, eps,
                             activation, slope, update)
     channels_last = is_channels_last(input)

@@ -1,0 +1,169 @@
+"""torch.func transforms, forward-mode AD and torch.jit.trace, against torch's layers.
+
+Under these our kernels cannot run (a transform's tensors have no storage to hand them;
+a trace records torch ops only), so ``ops.batch_norm`` computes in torch ops alone
+(``ops._composed``); these tests check that path gives what torch's batch norm gives,
+where torch's supports the transform.
+"""
+
+import pytest
+import torch
+from torch import nn
+from torch.autograd import forward_ad
+from torch.func import functional_call, grad, jacrev, jvp, vmap
+
+import batchnorm
+from batchnorm import ops
+from tolerances import assert_close
+
+F64 = torch.float64
+
+
+def _pair(activation=None, **kwargs):
+    """Our BatchNorm2d(3) and torch's (followed by the activation), equal random state."""
+    gen = torch.Generator().manual_seed(0)
+    ours = batchnorm.BatchNorm2d(3, activation=activation, dtype=F64, **kwargs)
+    theirs = nn.BatchNorm2d(3, dtype=F64, **kwargs)
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean"):
+            if getattr(theirs, name) is not None:
+                value = torch.randn(3, generator=gen, dtype=F64)
+                getattr(ours, name).copy_(value)
+                getattr(theirs, name).copy_(value)
+        if theirs.running_var is not None:
+            value = torch.rand(3, generator=gen, dtype=F64) + 0.5
+            ours.running_var.copy_(value)
+            theirs.running_var.copy_(value)
+    if activation is not None:
+        theirs = nn.Sequential(theirs, batchnorm.functional.activation_module(
+            *batchnorm.functional.resolve_activation(activation)))
+    return ours, theirs
+
+
+def _x(*shape, seed=1):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+@pytest.mark.parametrize("mode", ["eval", "batch_stats"])
+def test_vmap_over_a_batch_of_batches(mode):
+    """vmap in eval, and in training without running statistics (what torch supports)."""
+    kwargs = {} if mode == "eval" else dict(track_running_stats=False)
+    ours, theirs = _pair("relu", **kwargs)
+    if mode == "eval":
+        ours.eval(), theirs.eval()
+    x = _x(4, 5, 3, 2, 2)
+    assert_close(vmap(ours)(x), vmap(theirs)(x))
+    ours.requires_grad_(False), theirs.requires_grad_(False)  # the no-grad branch too
+    assert_close(vmap(ours)(x), vmap(theirs)(x))
+
+
+def test_vmap_of_a_step_that_updates_running_stats_fails_like_torch():
+    ours, theirs = _pair()
+    x = _x(4, 5, 3, 2, 2)
+    with pytest.raises(RuntimeError):
+        vmap(theirs)(x)
+    before = ours.running_mean.clone()
+    with pytest.raises(RuntimeError):
+        vmap(ours)(x)
+    assert torch.equal(ours.running_mean, before)
+
+
+def test_grad_and_per_sample_gradients_with_functional_call():
+    ours, theirs = _pair("silu")
+    ours.eval(), theirs.eval()
+    x, target = _x(6, 3, 2, 2), _x(6, 3, 2, 2, seed=2)
+
+    def loss(model, params, xb, tb):
+        return (functional_call(model, params, (xb,)) - tb).pow(2).sum()
+
+    def per_sample(model):
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        params = {k.removeprefix("0."): v for k, v in params.items()}
+        if isinstance(model, nn.Sequential):
+            params = {f"0.{k}": v for k, v in params.items()}
+        fn = grad(lambda p, xb, tb: loss(model, p, xb[None], tb[None]))
+        return vmap(fn, in_dims=(None, 0, 0))(params, x, target)
+
+    got, expected = per_sample(ours), per_sample(theirs)
+    for name in ("weight", "bias"):
+        assert_close(got[name], expected[f"0.{name}"])
+
+
+MODES = {"eval": {}, "batch_stats": dict(track_running_stats=False)}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_grad_and_jacrev(mode):
+    ours, theirs = _pair("tanh", **MODES[mode])
+    if mode == "eval":
+        ours.eval(), theirs.eval()
+    x = _x(4, 3, 2, 2)
+    assert_close(grad(lambda t: ours(t).pow(3).sum())(x),
+                 grad(lambda t: theirs(t).pow(3).sum())(x))
+    assert_close(jacrev(ours)(x), jacrev(theirs)(x))
+
+
+def test_grad_transform_of_a_running_update_fails_like_torch():
+    """torch.func refuses the in-place update of a captured buffer (torch's layer counts
+    num_batches_tracked in place): ours refuses it the same way and changes nothing."""
+    ours, theirs = _pair()
+    x = _x(4, 3, 2, 2)
+    with pytest.raises(RuntimeError, match="in-place operation"):
+        grad(lambda t: theirs(t).sum())(x)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    with pytest.raises(RuntimeError, match="in-place operation"):
+        grad(lambda t: ours(t).sum())(x)
+    assert all(torch.equal(v, ours.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_jvp(mode):
+    ours, theirs = _pair("gelu", **MODES[mode])
+    if mode == "eval":
+        ours.eval(), theirs.eval()
+    x, tangent = _x(4, 3, 2, 2), _x(4, 3, 2, 2, seed=3)
+    y, dy = jvp(ours, (x,), (tangent,))
+    y_t, dy_t = jvp(theirs, (x,), (tangent,))
+    assert_close(y, y_t)
+    assert_close(dy, dy_t)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_forward_mode_ad_with_dual_tensors(training):
+    """torch.autograd.forward_ad (not a torch.func transform): a training step updates
+    the running statistics, as torch's does."""
+    ours, theirs = _pair("gelu")
+    ours.train(training), theirs.train(training)
+    x, tangent = _x(4, 3, 2, 2), _x(4, 3, 2, 2, seed=3)
+    with forward_ad.dual_level():
+        out = forward_ad.unpack_dual(ours(forward_ad.make_dual(x, tangent)))
+        out_t = forward_ad.unpack_dual(theirs(forward_ad.make_dual(x, tangent)))
+    assert_close(out.primal, out_t.primal)
+    assert_close(out.tangent, out_t.tangent)
+    assert_close(ours.running_var, theirs[0].running_var)
+    assert torch.equal(ours.num_batches_tracked, theirs[0].num_batches_tracked)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_jit_trace_records_the_computation(layout):
+    ours, theirs = _pair("relu")
+    ours.eval(), theirs.eval()
+    x = _x(2, 3, 4, 4)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    traced = torch.jit.trace(ours, (x,), check_trace=False)
+    other = _x(5, 3, 4, 4, seed=4)  # the trace replays torch ops, not a kernel's
+    assert_close(traced(other), theirs(other))
+
+
+def test_composed_path_is_not_taken_without_a_transform(monkeypatch):
+    """The kernels, not the composed torch ops, serve plain eager calls."""
+    def fail(*args):
+        raise AssertionError("composed path taken")
+
+    monkeypatch.setattr(ops, "_composed", fail)
+    ours, _ = _pair()
+    x = _x(4, 3, 2, 2).requires_grad_()
+    ours(x).sum().backward()
+    with torch.no_grad():
+        ours.eval()(x)
