@@ -876,7 +876,10 @@ def test_folded_model_gradients(activation):
         if isinstance(m, batchnorm.BatchNorm2d):
             m.activation, m.activation_slope = activation, 0.1
     randomize(model)
-    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    _assert_fold_keeps_outputs_and_grads(model, torch.randn(2, 3, 6, 6, dtype=torch.float64))
+
+
+def _assert_fold_keeps_outputs_and_grads(model, x):
     folded, _ = batchnorm.fold(model)
     y_ref, dx_ref, _ = outputs_and_grads(model, x)
     y, dx, _ = outputs_and_grads(folded, x)
@@ -891,12 +894,7 @@ def test_folded_model_gradients_with_negative_leaky_slope(before):
     model = nn.Sequential(first, batchnorm.BatchNorm2d(3, activation=nn.LeakyReLU(-0.1)))
     model = model.double().eval()
     randomize(model)
-    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
-    folded, _ = batchnorm.fold(model)
-    y_ref, dx_ref, _ = outputs_and_grads(model, x)
-    y, dx, _ = outputs_and_grads(folded, x)
-    torch.testing.assert_close(y, y_ref)
-    torch.testing.assert_close(dx, dx_ref)
+    _assert_fold_keeps_outputs_and_grads(model, torch.randn(2, 3, 4, 4, dtype=torch.float64))
 
 
 def test_frozen_sync_batchnorm_uses_running_stats_in_train(monkeypatch):
