@@ -734,6 +734,19 @@ def test_recalibrate_includes_subclasses_of_torch_batch_norm():
     torch.testing.assert_close(model[3].running_var, expected["3"][1])
 
 
+def test_recalibrate_puts_back_the_statistics_of_other_norm_layers():
+    """train() also moves an InstanceNorm's running statistics: recalibrate recomputes
+    batch norms only, so it gives the others back what they had."""
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.InstanceNorm2d(3, track_running_stats=True),
+                          batchnorm.BatchNorm2d(3)).eval()
+    with torch.no_grad():
+        model[1].running_mean.fill_(0.5)
+    before = {k: v.clone() for k, v in model[1].state_dict().items()}
+    seen = batchnorm.recalibrate(model, [torch.randn(4, 3, 5, 5) + 2], progress=False)
+    assert set(seen) == {"2"}
+    assert all(torch.equal(v, model[1].state_dict()[k]) for k, v in before.items())
+
+
 def _recal_worker(rank, init_file, result_file):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)

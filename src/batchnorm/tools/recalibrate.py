@@ -125,6 +125,15 @@ def _recalibrated(m: nn.Module) -> bool:
     return m.track_running_stats and not getattr(m, "frozen", False)
 
 
+def _left_alone(m: nn.Module) -> bool:
+    """A torch norm layer with running statistics that recalibrate does not recompute but
+    whose statistics its train() would move: an InstanceNorm with track_running_stats.
+    Put back afterwards."""
+    return (isinstance(m, nn.modules.batchnorm._NormBase) and not _recalibrated(m)
+            and m.track_running_stats
+            and not (isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()))
+
+
 def _saved_state(m: nn.Module) -> tuple:
     return (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(),
             m.momentum)
@@ -150,7 +159,9 @@ def recalibrate(model: nn.Module, batches, num_batches: int | None = None,
     values seen and ``running_var`` their *unbiased* variance (count − 1), as torch stores
     it; ``num_batches_tracked`` counts the calls. When ``torch.distributed`` is initialized,
     the statistics of all processes are merged (each process must call this). Afterwards
-    every module's training flag is restored. If a batch or ``forward`` raises, every
+    every module's training flag is restored, and the running statistics of the other
+    norm layers that train() moves (an ``InstanceNorm`` with ``track_running_stats=True``)
+    are put back. If a batch or ``forward`` raises, every
     layer's running statistics, ``num_batches_tracked`` and momentum are put back as they
     were before the call, and the exception propagates.
 
@@ -175,6 +186,7 @@ def recalibrate(model: nn.Module, batches, num_batches: int | None = None,
         raise ValueError("recalibrate(): the model has no batch norm with running statistics "
                          "to recalibrate (frozen layers are left alone)")
     saved = [_saved_state(m) for _, m in layers]
+    others = [(m, _saved_state(m)) for m in model.modules() if _left_alone(m)]
     accs = [_Accumulator(m) for _, m in layers]
     modes = [(m, m.training) for m in model.modules()]
     handles = [m.register_forward_pre_hook(a, with_kwargs=True)
@@ -209,6 +221,8 @@ def recalibrate(model: nn.Module, batches, num_batches: int | None = None,
             h.remove()
         for m, mode in modes:
             m.training = mode
+        for m, state in others:
+            _restore(m, state)
     result = {}
     with torch.no_grad():
         for (name, m), a, state in zip(layers, accs, saved):
