@@ -446,8 +446,6 @@ GROUP_OF_ONE = [("gloo", "cpu")] + ([("nccl", "cuda")] if torch.cuda.is_availabl
 def test_sync_path_through_a_group_of_one(tmp_path, pg_backend, device, dtype):
     """The collective path itself (forced: the module would go local) on each device's
     process-group backend, against the local layer: both collectives are identities."""
-    if device == "cpu" and dtype == torch.float16:
-        pytest.skip("float16 is exercised on CUDA")
     dist.init_process_group(pg_backend, init_method=f"file://{tmp_path}/store", rank=0,
                             world_size=1)
     try:
