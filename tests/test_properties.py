@@ -6,6 +6,8 @@ large means, where float32 must stay within 1e-5 of the float64 computation on t
 float32 input. Also the seed's example with eps = 0, which torch refuses.
 """
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -93,9 +95,10 @@ def test_random_shapes_values_and_activations(backend):
         assert_close(y, torch.from_numpy(yr).to(dev), dtype, scale=10)
         ginv = float(np.max(np.abs(np64(bn.weight)) * cache["invstd"]) + 1)
         assert_close(x.grad, torch.from_numpy(gr["dx"]).to(dev), dtype, scale=10 * ginv)
-        n = cache["count"]
-        assert_close(bn.weight.grad, torch.from_numpy(gr["dweight"]).to(dev), dtype, scale=10 * n)
-        assert_close(bn.bias.grad, torch.from_numpy(gr["dbias"]).to(dev), dtype, scale=10 * n)
+        # The parameter gradients are sums of n terms: rounding grows about as √n.
+        sums = 10 * math.sqrt(cache["count"])
+        assert_close(bn.weight.grad, torch.from_numpy(gr["dweight"]).to(dev), dtype, scale=sums)
+        assert_close(bn.bias.grad, torch.from_numpy(gr["dbias"]).to(dev), dtype, scale=sums)
         spread = float(np.max(np.abs(cache["mean"])) + 1)
         assert_close(bn.running_mean, torch.from_numpy(rm).to(dev), dtype, scale=spread)
         assert_close(bn.running_var, torch.from_numpy(rv).to(dev), dtype,
