@@ -167,3 +167,23 @@ def test_composed_path_is_not_taken_without_a_transform(monkeypatch):
     ours(x).sum().backward()
     with torch.no_grad():
         ours.eval()(x)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_composed_path_keeps_the_numerics_of_the_kernels(layout):
+    """The composed path is the kernels' arithmetic in torch ops: float32 data with mean
+    1e6 and a constant channel with eps = 0 give what the kernels give (the constant
+    channel exactly 0), in the input's layout, with the same running statistics."""
+    x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(5)) + 1e6
+    x[:, 1] = x[0, 1, 0, 0]
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    kernels, composed = (batchnorm.BatchNorm2d(3, eps=0.0, activation="relu") for _ in "ab")
+    y = kernels(x)
+    with forward_ad.dual_level():  # a plain tensor, but the composed path all the same
+        y_composed = composed(x)
+    assert_close(y_composed, y)
+    assert torch.equal(y_composed[:, 1], torch.zeros_like(y[:, 1]))
+    assert y_composed.stride() == y.stride()
+    assert_close(composed.running_mean, kernels.running_mean)
+    assert_close(composed.running_var, kernels.running_var)
