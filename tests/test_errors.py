@@ -257,3 +257,16 @@ def test_functional_eval_needs_running_stats(gen):
         F.batch_norm(torch.randn(4, 3, generator=gen), None, None, training=False)
     with pytest.raises(ValueError, match="given together"):
         F.batch_norm(torch.randn(4, 3, generator=gen), torch.zeros(3), None, training=True)
+
+
+def test_a_forced_backend_refuses_tensors_of_another_device():
+    """BATCHNORM_BACKEND=cpu on tensors elsewhere would hand a kernel another device's
+    addresses: a clear error instead (meta tensors stand in for CUDA here)."""
+    from batchnorm import backends
+    bn = batchnorm.BatchNorm2d(3, device="meta")
+    x = torch.empty(2, 3, 2, 2, device="meta")
+    with backends.using("cpu"):
+        with pytest.raises(RuntimeError, match="forced batchnorm backend 'cpu'.*not meta"):
+            bn(x)
+    with backends.using("portable"):
+        assert bn(x).device.type == "meta"

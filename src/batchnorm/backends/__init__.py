@@ -3,7 +3,8 @@
 Every backend module exposes the same four functions as :mod:`.portable` (``stats``,
 ``normalize``, ``backward_reduce``, ``backward_elementwise``) with the same conventions,
 plus ``supports(x) -> bool``: whether it can compute on this kernel view (device, dtype)
-and is expected to be faster there than the portable path.
+and is expected to be faster there than the portable path, and ``DEVICES``: the device
+types it can compute on at all (None: any).
 
 ``BATCHNORM_BACKEND=portable|cpu|triton`` (read at import) or :func:`using` forces one
 backend for every call; a forced backend that cannot handle a tensor raises rather than
@@ -90,7 +91,14 @@ def for_device(device) -> ModuleType | None:
 def select(x: Tensor) -> ModuleType:
     """The backend for this kernel view: the forced one, else the first that supports it."""
     if _forced is not None:
-        return _loaded[_forced]
+        mod = _loaded[_forced]
+        if mod.DEVICES is not None and x.device.type not in mod.DEVICES:
+            # a kernel handed another device's address would crash or read garbage
+            raise RuntimeError(
+                f"the forced batchnorm backend {_forced!r} (BATCHNORM_BACKEND or "
+                f"backends.using) computes on {' or '.join(mod.DEVICES)} tensors, not "
+                f"{x.device.type}; force another backend, or none to choose by device")
+        return mod
     # is_cuda / is_cpu: reading x.device builds a Python object, which shows on small inputs
     if x.is_cuda:
         mod = _load("triton")

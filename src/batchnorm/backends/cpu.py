@@ -34,6 +34,7 @@ from . import cpu_kernels as K
 from . import portable
 
 _DTYPES = (torch.float32, torch.float64)
+DEVICES = ("cpu",)
 # Enough tasks that both cores (and a few more, for balance) have work when C is small.
 _TASKS = 16
 # Below this many elements per piece the loop is too short to pay for a task.

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 ACTIVATIONS = ("none", "relu", "leaky_relu", "silu", "gelu", "gelu_tanh", "sigmoid", "tanh")
+DEVICES = None  # torch ops: any device
 
 
 # ---------------------------------------------------------------------------------------

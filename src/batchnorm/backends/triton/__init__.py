@@ -45,6 +45,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Read once, as triton itself does at import: whether kernels are interpreted on the CPU.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICES = ("cuda", "cpu") if _INTERPRET else ("cuda",)
 
 
 def supports(x: Tensor) -> bool:
