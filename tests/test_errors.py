@@ -265,8 +265,8 @@ def test_a_forced_backend_refuses_tensors_of_another_device():
     from batchnorm import backends
     bn = batchnorm.BatchNorm2d(3, device="meta")
     x = torch.empty(2, 3, 2, 2, device="meta")
-    with backends.using("cpu"):
-        with pytest.raises(RuntimeError, match="forced batchnorm backend 'cpu'.*not meta"):
-            bn(x)
+    with backends.using("cpu"), pytest.raises(RuntimeError,
+                                              match="forced batchnorm backend 'cpu'.*not meta"):
+        bn(x)
     with backends.using("portable"):
         assert bn(x).device.type == "meta"

@@ -8,13 +8,13 @@ where torch's supports the transform.
 
 import pytest
 import torch
+from tolerances import assert_close
 from torch import nn
 from torch.autograd import forward_ad
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 import batchnorm
 from batchnorm import ops
-from tolerances import assert_close
 
 F64 = torch.float64
 
@@ -47,7 +47,7 @@ def _x(*shape, seed=1):
 @pytest.mark.parametrize("mode", ["eval", "batch_stats"])
 def test_vmap_over_a_batch_of_batches(mode):
     """vmap in eval, and in training without running statistics (what torch supports)."""
-    kwargs = {} if mode == "eval" else dict(track_running_stats=False)
+    kwargs = {} if mode == "eval" else {"track_running_stats": False}
     ours, theirs = _pair("relu", **kwargs)
     if mode == "eval":
         ours.eval(), theirs.eval()
@@ -89,7 +89,7 @@ def test_grad_and_per_sample_gradients_with_functional_call():
         assert_close(got[name], expected[f"0.{name}"])
 
 
-MODES = {"eval": {}, "batch_stats": dict(track_running_stats=False)}
+MODES = {"eval": {}, "batch_stats": {"track_running_stats": False}}
 
 
 @pytest.mark.parametrize("mode", list(MODES))
