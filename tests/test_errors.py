@@ -270,3 +270,13 @@ def test_a_forced_backend_refuses_tensors_of_another_device():
         bn(x)
     with backends.using("portable"):
         assert bn(x).device.type == "meta"
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_functional_with_no_channels_is_empty_like_torch(training):
+    x = torch.randn(4, 0, 5, requires_grad=True)
+    for fn in (F.batch_norm, nn.functional.batch_norm):
+        y = fn(x, torch.zeros(0), torch.ones(0), training=training)
+        assert y.shape == x.shape
+        y.sum().backward()
+    assert F.batch_norm(x, None, None, training=True).shape == x.shape

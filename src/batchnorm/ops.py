@@ -44,6 +44,11 @@ from_kernel_view = portable.from_kernel_view
 # C-sized math
 
 
+def values_per_channel(x: Tensor) -> int:
+    """The count each channel's statistics are over: N·L (0 for an input without channels)."""
+    return x.numel() // x.shape[1] if x.shape[1] else 0
+
+
 def invstd_from_var(var: Tensor, eps: float) -> Tensor:
     """1/√(var + eps), and 0 where var + eps == 0.
 
@@ -277,7 +282,7 @@ def _forward(x, weight, bias, residual, running_mean, running_var, eps, activati
     if running_mean is None:
         mean, m2 = backend.stats(x)
         mean = mean.to(mean_dtype(x))
-        var = m2 / max(x.numel() // x.shape[1], 1)
+        var = m2 / max(values_per_channel(x), 1)
     else:
         mean = running_mean.to(acc, copy=True)
         var = running_var.to(acc, copy=True)
@@ -292,7 +297,7 @@ def _forward(x, weight, bias, residual, running_mean, running_var, eps, activati
 def _update_from_batch(update, mean, var, x) -> None:
     running_mean, running_var, num_batches_tracked, momentum = update
     update_running_stats(running_mean, running_var, num_batches_tracked, mean, var,
-                         x.numel() // x.shape[1], momentum)
+                         values_per_channel(x), momentum)
 
 
 @torch.library.custom_op("batchnorm::batch_norm", mutates_args=())
@@ -373,7 +378,7 @@ def _kernel_view_backward(ctx, x, weight, bias, residual, mean, var, dy):
     need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
     act, slope = ctx.activation, ctx.slope
     dy = dy.contiguous()
-    count = x.numel() // x.shape[1]
+    count = values_per_channel(x)
 
     if torch.is_grad_enabled():
         # create_graph=True (double backward): build the backward from differentiable torch
@@ -524,7 +529,7 @@ def _composed(input, weight, bias, residual, running_mean, running_var, eps, act
     acc = acc_dtype(x.dtype)
     if running_mean is None:
         mean, m2 = portable.stats(x)
-        count = x.numel() // x.shape[1]
+        count = values_per_channel(x)
         var = m2 / max(count, 1)
         if update is not None:
             running_mean_, running_var_, num_batches_tracked, momentum = update
