@@ -318,6 +318,35 @@ def test_empty_batch_like_torch(backend, shape):
 
 
 # ---------------------------------------------------------------------------------------
+# Views of channels_last tensors that are not dense
+
+
+@pytest.mark.parametrize("view", ["channel_slice", "crop", "every_other", "3d_channel_slice"])
+def test_non_dense_channels_last_views_keep_their_layout_like_torch(backend, gen, view):
+    """A channel split (``chunk``), a crop or a strided slice of a channels_last tensor:
+    y and dx in channels_last, as torch gives them, with torch's values."""
+    shape, fmt = ((2, 6, 4, 6), torch.channels_last) if view != "3d_channel_slice" else (
+        (2, 6, 3, 4, 2), torch.channels_last_3d)
+    base = torch.randn(shape, generator=gen, dtype=torch.float64).to(backend.device)
+    base = base.to(memory_format=fmt)
+    x = {"channel_slice": base[:, :3], "crop": base[:, 3:, 1:3],
+         "every_other": base[:, 3:, :, ::2], "3d_channel_slice": base[:, :3]}[view]
+    x = x.detach().requires_grad_()
+    cls = "BatchNorm3d" if x.dim() == 5 else "BatchNorm2d"
+    ours = getattr(batchnorm, cls)(3, device=backend.device, dtype=torch.float64)
+    theirs = getattr(nn, cls)(3, device=backend.device, dtype=torch.float64)
+    dy = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(backend.device)
+    y, expected = ours(x), theirs(x)
+    dx, = torch.autograd.grad(y, x, dy)
+    dx_expected, = torch.autograd.grad(expected, x, dy)
+    assert y.stride() == expected.stride() and y.is_contiguous(memory_format=fmt)
+    assert dx.stride() == dx_expected.stride()
+    assert_close(y, expected, torch.float64)
+    assert_close(dx, dx_expected, torch.float64)
+    assert_close(ours.running_var, theirs.running_var, torch.float64)
+
+
+# ---------------------------------------------------------------------------------------
 # A corrupted running variance
 
 
