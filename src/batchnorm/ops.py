@@ -571,17 +571,6 @@ def _refuse_inference_buffers(update) -> None:
             "outside inference_mode, or run this training step under it")
 
 
-def _strided_channels_last(x: Tensor) -> bool:
-    """A 4-D/5-D tensor that is not dense but whose strides run in channels_last order
-    (N, spatial..., C from largest to smallest, size-1 dims aside) and not in the natural
-    order: a channel slice or a crop of a channels_last tensor."""
-    def ordered(dims):
-        strides = [x.stride(d) for d in dims if x.shape[d] > 1]
-        return all(a >= b for a, b in zip(strides, strides[1:]))
-    spatial = tuple(range(2, x.dim()))
-    return ordered((0, *spatial, 1)) and not ordered((0, 1, *spatial))
-
-
 def batch_norm(input, weight, bias, residual, running_mean, running_var, eps, activation,
                slope, update=None) -> Tensor:
     """Local batch norm of an (N, C, *) input: y, differentiable in input, weight, bias
@@ -590,7 +579,7 @@ def batch_norm(input, weight, bias, residual, running_mean, running_var, eps, ac
     batch statistics (:func:`update_running_stats`; inside the kernels where the
     backend can)."""
     if (input.dim() > 3 and not input.is_contiguous() and not is_channels_last(input)
-            and _strided_channels_last(input)):
+            and portable.strided_channels_last(input)):
         # The kernels need a dense input, so this one is copied anyway: copied now in its
         # own layout, y comes back channels_last, as torch's does for such a view.
         input = input.contiguous(memory_format=portable.CHANNELS_LAST[input.dim()])

@@ -51,6 +51,17 @@ def is_channels_last(x: Tensor) -> bool:
     return x.movedim(1, -1).is_contiguous()
 
 
+def strided_channels_last(x: Tensor) -> bool:
+    """A 4-D/5-D tensor that is not dense but whose strides run in channels_last order
+    (N, spatial..., C from largest to smallest, size-1 dims aside) and not in the natural
+    order: a channel slice or a crop of a channels_last tensor."""
+    def ordered(dims):
+        strides = [x.stride(d) for d in dims if x.shape[d] > 1]
+        return all(a >= b for a, b in zip(strides, strides[1:]))
+    spatial = tuple(range(2, x.dim()))
+    return ordered((0, *spatial, 1)) and not ordered((0, 1, *spatial))
+
+
 def to_kernel_view(x: Tensor, channels_last: bool) -> Tensor:
     """(M, C) contiguous for channels-last data and 2-D input, else (N, C, L) contiguous.
 
