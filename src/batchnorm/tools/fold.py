@@ -59,9 +59,9 @@ class ChannelAffine(nn.Module):
     ``inplace``: the input is a tensor nothing else reads (``fold`` sets it when the layer
     before feeds only this one), so the residual and activation may overwrite it. The
     activation always runs in place on a tensor this module made: each fresh tensor an
-    inference pass allocates costs page faults on the CPU (see DESIGN.md). The ops used
-    in place do not need their input for backward, so autograd still works (leaky_relu
-    with a negative slope, which would, runs out of place).
+    inference pass allocates costs page faults on the CPU (see ``backends/cpu_buffers.py``).
+    The ops used in place do not need their input for backward, so autograd still works
+    (leaky_relu with a negative slope, which would, runs out of place).
 
     ``linear_input``: the batch norm went into a ``Linear`` (``fold`` sets it), which is
     right only when its output is ``(N, C)``; any other rank raises ``ValueError``.
