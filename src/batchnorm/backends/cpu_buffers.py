@@ -4,7 +4,7 @@ Why: a tensor of 100 MB allocated by torch on the CPU comes from ``mmap`` (glibc
 every allocation above 32 MB that way) and is returned to the kernel when freed, so each
 training step writes its outputs (``y`` in forward, ``dx`` in backward) into pages the
 kernel must fault in and zero again: measured on the 2-core machine, ~33 ms per 100 MB
-against ~2 ms to write memory already mapped (2026-11-27, torch 2.13), two to three times
+against ~2 ms to write memory already mapped (torch 2.13), two to three times
 the kernels' own time. This module keeps those buffers and hands them out again once
 nothing refers to them, as the CUDA caching allocator does on GPUs.
 
