@@ -131,7 +131,7 @@ def validate(input, running_mean, running_var, weight, bias, training, momentum,
     elif not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
     if training:
-        count = input.numel() // input.shape[1] if input.shape[1] else 0
+        count = ops.values_per_channel(input)
         if count == 1:
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got input size "

@@ -274,8 +274,19 @@ def _forward(x, weight, bias, residual, running_mean, running_var, eps, activati
             if update is not None and not updated:
                 _update_from_batch(update, mean, var, x)
             return y, mean, var, backend, saved
-    shape = x.shape
-    x = to_kernel_view(x, channels_last)
+    y, mean, var = _forward_by_primitives(x, weight, bias, residual, running_mean,
+                                          running_var, eps, activation, slope, update,
+                                          channels_last, backend)
+    return y, mean, var, backend, None
+
+
+def _forward_by_primitives(input, weight, bias, residual, running_mean, running_var, eps,
+                           activation, slope, update, channels_last, backend,
+                           fast_update=True):
+    """``(y, mean, var)`` from ``backend``'s ``stats`` and ``normalize`` with the C-sized
+    math in torch ops between them; ``fast_update``: the running update may go to the
+    device's one-call hook (see :func:`update_running_stats`), else torch ops only."""
+    x = to_kernel_view(input, channels_last)
     if residual is not None:
         residual = to_kernel_view(residual, channels_last)
     acc = acc_dtype(x.dtype)
@@ -287,17 +298,18 @@ def _forward(x, weight, bias, residual, running_mean, running_var, eps, activati
         mean = running_mean.to(acc, copy=True)
         var = running_var.to(acc, copy=True)
     if update is not None:
-        _update_from_batch(update, mean, var, x)
+        _update_from_batch(update, mean.detach(), var.detach(), x, fast_update)
     invstd = invstd_from_var(var, eps)
     mean_k, bias_k, _ = centre_for_kernels(mean, invstd, weight, bias, acc)
     y = backend.normalize(x, mean_k, invstd, weight, bias_k, residual, activation, slope)
-    return from_kernel_view(y, shape, channels_last), mean, var, backend, None
+    return from_kernel_view(y, input.shape, channels_last), mean, var
 
 
-def _update_from_batch(update, mean, var, x) -> None:
+def _update_from_batch(update, mean, var, x, fast=True) -> None:
     running_mean, running_var, num_batches_tracked, momentum = update
-    update_running_stats(running_mean, running_var, num_batches_tracked, mean, var,
-                         values_per_channel(x), momentum)
+    apply = update_running_stats if fast else _update_running_stats_torch
+    apply(running_mean, running_var, num_batches_tracked, mean, var, values_per_channel(x),
+          momentum)
 
 
 @torch.library.custom_op("batchnorm::batch_norm", mutates_args=())
@@ -523,24 +535,9 @@ def _composed(input, weight, bias, residual, running_mean, running_var, eps, act
     torch code. Slower than the kernels: only for the calls :func:`_needs_composed` picks.
     Under vmap a training step that updates running statistics fails on the in-place
     update, as torch's own batch norm does."""
-    channels_last = is_channels_last(input)
-    x = to_kernel_view(input, channels_last)
-    r = to_kernel_view(residual, channels_last) if residual is not None else None
-    acc = acc_dtype(x.dtype)
-    if running_mean is None:
-        mean, m2 = portable.stats(x)
-        count = values_per_channel(x)
-        var = m2 / max(count, 1)
-        if update is not None:
-            running_mean_, running_var_, num_batches_tracked, momentum = update
-            _update_running_stats_torch(running_mean_, running_var_, num_batches_tracked,
-                                        mean.detach(), var.detach(), count, momentum)
-    else:
-        mean, var = running_mean.to(acc), running_var.to(acc)
-    invstd = invstd_from_var(var, eps)
-    mean_k, bias_k, _ = centre_for_kernels(mean, invstd, weight, bias, acc)
-    y = portable.normalize(x, mean_k, invstd, weight, bias_k, r, activation, slope)
-    return from_kernel_view(y, input.shape, channels_last)
+    return _forward_by_primitives(input, weight, bias, residual, running_mean, running_var,
+                                  eps, activation, slope, update, is_channels_last(input),
+                                  portable, fast_update=False)[0]
 
 
 def _refuse_inference_tensors(input, weight, bias, residual, activation) -> None:
