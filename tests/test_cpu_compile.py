@@ -18,19 +18,34 @@ def test_groups_cover_every_view_build_and_dtype():
         assert cpu._kernel_plan(x, False)[:2] == (view, build)
 
 
-def test_a_group_compiles_the_kernels_a_module_runs():
-    """After the (serial, NCL, float64) group, a module's training and evaluation steps on
-    such a tensor find every kernel they call compiled for their argument types."""
-    cpu_compile.compile_group("ncl", 1, torch.float64)
-    kernels = [K.FORWARD_TRAIN["ncl"][1], K.FORWARD_EVAL["ncl"][1], K.BACKWARD["ncl"][1]]
-    before = [len(k.signatures) for k in kernels]
-    assert all(before)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_group_compiles_the_kernels_a_module_runs(dtype):
+    """After the (serial, NCL) group of a dtype, a module's training and evaluation steps
+    and the primitives on such a tensor find every kernel they call compiled for their
+    argument types; and each kernel has one variant for the dtype, though the mean comes
+    in float64 in training and in the data's dtype in evaluation."""
+    cpu_compile.compile_group("ncl", 1, dtype)
+    wrappers = [K.FORWARD_TRAIN["ncl"][1], K.FORWARD_EVAL["ncl"][1], K.BACKWARD["ncl"][1]]
+    kernels = [K.NORMALIZE["ncl"][1], K.REDUCE["ncl"][1], K.ELEMENTWISE["ncl"][1]]
+    name = str(dtype).removeprefix("torch.")
+
+    def variants():
+        return [len(k.signatures) for k in wrappers] + [
+            sum(str(s[0].dtype) == name for s in k.signatures) for k in kernels]
+
+    before = variants()
+    assert all(before) and before[len(wrappers):] == [1] * len(kernels)
     import batchnorm
-    bn = batchnorm.BatchNorm1d(3, activation="relu").double()
-    x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    bn = batchnorm.BatchNorm1d(3, activation="relu").to(dtype)
+    x = torch.randn(4, 3, 5, dtype=dtype, requires_grad=True)
     bn(x).sum().backward()
     bn.eval()(x).sum().backward()
-    assert [len(k.signatures) for k in kernels] == before
+    mean, invstd = torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype)
+    y = cpu.normalize(x.detach(), mean, invstd, None, None, None, "relu", 0.0)
+    sums = cpu.backward_reduce(y, x.detach(), mean, invstd, None, None, None, "relu", 0.0)
+    cpu.backward_elementwise(y, x.detach(), mean, invstd, None, None, None, *sums, 20,
+                             "relu", 0.0, False)
+    assert variants() == before
 
 
 def test_precompile_in_two_processes_reports_each_group(capsys):

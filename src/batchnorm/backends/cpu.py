@@ -96,13 +96,20 @@ def _np(t: Tensor):
 
 
 def _param(t: Tensor | None, dtype: torch.dtype):
-    """A per-channel tensor in the acc dtype, or the size-0 stand-in. (A strided 1-D
-    tensor is fine: numba compiles a strided variant.)"""
+    """A per-channel tensor in ``dtype`` (the acc dtype), or the size-0 stand-in. (A
+    strided 1-D tensor is fine: numba compiles a strided variant.)"""
     if t is None:
         return _empty(dtype, 1)
     if t.dtype is not dtype:
         t = t.to(dtype)
     return t.detach().numpy()
+
+
+def _mean(t: Tensor):
+    """The primitives' mean as the kernels take it: float64 whatever its dtype, so that a
+    kernel has one variant per data dtype (``cpu_kernels._prologue``: mode 0 rounds it to
+    the acc dtype, as the primitives define it)."""
+    return _param(t, torch.float64)
 
 
 def _like(t: Tensor | None, x: Tensor):
@@ -191,7 +198,7 @@ def normalize(x, mean, invstd, weight, bias, residual, activation: str, slope: f
     acc = x.dtype
     y = buffers.empty_like(x)
     kernel = _pick(K.NORMALIZE[_view(x)], x)
-    kernel(_np(x), _param(mean, acc), _param(invstd, acc), 0.0, 1.0, _MODE_GIVEN,
+    kernel(_np(x), _mean(mean), _param(invstd, acc), 0.0, 1.0, _MODE_GIVEN,
            _param(weight, acc), _param(bias, acc), _like(residual, x), K.ACT_CODES[activation],
            float(slope), _elementwise_split(x), y.numpy(), _empty(acc, 1))
     return y
@@ -210,7 +217,7 @@ def backward_reduce(dy, x, mean, invstd, weight, bias, residual, activation: str
     sum_dz = torch.empty(c, dtype=acc)
     sum_dzx = torch.empty(c, dtype=acc)
     kernel = _pick(K.REDUCE[_view(x)], x)
-    kernel(_like(dy, x), _np(x), _param(mean, acc), _param(invstd, acc), 0.0, 1.0, _MODE_GIVEN,
+    kernel(_like(dy, x), _np(x), _mean(mean), _param(invstd, acc), 0.0, 1.0, _MODE_GIVEN,
            _param(weight, acc), _param(bias, acc),
            _like(residual if activation != "none" else None, x), K.ACT_CODES[activation],
            float(slope), _reduce_split(x), sum_dz.numpy(), sum_dzx.numpy())
@@ -234,7 +241,7 @@ def backward_elementwise(
         return dx.to(x.dtype), dres
     x = x.contiguous()
     acc = x.dtype
-    return _elementwise(dy, x, _param(mean, acc), _param(invstd, acc), 0.0, _MODE_GIVEN,
+    return _elementwise(dy, x, _mean(mean), _param(invstd, acc), 0.0, _MODE_GIVEN,
                         weight, bias, residual, sum_dz, sum_dz_xhat, count, activation, slope,
                         want_dresidual)
 
@@ -416,7 +423,7 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
         var = running_var.to(acc, copy=need_stats).contiguous()
         K.FORWARD_EVAL[view][build](
             x.data_ptr(), n, c, l_, mean.data_ptr(), var.data_ptr(), float(eps), count, _at(w),
-            _at(b), _at(res), code, float(slope), esplit, y.data_ptr(), like, like)
+            _at(b), _at(res), code, float(slope), esplit, y.data_ptr(), like)
         return (y, mean, var, False, None) if need_stats else (y, None, None, False, None)
     mean = torch.empty(c, dtype=torch.float64)
     var = torch.empty(c, dtype=acc)
@@ -461,7 +468,7 @@ def batch_norm_backward(dy, x, weight, bias, residual, mean, var, eps, training:
         dy.data_ptr(), x.data_ptr(), n, c, l_, mean.data_ptr(), var.data_ptr(), float(eps),
         count, _at(w), _at(b), _at(res), K.ACT_CODES[activation], float(slope),
         rsplit, esplit, need_sums, need_dx, training, _at(sum_dz), _at(sum_dzx), _at(dx),
-        _at(dres), _LIKE[acc], _LIKE[mean.dtype])
+        _at(dres), _LIKE[acc], mean.dtype is torch.float64)
     return dx, sum_dz, sum_dzx, dres
 
 

@@ -418,14 +418,17 @@ def _prologue(mean, v, eps, count, mode, weight, bias, mean_k, invstd, scale, sh
               var_out):
     """Per-channel coefficients of z = (x − mean_k)·scale + shift.
 
-    mode 0 (the primitives' contract): ``mean`` is already in the acc dtype and ``v`` is
-    invstd. mode 1 (fused training): ``mean`` is the float64 batch mean and ``v`` is m2;
-    var = m2/count is written to ``var_out``. mode 2 (fused evaluation): ``mean``/``v`` are
-    the running mean and variance. In modes 1 and 2, invstd = 1/√(var + eps) (0 where
-    var + eps == 0), and a float64 mean is split into mean_k (acc dtype, what the inner
-    loops subtract) and delta = mean − mean_k, which is folded into the shift (and, in
-    backward, into the sums): x̂ = (x − mean_k)·r − delta·r exactly as
-    ``ops.centre_for_kernels`` does. γ = 1, β = 0 where absent.
+    ``mean`` is float64 in every mode, so that each kernel is compiled once per data
+    dtype (a float32 mean would be a second variant, 10-40 s of compilation each).
+    mode 0 (the primitives' contract): the mean is used rounded to the acc dtype, as the
+    primitives define it, with no split (delta = 0), and ``v`` is invstd. mode 1 (fused
+    training): ``mean`` is the batch mean and ``v`` is m2; var = m2/count is written to
+    ``var_out``. mode 2 (fused evaluation): ``mean``/``v`` are the running mean and
+    variance. In modes 1 and 2, invstd = 1/√(var + eps) (0 where var + eps == 0), and the
+    mean is split into mean_k (acc dtype, what the inner loops subtract) and
+    delta = mean − mean_k, which is folded into the shift (and, in backward, into the
+    sums): x̂ = (x − mean_k)·r − delta·r exactly as ``ops.centre_for_kernels`` does (a
+    mean that came in the acc dtype has delta = 0). γ = 1, β = 0 where absent.
     """
     # One job per loop, no test inside: with the mode and the optional arrays tested per
     # channel the loop stayed scalar, ~10 ns a channel (43 µs for C = 4096, more than the
@@ -435,6 +438,7 @@ def _prologue(mean, v, eps, count, mode, weight, bias, mean_k, invstd, scale, sh
         for c in range(c_):
             mean_k[c] = mean[c]
             invstd[c] = v[c]
+            delta[c] = 0.0
     else:
         var = np.empty(c_, np.float64)
         if mode == 1:
@@ -450,8 +454,8 @@ def _prologue(mean, v, eps, count, mode, weight, bias, mean_k, invstd, scale, sh
         _invstd_of(var, eps, invstd)
         for c in range(c_):
             mean_k[c] = mean[c]
-    for c in range(c_):
-        delta[c] = np.float64(mean[c]) - np.float64(mean_k[c])
+        for c in range(c_):
+            delta[c] = mean[c] - np.float64(mean_k[c])
     if weight.shape[0] > 0:
         for c in range(c_):
             scale[c] = invstd[c] * weight[c]
@@ -1089,10 +1093,11 @@ ELEMENTWISE = {"ncl": _builds(elementwise_ncl), "mc": _builds(elementwise_mc)}
 # elementwise) in one call, of the parallel builds or of the serial ones. The kernels
 # they call are the ones above, so the numbers are the same bit for bit: ``_stats``,
 # ``_normalize``, ``_reduce``, ``_elementwise`` and ``_tensor_at`` are not module names
-# but bound per view and build by ``_bound_builds`` below. ``like`` (``mean_like``) is a
-# scalar of the data's (the mean's) dtype; the counter is int64, everything else in the
-# data's dtype. The mean is float64 in training (see ``portable.mean_dtype``), the data's
-# dtype in evaluation.
+# but bound per view and build by ``_bound_builds`` below. ``like`` is a scalar of the
+# data's dtype; the counter is int64, everything else in the data's dtype but the mean,
+# which is float64 in training (see ``portable.mean_dtype``) and the data's dtype in
+# evaluation (``mean_wide`` says which to the backward). The kernels take it widened to
+# float64 (see ``_prologue``).
 
 
 # The prologue's modes as run-time int64 values: a literal (``1``) in the call would
@@ -1119,6 +1124,19 @@ def _pointer(typingctx, address, like):
 def _vector_at(address, c, like):
     """[c] at ``address``; size 0 where the address is 0 (an absent tensor)."""
     return carray(_pointer(address, like), (c if address != 0 else 0,))
+
+
+@njit(inline="always")
+def _mean_at(address, c, wide, like):
+    """The mean at ``address`` as float64: as it is where ``wide``, else widened from
+    ``like``'s dtype (exactly)."""
+    if wide:
+        return _vector_at(address, c, np.float64(0))
+    given = _vector_at(address, c, like)
+    out = np.empty(given.shape[0], np.float64)
+    for i in range(given.shape[0]):
+        out[i] = given[i]
+    return out
 
 
 @njit(inline="always")
@@ -1152,9 +1170,9 @@ def forward_train_at(x, n, c, l_, rsplit, esplit, eps, count, weight, bias, res,
 
 
 def normalize_at(x, n, c, l_, mean, var, eps, count, weight, bias, res, code, slope, esplit,
-                 y, like, mean_like):
+                 y, like):
     """normalize with given (mean, biased var): mode 2 (evaluation)."""
-    _normalize(_tensor_at(x, n, c, l_, like), _vector_at(mean, c, mean_like),  # noqa: F821
+    _normalize(_tensor_at(x, n, c, l_, like), _mean_at(mean, c, False, like),  # noqa: F821
                _vector_at(var, c, like), eps, count, _MODE_VAR, _vector_at(weight, c, like),
                _vector_at(bias, c, like), _tensor_at(res, n, c, l_, like), code, slope,  # noqa: F821
                esplit, _tensor_at(y, n, c, l_, like), _vector_at(0, 0, like))  # noqa: F821
@@ -1162,12 +1180,12 @@ def normalize_at(x, n, c, l_, mean, var, eps, count, weight, bias, res, code, sl
 
 def backward_at(dy, x, n, c, l_, mean, var, eps, count, weight, bias, res, code, slope,
                 rsplit, esplit, need_sums, need_dx, training, sum_dz, sum_dzx, dx, dres, like,
-                mean_like):
+                mean_wide):
     """reduce (if ``need_sums``) → elementwise (if ``need_dx``; the sums enter it only in
     ``training``), from the saved (mean, biased var): mode 2."""
     dya = _tensor_at(dy, n, c, l_, like)  # noqa: F821
     xa = _tensor_at(x, n, c, l_, like)  # noqa: F821
-    mean_a = _vector_at(mean, c, mean_like)
+    mean_a = _mean_at(mean, c, mean_wide, like)
     var_a = _vector_at(var, c, like)
     w = _vector_at(weight, c, like)
     b = _vector_at(bias, c, like)
