@@ -23,12 +23,13 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(VENV)/bin/batchnorm demo
 
-# The CPU kernels (about 110 compiled variants, see backends/cpu_compile.py) are compiled
+# The CPU kernels (about 90 compiled variants, see backends/cpu_compile.py) are compiled
 # first, on every core (numba compiles one at a time); the tests then load them from
-# numba's cache.
+# numba's cache, in one pytest-xdist worker per core (PYTEST_JOBS=0: in this process).
+PYTEST_JOBS ?= auto
 test: install
 	$(VENV)/bin/batchnorm compile
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(PYTEST_JOBS)
 
 bench: install
 	$(VENV)/bin/batchnorm bench --csv

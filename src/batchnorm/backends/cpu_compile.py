@@ -2,17 +2,17 @@
 
 numba compiles each kernel for its argument types on the first call and keeps the machine
 code in its on-disk cache (``__pycache__`` beside ``cpu_kernels.py``, or
-``NUMBA_CACHE_DIR``), where every later process finds it. A fresh install meets about 110
-such compilations one after another (counted 2026-12-02 from numba's cache index files for
-the kernels of commit 959fd81, as ``batchnorm compile`` and the tests left them: 108
-compiled variants of 33 numba functions, 78 of them of the 29 kernels proper, the rest of
-helpers they call; about 90 on 2026-11-27). They do not depend on each other, so
-:func:`precompile` runs them in several processes at once.
+``NUMBA_CACHE_DIR``), where every later process finds it. A fresh install meets about 90
+such compilations one after another (counted 2026-12-02 from numba's cache index files
+after ``batchnorm compile`` alone: 88 compiled variants at commit 5a1526e, 104 before it,
+when the float32 kernels had a second variant for a float32 mean). They do not depend on
+each other, so :func:`precompile` runs them in several processes at once.
 
-Measured on the 2-core machine, 2026-11-27 (the figures the README points to): the first
-test run took 812 s with a cold cache, most of it compiling, and 171 s with a warm one;
-:func:`precompile` (``make test`` runs it first) took 398 s for the groups below (790 s of
-compilation in all), then the tests 184 s; with every kernel cached it takes about 10 s.
+Measured on the 2-core machine, 2026-12-02 (the figures the README points to), with a
+cold cache: :func:`precompile` took 347.5 s (307.5 s in an earlier run; 474.2 s for the
+104 variants before 5a1526e, run just before it), each group 50-114 s; with every kernel
+cached it takes about 10 s. The tests then took 4 min 55 s in one process and 3 min 58 s
+in two pytest-xdist workers (``make test``).
 
 The work is cut into groups, one per kernel view (NCL, MC), build (parallel, serial) and
 dtype (float32, float64). A group calls the fused entry points (training and evaluation
@@ -35,9 +35,8 @@ import torch
 from . import cpu
 
 _VIEWS = ("mc", "ncl")
-# Groups took 42-165 s each on the 2-core machine, the float32 ones longest (their backward
-# has two variants: a float64 mean in training, a float32 one in evaluation); this order
-# had both workers finish within a second of each other in the fresh-clone run.
+# Groups took 50-114 s each on the 2-core machine, the parallel builds longest (2026-12-02);
+# serial first, then parallel, had both workers finish within 10 s of each other.
 _BUILDS = (1, 0)
 _DTYPES = (torch.float32, torch.float64)
 GROUPS = [(v, b, d) for b in _BUILDS for v in _VIEWS for d in _DTYPES]
