@@ -29,6 +29,33 @@ from batchnorm import backends  # noqa: E402
 CUDA = torch.cuda.is_available()
 
 
+class _FileLock:
+    """An exclusive lock on a file, shared by every process that opens the same path."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        import fcntl
+        self.file = open(self.path, "a")  # closed, and so unlocked, in __exit__
+        fcntl.flock(self.file, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc):
+        self.file.close()  # releases the lock
+
+
+if os.environ.get("PYTEST_XDIST_WORKER") and "cpu" in backends.available():
+    # `make test` compiles the kernels first, but a test may still meet a variant it did
+    # not (a strided or mixed-dtype buffer, say); two workers saving two variants of one
+    # kernel at once could leave numba's cache index naming the wrong file.
+    import tempfile
+
+    from batchnorm.backends import cpu_compile
+    if cpu_compile._save_under_lock_possible():
+        cpu_compile.lock_cache_saves(_FileLock(os.path.join(
+            tempfile.gettempdir(), f"batchnorm-numba-cache-{os.getuid()}.lock")))
+
+
 @dataclass(frozen=True)
 class BackendCase:
     name: str

@@ -63,3 +63,31 @@ def test_cli_compile(monkeypatch, capsys):
     assert cli.main(["compile", "--jobs", "3"]) == 0
     out = capsys.readouterr().out
     assert calls == [3] and "ncl serial   float32" in out and "done in 2.0 s" in out
+
+
+def test_cache_saves_run_under_the_lock(monkeypatch):
+    """What precompile's workers (and the suite's xdist workers) install: each save of a
+    numba cache entry holds the shared lock, so no two rewrite one index at once."""
+    from numba.core import caching
+    events = []
+
+    class Lock:
+        def __enter__(self):
+            events.append("lock")
+
+        def __exit__(self, *exc):
+            events.append("unlock")
+
+    monkeypatch.setattr(cpu_compile, "_lock", None)
+    monkeypatch.setattr(caching.IndexDataCacheFile, "save",
+                        lambda self, key, data: events.append(("save", key, data)))
+    cpu_compile.lock_cache_saves(Lock())
+    caching.IndexDataCacheFile.save(None, "key", "data")
+    assert events == ["lock", ("save", "key", "data"), "unlock"]
+
+
+def test_the_suites_xdist_workers_save_under_a_file_lock():
+    import os
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        pytest.skip("not an xdist worker (make test runs the suite in them)")
+    assert type(cpu_compile._lock).__name__ == "_FileLock"

@@ -84,11 +84,12 @@ def _save_under_lock_possible() -> bool:
     return callable(getattr(getattr(caching, "IndexDataCacheFile", None), "save", None))
 
 
-def _init_worker(lock) -> None:
-    """Serialize numba's cache saves across the workers (see the module docstring)."""
+def lock_cache_saves(lock) -> None:
+    """Make this process save numba cache entries under ``lock`` (a context manager the
+    other processes that compile share), so that no two rewrite one index at once (see
+    the module docstring). Needs :func:`_save_under_lock_possible`."""
     global _lock
     _lock = lock
-    torch.set_num_threads(1)  # compiling is single-threaded; the data is tiny
     from numba.core import caching
     save = caching.IndexDataCacheFile.save
 
@@ -97,6 +98,11 @@ def _init_worker(lock) -> None:
             return save(self, key, data)
 
     caching.IndexDataCacheFile.save = locked_save
+
+
+def _init_worker(lock) -> None:
+    torch.set_num_threads(1)  # compiling is single-threaded; the data is tiny
+    lock_cache_saves(lock)
 
 
 def _timed(group) -> tuple[tuple, float]:
