@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import batchnorm
-from conftest import TORCH_HAS_BIAS_KWARG
+from conftest import TORCH_HAS_BIAS_KWARG, make_input
 
 PAIRS = [(batchnorm.BatchNorm1d, nn.BatchNorm1d, (5, 4, 3)),
          (batchnorm.BatchNorm2d, nn.BatchNorm2d, (3, 4, 3, 2)),
@@ -201,6 +201,33 @@ def test_an_inplace_change_of_the_saved_input_is_detected(gen):
     x.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+_LAYER_BY_RANK = {2: batchnorm.BatchNorm1d, 3: batchnorm.BatchNorm1d, 4: batchnorm.BatchNorm2d,
+                  5: batchnorm.BatchNorm3d}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,layout", [
+    ((4, 3, 5, 6), "contiguous"), ((4, 3, 5, 6), "channels_last"), ((0, 3, 5, 6), "contiguous"),
+    ((6, 3), "contiguous"), ((4, 3, 7), "contiguous"), ((2, 3, 2, 3, 4), "contiguous")])
+def test_the_output_takes_an_inplace_op(backend, shape, layout, dtype, training, gen):
+    """``nn.ReLU(inplace=True)`` right after the layer (torchvision's blocks, and what
+    ``convert`` leaves unfused when the ReLU is shared) works as after torch's: the output
+    is no view made inside our autograd Function, which autograd would refuse to change
+    in place. Same values and gradients as the out-of-place ReLU."""
+    x = make_input(shape, layout, dtype, backend.device, gen)[1].detach()
+    bn = _LAYER_BY_RANK[len(shape)](3).to(backend.device).train(training)
+    results = []
+    for relu in (torch.relu, torch.relu_):
+        leaf = x.clone(memory_format=torch.preserve_format).requires_grad_()
+        y = relu(bn(leaf))
+        y.float().square().sum().backward()
+        results.append((y.detach(), leaf.grad, bn.weight.grad.clone(), bn.bias.grad.clone()))
+        bn.weight.grad = bn.bias.grad = None
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 class _Doubled(nn.Module):

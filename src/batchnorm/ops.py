@@ -464,7 +464,10 @@ class _EagerBatchNorm(torch.autograd.Function):
               slope)
         ctx.channels_last = channels_last
         ctx.eager = True
-        return y
+        # y may be a view of the kernels' output (the primitives' path), and autograd
+        # forbids in-place ops on a view made inside a Function (nn.ReLU(inplace=True)
+        # after the layer): the same storage, no longer recorded as a view.
+        return y if y._base is None else y.detach()
 
     @staticmethod
     def backward(ctx, dy):
