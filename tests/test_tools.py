@@ -388,6 +388,59 @@ def test_fold_skips_layers_without_running_stats_and_handles_root():
     torch.testing.assert_close(affine(x), bn(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("data,stats", [(torch.bfloat16, torch.float32),
+                                         (torch.float32, torch.float64)], ids=str)
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_fold_scale_shift_keeps_the_input_dtype(data, stats, residual, gen):
+    """A batch norm left as a scale-and-shift returns the input's dtype, as the batch
+    norm did (a float32 scale on bfloat16 data must not promote the output: the next
+    layer, in bfloat16, would refuse it), with the same values."""
+    bn = batchnorm.BatchNorm2d(4, activation="relu", dtype=stats)
+    model = nn.Sequential(nn.Identity(), bn, nn.Conv2d(4, 4, 1).to(data)).eval()
+    randomize(model)
+    x = torch.randn(2, 4, 3, 3, generator=gen).to(data)
+    r = torch.randn(2, 4, 3, 3, generator=gen).to(data) if residual else None
+    folded, report = batchnorm.fold(model)
+    assert report.scale_shift == ["1"]
+    with torch.no_grad():
+        got, want = folded[1](x, r), model[1](x, r)
+        assert got.dtype == want.dtype == data
+        tol = dict(rtol=1e-5, atol=1e-5) if data == torch.float32 else {}
+        torch.testing.assert_close(got, want, **tol)
+        torch.testing.assert_close(folded(x), model(x), **tol)
+
+
+def _output_doubling_hook(module, args, output):
+    return output * 2
+
+
+@pytest.mark.parametrize("hooked", ["spectral_norm", "forward_hook"])
+def test_fold_leaves_layers_with_hooks_alone(hooked, gen):
+    """A layer whose weight a hook recomputes (``nn.utils.spectral_norm``: the parameter
+    is ``weight_orig``) or whose output a hook changes is not folded into: rewriting its
+    weight would be undone or doubled. The batch norm becomes a scale-and-shift."""
+    conv = nn.Conv2d(3, 4, 3)
+    if hooked == "spectral_norm":
+        conv = nn.utils.spectral_norm(conv)
+    else:
+        conv.register_forward_hook(_output_doubling_hook)
+    model = nn.Sequential(conv, nn.BatchNorm2d(4)).eval()
+    randomize(model)
+    x = torch.randn(2, 3, 6, 6, generator=gen)
+    folded, report = batchnorm.fold(model)
+    assert report.folded == [] and report.scale_shift == ["1"]
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fold_names_the_fix_when_the_model_cannot_be_copied():
+    with pytest.warns(FutureWarning):  # the hook-based weight_norm is deprecated
+        conv = nn.utils.weight_norm(nn.Conv2d(3, 4, 3))
+    model = nn.Sequential(conv, nn.BatchNorm2d(4)).eval()
+    with pytest.raises(RuntimeError, match="parametrizations.weight_norm"):
+        batchnorm.fold(model)
+
+
 class _OwnResidual(nn.Module):
     """The convolution's output is the batch norm's input *and* its residual: one user
     node, two uses."""

@@ -65,6 +65,10 @@ class ChannelAffine(nn.Module):
 
     ``linear_input``: the batch norm went into a ``Linear`` (``fold`` sets it), which is
     right only when its output is ``(N, C)``; any other rank raises ``ValueError``.
+
+    The output has the input's dtype, as the batch norm's had: scale and shift keep the
+    running statistics' dtype (float32 for a bfloat16 model under autocast's rules, or
+    float64), the arithmetic runs in the wider of the two, rounded once at the end.
     """
 
     def __init__(self, scale: Tensor | None, shift: Tensor | None, activation: str = "none",
@@ -93,10 +97,10 @@ class ChannelAffine(nn.Module):
             y, owned = torch.addcmul(self.shift.view(view), y, self.scale.view(view)), True
         if residual is not None:
             y, owned = (y.add_(residual) if owned else y + residual), True
-        if self.activation == "none":
-            return y
-        act_ = _inplace_activation(self.activation, self.activation_slope)
-        return act_(y, self.activation_slope) if owned and act_ is not None else self.act(y)
+        if self.activation != "none":
+            act_ = _inplace_activation(self.activation, self.activation_slope)
+            y = act_(y, self.activation_slope) if owned and act_ is not None else self.act(y)
+        return y if y.dtype == input.dtype else y.to(input.dtype)
 
     def extra_repr(self) -> str:
         text = "folded" if self.scale is None else f"{self.scale.shape[0]}"
@@ -143,7 +147,13 @@ def _out_channels(layer: nn.Module) -> int:
 
 
 def _foldable(layer: nn.Module) -> bool:
-    return type(layer) in (*_CONV, *_CONV_T, nn.Linear)
+    """A plain Conv/ConvTranspose/Linear whose forward reads its own weight and bias as
+    they are: not one whose weight a hook recomputes (``nn.utils.spectral_norm`` keeps it
+    in ``weight_orig`` and writes ``weight`` before each call), nor one with hooks that
+    could change its output."""
+    return (type(layer) in (*_CONV, *_CONV_T, nn.Linear)
+            and isinstance(layer._parameters.get("weight"), nn.Parameter)
+            and not layer._forward_pre_hooks and not layer._forward_hooks)
 
 
 def _compatible(layer: nn.Module, bn: nn.Module) -> bool:
@@ -216,7 +226,8 @@ def fold(model: nn.Module) -> tuple[nn.Module, FoldReport]:
     and bias, and becomes a :class:`ChannelAffine` that only applies its fused activation
     (and residual); any other becomes a ``ChannelAffine`` with its scale and shift. A layer
     whose weight or bias is used elsewhere too (a Parameter shared with another module, or
-    one a ``forward`` reads directly, such as tied weights) is not folded into. The
+    one a ``forward`` reads directly, such as tied weights) is not folded into, nor is
+    one with forward hooks or a weight a hook computes (``nn.utils.spectral_norm``). The
     predecessors are found with ``torch.fx`` when the model traces, else by order in plain
     ``nn.Sequential``; a direct read of a weight is seen only when the model traces.
     Layers without running statistics are skipped.
@@ -239,7 +250,14 @@ def fold(model: nn.Module) -> tuple[nn.Module, FoldReport]:
                 and not getattr(m, "frozen", False)):
             raise RuntimeError(f"fold(): batch norm {name!r} is in training mode inside an "
                                f"eval model; call model.eval() (or freeze it) first")
-    new = copy.deepcopy(model)
+    try:
+        new = copy.deepcopy(model)
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"fold() works on a copy of the model, and copy.deepcopy(model) failed: {e}. "
+            f"A layer with the hook-based torch.nn.utils.weight_norm cannot be copied: "
+            f"use torch.nn.utils.parametrizations.weight_norm, or remove_weight_norm "
+            f"first") from e
     if is_any_bn(new):
         if new.running_mean is None:
             raise ValueError("fold(): this batch norm has no running statistics")
