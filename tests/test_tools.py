@@ -82,6 +82,9 @@ class Untraceable(nn.Module):
         return self.body(self.bn(x))
 
 
+# The untraceable model is paired by nn.Sequential order, which warns (tested on its own).
+FALLBACK_WARNS = pytest.mark.filterwarnings("ignore:.*does not trace with torch.fx")
+
 MODELS = {
     "resnet": (resnet, (4, 3, 8, 8)),
     "mlp": (mlp, (8, 6)),
@@ -140,6 +143,7 @@ def bns(model):
 # convert / revert
 
 
+@FALLBACK_WARNS
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_convert_same_outputs_gradients_and_state(name, mode):
@@ -170,9 +174,76 @@ def test_convert_fuses_only_activations_that_consume_one_bn():
 def test_convert_fuses_through_sequential_when_fx_fails():
     model, _x = make("untraceable")
     assert tools._common.trace(model) is None
-    batchnorm.convert(model)
+    with pytest.warns(UserWarning, match="does not trace with torch.fx"):
+        batchnorm.convert(model)
     assert model.body[1].activation == "tanh" and isinstance(model.body[2], FusedActivation)
     assert model.bn.activation == "none"
+
+
+class _InnerOutputs(nn.Module):
+    """Walks its Sequential itself and returns an output from inside it (the batch norm's
+    or the convolution's), and does not trace (a branch on a shape value)."""
+
+    def __init__(self, returned):
+        super().__init__()
+        self.returned = returned
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4),
+                                      nn.ReLU())
+
+    def forward(self, x):
+        if x.shape[-1] % 2:
+            x = nn.functional.pad(x, (0, 1))
+        outs = []
+        for layer in self.features:
+            x = layer(x)
+            outs.append(x)
+        return outs[self.returned]
+
+
+@pytest.mark.parametrize("tool", ["convert", "fold"])
+def test_pairing_by_sequential_order_warns(tool):
+    """Without an fx graph the tools pair modules by their order in nn.Sequential, which
+    is wrong for a forward that reads inside one; they cannot see that, so they say what
+    they assumed."""
+    model = _InnerOutputs(returned=1 if tool == "convert" else 0).eval()
+    randomize(model)
+    with pytest.warns(UserWarning, match="compare the result's outputs"):
+        getattr(batchnorm, tool)(model)
+
+
+class _TrainingOnlyOutput(nn.Module):
+    """In training the batch norm's output is returned too, before the activation (deep
+    supervision): fusing the ReLU would change it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if self.training:
+            return self.act(y), y
+        return self.act(y)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_convert_fuses_only_what_holds_in_both_modes(mode, gen):
+    """The fx graph depends on the training flags (``if self.training``): convert traces
+    both modes, so a model converted in eval keeps its training-only output, and it puts
+    every module's flag back as it was (mixed ones too)."""
+    ref = _TrainingOnlyOutput().double().train(mode == "train")
+    ref.conv.train(mode != "train")
+    model = copy.deepcopy(ref)
+    flags = [m.training for m in model.modules()]
+    batchnorm.convert(model)
+    assert model.bn.activation == "none" and isinstance(model.act, nn.ReLU)
+    assert [m.training for m in model.modules()] == flags
+    x = torch.randn(2, 3, 5, 5, generator=gen, dtype=torch.float64)
+    for training in (True, False):
+        want, got = ref.train(training)(x), model.train(training)(x)
+        torch.testing.assert_close(got, want)
 
 
 def test_convert_keeps_parameter_objects_mode_and_dtype():
@@ -281,6 +352,7 @@ def test_convert_and_freeze_leave_a_subclass_with_a_warning(how):
     assert not tools._common.is_torch_bn(model[1])  # the exact class is still converted
 
 
+@FALLBACK_WARNS
 @pytest.mark.parametrize("name", list(MODELS))
 def test_revert_restores_structure_and_outputs(name):
     ref, x = make(name, torch.float64)
@@ -316,6 +388,7 @@ def test_revert_gives_restored_modules_the_mode_of_those_they_replace():
 # fold
 
 
+@FALLBACK_WARNS
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("ours", [False, True], ids=["torch", "ours"])
 def test_fold_equals_eval_model(name, ours):

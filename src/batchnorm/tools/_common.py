@@ -93,6 +93,38 @@ def trace(model: nn.Module) -> torch.fx.Graph | None:
         return None
 
 
+def trace_in_both_modes(model: nn.Module) -> list[torch.fx.Graph] | None:
+    """The model's fx graphs in training and in eval mode, or None when either does not
+    trace: a ``forward`` may branch on ``self.training`` (an auxiliary output read in
+    training only), and a rewrite must hold in both. The modules' flags are set directly
+    (a module's own ``train()`` may do more) and restored afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    graphs = []
+    try:
+        for mode in (True, False):
+            for m, _ in flags:
+                m.training = mode
+            graph = trace(model)
+            if graph is None:
+                return None
+            graphs.append(graph)
+    finally:
+        for m, flag in flags:
+            m.training = flag
+    return graphs
+
+
+def warn_sequential_fallback(caller: str, what: str) -> None:
+    """The nn.Sequential fallback pairs modules by order, assuming each Sequential runs as
+    a whole; a forward that walks one itself and reads an inner output would be changed
+    silently. Said whenever the fallback pairs anything."""
+    warnings.warn(
+        f"{caller}: the model does not trace with torch.fx, so {what} by their order in "
+        f"nn.Sequential containers. That is right when every Sequential runs as a whole; "
+        f"if a forward reads an output from inside one (iterating over it, say), compare "
+        f"the result's outputs with the original's", stacklevel=3)
+
+
 def module_calls(graph: torch.fx.Graph) -> dict[str, list[torch.fx.Node]]:
     calls: dict[str, list[torch.fx.Node]] = {}
     for node in graph.nodes:

@@ -25,9 +25,10 @@ from ._common import (
     module_calls,
     sequential_pairs,
     set_submodule,
-    trace,
+    trace_in_both_modes,
     use_counts,
     uses,
+    warn_sequential_fallback,
     warn_subclasses,
 )
 
@@ -124,15 +125,24 @@ def _revertible(m: nn.Module) -> bool:
 
 def _fusion_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """``(bn_name, activation_name)`` where the activation module only ever consumes that
-    batch norm's output, and that output goes nowhere else."""
+    batch norm's output, and that output goes nowhere else, in training and in eval."""
     counts = use_counts(model)
     once = lambda m: counts[id(m)] == 1
     bn_ok = lambda m: once(m) and (
         is_torch_bn(m) or (is_our_bn(m) and m.activation == "none"))
     act_ok = lambda m: type(m) in _FUSABLE and once(m)
-    graph = trace(model)
-    if graph is None:
-        return [(nb, na) for nb, _, na, _ in sequential_pairs(model, bn_ok, act_ok)]
+    graphs = trace_in_both_modes(model)
+    if graphs is None:
+        pairs = [(nb, na) for nb, _, na, _ in sequential_pairs(model, bn_ok, act_ok)]
+        if pairs:
+            warn_sequential_fallback("convert", "activations were paired with the batch "
+                                     "norms before them")
+        return pairs
+    train_pairs, eval_pairs = (_traced_fusion_pairs(model, g, bn_ok, act_ok) for g in graphs)
+    return [p for p in train_pairs if p in eval_pairs]
+
+
+def _traced_fusion_pairs(model, graph, bn_ok, act_ok) -> list[tuple[str, str]]:
     calls = module_calls(graph)
     pairs = []
     for act_name, act_nodes in calls.items():
@@ -163,7 +173,9 @@ def convert(model: nn.Module, fuse_activations: bool = True) -> nn.Module:
     *module* whose only input is a batch norm's output, where that output goes nowhere else
     and neither module is called twice, moves into the batch norm's ``activation``; it is
     replaced by a :class:`FusedActivation` (an identity). Pairs are found by ``torch.fx``
-    when the model traces, else by order inside plain ``nn.Sequential``. Activations
+    when the model traces (in training and in eval mode: a pair must hold in both), else
+    by order inside plain ``nn.Sequential`` (with a warning: that assumes each runs as a
+    whole). Activations
     applied as functions (``F.relu(x)``) or through a module reused elsewhere stay as they
     are. Returns the model (a new module only when ``model`` itself is a batch norm). If a
     layer fails to convert, the exception leaves the model unchanged.

@@ -26,6 +26,7 @@ from ._common import (
     trace,
     use_counts,
     uses,
+    warn_sequential_fallback,
 )
 from .freeze import _FrozenBatchNorm
 
@@ -196,8 +197,12 @@ def _pairs(model: nn.Module) -> tuple[str, dict[str, str]]:
     bn_ok = lambda m: is_any_bn(m) and once(m)
     graph = trace(model)
     if graph is None:
-        return "sequential", {nb: nl for nl, layer, nb, bn in
-                              sequential_pairs(model, layer_ok, bn_ok) if _compatible(layer, bn)}
+        pairs = {nb: nl for nl, layer, nb, bn in sequential_pairs(model, layer_ok, bn_ok)
+                 if _compatible(layer, bn)}
+        if pairs:
+            warn_sequential_fallback("fold", "batch norms were folded into the layers "
+                                     "before them")
+        return "sequential", pairs
     calls = module_calls(graph)
     attributes_read = [node.target for node in graph.nodes if node.op == "get_attr"]
     read_directly = lambda name: any(a == name or a.startswith(name + ".")
@@ -229,7 +234,8 @@ def fold(model: nn.Module) -> tuple[nn.Module, FoldReport]:
     one a ``forward`` reads directly, such as tied weights) is not folded into, nor is
     one with forward hooks or a weight a hook computes (``nn.utils.spectral_norm``). The
     predecessors are found with ``torch.fx`` when the model traces, else by order in plain
-    ``nn.Sequential``; a direct read of a weight is seen only when the model traces.
+    ``nn.Sequential`` (with a warning: that assumes each runs as a whole); a direct read of
+    a weight is seen only when the model traces.
     Layers without running statistics are skipped.
 
     A batch norm after a ``Linear`` is folded for ``(N, C)`` input, the only case where its
