@@ -876,6 +876,28 @@ def test_recalibrate_puts_back_the_statistics_of_other_norm_layers():
     assert all(torch.equal(v, model[1].state_dict()[k]) for k, v in before.items())
 
 
+@pytest.mark.parametrize("lazy_cls", [nn.LazyBatchNorm2d, batchnorm.LazyBatchNorm2d])
+@pytest.mark.parametrize("tool", ["recalibrate", "freeze", "freeze_affine", "freeze_buffers"])
+def test_recalibrate_and_freeze_refuse_a_lazy_batch_norm_without_input(tool, lazy_cls):
+    """A lazy layer that has not seen input has no statistics to recompute or freeze:
+    recalibrate's training-mode forwards would make and move them with nothing to restore,
+    freeze would pass torch's over or fail half-way on ours. Both say what to do, first."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), lazy_cls())
+    types = [type(m) for m in model]
+    state = {k: v.clone() for k, v in model[1].state_dict().items()}
+    call = {"recalibrate": lambda: batchnorm.recalibrate(model, [torch.randn(4, 3, 2, 2)],
+                                                         progress=False),
+            "freeze": lambda: batchnorm.freeze(model),
+            "freeze_affine": lambda: batchnorm.freeze(model, affine=True),
+            "freeze_buffers": lambda: batchnorm.freeze(model, buffers=True)}[tool]
+    with pytest.raises(ValueError, match="'2' is a lazy batch norm that has not seen input"):
+        call()
+    assert [type(m) for m in model] == types
+    assert all(torch.equal(v, state[k]) for k, v in model[1].state_dict().items())
+    assert model[1].weight.requires_grad and not getattr(model[1], "frozen", False)
+    assert model[2].has_uninitialized_params()
+
+
 def _recal_worker(rank, init_file, result_file):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)

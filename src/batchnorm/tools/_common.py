@@ -8,6 +8,7 @@ import warnings
 import torch
 from torch import nn
 from torch.fx import Tracer
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from ..modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
@@ -52,6 +53,14 @@ def is_our_bn(m: nn.Module) -> bool:
 def is_any_bn(m: nn.Module) -> bool:
     from .freeze import _FrozenBatchNorm
     return is_torch_bn(m) or is_our_bn(m) or isinstance(m, _FrozenBatchNorm)
+
+
+def lazy_batch_norms_without_input(model: nn.Module) -> list[str]:
+    """The names of the lazy batch norms (ours, torch's) that have not seen input yet,
+    ``'the model'`` for the root: they have no parameters or statistics until then."""
+    return [name or "the model" for name, m in model.named_modules()
+            if (is_our_bn(m) or isinstance(m, nn.modules.batchnorm._BatchNorm))
+            and isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
 
 
 def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:

@@ -16,7 +16,13 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from ..modules import _check_rank
-from ._common import is_our_bn, is_torch_bn, set_submodule, warn_subclasses
+from ._common import (
+    is_our_bn,
+    is_torch_bn,
+    lazy_batch_norms_without_input,
+    set_submodule,
+    warn_subclasses,
+)
 
 
 class _FrozenBatchNorm(nn.Module):
@@ -118,9 +124,17 @@ def freeze(model: nn.Module, affine: bool = False, buffers: bool = False) -> nn.
     become buffers; ``unfreeze`` does not undo that). Layers without running statistics
     (``track_running_stats=False``) are left as they are, with a warning, and so are
     subclasses of torch's batch norms (their ``forward`` may differ from the layer that
-    would replace them; the warning names the layer and its class). If a layer fails to
-    convert or copy, the exception leaves the model unchanged.
+    would replace them; the warning names the layer and its class). A lazy batch norm
+    that has not seen input yet raises ``ValueError`` (it has nothing to freeze: run the
+    model once first). If a layer fails to convert or copy, the exception leaves the model
+    unchanged.
     """
+    lazy = lazy_batch_norms_without_input(model)
+    if lazy:
+        raise ValueError(f"freeze: {', '.join(map(repr, lazy))} is a lazy batch norm that "
+                         f"has not seen input yet, so it has no statistics to freeze: run "
+                         f"the model on one batch first (in eval mode, model.eval(), to "
+                         f"leave its statistics alone)")
     warn_subclasses(model, "freeze", "It is not frozen: in train() it still normalizes with "
                     "batch statistics and updates its running ones. Keep it in eval mode "
                     "yourself (call .eval() on it after model.train()).")

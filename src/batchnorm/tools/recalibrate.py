@@ -22,7 +22,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.utils._pytree import tree_map
 
 from .. import backends, ops
-from ._common import is_our_bn
+from ._common import is_our_bn, lazy_batch_norms_without_input
 
 
 def _default_forward(model: nn.Module, batch):
@@ -117,10 +117,8 @@ def _recalibrated(m: nn.Module) -> bool:
     """Ours, and any instance of torch's batch norm (a user's subclass too, as
     ``torch.optim.swa_utils.update_bn`` takes them: the model runs in train(), so a layer
     left out would have its running statistics updated and not restored), with running
-    statistics, not frozen, and not a lazy layer that has not seen input yet."""
+    statistics, not frozen. (Lazy ones without input were refused before.)"""
     if not (is_our_bn(m) or isinstance(m, nn.modules.batchnorm._BatchNorm)):
-        return False
-    if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params():
         return False
     return m.track_running_stats and not getattr(m, "frozen", False)
 
@@ -168,7 +166,8 @@ def recalibrate(model: nn.Module, batches, num_batches: int | None = None,
     Args:
         model: a model with our or torch's batch norms (subclasses of torch's included).
             Frozen layers, ``FrozenBatchNorm*d`` and layers without running statistics
-            keep theirs.
+            keep theirs. A lazy batch norm that has not seen input yet raises
+            ``ValueError`` before anything changes.
         batches: an iterable of batches, e.g. a DataLoader.
         num_batches: how many batches to use. Default: all
         progress: show a progress bar (tqdm if installed, else lines on stderr). Default: True
@@ -181,6 +180,13 @@ def recalibrate(model: nn.Module, batches, num_batches: int | None = None,
         statistics and is absent.
     """
     forward = forward or _default_forward
+    lazy = lazy_batch_norms_without_input(model)
+    if lazy:
+        # Its first training-mode forward would make its statistics and move them, with
+        # nothing to restore them to: neither the population statistics nor "as before".
+        raise ValueError(f"recalibrate(): {', '.join(map(repr, lazy))} is a lazy batch norm "
+                         f"that has not seen input yet: run the model on one batch first "
+                         f"(in eval mode, model.eval(), to leave its statistics alone)")
     layers = [(name, m) for name, m in model.named_modules() if _recalibrated(m)]
     if not layers:
         raise ValueError("recalibrate(): the model has no batch norm with running statistics "
