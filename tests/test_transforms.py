@@ -57,15 +57,38 @@ def test_vmap_over_a_batch_of_batches(mode):
     assert_close(vmap(ours)(x), vmap(theirs)(x))
 
 
-def test_vmap_of_a_step_that_updates_running_stats_fails_like_torch():
+@pytest.mark.parametrize("mode", ["eval", "batch_stats"])
+@pytest.mark.parametrize("view", ["in_dims=1", "transposed", "channels_last"])
+def test_vmap_over_samples_of_any_layout(view, mode):
+    """Under vmap a sample's memory format cannot be asked (torch raises NYI for any
+    format but the contiguous one): samples that are not contiguous (vmap over dim 1, a
+    transpose inside, channels_last samples) compute as torch's layers do."""
+    kwargs = {} if mode == "eval" else {"track_running_stats": False}
+    ours, theirs = _pair("relu", **kwargs)
+    if mode == "eval":
+        ours.eval(), theirs.eval()
+    if view == "in_dims=1":
+        x, run = _x(5, 4, 3, 2, 2), lambda m: vmap(m, in_dims=1)
+    elif view == "transposed":
+        x, run = _x(4, 5, 3, 2, 3), lambda m: vmap(lambda xi: m(xi.transpose(2, 3)))
+    else:
+        x, run = _x(4, 5, 2, 3, 3).permute(0, 1, 4, 2, 3), vmap
+    assert_close(run(ours)(x), run(theirs)(x))
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["vmap", "vmap_of_grad"])
+def test_vmap_of_a_step_that_updates_running_stats_fails_like_torch(nested):
+    """torch refuses it; ours too, naming the ways out, and before anything changes
+    (num_batches_tracked included)."""
     ours, theirs = _pair()
     x = _x(4, 5, 3, 2, 2)
+    run = (lambda m: vmap(grad(lambda xi: m(xi).sum()))) if nested else vmap
     with pytest.raises(RuntimeError):
-        vmap(theirs)(x)
-    before = ours.running_mean.clone()
-    with pytest.raises(RuntimeError):
-        vmap(ours)(x)
-    assert torch.equal(ours.running_mean, before)
+        run(theirs)(x)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    with pytest.raises(RuntimeError, match="running statistics.*not batched.*eval mode"):
+        run(ours)(x)
+    assert all(torch.equal(v, before[k]) for k, v in ours.state_dict().items())
 
 
 def test_grad_and_per_sample_gradients_with_functional_call():

@@ -536,11 +536,48 @@ def _composed(input, weight, bias, residual, running_mean, running_var, eps, act
     :func:`centre_for_kernels` splits it, the eps = 0 rule), which autograd, forward-mode
     AD and torch.func differentiate, vmap batches and torch.jit.trace records like any
     torch code. Slower than the kernels: only for the calls :func:`_needs_composed` picks.
-    Under vmap a training step that updates running statistics fails on the in-place
-    update, as torch's own batch norm does."""
+    Under vmap a training step that updates running statistics fails, as torch's own
+    batch norm does, before anything changes."""
+    if update is not None and _batched_under_vmap(input) and not all(
+            _batched_under_vmap(t) for t in update[:2] if t is not None):
+        raise RuntimeError(
+            "batch norm under torch.func.vmap got a batched input while its running "
+            "statistics, which a training step updates in place, are not batched. Use "
+            "eval mode (model.eval()) or track_running_stats=False inside vmap, or give "
+            "each vmapped call its own running statistics "
+            "(torch.func.replace_all_batch_norm_modules_ does the former for a model)")
+    try:
+        input = _dense(input)
+        channels_last = is_channels_last(input)
+    except RuntimeError:
+        # vmap cannot answer for a memory format ("NYI: querying is_contiguous inside of
+        # vmap for memory_format other than torch.contiguous_format"), and a layout is
+        # not observable there: compute in the contiguous one.
+        channels_last = False
     return _forward_by_primitives(input, weight, bias, residual, running_mean, running_var,
-                                  eps, activation, slope, update, is_channels_last(input),
-                                  portable, fast_update=False)[0]
+                                  eps, activation, slope, update, channels_last, portable,
+                                  fast_update=False)[0]
+
+
+def _batched_under_vmap(t: Tensor) -> bool:
+    """Whether ``t`` is batched by a vmap at any level of functorch's wrappers (a
+    ``grad`` inside a ``vmap`` wraps the batched tensor in another)."""
+    f = torch._C._functorch
+    while f.is_functorch_wrapped_tensor(t):
+        if f.is_batchedtensor(t):
+            return True
+        t = f.get_unwrapped(t)
+    return False
+
+
+def _dense(input: Tensor) -> Tensor:
+    """The kernels need a dense input, so a 4-D/5-D one that is not but whose strides run
+    in channels_last order (a channel slice or crop of a channels_last tensor) is copied
+    anyway, in that layout: y comes back channels_last, as torch's does for such a view."""
+    if (input.dim() > 3 and not input.is_contiguous() and not is_channels_last(input)
+            and portable.strided_channels_last(input)):
+        return input.contiguous(memory_format=portable.CHANNELS_LAST[input.dim()])
+    return input
 
 
 def _refuse_inference_tensors(input, weight, bias, residual, activation) -> None:
@@ -578,11 +615,6 @@ def batch_norm(input, weight, bias, residual, running_mean, running_var, eps, ac
     ``(running_mean, running_var, num_batches_tracked, momentum)`` to move towards the
     batch statistics (:func:`update_running_stats`; inside the kernels where the
     backend can)."""
-    if (input.dim() > 3 and not input.is_contiguous() and not is_channels_last(input)
-            and portable.strided_channels_last(input)):
-        # The kernels need a dense input, so this one is copied anyway: copied now in its
-        # own layout, y comes back channels_last, as torch's does for such a view.
-        input = input.contiguous(memory_format=portable.CHANNELS_LAST[input.dim()])
     compiling = torch.compiler.is_compiling()
     if not compiling:
         if update is not None:
@@ -590,6 +622,7 @@ def batch_norm(input, weight, bias, residual, running_mean, running_var, eps, ac
         if _needs_composed():
             return _composed(input, weight, bias, residual, running_mean, running_var, eps,
                              activation, slope, update)
+    input = _dense(input)
     if not compiling and torch.is_grad_enabled() and (
             input.requires_grad or (weight is not None and weight.requires_grad)
             or (bias is not None and bias.requires_grad)
