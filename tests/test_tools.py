@@ -706,6 +706,22 @@ def test_frozen_batchnorm_modules(cls, shape):
         frozen(torch.randn(5))
 
 
+@pytest.mark.parametrize("args,match", [((0,), "num_features"), ((-2,), "num_features"),
+                                        ((2.5,), "num_features"), ((3, -1.0), "eps")])
+def test_frozen_batch_norm_checks_its_arguments(args, match):
+    """As our BatchNorm2d: ValueError at construction, not a failure at the first call."""
+    with pytest.raises(ValueError, match=match):
+        batchnorm.FrozenBatchNorm2d(*args)
+
+
+@pytest.mark.parametrize("tool", ["convert", "revert", "fold", "freeze", "unfreeze",
+                                  "recalibrate"])
+def test_tools_say_when_they_are_given_no_module(tool):
+    call = getattr(batchnorm, tool)
+    with pytest.raises(TypeError, match=rf"{tool}\(\) takes a torch.nn.Module.*got str"):
+        call("model", []) if tool == "recalibrate" else call("model")
+
+
 def test_freeze_into_buffers():
     model, x = make("resnet")
     model.eval()
@@ -948,7 +964,7 @@ def _keras_weights(c, seed=0):
 def test_keras_conventions():
     w = _keras_weights(4)
     bn = tools.load_keras(batchnorm.BatchNorm2d(4), w).eval()
-    assert bn.eps == 1e-3 and abs(bn.momentum - 0.01) < 1e-12
+    assert bn.eps == 1e-3 and bn.momentum == 0.01  # as typed, not 1 - 0.99 in binary
     x = np.random.default_rng(1).normal(size=(2, 4, 3, 3)).astype(np.float32)
     # Keras inference, written out with its own names, channels moved to axis 1.
     c = (slice(None), None, None)
@@ -960,7 +976,7 @@ def test_keras_conventions():
     assert_close(bn2.running_var, torch.from_numpy(w["bn/moving_variance:0"]) * 10 / 9)
     back, config = tools.to_keras(bn2, count=10)
     np.testing.assert_allclose(back["moving_variance"], w["bn/moving_variance:0"], rtol=1e-6)
-    assert config == {"momentum": pytest.approx(0.99), "epsilon": 1e-3, "axis": 1}
+    assert config == {"momentum": 0.99, "epsilon": 1e-3, "axis": 1}
     with pytest.raises(ValueError, match="no offset|has none"):
         tools.load_keras(batchnorm.BatchNorm2d(4, affine=False), w)
 
@@ -970,12 +986,13 @@ def test_flax_conventions_round_trip():
     variables = {"params": {"scale": rng.uniform(size=3), "bias": rng.normal(size=3)},
                  "batch_stats": {"mean": rng.normal(size=3), "var": rng.uniform(0.5, 2, 3)}}
     bn = tools.load_flax(batchnorm.BatchNorm1d(3, dtype=torch.float64), variables, momentum=0.9)
-    assert bn.eps == 1e-5 and abs(bn.momentum - 0.1) < 1e-12
+    assert bn.eps == 1e-5 and bn.momentum == 0.1
     out, config = tools.to_flax(bn)
     for group, values in variables.items():
         for k, v in values.items():
             np.testing.assert_array_equal(out[group][k], v)
-    assert config["momentum"] == pytest.approx(0.9)
+    assert config["momentum"] == 0.9
+    assert tools.load_flax(bn, out, momentum=config["momentum"]).momentum == 0.1
 
 
 def _layer_state(bn):
@@ -986,7 +1003,9 @@ def _layer_state(bn):
 @pytest.mark.parametrize("load", ["keras", "flax"])
 @pytest.mark.parametrize("problem,kwargs,match", [
     ("variance shape", {}, r"moving variance has shape \(4,\)"),
-    ("count", {"count": 1}, "count must be >= 2"),
+    ("count", {"count": 1}, "count must be an integer >= 2"),
+    ("count type", {"count": 2.5}, "count must be an integer >= 2"),
+    ("missing mean", {}, "lacks 'mean'|lacks 'moving_mean'"),
     ("momentum", {"momentum": 1.5}, r"momentum must be .*\[0, 1\]"),
     ("momentum type", {"momentum": "0.99"}, "momentum must be"),
     ("eps", {"epsilon": -1.0}, "epsilon must be"),
@@ -996,14 +1015,18 @@ def test_load_validates_everything_before_writing(load, problem, kwargs, match):
     if problem == "variance shape":
         w["bn/moving_variance:0"] = np.ones(4, np.float32)
     bn = batchnorm.BatchNorm2d(3)
+    mean = None if problem == "missing mean" else w["bn/moving_mean:0"]
+    if mean is None:
+        del w["bn/moving_mean:0"]
     before = _layer_state(bn)
     with pytest.raises(ValueError, match=match):
         if load == "keras":
             tools.load_keras(bn, w, **kwargs)
         else:
             variables = {"params": {"scale": w["bn/gamma:0"], "bias": w["bn/beta:0"]},
-                         "batch_stats": {"mean": w["bn/moving_mean:0"],
-                                         "var": w["bn/moving_variance:0"]}}
+                         "batch_stats": {"var": w["bn/moving_variance:0"]}}
+            if mean is not None:
+                variables["batch_stats"]["mean"] = mean
             tools.load_flax(bn, variables, **kwargs)
     after = _layer_state(bn)
     assert all(torch.equal(a, b) for a, b in zip(after[0], before[0]))

@@ -21,6 +21,14 @@ TORCH_BY_OURS = {BatchNorm1d: nn.BatchNorm1d, BatchNorm2d: nn.BatchNorm2d,
                  BatchNorm3d: nn.BatchNorm3d}
 
 
+def check_module(model, caller: str) -> None:
+    """TypeError for what is not an ``nn.Module`` (an AttributeError from deep inside would
+    not say what was wrong)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{caller}() takes a torch.nn.Module (a model or a layer), got "
+                        f"{type(model).__name__}")
+
+
 def is_torch_bn(m: nn.Module) -> bool:
     return type(m) in TORCH_BN
 

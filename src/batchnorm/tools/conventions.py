@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Mapping
+from decimal import Decimal
 
 import numpy as np
 import torch
@@ -45,9 +46,17 @@ def _key(name: str) -> str:
 def _bessel(count: int | None) -> float:
     if count is None:
         return 1.0
-    if count < 2:
-        raise ValueError(f"count must be >= 2 (values per channel in a batch), got {count}")
+    if not (isinstance(count, numbers.Integral) and not isinstance(count, bool)
+            and count >= 2):
+        raise ValueError(f"count must be an integer >= 2 (values per channel in a training "
+                         f"batch), got {count!r}")
     return count / (count - 1)
+
+
+def _complement(x: float) -> float:
+    """``1 - x`` as written in decimal: 0.99 gives 0.01, not 1 - 0.99 =
+    0.010000000000000009, so that a momentum survives a round trip as it was typed."""
+    return float(1 - Decimal(repr(float(x))))
 
 
 def _checked(t, value, what: str, absent_because: str):
@@ -58,7 +67,7 @@ def _checked(t, value, what: str, absent_because: str):
             raise ValueError(f"the source has {what} but this layer has none ({absent_because})")
         return None
     if value is None:
-        raise ValueError(f"the source has no {what} but this layer has one")
+        raise ValueError(f"the source lacks {what}, which this layer has")
     v = torch.as_tensor(np.asarray(value), dtype=torch.float64)
     if v.shape != t.shape:
         raise ValueError(f"{what} has shape {tuple(v.shape)}, the layer expects "
@@ -78,7 +87,7 @@ def _torch_momentum(momentum) -> float | None:
     if not (_is_number(momentum) and 0.0 <= momentum <= 1.0):
         raise ValueError(f"momentum must be the Keras/Flax decay in [0, 1] (0.99 is torch's "
                          f"momentum 0.01), or None for a cumulative average; got {momentum!r}")
-    return 1.0 - float(momentum)
+    return _complement(momentum)
 
 
 @torch.no_grad()
@@ -107,15 +116,23 @@ def _load(bn: nn.Module, weight, bias, mean, var, momentum, eps, count) -> nn.Mo
 
 
 def _export(bn: nn.Module, count) -> tuple:
-    def get(t):
-        return None if t is None else t.detach().cpu().double().numpy().astype(
+    bessel = _bessel(count)
+
+    def get(t, scale=1.0):
+        # scaled in float64, rounded once to the layer's precision
+        return None if t is None else (t.detach().cpu().double().numpy() / scale).astype(
             np.float32 if t.dtype != torch.float64 else np.float64)
-    var = get(bn.running_var)
-    if var is not None and count is not None:
-        var = var / _bessel(count)
-    decay = None if bn.momentum is None else 1.0 - bn.momentum
+    decay = None if bn.momentum is None else _complement(bn.momentum)
     return get(getattr(bn, "weight", None)), get(getattr(bn, "bias", None)), \
-        get(bn.running_mean), var, decay
+        get(bn.running_mean), get(bn.running_var, bessel), decay
+
+
+def _required(source: Mapping, keys: tuple[str, ...], what: str) -> list:
+    missing = [k for k in keys if k not in source]
+    if missing:
+        raise ValueError(f"{what} lacks {', '.join(map(repr, missing))} (it has "
+                         f"{', '.join(map(repr, source)) or 'nothing'})")
+    return [source[k] for k in keys]
 
 
 def load_keras(bn: nn.Module, weights, *, momentum: float = 0.99, epsilon: float = 1e-3,
@@ -141,8 +158,8 @@ def load_keras(bn: nn.Module, weights, *, momentum: float = 0.99, epsilon: float
     else:
         raise ValueError("pass a dict of named weights unless get_weights() returned all 4 "
                          f"(gamma, beta, moving_mean, moving_variance); got {len(weights)}")
-    return _load(bn, w.get("gamma"), w.get("beta"), w["moving_mean"], w["moving_variance"],
-                 momentum, epsilon, count)
+    mean, var = _required(w, ("moving_mean", "moving_variance"), "the Keras weights")
+    return _load(bn, w.get("gamma"), w.get("beta"), mean, var, momentum, epsilon, count)
 
 
 def to_keras(bn: nn.Module, *, count: int | None = None) -> tuple[dict, dict]:
@@ -167,9 +184,10 @@ def load_flax(bn: nn.Module, variables: Mapping, *, momentum: float = 0.99,
     in :func:`load_keras`); ``count`` as in :func:`load_keras`.
     """
     params = variables.get("params", {})
-    stats = variables["batch_stats"]
-    return _load(bn, params.get("scale"), params.get("bias"), stats["mean"], stats["var"],
-                 momentum, epsilon, count)
+    [stats] = _required(variables, ("batch_stats",), "the Flax variables")
+    mean, var = _required(stats, ("mean", "var"), "the Flax batch_stats")
+    return _load(bn, params.get("scale"), params.get("bias"), mean, var, momentum, epsilon,
+                 count)
 
 
 def to_flax(bn: nn.Module, *, count: int | None = None) -> tuple[dict, dict]:

@@ -20,6 +20,7 @@ from ..modules import _BatchNorm
 from ._common import (
     OURS_BY_RANK,
     TORCH_BY_OURS,
+    check_module,
     is_our_bn,
     is_torch_bn,
     module_calls,
@@ -180,6 +181,7 @@ def convert(model: nn.Module, fuse_activations: bool = True) -> nn.Module:
     are. Returns the model (a new module only when ``model`` itself is a batch norm). If a
     layer fails to convert, the exception leaves the model unchanged.
     """
+    check_module(model, "convert")
     warn_subclasses(model, "convert", "It goes on working as torch's layer; if its forward "
                     "is torch's, replace it by hand to convert it.")
     return _convert(model, fuse_activations)
@@ -222,6 +224,7 @@ def revert(model: nn.Module) -> nn.Module:
     built with ``bias=False`` gets torch's bias as a fixed zero (``requires_grad=False``).
     A layer called with a ``residual`` cannot become a torch one: its call would fail.
     """
+    check_module(model, "revert")
     for name, m in list(model.named_modules(remove_duplicate=False)):
         if not isinstance(m, FusedActivation):
             continue

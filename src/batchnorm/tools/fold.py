@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from .. import functional as F
 from ..ops import invstd_from_var
 from ._common import (
+    check_module,
     is_any_bn,
     module_calls,
     parameter_counts,
@@ -247,6 +248,7 @@ def fold(model: nn.Module) -> tuple[nn.Module, FoldReport]:
     Raises ``RuntimeError`` for a model in training mode (or with a batch norm in training
     mode that is not frozen): folding bakes in running statistics that training changes.
     """
+    check_module(model, "fold")
     if model.training:
         raise RuntimeError("fold() is for inference: the model is in training mode. Call "
                            "model.eval() first; folding bakes the running statistics into "

@@ -15,8 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
-from ..modules import _check_rank
+from ..modules import _check_rank, check_constructor_args
 from ._common import (
+    check_module,
     is_our_bn,
     is_torch_bn,
     lazy_batch_norms_without_input,
@@ -47,6 +48,7 @@ class _FrozenBatchNorm(nn.Module):
                  device=None, dtype=None) -> None:
         super().__init__()
         kw = {"device": device, "dtype": dtype}
+        num_features = check_constructor_args(num_features, eps, None)
         self.num_features = num_features
         self.eps = eps
         self.activation, self.activation_slope = F.resolve_activation(activation)
@@ -129,6 +131,7 @@ def freeze(model: nn.Module, affine: bool = False, buffers: bool = False) -> nn.
     model once first). If a layer fails to convert or copy, the exception leaves the model
     unchanged.
     """
+    check_module(model, "freeze")
     lazy = lazy_batch_norms_without_input(model)
     if lazy:
         raise ValueError(f"freeze: {', '.join(map(repr, lazy))} is a lazy batch norm that "
@@ -184,6 +187,7 @@ def unfreeze(model: nn.Module) -> nn.Module:
     """Undo :func:`freeze` on our layers (``frozen=False``, and ``requires_grad`` back on
     the affine parameters that ``freeze(affine=True)`` froze); in place, returns the model.
     ``FrozenBatchNorm*d`` layers stay as they are."""
+    check_module(model, "unfreeze")
     for m in model.modules():
         if is_our_bn(m):
             m.frozen = False

@@ -22,7 +22,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.utils._pytree import tree_map
 
 from .. import backends, ops
-from ._common import is_our_bn, lazy_batch_norms_without_input
+from ._common import check_module, is_our_bn, lazy_batch_norms_without_input
 
 
 def _default_forward(model: nn.Module, batch):
@@ -179,6 +179,7 @@ def recalibrate(model: nn.Module, batches, num_batches: int | None = None,
         ``{layer name: values per channel seen}``. A layer that saw nothing keeps its old
         statistics and is absent.
     """
+    check_module(model, "recalibrate")
     forward = forward or _default_forward
     lazy = lazy_batch_norms_without_input(model)
     if lazy:
