@@ -478,7 +478,7 @@ def test_fold_scale_shift_keeps_the_input_dtype(data, stats, residual, gen):
     with torch.no_grad():
         got, want = folded[1](x, r), model[1](x, r)
         assert got.dtype == want.dtype == data
-        tol = dict(rtol=1e-5, atol=1e-5) if data == torch.float32 else {}
+        tol = {"rtol": 1e-5, "atol": 1e-5} if data == torch.float32 else {}
         torch.testing.assert_close(got, want, **tol)
         torch.testing.assert_close(folded(x), model(x), **tol)
 
