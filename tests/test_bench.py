@@ -41,6 +41,22 @@ def test_cli_parses():
     assert args.quick and args.csv and args.plot and args.repeats == 3
 
 
+@pytest.mark.parametrize("bad", [["--device", "tpu"], ["--device", "foo:0"],
+                                 ["--repeats", "0"], ["--repeats", "-3"], ["--budget", "-1"]],
+                         ids=" ".join)
+def test_cli_refuses_bad_values_before_running(bad, capsys):
+    """A device torch cannot parse or we cannot run on, no repeats, a negative budget:
+    argparse's one-line error and exit status 2, not a traceback after the run."""
+    import argparse
+    p = argparse.ArgumentParser(prog="batchnorm bench")
+    bench.add_arguments(p)
+    with pytest.raises(SystemExit) as exit_info:
+        p.parse_args(bad)
+    assert exit_info.value.code == 2
+    assert f"argument {bad[0]}: '{bad[1]}'" in capsys.readouterr().err
+    assert p.parse_args(["--device", "cuda:1", "--budget", "0"]).device == "cuda:1"
+
+
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_tables_are_defined(device):
     cases = bench.cpu_cases() if device == "cpu" else bench.cuda_cases()

@@ -610,14 +610,35 @@ def plot(rows: list[dict], path: Path) -> Path:
 # CLI
 
 
+def _device_arg(text: str) -> str:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: cpu or cuda (cuda:N for one GPU)")
+    return text
+
+
+def _at_least(low, kind):
+    def parse(text: str):
+        value = kind(text)  # a ValueError here: argparse says "invalid <kind> value"
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text!r}: at least {low}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    p.add_argument("--device", type=_device_arg,
+                   default="cuda" if torch.cuda.is_available() else "cpu",
                    help="device to run on: cpu or cuda (default: cuda if available)")
     p.add_argument("--quick", action="store_true",
                    help="a subset (5 CPU or 3 GPU cases), 5 repeats, no torch.compile unless "
                         "--compile-ops asks for it, and no SyncBatchNorm row (a minute "
                         "or two)")
-    p.add_argument("--repeats", type=int, default=None,
+    p.add_argument("--repeats", type=_at_least(1, int), default=None,
                    help="samples per side (median reported; default 15, --quick 5)")
     p.add_argument("--csv", action="store_true",
                    help="write <device>-<date>.csv (long format) into benchmarks/results/ "
@@ -632,7 +653,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "--quick, in those of the subset; with --shape, on every shape "
                           "(--quick and --shape time torch.compile only when this is given)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
-    p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--budget", type=_at_least(0.0, float), default=None, metavar="SECONDS",
                    help="start no case (one input: its rows of all 4 ops) after this many "
                         "seconds; one started before runs to its end, and the table has "
                         "the cases done")
