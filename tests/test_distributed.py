@@ -475,3 +475,54 @@ def test_sync_path_through_a_group_of_one(tmp_path, pg_backend, device, dtype):
                 assert torch.equal(sync.state_dict()[key], value)
     finally:
         dist.destroy_process_group()
+
+
+def test_sync_path_keeps_a_strided_channels_last_input_channels_last(tmp_path):
+    """A channel slice of a channels_last tensor comes back channels_last, as from the
+    local layer and torch's."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0,
+                            world_size=1)
+    try:
+        torch.manual_seed(6)
+        x = torch.randn(2, 6, 3, 3).to(memory_format=torch.channels_last)[:, 1:5]
+        sync, local = bd.SyncBatchNorm(4), batchnorm.BatchNorm2d(4)
+        y = bd.sync_batch_norm(x, sync.running_mean, sync.running_var, sync.weight, sync.bias,
+                               sync.momentum, sync.eps)
+        y_local = local(x)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert y_local.is_contiguous(memory_format=torch.channels_last)
+        close(y, y_local, rtol=1e-6, what="y")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("problem", ["inference_buffers", "torch_func"])
+def test_sync_path_refuses_before_changing_anything(tmp_path, problem):
+    """Running statistics made under inference_mode (our update writes by address, past
+    torch's check: the local layer refuses them too) and a torch.func transform (the
+    collective and our Function have no rules for it) are refused with a message that
+    says so, before the collective and before any buffer moves."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0,
+                            world_size=1)
+    try:
+        x = torch.randn(4, 3, 5)
+        if problem == "inference_buffers":
+            with torch.inference_mode():
+                sync = bd.SyncBatchNorm(3)
+        else:
+            sync = bd.SyncBatchNorm(3, track_running_stats=False)
+        before = {k: v.clone() for k, v in sync.state_dict().items()}
+
+        def step(x):
+            return bd.sync_batch_norm(
+                x, sync.running_mean, sync.running_var, sync.weight.detach(),
+                sync.bias.detach(), sync.momentum, sync.eps,
+                num_batches_tracked=sync.num_batches_tracked if sync.track_running_stats
+                else None).square().sum()
+
+        with pytest.raises(RuntimeError, match="inference_mode" if problem == "inference_buffers"
+                           else "cannot run under torch.func"):
+            step(x) if problem == "inference_buffers" else torch.func.grad(step)(x)
+        assert all(torch.equal(v, before[k]) for k, v in sync.state_dict().items())
+    finally:
+        dist.destroy_process_group()

@@ -520,7 +520,7 @@ def _eager_apply(input, weight, bias, residual, *rest):
     return _c_apply(input, weight, bias, residual, *rest)
 
 
-def _needs_composed() -> bool:
+def needs_composed() -> bool:
     """Whether the call runs under something our kernels cannot serve: a torch.func
     transform (vmap, grad, jvp, ...: its tensors have no storage to hand a kernel, and
     an autograd.Function would need rules for each), forward-mode AD (dual tensors), or
@@ -535,7 +535,7 @@ def _composed(input, weight, bias, residual, running_mean, running_var, eps, act
     arithmetic as the kernels (shifted statistics, the wide mean split as
     :func:`centre_for_kernels` splits it, the eps = 0 rule), which autograd, forward-mode
     AD and torch.func differentiate, vmap batches and torch.jit.trace records like any
-    torch code. Slower than the kernels: only for the calls :func:`_needs_composed` picks.
+    torch code. Slower than the kernels: only for the calls :func:`needs_composed` picks.
     Under vmap a training step that updates running statistics fails, as torch's own
     batch norm does, before anything changes."""
     if update is not None and _batched_under_vmap(input) and not all(
@@ -547,7 +547,7 @@ def _composed(input, weight, bias, residual, running_mean, running_var, eps, act
             "each vmapped call its own running statistics "
             "(torch.func.replace_all_batch_norm_modules_ does the former for a model)")
     try:
-        input = _dense(input)
+        input = densify(input)
         channels_last = is_channels_last(input)
     except RuntimeError:
         # vmap cannot answer for a memory format ("NYI: querying is_contiguous inside of
@@ -570,7 +570,7 @@ def _batched_under_vmap(t: Tensor) -> bool:
     return False
 
 
-def _dense(input: Tensor) -> Tensor:
+def densify(input: Tensor) -> Tensor:
     """The kernels need a dense input, so a 4-D/5-D one that is not but whose strides run
     in channels_last order (a channel slice or crop of a channels_last tensor) is copied
     anyway, in that layout: y comes back channels_last, as torch's does for such a view."""
@@ -594,7 +594,7 @@ def _refuse_inference_tensors(input, weight, bias, residual, activation) -> None
             "torch.no_grad() or torch.inference_mode()")
 
 
-def _refuse_inference_buffers(update) -> None:
+def refuse_inference_buffers(update) -> None:
     """torch's error for an in-place update of an inference tensor outside inference mode:
     our eager running update writes by address on the CPU, past torch's own check.
     (running_mean stands for the three buffers, made together by a module.)"""
@@ -618,11 +618,11 @@ def batch_norm(input, weight, bias, residual, running_mean, running_var, eps, ac
     compiling = torch.compiler.is_compiling()
     if not compiling:
         if update is not None:
-            _refuse_inference_buffers(update)
-        if _needs_composed():
+            refuse_inference_buffers(update)
+        if needs_composed():
             return _composed(input, weight, bias, residual, running_mean, running_var, eps,
                              activation, slope, update)
-    input = _dense(input)
+    input = densify(input)
     if not compiling and torch.is_grad_enabled() and (
             input.requires_grad or (weight is not None and weight.requires_grad)
             or (bias is not None and bias.requires_grad)
