@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import batchnorm
+from batchnorm import backends
 from conftest import TORCH_HAS_BIAS_KWARG, make_input
 
 PAIRS = [(batchnorm.BatchNorm1d, nn.BatchNorm1d, (5, 4, 3)),
@@ -226,6 +227,25 @@ def test_the_output_takes_an_inplace_op(backend, shape, layout, dtype, training,
         y.float().square().sum().backward()
         results.append((y.detach(), leaf.grad, bn.weight.grad.clone(), bn.bias.grad.clone()))
         bn.weight.grad = bn.bias.grad = None
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_a_pooled_output_takes_an_inplace_op(gen):
+    """The CPU backend's outputs of 1 MiB or more come from its pool of reused buffers:
+    those, too, take ``relu_`` (torchvision's ``out += identity`` and in-place ReLU)."""
+    if "cpu" not in backends.available():
+        pytest.skip("the numba CPU backend is not available")
+    x = torch.randn(16, 64, 16, 16, generator=gen)  # 1 MiB of float32
+    bn = batchnorm.BatchNorm2d(64)
+    results = []
+    with backends.using("cpu"):
+        for relu in (torch.relu, torch.relu_):
+            leaf = x.clone().requires_grad_()
+            y = relu(bn(leaf))
+            y.square().sum().backward()
+            results.append((y.detach(), leaf.grad, bn.weight.grad.clone()))
+            bn.weight.grad = bn.bias.grad = None
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
