@@ -96,6 +96,9 @@ def validate(input, running_mean, running_var, weight, bias, training, momentum,
         raise ValueError(
             f"batch_norm expects an input of shape (N, C, *) with at least 2 dimensions, got "
             f"shape {tuple(input.shape)}; for a single sample use input.unsqueeze(0)")
+    if training is not True and training is not False:
+        # as torch: None (or 0, "yes") is no answer to "batch statistics or running ones?"
+        raise TypeError(f"batch_norm: training must be True or False, got {training!r}")
     # The per-channel tensors: a quick pass for the usual case (each None or [C], floating,
     # on the input's device: a handful of attribute reads, which count on small inputs),
     # the detailed checks with their messages only when it fails.
