@@ -236,11 +236,12 @@ def test_momentum_none_without_num_batches_tracked_is_torchs_factor_zero(gen):
 @pytest.mark.parametrize("bad,exc,fragment", [
     (dict(momentum=2.0), ValueError, "momentum must be in [0, 1]"),
     (dict(eps=-1.0), ValueError, "eps must be >= 0"),
+    ({"eps": float("nan")}, ValueError, "eps must be >= 0, got nan"),
     (dict(weight=torch.ones(4)), ValueError, "weight has shape (4,)"),
     (dict(bias=torch.ones(3, dtype=torch.long)), TypeError, "bias must be floating point"),
     (dict(momentum=None), ValueError, "num_batches_tracked"),
-    (dict(training=None), TypeError, "training must be True or False, got None"),
-    (dict(training=1), TypeError, "training must be True or False, got 1"),
+    ({"training": None}, TypeError, "training must be True or False, got None"),
+    ({"training": 1}, TypeError, "training must be True or False, got 1"),
 ])
 def test_functional_validates_first(bad, exc, fragment, gen):
     rm, rv = torch.randn(3, generator=gen), torch.rand(3, generator=gen) + 0.5

@@ -174,6 +174,8 @@ def test_docstrings_are_shared_and_filled():
         assert cls.__name__ in doc and "Default: 0.1" in doc and "eps=0" in doc
         assert "{name}" not in doc and "{shape}" not in doc
     assert "BatchNorm2d" in batchnorm.LazyBatchNorm2d.__doc__
+    for cls in (batchnorm.BatchNorm2d, batchnorm.LazyBatchNorm1d, batchnorm.SyncBatchNorm):
+        assert "residual" in cls.forward.__doc__  # help() shows it, not nn.Module's
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

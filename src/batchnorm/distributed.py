@@ -304,6 +304,9 @@ class SyncBatchNorm(_BatchNorm):
             _check_rank(type(self).__name__, input, (), "at least 2D")
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        """``act(BN(input) + residual)`` as ``BatchNorm2d.forward`` (input of any rank >=
+        2), with the statistics of the global batch (every rank of ``process_group``) in
+        training."""
         # Eval and frozen layers use the running statistics: nothing to synchronize. A world
         # of one has no one to synchronize with, and a rank outside process_group (size -1)
         # none either: torch's SyncBatchNorm runs local batch norm on both.

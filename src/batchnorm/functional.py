@@ -124,7 +124,7 @@ def validate(input, running_mean, running_var, weight, bias, training, momentum,
                 f"move it with .to({str(input.device)!r})")
         if not residual.is_floating_point():
             raise TypeError(f"residual must be floating point, got {residual.dtype}")
-    if eps < 0:
+    if not eps >= 0:  # NaN too, as the modules' constructors refuse it
         raise ValueError(f"eps must be >= 0, got {eps}")
     if momentum is None:
         if training and running_mean is not None and num_batches_tracked is None:

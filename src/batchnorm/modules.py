@@ -163,6 +163,13 @@ class _NormBase(nn.Module):
 
 class _BatchNorm(_NormBase):
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        """``act(BN(input) + residual)``, in one pass.
+
+        ``input``: (N, C, *) of the ranks the class takes; ``residual``: None, or a tensor
+        of the input's shape added before the activation. In training (unless frozen)
+        the batch's statistics normalize and the running ones move towards them; in eval
+        the running statistics normalize.
+        """
         self._check_input_dim(input)
         # Batch statistics in training, and in eval too when there are no running ones;
         # a frozen layer uses and keeps its running statistics in training as in eval.

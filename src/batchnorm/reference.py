@@ -24,7 +24,7 @@ In training the statistics are the batch's::
 out of training they are ``running_mean`` and ``running_var``. Then, elementwise::
 
     s  = 1 / √(σ² + ε)                  the inverse standard deviation ("invstd")
-    x̂  = (x − μ) · s                    mean 0 and variance 1 per channel (in training)
+    x̂  = (x − μ) · s                    mean 0, variance σ²/(σ² + ε) ≈ 1 (in training)
     z  = γ · x̂ + β + r                  γ = weight, β = bias, r = an optional residual
     y  = act(z)                         an optional activation
 
@@ -90,9 +90,10 @@ Given the upstream gradient ``g = ∂L/∂y``, work back through the four lines 
 
        dx = γ · s · (dz − (Σ dz)/n − x̂ · (Σ dz·x̂)/n)
 
-   The gradient is the upstream one with its per-channel mean and its component along x̂
-   projected out: moving every x of a channel together, or scaling them about their mean,
-   does not change x̂.
+   The gradient is the upstream one with its per-channel mean removed, and its component
+   along x̂ too (exactly at ε = 0, nearly for a small ε): moving every x of a channel
+   together does not change x̂, and scaling them about their mean changes it only
+   through ε.
 
    For a zero-variance channel with ε = 0, s = 0 makes dx = 0 and Σ dz·x̂ = 0. Strictly,
    normalization is not differentiable there (the slightest spread gives x̂ values of

@@ -150,7 +150,7 @@ def freeze(model: nn.Module, affine: bool = False, buffers: bool = False) -> nn.
         for name, m in model.named_modules(remove_duplicate=False):
             if (is_our_bn(m) or is_torch_bn(m)) and name:
                 if m.running_mean is None:
-                    warnings.warn(f"freeze: {name} has no running statistics; left as it is",
+                    warnings.warn(f"freeze: {name!r} has no running statistics; left as it is",
                                   stacklevel=2)
                     continue
                 if id(m) not in frozen:  # a shared layer stays one shared copy
@@ -165,8 +165,9 @@ def freeze(model: nn.Module, affine: bool = False, buffers: bool = False) -> nn.
         if not is_our_bn(m):
             continue
         if not m.track_running_stats:
-            warnings.warn(f"freeze: {name or type(m).__name__} has no running statistics; "
-                          f"left as it is", stacklevel=2)
+            where = repr(name) if name else type(m).__name__
+            warnings.warn(f"freeze: {where} has no running statistics; left as it is",
+                          stacklevel=2)
             continue
         m.frozen = True
         if affine:

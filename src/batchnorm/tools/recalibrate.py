@@ -177,7 +177,8 @@ def recalibrate(model: nn.Module, batches, num_batches: int | None = None,
 
     Returns:
         ``{layer name: values per channel seen}``. A layer that saw nothing keeps its old
-        statistics and is absent.
+        statistics and is absent. ``batches`` that yield nothing raise ``ValueError``, with
+        every layer's statistics as before.
     """
     check_module(model, "recalibrate")
     forward = forward or _default_forward
