@@ -9,6 +9,7 @@ CPU machine: one model, two training steps and an evaluation.
 import copy
 import shutil
 
+import pytest
 import torch
 from torch import nn
 
@@ -67,3 +68,36 @@ def test_compiled_cnn_matches_eager(gen):
     x = torch.randn(4, 3, 5, 5, generator=gen)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
+
+
+def _functorch_calls(bn, x, t):
+    from torch.func import grad, jvp, vmap
+    return {
+        "jvp": lambda a: jvp(bn, (a,), (t,))[1],
+        "grad": lambda a: grad(lambda b: bn(b).square().sum())(a),
+        # per-group gradients: two groups of three samples
+        "vmap_grad": lambda a: vmap(grad(lambda b: bn(b).square().sum()))(a.view(2, 3, 3)),
+    }
+
+
+@pytest.mark.parametrize("call", ["jvp", "grad", "vmap_grad"])
+@pytest.mark.parametrize("mode", ["eval", "batch_stats"])
+def test_torch_func_inside_a_compiled_function(mode, call, gen):
+    """Dynamo traces into torch.func transforms; our custom op has no rules for them (a
+    compiled jvp gave a zero tangent, a compiled grad failed), so they take the composed
+    path as in eager, and give eager's values. (backend='eager': dynamo alone, where the
+    zero tangent showed too; the other backends compile the same graph further.)"""
+    torch._dynamo.reset()
+    if mode == "eval":
+        bn = batchnorm.BatchNorm1d(3, activation="relu").eval()
+        with torch.no_grad():
+            bn.running_mean.copy_(torch.randn(3, generator=gen) * 0.1)
+            bn.running_var.copy_(torch.rand(3, generator=gen) + 0.5)
+    else:
+        bn = batchnorm.BatchNorm1d(3, activation="relu", track_running_stats=False)
+    x, t = torch.randn(6, 3, generator=gen), torch.randn(6, 3, generator=gen)
+    fn = _functorch_calls(bn, x, t)[call]
+    want = fn(x)
+    got = torch.compile(fn, fullgraph=True, backend="eager")(x)
+    assert want.abs().sum() > 0
+    torch.testing.assert_close(got, want)

@@ -616,12 +616,14 @@ def batch_norm(input, weight, bias, residual, running_mean, running_var, eps, ac
     batch statistics (:func:`update_running_stats`; inside the kernels where the
     backend can)."""
     compiling = torch.compiler.is_compiling()
-    if not compiling:
-        if update is not None:
-            refuse_inference_buffers(update)
-        if needs_composed():
-            return _composed(input, weight, bias, residual, running_mean, running_var, eps,
-                             activation, slope, update)
+    if update is not None and not compiling:
+        refuse_inference_buffers(update)
+    # Compiling, dynamo answers for the transforms from what it traces: a torch.func jvp
+    # or grad inside a compiled function reaches here, and our custom op has no rules
+    # for them (a compiled jvp's tangent came back zero).
+    if _transforms_active() if compiling else needs_composed():
+        return _composed(input, weight, bias, residual, running_mean, running_var, eps,
+                         activation, slope, update)
     input = densify(input)
     if not compiling and torch.is_grad_enabled() and (
             input.requires_grad or (weight is not None and weight.requires_grad)
