@@ -213,12 +213,42 @@ def _standard_ops(input, running_mean, running_var, weight, bias, eps, activatio
 
     The exported graph then holds ``aten`` batch norm and activation ops, which every
     consumer knows (ONNX ``BatchNormalization`` + ``Relu``...), instead of our custom op,
-    which none does. One difference: with ``eps = 0`` a zero-variance channel gives
-    inf/NaN there, as in torch, instead of ``bias``.
+    which none does. What torch's batch norm refuses is written so that it runs: the
+    per-channel tensors take the dtype torch's kernels take with this input (the input's,
+    float32 for half inputs), the output the input's dtype (a residual of another dtype
+    promoted it), and ``eps = 0`` with batch statistics (torch's refuses it in training)
+    is written out with our rule for a zero-variance channel (x̂ = 0). One difference
+    remains: in eval with ``eps = 0`` a zero ``running_var`` gives inf/NaN, as in torch,
+    instead of ``bias``.
     """
-    y = torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias,
-                                       running_mean is None, 0.0, eps)
+    wide = input.dtype if input.dtype in (torch.float32, torch.float64) else torch.float32
+    running_mean, running_var, weight, bias = (
+        t if t is None or t.dtype == wide else t.to(wide)
+        for t in (running_mean, running_var, weight, bias))
+    # Half input with a residual or an activation: computed in float32 and rounded once
+    # at the end, as the kernels do (rounding the batch norm's output too would move
+    # about a fifth of the values by one bfloat16 step).
+    x = input if residual is None and activation == "none" else input.to(wide)
+    if running_mean is None and eps == 0:
+        y = _batch_stats_normalized_eps0(x.to(wide), weight, bias)
+    else:
+        y = torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias,
+                                           running_mean is None, 0.0, eps)
     if residual is not None:
         y = y + residual
     act = activation_module(activation, slope)
-    return y if act is None else act(y)
+    y = y if act is None else act(y)
+    return y if y.dtype == input.dtype else y.to(input.dtype)
+
+
+def _batch_stats_normalized_eps0(x: Tensor, weight, bias) -> Tensor:
+    """``weight · x̂ + bias`` with the batch's statistics and eps = 0, a zero-variance
+    channel giving x̂ = 0, in torch ops."""
+    dims = [0, *range(2, x.dim())]
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    var, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
+    invstd = torch.where(var > 0, var.rsqrt(), torch.zeros_like(var))
+    y = (x - mean) * invstd
+    if weight is not None:
+        y = y * weight.view(view)
+    return y if bias is None else y + bias.view(view)
