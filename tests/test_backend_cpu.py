@@ -251,9 +251,12 @@ def test_fused_entry_points_match_portable_ops(view, training, activation, size)
     shape = (LARGE if size == "large" else SMALL)[view]
     x, dy, w, b, r = _case(shape, torch.float32, seed=9, with_residual=True, loc=1e4)
     c = shape[1]
-    rm = torch.randn(c, dtype=torch.float32) + 1e4 if not training else None
-    rv = torch.rand(c, dtype=torch.float32) + 0.5 if not training else None
-    state = [torch.randn(c), torch.rand(c) + 0.5, torch.tensor(3)]
+    gen = torch.Generator().manual_seed(10)  # not the global generator: the same data in
+    # every process, whatever ran before (under xdist that varies)
+    rm = torch.randn(c, generator=gen) + 1e4 if not training else None
+    rv = torch.rand(c, generator=gen) + 0.5 if not training else None
+    state = [torch.randn(c, generator=gen), torch.rand(c, generator=gen) + 0.5,
+             torch.tensor(3)]
     ref_state = [t.clone() for t in state]
     update = (*state, None) if training else None
     got = cpu.batch_norm_forward(x, w, b, r, rm, rv, 1e-5, activation, SLOPE, update)
@@ -290,12 +293,22 @@ def test_fused_entry_points_match_portable_ops(view, training, activation, size)
     assert_close(sum_dz, ref_dz, torch.float32, scale=20 * n)
     assert_close(sum_dzx, ref_dzx, torch.float32, scale=20 * n)
     assert dx.dtype == x.dtype and dx.shape == x.shape
+    assert (dres is None) == (activation == "none")  # ops hands dy itself on as dresidual
+    assert dres is None or dres.shape == x.shape
+    if activation == "relu":
+        # At ReLU's kink either side is right within the input's rounding: float32 data
+        # at 1e4 is 1e-3 apart, so the two implementations may put a pre-activation
+        # within ~1e-3 of 0 on different sides (seen once in 300,000 values). Compared
+        # away from the kink, in float64.
+        per_channel = (1, c) + (1,) * (x.dim() - 2)
+        z = ((x.double() - mean.double().view(per_channel))
+             * torch.rsqrt(var.double() + 1e-5).view(per_channel)
+             * w.double().view(per_channel) + b.double().view(per_channel) + r.double())
+        far = z.abs() > 1e-2
+        dx, ref_dx, dres, ref_dres = dx[far], ref_dx[far], dres[far], ref_dres[far]
     # dx is O(1) (invstd·weight·dz); scale as test_primitives_match_float64's dx
     assert_close(dx, ref_dx, torch.float32, scale=20)
-    if activation == "none":
-        assert dres is None  # ops hands dy itself on as dresidual
-    else:
-        assert dres is not None and dres.shape == x.shape
+    if dres is not None:
         assert_close(dres, ref_dres, torch.float32, scale=4)
 
 
