@@ -1,9 +1,10 @@
-"""torch.func transforms, forward-mode AD and torch.jit.trace, against torch's layers.
+"""torch.func transforms, forward-mode AD, torch.jit.trace and dispatch modes (make_fx,
+FakeTensorMode), against torch's layers.
 
 Under these our kernels cannot run (a transform's tensors have no storage to hand them;
-a trace records torch ops only), so ``ops.batch_norm`` computes in torch ops alone
-(``ops._composed``); these tests check that path gives what torch's batch norm gives,
-where torch's supports the transform.
+a trace or a dispatch mode sees torch ops only), so ``ops.batch_norm`` computes in torch
+ops alone (``ops._composed``); these tests check that path gives what torch's batch norm
+gives, where torch's supports the transform.
 """
 
 import pytest
@@ -210,3 +211,68 @@ def test_composed_path_keeps_the_numerics_of_the_kernels(layout):
     assert y_composed.stride() == y.stride()
     assert_close(composed.running_mean, kernels.running_mean)
     assert_close(composed.running_var, kernels.running_var)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_make_fx_records_the_computation(training):
+    """make_fx (a Python dispatch mode) records the torch ops it sees: the kernels' work
+    was missing from its graph (which returned uninitialized memory), so the composed
+    path runs there. The graph replays the step on new data, running update included,
+    as the graph of torch's layer does."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    ours, theirs = _pair()
+    ours.train(training), theirs.train(training)
+
+    def trace(module):
+        state = {k: v.clone() for k, v in module.state_dict().items()}
+        graph = make_fx(lambda s, x: functional_call(module, s, (x,)))(state, _x(4, 3, 5, 5))
+        return graph, {k: v.clone() for k, v in module.state_dict().items()}
+
+    (graph, state), (reference, reference_state) = trace(ours), trace(theirs)
+    x = _x(4, 3, 5, 5, seed=7)  # (make_fx's real mode bakes in the shapes)
+    assert_close(graph(state, x), reference(reference_state, x))
+    for name, value in reference_state.items():
+        if value.is_floating_point():
+            assert_close(state[name], value)
+        else:
+            assert torch.equal(state[name], value)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_fake_tensors_and_symbolic_tracing(training):
+    """FakeTensorMode (shape propagation, memory estimators) and make_fx's fake and
+    symbolic modes: the kernels got tensors with no storage and failed."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    ours, theirs = _pair("silu")
+    ours.train(training), theirs.train(training)
+    x = _x(4, 3, 5, 5).to(memory_format=torch.channels_last)
+    with FakeTensorMode() as mode:
+        fake = batchnorm.BatchNorm2d(3, activation="silu", dtype=F64).train(training)
+        y = fake(mode.from_tensor(x))
+    assert (y.shape, y.dtype, y.stride()) == (x.shape, x.dtype, x.stride())
+    state = {k: v.clone() for k, v in ours.state_dict().items()}
+    for tracing_mode in ("fake", "symbolic"):
+        graph = make_fx(lambda s, x: functional_call(ours, s, (x,)),
+                        tracing_mode=tracing_mode)(state, x)
+        shape = (4, 3, 5, 5) if tracing_mode == "fake" else (5, 3, 4, 4)  # fake: baked in
+        other = _x(*shape, seed=3).to(memory_format=torch.channels_last)
+        assert_close(graph({k: v.clone() for k, v in state.items()}, other),
+                     theirs(other))
+
+
+def test_make_fx_of_a_gradient():
+    """The input gradient of an evaluation step, traced, replays torch's."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    ours, theirs = _pair("gelu")
+    ours.eval(), theirs.eval()
+
+    def input_grad(module):
+        return lambda x: torch.autograd.grad(module(x).square().sum(), x)[0]
+
+    graph = make_fx(input_grad(ours))(_x(4, 3, 5, 5).requires_grad_())
+    other = _x(4, 3, 5, 5, seed=9).requires_grad_()
+    assert_close(graph(other), input_grad(theirs)(other))

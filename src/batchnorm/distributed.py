@@ -227,14 +227,15 @@ def sync_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Ten
     _validate(input, running_mean, running_var, weight, bias, momentum, eps, residual,
               num_batches_tracked)
     if not torch.compiler.is_compiling():
-        if ops.needs_composed():
+        if ops.needs_composed(input):
             # The collective takes real tensors and our Function has no rules for
             # torch.func (nor has torch's SyncBatchNorm): said before the collective, not
             # from deep inside a kernel.
             raise RuntimeError(
                 "SyncBatchNorm's synchronized training step cannot run under torch.func "
-                "transforms (vmap, grad, ...), forward-mode AD or torch.jit.trace. Run it "
-                "in eval mode there, or use a local batch norm "
+                "transforms (vmap, grad, ...), forward-mode AD, torch.jit.trace or a "
+                "dispatch mode (make_fx, FakeTensorMode), nor on tensor subclasses that "
+                "dispatch in Python. Run it in eval mode there, or use a local batch norm "
                 "(batchnorm.revert_sync_batchnorm)")
         ops.refuse_inference_buffers((running_mean, running_var, num_batches_tracked,
                                       momentum))

@@ -512,6 +512,9 @@ except (AttributeError, KeyError, TypeError):
 # (functorch's wrapped tensors exist only while a transform is active)
 _transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
 _tracing_state = torch._C._get_tracing_state
+# (make_fx, FakeTensorMode, FlopCounterMode, ...: each sees only the torch ops it is handed)
+_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 1)
+_plain_dispatch = Tensor.__torch_dispatch__
 
 
 def _eager_apply(input, weight, bias, residual, *rest):
@@ -520,13 +523,16 @@ def _eager_apply(input, weight, bias, residual, *rest):
     return _c_apply(input, weight, bias, residual, *rest)
 
 
-def needs_composed() -> bool:
+def needs_composed(input: Tensor | None = None) -> bool:
     """Whether the call runs under something our kernels cannot serve: a torch.func
     transform (vmap, grad, jvp, ...: its tensors have no storage to hand a kernel, and
-    an autograd.Function would need rules for each), forward-mode AD (dual tensors), or
-    torch.jit.trace (which records torch ops, and would miss a kernel's work)."""
+    an autograd.Function would need rules for each), forward-mode AD (dual tensors),
+    torch.jit.trace or a Python dispatch mode (make_fx, FakeTensorMode: they record or
+    fake torch ops, and would miss a kernel's work, or hand it no storage), or an
+    ``input`` of a tensor subclass that dispatches in Python (a FakeTensor, a DTensor)."""
     return (_transforms_active() or forward_ad._current_level >= 0
-            or _tracing_state() is not None)
+            or _tracing_state() is not None or _dispatch_modes() > 0
+            or (input is not None and type(input).__torch_dispatch__ is not _plain_dispatch))
 
 
 def _composed(input, weight, bias, residual, running_mean, running_var, eps, activation,
@@ -621,7 +627,7 @@ def batch_norm(input, weight, bias, residual, running_mean, running_var, eps, ac
     # Compiling, dynamo answers for the transforms from what it traces: a torch.func jvp
     # or grad inside a compiled function reaches here, and our custom op has no rules
     # for them (a compiled jvp's tangent came back zero).
-    if _transforms_active() if compiling else needs_composed():
+    if _transforms_active() if compiling else needs_composed(input):
         return _composed(input, weight, bias, residual, running_mean, running_var, eps,
                          activation, slope, update)
     input = densify(input)
