@@ -6,6 +6,7 @@ everything first, so a failed call leaves every parameter and buffer as it was.
 
 import pytest
 import torch
+from tolerances import assert_close
 from torch import nn
 
 import batchnorm
@@ -253,6 +254,30 @@ def test_functional_validates_first(bad, exc, fragment, gen):
         F.batch_norm(torch.randn(4, 3, generator=gen), rm, rv, **kwargs)
     assert fragment in str(info.value)
     assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("which", ["running_mean", "running_var"])
+def test_running_stats_that_require_grad_are_refused_as_torch_refuses_them(which, training,
+                                                                            gen):
+    """torch: "not differentiable with respect to argument 'running_mean'". Ours took
+    them, and in eval the output depended on them with no gradient to show for it. Under
+    no_grad both run (and a training step updates them)."""
+    x = torch.randn(4, 3, generator=gen)
+    stats = {"running_mean": torch.randn(3, generator=gen),
+             "running_var": torch.rand(3, generator=gen) + 0.5}
+    stats[which].requires_grad_()
+    before = {k: v.detach().clone() for k, v in stats.items()}
+    for batch_norm in (torch.nn.functional.batch_norm, F.batch_norm):
+        with pytest.raises(RuntimeError, match=f"differentiable with respect to.*{which}"):
+            batch_norm(x, stats["running_mean"], stats["running_var"], training=training)
+    for name, value in stats.items():
+        assert torch.equal(value.detach(), before[name])
+    with torch.no_grad():
+        expected = torch.nn.functional.batch_norm(
+            x, *(v.detach().clone() for v in stats.values()), training=training)
+        assert_close(F.batch_norm(x, stats["running_mean"], stats["running_var"],
+                                  training=training), expected)
 
 
 def test_functional_eval_needs_running_stats(gen):

@@ -111,6 +111,15 @@ def validate(input, running_mean, running_var, weight, bias, training, momentum,
                 _check_per_channel(name, u, input)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together or both be None")
+    if running_mean is not None and (running_mean.requires_grad or running_var.requires_grad
+                                     ) and torch.is_grad_enabled():
+        # as torch: the output does not depend on them differentiably (training), or
+        # their gradient would be silently missing (evaluation)
+        name = "running_mean" if running_mean.requires_grad else "running_var"
+        raise RuntimeError(
+            f"batch norm is not differentiable with respect to {name}, which has "
+            f"requires_grad=True: running statistics are buffers. Pass {name}.detach(), "
+            f"or call {name}.requires_grad_(False)")
     if not training and running_mean is None:
         raise ValueError("evaluation (training=False) needs running_mean and running_var")
     if residual is not None:
