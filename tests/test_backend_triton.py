@@ -487,6 +487,24 @@ def test_fused_eval_matches_ops(shape, affine, buffers, monkeypatch):
         assert (got is None and want is None) or torch.equal(got, want)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_custom_op_outputs_alias_nothing(training):
+    """``batchnorm::batch_norm`` on the triton backend passes ``torch.library.opcheck``:
+    its outputs share storage with no input nor with each other (the evaluation's mean
+    and var were two rows of one buffer: torch refused them in a direct call, under
+    torch.compile and in opcheck's test_schema), and it traces (aot_eager) as it runs."""
+    from batchnorm import ops
+
+    x = _data((2, 3, 5), torch.float32).requires_grad_()
+    w, b = (t.requires_grad_() for t in _params(3))
+    rm, rv = (None, None) if training else (torch.randn(3, device=DEVICE),
+                                            torch.rand(3, device=DEVICE) + 0.5)
+    with backends.using("triton"):
+        y, mean, var = ops.batch_norm_op(x, w, b, None, rm, rv, 1e-5, "relu", 0.0)
+        assert mean.untyped_storage().data_ptr() != var.untyped_storage().data_ptr()
+        torch.library.opcheck(ops.batch_norm_op, (x, w, b, None, rm, rv, 1e-5, "relu", 0.0))
+
+
 @pytest.mark.parametrize("case", [
     (torch.float32, torch.float32, True, False, "relu"),
     (torch.bfloat16, torch.float32, True, True, "leaky_relu"),

@@ -236,10 +236,15 @@ def _launch_backward_elementwise(dy, x, g, dx, dres, mean_k, invstd, weight, bia
            num_warps=plan["warps"])
 
 
-def _launch_prepare(mean, var, weight, bias, out, c, eps, copy: bool) -> None:
+def _launch_prepare(mean, var, weight, bias, out, c, eps, copies=None) -> None:
+    """:func:`_reduce.prepare` into ``out`` (where the four rows start); with ``copies``
+    (evaluation: the mean and var ``batch_norm_forward`` returns) those written too."""
     eps_hi, eps_lo = split_float(eps)
+    copy = copies is not None
+    mean_out, var_out = copies if copy else (out, out)
     launch(_reduce.prepare, (cdiv(c, 128),),
-           mean, var, _dummy(weight, out), _dummy(bias, out), out, c, eps_hi, eps_lo,
+           mean, var, _dummy(weight, out), _dummy(bias, out), out, mean_out, var_out, c,
+           eps_hi, eps_lo,
            HAS_W=weight is not None, HAS_B=bias is not None, F64=out.dtype == torch.float64,
            COPY=copy, BLOCK_C=128, num_warps=4)
 
@@ -407,9 +412,15 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
                                       bias, eps, act, hi, lo)
             return y, None, None, False, None
         if running_mean is not None:
-            coef = torch.empty((6, c), dtype=acc, device=device)
-            _launch_prepare(running_mean, running_var, weight, bias, coef, c, eps, copy=True)
-            *rows, mean, var = coef.unbind(0)
+            # mean and the four rows in one buffer, var in one of its own: the custom op
+            # batchnorm::batch_norm returns mean and var, which torch refuses to see share
+            # storage (a direct call, torch.compile, opcheck), and opcheck wants them at
+            # storage offset 0, as its fake tensors are
+            coef = torch.empty((5, c), dtype=acc, device=device)
+            var = torch.empty(c, dtype=acc, device=device)
+            mean, *rows = coef.unbind(0)
+            _launch_prepare(running_mean, running_var, weight, bias, rows[0], c, eps,
+                            (mean, var))
         else:
             plan = _stats_plan(x, g)
             p = plan["P"]
@@ -494,8 +505,7 @@ def batch_norm_backward(dy, x, weight, bias, residual, mean, var, eps, training:
     with _device_guard(x):
         if saved is None:
             coef = torch.empty((4, c), dtype=acc, device=device)
-            _launch_prepare(_unit_stride(mean), _unit_stride(var), weight, bias, coef, c, eps,
-                            copy=False)
+            _launch_prepare(_unit_stride(mean), _unit_stride(var), weight, bias, coef, c, eps)
             saved = coef.unbind(0)
         mean_k, invstd, bias_k, shift = saved
         if need_sums:

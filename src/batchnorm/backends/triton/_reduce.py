@@ -435,14 +435,15 @@ def _store_coefficients(out_ptr, cols, cmask, C, mean, var, w_ptr, b_ptr, eps_hi
 
 
 @triton.jit
-def prepare(mean_ptr, var_ptr, w_ptr, b_ptr, out_ptr, C, eps_hi, eps_lo,
-            HAS_W: tl.constexpr, HAS_B: tl.constexpr, F64: tl.constexpr, COPY: tl.constexpr,
-            BLOCK_C: tl.constexpr):
+def prepare(mean_ptr, var_ptr, w_ptr, b_ptr, out_ptr, mean_out_ptr, var_out_ptr, C, eps_hi,
+            eps_lo, HAS_W: tl.constexpr, HAS_B: tl.constexpr, F64: tl.constexpr,
+            COPY: tl.constexpr, BLOCK_C: tl.constexpr):
     """The C-sized prologue of ``ops._batch_norm_backward`` in one launch, from a saved
-    mean and var (see :func:`_store_coefficients`). ``out`` holds the four [C] rows
-    mean_k, invstd, bias_k, shift, and with ``COPY`` (evaluation: the statistics are the
-    running buffers) two more, the mean and the var in the acc dtype, as ops would copy
-    them, the mean rounded to it first as ops does."""
+    mean and var (see :func:`_store_coefficients`). ``out`` gets the four [C] rows
+    mean_k, invstd, bias_k, shift; with ``COPY`` (evaluation: the statistics are the
+    running buffers) ``mean_out`` and ``var_out`` get the mean and the var in the acc
+    dtype, as ops would copy them, the mean rounded to it first as ops does. (The custom
+    op ``batchnorm::batch_norm`` returns those two: they may not share storage.)"""
     acc_ty = out_ptr.dtype.element_ty
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
@@ -450,8 +451,8 @@ def prepare(mean_ptr, var_ptr, w_ptr, b_ptr, out_ptr, C, eps_hi, eps_lo,
     var = tl.load(var_ptr + cols, mask=cmask, other=1.0).to(acc_ty)
     if COPY:
         mean = mean.to(acc_ty)
-        tl.store(out_ptr + 4 * C + cols, mean, mask=cmask)
-        tl.store(out_ptr + 5 * C + cols, var, mask=cmask)
+        tl.store(mean_out_ptr + cols, mean, mask=cmask)
+        tl.store(var_out_ptr + cols, var, mask=cmask)
     _store_coefficients(out_ptr, cols, cmask, C, mean, var, w_ptr, b_ptr, eps_hi, eps_lo,
                         acc_ty, HAS_W, HAS_B, F64)
 
