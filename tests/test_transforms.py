@@ -276,3 +276,29 @@ def test_make_fx_of_a_gradient():
     graph = make_fx(input_grad(ours))(_x(4, 3, 5, 5).requires_grad_())
     other = _x(4, 3, 5, 5, seed=9).requires_grad_()
     assert_close(graph(other), input_grad(theirs)(other))
+
+
+def test_functionalize_a_training_step():
+    """With the running statistics passed in (functional_call) the step runs as torch's;
+    with the module's own buffers torch's op has a rule of its own, and ours, which met
+    an internal assert after num_batches_tracked had moved, refuses before anything
+    changes."""
+    from torch.func import functionalize
+
+    ours, theirs = _pair("relu")
+    x = _x(4, 3, 5, 5)
+    states = [{k: v.clone() for k, v in m.state_dict().items()} for m in (ours, theirs)]
+    outs = [functionalize(lambda s, x, m=m: functional_call(m, s, (x,)))(s, x)
+            for m, s in zip((ours, theirs), states)]
+    assert_close(outs[0], outs[1])
+    for name, value in states[0].items():
+        other = states[1][name if name in states[1] else "0." + name]
+        if value.is_floating_point():
+            assert_close(value, other)
+        else:
+            assert torch.equal(value, other)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    with pytest.raises(RuntimeError, match="functionalize got running statistics from outside"):
+        functionalize(ours)(x)
+    for name, value in ours.state_dict().items():
+        assert torch.equal(value, before[name])

@@ -552,6 +552,15 @@ def _composed(input, weight, bias, residual, running_mean, running_var, eps, act
             "eval mode (model.eval()) or track_running_stats=False inside vmap, or give "
             "each vmapped call its own running statistics "
             "(torch.func.replace_all_batch_norm_modules_ does the former for a model)")
+    if update is not None and torch._is_functional_tensor(input) and not all(
+            torch._is_functional_tensor(t) for t in update[:3] if t is not None):
+        # (torch's own op has a rule of its own in the functionalization pass; ours would
+        # meet an internal assert in the update, after num_batches_tracked had moved)
+        raise RuntimeError(
+            "batch norm under torch.func.functionalize got running statistics from outside "
+            "the functionalized function, which a training step updates in place. Pass them "
+            "in (torch.func.functional_call(model, {**params, **buffers}, args)), or use "
+            "eval mode or track_running_stats=False there")
     try:
         input = densify(input)
         channels_last = is_channels_last(input)
