@@ -881,6 +881,37 @@ def test_autotune_skips_what_fails_and_where_it_must(tuning, monkeypatch):
     assert tb._plans.chosen("normalize", g, x) is not None and not timer.calls
 
 
+def test_deterministic_reductions_use_the_defaults_after_tuning(tuning, monkeypatch):
+    """A shape whose reductions were tuned before ``torch.use_deterministic_algorithms(True)``
+    runs them with the defaults' plans while it is on (their order of additions, so their
+    bits, the same as in a process that never tuned), and with the tuned plans again after."""
+    x = _data(SHAPES[0], torch.float32)
+    g = tb.geometry(x.shape, False)
+    tuning(g, {"stats": 2, "backward_reduce": 2})
+    used = {}  # stage 1's launch -> the plan it last ran with (the real launch's)
+    for name, at in (("_launch_stats_partials", 2), ("_launch_backward_partials", 3)):
+        real = getattr(tb, name)
+        monkeypatch.setattr(tb, name, lambda *a, _real=real, _at=at, _name=name, **k:
+                            used.__setitem__(_name, a[_at]) or _real(*a, **k))
+    mean, invstd, _ = _batch_stats(x)
+    dy = _data(SHAPES[0], torch.float32)
+
+    def both():
+        tb.stats(x)
+        tb.backward_reduce(dy, x, mean, invstd, None, None, None, "relu", 0.0)
+        return list(used.values())
+    default = tb._plans.reduce_plan(g, x.device)
+    tuned = both()
+    assert tuned[0] != default and tuned[1] != default
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert both() == [default, default]
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert both() == tuned
+
+
 @pytest.mark.skipif(not CUDA, reason="CUDA events and graphs need a GPU")
 def test_autotune_on_the_device(monkeypatch):
     """With the real timer: a first step tunes with CUDA events and gives what the

@@ -341,8 +341,14 @@ def _key(pass_name: str, g: Geometry, x: torch.Tensor) -> tuple:
 
 
 def chosen(pass_name: str, g: Geometry, x: torch.Tensor):
-    """The plan kept for this pass and shape, or None (then call :func:`choose`)."""
-    return CHOSEN.get(_key(pass_name, g, x))
+    """The plan kept for this pass and shape, or None (then call :func:`choose`). Under
+    deterministic algorithms a reduction gets the defaults' plan even where a plan was
+    kept: a shape tuned before they were turned on would otherwise keep summing in its
+    tuned order."""
+    plan = CHOSEN.get(_key(pass_name, g, x))
+    if plan is not None and PASSES[pass_name] and torch.are_deterministic_algorithms_enabled():
+        return reduce_plan(g, x.device)
+    return plan
 
 
 def _static_default(x: torch.Tensor) -> bool:
