@@ -313,3 +313,43 @@ def test_bn_relu_keeps_about_half_of_what_torch_keeps(backend, layout, dtype, ge
     input_bytes = x.numel() * x.element_size()
     assert torchs >= 2 * input_bytes
     assert kept <= 0.55 * torchs, (kept, torchs)
+
+
+class _TracedBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = batchnorm.BatchNorm2d(4, activation="relu")
+        self.skip = batchnorm.BatchNorm2d(4, momentum=None)
+        self.head = batchnorm.BatchNorm1d(4, affine=False)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return self.head(self.bn(h, residual=self.skip(h)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_torch_fx_symbolic_trace(training, gen):
+    """torch.fx traces a model through our layers (only torch.nn's own modules are its
+    leaves): each becomes one node, and the GraphModule computes what the model does,
+    running updates included. Our layers raised "expects a torch.Tensor, got Proxy"."""
+    model = _TracedBlock().train(training)
+    with torch.no_grad():
+        for bn in (model.bn, model.skip):
+            bn.running_mean.uniform_(-1, 1, generator=gen)
+            bn.weight.uniform_(0.5, 2, generator=gen)
+    eager = copy.deepcopy(model)
+    traced = torch.fx.symbolic_trace(model)
+    names = [n.target.__name__ for n in traced.graph.nodes if n.op == "call_function"
+             and getattr(n.target, "__name__", "") == "_traced_batch_norm"]
+    assert len(names) == 3
+    for _ in range(2):
+        x = torch.randn(5, 3, 6, 6, generator=gen)
+        assert torch.equal(traced(x), eager(x))
+    state, eager_state = traced.state_dict(), eager.state_dict()
+    assert ("skip.num_batches_tracked" in state) == training  # (what the graph reads)
+    for name, got in state.items():
+        assert torch.equal(got, eager_state[name]), name
+    again = pickle.loads(pickle.dumps(traced))
+    x = torch.randn(5, 3, 6, 6, generator=gen)
+    assert torch.equal(again(x), copy.deepcopy(traced)(x))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import operator
 
 import torch
+import torch.fx
 from torch import Tensor, nn
 from torch.nn import init
 from torch.nn.modules.lazy import LazyModuleMixin
@@ -170,7 +171,11 @@ class _BatchNorm(_NormBase):
         the batch's statistics normalize and the running ones move towards them; in eval
         the running statistics normalize.
         """
-        self._check_input_dim(input)
+        run = F.batch_norm_resolved
+        if type(input) is not Tensor and isinstance(input, torch.fx.Proxy):
+            run = _traced_batch_norm  # torch.fx.symbolic_trace: one node (see there)
+        else:
+            self._check_input_dim(input)
         # Batch statistics in training, and in eval too when there are no running ones;
         # a frozen layer uses and keeps its running statistics in training as in eval.
         training = self.training and not self._frozen
@@ -180,12 +185,26 @@ class _BatchNorm(_NormBase):
             running_mean = running_var = None
         if not (training and self.track_running_stats):
             num_batches_tracked = None
-        return F.batch_norm_resolved(
+        return run(
             input, running_mean, running_var, weight, bias, use_batch_stats,
             self._momentum_given(num_batches_tracked), self.eps, self.activation,
             self.activation_slope, residual, num_batches_tracked,
         )
 
+
+def _traced_batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+                       eps, activation, slope, residual, num_batches_tracked):
+    """``functional.batch_norm_resolved`` as one node of a ``torch.fx`` graph: FX traces
+    a module's forward with Proxies (only torch.nn's own modules are leaves), and ours
+    cannot be traced through (its checks read shapes; its kernels are no torch ops). As
+    in the graph of torch's layer, the parameters and buffers are the module's
+    (``get_attr``) and the mode (training, momentum) is the one at trace time."""
+    return F.batch_norm_resolved(input, running_mean, running_var, weight, bias, training,
+                                 momentum, eps, activation, slope, residual,
+                                 num_batches_tracked)
+
+
+torch.fx.wrap("_traced_batch_norm")
 
 _STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
