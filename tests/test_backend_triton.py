@@ -1073,3 +1073,145 @@ def test_merge_of_few_channels(shape, monkeypatch):
     # narrowed and taller, and still several steps over the partials
     assert tile["BLOCK_C"] == 4 and plan["P"] > tile["BLOCK_P"] > 4, (plan["P"], tile)
     _assert_reductions(x, mean, invstd, count, w, b, r, dy)
+
+
+# --------------------------------------------------------------------------------------
+# Index arithmetic past 2^31 (kernel views of 2^31 elements or more)
+#
+# Such inputs cannot be allocated here, so these run the kernels' own index helpers (the
+# first lines of every stage-1 program; the elementwise passes' tile count and tile) in
+# probe kernels with the plans the planner makes for such geometries, and compare every
+# program's (or the last tiles') indices with Python's integers. With the plans' I64 flag
+# forced off they differ where int32 overflows (the interpreter wraps as a GPU does):
+# what the flag is for.
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from batchnorm.backends.triton._elementwise import _tile, _tiles  # noqa: E402
+from batchnorm.backends.triton._reduce import _rect_ncl, _rows_mc  # noqa: E402
+
+
+@triton.jit
+def _probe_rows_mc(out_ptr, M, ROWS, NCB, I64: tl.constexpr):
+    pid = tl.program_id(0)
+    cb, p, m0, m_end = _rows_mc(pid, M, ROWS, NCB, I64)
+    out = out_ptr + pid.to(tl.int64) * 4
+    tl.store(out, cb.to(tl.int64))
+    tl.store(out + 1, p.to(tl.int64))
+    tl.store(out + 2, m0.to(tl.int64))
+    tl.store(out + 3, m_end.to(tl.int64))
+
+
+@triton.jit
+def _probe_rect_ncl(out_ptr, N, C, L, ROWS, COLS, P_L, I64: tl.constexpr):
+    pid = tl.program_id(0)
+    c, p, n0, n_end, l0, l_end = _rect_ncl(pid, N, C, L, ROWS, COLS, P_L, I64)
+    out = out_ptr + pid.to(tl.int64) * 6
+    tl.store(out, c.to(tl.int64))
+    tl.store(out + 1, p.to(tl.int64))
+    tl.store(out + 2, n0.to(tl.int64))
+    tl.store(out + 3, n_end.to(tl.int64))
+    tl.store(out + 4, l0.to(tl.int64))
+    tl.store(out + 5, l_end.to(tl.int64))
+
+
+@triton.jit
+def _probe_tiles(out_ptr, R, K, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                 I64: tl.constexpr):
+    # the last tiles of an elementwise kernel's loop, its tile index as wide as there
+    pid = tl.program_id(0)
+    R, K, n_tiles = _tiles(R, K, BLOCK_R, BLOCK_K, I64)
+    rows, cols, mask, off = _tile(n_tiles - 1 - pid, R, K, BLOCK_R, BLOCK_K)
+    out = out_ptr + pid.to(tl.int64) * 7
+    tl.store(out, n_tiles.to(tl.int64))
+    tl.store(out + 1, tl.min(rows.to(tl.int64), axis=0))
+    tl.store(out + 2, tl.max(rows.to(tl.int64), axis=0))
+    tl.store(out + 3, tl.min(cols.to(tl.int64), axis=0))
+    tl.store(out + 4, tl.min(tl.min(off, axis=1), axis=0))
+    tl.store(out + 5, tl.max(tl.max(off, axis=1), axis=0))
+    tl.store(out + 6, tl.sum(tl.sum(mask.to(tl.int64), axis=1), axis=0))
+
+
+def _stage1_indices(g, plan, i64):
+    """Every stage-1 program's indices by the kernels' helper, and by Python."""
+    programs = plan["grid"][0]
+    if g.cl:
+        got = torch.empty((programs, 4), dtype=torch.int64)
+        _probe_rows_mc[(programs,)](got, g.n, plan["rows"], plan["ncb"], I64=i64)
+        want = []
+        for pid in range(programs):
+            p = pid // plan["ncb"]
+            want.append((pid % plan["ncb"], p, p * plan["rows"],
+                         min(p * plan["rows"] + plan["rows"], g.n)))
+    else:
+        got = torch.empty((programs, 6), dtype=torch.int64)
+        _probe_rect_ncl[(programs,)](got, g.n, g.c, g.l, plan["rows"], plan["cols"],
+                                     plan["p_l"], I64=i64)
+        want = []
+        for pid in range(programs):
+            p = pid // g.c
+            n0, l0 = p // plan["p_l"] * plan["rows"], p % plan["p_l"] * plan["cols"]
+            want.append((pid % g.c, p, n0, min(n0 + plan["rows"], g.n), l0,
+                         min(l0 + plan["cols"], g.l)))
+    return got, torch.tensor(want, dtype=torch.int64)
+
+
+@pytest.mark.skipif(CUDA, reason="the interpreter's int32 arithmetic; compiled: "
+                                  "benchmarks/triton_compile_check.py")
+@pytest.mark.parametrize("g", [
+    tb.Geometry(True, 2**32 + 5, 3, 1),    # (M, C): M >= 2^31 rows
+    tb.Geometry(True, 2**31 - 3, 1, 1),    # ... just under: the last program's end passes it
+    tb.Geometry(False, 2**31 + 9, 2, 3),   # (N, C, L): N >= 2^31
+    tb.Geometry(False, 3, 2, 2**32 + 1),   # L >= 2^31
+], ids=["MC-2^32", "MC-2^31-3", "NCL-N", "NCL-L"])
+def test_reduction_indices_past_int32(g):
+    plan = tb._plans.reduce_plan(g, torch.device("cpu"))
+    assert plan["I64"]
+    got, want = _stage1_indices(g, plan, True)
+    assert torch.equal(got, want)
+    assert int(want[:, -1].max()) == (g.n if g.cl else g.l)  # the last values covered
+    got, want = _stage1_indices(g, plan, False)  # int32: wrong where it matters
+    assert not torch.equal(got, want)
+
+
+@pytest.mark.skipif(CUDA, reason="the interpreter's int32 arithmetic; compiled: "
+                                  "benchmarks/triton_compile_check.py")
+@pytest.mark.parametrize("g, overflows", [
+    # sizes from 2^31 on are int64 arguments, and the arithmetic with them int64 anyway
+    (tb.Geometry(True, 2**32 + 5, 3, 1), False),   # (M, C): rows R = M
+    (tb.Geometry(False, 2**30 + 1, 2, 3), False),  # (N, C, L): rows R = N·C
+    (tb.Geometry(False, 1, 1, 2**31 + 5), False),  # columns K = L
+    # just under: tl.cdiv(R, BLOCK_R) forms R + BLOCK_R − 1
+    (tb.Geometry(True, 2**31 - 3, 5, 1), True),
+    (tb.Geometry(False, 1, 1, 2**31 - 3), True),
+], ids=["MC-2^32", "NCL-rows", "NCL-L", "MC-2^31-3", "NCL-L-2^31-3"])
+def test_elementwise_indices_past_int32(g, overflows):
+    plan = tb._plans.elem_plan(g, torch.device("cpu"))
+    assert plan["I64"]
+    r, k, br, bk = plan["R"], plan["K"], plan["BLOCK_R"], plan["BLOCK_K"]
+    nkb = tb.cdiv(k, bk)
+    n_tiles = tb.cdiv(r, br) * nkb
+    want = []
+    for t in range(n_tiles - 1, n_tiles - 5, -1):  # the last tiles, the ragged ones too
+        r0, k0 = t // nkb * br, t % nkb * bk
+        inside = (min(r0 + br, r) - r0) * (min(k0 + bk, k) - k0)
+        want.append((n_tiles, r0, r0 + br - 1, k0, r0 * k + k0,
+                     (r0 + br - 1) * k + k0 + bk - 1, inside))
+    want = torch.tensor(want, dtype=torch.int64)
+
+    def probe(i64):
+        got = torch.empty((4, 7), dtype=torch.int64)
+        _probe_tiles[(4,)](got, r, k, br, bk, i64)
+        return got
+    assert torch.equal(probe(True), want)
+    assert torch.equal(probe(False), want) != overflows  # int32 where it fits, only there
+
+
+def test_index_width_flag_off_for_common_shapes():
+    """Below 2^31 the kernels keep their int32 index arithmetic (the compiled code of
+    every shape that fits)."""
+    for g in [tb.Geometry(True, 256 * 56 * 56, 256, 1), tb.Geometry(False, 256, 256, 3136),
+              tb.Geometry(True, 2**31 // 64 - 4096, 64, 1), tb.Geometry(False, 2, 3, 2**30)]:
+        assert not tb._plans.reduce_plan(g, torch.device("cpu"))["I64"], g
+        assert not tb._plans.elem_plan(g, torch.device("cpu"))["I64"], g

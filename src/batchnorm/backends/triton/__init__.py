@@ -136,12 +136,12 @@ def _launch_stats_partials(x: Tensor, g: Geometry, plan: dict, part: Tensor) -> 
         launch(_reduce.stats_partial_mc, plan["grid"],
                x, part, g.n, c, plan["rows"], plan["ncb"], p * c,
                BLOCK_M=plan["BLOCK_M"], BLOCK_C=plan["BLOCK_C"], STAGES=plan["stages"],
-               UNROLL=plan["unroll"], num_warps=plan["warps"])
+               UNROLL=plan["unroll"], I64=plan["I64"], num_warps=plan["warps"])
     else:
         launch(_reduce.stats_partial_ncl, plan["grid"],
                x, part, g.n, c, g.l, plan["rows"], plan["cols"], plan["p_l"], p * c,
                BLOCK_N=plan["BLOCK_N"], BLOCK_L=plan["BLOCK_L"], STAGES=plan["stages"],
-               num_warps=plan["warps"])
+               I64=plan["I64"], num_warps=plan["warps"])
 
 
 def _launch_stats_merge(x: Tensor, g: Geometry, plan: dict, part: Tensor, mean: Tensor,
@@ -165,7 +165,7 @@ def _launch_normalize(x, y, g, residual, mean_k, invstd, weight, bias_k, act, hi
            _dummy(bias_k, mean_k), plan["R"], plan["K"], plan["C"], hi, lo, CL=plan["CL"],
            ACT=act, HAS_W=weight is not None, HAS_B=bias_k is not None,
            HAS_RES=residual is not None, BLOCK_R=plan["BLOCK_R"], BLOCK_K=plan["BLOCK_K"],
-           num_warps=plan["warps"])
+           I64=plan["I64"], num_warps=plan["warps"])
 
 
 def _launch_normalize_running(x, y, g, residual, running_mean, running_var, weight, bias,
@@ -185,7 +185,7 @@ def _launch_normalize_running(x, y, g, residual, running_mean, running_var, weig
            plan["C"], hi, lo, eps_hi, eps_lo, CL=plan["CL"], ACT=act,
            HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None,
            F64=acc_dtype(x.dtype) == torch.float64, BLOCK_R=plan["BLOCK_R"],
-           BLOCK_K=plan["BLOCK_K"], num_warps=plan["warps"])
+           BLOCK_K=plan["BLOCK_K"], I64=plan["I64"], num_warps=plan["warps"])
 
 
 def _launch_backward_partials(dy, x, g, plan, part, mean_k, invstd, weight, bias_k,
@@ -194,7 +194,7 @@ def _launch_backward_partials(dy, x, g, plan, part, mean_k, invstd, weight, bias
     p, c = plan["P"], g.c
     flags = dict(ACT=act, HAS_W=weight is not None, HAS_B=bias_k is not None,
                  HAS_RES=residual is not None and act != 0, STAGES=plan["stages"],
-                 num_warps=plan["warps"])
+                 I64=plan["I64"], num_warps=plan["warps"])
     common = (dy, x, _dummy(residual, x), mean_k, invstd, _dummy(weight, mean_k),
               _dummy(bias_k, mean_k), part)
     if g.cl:
@@ -233,7 +233,7 @@ def _launch_backward_elementwise(dy, x, g, dx, dres, mean_k, invstd, weight, bia
            plan["K"], plan["C"], hi, lo, CL=plan["CL"], ACT=act, HAS_W=weight is not None,
            HAS_B=bias_k is not None, HAS_RES=residual is not None and act != 0, TRAIN=train,
            WANT_DRES=dres is not None, BLOCK_R=plan["BLOCK_R"], BLOCK_K=plan["BLOCK_K"],
-           num_warps=plan["warps"])
+           I64=plan["I64"], num_warps=plan["warps"])
 
 
 def _launch_prepare(mean, var, weight, bias, out, c, eps, copies=None) -> None:

@@ -23,6 +23,20 @@ from ._reduce import _dz, _invstd
 
 
 @triton.jit
+def _tiles(R, K, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, I64: tl.constexpr):
+    """``(R, K, n_tiles)``: the sizes, and the number of tiles a kernel's loop runs over.
+    With ``I64`` (the plan's flag, set where R or K plus a tile, or the loop's last
+    increment, could pass 2^31 − 1: ``tl.cdiv`` adds the tile before dividing) the sizes
+    are widened to int64, and with them the loop's tile index and :func:`_tile`'s rows
+    and columns; otherwise they stay as passed (int32 below 2^31, where Triton passes
+    int64 sizes the arithmetic is int64 anyway)."""
+    if I64:  # tl.cast, not .to(): a size of 1 arrives as a constexpr
+        R = tl.cast(R, tl.int64)
+        K = tl.cast(K, tl.int64)
+    return R, K, tl.cdiv(R, BLOCK_R) * tl.cdiv(K, BLOCK_K)
+
+
+@triton.jit
 def _tile(t, R, K, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     nkb = tl.cdiv(K, BLOCK_K)
     rows = (t // nkb) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -72,9 +86,9 @@ def _normalize_tile(t, x_ptr, y_ptr, r_ptr, mean_ptr, scale_ptr, w_ptr, b_ptr, R
 def normalize_kernel(x_ptr, y_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, R, K, C,
                      slope_hi, slope_lo, CL: tl.constexpr, ACT: tl.constexpr,
                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, I64: tl.constexpr):
     """y = act(w·(x − mean)·invstd + b + r), mean and invstd in the acc dtype."""
-    n_tiles = tl.cdiv(R, BLOCK_R) * tl.cdiv(K, BLOCK_K)
+    R, K, n_tiles = _tiles(R, K, BLOCK_R, BLOCK_K, I64)
     for t in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
         _normalize_tile(t, x_ptr, y_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, R, K, C,
                         slope_hi, slope_lo, 0.0, 0.0, mean_ptr.dtype.element_ty, CL, ACT,
@@ -86,12 +100,12 @@ def normalize_running_kernel(x_ptr, y_ptr, r_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, 
                              slope_hi, slope_lo, eps_hi, eps_lo, CL: tl.constexpr,
                              ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                              HAS_RES: tl.constexpr, F64: tl.constexpr,
-                             BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                             BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, I64: tl.constexpr):
     """Evaluation in one launch: normalize straight from the running statistics (any
     floating dtype), rounded to the acc dtype (float64 with ``F64``, else float32) as
     ``_reduce.prepare`` rounds them: y has the two-launch y's values (a zero's sign aside)."""
     acc_ty = tl.float64 if F64 else tl.float32
-    n_tiles = tl.cdiv(R, BLOCK_R) * tl.cdiv(K, BLOCK_K)
+    R, K, n_tiles = _tiles(R, K, BLOCK_R, BLOCK_K, I64)
     for t in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
         _normalize_tile(t, x_ptr, y_ptr, r_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, R, K, C,
                         slope_hi, slope_lo, eps_hi, eps_lo, acc_ty, CL, ACT, HAS_W, HAS_B,
@@ -122,9 +136,10 @@ def backward_kernel(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, sd
                     sdzx_ptr, dx_ptr, dr_ptr, count, R, K, C, slope_hi, slope_lo,
                     CL: tl.constexpr, ACT: tl.constexpr, HAS_W: tl.constexpr,
                     HAS_B: tl.constexpr, HAS_RES: tl.constexpr, TRAIN: tl.constexpr,
-                    WANT_DRES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                    WANT_DRES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                    I64: tl.constexpr):
     acc_ty = mean_ptr.dtype.element_ty
-    n_tiles = tl.cdiv(R, BLOCK_R) * tl.cdiv(K, BLOCK_K)
+    R, K, n_tiles = _tiles(R, K, BLOCK_R, BLOCK_K, I64)
     for t in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
         rows, cols, mask, off = _tile(t, R, K, BLOCK_R, BLOCK_K)
         mu = _channel(mean_ptr, rows, cols, R, K, C, acc_ty, CL)

@@ -133,6 +133,14 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+# The kernels index rows, columns and tiles in int32 (pid, and the sizes Triton passes as
+# int32 below 2^31) and form element offsets in int64. Where a plan's row or column
+# indices (including a loop's last increment and a tile's ragged end) could pass
+# _I32_MAX, its "I64" flag (a constexpr) makes the kernel do that index arithmetic in
+# int64 too; otherwise the kernels are compiled as before (the common case).
+_I32_MAX = (1 << 31) - 1
+
+
 def _memoized(fn):
     """Memoize a plan on (geometry, device, configuration values)."""
     cache = {}
@@ -166,8 +174,10 @@ def reduce_plan(g: Geometry, device: torch.device, cfg: dict) -> dict:
         per_cb = max(1, cdiv(target, ncb))
         rows = cdiv(cdiv(m, step), per_cb) * step
         p = cdiv(m, rows)
+        # the last program's end p·rows, and its loop's last increment past it
+        i64 = p * rows + step > _I32_MAX
         return dict(P=p, grid=(p * ncb,), rows=rows, ncb=ncb, shift_stride=1,
-                    BLOCK_M=block_m, BLOCK_C=block_c, unroll=unroll, **common)
+                    BLOCK_M=block_m, BLOCK_C=block_c, unroll=unroll, I64=i64, **common)
     n, c, length = g.n, g.c, g.l
     block_l = min(np2(length), tile)
     block_n = min(max(tile // block_l, 1), np2(n))
@@ -178,8 +188,10 @@ def reduce_plan(g: Geometry, device: torch.device, cfg: dict) -> dict:
     kn = max(1, k // kl)
     cols, rows = kl * block_l, kn * block_n
     p_l, p_n = cdiv(length, cols), cdiv(n, rows)
+    # the last programs' ends and their loops' last increments; a program's count
+    i64 = max(p_n * rows + block_n, p_l * cols + block_l, rows * cols) > _I32_MAX
     return dict(P=p_n * p_l, grid=(p_n * p_l * c,), rows=rows, cols=cols, p_l=p_l,
-                shift_stride=length, BLOCK_N=block_n, BLOCK_L=block_l, **common)
+                shift_stride=length, BLOCK_N=block_n, BLOCK_L=block_l, I64=i64, **common)
 
 
 @_memoized
@@ -196,8 +208,11 @@ def elem_plan(g: Geometry, device: torch.device, cfg: dict) -> dict:
     n_tiles = cdiv(r, block_r) * cdiv(k, block_k)
     persistent = cfg["elem_programs_per_sm"] * sm_count(device)
     grid = (min(n_tiles, persistent) if persistent > 0 else n_tiles,)
+    # the kernels' tl.cdiv(R, BLOCK_R) forms R + BLOCK_R − 1 (as far as a ragged last
+    # tile's rows reach), and their tile loop's last increment is n_tiles − 1 + grid
+    i64 = max(r + block_r, k + block_k, n_tiles + grid[0]) > _I32_MAX
     return dict(R=r, K=k, C=g.c, grid=grid, BLOCK_R=block_r, BLOCK_K=block_k, CL=g.cl,
-                warps=cfg["elem_warps_cl" if g.cl else "elem_warps"])
+                I64=i64, warps=cfg["elem_warps_cl" if g.cl else "elem_warps"])
 
 
 def merge_launch(c: int, p: int) -> tuple[tuple[int], dict]:

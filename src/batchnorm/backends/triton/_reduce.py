@@ -29,6 +29,10 @@ A program's ranges are whole multiples of its tile, so the only masks needed are
 proves 16-byte alignment and emits vector loads; a mask against a computed bound would
 not.
 
+Element offsets are int64. Row, column and tile indices are int32 unless the plan's
+``I64`` flag (``_plans``: a kernel view whose indices, or a loop's last increment, could
+pass 2^31 − 1) widens them: the common case compiles as it did.
+
 Statistics: shifted sums. Every program subtracts the same per-channel shift, the
 channel's first element ``x[0, c, 0]`` (``x[0, c]``), and accumulates Σd and Σd² of
 ``d = x − shift`` elementwise in registers; the partial is ``(count, mean_d, m2)`` with
@@ -72,15 +76,37 @@ def _dz(dy, x, mu, inv, w, b, r, ACT: tl.constexpr, HAS_W: tl.constexpr,
 
 
 @triton.jit
-def stats_partial_ncl(x_ptr, part_ptr, N, C, L, ROWS, COLS, P_L, PC,
-                      BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, STAGES: tl.constexpr):
-    pid = tl.program_id(0)
+def _rect_ncl(pid, N, C, L, ROWS, COLS, P_L, I64: tl.constexpr):
+    """An ``(N, C, L)`` stage-1 program's channel c, partial index p and rectangle
+    ``[n0, n_end) x [l0, l_end)``. Indices are int32, or int64 with ``I64`` (the plan's
+    flag, set where a row or column index, a loop's last increment or a program's count
+    could pass 2^31 − 1): all the index arithmetic derived from p is then int64."""
     c = pid % C
     p = pid // C
+    if I64:
+        p = p.to(tl.int64)
     n0 = (p // P_L) * ROWS
     l0 = (p % P_L) * COLS
-    n_end = tl.minimum(n0 + ROWS, N)
-    l_end = tl.minimum(l0 + COLS, L)
+    return c, p, n0, tl.minimum(n0 + ROWS, N), l0, tl.minimum(l0 + COLS, L)
+
+
+@triton.jit
+def _rows_mc(pid, M, ROWS, NCB, I64: tl.constexpr):
+    """An ``(M, C)`` stage-1 program's channel block cb, partial index p and rows
+    ``[m0, m_end)``; int64 with ``I64`` as in :func:`_rect_ncl`."""
+    cb = pid % NCB
+    p = pid // NCB
+    if I64:
+        p = p.to(tl.int64)
+    m0 = p * ROWS
+    return cb, p, m0, tl.minimum(m0 + ROWS, M)
+
+
+@triton.jit
+def stats_partial_ncl(x_ptr, part_ptr, N, C, L, ROWS, COLS, P_L, PC,
+                      BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, STAGES: tl.constexpr,
+                      I64: tl.constexpr):
+    c, p, n0, n_end, l0, l_end = _rect_ncl(tl.program_id(0), N, C, L, ROWS, COLS, P_L, I64)
     pcount_ptr, pmean_ptr, pm2_ptr = part_ptr, part_ptr + PC, part_ptr + 2 * PC
     acc_ty = part_ptr.dtype.element_ty
     shift = tl.load(x_ptr + c.to(tl.int64) * L).to(acc_ty)
@@ -119,12 +145,8 @@ def _tile_mc(x_ptr, rows, cols, cmask, M, C):
 @triton.jit
 def stats_partial_mc(x_ptr, part_ptr, M, C, ROWS, NCB, PC,
                      BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr,
-                     UNROLL: tl.constexpr):
-    pid = tl.program_id(0)
-    cb = pid % NCB
-    p = pid // NCB
-    m0 = p * ROWS
-    m_end = tl.minimum(m0 + ROWS, M)
+                     UNROLL: tl.constexpr, I64: tl.constexpr):
+    cb, p, m0, m_end = _rows_mc(tl.program_id(0), M, ROWS, NCB, I64)
     pcount_ptr, pmean_ptr, pm2_ptr = part_ptr, part_ptr + PC, part_ptr + 2 * PC
     acc_ty = part_ptr.dtype.element_ty
     cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -220,14 +242,8 @@ def backward_partial_ncl(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_pt
                          N, C, L, ROWS, COLS, P_L, PC, slope_hi, slope_lo,
                          ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                          HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
-                         STAGES: tl.constexpr):
-    pid = tl.program_id(0)
-    c = pid % C
-    p = pid // C
-    n0 = (p // P_L) * ROWS
-    l0 = (p % P_L) * COLS
-    n_end = tl.minimum(n0 + ROWS, N)
-    l_end = tl.minimum(l0 + COLS, L)
+                         STAGES: tl.constexpr, I64: tl.constexpr):
+    c, p, n0, n_end, l0, l_end = _rect_ncl(tl.program_id(0), N, C, L, ROWS, COLS, P_L, I64)
     psdz_ptr, psdzx_ptr = part_ptr, part_ptr + PC
     acc_ty = part_ptr.dtype.element_ty
     mu = tl.load(mean_ptr + c)
@@ -283,12 +299,8 @@ def backward_partial_mc(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr
                         M, C, ROWS, NCB, PC, slope_hi, slope_lo,
                         ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                         HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                        STAGES: tl.constexpr, UNROLL: tl.constexpr):
-    pid = tl.program_id(0)
-    cb = pid % NCB
-    p = pid // NCB
-    m0 = p * ROWS
-    m_end = tl.minimum(m0 + ROWS, M)
+                        STAGES: tl.constexpr, UNROLL: tl.constexpr, I64: tl.constexpr):
+    cb, p, m0, m_end = _rows_mc(tl.program_id(0), M, ROWS, NCB, I64)
     psdz_ptr, psdzx_ptr = part_ptr, part_ptr + PC
     acc_ty = part_ptr.dtype.element_ty
     cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
