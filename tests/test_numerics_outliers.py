@@ -1,0 +1,78 @@
+"""Batch statistics when a channel's first value (the shift both backends sum around) is a
+far outlier: a "massive activation" at position 0 (a BOS token), or one bad sample first in
+the batch. The numbers must not depend on where in the batch the outlier sits."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import batchnorm
+from batchnorm.backends import portable
+
+BACKENDS = ["portable"]
+try:
+    import numba  # noqa: F401
+    BACKENDS.append("cpu")
+except ImportError:  # pragma: no cover - the portable backend alone
+    pass
+
+
+def _outlier_first(shape, value, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    x.view(shape[0], shape[1], -1)[0, :, 0] = value
+    return x.float()
+
+
+@pytest.mark.parametrize("value", [100.0, 1e3, 3e4])
+def test_portable_mean_with_outlier_first(value):
+    """The portable backend's shifted mean came back in float32, |mean − shift| large: its
+    rounding put the mean 2e-5σ (100) to 5e-5σ (1e3) off, where torch's is 1e-10σ. The
+    centred values' sum now corrects it (3e-8σ); m2 as before."""
+    x = _outlier_first((64, 4, 2000), value, seed=11)
+    mean, m2 = portable.stats(x)
+    ref_mean, ref_m2 = portable.stats(x.double())
+    sd = (ref_m2 / (x.numel() // x.shape[1])).sqrt()
+    assert mean.dtype == torch.float64
+    assert ((mean - ref_mean).abs() / sd).max() < 2e-7
+    assert ((m2.double() - ref_m2).abs() / ref_m2).max() < 2e-6
+
+
+def test_portable_stats_keep_inf_constant_and_empty():
+    """The correction leaves inf to the mean (an inf not first: mean inf, m2 NaN), a
+    constant channel exact, an empty batch zeros."""
+    x = _outlier_first((8, 3, 50), 1e4, seed=12)
+    x[:, 1] = 376_543.25
+    x[7, 2, 49] = float("inf")
+    mean, m2 = portable.stats(x)
+    assert mean[1].item() == 376_543.25 and m2[1].item() == 0.0
+    assert mean[2].item() == float("inf") and torch.isnan(m2[2])
+    assert torch.isfinite(mean[0]) and torch.isfinite(m2[0])
+    mean, m2 = portable.stats(x[:0])
+    assert not mean.any() and not m2.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bos_token_outlier_first(backend, channels_last):
+    """BatchNorm over (N, C, L) with a large value at position 0 of sample 0: y was off by
+    3e-4 of its range on the CPU backend (the variance by 6e-4), torch's by 1e-7; the
+    same value at the last position was fine. Now both positions give torch's accuracy."""
+    for first in (True, False):
+        x = torch.randn(32, 16, 16, 32, generator=torch.Generator().manual_seed(13))
+        if first:
+            x[0, :, 0, 0] = 3000.0
+        else:
+            x[-1, :, -1, -1] = 3000.0
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        rm = torch.zeros(16, dtype=torch.float64)
+        rv = torch.ones(16, dtype=torch.float64)
+        with batchnorm.backends.using(backend):
+            y = batchnorm.batch_norm(x, rm, rv, None, None, training=True, momentum=1.0,
+                                     eps=1e-5)
+        xd = x.double()
+        ref = F.batch_norm(xd, None, None, None, None, True, 0.1, 1e-5)
+        var = xd.var((0, 2, 3))
+        assert ((y.double() - ref).abs().max() / ref.abs().max()) < 1e-6
+        assert ((rv - var).abs() / var).max() < 2e-6
