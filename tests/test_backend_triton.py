@@ -460,8 +460,9 @@ def test_fused_forward_declines():
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[-1]], ids=_id)
 def test_fused_eval_matches_ops(shape, affine, buffers, monkeypatch):
     """Evaluation in two launches (the coefficients from the running buffers, normalize)
-    gives what ops computes with torch ops, the mean and var as ops copies them (rounded to
-    the acc dtype first), and its backward with or without the saved rows alike."""
+    gives what ops computes with torch ops, the mean and var as ops copies them (the var
+    in the acc dtype, a float64 mean kept float64), and its backward with or without the
+    saved rows alike."""
     from batchnorm import ops
 
     x = _data(shape, torch.float32)
@@ -475,7 +476,7 @@ def test_fused_eval_matches_ops(shape, affine, buffers, monkeypatch):
         assert not updated
         monkeypatch.delattr(tb, "batch_norm_forward")
         y2, mean2, var2 = ops._batch_norm_forward(*args)
-    assert mean.dtype == mean2.dtype == var.dtype == torch.float32
+    assert mean.dtype == mean2.dtype == buffers and var.dtype == torch.float32
     assert torch.equal(mean, mean2) and torch.equal(var, var2)
     assert_close(y, y2, scale=2)
     dy = _data(shape, torch.float32)
@@ -516,7 +517,8 @@ def test_custom_op_outputs_alias_nothing(training):
 def test_eval_for_y_alone_is_one_launch(shape, case, monkeypatch):
     """When the caller keeps y alone (no autograd), evaluation normalizes straight from
     the running buffers: one launch instead of two, and the same y (values equal, the
-    sign of a zero aside)."""
+    sign of a zero aside). Not for a float64 running mean on narrower data, which the
+    two launches split for the kernels (rounded, it moves outputs by up to 0.03/std)."""
     dtype, buffers, affine, residual, act = case
     x = _data(shape, dtype, mean=1e3 if dtype != torch.bfloat16 else 0.0)
     c = x.shape[1]
@@ -536,8 +538,11 @@ def test_eval_for_y_alone_is_one_launch(shape, case, monkeypatch):
         assert len(launched) == 2
         launched.clear()
         y, mean, var, updated, saved = tb.batch_norm_forward(*args, need_stats=False)
-    assert launched == [tb._elementwise.normalize_running_kernel]
-    assert mean is None and var is None and saved is None and not updated
+    wide_mean = buffers == torch.float64 != dtype
+    assert launched == ([tb._reduce.prepare, tb._elementwise.normalize_kernel] if wide_mean
+                        else [tb._elementwise.normalize_running_kernel])
+    assert wide_mean or (mean is None and var is None and saved is None)
+    assert not updated
     assert y.dtype == dtype and y.stride() == x.stride()
     assert torch.equal(y, y2)
     assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])

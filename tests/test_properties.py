@@ -233,6 +233,34 @@ def test_large_mean_float32_matches_float64(backend):
     check()
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_float64_running_mean_on_float32_data_is_not_rounded_in_eval(backend, gen, layout):
+    """A ``.double()`` layer evaluating float32 data of mean 1e6: its float64 running mean
+    is used as it is (split for the kernels), not rounded to float32, which moved every
+    output by up to 0.03/std (1.7e-2 here) and the weight's gradient by 0.8."""
+    x = torch.randn(16, 3, 4, 4, generator=gen, dtype=torch.float64) + 1e6
+    x = _relayout(x.float(), layout).to(backend.device).requires_grad_()
+    bn = batchnorm.BatchNorm2d(3, activation="relu", device=backend.device,
+                               dtype=torch.float64)
+    with torch.no_grad():
+        # a mean that float32 cannot hold: 1e6 + a fraction of its 0.0625 spacing
+        bn.running_mean.copy_(x.double().mean((0, 2, 3)) + 0.0219)
+        bn.running_var.copy_(x.double().var((0, 2, 3)))
+        bn.weight.uniform_(0.5, 2.0, generator=gen)
+    bn.eval()
+    y = bn(x)
+    dy = torch.randn(y.shape, generator=gen).to(backend.device)
+    y.backward(dy)
+    yr, cache = ref.forward(np64(x), np64(bn.weight), np64(bn.bias), training=False,
+                            running_mean=np64(bn.running_mean),
+                            running_var=np64(bn.running_var), activation="relu")
+    gr = ref.backward(np64(dy), cache)
+    assert np.max(np.abs(np64(y) - yr)) < 1e-5 * np.max(np.abs(yr))
+    assert np.max(np.abs(np64(bn.weight.grad) - gr["dweight"])) < 1e-5 * np.max(
+        np.abs(np64(dy)).sum((0, 2, 3)))
+    assert np.max(np.abs(np64(x.grad) - gr["dx"])) < 1e-5 * np.max(np.abs(gr["dx"]))
+
+
 @pytest.mark.parametrize("value", [1e7, -3.0e6, 0.1])
 def test_constant_1e7_float32_gives_exactly_bias(backend, gen, value):
     """The issue's example: torch's CPU float32 gives |y| up to ~105 for a channel of

@@ -295,7 +295,9 @@ def _forward_by_primitives(input, weight, bias, residual, running_mean, running_
         mean = mean.to(mean_dtype(x))
         var = m2 / max(values_per_channel(x), 1)
     else:
-        mean = running_mean.to(acc, copy=True)
+        # a float64 running mean stays float64 (split for the kernels below): rounded to
+        # float32, a mean of 1e6 would move every output by up to 0.03/std
+        mean = running_mean.to(torch.promote_types(acc, running_mean.dtype), copy=True)
         var = running_var.to(acc, copy=True)
     if update is not None:
         _update_from_batch(update, mean.detach(), var.detach(), x, fast_update)
@@ -318,7 +320,8 @@ def batch_norm_op(
     running_mean: Tensor | None, running_var: Tensor | None, eps: float,
     activation: str, slope: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, mean, biased var) of a kernel view (in training the mean in ``mean_dtype(x)``).
+    """(y, mean, biased var) of a kernel view (the mean in ``mean_dtype(x)`` in training,
+    in evaluation in the wider of the acc dtype and ``running_mean``'s).
 
     With ``running_mean``/``running_var`` None the statistics are the batch's
     (training); otherwise those are used as they are (evaluation).
@@ -329,9 +332,10 @@ def batch_norm_op(
 
 @batch_norm_op.register_fake
 def _(x, weight, bias, residual, running_mean, running_var, eps, activation, slope):
-    mean = _per_channel_empty(x) if running_mean is not None else x.new_empty(
-        x.shape[1], dtype=mean_dtype(x))
-    return torch.empty_like(x), mean, _per_channel_empty(x)
+    mean_type = mean_dtype(x) if running_mean is None else torch.promote_types(
+        acc_dtype(x.dtype), running_mean.dtype)  # (see _forward_by_primitives)
+    return (torch.empty_like(x), x.new_empty(x.shape[1], dtype=mean_type),
+            _per_channel_empty(x))
 
 
 def _setup_context(ctx, inputs, output):

@@ -406,7 +406,10 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
     c, acc, device = g.c, acc_dtype(x.dtype), x.device
     updated = False
     with _device_guard(x):
-        if running_mean is not None and not need_stats:
+        # (a float64 running mean on narrower data takes the two launches, which split it
+        # for the kernels: rounded, a mean of 1e6 moves outputs by up to 0.03/std)
+        wide_mean = running_mean is not None and running_mean.dtype == torch.float64 != acc
+        if running_mean is not None and not need_stats and not wide_mean:
             y = torch.empty_like(x)
             _launch_normalize_running(x, y, g, residual, running_mean, running_var, weight,
                                       bias, eps, act, hi, lo)
@@ -416,9 +419,12 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
             # batchnorm::batch_norm returns mean and var, which torch refuses to see share
             # storage (a direct call, torch.compile, opcheck), and opcheck wants them at
             # storage offset 0, as its fake tensors are
-            coef = torch.empty((5, c), dtype=acc, device=device)
+            coef = torch.empty((4 if wide_mean else 5, c), dtype=acc, device=device)
             var = torch.empty(c, dtype=acc, device=device)
-            mean, *rows = coef.unbind(0)
+            if wide_mean:
+                mean, rows = torch.empty(c, dtype=torch.float64, device=device), coef.unbind(0)
+            else:
+                mean, *rows = coef.unbind(0)
             _launch_prepare(running_mean, running_var, weight, bias, rows[0], c, eps,
                             (mean, var))
         else:

@@ -453,17 +453,17 @@ def prepare(mean_ptr, var_ptr, w_ptr, b_ptr, out_ptr, mean_out_ptr, var_out_ptr,
     """The C-sized prologue of ``ops._batch_norm_backward`` in one launch, from a saved
     mean and var (see :func:`_store_coefficients`). ``out`` gets the four [C] rows
     mean_k, invstd, bias_k, shift; with ``COPY`` (evaluation: the statistics are the
-    running buffers) ``mean_out`` and ``var_out`` get the mean and the var in the acc
-    dtype, as ops would copy them, the mean rounded to it first as ops does. (The custom
-    op ``batchnorm::batch_norm`` returns those two: they may not share storage.)"""
+    running buffers) ``mean_out`` and ``var_out`` get copies of them as ops makes them:
+    the var in the acc dtype, the mean in ``mean_out``'s (a float64 running mean stays
+    float64, and is split for the kernels as the batch mean is). (The custom op
+    ``batchnorm::batch_norm`` returns those two: they may not share storage.)"""
     acc_ty = out_ptr.dtype.element_ty
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
     var = tl.load(var_ptr + cols, mask=cmask, other=1.0).to(acc_ty)
     if COPY:
-        mean = mean.to(acc_ty)
-        tl.store(mean_out_ptr + cols, mean, mask=cmask)
+        tl.store(mean_out_ptr + cols, mean.to(mean_out_ptr.dtype.element_ty), mask=cmask)
         tl.store(var_out_ptr + cols, var, mask=cmask)
     _store_coefficients(out_ptr, cols, cmask, C, mean, var, w_ptr, b_ptr, eps_hi, eps_lo,
                         acc_ty, HAS_W, HAS_B, F64)
