@@ -632,3 +632,52 @@ def test_which_short_rows_run_as_wide_rows(shape, wide):
     x4 = torch.empty(*shape, 1).to(memory_format=torch.channels_last)
     view4, _, *ncl4 = cpu._kernel_plan(x4, True)[:5]
     assert view4 == "mc" and ncl4 == [shape[0] * shape[2], shape[1], 1]
+
+
+# Shapes of the three statistics walks: NCL rows longer than K._BLK (pieces), NCL rows of
+# K._BLK or fewer (rows in memory order), MC (tiles); serial and parallel builds.
+OUTLIER_SHAPES = [(4, 2, 20_000), (4, 2, 50_000), (64, 4, 256), (256, 4, 512),
+                  (16_384, 4), (140_000, 2)]
+
+
+@pytest.mark.parametrize("shape", OUTLIER_SHAPES, ids=str)
+@pytest.mark.parametrize("outlier", [100.0, 1e3, -3e4, 1e6])
+def test_stats_outlier_first_value(shape, outlier):
+    """A far outlier as a channel's first value, i.e. as its shift: the float32 block sums
+    of (x − shift)² were of the order of n·outlier², and their rounding cost m2 up to
+    1e-3 of its value ((4, 2, 50000) with 1e6: 4e-3). The channel is now summed again
+    around its mean: m2 to float32 precision, the mean to float64's."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    first = (0,) * len(shape)
+    x[first[:1] + (slice(None),) + first[2:]] = outlier
+    # a constant channel beside it (exact at any magnitude) and one at a large mean
+    x[(slice(None), 1)] = 376_543.25
+    x = x.float()
+    mean, m2 = cpu.stats(x)
+    ref_mean, ref_m2 = portable.stats(x.double())
+    n = x.numel() // x.shape[1]
+    keep = [c for c in range(x.shape[1]) if c != 1]
+    sd = (ref_m2[keep] / n).sqrt()
+    assert ((mean[keep] - ref_mean[keep]).abs() / sd).max() < 1e-8
+    assert ((m2[keep].double() - ref_m2[keep]).abs() / ref_m2[keep]).max() < 1e-6
+    assert mean[1].item() == 376_543.25 and m2[1].item() == 0.0
+    again = cpu.stats(x)
+    assert torch.equal(mean, again[0]) and torch.equal(m2, again[1])
+
+
+@pytest.mark.parametrize("shape", OUTLIER_SHAPES, ids=str)
+def test_stats_outlier_first_keeps_nan_and_inf(shape):
+    """The second pass around the mean leaves NaN and inf as the first pass had them: a
+    NaN anywhere gives NaN; an inf (not first) an infinite mean and a NaN m2."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    first = (0,) * len(shape)
+    x[first[:1] + (slice(None),) + first[2:]] = 1e4  # every channel's shift far
+    last = tuple(s - 1 for s in shape)
+    x[last[:1] + (0,) + last[2:]] = float("nan")
+    x[last[:1] + (1,) + last[2:]] = float("inf")
+    mean, m2 = cpu.stats(x.float())
+    assert torch.isnan(mean[0]) and torch.isnan(m2[0])
+    assert mean[1].item() == float("inf") and torch.isnan(m2[1])
+    assert torch.isfinite(mean[2:]).all() and torch.isfinite(m2[2:]).all()
