@@ -18,7 +18,12 @@ from tolerances import TOLERANCES, assert_close
 if "triton" not in backends.available():
     pytest.skip("triton is not installed", allow_module_level=True)
 
+import triton
+import triton.language as tl
+
 import batchnorm.backends.triton as tb  # noqa: E402
+from batchnorm.backends.triton._elementwise import _tile, _tiles
+from batchnorm.backends.triton._reduce import _rect_ncl, _rows_mc
 
 # NumPy (the interpreter) warns when masked-off lanes of a tile overflow exp(); those lanes
 # are never stored.
@@ -501,7 +506,7 @@ def test_custom_op_outputs_alias_nothing(training):
     rm, rv = (None, None) if training else (torch.randn(3, device=DEVICE),
                                             torch.rand(3, device=DEVICE) + 0.5)
     with backends.using("triton"):
-        y, mean, var = ops.batch_norm_op(x, w, b, None, rm, rv, 1e-5, "relu", 0.0)
+        _, mean, var = ops.batch_norm_op(x, w, b, None, rm, rv, 1e-5, "relu", 0.0)
         assert mean.untyped_storage().data_ptr() != var.untyped_storage().data_ptr()
         torch.library.opcheck(ops.batch_norm_op, (x, w, b, None, rm, rv, 1e-5, "relu", 0.0))
 
@@ -1089,12 +1094,6 @@ def test_merge_of_few_channels(shape, monkeypatch):
 # program's (or the last tiles') indices with Python's integers. With the plans' I64 flag
 # forced off they differ where int32 overflows (the interpreter wraps as a GPU does):
 # what the flag is for.
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-from batchnorm.backends.triton._elementwise import _tile, _tiles  # noqa: E402
-from batchnorm.backends.triton._reduce import _rect_ncl, _rows_mc  # noqa: E402
 
 
 @triton.jit
