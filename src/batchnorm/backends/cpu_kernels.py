@@ -272,6 +272,32 @@ def _refine(shift, a1, a2, total, todo):
 
 
 @njit(inline="always")
+def _ncl_first_pass(x):
+    """What the first pass over an (N, C, L) view starts from: each channel's shift (its
+    first value), every channel marked to sum, and the channels' totals (S1, S2)."""
+    c_ = x.shape[1]
+    shift = np.empty(c_, x.dtype)
+    for c in range(c_):
+        shift[c] = x[0, c, 0]
+    return shift, np.ones(c_, np.bool_), np.zeros(c_), np.zeros(c_)
+
+
+@njit(inline="always")
+def _channel_totals(s1, s2, todo, t1, t2):
+    """t1[c], t2[c] = the sums of the [C, K] partials' row c, added in order, for the
+    channels marked in ``todo`` (the others keep their sums)."""
+    for c in range(s1.shape[0]):
+        if todo[c]:
+            a1 = 0.0
+            a2 = 0.0
+            for k in range(s1.shape[1]):
+                a1 += s1[c, k]
+                a2 += s2[c, k]
+            t1[c] = a1
+            t2[c] = a2
+
+
+@njit(inline="always")
 def _finish(shift, a1, a2, total, mean_out, m2_out):
     for c in range(shift.shape[0]):
         mean_out[c] = np.float64(shift[c]) + a1[c] / total
@@ -289,23 +315,10 @@ def _stats_ncl_pieces(x, pieces, mean_out, m2_out):
     xf = x.reshape(-1)
     s1 = np.empty(tasks, np.float64)
     s2 = np.empty(tasks, np.float64)
-    shift = np.empty(c_, x.dtype)
-    for c in range(c_):
-        shift[c] = x[0, c, 0]
-    todo = np.ones(c_, np.bool_)
-    t1 = np.zeros(c_)
-    t2 = np.zeros(c_)
+    shift, todo, t1, t2 = _ncl_first_pass(x)
     for attempt in range(2):
         _stats_ncl_pieces_pass(x, xf, pieces, shift, todo, s1, s2)
-        for c in range(c_):
-            if todo[c]:
-                a1 = 0.0
-                a2 = 0.0
-                for p in range(pieces):
-                    a1 += s1[c * pieces + p]
-                    a2 += s2[c * pieces + p]
-                t1[c] = a1
-                t2[c] = a2
+        _channel_totals(s1.reshape(c_, pieces), s2.reshape(c_, pieces), todo, t1, t2)
         if attempt > 0 or not _refine(shift, t1, t2, total, todo):
             break
     _finish(shift, t1, t2, total, mean_out, m2_out)
@@ -360,12 +373,7 @@ def _stats_ncl_rows(x, tasks, mean_out, m2_out):
     # partials of its own; each row is one block, as in the pieces walk.
     n_, c_, l_ = x.shape
     xf = x.reshape(-1)
-    shift = np.empty(c_, x.dtype)
-    for c in range(c_):
-        shift[c] = x[0, c, 0]
-    todo = np.ones(c_, np.bool_)
-    t1 = np.zeros(c_)
-    t2 = np.zeros(c_)
+    shift, todo, t1, t2 = _ncl_first_pass(x)
     total = n_ * l_
     for attempt in range(2):
         # every channel in the second pass too (a test per row cost 8% on rows of 49-64
@@ -373,14 +381,7 @@ def _stats_ncl_rows(x, tasks, mean_out, m2_out):
         p1 = np.zeros((tasks, c_))
         p2 = np.zeros((tasks, c_))
         _stats_ncl_rows_pass(xf, n_, c_, l_, tasks, shift, p1, p2)
-        for c in range(c_):
-            a1 = 0.0
-            a2 = 0.0
-            for t in range(tasks):
-                a1 += p1[t, c]
-                a2 += p2[t, c]
-            t1[c] = a1
-            t2[c] = a2
+        _channel_totals(p1.T, p2.T, todo, t1, t2)
         if attempt > 0 or not _refine(shift, t1, t2, total, todo):
             break
     _finish(shift, t1, t2, total, mean_out, m2_out)
