@@ -142,6 +142,8 @@ def _phases(x, act="relu", residual=False):
         ("forward (eval)", lambda: tb.batch_norm_forward(x, w, w, r, w, w, 1e-5, act, 0.0)),
         ("forward (eval, y alone)", lambda: tb.batch_norm_forward(
             x, w, w, r, w, w, 1e-5, act, 0.0, need_stats=False)),
+        ("forward (eval, float64 mean)", lambda: tb.batch_norm_forward(
+            x, w, w, r, w.double(), w, 1e-5, act, 0.0, need_stats=False)),
         ("batch_norm_backward", lambda: tb.batch_norm_backward(
             x, x, w, w, r, mean.double(), mean, 1e-5, True, act, 0.0, True, True, residual)),
         ("backward (saved)", lambda: tb.batch_norm_backward(
