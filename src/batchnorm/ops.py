@@ -27,7 +27,7 @@ from torch.autograd import forward_ad
 
 from . import backends
 from .backends import portable
-from .backends.portable import acc_dtype, mean_dtype
+from .backends.portable import acc_dtype, mean_dtype, running_mean_dtype
 
 # ---------------------------------------------------------------------------------------
 # Kernel views
@@ -295,9 +295,7 @@ def _forward_by_primitives(input, weight, bias, residual, running_mean, running_
         mean = mean.to(mean_dtype(x))
         var = m2 / max(values_per_channel(x), 1)
     else:
-        # a float64 running mean stays float64 (split for the kernels below): rounded to
-        # float32, a mean of 1e6 would move every output by up to 0.03/std
-        mean = running_mean.to(torch.promote_types(acc, running_mean.dtype), copy=True)
+        mean = running_mean.to(running_mean_dtype(running_mean, acc), copy=True)
         var = running_var.to(acc, copy=True)
     if update is not None:
         _update_from_batch(update, mean.detach(), var.detach(), x, fast_update)
@@ -332,8 +330,8 @@ def batch_norm_op(
 
 @batch_norm_op.register_fake
 def _(x, weight, bias, residual, running_mean, running_var, eps, activation, slope):
-    mean_type = mean_dtype(x) if running_mean is None else torch.promote_types(
-        acc_dtype(x.dtype), running_mean.dtype)  # (see _forward_by_primitives)
+    mean_type = mean_dtype(x) if running_mean is None else running_mean_dtype(
+        running_mean, acc_dtype(x.dtype))
     return (torch.empty_like(x), x.new_empty(x.shape[1], dtype=mean_type),
             _per_channel_empty(x))
 

@@ -398,14 +398,6 @@ def _at(t: Tensor | None) -> int:
 _LIKE = {torch.float32: np.float32(0), torch.float64: np.float64(0)}
 
 
-def _wide_running_mean(running_mean: Tensor | None, acc: torch.dtype) -> bool:
-    """A float64 running mean on float32 data, in evaluation: the evaluation kernels take
-    the mean in the data's dtype, and rounding it would move every output by up to
-    0.03/std at a mean of 1e6. ops' primitives path splits it for the kernels instead (a
-    rare mix: a ``.double()`` layer on float32 data)."""
-    return running_mean is not None and running_mean.dtype == torch.float64 and acc != torch.float64
-
-
 def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps,
                        activation, slope, update=None, channels_last=False,
                        need_stats=True):
@@ -421,7 +413,10 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
     allow, and mean and var come back None.
     None for what it does not take (halves, empty tensors)."""
     acc = x.dtype
-    if acc not in _DTYPES or x.numel() == 0 or _wide_running_mean(running_mean, acc):
+    if acc not in _DTYPES or x.numel() == 0 or (
+            running_mean is not None and portable.running_mean_dtype(running_mean, acc) != acc):
+        # (the evaluation kernels take the mean in the data's dtype: a wider running mean
+        # is split for them by ops' primitives path)
         return None
     x = _dense(x, channels_last)
     view, build, n, c, l_, rsplit, esplit, count, pooled = _kernel_plan(x, channels_last)
@@ -457,7 +452,7 @@ def batch_norm_backward(dy, x, weight, bias, residual, mean, var, eps, training:
     here: the kernels recompute invstd in their prologue."""
     acc = x.dtype
     if acc not in _DTYPES or x.numel() == 0 or (not training and mean.dtype != acc):
-        return None  # (a float64 running mean on float32 data: see _wide_running_mean)
+        return None  # (a wider running mean: see batch_norm_forward)
     x = _dense(x, channels_last)
     view, build, n, c, l_, rsplit, esplit, count, pooled = _kernel_plan(x, channels_last)
     dy = _laid_out_as(dy, x)

@@ -110,6 +110,14 @@ def mean_dtype(x: Tensor) -> torch.dtype:
     return torch.float32 if x.device.type == "mps" else torch.float64
 
 
+def running_mean_dtype(running_mean: Tensor, acc: torch.dtype) -> torch.dtype:
+    """The dtype evaluation keeps ``running_mean`` in: the wider of its own and the acc
+    dtype. A float64 running mean on float32 data (a ``.double()`` layer) stays float64
+    and is split for the kernels as the batch mean is (``ops.centre_for_kernels``):
+    rounded to float32, a mean of 1e6 would move every output by up to 0.03/std."""
+    return torch.promote_types(acc, running_mean.dtype)
+
+
 def reduce_dims(x: Tensor) -> list[int]:
     """Every dimension of a kernel view but the channel one (dim 1)."""
     return [0] if x.dim() == 2 else [0, 2]

@@ -34,7 +34,7 @@ import torch
 import triton  # noqa: F401  (ImportError here marks the backend unavailable)
 from torch import Tensor
 
-from ..portable import acc_dtype, mean_dtype
+from ..portable import acc_dtype, mean_dtype, running_mean_dtype
 from . import _elementwise, _plans, _reduce
 from ._activation import CODES, split_float
 from ._launch import launch
@@ -406,9 +406,10 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
     c, acc, device = g.c, acc_dtype(x.dtype), x.device
     updated = False
     with _device_guard(x):
-        # (a float64 running mean on narrower data takes the two launches, which split it
-        # for the kernels: rounded, a mean of 1e6 moves outputs by up to 0.03/std)
-        wide_mean = running_mean is not None and running_mean.dtype == torch.float64 != acc
+        # a wider running mean (portable.running_mean_dtype) takes the two launches,
+        # whose prepare splits it for the kernels
+        mean_ty = running_mean_dtype(running_mean, acc) if running_mean is not None else acc
+        wide_mean = mean_ty != acc
         if running_mean is not None and not need_stats and not wide_mean:
             y = torch.empty_like(x)
             _launch_normalize_running(x, y, g, residual, running_mean, running_var, weight,
@@ -422,7 +423,7 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
             coef = torch.empty((4 if wide_mean else 5, c), dtype=acc, device=device)
             var = torch.empty(c, dtype=acc, device=device)
             if wide_mean:
-                mean, rows = torch.empty(c, dtype=torch.float64, device=device), coef.unbind(0)
+                mean, rows = torch.empty(c, dtype=mean_ty, device=device), coef.unbind(0)
             else:
                 mean, *rows = coef.unbind(0)
             _launch_prepare(running_mean, running_var, weight, bias, rows[0], c, eps,
