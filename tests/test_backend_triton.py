@@ -729,7 +729,7 @@ def test_candidate_plans(shape, dtype):
     ref_sums = portable.backward_reduce(*_f64(dy, x, mean, invstd, w, b, r), "relu", 0.0)
     nan = float("nan")
     for plan in plans["stats"]:
-        part = torch.full((3 * plan["P"] * c,), nan, dtype=acc, device=DEVICE)
+        part = torch.full((tb.STATS_PLANES * plan["P"] * c,), nan, dtype=acc, device=DEVICE)
         got_mean = torch.full((c,), nan, dtype=portable.mean_dtype(x), device=DEVICE)
         got_m2 = torch.full((c,), nan, dtype=acc, device=DEVICE)
         tb._launch_stats_partials(x, g, plan, part)

@@ -76,3 +76,34 @@ def test_bos_token_outlier_first(backend, channels_last):
         var = xd.var((0, 2, 3))
         assert ((y.double() - ref).abs().max() / ref.abs().max()) < 1e-6
         assert ((rv - var).abs() / var).max() < 2e-6
+
+
+@pytest.mark.skipif("triton" not in batchnorm.backends.available(),
+                    reason="triton is not installed")
+@pytest.mark.parametrize("shape, channels_last, value", [
+    ((16, 4, 8, 32), False, 3000.0),
+    ((16, 4, 8, 32), True, 3000.0),
+    ((512, 8), False, 3000.0),
+    ((4, 3, 2000), False, 1e5),
+    ((8, 4, 300), False, 1e4),
+])
+def test_triton_outlier_first(shape, channels_last, value):
+    """The triton backend summed every value of a channel around its first one: with that
+    an outlier, y was 7e-5 to 1e-3 of its range off and running_var 1.5e-4 to 2e-3 (torch
+    1e-7 to 4e-6). Each lane of a tile now sums around its own first value: y within 1e-6,
+    running_var 2.1e-6 (the outlier's own lane keeps ε·(its values) of the variance).
+    Small shapes, as the interpreter runs them."""
+    x = _outlier_first(shape, value, seed=14)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    c = shape[1]
+    rm = torch.zeros(c, dtype=torch.float64)
+    rv = torch.ones(c, dtype=torch.float64)
+    with batchnorm.backends.using("triton"):
+        y = batchnorm.batch_norm(x, rm, rv, None, None, training=True, momentum=1.0,
+                                 eps=1e-5)
+    xd = x.double()
+    ref = F.batch_norm(xd, None, None, None, None, True, 0.1, 1e-5)
+    var = xd.var([0, *range(2, x.dim())])
+    assert ((y.double() - ref).abs().max() / ref.abs().max()) < 5e-6
+    assert ((rv - var).abs() / var).max() < 1e-5

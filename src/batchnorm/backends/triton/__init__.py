@@ -40,6 +40,7 @@ from ._activation import CODES, split_float
 from ._launch import launch
 from ._plans import CONFIG  # noqa: F401  (public: batchnorm.backends.triton.CONFIG)
 from ._plans import Geometry, cdiv, geometry, merge_launch, np2
+from ._reduce import STATS_PLANES
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -130,7 +131,7 @@ def _unit_stride(t: Tensor | None) -> Tensor | None:
 
 
 def _launch_stats_partials(x: Tensor, g: Geometry, plan: dict, part: Tensor) -> None:
-    """Stage 1 of the statistics into ``part`` (count, mean and m2 planes of [P, C])."""
+    """Stage 1 of the statistics into ``part`` (its ``STATS_PLANES`` planes of [P, C])."""
     p, c = plan["P"], g.c
     if g.cl:
         launch(_reduce.stats_partial_mc, plan["grid"],
@@ -260,7 +261,7 @@ def _stats_plan(x: Tensor, g: Geometry) -> dict:
 
     def run(plan):
         acc = acc_dtype(x.dtype)
-        part = torch.empty(3 * plan["P"] * g.c, dtype=acc, device=x.device)
+        part = torch.empty(STATS_PLANES * plan["P"] * g.c, dtype=acc, device=x.device)
         mean = torch.empty(g.c, dtype=mean_dtype(x), device=x.device)
         _launch_stats_partials(x, g, plan, part)
         _launch_stats_merge(x, g, plan, part, mean, torch.empty_like(part[:g.c]))
@@ -299,7 +300,7 @@ def stats(x: Tensor) -> tuple[Tensor, Tensor]:
     g = geometry(x.shape, False)
     with _device_guard(x):
         plan = _stats_plan(x, g)
-        part = torch.empty(3 * plan["P"] * c, dtype=acc, device=x.device)
+        part = torch.empty(STATS_PLANES * plan["P"] * c, dtype=acc, device=x.device)
         _launch_stats_partials(x, g, plan, part)
         _launch_stats_merge(x, g, plan, part, mean, m2)
     return mean, m2
@@ -434,8 +435,8 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
             mean = torch.empty(c, dtype=mean_dtype(x), device=device)
             # var, the four coefficient rows and the partials in one allocation, cut in one
             # call: host time
-            work = torch.empty(5 * c + 3 * p * c, dtype=acc, device=device)
-            var, *rows, part = work.split_with_sizes((c, c, c, c, c, 3 * p * c))
+            work = torch.empty(5 * c + STATS_PLANES * p * c, dtype=acc, device=device)
+            var, *rows, part = work.split_with_sizes((c, c, c, c, c, STATS_PLANES * p * c))
             _launch_stats_partials(x, g, plan, part)
             count = g.n * g.l
             running = _running_for_finalize(update, mean)

@@ -33,23 +33,39 @@ Element offsets are int64. Row, column and tile indices are int32 unless the pla
 ``I64`` flag (``_plans``: a kernel view whose indices, or a loop's last increment, could
 pass 2^31 − 1) widens them: the common case compiles as it did.
 
-Statistics: shifted sums. Every program subtracts the same per-channel shift, the
-channel's first element ``x[0, c, 0]`` (``x[0, c]``), and accumulates Σd and Σd² of
-``d = x − shift`` elementwise in registers; the partial is ``(count, mean_d, m2)`` with
-``m2 = Σd² − Σd·mean_d``. Because the shift is a sample of the channel, ``|mean − shift|``
-is a few standard deviations, so the cancellation costs about ε·(1 + ((shift−μ)/σ)²)
-relative, not ε·μ²/σ² as raw Σx² would (a mean of 1e6 and spread 1 stays exact to
-float32 rounding). Keeping the partial means relative to the shared shift keeps the
-between-block term of the merge small and exact, and a constant channel gives d == 0
-everywhere: mean == value and m2 == 0 exactly. Stage 2 merges with Chan's G-way formula
-(``ops.chan_combine``): ``n = Σnᵢ``, ``mean_d = Σnᵢ·mean_dᵢ / n``,
-``m2 = Σm2ᵢ + Σnᵢ·(mean_dᵢ − mean_d)²``, then adds the shift back.
+Statistics: shifted sums, each lane of a tile around its own first value. A stage-1
+program keeps its tile's lanes apart until its loop ends: lane ``i`` sums ``d = x − sᵢ``
+and ``d²``, where its shift ``sᵢ`` is the first value it loads (its value in the program's
+first tile; ``d`` is 0 there). A lane's ``kᵢ`` values (a few to a few hundred) then give
+its mean and ``m2ᵢ = Σd² − Σd·mean_dᵢ``, exact to about ε·(1 + ((sᵢ−μᵢ)/σᵢ)²) relative, as
+the shift is one of its own values. A far outlier spoils only the lane it shifts (whose
+m2 it dominates anyway), where one shift per channel spoiled every value's d: a value of
+3000 first in a channel of N(0, 1) put m2 6% off. The lanes then merge by Chan's formula
+(:func:`_merge_lanes`), in the acc dtype around ``r``, the lanes' mean as that dtype
+rounds it, so every deviation ``(sᵢ − r) + mean_dᵢ`` is small or exact; the program's
+mean leaves relative to the channel's reference ``ref``, its first element
+``x[0, c, 0]`` (``x[0, c]``), as ``(r − ref) + mean_d`` in float64. The partial is
+``(count, mean_d, m2)`` with mean_d split in two acc-dtype values (hi + lo): around a
+far-outlier reference a float32 mean_d would be rounded by more than the partial means
+differ. Stage 2 merges the P partials with Chan's G-way formula (``ops.chan_combine``)
+in float64: ``n = Σnᵢ``, ``mean_d = Σnᵢ·mean_dᵢ / n``, ``m2 = Σm2ᵢ + Σnᵢ·(mean_dᵢ −
+mean_d)²``, then adds ``ref`` back. A constant channel gives d == 0 and ``sᵢ − r`` the
+same exact deviation in every lane: mean == value and m2 == 0 exactly. A large mean with
+a small spread (1e6 and 1) stays exact to float32 rounding, as every shift is a value of
+the data and the float64 mean keeps the digits a float32 one would round away.
+
+The lane shifts cost a select per value and a tile of registers; the merge runs once per
+program (three reductions where the float32 sums had two). Registers for sm_90 went from
+about 64 to 86-116 per thread for the default stage-1 plans (``triton_notes.md``).
 """
 
 import triton
 import triton.language as tl
 
 from ._activation import activation_grad
+
+# Stage 1 of the statistics writes a partial as count, mean_d (hi, lo) and m2: [P, C] each.
+STATS_PLANES = 4
 
 
 @triton.jit
@@ -103,15 +119,72 @@ def _rows_mc(pid, M, ROWS, NCB, I64: tl.constexpr):
 
 
 @triton.jit
+def _lane_counts(extent, r, BLOCK: tl.constexpr):
+    """How many values lane ``r`` of a tile axis sees over a program's range of
+    ``extent`` along it (a whole number of tiles, or cut at the tensor's end)."""
+    return (tl.maximum(extent - r, 0) + BLOCK - 1) // BLOCK
+
+
+@triton.jit
+def _sum_lanes(t, ALL: tl.constexpr):
+    """A tile's sum over its rows, per column; over everything with ``ALL``."""
+    if ALL:
+        r = tl.sum(t)
+    else:
+        r = tl.sum(t, axis=0)
+    return r
+
+
+@triton.jit
+def _merge_lanes(s, q, lane_shift, k, ref, n, ALL: tl.constexpr):
+    """A program's ``(mean − ref, m2)`` from its lanes' shifted sums ``s``, ``q`` around
+    ``lane_shift``, with ``k`` values each (0: a lane past the tensor's end); per column,
+    or over the whole tile with ``ALL``. ``ref``, float64, broadcasts as the result does.
+
+    In the acc dtype, around ``r``, the lanes' mean as the acc dtype rounds it: each
+    lane's ``(shift − r) + mean_dᵢ`` is then small, or exact where shift and r are close
+    (a large mean), so Chan's deviations lose nothing; only ``r − ref`` goes to float64.
+    """
+    has = k > 0
+    k = k.to(s.dtype)
+    lane_mean_d = s / tl.where(has, k, 1.0)
+    lane_m2 = tl.maximum(q - s * lane_mean_d, 0.0)
+    r = _sum_lanes(k * (lane_shift + lane_mean_d), ALL) / n
+    if ALL:
+        dev = (lane_shift - r) + lane_mean_d
+    else:
+        dev = (lane_shift - r[None, :]) + lane_mean_d
+    dev = tl.where(has, dev, 0.0)
+    dsum = _sum_lanes(k * dev, ALL)
+    m2 = _sum_lanes(lane_m2 + k * dev * dev, ALL)
+    mean_d = dsum / n
+    # Σk·dev² − n·mean_d² is Chan's m2 around the lanes' mean; mean_d is within rounding of
+    # r, so the subtraction cancels little
+    m2 = tl.maximum(m2 - dsum * mean_d, 0.0)
+    return (r.to(tl.float64) - ref) + mean_d.to(tl.float64), m2
+
+
+@triton.jit
+def _store_stats_partial(part_ptr, PC, out, n, mean_d, m2, mask):
+    """A partial into the four planes of ``part``: count, mean_d as hi + lo, m2."""
+    acc_ty = part_ptr.dtype.element_ty
+    hi = mean_d.to(acc_ty)
+    tl.store(part_ptr + out, n.to(acc_ty), mask=mask)
+    tl.store(part_ptr + PC + out, hi, mask=mask)
+    tl.store(part_ptr + 2 * PC + out, (mean_d - hi.to(tl.float64)).to(acc_ty), mask=mask)
+    tl.store(part_ptr + 3 * PC + out, m2.to(acc_ty), mask=mask)
+
+
+@triton.jit
 def stats_partial_ncl(x_ptr, part_ptr, N, C, L, ROWS, COLS, P_L, PC,
                       BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, STAGES: tl.constexpr,
                       I64: tl.constexpr):
     c, p, n0, n_end, l0, l_end = _rect_ncl(tl.program_id(0), N, C, L, ROWS, COLS, P_L, I64)
-    pcount_ptr, pmean_ptr, pm2_ptr = part_ptr, part_ptr + PC, part_ptr + 2 * PC
     acc_ty = part_ptr.dtype.element_ty
-    shift = tl.load(x_ptr + c.to(tl.int64) * L).to(acc_ty)
+    ref = tl.load(x_ptr + c.to(tl.int64) * L).to(tl.float64)
     rn = tl.arange(0, BLOCK_N)
     rl = tl.arange(0, BLOCK_L)
+    lane_shift = tl.zeros([BLOCK_N, BLOCK_L], dtype=acc_ty)
     s = tl.zeros([BLOCK_N, BLOCK_L], dtype=acc_ty)
     q = tl.zeros([BLOCK_N, BLOCK_L], dtype=acc_ty)
     for nb in range(n0, n_end, BLOCK_N):
@@ -120,18 +193,17 @@ def stats_partial_ncl(x_ptr, part_ptr, N, C, L, ROWS, COLS, P_L, PC,
         for lb in tl.range(l0, l_end, BLOCK_L, num_stages=STAGES):
             cols = lb + rl
             mask = (rows < N)[:, None] & (cols < L)[None, :]
-            v = tl.load(x_ptr + row_off[:, None] + cols[None, :], mask=mask, other=0.0)
-            d = tl.where(mask, v.to(acc_ty) - shift, 0.0)
+            v = tl.load(x_ptr + row_off[:, None] + cols[None, :], mask=mask,
+                        other=0.0).to(acc_ty)
+            lane_shift = tl.where((nb == n0) & (lb == l0), v, lane_shift)
+            d = tl.where(mask, v - lane_shift, 0.0)
             s += d
             q += d * d
+    k = (_lane_counts(n_end - n0, rn, BLOCK_N)[:, None]
+         * _lane_counts(l_end - l0, rl, BLOCK_L)[None, :])
     n = ((n_end - n0) * (l_end - l0)).to(acc_ty)
-    ssum = tl.sum(tl.sum(s, axis=1), axis=0)
-    qsum = tl.sum(tl.sum(q, axis=1), axis=0)
-    mean_d = ssum / n
-    out = p * C + c
-    tl.store(pcount_ptr + out, n)
-    tl.store(pmean_ptr + out, mean_d)
-    tl.store(pm2_ptr + out, tl.maximum(qsum - ssum * mean_d, 0.0))
+    mean_d, m2 = _merge_lanes(s, q, lane_shift, k, ref, n, True)
+    _store_stats_partial(part_ptr, PC, p * C + c, n, mean_d, m2, True)
 
 
 @triton.jit
@@ -147,33 +219,33 @@ def stats_partial_mc(x_ptr, part_ptr, M, C, ROWS, NCB, PC,
                      BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr,
                      UNROLL: tl.constexpr, I64: tl.constexpr):
     cb, p, m0, m_end = _rows_mc(tl.program_id(0), M, ROWS, NCB, I64)
-    pcount_ptr, pmean_ptr, pm2_ptr = part_ptr, part_ptr + PC, part_ptr + 2 * PC
     acc_ty = part_ptr.dtype.element_ty
     cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    shift = tl.load(x_ptr + cols, mask=cmask, other=0.0).to(acc_ty)
+    ref = tl.load(x_ptr + cols, mask=cmask, other=0.0).to(tl.float64)
     rm = tl.arange(0, BLOCK_M)
+    lane_shift = tl.zeros([BLOCK_M, BLOCK_C], dtype=acc_ty)
     s = tl.zeros([BLOCK_M, BLOCK_C], dtype=acc_ty)
     q = tl.zeros([BLOCK_M, BLOCK_C], dtype=acc_ty)
     for mb in tl.range(m0, m_end, BLOCK_M * UNROLL, num_stages=STAGES):
         v, mask = _tile_mc(x_ptr, mb + rm, cols, cmask, M, C)
         if UNROLL == 2:  # the second tile's load issued before the first tile's additions
             v2, mask2 = _tile_mc(x_ptr, mb + BLOCK_M + rm, cols, cmask, M, C)
-        d = tl.where(mask, v.to(acc_ty) - shift[None, :], 0.0)
+        v = v.to(acc_ty)
+        lane_shift = tl.where(mb == m0, v, lane_shift)
+        d = tl.where(mask, v - lane_shift, 0.0)
         s += d
         q += d * d
         if UNROLL == 2:
-            d = tl.where(mask2, v2.to(acc_ty) - shift[None, :], 0.0)
+            d = tl.where(mask2, v2.to(acc_ty) - lane_shift, 0.0)
             s += d
             q += d * d
+    k = _lane_counts(m_end - m0, rm, BLOCK_M)[:, None] + tl.zeros([BLOCK_M, BLOCK_C], tl.int32)
+    k = tl.where(cmask[None, :], k, 0)
     n = (m_end - m0).to(acc_ty)
-    ssum = tl.sum(s, axis=0)
-    qsum = tl.sum(q, axis=0)
-    mean_d = ssum / n
-    out = p * C + cols
-    tl.store(pcount_ptr + out, tl.zeros([BLOCK_C], dtype=acc_ty) + n, mask=cmask)
-    tl.store(pmean_ptr + out, mean_d, mask=cmask)
-    tl.store(pm2_ptr + out, tl.maximum(qsum - ssum * mean_d, 0.0), mask=cmask)
+    mean_d, m2 = _merge_lanes(s, q, lane_shift, k, ref, n, False)
+    _store_stats_partial(part_ptr, PC, p * C + cols, tl.zeros([BLOCK_C], acc_ty) + n,
+                         mean_d, m2, cmask)
 
 
 # --------------------------------------------------------------------------------------
@@ -183,42 +255,47 @@ def stats_partial_mc(x_ptr, part_ptr, M, C, ROWS, NCB, PC,
 @triton.jit
 def _merge(x_ptr, part_ptr, P, C, SHIFT_STRIDE, PC, cols, cmask, mean_ty: tl.constexpr,
            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Chan's G-way merge of the P partials of the channels ``cols``, then the shift added
-    back: ``(mean in mean_ty, m2 in the acc dtype)``.
+    """Chan's G-way merge of the P partials of the channels ``cols`` in float64, then the
+    reference added back: ``(mean in mean_ty, m2 in the acc dtype)``.
 
     Two sweeps over the partials (they are small): the merged mean first, then the
     deviations of the partial means from it, so no raw second moment appears.
     """
-    pcount_ptr, pmean_ptr, pm2_ptr = part_ptr, part_ptr + PC, part_ptr + 2 * PC
     acc_ty = part_ptr.dtype.element_ty
     rp = tl.arange(0, BLOCK_P)
-    tot = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
-    wsum = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
+    tot = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float64)
+    wsum = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float64)
     for p0 in range(0, P, BLOCK_P):
-        rows = p0 + rp
-        mask = (rows < P)[:, None] & cmask[None, :]
-        off = rows[:, None] * C + cols[None, :]
-        n = tl.load(pcount_ptr + off, mask=mask, other=0.0)
-        mu = tl.load(pmean_ptr + off, mask=mask, other=0.0)
+        n, mu, _, _ = _load_stats_partials(part_ptr, PC, p0 + rp, P, C, cols, cmask, False)
         tot += n
         wsum += n * mu
     total = tl.sum(tot, axis=0)
     mean_d = tl.sum(wsum, axis=0) / tl.where(total > 0, total, 1.0)
-    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float64)
     for p0 in range(0, P, BLOCK_P):
-        rows = p0 + rp
-        mask = (rows < P)[:, None] & cmask[None, :]
-        off = rows[:, None] * C + cols[None, :]
-        n = tl.load(pcount_ptr + off, mask=mask, other=0.0)
-        mu = tl.load(pmean_ptr + off, mask=mask, other=0.0)
-        m2 = tl.load(pm2_ptr + off, mask=mask, other=0.0)
+        n, mu, m2, _ = _load_stats_partials(part_ptr, PC, p0 + rp, P, C, cols, cmask, True)
         dev = mu - mean_d[None, :]
         acc += m2 + n * dev * dev
-    # The mean leaves in mean_ty (float64: see portable.mean_dtype): the shift is a value of
-    # the data and mean_d is small, so their sum there keeps the large-mean digits a float32
+    # The mean leaves in mean_ty (float64: see portable.mean_dtype): ref is a value of the
+    # data and mean_d is small, so their sum there keeps the large-mean digits a float32
     # mean would round away.
-    shift = tl.load(x_ptr + cols.to(tl.int64) * SHIFT_STRIDE, mask=cmask, other=0.0)
-    return shift.to(mean_ty) + mean_d.to(mean_ty), tl.sum(acc, axis=0)
+    ref = tl.load(x_ptr + cols.to(tl.int64) * SHIFT_STRIDE, mask=cmask, other=0.0)
+    return (ref.to(tl.float64) + mean_d).to(mean_ty), tl.sum(acc, axis=0).to(acc_ty)
+
+
+@triton.jit
+def _load_stats_partials(part_ptr, PC, rows, P, C, cols, cmask, WITH_M2: tl.constexpr):
+    """Partials ``rows`` of the channels ``cols`` in float64: (count, mean_d, m2 or 0,
+    mask); 0 where masked."""
+    mask = (rows < P)[:, None] & cmask[None, :]
+    off = rows[:, None] * C + cols[None, :]
+    n = tl.load(part_ptr + off, mask=mask, other=0.0).to(tl.float64)
+    mu = (tl.load(part_ptr + PC + off, mask=mask, other=0.0).to(tl.float64)
+          + tl.load(part_ptr + 2 * PC + off, mask=mask, other=0.0).to(tl.float64))
+    m2 = 0.0
+    if WITH_M2:
+        m2 = tl.load(part_ptr + 3 * PC + off, mask=mask, other=0.0).to(tl.float64)
+    return n, mu, m2, mask
 
 
 @triton.jit
