@@ -91,3 +91,62 @@ def test_the_suites_xdist_workers_save_under_a_file_lock():
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         pytest.skip("not an xdist worker (make test runs the suite in them)")
     assert type(cpu_compile._lock).__name__ == "_FileLock"
+
+
+def _dispatchers(value, seen=None):
+    """The numba dispatchers in a module attribute (nested in dicts and tuples)."""
+    from numba.core.registry import CPUDispatcher
+    if isinstance(value, CPUDispatcher):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _dispatchers(v)
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _dispatchers(v)
+
+
+def test_no_parallel_kernel_is_cached_on_its_own():
+    """The rule of ``cpu_kernels._builds``: a parallel build loaded from numba's cache and
+    linked into a newly compiled caller leaves that caller's cache entry without the
+    parallel loops (a later process crashes), so no parallel build is cached by itself."""
+    from numba.core.caching import NullCache
+    parallel = [d for name in dir(K) for d in _dispatchers(getattr(K, name))
+                if d.targetoptions.get("parallel")]
+    assert len(parallel) >= 8  # four kernels, two views
+    assert all(isinstance(d._cache, NullCache) for d in parallel)
+
+
+_CACHE_ORDER_STEP = """
+import sys, torch
+from batchnorm.backends import cpu, cpu_compile
+x = torch.randn(cpu_compile._shape("ncl", 0), generator=torch.Generator().manual_seed(0))
+c = x.shape[1]
+mean, var = torch.zeros(c), torch.ones(c)
+if sys.argv[1] == "primitive":
+    y = cpu.normalize(x, mean, torch.rsqrt(var + 1e-5), None, None, None, "relu", 0.0)
+else:
+    y = cpu.batch_norm_forward(x, None, None, None, mean, var, 1e-5, "relu", 0.0, None)[0]
+print(float(y.double().sum()))
+"""
+
+
+def test_kernels_cached_in_any_order_load_in_a_later_process(tmp_path):
+    """A parallel kernel cached by a direct call (SyncBatchNorm, a float64 running mean in
+    evaluation), then the evaluation entry point compiled against it: the third process,
+    loading that entry point from the cache, died with a segmentation fault."""
+    import os
+    import subprocess
+    import sys
+    if torch.get_num_threads() < 2:
+        pytest.skip("one torch thread: the parallel build never runs here")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    script = tmp_path / "step.py"
+    script.write_text(_CACHE_ORDER_STEP)
+    outputs = []
+    for step in ("primitive", "eval", "eval"):
+        done = subprocess.run([sys.executable, str(script), step], env=env,
+                              capture_output=True, text=True, timeout=600, check=False)
+        assert done.returncode == 0, (step, done.returncode, done.stderr[-2000:])
+        outputs.append(float(done.stdout))
+    assert outputs[1] == outputs[2] and abs(outputs[0] - outputs[1]) < 1e-3 * abs(outputs[1])

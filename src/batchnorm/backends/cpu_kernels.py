@@ -1168,17 +1168,71 @@ def update_running(running_mean, running_var, counter, mean, var, count, momentu
 # Parallel and serial builds
 
 
-def _builds(f, fastmath=False):
+def _bind(f, view: str, **names):
+    """``f`` compiled with its ``_name`` globals bound to ``names`` (under its own name
+    per view, for numba's cache; see ``_twin``)."""
+    g = dict(f.__globals__)
+    g.update(names)
+    code = f.__code__.replace(co_name=f"{f.__name__}_{view}",
+                              co_qualname=f"{f.__qualname__}_{view}")
+    return njit(cache=True)(types.FunctionType(code, g, f"{f.__name__}_{view}"))
+
+
+# numba (0.68) caches a function that calls a parallel one wrongly when that parallel one
+# was loaded from the cache rather than compiled in the same process: the caller's cache
+# entry then lacks the parallel loops' code, and a later process that loads the caller
+# alone crashes (a segfault in the first evaluation after, say, a float64-mean evaluation
+# had cached the parallel normalize by itself). So the parallel builds are never cached on
+# their own: Python reaches each through a cached serial caller (``_call_*`` below), and
+# the fused entry points further down link it too, so every cache entry that holds a
+# parallel kernel compiled it in its own process.
+
+
+def _call_stats(x, split, mean_out, m2_out):
+    _kernel(x, split, mean_out, m2_out)  # noqa: F821
+
+
+def _call_normalize(x, mean_in, v, eps, count, mode, weight, bias, res, code, slope, tasks,
+                    y, var_out):
+    _kernel(x, mean_in, v, eps, count, mode, weight, bias, res, code, slope, tasks,  # noqa: F821
+            y, var_out)
+
+
+def _call_reduce(dy, x, mean_in, v, eps, count, mode, weight, bias, res, code, slope, split,
+                 sum_dz, sum_dzx):
+    _kernel(dy, x, mean_in, v, eps, count, mode, weight, bias, res, code, slope,  # noqa: F821
+            split, sum_dz, sum_dzx)
+
+
+def _call_elementwise(dy, x, mean_in, v, eps, count, mode, weight, bias, res, sum_dz,
+                      sum_dzx, code, slope, tasks, dx, dres):
+    _kernel(dy, x, mean_in, v, eps, count, mode, weight, bias, res, sum_dz,  # noqa: F821
+            sum_dzx, code, slope, tasks, dx, dres)
+
+
+def _builds(f, call, view: str, fastmath=False):
+    """``((parallel, serial), linked)``: the builds Python calls (the parallel one through
+    ``call``) and the uncached parallel build the fused entry points link."""
     # parallel=True wakes the worker threads on every call (tens of µs on an idle
     # machine, milliseconds on a loaded one); small tensors take the serial build
-    return (njit(parallel=True, cache=True, fastmath=fastmath)(f),
-            njit(cache=True, fastmath=fastmath)(_twin(f, "_serial")))
+    linked = njit(parallel=True, fastmath=fastmath)(f)
+    return ((_bind(call, view, _kernel=linked),
+             njit(cache=True, fastmath=fastmath)(_twin(f, "_serial"))), linked)
 
 
-STATS = {"ncl": _builds(stats_ncl, _REDUCE_MATH), "mc": _builds(stats_mc, _REDUCE_MATH)}
-NORMALIZE = {"ncl": _builds(normalize_ncl), "mc": _builds(normalize_mc)}
-REDUCE = {"ncl": _builds(reduce_ncl, _REDUCE_MATH), "mc": _builds(reduce_mc, _REDUCE_MATH)}
-ELEMENTWISE = {"ncl": _builds(elementwise_ncl), "mc": _builds(elementwise_mc)}
+def _kernel_builds(call, fastmath=False, **views):
+    """``_builds`` of one kernel per view: ``({view: builds}, {view: linked})``."""
+    built = {v: _builds(f, call, v, fastmath) for v, f in views.items()}
+    return {v: b[0] for v, b in built.items()}, {v: b[1] for v, b in built.items()}
+
+
+STATS, _STATS_LINKED = _kernel_builds(_call_stats, _REDUCE_MATH, ncl=stats_ncl, mc=stats_mc)
+NORMALIZE, _NORMALIZE_LINKED = _kernel_builds(_call_normalize, ncl=normalize_ncl,
+                                              mc=normalize_mc)
+REDUCE, _REDUCE_LINKED = _kernel_builds(_call_reduce, _REDUCE_MATH, ncl=reduce_ncl,
+                                        mc=reduce_mc)
+ELEMENTWISE, _ELEMENTWISE_LINKED = _kernel_builds(_call_elementwise, ncl=elementwise_ncl,
+                                                  mc=elementwise_mc)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1304,29 +1358,25 @@ def backward_at(dy, x, n, c, l_, mean, var, eps, count, weight, bias, res, code,
                      _tensor_at(dres, n, c, l_, like))  # noqa: F821
 
 
-def _bind(f, view: str, **names):
-    """``f`` compiled with its ``_name`` globals bound to ``names`` (under its own name
-    per view, for numba's cache; see ``_twin``)."""
-    g = dict(f.__globals__)
-    g.update(names)
-    code = f.__code__.replace(co_name=f"{f.__name__}_{view}",
-                              co_qualname=f"{f.__qualname__}_{view}")
-    return njit(cache=True)(types.FunctionType(code, g, f"{f.__name__}_{view}"))
-
-
 _AT = {"ncl": _ncl_at, "mc": _mc_at}
 
 
 def _bound_builds(f, view: str, **kernels):
     """(parallel, serial) builds of ``f`` for one view: each with ``f``'s ``_name``
-    globals bound to that build of the kernels (the wrapper itself is serial code)."""
+    globals bound to that build of the kernels, given as ``(builds, linked)`` (the
+    wrapper itself is serial code; its parallel build links the uncached parallel
+    kernels, see ``_builds``)."""
     return tuple(_bind(f, view + suffix, _tensor_at=_AT[view],
-                       **{name: builds[view][i] for name, builds in kernels.items()})
+                       **{name: linked[view] if i == 0 else builds[view][1]
+                          for name, (builds, linked) in kernels.items()})
                  for i, suffix in enumerate(("", "_serial")))
 
 
-FORWARD_TRAIN = {v: _bound_builds(forward_train_at, v, _stats=STATS, _normalize=NORMALIZE)
+FORWARD_TRAIN = {v: _bound_builds(forward_train_at, v, _stats=(STATS, _STATS_LINKED),
+                                  _normalize=(NORMALIZE, _NORMALIZE_LINKED))
                  for v in _AT}
-FORWARD_EVAL = {v: _bound_builds(normalize_at, v, _normalize=NORMALIZE) for v in _AT}
-BACKWARD = {v: _bound_builds(backward_at, v, _reduce=REDUCE, _elementwise=ELEMENTWISE)
+FORWARD_EVAL = {v: _bound_builds(normalize_at, v, _normalize=(NORMALIZE, _NORMALIZE_LINKED))
+                for v in _AT}
+BACKWARD = {v: _bound_builds(backward_at, v, _reduce=(REDUCE, _REDUCE_LINKED),
+                             _elementwise=(ELEMENTWISE, _ELEMENTWISE_LINKED))
             for v in _AT}
