@@ -13,6 +13,7 @@ import torch
 
 pytest.importorskip("numba")
 
+import batchnorm
 from batchnorm.backends import cpu, portable  # noqa: E402
 from batchnorm.backends import cpu_kernels as K  # noqa: E402
 from batchnorm.backends.portable import ACTIVATIONS  # noqa: E402
@@ -687,3 +688,55 @@ def test_stats_outlier_first_keeps_nan_and_inf(shape):
     assert torch.isnan(mean[0]) and torch.isnan(m2[0])
     assert mean[1].item() == float("inf") and torch.isnan(m2[1])
     assert torch.isfinite(mean[2:]).all() and torch.isfinite(m2[2:]).all()
+
+
+def test_the_parallel_build_runs_only_where_torch_would_thread(monkeypatch):
+    """numba's pool ignored torch.set_num_threads: under set_num_threads(1) the layer
+    still ran (and started) numba's worker threads on every core."""
+    import numba
+    monkeypatch.setattr(cpu, "_forked_child", False)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert cpu._build_now(0) == 1
+        torch.set_num_threads(2)
+        assert cpu._build_now(0) == 0
+        assert numba.get_num_threads() == min(2, numba.config.NUMBA_NUM_THREADS)
+    finally:
+        torch.set_num_threads(threads)
+    assert cpu._build_now(1) == 1
+
+
+def _forward_in_fork_child(conn, x):
+    # one torch thread, as a DataLoader worker sets: torch's own OpenMP pool can hang in a
+    # fork child otherwise, with or without this library
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        conn.send((cpu._forked_child, batchnorm.BatchNorm2d(x.shape[1])(x).numpy()))
+    conn.close()
+
+
+def test_a_fork_child_runs_the_serial_build():
+    """A fork child of a process that had run the parallel build (numba's GNU OpenMP pool)
+    was killed on entering a parallel loop: "fork() called from a process already using
+    GNU OpenMP, this is unsafe" (a DataLoader worker running the model, say). It now runs
+    the serial build, with the same numbers."""
+    import multiprocessing
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    if torch.get_num_threads() < 2:
+        pytest.skip("one torch thread: the parallel build never runs here")
+    x = torch.randn(4, 8, 128, 64)  # parallel-sized (cpu.SERIAL_BELOW)
+    assert cpu._build(x.numel()) == 0
+    with torch.no_grad():
+        want = batchnorm.BatchNorm2d(8)(x)
+    ctx = multiprocessing.get_context("fork")
+    ours, theirs = ctx.Pipe()
+    child = ctx.Process(target=_forward_in_fork_child, args=(theirs, x))
+    child.start()
+    got = ours.recv() if ours.poll(120) else None
+    child.join(30)
+    if child.is_alive():
+        child.kill()
+    assert child.exitcode == 0 and got is not None, child.exitcode
+    assert got[0] and torch.equal(torch.from_numpy(got[1]), want)

@@ -25,6 +25,9 @@ results are bitwise reproducible on any machine with the same build.
 
 from __future__ import annotations
 
+import os
+
+import numba
 import numpy as np
 import torch
 from torch import Tensor
@@ -56,8 +59,37 @@ def _build(numel: int) -> int:
     return 0 if numel >= SERIAL_BELOW else 1
 
 
+# The parallel builds run on numba's thread pool (GNU OpenMP where numba has no TBB),
+# which knows neither fork nor torch's thread setting: a fork child of a process that
+# used the pool is killed when it enters a parallel loop ("fork() called from a process
+# already using GNU OpenMP, this is unsafe"; a DataLoader worker that runs the model,
+# say), and the pool kept every core under torch.set_num_threads(1). So the parallel
+# build runs only where torch would run threads too, on as many as torch would.
+_forked_child = False
+
+
+def _note_fork() -> None:
+    global _forked_child
+    _forked_child = True
+
+
+os.register_at_fork(after_in_child=_note_fork)
+
+
+def _build_now(build: int) -> int:
+    """``build``, or the serial one in a fork child or under torch.set_num_threads(1);
+    numba's threads for a parallel run are torch's number (at most numba's)."""
+    if build == 1 or _forked_child:
+        return 1
+    threads = torch.get_num_threads()
+    if threads < 2:
+        return 1
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    return 0
+
+
 def _pick(builds, x: Tensor):
-    return builds[_build(x.numel())]
+    return builds[_build_now(_build(x.numel()))]
 
 
 def _view(x: Tensor) -> str:
@@ -427,7 +459,7 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
     if running_mean is not None:
         mean = running_mean.to(acc, copy=need_stats).contiguous()
         var = running_var.to(acc, copy=need_stats).contiguous()
-        K.FORWARD_EVAL[view][build](
+        K.FORWARD_EVAL[view][_build_now(build)](
             x.data_ptr(), n, c, l_, mean.data_ptr(), var.data_ptr(), float(eps), count, _at(w),
             _at(b), _at(res), code, float(slope), esplit, y.data_ptr(), like)
         return (y, mean, var, False, None) if need_stats else (y, None, None, False, None)
@@ -435,7 +467,7 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
     var = torch.empty(c, dtype=acc)
     running = _running_at(*update, acc) if update is not None else None
     rm, rv, counter, momentum = running or (0, 0, 0, 0.0)
-    K.FORWARD_TRAIN[view][build](
+    K.FORWARD_TRAIN[view][_build_now(build)](
         x.data_ptr(), n, c, l_, rsplit, esplit, float(eps), count, _at(w), _at(b),
         _at(res), code, float(slope), rm, rv, counter, momentum, y.data_ptr(),
         mean.data_ptr(), var.data_ptr(), like)
@@ -470,7 +502,7 @@ def batch_norm_backward(dy, x, weight, bias, residual, mean, var, eps, training:
         if want_dresidual:
             # activation != 'none' here: without one, ops uses dy itself as dresidual
             dres = _out_like(x, channels_last, pooled)
-    K.BACKWARD[view][build](
+    K.BACKWARD[view][_build_now(build)](
         dy.data_ptr(), x.data_ptr(), n, c, l_, mean.data_ptr(), var.data_ptr(), float(eps),
         count, _at(w), _at(b), _at(res), K.ACT_CODES[activation], float(slope),
         rsplit, esplit, need_sums, need_dx, training, _at(sum_dz), _at(sum_dzx), _at(dx),

@@ -50,6 +50,16 @@ def _shape(view: str, build: int) -> tuple[int, ...]:
 
 def compile_group(view: str, build: int, dtype: torch.dtype) -> None:
     """Compile (or load from the cache) every kernel variant one group runs."""
+    threads = torch.get_num_threads()
+    if build == 0 and threads < 2:  # the parallel build runs only where torch threads
+        torch.set_num_threads(2)    # (cpu._build_now); the workers run with one
+    try:
+        _run_group(view, build, dtype)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_group(view: str, build: int, dtype: torch.dtype) -> None:
     shape = _shape(view, build)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen, dtype=dtype)
