@@ -229,3 +229,17 @@ def test_results_dir_is_the_checkouts_or_the_current_directorys(tmp_path, monkey
     assert bench.results_dir() == work / "benchmarks" / "results"
     path = bench.write_csv([{"case": "a", "ms": 1.0}], "cpu")
     assert path.parent == work / "benchmarks" / "results" and path.is_file()
+
+
+def test_plot_without_matplotlib_stops_before_running(monkeypatch, capsys, tmp_path):
+    """--plot wrote the CSV, then died with a traceback on the chart's import."""
+    import argparse
+    import sys
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import raises ImportError
+    monkeypatch.setattr(bench, "run_table", lambda *a, **k: pytest.fail("ran the table"))
+    monkeypatch.chdir(tmp_path)
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    assert bench.run(p.parse_args(["--device", "cpu", "--plot", "--shape", "2,2"])) == 2
+    assert "--plot needs matplotlib" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.csv"))

@@ -145,3 +145,21 @@ def test_training_steps_keep_earlier_outputs_and_gradients_intact(pool, gen, cha
         assert torch.equal(x1.grad, g1_copy)
         # and the steps above did reuse memory: blocks were handed out again
         assert pool.info()["hits"] > 0
+
+
+@pytest.mark.parametrize("text, mib", [(None, 2048), ("", 2048), (" 64 ", 64), ("0", 0),
+                                       ("0.5", 0.5)])
+def test_cache_limit_from_the_environment(monkeypatch, text, mib):
+    if text is None:
+        monkeypatch.delenv("BATCHNORM_CPU_BUFFER_CACHE_MB", raising=False)
+    else:
+        monkeypatch.setenv("BATCHNORM_CPU_BUFFER_CACHE_MB", text)
+    assert buffers._limit_from_environment() == int(mib * 2**20)
+
+
+@pytest.mark.parametrize("text", ["lots", "-1", "nan", "inf"])
+def test_a_bad_cache_limit_names_the_variable(monkeypatch, text):
+    """It was a bare "could not convert string to float" from deep inside an import."""
+    monkeypatch.setenv("BATCHNORM_CPU_BUFFER_CACHE_MB", text)
+    with pytest.raises(ValueError, match="BATCHNORM_CPU_BUFFER_CACHE_MB=.*MiB"):
+        buffers._limit_from_environment()

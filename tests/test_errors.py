@@ -42,10 +42,11 @@ def _assert_untouched(bn, before):
 CASES = {
     # id: (module factory, input factory(gen), residual factory or None, exception, fragments)
     "2d-got-3d": (lambda: batchnorm.BatchNorm2d(3), lambda g: torch.randn(4, 3, 5, generator=g),
-                  None, ValueError, ["BatchNorm2d", "expected 4D input", "got 3D input"]),
+                  None, ValueError, ["BatchNorm2d", "expected 4D input", "got 3D input",
+                                     "use BatchNorm1d for 3D input"]),
     "1d-got-4d": (lambda: batchnorm.BatchNorm1d(3),
                   lambda g: torch.randn(2, 3, 2, 2, generator=g), None, ValueError,
-                  ["expected 2D or 3D input", "got 4D input"]),
+                  ["expected 2D or 3D input", "got 4D input", "use BatchNorm2d for 4D input"]),
     "3d-got-4d": (lambda: batchnorm.BatchNorm3d(3),
                   lambda g: torch.randn(2, 3, 2, 2, generator=g), None, ValueError,
                   ["expected 5D input"]),
@@ -163,8 +164,10 @@ def test_unknown_activation(activation, exc, fragment):
     (dict(num_features=2.5), "num_features must be a positive int"),
     (dict(num_features=3, eps=-1e-5), "eps must be >= 0"),
     (dict(num_features=3, eps=float("nan")), "eps must be >= 0"),
-    (dict(num_features=3, momentum=-0.1), "momentum must be in [0, 1]"),
-    (dict(num_features=3, momentum=1.5), "momentum must be in [0, 1]"),
+    (dict(num_features=3, momentum=-0.1), "momentum must be a number in [0, 1]"),
+    (dict(num_features=3, momentum=1.5), "momentum must be a number in [0, 1]"),
+    ({"num_features": 3, "momentum": "0.1"}, "momentum must be a number in [0, 1]"),
+    ({"num_features": 3, "momentum": True}, "momentum must be a number in [0, 1]"),
 ])
 @pytest.mark.parametrize("cls", [batchnorm.BatchNorm1d, batchnorm.BatchNorm2d,
                                  batchnorm.BatchNorm3d])
@@ -176,7 +179,7 @@ def test_constructor_rejects(cls, kwargs, fragment):
 
 @pytest.mark.parametrize("kwargs,fragment", [
     (dict(eps=-1.0), "eps must be >= 0"),
-    (dict(momentum=1.5), "momentum must be in [0, 1]"),
+    (dict(momentum=1.5), "momentum must be a number in [0, 1]"),
 ])
 def test_lazy_constructor_rejects(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
@@ -235,11 +238,14 @@ def test_momentum_none_without_num_batches_tracked_is_torchs_factor_zero(gen):
 
 
 @pytest.mark.parametrize("bad,exc,fragment", [
-    (dict(momentum=2.0), ValueError, "momentum must be in [0, 1]"),
+    (dict(momentum=2.0), ValueError, "momentum must be a number in [0, 1]"),
     (dict(eps=-1.0), ValueError, "eps must be >= 0"),
     ({"eps": float("nan")}, ValueError, "eps must be >= 0, got nan"),
     (dict(weight=torch.ones(4)), ValueError, "weight has shape (4,)"),
     (dict(bias=torch.ones(3, dtype=torch.long)), TypeError, "bias must be floating point"),
+    ({"weight": torch.ones(3, dtype=torch.complex64)}, TypeError,
+     "convert it, e.g. with .float()"),
+    ({"momentum": "0.1"}, ValueError, "momentum must be a number in [0, 1], or None"),
     (dict(momentum=None), ValueError, "num_batches_tracked"),
     ({"training": None}, TypeError, "training must be True or False, got None"),
     ({"training": 1}, TypeError, "training must be True or False, got 1"),
@@ -308,3 +314,38 @@ def test_functional_with_no_channels_is_empty_like_torch(training):
         assert y.shape == x.shape
         y.sum().backward()
     assert F.batch_norm(x, None, None, training=True).shape == x.shape
+
+
+def test_overlapping_using_blocks_in_two_threads_restore_the_choice():
+    """Each block restored the choice it found on entry: A enters (None → portable), B
+    enters (portable → portable), A leaves (→ None), B leaves (→ portable), and the whole
+    process stayed on the portable backend."""
+    import threading
+
+    from batchnorm import backends
+    entered, leave_a, left_a = threading.Barrier(2), threading.Event(), threading.Event()
+    seen = {}
+
+    def a():
+        with backends.using("portable"):
+            entered.wait()
+            leave_a.wait()
+        left_a.set()
+
+    def b():
+        entered.wait()
+        with backends.using(None):
+            seen["b"] = backends.forced()
+            leave_a.set()
+            left_a.wait()
+            seen["after a"] = backends.forced()
+        seen["after b"] = backends.forced()
+
+    before = backends.forced()
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert seen == {"b": None, "after a": None, "after b": before}
+    assert backends.forced() == before

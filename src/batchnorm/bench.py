@@ -644,7 +644,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="write <device>-<date>.csv (long format) into benchmarks/results/ "
                         "of the source checkout batchnorm runs from (editable install or "
                         "PYTHONPATH=src), else of the current directory")
-    p.add_argument("--plot", action="store_true", help="write a PNG chart beside the CSV")
+    p.add_argument("--plot", action="store_true",
+                   help="write a PNG chart beside the CSV (implies --csv; needs matplotlib)")
     p.add_argument("--no-compile", action="store_true",
                    help="leave torch.compile out (the full table times it on some cases)")
     p.add_argument("--compile-ops", default=None, metavar="OP[,OP...]",
@@ -723,6 +724,13 @@ def run(args) -> int:
         print("batchnorm bench: --no-compile and --compile-ops ask for opposite things",
               file=sys.stderr)
         return 2
+    if args.plot:  # before the run: it writes the CSV, then the chart
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("batchnorm bench: --plot needs matplotlib (pip install matplotlib)",
+                  file=sys.stderr)
+            return 2
     # None: the table's own choice (the full table times torch.compile on some cases,
     # --quick nowhere); --compile-ops asks for it, --quick and --shape included
     compile = False if args.no_compile else (True if args.compile_ops is not None else None)

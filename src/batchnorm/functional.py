@@ -7,6 +7,8 @@ buffer as it was.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -77,10 +79,23 @@ def _check_per_channel(name: str, t: Tensor | None, input: Tensor) -> None:
             f"{name} is on {t.device} but the input is on {input.device}; move the module "
             f"to the input's device with .to({str(input.device)!r})")
     if not t.is_floating_point():
-        raise TypeError(f"{name} must be floating point, got {t.dtype}")
+        raise TypeError(f"{name} must be floating point (float16, bfloat16, float32 or "
+                        f"float64), got {t.dtype}; convert it, e.g. with .float()")
 
 
 _PER_CHANNEL = ("running_mean", "running_var", "weight", "bias")
+
+
+def check_momentum(momentum) -> None:
+    """ValueError unless ``momentum`` is a number in [0, 1] (None, the cumulative average,
+    is the caller's to allow)."""
+    try:  # a bool or a string is a mistake (an argument in the wrong place, say)
+        value = math.nan if isinstance(momentum, (bool, str, bytes)) else float(momentum)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"momentum must be a number in [0, 1], or None for a cumulative "
+                         f"average, got {momentum!r}")
 
 
 def validate(input, running_mean, running_var, weight, bias, training, momentum, eps,
@@ -140,8 +155,8 @@ def validate(input, running_mean, running_var, weight, bias, training, momentum,
             raise ValueError(
                 "momentum=None (cumulative average) needs num_batches_tracked; pass a float "
                 "momentum in [0, 1] to the functional form")
-    elif not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
+    else:
+        check_momentum(momentum)
     if training:
         count = ops.values_per_channel(input)
         if count == 1:

@@ -35,9 +35,8 @@ def check_constructor_args(num_features: int, eps: float, momentum: float | None
                          f"input), got {num_features!r}")
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps!r}")
-    if momentum is not None and not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be in [0, 1], or None for a cumulative average, "
-                         f"got {momentum!r}")
+    if momentum is not None:
+        F.check_momentum(momentum)
     return count
 
 
@@ -231,9 +230,15 @@ def _check_rank(cls_name: str, input: Tensor, allowed: tuple[int, ...], what: st
     if not isinstance(input, Tensor):
         raise TypeError(f"{cls_name} expects a torch.Tensor, got {type(input).__name__}")
     if input.dim() not in allowed:
+        fit = _LAYER_FOR_RANK.get(input.dim())
+        hint = (f"; use {fit} for {input.dim()}D input" if fit and fit not in cls_name else
+                "; reshape it to (N, C, ...)" if input.dim() < 2 else "")
         raise ValueError(
             f"{cls_name} expected {what} input (got {input.dim()}D input of shape "
-            f"{tuple(input.shape)})")
+            f"{tuple(input.shape)}){hint}")
+
+
+_LAYER_FOR_RANK = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
 
 
 _DOC = r"""Batch Normalization over a {rank} input, a drop-in for ``torch.nn.{name}``.

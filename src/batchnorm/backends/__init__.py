@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import threading
 from types import ModuleType
 
 from torch import Tensor
@@ -24,6 +25,11 @@ from . import portable
 
 NAMES = ("portable", "cpu", "triton")
 
+# What force() chose, the using() blocks open now (entry order) and, read on every call,
+# the backend in force: the last block's, else force()'s.
+_chosen: str | None = None
+_open: list[tuple[object, str | None]] = []
+_lock = threading.Lock()
 _forced: str | None = None
 _loaded: dict[str, ModuleType | None] = {"portable": portable}
 _load_errors: dict[str, str] = {}
@@ -56,21 +62,38 @@ def get(name: str) -> ModuleType:
 
 def force(name: str | None) -> None:
     """Force one backend for every call (None: choose automatically)."""
-    global _forced
+    global _chosen
     if name is not None:
         get(name)
-    _forced = name
+    with _lock:
+        _chosen = name
+        _refresh()
 
 
 @contextlib.contextmanager
 def using(name: str | None):
-    """Context manager form of :func:`force`; restores the previous choice on exit."""
-    previous = _forced
-    force(name)
+    """Force ``name`` (as :func:`force`) inside a ``with`` block.
+
+    The choice is process-wide, as :func:`force`'s (autograd may run a backward on its
+    own threads). Blocks open in several threads at once: the one entered last holds, and
+    on leaving, each restores what the blocks still open (or :func:`force`) chose."""
+    if name is not None:
+        get(name)
+    block = (object(), name)  # compares equal only to itself
+    with _lock:
+        _open.append(block)
+        _refresh()
     try:
         yield
     finally:
-        force(previous)
+        with _lock:
+            _open.remove(block)
+            _refresh()
+
+
+def _refresh() -> None:
+    global _forced
+    _forced = _open[-1][1] if _open else _chosen
 
 
 def forced() -> str | None:

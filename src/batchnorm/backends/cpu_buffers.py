@@ -25,6 +25,7 @@ step needed at once.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -39,7 +40,24 @@ MIN_BYTES = 1 << 20
 # free block never scans an ever longer list.
 MAX_PER_SIZE = 256
 _PAGE = 4096
-cache_limit = int(float(os.environ.get("BATCHNORM_CPU_BUFFER_CACHE_MB", "2048")) * 2**20)
+
+
+def _limit_from_environment() -> int:
+    """``BATCHNORM_CPU_BUFFER_CACHE_MB`` in bytes: 2048 MiB when unset or empty."""
+    text = os.environ.get("BATCHNORM_CPU_BUFFER_CACHE_MB", "").strip()
+    if not text:
+        return 2048 * 2**20
+    try:
+        mib = float(text)
+    except ValueError:
+        mib = math.nan
+    if not 0 <= mib < math.inf:
+        raise ValueError(f"BATCHNORM_CPU_BUFFER_CACHE_MB={text!r}: give the cache's size "
+                         "in MiB, a number >= 0 (0 turns the cache off)")
+    return int(mib * 2**20)
+
+
+cache_limit = _limit_from_environment()
 
 _lock = threading.Lock()
 # nbytes (page-rounded) -> blocks of that size, least recently handed out first
