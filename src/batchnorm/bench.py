@@ -633,7 +633,7 @@ def _at_least(low, kind):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", type=_device_arg,
                    default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="device to run on: cpu or cuda (default: cuda if available)")
+                   help="device to run on: cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--quick", action="store_true",
                    help="a subset (5 CPU or 3 GPU cases), 5 repeats, no torch.compile unless "
                         "--compile-ops asks for it, and no SyncBatchNorm row (a minute "
