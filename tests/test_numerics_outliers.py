@@ -107,3 +107,27 @@ def test_triton_outlier_first(shape, channels_last, value):
     var = xd.var([0, *range(2, x.dim())])
     assert ((y.double() - ref).abs().max() / ref.abs().max()) < 5e-6
     assert ((rv - var).abs() / var).max() < 1e-5
+
+
+@pytest.mark.skipif("triton" not in batchnorm.backends.available(),
+                    reason="triton is not installed")
+def test_triton_lane_merge_keeps_extremes():
+    """What the per-lane merge must not break (each failed on its first version): a
+    constant channel near float max (Σk·x / n overflowed: mean and m2 NaN), one ±inf
+    past a channel's first value (mean ±inf, as torch's, not NaN), and constants whose
+    one-ulp deviations are subnormal (m2 > 0 from Σk·δ² − n·δ²)."""
+    from batchnorm.backends import triton as tb
+    big = torch.tensor(3e38).item()  # as float32 holds it
+    mean, m2 = tb.stats(torch.full((2, 3, 40), big))
+    assert (mean == big).all() and (m2 == 0).all()
+    mean, m2 = tb.stats(torch.full((40, 3), -big))
+    assert (mean == -big).all() and (m2 == 0).all()
+    for sign in (1.0, -1.0):
+        x = torch.randn(2, 3, 50, generator=torch.Generator().manual_seed(15))
+        x[1, 1, 20] = sign * float("inf")
+        mean, m2 = tb.stats(x)
+        assert mean[1].item() == sign * float("inf") and torch.isnan(m2[1])
+        assert torch.isfinite(mean[[0, 2]]).all() and torch.isfinite(m2[[0, 2]]).all()
+    vals = (torch.rand(64, generator=torch.Generator().manual_seed(16)) + 1) * 2.0 ** -54
+    mean, m2 = tb.stats(vals[None, :].expand(37, 64).contiguous())
+    assert torch.equal(mean.float(), vals) and not m2.any()

@@ -49,14 +49,14 @@ mean leaves relative to the channel's reference ``ref``, its first element
 far-outlier reference a float32 mean_d would be rounded by more than the partial means
 differ. Stage 2 merges the P partials with Chan's G-way formula (``ops.chan_combine``)
 in float64: ``n = Σnᵢ``, ``mean_d = Σnᵢ·mean_dᵢ / n``, ``m2 = Σm2ᵢ + Σnᵢ·(mean_dᵢ −
-mean_d)²``, then adds ``ref`` back. A constant channel gives d == 0 and ``sᵢ − r`` the
-same exact deviation in every lane: mean == value and m2 == 0 exactly. A large mean with
+mean_d)²``, then adds ``ref`` back. A constant channel gives d == 0 and r == ref == every
+shift: mean == value and m2 == 0 exactly, up to float max. A large mean with
 a small spread (1e6 and 1) stays exact to float32 rounding, as every shift is a value of
 the data and the float64 mean keeps the digits a float32 one would round away.
 
 The lane shifts cost a select per value and a tile of registers; the merge runs once per
 program (three reductions where the float32 sums had two). Registers for sm_90 went from
-about 64 to 86-116 per thread for the default stage-1 plans (``triton_notes.md``).
+about 64 to 102-125 per thread for the default stage-1 plans (``triton_notes.md``).
 """
 
 import triton
@@ -139,28 +139,38 @@ def _sum_lanes(t, ALL: tl.constexpr):
 def _merge_lanes(s, q, lane_shift, k, ref, n, ALL: tl.constexpr):
     """A program's ``(mean − ref, m2)`` from its lanes' shifted sums ``s``, ``q`` around
     ``lane_shift``, with ``k`` values each (0: a lane past the tensor's end); per column,
-    or over the whole tile with ``ALL``. ``ref``, float64, broadcasts as the result does.
+    or over the whole tile with ``ALL``. ``ref`` (a value of the data, float64)
+    broadcasts as the result does.
 
-    In the acc dtype, around ``r``, the lanes' mean as the acc dtype rounds it: each
-    lane's ``(shift − r) + mean_dᵢ`` is then small, or exact where shift and r are close
-    (a large mean), so Chan's deviations lose nothing; only ``r − ref`` goes to float64.
-    """
+    Chan's merge in the acc dtype around ``r``, the lanes' mean as that dtype rounds it,
+    so each lane's deviation ``(shift − r) + mean_dᵢ`` is small, or exact where shift and
+    r are close (a large mean); only ``r − ref`` goes to float64. r is formed as ref plus
+    the k/n-weighted offsets of the lanes from it, never as Σk·x / n, which overflows
+    past float max / n: a constant channel gets r == ref exactly, so every deviation is
+    0 and the mean exact, m2 0. Then two sweeps, the mean of the deviations and their
+    spread around it, as ``_merge`` does. A channel with an infinite value has r = ±inf
+    and NaN deviations: its mean is r (torch's), its m2 NaN."""
     has = k > 0
     k = k.to(s.dtype)
-    lane_mean_d = s / tl.where(has, k, 1.0)
+    # a lane whose shift is ±inf summed inf − inf: its mean is the shift itself
+    lane_mean_d = tl.where(lane_shift - lane_shift == 0, s / tl.where(has, k, 1.0), 0.0)
     lane_m2 = tl.maximum(q - s * lane_mean_d, 0.0)
-    r = _sum_lanes(k * (lane_shift + lane_mean_d), ALL) / n
+    ref_acc = ref.to(s.dtype)  # exact: ref was loaded from x
     if ALL:
+        r = ref_acc + _sum_lanes((k / n) * ((lane_shift - ref_acc) + lane_mean_d), ALL)
         dev = (lane_shift - r) + lane_mean_d
     else:
+        r = ref_acc + _sum_lanes((k / n) * ((lane_shift - ref_acc[None, :]) + lane_mean_d),
+                                 ALL)
         dev = (lane_shift - r[None, :]) + lane_mean_d
     dev = tl.where(has, dev, 0.0)
-    dsum = _sum_lanes(k * dev, ALL)
-    m2 = _sum_lanes(lane_m2 + k * dev * dev, ALL)
-    mean_d = dsum / n
-    # Σk·dev² − n·mean_d² is Chan's m2 around the lanes' mean; mean_d is within rounding of
-    # r, so the subtraction cancels little
-    m2 = tl.maximum(m2 - dsum * mean_d, 0.0)
+    mean_d = _sum_lanes(k * dev, ALL) / n  # |dev| ~ σ: n·|dev| overflows only with m2
+    if ALL:
+        dev = dev - mean_d
+    else:
+        dev = dev - mean_d[None, :]
+    m2 = _sum_lanes(tl.where(has, lane_m2 + k * dev * dev, 0.0), ALL)
+    mean_d = tl.where(r - r == 0, mean_d, 0.0)  # r infinite (or NaN): the mean is r
     return (r.to(tl.float64) - ref) + mean_d.to(tl.float64), m2
 
 
@@ -171,7 +181,8 @@ def _store_stats_partial(part_ptr, PC, out, n, mean_d, m2, mask):
     hi = mean_d.to(acc_ty)
     tl.store(part_ptr + out, n.to(acc_ty), mask=mask)
     tl.store(part_ptr + PC + out, hi, mask=mask)
-    tl.store(part_ptr + 2 * PC + out, (mean_d - hi.to(tl.float64)).to(acc_ty), mask=mask)
+    lo = tl.where(hi - hi == 0, mean_d - hi.to(tl.float64), 0.0)  # inf: no inf − inf
+    tl.store(part_ptr + 2 * PC + out, lo.to(acc_ty), mask=mask)
     tl.store(part_ptr + 3 * PC + out, m2.to(acc_ty), mask=mask)
 
 
