@@ -93,7 +93,7 @@ def test_the_suites_xdist_workers_save_under_a_file_lock():
     assert type(cpu_compile._lock).__name__ == "_FileLock"
 
 
-def _dispatchers(value, seen=None):
+def _dispatchers(value):
     """The numba dispatchers in a module attribute (nested in dicts and tuples)."""
     from numba.core.registry import CPUDispatcher
     if isinstance(value, CPUDispatcher):

@@ -226,6 +226,9 @@ def _state_of(m: nn.Module) -> tuple:
         return tuple(getattr(m, name) for name in _STATE)
 
 
+_LAYER_FOR_RANK = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
+
+
 def _check_rank(cls_name: str, input: Tensor, allowed: tuple[int, ...], what: str) -> None:
     if not isinstance(input, Tensor):
         raise TypeError(f"{cls_name} expects a torch.Tensor, got {type(input).__name__}")
@@ -236,9 +239,6 @@ def _check_rank(cls_name: str, input: Tensor, allowed: tuple[int, ...], what: st
         raise ValueError(
             f"{cls_name} expected {what} input (got {input.dim()}D input of shape "
             f"{tuple(input.shape)}){hint}")
-
-
-_LAYER_FOR_RANK = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
 
 
 _DOC = r"""Batch Normalization over a {rank} input, a drop-in for ``torch.nn.{name}``.

@@ -136,6 +136,16 @@ def _sum_lanes(t, ALL: tl.constexpr):
 
 
 @triton.jit
+def _per_lane(v, ALL: tl.constexpr):
+    """A result of :func:`_sum_lanes` shaped to broadcast against the tile."""
+    if ALL:
+        r = v
+    else:
+        r = v[None, :]
+    return r
+
+
+@triton.jit
 def _merge_lanes(s, q, lane_shift, k, ref, n, ALL: tl.constexpr):
     """A program's ``(mean − ref, m2)`` from its lanes' shifted sums ``s``, ``q`` around
     ``lane_shift``, with ``k`` values each (0: a lane past the tensor's end); per column,
@@ -156,19 +166,11 @@ def _merge_lanes(s, q, lane_shift, k, ref, n, ALL: tl.constexpr):
     lane_mean_d = tl.where(lane_shift - lane_shift == 0, s / tl.where(has, k, 1.0), 0.0)
     lane_m2 = tl.maximum(q - s * lane_mean_d, 0.0)
     ref_acc = ref.to(s.dtype)  # exact: ref was loaded from x
-    if ALL:
-        r = ref_acc + _sum_lanes((k / n) * ((lane_shift - ref_acc) + lane_mean_d), ALL)
-        dev = (lane_shift - r) + lane_mean_d
-    else:
-        r = ref_acc + _sum_lanes((k / n) * ((lane_shift - ref_acc[None, :]) + lane_mean_d),
-                                 ALL)
-        dev = (lane_shift - r[None, :]) + lane_mean_d
-    dev = tl.where(has, dev, 0.0)
+    r = ref_acc + _sum_lanes((k / n) * ((lane_shift - _per_lane(ref_acc, ALL))
+                                        + lane_mean_d), ALL)
+    dev = tl.where(has, (lane_shift - _per_lane(r, ALL)) + lane_mean_d, 0.0)
     mean_d = _sum_lanes(k * dev, ALL) / n  # |dev| ~ σ: n·|dev| overflows only with m2
-    if ALL:
-        dev = dev - mean_d
-    else:
-        dev = dev - mean_d[None, :]
+    dev = dev - _per_lane(mean_d, ALL)
     m2 = _sum_lanes(tl.where(has, lane_m2 + k * dev * dev, 0.0), ALL)
     mean_d = tl.where(r - r == 0, mean_d, 0.0)  # r infinite (or NaN): the mean is r
     return (r.to(tl.float64) - ref) + mean_d.to(tl.float64), m2
