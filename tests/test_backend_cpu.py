@@ -232,10 +232,127 @@ def test_zero_invstd_gives_bias_and_zero_grad():
 def test_supports():
     assert cpu.supports(torch.empty(2, 3))
     assert cpu.supports(torch.empty(2, 3, 4, dtype=torch.float64))
-    # halves go to the portable backend (see cpu.py)
-    assert not cpu.supports(torch.empty(2, 3, dtype=torch.bfloat16))
-    assert not cpu.supports(torch.empty(2, 3, dtype=torch.float16))
+    # halves run kernels of their own in the fused entry points (cpu_kernels, "16-bit data")
+    assert cpu.supports(torch.empty(2, 3, dtype=torch.bfloat16))
+    assert cpu.supports(torch.empty(2, 3, dtype=torch.float16))
+    assert not cpu.supports(torch.empty(2, 3, dtype=torch.int32))
     assert not cpu.supports(torch.empty(0, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_conversions_are_torchs(dtype):
+    """The 16-bit kernels' load and store (``_widen``, ``_narrow``) against torch's own
+    conversions: every bit pattern widened, and float32 values (ties, subnormals, the
+    largest finite values, overflow, inf, NaN) rounded to nearest even."""
+    from numba import njit
+
+    bits = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16)
+    halves = bits.view(dtype)
+    like = cpu._LIKE[dtype]
+    patterns = bits.numpy().astype(like.dtype)
+
+    @njit
+    def widen(a, out):
+        for i in range(a.size):
+            out[i] = K._widen(a[i])
+
+    @njit
+    def narrow(a, out):
+        for i in range(a.size):
+            out[i] = K._narrow(a[i], out)
+
+    wide = np.empty(patterns.size, np.float32)
+    widen(patterns, wide)
+    want = halves.float()
+    same = (torch.from_numpy(wide) == want) | (want.isnan() & torch.from_numpy(wide).isnan())
+    assert same.all()
+    gen = torch.Generator().manual_seed(3)
+    info = torch.finfo(dtype)
+    values = torch.cat([
+        torch.randn(20000, generator=gen) * 10.0 ** torch.randint(-8, 8, (20000,), generator=gen),
+        want[~want.isnan()],  # exact: unchanged
+        (want[:-1] + want[1:]) / 2,  # halfway between neighbours: ties and their signs
+        torch.tensor([info.max * 1.01, -info.max * 1.01, float("inf"), float("-inf"),
+                      float("nan"), info.tiny / 3, -info.tiny / 3, 1e-45])]).float()
+    out = np.empty(values.numel(), like.dtype)
+    narrow(values.numpy(), out)
+    got = torch.from_numpy(out.astype(np.int16)).view(dtype)
+    want = values.to(dtype)
+    same = (got.view(torch.int16) == want.view(torch.int16)) | (got.isnan() & want.isnan())
+    assert same.all(), values[~same][:5]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("view", ["ncl", "mc"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("activation", ["none", "relu", "silu"])
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_half_entry_points_match_float32(dtype, view, training, activation, size):
+    """float16/bfloat16 data in the fused entry points (kernels of their own, the serial
+    build below SERIAL_BELOW and the parallel one above) against the float32 entry points
+    on the same values: y, dx and dresidual as float32's rounded to the data's format,
+    the statistics, sums and running update as float32's."""
+    shape = (LARGE if size == "large" else SMALL)[view]
+    x, dy, w, b, r = _case(shape, dtype, seed=11, with_residual=True, loc=3.0)
+    wide = [t.float() for t in (x, dy, r)]
+    c = shape[1]
+    gen = torch.Generator().manual_seed(12)
+    rm = torch.randn(c, generator=gen) if not training else None
+    rv = torch.rand(c, generator=gen) + 0.5 if not training else None
+    state = [torch.randn(c, generator=gen), torch.rand(c, generator=gen) + 0.5,
+             torch.tensor(3)]
+    ref_state = [t.clone() for t in state]
+    got = cpu.batch_norm_forward(x, w, b, r, rm, rv, 1e-5, activation, SLOPE,
+                                 (*state, 0.1) if training else None)
+    want = cpu.batch_norm_forward(wide[0], w, b, wide[2], rm, rv, 1e-5, activation, SLOPE,
+                                  (*ref_state, 0.1) if training else None)
+    assert got is not None and got[3] == training
+    assert got[0].dtype == dtype
+    assert_close(got[0].float(), want[0].to(dtype).float(), dtype)
+    for g_, w_ in zip(got[1:3] + tuple(state), want[1:3] + tuple(ref_state)):
+        assert g_.dtype == w_.dtype
+        assert_close(g_, w_, torch.float32, scale=10)
+    _, mean, var = got[:3]
+    got = cpu.batch_norm_backward(dy, x, w, b, r, mean, var, 1e-5, training, activation,
+                                  SLOPE, True, True, activation != "none")
+    want = cpu.batch_norm_backward(wide[1], wide[0], w, b, wide[2], want[1], want[2], 1e-5,
+                                   training, activation, SLOPE, True, True,
+                                   activation != "none")
+    assert got is not None
+    dx, sum_dz, sum_dzx, dres = got
+    n = (x.numel() // c) ** 0.5
+    assert_close(sum_dz, want[1], torch.float32, scale=20 * n)
+    assert_close(sum_dzx, want[2], torch.float32, scale=20 * n)
+    assert dx.dtype == dtype and dx.stride() == x.stride()
+    # at ReLU's kink the two may take either side: compare away from it
+    keep = (want[0].abs() > 1e-2) if activation == "relu" else torch.ones_like(dx, dtype=torch.bool)
+    assert_close(dx.float()[keep], want[0].to(dtype).float()[keep], dtype, scale=2)
+    assert (dres is None) == (activation == "none")
+    if dres is not None:
+        assert dres.dtype == dtype
+        assert_close(dres.float()[keep], want[3].to(dtype).float()[keep], dtype, scale=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_half_constant_channel_and_far_first_value(dtype, channels_last):
+    """The 16-bit kernels keep the float kernels' statistics: a constant channel gives
+    exactly 0 variance and y == bias at any magnitude, and a first value far from the
+    channel's mean (summed again around the mean) costs no digits."""
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(8, 3, 40, 40, generator=gen, dtype=torch.float64)
+    x[:, 0] = 60000.0 if dtype == torch.float16 else 3e38
+    x[0, 1, 0, 0] = 3000.0  # an outlier first value
+    x = x.to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w, b = torch.ones(3) * 2, torch.tensor([0.25, 0.0, 0.0])
+    y, mean, var, _, _ = cpu.batch_norm_forward(x, w, b, None, None, None, 0.0, "none", SLOPE,
+                                                None, channels_last)
+    assert var[0] == 0 and mean[0] == x[0, 0, 0, 0].double()
+    assert (y[:, 0] == 0.25).all()
+    ref = x.double()[:, 1]
+    torch.testing.assert_close(var[1].double(), ref.var(unbiased=False), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("view", ["ncl", "mc"])

@@ -12,7 +12,8 @@ from batchnorm.backends import cpu_kernels as K
 
 def test_groups_cover_every_view_build_and_dtype():
     assert set(cpu_compile.GROUPS) == {(v, b, d) for v in ("ncl", "mc") for b in (0, 1)
-                                       for d in (torch.float32, torch.float64)}
+                                       for d in (torch.float32, torch.float64,
+                                                 torch.float16, torch.bfloat16)}
     for view, build, _ in cpu_compile.GROUPS:
         x = torch.empty(cpu_compile._shape(view, build))
         assert cpu._kernel_plan(x, False)[:2] == (view, build)

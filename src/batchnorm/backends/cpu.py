@@ -7,11 +7,12 @@ come from ``cpu_buffers``: memory allocated by torch and kept for reuse once no 
 refers to it, because faulting in fresh pages cost more than the kernels (see there);
 they are returned without a copy.
 
-Dtypes: the kernels take float32 and float64. NumPy has no bfloat16 and numba's float16
-arithmetic is limited, so float16/bfloat16 tensors are converted to float32 by torch on
-the way in and the outputs back on the way out (``_HALF``): correct, with float32
-accumulation, but two extra passes over memory. Whether that beats the portable backend
-decides ``supports`` (see there). Empty tensors go to the portable functions.
+Dtypes: the kernels take float32 and float64; float16 and bfloat16 run kernels of their
+own in the fused entry points (``cpu_kernels``, "16-bit data": the data as 16-bit
+patterns, converted value by value, float32 arithmetic). The primitives, which SyncBatchNorm and
+ops' general path call, convert float16/bfloat16 tensors to float32 by torch on the way
+in and the outputs back on the way out (``_HALF``): correct, with float32 accumulation,
+but two extra passes over memory. Empty tensors go to the portable functions.
 
 Work split: a reduction (statistics, backward_reduce) over an NCL view is cut into
 ranges of whole rows read in memory order when rows are short, else into ``pieces`` per
@@ -37,6 +38,7 @@ from . import cpu_kernels as K
 from . import portable
 
 _DTYPES = (torch.float32, torch.float64)
+_HALF = (torch.float16, torch.bfloat16)
 DEVICES = ("cpu",)
 # Enough tasks that both cores (and a few more, for balance) have work when C is small.
 _TASKS = 16
@@ -96,15 +98,13 @@ def _view(x: Tensor) -> str:
     return "mc" if x.dim() == 2 else "ncl"
 
 
-_HALF = (torch.float16, torch.bfloat16)
-
 
 def supports(x: Tensor) -> bool:
     # No size threshold: measured 2026-11-27 on the 2-core machine, a module forward+backward
     # on (2, 2, 3, 4) takes ~0.45 ms here against ~0.95 ms on the portable backend, and on
     # (16, 64, 8, 8) ~0.65 ms against ~1.4 ms (a numba call costs a few µs, the portable
     # path a dozen torch ops); small tensors take the serial build (SERIAL_BELOW).
-    return x.is_cpu and x.dtype in _DTYPES and x.numel() > 0
+    return x.is_cpu and (x.dtype in _DTYPES or x.dtype in _HALF) and x.numel() > 0
 
 
 def _wide(t: Tensor | None) -> Tensor | None:
@@ -377,18 +377,32 @@ def _kernel_plan(x: Tensor, channels_last: bool):
     if plan is None:
         shape = x.shape
         c, numel = shape[1], shape.numel()
+        half = x.dtype in _HALF
         if _rows_of_channels(shape, channels_last):
             view, n, l_ = "mc", numel // c, 1
         else:
             n, l_ = shape[0], numel // (shape[0] * c)
-            view = "mc" if _wide_rows(n, c, l_) else "ncl"
-        splits = _splits((n, c * l_) if view == "mc" else (n, c, l_))
+            # (the wide-row bounds were measured for the float kernels)
+            view = "mc" if not half and _wide_rows(n, c, l_) else "ncl"
+        if half and view == "ncl":
+            splits = _half_ncl_splits(n * c, numel)
+        else:
+            splits = _splits((n, c * l_) if view == "mc" else (n, c, l_))
         plan = (view, _build(numel), n, c, l_, *splits, float(numel // c),
                 numel * x.element_size() >= buffers.MIN_BYTES)
         if len(_PLANS) > 4096:  # shapes of a long-running process with varying batches
             _PLANS.clear()
         _PLANS[key] = plan
     return plan
+
+
+def _half_ncl_splits(rows: int, numel: int) -> tuple[int, int]:
+    """(reduce, elementwise) ranges of whole rows of the NCL half kernels
+    (``cpu_kernels``, "16-bit data"), which walk every reduction in memory order."""
+    if _build(numel) == 1:
+        return 1, 1
+    return (max(1, min(_TASKS, rows, numel // _MIN_PIECE)),
+            max(1, min(4 * _TASKS, rows, numel // _MIN_PIECE)))
 
 
 def _dense(x: Tensor, channels_last: bool) -> Tensor:
@@ -426,8 +440,17 @@ def _at(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-# The kernels' dtype argument: a scalar of the data's type (see cpu_kernels).
-_LIKE = {torch.float32: np.float32(0), torch.float64: np.float64(0)}
+# The kernels' dtype argument: a scalar of the data's type, for 16-bit data of its bit
+# pattern's (see cpu_kernels); the accumulation dtype, and the kernels of each dtype.
+_LIKE = {torch.float32: np.float32(0), torch.float64: np.float64(0),
+         torch.bfloat16: K.HALF_LIKE["bfloat16"], torch.float16: K.HALF_LIKE["float16"]}
+_ACC = {torch.float32: torch.float32, torch.float64: torch.float64,
+        torch.bfloat16: torch.float32, torch.float16: torch.float32}
+_ENTRY_POINTS = {  # (training forward, evaluation forward, backward) of each dtype
+    torch.float32: (K.FORWARD_TRAIN, K.FORWARD_EVAL, K.BACKWARD),
+    torch.float64: (K.FORWARD_TRAIN, K.FORWARD_EVAL, K.BACKWARD),
+    torch.bfloat16: (K.HALF_FORWARD_TRAIN, K.HALF_FORWARD_EVAL, K.HALF_BACKWARD),
+    torch.float16: (K.HALF_FORWARD_TRAIN, K.HALF_FORWARD_EVAL, K.HALF_BACKWARD)}
 
 
 def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps,
@@ -443,23 +466,27 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
     and the buffers may move before it runs), unless ``need_stats`` is False: the caller
     keeps y alone, the kernel reads the buffers themselves where their dtype and layout
     allow, and mean and var come back None.
-    None for what it does not take (halves, empty tensors)."""
-    acc = x.dtype
-    if acc not in _DTYPES or x.numel() == 0 or (
+    None for what it does not take (empty tensors, a residual of another dtype than
+    16-bit data's)."""
+    acc = _ACC.get(x.dtype)
+    if acc is None or x.numel() == 0 or (
             running_mean is not None and portable.running_mean_dtype(running_mean, acc) != acc):
-        # (the evaluation kernels take the mean in the data's dtype: a wider running mean
-        # is split for them by ops' primitives path)
+        # (the evaluation kernels take the mean in the accumulation dtype: a wider running
+        # mean is split for them by ops' primitives path)
         return None
+    if acc is not x.dtype and residual is not None and residual.dtype != x.dtype:
+        return None  # (the half kernels would round it to x's dtype before adding it)
+    train_kernels, eval_kernels, _ = _ENTRY_POINTS[x.dtype]
     x = _dense(x, channels_last)
     view, build, n, c, l_, rsplit, esplit, count, pooled = _kernel_plan(x, channels_last)
     y = _out_like(x, channels_last, pooled)
     w, b = _vector(weight, acc), _vector(bias, acc)
     res = _laid_out_as(residual, x)
-    code, like = K.ACT_CODES[activation], _LIKE[acc]
+    code, like = K.ACT_CODES[activation], _LIKE[x.dtype]
     if running_mean is not None:
         mean = running_mean.to(acc, copy=need_stats).contiguous()
         var = running_var.to(acc, copy=need_stats).contiguous()
-        K.FORWARD_EVAL[view][_build_now(build)](
+        eval_kernels[view][_build_now(build)](
             x.data_ptr(), n, c, l_, mean.data_ptr(), var.data_ptr(), float(eps), count, _at(w),
             _at(b), _at(res), code, float(slope), esplit, y.data_ptr(), like)
         return (y, mean, var, False, None) if need_stats else (y, None, None, False, None)
@@ -467,7 +494,7 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
     var = torch.empty(c, dtype=acc)
     running = _running_at(*update, acc) if update is not None else None
     rm, rv, counter, momentum = running or (0, 0, 0, 0.0)
-    K.FORWARD_TRAIN[view][_build_now(build)](
+    train_kernels[view][_build_now(build)](
         x.data_ptr(), n, c, l_, rsplit, esplit, float(eps), count, _at(w), _at(b),
         _at(res), code, float(slope), rm, rv, counter, momentum, y.data_ptr(),
         mean.data_ptr(), var.data_ptr(), like)
@@ -482,9 +509,13 @@ def batch_norm_backward(dy, x, weight, bias, residual, mean, var, eps, training:
     None unless ``need_sums`` (required in training). None for what it does not take.
     ``saved`` (what ``batch_norm_forward`` handed ops besides the statistics) is None
     here: the kernels recompute invstd in their prologue."""
-    acc = x.dtype
-    if acc not in _DTYPES or x.numel() == 0 or (not training and mean.dtype != acc):
+    acc = _ACC.get(x.dtype)
+    if acc is None or x.numel() == 0 or (not training and mean.dtype != acc):
         return None  # (a wider running mean: see batch_norm_forward)
+    if (acc is not x.dtype and residual is not None and activation != "none"
+            and residual.dtype != x.dtype):
+        return None  # (see batch_norm_forward)
+    backward_kernels = _ENTRY_POINTS[x.dtype][2]
     x = _dense(x, channels_last)
     view, build, n, c, l_, rsplit, esplit, count, pooled = _kernel_plan(x, channels_last)
     dy = _laid_out_as(dy, x)
@@ -502,11 +533,11 @@ def batch_norm_backward(dy, x, weight, bias, residual, mean, var, eps, training:
         if want_dresidual:
             # activation != 'none' here: without one, ops uses dy itself as dresidual
             dres = _out_like(x, channels_last, pooled)
-    K.BACKWARD[view][_build_now(build)](
+    backward_kernels[view][_build_now(build)](
         dy.data_ptr(), x.data_ptr(), n, c, l_, mean.data_ptr(), var.data_ptr(), float(eps),
         count, _at(w), _at(b), _at(res), K.ACT_CODES[activation], float(slope),
         rsplit, esplit, need_sums, need_dx, training, _at(sum_dz), _at(sum_dzx), _at(dx),
-        _at(dres), _LIKE[acc], mean.dtype is torch.float64)
+        _at(dres), _LIKE[x.dtype], mean.dtype is torch.float64)
     return dx, sum_dz, sum_dzx, dres
 
 

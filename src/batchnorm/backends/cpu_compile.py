@@ -15,7 +15,7 @@ cached it takes about 10 s. The tests then took 4 min 55 s in one process and 3 
 in two pytest-xdist workers (``make test``).
 
 The work is cut into groups, one per kernel view (NCL, MC), build (parallel, serial) and
-dtype (float32, float64). A group calls the fused entry points (training and evaluation
+dtype (float32, float64, and float16 and bfloat16, which run kernels of their own). A group calls the fused entry points (training and evaluation
 forward, both backwards) and the four primitives on a tensor whose plan is that view and
 build, as the modules and SyncBatchNorm call them, which compiles exactly the variants
 they will use. Groups of one view and build share numba functions (a kernel's float32 and
@@ -38,7 +38,7 @@ _VIEWS = ("mc", "ncl")
 # Groups took 50-114 s each on the 2-core machine, the parallel builds longest (2026-12-02);
 # serial first, then parallel, had both workers finish within 10 s of each other.
 _BUILDS = (1, 0)
-_DTYPES = (torch.float32, torch.float64)
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 GROUPS = [(v, b, d) for b in _BUILDS for v in _VIEWS for d in _DTYPES]
 
 
@@ -66,14 +66,17 @@ def _run_group(view: str, build: int, dtype: torch.dtype) -> None:
     dy = torch.randn(shape, generator=gen, dtype=dtype)
     assert cpu._kernel_plan(x, False)[:2] == (view, build)
     c = shape[1]
-    w, b = torch.ones(c, dtype=dtype), torch.zeros(c, dtype=dtype)
-    running = (torch.zeros(c, dtype=dtype), torch.ones(c, dtype=dtype),
+    wide = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype  # (autocast)
+    w, b = torch.ones(c, dtype=wide), torch.zeros(c, dtype=wide)
+    running = (torch.zeros(c, dtype=wide), torch.ones(c, dtype=wide),
                torch.zeros((), dtype=torch.long), 0.1)
     for rm, rv, update in ((None, None, running), (running[0], running[1], None)):
         _, mean, var, _, _ = cpu.batch_norm_forward(x, w, b, x, rm, rv, 1e-5, "relu", 0.0,
                                                     update)
         cpu.batch_norm_backward(dy, x, w, b, x, mean, var, 1e-5, rm is None, "relu", 0.0,
                                 True, True, True)
+    if wide is not dtype:
+        return  # (16-bit primitives convert to float32 and run the float32 group's kernels)
     # the primitives, as SyncBatchNorm and the general path call them
     count = x.numel() // c
     mean, m2 = cpu.stats(x)  # the mean in float64
