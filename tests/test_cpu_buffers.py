@@ -64,14 +64,84 @@ def test_release_frees_only_free_blocks(pool):
 
 
 def test_free_blocks_above_the_limit_are_evicted_on_a_miss(pool, monkeypatch):
-    sizes = [(1024 * (i + 1),) for i in range(6)]
-    for s in sizes:
-        pool.empty(s, torch.float32)  # each one freed at once
-    assert pool.info()["bytes_free"] >= sum(4 * s[0] for s in sizes)
+    held = [pool.empty((1024 * (i + 1),), torch.float32) for i in range(6)]  # one step
+    del held
+    assert pool.info()["bytes_free"] >= 4 * 1024 * 21
     monkeypatch.setattr(pool, "cache_limit", 8192)
     big = pool.empty((50_000,), torch.float32)  # a miss: evicts down to the limit first
     assert pool.info()["bytes_free"] <= 8192
     del big
+
+
+def test_changing_sizes_keep_memory_near_one_steps_need(pool):
+    """Shapes that change from call to call (sequences of varying length): free blocks
+    beyond what the outputs in use needed at once are released on a miss, so memory held
+    stays near the largest output, not the sum of every size seen (the limit)."""
+    start = pool.info()["bytes_held"]  # blocks other tests' tensors may still hold
+    largest = total = 0
+    for n in range(4096, 40960, 1024):
+        y = pool.empty((n,), torch.float32)  # freed once the next one is made
+        largest = max(largest, 4 * n)
+        total += 4 * n
+    del y
+    # two outputs in use at once (the last and the next), as many bytes free at most
+    held = pool.info()["bytes_held"] - start
+    assert held <= 4 * largest + 4 * 4096 < total / 4
+
+
+def test_a_larger_free_block_serves_a_smaller_request(pool):
+    a = pool.empty((10_000,), torch.float32)
+    ptr = a.data_ptr()
+    del a
+    b = pool.empty((6_000,), torch.float32)  # within twice the size: reused
+    assert b.data_ptr() == ptr and b.shape == (6_000,)
+    c = pool.empty((2_000,), torch.float32)  # less than half: a block of its own
+    assert c.data_ptr() != ptr
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "CL"])
+def test_outputs_are_not_views(pool, gen, channels_last):
+    """A pooled output is a tensor of its own, as torch's are: made under no_grad, it
+    takes an in-place op with a tensor that requires grad, and detach_()."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(4, 8, 6, 6, generator=gen).to(memory_format=fmt)
+    w = torch.ones(8, 1, 1, requires_grad=True)
+    with backends.using("cpu"):
+        bn = batchnorm.BatchNorm2d(8).eval()
+        with torch.no_grad():
+            y = bn(x)
+    assert not y._is_view() and y.is_contiguous(memory_format=fmt)
+    y.mul_(w)  # raised "A view was created in no_grad mode ..." on a view
+    assert y.grad_fn is not None
+    z = pool.empty((3, 4, 5), torch.float32)
+    assert not z._is_view()
+    z.detach_()
+    strided = pool.empty((2, 3, 4, 5), torch.float32, (60, 1, 15, 3))
+    assert strided.stride() == (60, 1, 15, 3) and not strided._is_view()
+
+
+def test_a_fork_child_allocates_while_a_parent_thread_held_the_lock(pool):
+    """The pool's lock is new in a fork child: one a parent thread held at the fork would
+    never be released there."""
+    import multiprocessing as mp
+    import os
+
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork on this platform")
+    ctx = mp.get_context("fork")
+    parent_end, child_end = ctx.Pipe()
+    with pool._lock:  # as another thread allocating at the moment of the fork
+        proc = ctx.Process(target=_allocate_and_report, args=(child_end,))
+        proc.start()
+    proc.join(30)
+    alive = proc.is_alive()
+    if alive:
+        proc.kill()
+    assert not alive and parent_end.recv() == (3, 4, 5)
+
+
+def _allocate_and_report(conn):
+    conn.send(tuple(buffers.empty((3, 4, 5), torch.float32).shape))
 
 
 def test_outputs_kept_beyond_the_per_size_cap_are_plain_allocations(pool, monkeypatch):

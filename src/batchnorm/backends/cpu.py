@@ -415,8 +415,8 @@ def _out_like(x: Tensor, channels_last: bool, pooled: bool) -> Tensor:
         return torch.empty_like(x)
     if not channels_last:
         return buffers.empty_like(x)
-    shape = x.shape
-    return buffers.empty((shape[0], *shape[2:], shape[1]), x.dtype).movedim(-1, 1)
+    # x is dense (contiguous or channels-last): its strides, as torch.empty_like gives
+    return buffers.empty(x.shape, x.dtype, x.stride())
 
 
 def _laid_out_as(t: Tensor | None, x: Tensor) -> Tensor | None:
