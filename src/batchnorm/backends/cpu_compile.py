@@ -12,7 +12,9 @@ Measured on the 2-core machine, 2026-12-02 (the figures the README points to), w
 cold cache: :func:`precompile` took 347.5 s (307.5 s in an earlier run; 474.2 s for the
 104 variants before 5a1526e, run just before it), each group 50-114 s; with every kernel
 cached it takes about 10 s. The tests then took 4 min 55 s in one process and 3 min 58 s
-in two pytest-xdist workers (``make test``).
+in two pytest-xdist workers (``make test``). On 2026-12-03 (a 2-core Intel Xeon, nothing
+else running) the float groups took 210-261 s in all; with the float16 and bfloat16 groups
+(kernels of their own, 31-69 s a group) 444.5 s.
 
 The work is cut into groups, one per kernel view (NCL, MC), build (parallel, serial) and
 dtype (float32, float64, and float16 and bfloat16, which run kernels of their own). A group calls the fused entry points (training and evaluation
