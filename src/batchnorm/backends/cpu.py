@@ -9,10 +9,11 @@ they are returned without a copy.
 
 Dtypes: the kernels take float32 and float64; float16 and bfloat16 run kernels of their
 own in the fused entry points (``cpu_kernels``, "16-bit data": the data as 16-bit
-patterns, converted value by value, float32 arithmetic). The primitives, which SyncBatchNorm and
-ops' general path call, convert float16/bfloat16 tensors to float32 by torch on the way
-in and the outputs back on the way out (``_HALF``): correct, with float32 accumulation,
-but two extra passes over memory. Empty tensors go to the portable functions.
+patterns, converted value by value, float32 arithmetic). The primitives, which
+SyncBatchNorm and ops' general path call, convert float16/bfloat16 tensors to float32 by
+torch on the way in and the outputs back on the way out (``_HALF``): correct, with
+float32 accumulation, but two extra passes over memory. Empty tensors go to the portable
+functions.
 
 Work split: a reduction (statistics, backward_reduce) over an NCL view is cut into
 ranges of whole rows read in memory order when rows are short, else into ``pieces`` per
@@ -96,7 +97,6 @@ def _pick(builds, x: Tensor):
 
 def _view(x: Tensor) -> str:
     return "mc" if x.dim() == 2 else "ncl"
-
 
 
 def supports(x: Tensor) -> bool:

@@ -17,10 +17,11 @@ else running) the float groups took 210-261 s in all; with the float16 and bfloa
 (kernels of their own, 31-69 s a group) 444.5 s.
 
 The work is cut into groups, one per kernel view (NCL, MC), build (parallel, serial) and
-dtype (float32, float64, and float16 and bfloat16, which run kernels of their own). A group calls the fused entry points (training and evaluation
-forward, both backwards) and the four primitives on a tensor whose plan is that view and
-build, as the modules and SyncBatchNorm call them, which compiles exactly the variants
-they will use. Groups of one view and build share numba functions (a kernel's float32 and
+dtype (float32, float64, and float16 and bfloat16, which run kernels of their own). A
+group calls the fused entry points (training and evaluation forward, both backwards) and
+the four primitives on a tensor whose plan is that view and build, as the modules and
+SyncBatchNorm call them, which compiles exactly the variants they will use (the 16-bit
+primitives convert to float32: the float32 groups compile theirs). Groups of one view and build share numba functions (a kernel's float32 and
 float64 variants live under one cache index), and numba rewrites an index without a lock:
 two processes saving entries of one function at once can leave the index naming the other
 entry's file. So the worker processes take one lock around each cache save.

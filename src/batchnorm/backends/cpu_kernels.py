@@ -1411,10 +1411,10 @@ BACKWARD = {v: _bound_builds(backward_at, v, _reduce=(REDUCE, _REDUCE_LINKED),
 # kernels above, whose helpers they share: the statistics around each channel's first
 # value, summed again around the mean where that value lies far out (``_refine``); the
 # per-channel coefficients (``_prologue``, ``_dx_coefs``); the activations. The fused entry
-# points above run them bound in place of the float kernels (``HALF_*``), so that a step
-# moves 2 bytes a value where converting to float32 around the float kernels moved 6 more
-# a pass (that path took 3-8x torch's time on (32, 64, 56, 56) bfloat16, the portable
-# backend 7-14x, measured 2026-12-03). They live in this file because numba's cache checks
+# points above run them bound in place of the float kernels (``HALF_*``), so that each pass
+# reads and writes 2 bytes a value; converting to float32 around the float kernels added
+# two passes and doubled the others' bytes (that path took 3-8x torch's time on
+# (32, 64, 56, 56) bfloat16, the portable backend 7-14x, measured 2026-12-03). They live in this file because numba's cache checks
 # only the file a cached function is defined in: kernels in another file, compiled with
 # these helpers inlined, would keep running the old helpers after an edit here.
 #
