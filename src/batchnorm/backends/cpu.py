@@ -104,7 +104,7 @@ def supports(x: Tensor) -> bool:
     # on (2, 2, 3, 4) takes ~0.45 ms here against ~0.95 ms on the portable backend, and on
     # (16, 64, 8, 8) ~0.65 ms against ~1.4 ms (a numba call costs a few µs, the portable
     # path a dozen torch ops); small tensors take the serial build (SERIAL_BELOW).
-    return x.is_cpu and (x.dtype in _DTYPES or x.dtype in _HALF) and x.numel() > 0
+    return x.is_cpu and x.dtype in _ACC and x.numel() > 0
 
 
 def _wide(t: Tensor | None) -> Tensor | None:

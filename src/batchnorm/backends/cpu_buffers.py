@@ -190,17 +190,21 @@ _ITEMSIZE = {dt: torch.empty((), dtype=dt).element_size()
              for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
 
+def _plain(shape, dtype: torch.dtype, strides) -> Tensor:
+    """The tensor torch would allocate: for small sizes, the pool off or full."""
+    if strides is None:
+        return torch.empty(shape, dtype=dtype)
+    return torch.empty_strided(shape, strides, dtype=dtype)
+
+
 def _empty(shape, dtype: torch.dtype, nbytes: int, strides=None) -> Tensor:
     if nbytes < MIN_BYTES or cache_limit <= 0:
-        if strides is None:
-            return torch.empty(shape, dtype=dtype)
-        return torch.empty_strided(shape, strides, dtype=dtype)
+        return _plain(shape, dtype, strides)
     rounded = -(-nbytes // _PAGE) * _PAGE
     with _lock:
         block = _take(rounded)
         if block is None:
-            return torch.empty(shape, dtype=dtype) if strides is None else \
-                torch.empty_strided(shape, strides, dtype=dtype)
+            return _plain(shape, dtype, strides)
         # from_numpy's storage keeps the slice (and so the block) alive as long as it lives
         storage = torch.from_numpy(block[:nbytes]).untyped_storage()
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape, strides)

@@ -1422,7 +1422,10 @@ BACKWARD = {v: _bound_builds(backward_at, v, _reduce=(REDUCE, _REDUCE_LINKED),
 # memory order into per-task partials (NCL: one per channel; MC: one per tile position),
 # every elementwise pass ranges of rows (``cpu._half_ncl_splits``; MC as ``cpu._splits``),
 # MC rows in tiles of whole rows (see "Channels-last tiles"). Outputs are rounded to the
-# data's format to nearest even, as torch's conversions do.
+# data's format to nearest even, as torch's conversions do. They repeat the float kernels'
+# shape with another load and store; one family (the float kernels with a load, store and
+# accumulator type overloaded per dtype, identity for float32/float64) would remove the
+# copy and give 16-bit data the tuned walks, once the float path is shown unchanged.
 
 # The 16-bit formats: the integer type that carries each, and a scalar of it (the entry
 # points' ``like``).
