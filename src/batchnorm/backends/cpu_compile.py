@@ -2,19 +2,18 @@
 
 numba compiles each kernel for its argument types on the first call and keeps the machine
 code in its on-disk cache (``__pycache__`` beside ``cpu_kernels.py``, or
-``NUMBA_CACHE_DIR``), where every later process finds it. A fresh install meets about 90
-such compilations one after another (counted 2026-12-02 from numba's cache index files
-after ``batchnorm compile`` alone: 88 compiled variants at commit 5a1526e, 104 before it,
-when the float32 kernels had a second variant for a float32 mean). They do not depend on
-each other, so :func:`precompile` runs them in several processes at once.
+``NUMBA_CACHE_DIR``), where every later process finds it. A fresh install meets a few
+hundred such compilations, kernels and the helpers they share, one after another (182
+cache entries after ``batchnorm compile`` alone, 2026-12-03). They do not depend on each
+other, so :func:`precompile` runs them in several processes at once.
 
-Measured on the 2-core machine, 2026-12-02 (the figures the README points to), with a
-cold cache: :func:`precompile` took 347.5 s (307.5 s in an earlier run; 474.2 s for the
-104 variants before 5a1526e, run just before it), each group 50-114 s; with every kernel
-cached it takes about 10 s. The tests then took 4 min 55 s in one process and 3 min 58 s
-in two pytest-xdist workers (``make test``). On 2026-12-03 (a 2-core Intel Xeon, nothing
-else running) the float groups took 210-261 s in all; with the float16 and bfloat16 groups
-(kernels of their own, 31-69 s a group) 444.5 s.
+Measured with a cold cache on the 2-core Intel Xeon, 2026-12-03 (the figures the README
+points to), nothing else running: :func:`precompile` took 242.8 s, each group 20-46 s;
+with every kernel cached it takes about 10 s. Before the kernels' task walks and
+per-channel helpers were compiled once per process rather than inlined into every kernel
+(``cpu_kernels``, "Variants") it took 444.5-463.2 s, and 210-261 s before the float16 and
+bfloat16 groups. The suite then took 3 min 5 s in two pytest-xdist workers (``make
+test``).
 
 The work is cut into groups, one per kernel view (NCL, MC), build (parallel, serial) and
 dtype (float32, float64, and float16 and bfloat16, which run kernels of their own). A
@@ -38,8 +37,8 @@ import torch
 from . import cpu
 
 _VIEWS = ("mc", "ncl")
-# Groups took 50-114 s each on the 2-core machine, the parallel builds longest (2026-12-02);
-# serial first, then parallel, had both workers finish within 10 s of each other.
+# Serial groups first: a process's first groups compile the helpers every group shares
+# (28-46 s a serial group, 20-31 s a parallel one, 2026-12-03).
 _BUILDS = (1, 0)
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 GROUPS = [(v, b, d) for b in _BUILDS for v in _VIEWS for d in _DTYPES]

@@ -192,7 +192,7 @@ def _tile_len(cols):
     return cols * max(1, -(-_TILE // cols))
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _tiled(a, rep, t_):
     """a (per channel), each value over ``rep`` neighbouring columns, repeated over a tile
     of t_ positions."""
@@ -252,7 +252,7 @@ def _far(s1, s2, n):
     return s1 * s1 > _FAR * (n * s2 - s1 * s1)
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _refine(shift, a1, a2, total, todo):
     """After a pass of sums (a1, a2) around ``shift``: ``todo`` marks the channels to sum
     again, each around its mean rounded to the data's dtype (the new ``shift``). Only
@@ -272,7 +272,7 @@ def _refine(shift, a1, a2, total, todo):
     return True
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _ncl_first_pass(x):
     """What the first pass over an (N, C, L) view starts from: each channel's shift (its
     first value), every channel marked to sum, and the channels' totals (S1, S2)."""
@@ -283,7 +283,7 @@ def _ncl_first_pass(x):
     return shift, np.ones(c_, np.bool_), np.zeros(c_), np.zeros(c_)
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _channel_totals(s1, s2, todo, t1, t2):
     """t1[c], t2[c] = the sums of the [C, K] partials' row c, added in order, for the
     channels marked in ``todo`` (the others keep their sums)."""
@@ -298,7 +298,7 @@ def _channel_totals(s1, s2, todo, t1, t2):
             t2[c] = a2
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _finish(shift, a1, a2, total, mean_out, m2_out):
     for c in range(shift.shape[0]):
         mean_out[c] = np.float64(shift[c]) + a1[c] / total
@@ -418,7 +418,7 @@ def _stats_mc_tile(xf, e, n, skt, b1, b2):
         b2[j] += d * d
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _fold_tiles(s1, s2, c_, rep):
     """Per-channel totals of [blocks, k·C·rep] partials, added block by block and, within
     a block, tile position by tile position: the order of a loop over each channel's
@@ -515,7 +515,7 @@ def _invstd_of(var, eps, invstd):
         invstd[c] = 1.0 / math.sqrt(ve) if ve != 0 else 0.0
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _prologue(mean, v, eps, count, mode, weight, bias, mean_k, invstd, scale, shift, delta,
               var_out):
     """Per-channel coefficients of z = (x − mean_k)·scale + shift.
@@ -580,7 +580,7 @@ def _prologue(mean, v, eps, count, mode, weight, bias, mean_k, invstd, scale, sh
             shift[c] = 0.0 - np.float64(invstd[c]) * delta[c]
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _dx_coefs(invstd, weight, delta, sum_dz, sum_dzx, count, k0, k1, k2):
     """dx = k0·(dz − k1 − (x − mean_k)·k2) with k0 = γ·r, and, with batch statistics
     (S = Σdz·x̂, x̂ = (x − mean_k)·r − delta·r):  k1 = Σdz/n − delta·r·S/n,  k2 = r·S/n.
@@ -607,10 +607,28 @@ def _dx_coefs(invstd, weight, delta, sum_dz, sum_dzx, count, k0, k1, k2):
             k2[c] = 0.0
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _arrays(x, c_):
     return (np.empty(c_, x.dtype), np.empty(c_, x.dtype), np.empty(c_, x.dtype),
             np.empty(c_, x.dtype), np.empty(c_, np.float64))
+
+
+# ---------------------------------------------------------------------------------------
+# Variants
+#
+# The walks over a task's values (``_norm_ncl_task``, ``_dx_mc_rows``, ...) take the
+# activation's code and whether there is a residual. The common cases (no activation and
+# relu, with and without a residual) each run a copy of the whole walk with those
+# arguments constant, so that LLVM folds the activation's switch and vectorizes; with the
+# branch inside the walk (per row), LLVM optimized the loop nest as a whole 2-3x worse on
+# short rows (measured on the 2-core machine). The parallel loop calls, once per task, a
+# compiled function (``*_any``) that picks the copy. That function is compiled once per
+# process and shared by the parallel and serial builds and the fused entry points; the
+# copies had been inlined into each of them, which took about twice as long to compile
+# (``batchnorm compile`` with a cold cache: 463 s before, 243 s after, on the 2-core Xeon,
+# 2026-12-03). The per-channel helpers (``_prologue``, ``_tiled``, ...) are likewise
+# compiled once, not inlined. Module steps and kernels on 16 shapes, timed against the old
+# code in alternating processes, showed no change beyond the machine's noise.
 
 
 # ---------------------------------------------------------------------------------------
@@ -648,6 +666,23 @@ def _norm_ncl_task(xf, rf, yf, e0, e1, l_, c_, mean, scale, shift, code, slope, 
             c = 0
 
 
+@njit(cache=True)
+def _norm_ncl_task_any(xf, rf, yf, e0, e1, l_, c_, mean, scale, shift, code, slope, has_res):
+    # (see "Variants")
+    if code == 0:
+        if has_res:
+            _norm_ncl_task(xf, rf, yf, e0, e1, l_, c_, mean, scale, shift, 0, slope, True)
+        else:
+            _norm_ncl_task(xf, rf, yf, e0, e1, l_, c_, mean, scale, shift, 0, slope, False)
+    elif code == 1:
+        if has_res:
+            _norm_ncl_task(xf, rf, yf, e0, e1, l_, c_, mean, scale, shift, 1, slope, True)
+        else:
+            _norm_ncl_task(xf, rf, yf, e0, e1, l_, c_, mean, scale, shift, 1, slope, False)
+    else:
+        _norm_ncl_task(xf, rf, yf, e0, e1, l_, c_, mean, scale, shift, code, slope, has_res)
+
+
 def normalize_ncl(x, mean_in, v, eps, count, mode, weight, bias, res, code, slope, tasks, y,
                   var_out):
     c_, l_ = x.shape[1], x.shape[2]
@@ -662,21 +697,7 @@ def normalize_ncl(x, mean_in, v, eps, count, mode, weight, bias, res, code, slop
     for t in prange(tasks):
         e0 = total * t // tasks
         e1 = total * (t + 1) // tasks
-        # One branch per task, each calling its own copy of the whole walk: with the branch
-        # inside the walk (per row), LLVM optimized the loop nest as a whole 2-3x worse on
-        # short rows (measured on the 2-core machine).
-        if code == 0:
-            if has_res:
-                _norm_ncl_task(xf, rf, yf, e0, e1, l_, c_, mean, scale, shift, 0, slope, True)
-            else:
-                _norm_ncl_task(xf, rf, yf, e0, e1, l_, c_, mean, scale, shift, 0, slope, False)
-        elif code == 1:
-            if has_res:
-                _norm_ncl_task(xf, rf, yf, e0, e1, l_, c_, mean, scale, shift, 1, slope, True)
-            else:
-                _norm_ncl_task(xf, rf, yf, e0, e1, l_, c_, mean, scale, shift, 1, slope, False)
-        else:
-            _norm_ncl_task(xf, rf, yf, e0, e1, l_, c_, mean, scale, shift, code, slope,
+        _norm_ncl_task_any(xf, rf, yf, e0, e1, l_, c_, mean, scale, shift, code, slope,
                            has_res)
 
 
@@ -711,6 +732,23 @@ def _norm_mc_rows(xf, rf, yf, r0, r1, cols, mean, scale, shift, code, slope, has
         _norm_mc_tail(xf, rf, yf, e, end - e, mean, scale, shift, code, slope, has_res)
 
 
+@njit(cache=True)
+def _norm_mc_rows_any(xf, rf, yf, r0, r1, cols, mean, scale, shift, code, slope, has_res):
+    # (see "Variants")
+    if code == 0:
+        if has_res:
+            _norm_mc_rows(xf, rf, yf, r0, r1, cols, mean, scale, shift, 0, slope, True)
+        else:
+            _norm_mc_rows(xf, rf, yf, r0, r1, cols, mean, scale, shift, 0, slope, False)
+    elif code == 1:
+        if has_res:
+            _norm_mc_rows(xf, rf, yf, r0, r1, cols, mean, scale, shift, 1, slope, True)
+        else:
+            _norm_mc_rows(xf, rf, yf, r0, r1, cols, mean, scale, shift, 1, slope, False)
+    else:
+        _norm_mc_rows(xf, rf, yf, r0, r1, cols, mean, scale, shift, code, slope, has_res)
+
+
 def normalize_mc(x, mean_in, v, eps, count, mode, weight, bias, res, code, slope, blocks, y,
                  var_out):
     m_, cols = x.shape
@@ -728,18 +766,7 @@ def normalize_mc(x, mean_in, v, eps, count, mode, weight, bias, res, code, slope
     for bl in prange(blocks):
         r0 = m_ * bl // blocks
         r1 = m_ * (bl + 1) // blocks
-        if code == 0:
-            if has_res:
-                _norm_mc_rows(xf, rf, yf, r0, r1, cols, mt, st, bt, 0, slope, True)
-            else:
-                _norm_mc_rows(xf, rf, yf, r0, r1, cols, mt, st, bt, 0, slope, False)
-        elif code == 1:
-            if has_res:
-                _norm_mc_rows(xf, rf, yf, r0, r1, cols, mt, st, bt, 1, slope, True)
-            else:
-                _norm_mc_rows(xf, rf, yf, r0, r1, cols, mt, st, bt, 1, slope, False)
-        else:
-            _norm_mc_rows(xf, rf, yf, r0, r1, cols, mt, st, bt, code, slope, has_res)
+        _norm_mc_rows_any(xf, rf, yf, r0, r1, cols, mt, st, bt, code, slope, has_res)
 
 
 # ---------------------------------------------------------------------------------------
@@ -820,6 +847,37 @@ def _reduce_ncl_rows_task(dyf, xf, rf, r0, r1, c_, l_, mean, scale, shift, a1, a
             c = 0
 
 
+@njit(cache=True, fastmath=_REDUCE_MATH)
+def _reduce_ncl_span_any(dyf, xf, rf, i0, i1, c, c_, l_, m, s, b, code, slope, has_res):
+    # (see "Variants")
+    if code == 0:
+        return _reduce_ncl_span(dyf, xf, rf, i0, i1, c, c_, l_, m, s, b, 0, slope, False)
+    if code == 1:
+        if has_res:
+            return _reduce_ncl_span(dyf, xf, rf, i0, i1, c, c_, l_, m, s, b, 1, slope, True)
+        return _reduce_ncl_span(dyf, xf, rf, i0, i1, c, c_, l_, m, s, b, 1, slope, False)
+    return _reduce_ncl_span(dyf, xf, rf, i0, i1, c, c_, l_, m, s, b, code, slope, has_res)
+
+
+@njit(cache=True, fastmath=_REDUCE_MATH)
+def _reduce_ncl_rows_task_any(dyf, xf, rf, r0, r1, c_, l_, mean, scale, shift, a1, a2, code,
+                              slope, has_res):
+    # (see "Variants")
+    if code == 0:
+        _reduce_ncl_rows_task(dyf, xf, rf, r0, r1, c_, l_, mean, scale, shift, a1, a2, 0,
+                              slope, False)
+    elif code == 1:
+        if has_res:
+            _reduce_ncl_rows_task(dyf, xf, rf, r0, r1, c_, l_, mean, scale, shift, a1, a2, 1,
+                                  slope, True)
+        else:
+            _reduce_ncl_rows_task(dyf, xf, rf, r0, r1, c_, l_, mean, scale, shift, a1, a2, 1,
+                                  slope, False)
+    else:
+        _reduce_ncl_rows_task(dyf, xf, rf, r0, r1, c_, l_, mean, scale, shift, a1, a2, code,
+                              slope, has_res)
+
+
 def reduce_ncl(dy, x, mean_in, v, eps, count, mode, weight, bias, res, code, slope, split,
                sum_dz, sum_dzx):
     n_, c_, l_ = x.shape
@@ -842,18 +900,7 @@ def reduce_ncl(dy, x, mean_in, v, eps, count, mode, weight, bias, res, code, slo
             r1 = rows * (t + 1) // tasks
             a1 = p1[t]
             a2 = p2[t]
-            if code == 0:
-                _reduce_ncl_rows_task(dyf, xf, rf, r0, r1, c_, l_, mean, scale, shift, a1, a2,
-                                      0, slope, False)
-            elif code == 1:
-                if has_res:
-                    _reduce_ncl_rows_task(dyf, xf, rf, r0, r1, c_, l_, mean, scale, shift, a1,
-                                          a2, 1, slope, True)
-                else:
-                    _reduce_ncl_rows_task(dyf, xf, rf, r0, r1, c_, l_, mean, scale, shift, a1,
-                                          a2, 1, slope, False)
-            else:
-                _reduce_ncl_rows_task(dyf, xf, rf, r0, r1, c_, l_, mean, scale, shift, a1, a2,
+            _reduce_ncl_rows_task_any(dyf, xf, rf, r0, r1, c_, l_, mean, scale, shift, a1, a2,
                                       code, slope, has_res)
     else:
         # long rows: ``split`` pieces per channel, each walking its channel's rows
@@ -869,18 +916,7 @@ def reduce_ncl(dy, x, mean_in, v, eps, count, mode, weight, bias, res, code, slo
             m = mean[c]
             s = scale[c]
             b = shift[c]
-            if code == 0:
-                a1, a2 = _reduce_ncl_span(dyf, xf, rf, i0, i1, c, c_, l_, m, s, b, 0, slope,
-                                          False)
-            elif code == 1:
-                if has_res:
-                    a1, a2 = _reduce_ncl_span(dyf, xf, rf, i0, i1, c, c_, l_, m, s, b, 1,
-                                              slope, True)
-                else:
-                    a1, a2 = _reduce_ncl_span(dyf, xf, rf, i0, i1, c, c_, l_, m, s, b, 1,
-                                              slope, False)
-            else:
-                a1, a2 = _reduce_ncl_span(dyf, xf, rf, i0, i1, c, c_, l_, m, s, b, code,
+            a1, a2 = _reduce_ncl_span_any(dyf, xf, rf, i0, i1, c, c_, l_, m, s, b, code,
                                           slope, has_res)
             p1[t, 0] = a1
             p2[t, 0] = a2
@@ -951,6 +987,24 @@ def _reduce_mc_rows(dyf, xf, rf, r0, r1, cols, mean, scale, shift, a1, a2, code,
         q = q1
 
 
+@njit(cache=True, fastmath=_REDUCE_MATH)
+def _reduce_mc_rows_any(dyf, xf, rf, r0, r1, cols, mean, scale, shift, a1, a2, code, slope,
+                        has_res):
+    # (see "Variants")
+    if code == 0:
+        _reduce_mc_rows(dyf, xf, rf, r0, r1, cols, mean, scale, shift, a1, a2, 0, slope, False)
+    elif code == 1:
+        if has_res:
+            _reduce_mc_rows(dyf, xf, rf, r0, r1, cols, mean, scale, shift, a1, a2, 1, slope,
+                            True)
+        else:
+            _reduce_mc_rows(dyf, xf, rf, r0, r1, cols, mean, scale, shift, a1, a2, 1, slope,
+                            False)
+    else:
+        _reduce_mc_rows(dyf, xf, rf, r0, r1, cols, mean, scale, shift, a1, a2, code, slope,
+                        has_res)
+
+
 def reduce_mc(dy, x, mean_in, v, eps, count, mode, weight, bias, res, code, slope, blocks,
               sum_dz, sum_dzx):
     m_, cols = x.shape
@@ -972,16 +1026,7 @@ def reduce_mc(dy, x, mean_in, v, eps, count, mode, weight, bias, res, code, slop
         r1 = m_ * (bl + 1) // blocks
         a1 = s1[bl]
         a2 = s2[bl]
-        if code == 0:
-            _reduce_mc_rows(dyf, xf, rf, r0, r1, cols, mt, st, bt, a1, a2, 0, slope, False)
-        elif code == 1:
-            if has_res:
-                _reduce_mc_rows(dyf, xf, rf, r0, r1, cols, mt, st, bt, a1, a2, 1, slope, True)
-            else:
-                _reduce_mc_rows(dyf, xf, rf, r0, r1, cols, mt, st, bt, a1, a2, 1, slope,
-                                False)
-        else:
-            _reduce_mc_rows(dyf, xf, rf, r0, r1, cols, mt, st, bt, a1, a2, code, slope,
+        _reduce_mc_rows_any(dyf, xf, rf, r0, r1, cols, mt, st, bt, a1, a2, code, slope,
                             has_res)
     a1, a2 = _fold_tiles(s1, s2, c_, rep)
     for c in range(c_):
@@ -1028,6 +1073,24 @@ def _dx_ncl_task(dyf, xf, rf, dxf, drf, e0, e1, l_, c_, coefs, code, slope, has_
             c = 0
 
 
+@njit(cache=True)
+def _dx_ncl_task_any(dyf, xf, rf, dxf, drf, e0, e1, l_, c_, coefs, code, slope, has_res,
+                     want_dres):
+    # (see "Variants")
+    if code == 0:
+        _dx_ncl_task(dyf, xf, rf, dxf, drf, e0, e1, l_, c_, coefs, 0, slope, False, False)
+    elif code == 1:
+        if want_dres:
+            _dx_ncl_task(dyf, xf, rf, dxf, drf, e0, e1, l_, c_, coefs, 1, slope, True, True)
+        elif has_res:
+            _dx_ncl_task(dyf, xf, rf, dxf, drf, e0, e1, l_, c_, coefs, 1, slope, True, False)
+        else:
+            _dx_ncl_task(dyf, xf, rf, dxf, drf, e0, e1, l_, c_, coefs, 1, slope, False, False)
+    else:
+        _dx_ncl_task(dyf, xf, rf, dxf, drf, e0, e1, l_, c_, coefs, code, slope, has_res,
+                     want_dres)
+
+
 def elementwise_ncl(dy, x, mean_in, v, eps, count, mode, weight, bias, res, sum_dz, sum_dzx,
                     code, slope, tasks, dx, dres):
     c_, l_ = x.shape[1], x.shape[2]
@@ -1050,21 +1113,7 @@ def elementwise_ncl(dy, x, mean_in, v, eps, count, mode, weight, bias, res, sum_
     for t in prange(tasks):
         e0 = total * t // tasks
         e1 = total * (t + 1) // tasks
-        # one branch per task (see normalize_ncl)
-        if code == 0:
-            _dx_ncl_task(dyf, xf, rf, dxf, drf, e0, e1, l_, c_, coefs, 0, slope, False, False)
-        elif code == 1:
-            if want_dres:
-                _dx_ncl_task(dyf, xf, rf, dxf, drf, e0, e1, l_, c_, coefs, 1, slope, True,
-                             True)
-            elif has_res:
-                _dx_ncl_task(dyf, xf, rf, dxf, drf, e0, e1, l_, c_, coefs, 1, slope, True,
-                             False)
-            else:
-                _dx_ncl_task(dyf, xf, rf, dxf, drf, e0, e1, l_, c_, coefs, 1, slope, False,
-                             False)
-        else:
-            _dx_ncl_task(dyf, xf, rf, dxf, drf, e0, e1, l_, c_, coefs, code, slope, has_res,
+        _dx_ncl_task_any(dyf, xf, rf, dxf, drf, e0, e1, l_, c_, coefs, code, slope, has_res,
                          want_dres)
 
 
@@ -1108,6 +1157,24 @@ def _dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, cols, coefs, code, slope, has_res
                     want_dres)
 
 
+@njit(cache=True)
+def _dx_mc_rows_any(dyf, xf, rf, dxf, drf, r0, r1, cols, coefs, code, slope, has_res,
+                    want_dres):
+    # (see "Variants")
+    if code == 0:
+        _dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, cols, coefs, 0, slope, False, False)
+    elif code == 1:
+        if want_dres:
+            _dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, cols, coefs, 1, slope, True, True)
+        elif has_res:
+            _dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, cols, coefs, 1, slope, True, False)
+        else:
+            _dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, cols, coefs, 1, slope, False, False)
+    else:
+        _dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, cols, coefs, code, slope, has_res,
+                    want_dres)
+
+
 def elementwise_mc(dy, x, mean_in, v, eps, count, mode, weight, bias, res, sum_dz, sum_dzx,
                    code, slope, blocks, dx, dres):
     m_, cols = x.shape
@@ -1133,18 +1200,7 @@ def elementwise_mc(dy, x, mean_in, v, eps, count, mode, weight, bias, res, sum_d
     for bl in prange(blocks):
         r0 = m_ * bl // blocks
         r1 = m_ * (bl + 1) // blocks
-        if code == 0:
-            _dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, cols, coefs, 0, slope, False, False)
-        elif code == 1:
-            if want_dres:
-                _dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, cols, coefs, 1, slope, True, True)
-            elif has_res:
-                _dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, cols, coefs, 1, slope, True, False)
-            else:
-                _dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, cols, coefs, 1, slope, False,
-                            False)
-        else:
-            _dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, cols, coefs, code, slope, has_res,
+        _dx_mc_rows_any(dyf, xf, rf, dxf, drf, r0, r1, cols, coefs, code, slope, has_res,
                         want_dres)
 
 
@@ -1491,14 +1547,14 @@ def _coef_at_overload(v, j):
     return lambda v, j: v
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _half_coefs(c_):
     """(mean_k, invstd, scale, shift) in float32 and delta in float64 (``_prologue``)."""
     return (np.empty(c_, np.float32), np.empty(c_, np.float32), np.empty(c_, np.float32),
             np.empty(c_, np.float32), np.empty(c_, np.float64))
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _half_shifts(xf, c_, l_, rep):
     """Each channel's first value (its shift), float32: ``l_`` values a row per channel
     (NCL) or ``rep`` columns a channel in rows of c_·rep (MC; l_ = 0)."""
@@ -1655,6 +1711,23 @@ def _half_norm_ncl_rows(xf, rf, yf, r0, r1, c_, l_, mean, scale, shift, code, sl
             c = 0
 
 
+@njit(cache=True)
+def _half_norm_ncl_rows_any(xf, rf, yf, r0, r1, c_, l_, mean, scale, shift, code, slope,
+                            has_res):
+    # (see "Variants")
+    if code == 0 and not has_res:
+        _half_norm_ncl_rows(xf, rf, yf, r0, r1, c_, l_, mean, scale, shift, 0, slope, False)
+    elif code == 0:
+        _half_norm_ncl_rows(xf, rf, yf, r0, r1, c_, l_, mean, scale, shift, 0, slope, True)
+    elif code == 1 and not has_res:
+        _half_norm_ncl_rows(xf, rf, yf, r0, r1, c_, l_, mean, scale, shift, 1, slope, False)
+    elif code == 1:
+        _half_norm_ncl_rows(xf, rf, yf, r0, r1, c_, l_, mean, scale, shift, 1, slope, True)
+    else:
+        _half_norm_ncl_rows(xf, rf, yf, r0, r1, c_, l_, mean, scale, shift, code, slope,
+                            has_res)
+
+
 def normalize_ncl_half(x, mean_in, v, eps, count, mode, weight, bias, res, code, slope, tasks, y,
                   var_out):
     n_, c_, l_ = x.shape
@@ -1669,19 +1742,8 @@ def normalize_ncl_half(x, mean_in, v, eps, count, mode, weight, bias, res, code,
     for t in prange(tasks):
         r0 = rows * t // tasks
         r1 = rows * (t + 1) // tasks
-        # one copy of the walk per common case, so that LLVM folds the activation's switch
-        # and vectorizes (see normalize_ncl)
-        if code == 0 and not has_res:
-            _half_norm_ncl_rows(xf, rf, yf, r0, r1, c_, l_, mean, scale, shift, 0, slope, False)
-        elif code == 0:
-            _half_norm_ncl_rows(xf, rf, yf, r0, r1, c_, l_, mean, scale, shift, 0, slope, True)
-        elif code == 1 and not has_res:
-            _half_norm_ncl_rows(xf, rf, yf, r0, r1, c_, l_, mean, scale, shift, 1, slope, False)
-        elif code == 1:
-            _half_norm_ncl_rows(xf, rf, yf, r0, r1, c_, l_, mean, scale, shift, 1, slope, True)
-        else:
-            _half_norm_ncl_rows(xf, rf, yf, r0, r1, c_, l_, mean, scale, shift, code, slope,
-                           has_res)
+        _half_norm_ncl_rows_any(xf, rf, yf, r0, r1, c_, l_, mean, scale, shift, code, slope,
+                                has_res)
 
 
 @njit(inline="always")
@@ -1702,6 +1764,21 @@ def _half_norm_mc_rows(xf, rf, yf, r0, r1, cols, mean, scale, shift, code, slope
         e += n
 
 
+@njit(cache=True)
+def _half_norm_mc_rows_any(xf, rf, yf, r0, r1, cols, mean, scale, shift, code, slope, has_res):
+    # (see "Variants")
+    if code == 0 and not has_res:
+        _half_norm_mc_rows(xf, rf, yf, r0, r1, cols, mean, scale, shift, 0, slope, False)
+    elif code == 0:
+        _half_norm_mc_rows(xf, rf, yf, r0, r1, cols, mean, scale, shift, 0, slope, True)
+    elif code == 1 and not has_res:
+        _half_norm_mc_rows(xf, rf, yf, r0, r1, cols, mean, scale, shift, 1, slope, False)
+    elif code == 1:
+        _half_norm_mc_rows(xf, rf, yf, r0, r1, cols, mean, scale, shift, 1, slope, True)
+    else:
+        _half_norm_mc_rows(xf, rf, yf, r0, r1, cols, mean, scale, shift, code, slope, has_res)
+
+
 def normalize_mc_half(x, mean_in, v, eps, count, mode, weight, bias, res, code, slope, blocks, y,
                  var_out):
     m_, cols = x.shape
@@ -1719,16 +1796,7 @@ def normalize_mc_half(x, mean_in, v, eps, count, mode, weight, bias, res, code, 
     for bl in prange(blocks):
         r0 = m_ * bl // blocks
         r1 = m_ * (bl + 1) // blocks
-        if code == 0 and not has_res:
-            _half_norm_mc_rows(xf, rf, yf, r0, r1, cols, mt, st, bt, 0, slope, False)
-        elif code == 0:
-            _half_norm_mc_rows(xf, rf, yf, r0, r1, cols, mt, st, bt, 0, slope, True)
-        elif code == 1 and not has_res:
-            _half_norm_mc_rows(xf, rf, yf, r0, r1, cols, mt, st, bt, 1, slope, False)
-        elif code == 1:
-            _half_norm_mc_rows(xf, rf, yf, r0, r1, cols, mt, st, bt, 1, slope, True)
-        else:
-            _half_norm_mc_rows(xf, rf, yf, r0, r1, cols, mt, st, bt, code, slope, has_res)
+        _half_norm_mc_rows_any(xf, rf, yf, r0, r1, cols, mt, st, bt, code, slope, has_res)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1784,6 +1852,24 @@ def _half_reduce_ncl_rows(dyf, xf, rf, r0, r1, c_, l_, mean, scale, shift, a1, a
             c = 0
 
 
+@njit(cache=True, fastmath=_REDUCE_MATH)
+def _half_reduce_ncl_rows_any(dyf, xf, rf, r0, r1, c_, l_, mean, scale, shift, a1, a2, code,
+                              slope, has_res):
+    # (see "Variants")
+    if code == 0:
+        _half_reduce_ncl_rows(dyf, xf, rf, r0, r1, c_, l_, mean, scale, shift, a1, a2, 0,
+                              slope, False)
+    elif code == 1 and not has_res:
+        _half_reduce_ncl_rows(dyf, xf, rf, r0, r1, c_, l_, mean, scale, shift, a1, a2, 1,
+                              slope, False)
+    elif code == 1:
+        _half_reduce_ncl_rows(dyf, xf, rf, r0, r1, c_, l_, mean, scale, shift, a1, a2, 1,
+                              slope, True)
+    else:
+        _half_reduce_ncl_rows(dyf, xf, rf, r0, r1, c_, l_, mean, scale, shift, a1, a2, code,
+                              slope, has_res)
+
+
 def reduce_ncl_half(dy, x, mean_in, v, eps, count, mode, weight, bias, res, code, slope, split,
                sum_dz, sum_dzx):
     n_, c_, l_ = x.shape
@@ -1800,18 +1886,8 @@ def reduce_ncl_half(dy, x, mean_in, v, eps, count, mode, weight, bias, res, code
     for t in prange(split):
         r0 = rows * t // split
         r1 = rows * (t + 1) // split
-        if code == 0:
-            _half_reduce_ncl_rows(dyf, xf, rf, r0, r1, c_, l_, mean, scale, shift, p1[t], p2[t], 0,
-                             slope, False)
-        elif code == 1 and not has_res:
-            _half_reduce_ncl_rows(dyf, xf, rf, r0, r1, c_, l_, mean, scale, shift, p1[t], p2[t], 1,
-                             slope, False)
-        elif code == 1:
-            _half_reduce_ncl_rows(dyf, xf, rf, r0, r1, c_, l_, mean, scale, shift, p1[t], p2[t], 1,
-                             slope, True)
-        else:
-            _half_reduce_ncl_rows(dyf, xf, rf, r0, r1, c_, l_, mean, scale, shift, p1[t], p2[t],
-                             code, slope, has_res)
+        _half_reduce_ncl_rows_any(dyf, xf, rf, r0, r1, c_, l_, mean, scale, shift, p1[t], p2[t],
+                                  code, slope, has_res)
     for c in range(c_):
         a1 = 0.0
         a2 = 0.0
@@ -1854,6 +1930,24 @@ def _half_reduce_mc_rows(dyf, xf, rf, r0, r1, cols, mean, scale, shift, a1, a2, 
         q = q1
 
 
+@njit(cache=True, fastmath=_REDUCE_MATH)
+def _half_reduce_mc_rows_any(dyf, xf, rf, r0, r1, cols, mean, scale, shift, a1, a2, code,
+                             slope, has_res):
+    # (see "Variants")
+    if code == 0:
+        _half_reduce_mc_rows(dyf, xf, rf, r0, r1, cols, mean, scale, shift, a1, a2, 0, slope,
+                             False)
+    elif code == 1 and not has_res:
+        _half_reduce_mc_rows(dyf, xf, rf, r0, r1, cols, mean, scale, shift, a1, a2, 1, slope,
+                             False)
+    elif code == 1:
+        _half_reduce_mc_rows(dyf, xf, rf, r0, r1, cols, mean, scale, shift, a1, a2, 1, slope,
+                             True)
+    else:
+        _half_reduce_mc_rows(dyf, xf, rf, r0, r1, cols, mean, scale, shift, a1, a2, code,
+                             slope, has_res)
+
+
 def reduce_mc_half(dy, x, mean_in, v, eps, count, mode, weight, bias, res, code, slope, blocks,
               sum_dz, sum_dzx):
     m_, cols = x.shape
@@ -1873,18 +1967,8 @@ def reduce_mc_half(dy, x, mean_in, v, eps, count, mode, weight, bias, res, code,
     for bl in prange(blocks):
         r0 = m_ * bl // blocks
         r1 = m_ * (bl + 1) // blocks
-        if code == 0:
-            _half_reduce_mc_rows(dyf, xf, rf, r0, r1, cols, mt, st, bt, s1[bl], s2[bl], 0, slope,
-                            False)
-        elif code == 1 and not has_res:
-            _half_reduce_mc_rows(dyf, xf, rf, r0, r1, cols, mt, st, bt, s1[bl], s2[bl], 1, slope,
-                            False)
-        elif code == 1:
-            _half_reduce_mc_rows(dyf, xf, rf, r0, r1, cols, mt, st, bt, s1[bl], s2[bl], 1, slope,
-                            True)
-        else:
-            _half_reduce_mc_rows(dyf, xf, rf, r0, r1, cols, mt, st, bt, s1[bl], s2[bl], code,
-                            slope, has_res)
+        _half_reduce_mc_rows_any(dyf, xf, rf, r0, r1, cols, mt, st, bt, s1[bl], s2[bl], code,
+                                 slope, has_res)
     a1, a2 = _fold_tiles(s1, s2, c_, rep)
     for c in range(c_):
         sum_dz[c] = a1[c]
@@ -1929,7 +2013,7 @@ def _half_dx_ncl_rows(dyf, xf, rf, dxf, drf, r0, r1, c_, l_, coefs, code, slope,
             c = 0
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _half_dx_coefs(invstd, weight, delta, sum_dz, sum_dzx, count):
     c_ = invstd.shape[0]
     k0 = np.empty(c_, np.float32)
@@ -1937,6 +2021,23 @@ def _half_dx_coefs(invstd, weight, delta, sum_dz, sum_dzx, count):
     k2 = np.empty(c_, np.float32)
     _dx_coefs(invstd, weight, delta, sum_dz, sum_dzx, count, k0, k1, k2)
     return k0, k1, k2
+
+
+@njit(cache=True)
+def _half_dx_ncl_rows_any(dyf, xf, rf, dxf, drf, r0, r1, c_, l_, coefs, code, slope, has_res,
+                          want_dres):
+    # (see "Variants")
+    if code == 0:
+        _half_dx_ncl_rows(dyf, xf, rf, dxf, drf, r0, r1, c_, l_, coefs, 0, slope, False, False)
+    elif code == 1 and not has_res:
+        _half_dx_ncl_rows(dyf, xf, rf, dxf, drf, r0, r1, c_, l_, coefs, 1, slope, False, False)
+    elif code == 1 and want_dres:
+        _half_dx_ncl_rows(dyf, xf, rf, dxf, drf, r0, r1, c_, l_, coefs, 1, slope, True, True)
+    elif code == 1:
+        _half_dx_ncl_rows(dyf, xf, rf, dxf, drf, r0, r1, c_, l_, coefs, 1, slope, True, False)
+    else:
+        _half_dx_ncl_rows(dyf, xf, rf, dxf, drf, r0, r1, c_, l_, coefs, code, slope, has_res,
+                          want_dres)
 
 
 def elementwise_ncl_half(dy, x, mean_in, v, eps, count, mode, weight, bias, res, sum_dz, sum_dzx,
@@ -1958,17 +2059,8 @@ def elementwise_ncl_half(dy, x, mean_in, v, eps, count, mode, weight, bias, res,
     for t in prange(tasks):
         r0 = rows * t // tasks
         r1 = rows * (t + 1) // tasks
-        if code == 0:
-            _half_dx_ncl_rows(dyf, xf, rf, dxf, drf, r0, r1, c_, l_, coefs, 0, slope, False, False)
-        elif code == 1 and not has_res:
-            _half_dx_ncl_rows(dyf, xf, rf, dxf, drf, r0, r1, c_, l_, coefs, 1, slope, False, False)
-        elif code == 1 and want_dres:
-            _half_dx_ncl_rows(dyf, xf, rf, dxf, drf, r0, r1, c_, l_, coefs, 1, slope, True, True)
-        elif code == 1:
-            _half_dx_ncl_rows(dyf, xf, rf, dxf, drf, r0, r1, c_, l_, coefs, 1, slope, True, False)
-        else:
-            _half_dx_ncl_rows(dyf, xf, rf, dxf, drf, r0, r1, c_, l_, coefs, code, slope, has_res,
-                         want_dres)
+        _half_dx_ncl_rows_any(dyf, xf, rf, dxf, drf, r0, r1, c_, l_, coefs, code, slope, has_res,
+                              want_dres)
 
 
 @njit(inline="always")
@@ -1982,6 +2074,23 @@ def _half_dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, cols, coefs, code, slope, ha
         _half_dx_span(dyf, xf, rf, dxf, drf, e, e + n, mean, scale, shift, k0, k1, k2, code, slope,
                  has_res, want_dres)
         e += n
+
+
+@njit(cache=True)
+def _half_dx_mc_rows_any(dyf, xf, rf, dxf, drf, r0, r1, cols, coefs, code, slope, has_res,
+                         want_dres):
+    # (see "Variants")
+    if code == 0:
+        _half_dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, cols, coefs, 0, slope, False, False)
+    elif code == 1 and not has_res:
+        _half_dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, cols, coefs, 1, slope, False, False)
+    elif code == 1 and want_dres:
+        _half_dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, cols, coefs, 1, slope, True, True)
+    elif code == 1:
+        _half_dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, cols, coefs, 1, slope, True, False)
+    else:
+        _half_dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, cols, coefs, code, slope, has_res,
+                         want_dres)
 
 
 def elementwise_mc_half(dy, x, mean_in, v, eps, count, mode, weight, bias, res, sum_dz, sum_dzx,
@@ -2006,17 +2115,8 @@ def elementwise_mc_half(dy, x, mean_in, v, eps, count, mode, weight, bias, res, 
     for bl in prange(blocks):
         r0 = m_ * bl // blocks
         r1 = m_ * (bl + 1) // blocks
-        if code == 0:
-            _half_dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, cols, coefs, 0, slope, False, False)
-        elif code == 1 and not has_res:
-            _half_dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, cols, coefs, 1, slope, False, False)
-        elif code == 1 and want_dres:
-            _half_dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, cols, coefs, 1, slope, True, True)
-        elif code == 1:
-            _half_dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, cols, coefs, 1, slope, True, False)
-        else:
-            _half_dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, cols, coefs, code, slope, has_res,
-                        want_dres)
+        _half_dx_mc_rows_any(dyf, xf, rf, dxf, drf, r0, r1, cols, coefs, code, slope, has_res,
+                             want_dres)
 
 
 # ---------------------------------------------------------------------------------------
