@@ -131,3 +131,56 @@ def test_triton_lane_merge_keeps_extremes():
     vals = (torch.rand(64, generator=torch.Generator().manual_seed(16)) + 1) * 2.0 ** -54
     mean, m2 = tb.stats(vals[None, :].expand(37, 64).contiguous())
     assert torch.equal(mean.float(), vals) and not m2.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape, channels_last, dtype", [
+    ((4, 3, 5, 5), False, torch.float32),     # short rows
+    ((4, 3, 5, 5), True, torch.float32),      # channels-last
+    ((2, 3, 2000), False, torch.float32),     # long rows, in pieces
+    ((64, 3), False, torch.float32),          # (N, C)
+    ((64, 3, 4), False, torch.float32),       # wide rows
+    ((4, 3, 5, 5), False, torch.float64),
+    ((4, 3, 5, 5), False, torch.bfloat16),
+    ((4, 3, 5, 5), True, torch.float16),
+    ((64, 3), False, torch.bfloat16),
+])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf")])
+def test_infinite_first_value_gives_torchs_running_mean(backend, shape, channels_last, dtype,
+                                                         value):
+    """±inf as a channel's first value, the shift the CPU kernels sum around: every
+    x − shift was inf − inf, so the mean and running_mean were NaN; torch's are ±inf
+    (running_var NaN in both). The other channels are untouched."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(17)).to(dtype)
+    x.view(shape[0], shape[1], -1)[0, 1, 0] = value
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    theirs = getattr(torch.nn, f"BatchNorm{len(shape) - 2 or 1}d")(3, dtype=torch.float64)
+    ours = getattr(batchnorm, f"BatchNorm{len(shape) - 2 or 1}d")(3)
+    theirs(x.double())
+    with batchnorm.backends.using(backend):
+        ours(x)
+    assert ours.running_mean[1].item() == value
+    assert torch.isnan(ours.running_var[1])
+    keep = [0, 2]
+    assert torch.allclose(ours.running_mean[keep].double(), theirs.running_mean[keep],
+                          rtol=1e-2, atol=1e-3)
+    assert torch.allclose(ours.running_var[keep].double(), theirs.running_var[keep],
+                          rtol=1e-2)
+
+
+@pytest.mark.skipif("triton" not in batchnorm.backends.available(),
+                    reason="triton is not installed")
+@pytest.mark.parametrize("shape", [(2, 3, 50), (40, 3), (2, 3, 2000)])
+def test_triton_infinite_first_value(shape):
+    """±inf as a channel's first value, the reference the Triton statistics sum around
+    (stage 1) and add back (stage 2): the mean was NaN, torch's is ±inf."""
+    from batchnorm.backends import triton as tb
+    for value in (float("inf"), float("-inf")):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(18))
+        x.view(shape[0], shape[1], -1)[0, 1, 0] = value
+        mean, m2 = tb.stats(x)
+        assert mean[1].item() == value and torch.isnan(m2[1])
+        ref_mean, ref_m2 = portable.stats(x.double())
+        assert torch.allclose(mean[[0, 2]].double(), ref_mean[[0, 2]], atol=1e-6)
+        assert torch.allclose(m2[[0, 2]].double(), ref_m2[[0, 2]], rtol=1e-5)

@@ -272,14 +272,22 @@ def _refine(shift, a1, a2, total, todo):
     return True
 
 
+@njit(inline="always")
+def _shift_from(first):
+    """A channel's shift from its first value: that value, or 0 where it is ±inf or NaN
+    (an infinite shift made every x − shift inf − inf: a NaN mean where torch's is ±inf)."""
+    return first if math.isfinite(first) else 0.0
+
+
 @njit(cache=True)
 def _ncl_first_pass(x):
     """What the first pass over an (N, C, L) view starts from: each channel's shift (its
-    first value), every channel marked to sum, and the channels' totals (S1, S2)."""
+    first value, _shift_from), every channel marked to sum, and the channels' totals (S1,
+    S2)."""
     c_ = x.shape[1]
     shift = np.empty(c_, x.dtype)
     for c in range(c_):
-        shift[c] = x[0, c, 0]
+        shift[c] = _shift_from(x[0, c, 0])
     return shift, np.ones(c_, np.bool_), np.zeros(c_), np.zeros(c_)
 
 
@@ -452,7 +460,7 @@ def stats_mc(x, blocks, mean_out, m2_out):
     shift = np.empty(c_, x.dtype)
     # one shift for all of a channel's columns, so that their sums add up as they are
     for c in range(c_):
-        shift[c] = x[0, c * rep]
+        shift[c] = _shift_from(x[0, c * rep])
     todo = np.ones(c_, np.bool_)
     s1 = np.zeros((blocks, t_), np.float64)
     s2 = np.zeros((blocks, t_), np.float64)
@@ -1556,11 +1564,11 @@ def _half_coefs(c_):
 
 @njit(cache=True)
 def _half_shifts(xf, c_, l_, rep):
-    """Each channel's first value (its shift), float32: ``l_`` values a row per channel
-    (NCL) or ``rep`` columns a channel in rows of c_·rep (MC; l_ = 0)."""
+    """Each channel's shift from its first value (_shift_from), float32: ``l_`` values a
+    row per channel (NCL) or ``rep`` columns a channel in rows of c_·rep (MC; l_ = 0)."""
     shift = np.empty(c_, np.float32)
     for c in range(c_):
-        shift[c] = _widen(xf[c * l_ if l_ > 0 else c * rep])
+        shift[c] = _shift_from(_widen(xf[c * l_ if l_ > 0 else c * rep]))
     return shift
 
 

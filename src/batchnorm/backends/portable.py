@@ -134,7 +134,8 @@ def stats(x: Tensor) -> tuple[Tensor, Tensor]:
     Two passes (mean, then centred squares) rather than ``Σx² - (Σx)²/n``: the raw
     formula cancels catastrophically when the mean is large against the spread (float32
     data with mean 1e6 and std 1 would lose every digit of the variance). Both passes
-    work on ``x - shift``, shift being the channel's first value: that difference is
+    work on ``x - shift``, shift being the channel's first value (0 if that is not
+    finite): that difference is
     exact for data close to the shift, so neither the mean nor m2 loses digits to the
     magnitude of the data, and a constant channel gives exactly mean == its value and
     m2 == 0. An empty input gives mean 0 and m2 0.
@@ -152,6 +153,9 @@ def stats(x: Tensor) -> tuple[Tensor, Tensor]:
         zeros = xa.new_zeros(x.shape[1])
         return zeros.to(mean_dtype(x)), zeros
     shift = xa.select(0, 0) if x.dim() == 2 else xa[0, :, 0]
+    # an infinite first value would make every x − shift inf − inf (a NaN mean where
+    # torch's is ±inf): such a channel sums around 0
+    shift = shift.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
     shifted = xa - _per_channel(shift, xa)
     shifted_mean = shifted.mean(dims)
     centred = shifted - _per_channel(shifted_mean, xa)

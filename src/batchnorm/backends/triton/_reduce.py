@@ -44,7 +44,7 @@ m2 it dominates anyway), where one shift per channel spoiled every value's d: a 
 (:func:`_merge_lanes`), in the acc dtype around ``r``, the lanes' mean as that dtype
 rounds it, so every deviation ``(sᵢ − r) + mean_dᵢ`` is small or exact; the program's
 mean leaves relative to the channel's reference ``ref``, its first element
-``x[0, c, 0]`` (``x[0, c]``), as ``(r − ref) + mean_d`` in float64. The partial is
+``x[0, c, 0]`` (``x[0, c]``; 0 if that is ±inf or NaN: :func:`_reference`), as ``(r − ref) + mean_d`` in float64. The partial is
 ``(count, mean_d, m2)`` with mean_d split in two acc-dtype values (hi + lo): around a
 far-outlier reference a float32 mean_d would be rounded by more than the partial means
 differ. Stage 2 merges the P partials with Chan's G-way formula (``ops.chan_combine``)
@@ -146,6 +146,13 @@ def _per_lane(v, ALL: tl.constexpr):
 
 
 @triton.jit
+def _reference(first):
+    """A channel's reference (float64) from its first value: that value, or 0 where it is
+    ±inf or NaN (every r − ref was then inf − inf: a NaN mean where torch's is ±inf)."""
+    return tl.where(first - first == 0, first, 0.0)
+
+
+@triton.jit
 def _merge_lanes(s, q, lane_shift, k, ref, n, ALL: tl.constexpr):
     """A program's ``(mean − ref, m2)`` from its lanes' shifted sums ``s``, ``q`` around
     ``lane_shift``, with ``k`` values each (0: a lane past the tensor's end); per column,
@@ -194,7 +201,7 @@ def stats_partial_ncl(x_ptr, part_ptr, N, C, L, ROWS, COLS, P_L, PC,
                       I64: tl.constexpr):
     c, p, n0, n_end, l0, l_end = _rect_ncl(tl.program_id(0), N, C, L, ROWS, COLS, P_L, I64)
     acc_ty = part_ptr.dtype.element_ty
-    ref = tl.load(x_ptr + c.to(tl.int64) * L).to(tl.float64)
+    ref = _reference(tl.load(x_ptr + c.to(tl.int64) * L).to(tl.float64))
     rn = tl.arange(0, BLOCK_N)
     rl = tl.arange(0, BLOCK_L)
     lane_shift = tl.zeros([BLOCK_N, BLOCK_L], dtype=acc_ty)
@@ -235,7 +242,7 @@ def stats_partial_mc(x_ptr, part_ptr, M, C, ROWS, NCB, PC,
     acc_ty = part_ptr.dtype.element_ty
     cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    ref = tl.load(x_ptr + cols, mask=cmask, other=0.0).to(tl.float64)
+    ref = _reference(tl.load(x_ptr + cols, mask=cmask, other=0.0).to(tl.float64))
     rm = tl.arange(0, BLOCK_M)
     lane_shift = tl.zeros([BLOCK_M, BLOCK_C], dtype=acc_ty)
     s = tl.zeros([BLOCK_M, BLOCK_C], dtype=acc_ty)
@@ -292,8 +299,9 @@ def _merge(x_ptr, part_ptr, P, C, SHIFT_STRIDE, PC, cols, cmask, mean_ty: tl.con
     # The mean leaves in mean_ty (float64: see portable.mean_dtype): ref is a value of the
     # data and mean_d is small, so their sum there keeps the large-mean digits a float32
     # mean would round away.
-    ref = tl.load(x_ptr + cols.to(tl.int64) * SHIFT_STRIDE, mask=cmask, other=0.0)
-    return (ref.to(tl.float64) + mean_d).to(mean_ty), tl.sum(acc, axis=0).to(acc_ty)
+    ref = _reference(tl.load(x_ptr + cols.to(tl.int64) * SHIFT_STRIDE, mask=cmask,
+                             other=0.0).to(tl.float64))
+    return (ref + mean_d).to(mean_ty), tl.sum(acc, axis=0).to(acc_ty)
 
 
 @triton.jit
