@@ -23,8 +23,9 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(VENV)/bin/batchnorm demo
 
-# The CPU kernels (see backends/cpu_compile.py) are compiled first, on every core (numba compiles one at a time); the tests then load them from
-# numba's cache, in one pytest-xdist worker per core (PYTEST_JOBS=0: in this process).
+# The CPU kernels (see backends/cpu_compile.py) are compiled first, on every core (numba
+# compiles one at a time); the tests then load them from numba's cache, in one
+# pytest-xdist worker per core (PYTEST_JOBS=0: in this process).
 PYTEST_JOBS ?= auto
 test: install
 	$(VENV)/bin/batchnorm compile

@@ -135,10 +135,9 @@ def stats(x: Tensor) -> tuple[Tensor, Tensor]:
     formula cancels catastrophically when the mean is large against the spread (float32
     data with mean 1e6 and std 1 would lose every digit of the variance). Both passes
     work on ``x - shift``, shift being the channel's first value (0 if that is not
-    finite): that difference is
-    exact for data close to the shift, so neither the mean nor m2 loses digits to the
-    magnitude of the data, and a constant channel gives exactly mean == its value and
-    m2 == 0. An empty input gives mean 0 and m2 0.
+    finite): that difference is exact for data close to the shift, so neither the mean
+    nor m2 loses digits to the magnitude of the data, and a constant channel gives exactly
+    mean == its value and m2 == 0. An empty input gives mean 0 and m2 0.
 
     The second pass also sums the centred values (the corrected two-pass algorithm): Σc
     is what the acc-dtype shifted mean missed, and Σc/n is added to the mean. Without it
