@@ -24,6 +24,8 @@ from tolerances import assert_close  # noqa: E402
 # parallel build with a channel cut into pieces (C = 2 < the 16 tasks wanted).
 SMALL = {"ncl": (4, 3, 50), "mc": (64, 5)}
 LARGE = {"ncl": (3, 2, 50_000), "mc": (140_000, 2)}
+# (N, C, L) arrays of short rows that run the MC kernels as wide rows (cpu._wide_rows)
+WIDE = {"small": (32, 8, 9), "large": (2048, 16, 9)}
 SLOPE = 0.2
 
 
@@ -232,7 +234,7 @@ def test_zero_invstd_gives_bias_and_zero_grad():
 def test_supports():
     assert cpu.supports(torch.empty(2, 3))
     assert cpu.supports(torch.empty(2, 3, 4, dtype=torch.float64))
-    # halves run kernels of their own in the fused entry points (cpu_kernels, "16-bit data")
+    # halves run in the fused entry points as their bit patterns (cpu_kernels, "Data types")
     assert cpu.supports(torch.empty(2, 3, dtype=torch.bfloat16))
     assert cpu.supports(torch.empty(2, 3, dtype=torch.float16))
     assert not cpu.supports(torch.empty(2, 3, dtype=torch.int32))
@@ -241,7 +243,7 @@ def test_supports():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_conversions_are_torchs(dtype):
-    """The 16-bit kernels' load and store (``_widen``, ``_narrow``) against torch's own
+    """The kernels' load and store of 16-bit data (``_load``, ``_store``) against torch's own
     conversions: every bit pattern widened, and float32 values (ties, subnormals, the
     largest finite values, overflow, inf, NaN) rounded to nearest even."""
     from numba import njit
@@ -254,12 +256,12 @@ def test_half_conversions_are_torchs(dtype):
     @njit
     def widen(a, out):
         for i in range(a.size):
-            out[i] = K._widen(a[i])
+            out[i] = K._load(a[i])
 
     @njit
     def narrow(a, out):
         for i in range(a.size):
-            out[i] = K._narrow(a[i], out)
+            out[i] = K._store(a[i], out)
 
     wide = np.empty(patterns.size, np.float32)
     widen(patterns, wide)
@@ -283,17 +285,19 @@ def test_half_conversions_are_torchs(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("view", ["ncl", "mc"])
+@pytest.mark.parametrize("view", ["ncl", "mc", "wide"])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("activation", ["none", "relu", "silu"])
 @pytest.mark.parametrize("size", ["small", "large"])
 def test_half_entry_points_match_float32(dtype, view, training, activation, size):
-    """float16/bfloat16 data in the fused entry points (kernels of their own, the serial
-    build below SERIAL_BELOW and the parallel one above) against the float32 entry points
-    on the same values: y, dx and dresidual as float32's rounded to the data's format,
-    the statistics, sums and running update as float32's."""
-    shape = (LARGE if size == "large" else SMALL)[view]
+    """float16/bfloat16 data in the fused entry points (each kernel view and walk: NCL
+    rows and pieces, MC, wide rows; the serial build below SERIAL_BELOW and the parallel
+    one above) against the float32 entry points on the same values: y, dx and dresidual
+    as float32's rounded to the data's format, the statistics, sums and running update
+    as float32's."""
+    shape = WIDE[size] if view == "wide" else (LARGE if size == "large" else SMALL)[view]
     x, dy, w, b, r = _case(shape, dtype, seed=11, with_residual=True, loc=3.0)
+    assert cpu._kernel_plan(x, False)[0] == ("ncl" if view == "ncl" else "mc")
     wide = [t.float() for t in (x, dy, r)]
     c = shape[1]
     gen = torch.Generator().manual_seed(12)

@@ -7,13 +7,12 @@ come from ``cpu_buffers``: memory allocated by torch and kept for reuse once no 
 refers to it, because faulting in fresh pages cost more than the kernels (see there);
 they are returned without a copy.
 
-Dtypes: the kernels take float32 and float64; float16 and bfloat16 run kernels of their
-own in the fused entry points (``cpu_kernels``, "16-bit data": the data as 16-bit
-patterns, converted value by value, float32 arithmetic). The primitives, which
-SyncBatchNorm and ops' general path call, convert float16/bfloat16 tensors to float32 by
-torch on the way in and the outputs back on the way out (``_HALF``): correct, with
-float32 accumulation, but two extra passes over memory. Empty tensors go to the portable
-functions.
+Dtypes: the fused entry points take float32, float64, float16 and bfloat16, through one
+family of kernels (``cpu_kernels``, "Data types": 16-bit data as its bit patterns,
+converted value by value, float32 arithmetic). The primitives, which SyncBatchNorm and
+ops' general path call, convert float16/bfloat16 tensors to float32 by torch on the way
+in and the outputs back on the way out (``_HALF``): correct, with float32 accumulation,
+but two extra passes over memory. Empty tensors go to the portable functions.
 
 Work split: a reduction (statistics, backward_reduce) over an NCL view is cut into
 ranges of whole rows read in memory order when rows are short, else into ``pieces`` per
@@ -377,32 +376,18 @@ def _kernel_plan(x: Tensor, channels_last: bool):
     if plan is None:
         shape = x.shape
         c, numel = shape[1], shape.numel()
-        half = x.dtype in _HALF
         if _rows_of_channels(shape, channels_last):
             view, n, l_ = "mc", numel // c, 1
         else:
             n, l_ = shape[0], numel // (shape[0] * c)
-            # (the wide-row bounds were measured for the float kernels)
-            view = "mc" if not half and _wide_rows(n, c, l_) else "ncl"
-        if half and view == "ncl":
-            splits = _half_ncl_splits(n * c, numel)
-        else:
-            splits = _splits((n, c * l_) if view == "mc" else (n, c, l_))
+            view = "mc" if _wide_rows(n, c, l_) else "ncl"
+        splits = _splits((n, c * l_) if view == "mc" else (n, c, l_))
         plan = (view, _build(numel), n, c, l_, *splits, float(numel // c),
                 numel * x.element_size() >= buffers.MIN_BYTES)
         if len(_PLANS) > 4096:  # shapes of a long-running process with varying batches
             _PLANS.clear()
         _PLANS[key] = plan
     return plan
-
-
-def _half_ncl_splits(rows: int, numel: int) -> tuple[int, int]:
-    """(reduce, elementwise) ranges of whole rows of the NCL half kernels
-    (``cpu_kernels``, "16-bit data"), which walk every reduction in memory order."""
-    if _build(numel) == 1:
-        return 1, 1
-    return (max(1, min(_TASKS, rows, numel // _MIN_PIECE)),
-            max(1, min(4 * _TASKS, rows, numel // _MIN_PIECE)))
 
 
 def _dense(x: Tensor, channels_last: bool) -> Tensor:
@@ -441,16 +426,11 @@ def _at(t: Tensor | None) -> int:
 
 
 # The kernels' dtype argument: a scalar of the data's type, for 16-bit data of its bit
-# pattern's (see cpu_kernels); the accumulation dtype, and the kernels of each dtype.
+# pattern's (see cpu_kernels, "Data types"); and the accumulation dtype.
 _LIKE = {torch.float32: np.float32(0), torch.float64: np.float64(0),
          torch.bfloat16: K.HALF_LIKE["bfloat16"], torch.float16: K.HALF_LIKE["float16"]}
 _ACC = {torch.float32: torch.float32, torch.float64: torch.float64,
         torch.bfloat16: torch.float32, torch.float16: torch.float32}
-_ENTRY_POINTS = {  # (training forward, evaluation forward, backward) of each dtype
-    torch.float32: (K.FORWARD_TRAIN, K.FORWARD_EVAL, K.BACKWARD),
-    torch.float64: (K.FORWARD_TRAIN, K.FORWARD_EVAL, K.BACKWARD),
-    torch.bfloat16: (K.HALF_FORWARD_TRAIN, K.HALF_FORWARD_EVAL, K.HALF_BACKWARD),
-    torch.float16: (K.HALF_FORWARD_TRAIN, K.HALF_FORWARD_EVAL, K.HALF_BACKWARD)}
 
 
 def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps,
@@ -475,8 +455,7 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
         # mean is split for them by ops' primitives path)
         return None
     if acc is not x.dtype and residual is not None and residual.dtype != x.dtype:
-        return None  # (the half kernels would round it to x's dtype before adding it)
-    train_kernels, eval_kernels, _ = _ENTRY_POINTS[x.dtype]
+        return None  # (the kernels would read it in x's format)
     x = _dense(x, channels_last)
     view, build, n, c, l_, rsplit, esplit, count, pooled = _kernel_plan(x, channels_last)
     y = _out_like(x, channels_last, pooled)
@@ -486,7 +465,7 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
     if running_mean is not None:
         mean = running_mean.to(acc, copy=need_stats).contiguous()
         var = running_var.to(acc, copy=need_stats).contiguous()
-        eval_kernels[view][_build_now(build)](
+        K.FORWARD_EVAL[view][_build_now(build)](
             x.data_ptr(), n, c, l_, mean.data_ptr(), var.data_ptr(), float(eps), count, _at(w),
             _at(b), _at(res), code, float(slope), esplit, y.data_ptr(), like)
         return (y, mean, var, False, None) if need_stats else (y, None, None, False, None)
@@ -494,7 +473,7 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
     var = torch.empty(c, dtype=acc)
     running = _running_at(*update, acc) if update is not None else None
     rm, rv, counter, momentum = running or (0, 0, 0, 0.0)
-    train_kernels[view][_build_now(build)](
+    K.FORWARD_TRAIN[view][_build_now(build)](
         x.data_ptr(), n, c, l_, rsplit, esplit, float(eps), count, _at(w), _at(b),
         _at(res), code, float(slope), rm, rv, counter, momentum, y.data_ptr(),
         mean.data_ptr(), var.data_ptr(), like)
@@ -515,7 +494,6 @@ def batch_norm_backward(dy, x, weight, bias, residual, mean, var, eps, training:
     if (acc is not x.dtype and residual is not None and activation != "none"
             and residual.dtype != x.dtype):
         return None  # (see batch_norm_forward)
-    backward_kernels = _ENTRY_POINTS[x.dtype][2]
     x = _dense(x, channels_last)
     view, build, n, c, l_, rsplit, esplit, count, pooled = _kernel_plan(x, channels_last)
     dy = _laid_out_as(dy, x)
@@ -533,7 +511,7 @@ def batch_norm_backward(dy, x, weight, bias, residual, mean, var, eps, training:
         if want_dresidual:
             # activation != 'none' here: without one, ops uses dy itself as dresidual
             dres = _out_like(x, channels_last, pooled)
-    backward_kernels[view][_build_now(build)](
+    K.BACKWARD[view][_build_now(build)](
         dy.data_ptr(), x.data_ptr(), n, c, l_, mean.data_ptr(), var.data_ptr(), float(eps),
         count, _at(w), _at(b), _at(res), K.ACT_CODES[activation], float(slope),
         rsplit, esplit, need_sums, need_dx, training, _at(sum_dz), _at(sum_dzx), _at(dx),

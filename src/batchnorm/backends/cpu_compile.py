@@ -16,14 +16,15 @@ bfloat16 groups. In a fresh clone (``make demo && make test``, 10 min 1 s in all
 :func:`precompile` took 236.3 s and the suite 3 min 35 s in two pytest-xdist workers.
 
 The work is cut into groups, one per kernel view (NCL, MC), build (parallel, serial) and
-dtype (float32, float64, and float16 and bfloat16, which run kernels of their own). A
+dtype (float32, float64, float16, bfloat16: one family of kernels compiled per dtype). A
 group calls the fused entry points (training and evaluation forward, both backwards) and
 the four primitives on a tensor whose plan is that view and build, as the modules and
 SyncBatchNorm call them, which compiles exactly the variants they will use (the 16-bit
-primitives convert to float32: the float32 groups compile theirs). Groups of one view and build share numba functions (a kernel's float32 and
-float64 variants live under one cache index), and numba rewrites an index without a lock:
-two processes saving entries of one function at once can leave the index naming the other
-entry's file. So the worker processes take one lock around each cache save.
+primitives convert to float32: the float32 groups compile theirs). Groups of one view and
+build share numba functions (a kernel's variants of the four dtypes live under one cache
+index), and numba rewrites an index without a lock: two processes saving entries of one
+function at once can leave the index naming the other entry's file. So the worker
+processes take one lock around each cache save.
 """
 
 from __future__ import annotations

@@ -14,15 +14,16 @@ textbook formula Σx² − (Σx)²/n cancels catastrophically when |μ| ≫ σ, 
     S1 = Σ d,   S2 = Σ d²,   μ = s + S1/n,   m2 = S2 − S1²/n.
 
 Because s is one of the data, |d| is of the order of the spread, not of the mean. S1 and
-S2 accumulate in float64, but blocks of ``_BLK`` values are summed in the data's dtype
-first, so that the loops vectorize, and each block sum of d² carries a rounding error of
-order u·Σd² (u = 2⁻²⁴ in float32), where Σd² = m2 + n·(μ − s)²: m2 is good to
+S2 accumulate in float64, but blocks of ``_BLK`` values are summed in the accumulation
+dtype first (the data's; float32 for 16-bit data, see "Data types"), so that the loops
+vectorize, and each block sum of d² carries a rounding error of order u·Σd² (u = 2⁻²⁴ in
+float32), where Σd² = m2 + n·(μ − s)²: m2 is good to
 u·(1 + (μ − s)²/σ²), a few u while s lies within a few σ of the mean, but only to u·n
 when s is a far outlier (1e6 first in N(0, 1) data lost 4e-3 of the variance, a token of
 3000 at position 0 of a BatchNorm1d batch 6e-4). So after the pass, if any channel's
 shift lies more than 8σ from its mean (n·(μ − s)² > 64·m2, ``_far``; m2 is then good to
 about 3e-7), the channels are summed again, each far one around its first-pass mean
-rounded to the data's dtype (``_refine``), whose error, of order u·|μ − s|/√n, is far
+rounded to the accumulation dtype (``_refine``), whose error, of order u·|μ − s|/√n, is far
 below σ. The second pass reads only the far channels in the pieces walk, but the whole
 array in the rows walk (a test per row cost 8% on rows of 49-64 values) and in the MC
 view (channels interleave there): the other channels get the same sums again. Normal data
@@ -43,8 +44,8 @@ Normalize
 ---------
     z = (x − μ)·(γ·r) + β (+ residual),   y = act(z),   r = 1/√(σ² + ε)
 
-computed in the accumulation dtype (float32 for float32 inputs, as torch does), one read of
-x (and of the residual), one write of y.
+computed in the accumulation dtype (float32 for float32 and 16-bit inputs, as torch
+does), one read of x (and of the residual), one write of y.
 
 Backward
 --------
@@ -65,8 +66,8 @@ factor r, so dx == 0, never NaN.
 
 Compilation
 -----------
-Each kernel is compiled once per dtype (float32, float64) and kept in numba's on-disk
-cache; everything else is a run-time argument, so that the whole test matrix costs a
+Each kernel is compiled once per dtype (float32, float64, float16, bfloat16) and kept in
+numba's on-disk cache; everything else is a run-time argument, so that the whole test matrix costs a
 dozen compilations, not hundreds. Absent tensors (weight, bias, residual, the batch sums
 in evaluation) arrive as size-0 arrays. The activation is an integer code, but the branch
 on it is hoisted out of the inner loop for 'none' and 'relu': the row loop is an
@@ -86,6 +87,7 @@ from llvmlite import ir
 from numba import carray, njit, prange
 from numba.core import types as nb_types
 from numba.extending import intrinsic, overload
+from numba.np import numpy_support
 
 ACT_CODES = {"none": 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4, "gelu_tanh": 5,
              "sigmoid": 6, "tanh": 7}
@@ -115,6 +117,107 @@ def _twin(f, suffix: str):
     code = f.__code__.replace(co_name=f.__name__ + suffix, co_qualname=f.__qualname__ + suffix)
     return types.FunctionType(code, f.__globals__, f.__name__ + suffix, f.__defaults__,
                               f.__closure__)
+
+
+# ---------------------------------------------------------------------------------------
+# Data types: float32, float64, and float16 and bfloat16 as 16-bit patterns
+#
+# NumPy has no bfloat16 and numba no float16 arithmetic, so the kernels take 16-bit data
+# as its bit patterns (bfloat16 as uint16, float16 as int16: the array's type says which
+# format it holds). Every kernel reads a value of its data through ``_load``, which gives
+# it in the accumulation dtype (the value itself for float32 and float64; float32 for
+# 16-bit data, as torch accumulates), and writes one through ``_store``, which rounds to
+# the output's format (to nearest even, as torch's conversions do). For 16-bit data both
+# are a few LLVM instructions that vectorize, so each pass reads and writes 2 bytes a
+# value; converting to float32 around the kernels added two passes and doubled the
+# others' bytes (3-8x torch's time on (32, 64, 56, 56) bfloat16, measured 2026-12-03).
+# The per-channel arrays (shifts, coefficients) and the block sums are in the
+# accumulation dtype (``_acc_empty``, ``_acc_zero``). So one family of kernels serves the
+# four dtypes, each compiled per dtype.
+
+# The 16-bit formats: the integer type that carries each, and a scalar of it (the entry
+# points' ``like``).
+HALF_LIKE = {"bfloat16": np.uint16(0), "float16": np.int16(0)}
+
+_I32 = ir.IntType(32)
+
+
+@intrinsic
+def _load(typingctx, value):
+    """A value of a kernel's data in the accumulation dtype: a float32 or float64 as it
+    is, a bfloat16 (``uint16``) or float16 (``int16``) bit pattern widened to float32
+    (exactly)."""
+    if value in (nb_types.float32, nb_types.float64):
+        def codegen(context, builder, signature, args):
+            return args[0]
+        return value(value), codegen
+    if value == nb_types.uint16:
+        def codegen(context, builder, signature, args):
+            # bfloat16 is float32's upper half
+            word = builder.shl(builder.zext(args[0], _I32), ir.Constant(_I32, 16))
+            return builder.bitcast(word, ir.FloatType())
+    elif value == nb_types.int16:
+        def codegen(context, builder, signature, args):
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    else:
+        return None
+    return nb_types.float32(value), codegen
+
+
+@intrinsic
+def _store(typingctx, value, out):
+    """``value`` in the format of the array ``out`` holds: cast as an assignment casts it
+    for float32 and float64 data; for 16-bit data rounded to float32, then to nearest even
+    into the format, as its bit pattern."""
+    if not isinstance(out, nb_types.Array) or not isinstance(value, nb_types.Float):
+        return None
+    to = out.dtype
+    if isinstance(to, nb_types.Float):
+        def codegen(context, builder, signature, args):
+            return context.cast(builder, args[0], value, to)
+    elif to == nb_types.uint16:
+        def codegen(context, builder, signature, args):
+            f = context.cast(builder, args[0], value, nb_types.float32)
+            word = builder.bitcast(f, _I32)
+            odd = builder.and_(builder.lshr(word, ir.Constant(_I32, 16)), ir.Constant(_I32, 1))
+            rounded = builder.lshr(builder.add(builder.add(word, ir.Constant(_I32, 0x7FFF)), odd),
+                                   ir.Constant(_I32, 16))
+            # a NaN becomes the quiet NaN torch makes (rounding could carry it into inf)
+            nan = builder.fcmp_unordered("uno", f, f)
+            rounded = builder.select(nan, ir.Constant(_I32, 0x7FC0), rounded)
+            return builder.trunc(rounded, ir.IntType(16))
+    elif to == nb_types.int16:
+        def codegen(context, builder, signature, args):
+            f = context.cast(builder, args[0], value, nb_types.float32)
+            return builder.bitcast(builder.fptrunc(f, ir.HalfType()), ir.IntType(16))
+    else:
+        return None
+    return to(value, out), codegen
+
+
+def _acc_dtype(data):
+    """The NumPy scalar type of the accumulation dtype of data of numba type ``data``."""
+    return np.float32 if isinstance(data, nb_types.Integer) else numpy_support.as_dtype(data).type
+
+
+def _acc_empty(n, a):
+    """An empty [n] array of the accumulation dtype of the array ``a``'s data."""
+
+
+@overload(_acc_empty)
+def _acc_empty_overload(n, a):
+    dtype = _acc_dtype(a.dtype)
+    return lambda n, a: np.empty(n, dtype)
+
+
+def _acc_zero(a):
+    """0 in the accumulation dtype of the array ``a``'s data."""
+
+
+@overload(_acc_zero)
+def _acc_zero_overload(a):
+    zero = _acc_dtype(a.dtype)(0)
+    return lambda a: zero
 
 
 @njit(inline="always", cache=True)
@@ -232,10 +335,10 @@ def stats_ncl(x, split, mean_out, m2_out):
 @njit(inline="always", fastmath=_REDUCE_MATH)
 def _shifted_block_sums(xr, n, sk):
     """Σ(x − sk) and Σ(x − sk)² of one short block, in the data's dtype."""
-    b1 = xr.dtype.type(0)
-    b2 = xr.dtype.type(0)
+    b1 = _acc_zero(xr)
+    b2 = _acc_zero(xr)
     for l in range(n):
-        d = xr[l] - sk
+        d = _load(xr[l]) - sk
         b1 += d
         b2 += d * d
     return b1, b2
@@ -285,9 +388,9 @@ def _ncl_first_pass(x):
     first value, _shift_from), every channel marked to sum, and the channels' totals (S1,
     S2)."""
     c_ = x.shape[1]
-    shift = np.empty(c_, x.dtype)
+    shift = _acc_empty(c_, x)
     for c in range(c_):
-        shift[c] = _shift_from(x[0, c, 0])
+        shift[c] = _shift_from(_load(x[0, c, 0]))
     return shift, np.ones(c_, np.bool_), np.zeros(c_), np.zeros(c_)
 
 
@@ -421,7 +524,7 @@ def _stats_ncl_rows_pass(xf, n_, c_, l_, tasks, shift, p1, p2):
 def _stats_mc_tile(xf, e, n, skt, b1, b2):
     xr = xf[e:e + n]
     for j in range(n):
-        d = xr[j] - skt[j]
+        d = _load(xr[j]) - skt[j]
         b1[j] += d
         b2[j] += d * d
 
@@ -457,10 +560,10 @@ def stats_mc(x, blocks, mean_out, m2_out):
     rep = cols // c_  # wide rows: L columns a channel (see "Channels-last tiles")
     t_ = _tile_len(cols)
     xf = x.reshape(-1)
-    shift = np.empty(c_, x.dtype)
+    shift = _acc_empty(c_, x)
     # one shift for all of a channel's columns, so that their sums add up as they are
     for c in range(c_):
-        shift[c] = _shift_from(x[0, c * rep])
+        shift[c] = _shift_from(_load(x[0, c * rep]))
     todo = np.ones(c_, np.bool_)
     s1 = np.zeros((blocks, t_), np.float64)
     s2 = np.zeros((blocks, t_), np.float64)
@@ -487,8 +590,8 @@ def _stats_mc_pass(xf, m_, cols, t_, blocks, skt, s1, s2):
         a2[:] = 0
         # short blocks of rows summed in the data's dtype per tile position, then into
         # float64
-        b1 = np.empty(t_, xf.dtype)
-        b2 = np.empty(t_, xf.dtype)
+        b1 = _acc_empty(t_, xf)
+        b2 = _acc_empty(t_, xf)
         q = r0
         while q < r1:
             q1 = min(r1, q + _BLK)
@@ -617,8 +720,10 @@ def _dx_coefs(invstd, weight, delta, sum_dz, sum_dzx, count, k0, k1, k2):
 
 @njit(cache=True)
 def _arrays(x, c_):
-    return (np.empty(c_, x.dtype), np.empty(c_, x.dtype), np.empty(c_, x.dtype),
-            np.empty(c_, x.dtype), np.empty(c_, np.float64))
+    """(mean_k, invstd, scale, shift) in the accumulation dtype, delta in float64
+    (``_prologue``)."""
+    return (_acc_empty(c_, x), _acc_empty(c_, x), _acc_empty(c_, x), _acc_empty(c_, x),
+            np.empty(c_, np.float64))
 
 
 # ---------------------------------------------------------------------------------------
@@ -653,10 +758,10 @@ def _norm_ncl_seg(xf, rf, yf, a0, a1, m, s, b, code, slope, has_res):
     yr = yf[a0:a1]
     rr = rf[a0:a1] if has_res else xr
     for l in range(a1 - a0):
-        z = (xr[l] - m) * s + b
+        z = (_load(xr[l]) - m) * s + b
         if has_res:
-            z = z + rr[l]
-        yr[l] = _act(z, code, slope)
+            z = z + _load(rr[l])
+        yr[l] = _store(_act(z, code, slope), yr)
 
 
 @njit(inline="always")
@@ -717,10 +822,10 @@ def _norm_mc_tile_py(xf, rf, yf, e, n, mean, scale, shift, code, slope, has_res)
     yr = yf[e:e + n]
     rr = rf[e:e + n] if has_res else xr
     for j in range(n):
-        z = (xr[j] - mean[j]) * scale[j] + shift[j]
+        z = (_load(xr[j]) - mean[j]) * scale[j] + shift[j]
         if has_res:
-            z = z + rr[j]
-        yr[j] = _act(z, code, slope)
+            z = z + _load(rr[j])
+        yr[j] = _store(_act(z, code, slope), yr)
 
 
 # Whole tiles run an inlined copy per activation (the switch folds); the last, partial tile
@@ -789,20 +894,20 @@ def _dz_at(dyr, rr, l, xc, s, b, code, slope, has_res):
     """dz of value l of an NCL row, given xc = x − m: dy itself without an activation (z
     is not needed then), else dy·act′(z) with z recomputed."""
     if code == 0:
-        return dyr[l]
+        return _load(dyr[l])
     z = xc * s + b
     if has_res:
-        z = z + rr[l]
-    return _dz(dyr[l], z, code, slope)
+        z = z + _load(rr[l])
+    return _dz(_load(dyr[l]), z, code, slope)
 
 
 @njit(inline="always", fastmath=_REDUCE_MATH)
 def _dz_block_sums(dyr, xr, rr, n, m, s, b, code, slope, has_res):
     """Σdz and Σdz·(x − m) of one short block, in the data's dtype."""
-    b1 = xr.dtype.type(0)
-    b2 = xr.dtype.type(0)
+    b1 = _acc_zero(xr)
+    b2 = _acc_zero(xr)
     for l in range(n):
-        xc = xr[l] - m
+        xc = _load(xr[l]) - m
         g = _dz_at(dyr, rr, l, xc, s, b, code, slope, has_res)
         b1 += g
         b2 += g * xc
@@ -952,14 +1057,14 @@ def _reduce_mc_tile_py(dyf, xf, rf, e, n, mean, scale, shift, b1, b2, code, slop
     dyr = dyf[e:e + n]
     rr = rf[e:e + n] if has_res else xr
     for j in range(n):
-        xc = xr[j] - mean[j]
+        xc = _load(xr[j]) - mean[j]
         if code == 0:
-            g = dyr[j]
+            g = _load(dyr[j])
         else:
             z = xc * scale[j] + shift[j]
             if has_res:
-                z = z + rr[j]
-            g = _dz(dyr[j], z, code, slope)
+                z = z + _load(rr[j])
+            g = _dz(_load(dyr[j]), z, code, slope)
         b1[j] += g
         b2[j] += g * xc
 
@@ -975,8 +1080,8 @@ def _reduce_mc_rows(dyf, xf, rf, r0, r1, cols, mean, scale, shift, a1, a2, code,
     t_ = mean.shape[0]
     # short blocks of rows summed in the data's dtype per tile position, then into
     # float64 (a1, a2, per tile position)
-    b1 = np.empty(t_, xf.dtype)
-    b2 = np.empty(t_, xf.dtype)
+    b1 = _acc_empty(t_, xf)
+    b2 = _acc_empty(t_, xf)
     q = r0
     while q < r1:
         q1 = min(r1, q + _BLK)
@@ -1058,11 +1163,11 @@ def _dx_ncl_seg(dyf, xf, rf, dxf, drf, a0, a1, m, s, b, k0, k1, k2, code, slope,
     rr = rf[a0:a1] if has_res else xr
     drr = drf[a0:a1] if want_dres else dxr
     for l in range(a1 - a0):
-        xc = xr[l] - m
+        xc = _load(xr[l]) - m
         g = _dz_at(dyr, rr, l, xc, s, b, code, slope, has_res)
-        dxr[l] = k0 * (g - k1 - xc * k2)
+        dxr[l] = _store(k0 * (g - k1 - xc * k2), dxr)
         if want_dres:
-            drr[l] = g
+            drr[l] = _store(g, drr)
 
 
 @njit(inline="always")
@@ -1108,9 +1213,9 @@ def elementwise_ncl(dy, x, mean_in, v, eps, count, mode, weight, bias, res, sum_
     mean, invstd, scale, shift, delta = _arrays(x, c_)
     _prologue(mean_in, v, eps, count, mode, weight, bias, mean, invstd, scale, shift, delta,
               mean[0:0])
-    k0 = np.empty(c_, x.dtype)
-    k1 = np.empty(c_, x.dtype)
-    k2 = np.empty(c_, x.dtype)
+    k0 = _acc_empty(c_, x)
+    k1 = _acc_empty(c_, x)
+    k2 = _acc_empty(c_, x)
     _dx_coefs(invstd, weight, delta, sum_dz, sum_dzx, count, k0, k1, k2)
     has_res = res.shape[0] > 0
     want_dres = dres.shape[0] > 0
@@ -1136,17 +1241,17 @@ def _dx_mc_tile_py(dyf, xf, rf, dxf, drf, e, n, coefs, code, slope, has_res, wan
     rr = rf[e:e + n] if has_res else xr
     drr = drf[e:e + n] if want_dres else dxr
     for j in range(n):
-        xc = xr[j] - mean[j]
+        xc = _load(xr[j]) - mean[j]
         if code == 0:
-            g = dyr[j]
+            g = _load(dyr[j])
         else:
             z = xc * scale[j] + shift[j]
             if has_res:
-                z = z + rr[j]
-            g = _dz(dyr[j], z, code, slope)
-        dxr[j] = k0[j] * (g - k1[j] - xc * k2[j])
+                z = z + _load(rr[j])
+            g = _dz(_load(dyr[j]), z, code, slope)
+        dxr[j] = _store(k0[j] * (g - k1[j] - xc * k2[j]), dxr)
         if want_dres:
-            drr[j] = g
+            drr[j] = _store(g, drr)
 
 
 # one inlined copy per variant, one shared for partial tiles (see _norm_mc_tail)
@@ -1194,9 +1299,9 @@ def elementwise_mc(dy, x, mean_in, v, eps, count, mode, weight, bias, res, sum_d
     mean, invstd, scale, shift, delta = _arrays(x, c_)
     _prologue(mean_in, v, eps, count, mode, weight, bias, mean, invstd, scale, shift, delta,
               mean[0:0])
-    k0 = np.empty(c_, x.dtype)
-    k1 = np.empty(c_, x.dtype)
-    k2 = np.empty(c_, x.dtype)
+    k0 = _acc_empty(c_, x)
+    k1 = _acc_empty(c_, x)
+    k2 = _acc_empty(c_, x)
     _dx_coefs(invstd, weight, delta, sum_dz, sum_dzx, count, k0, k1, k2)
     has_res = res.shape[0] > 0
     want_dres = dres.shape[0] > 0
@@ -1278,20 +1383,19 @@ def _call_elementwise(dy, x, mean_in, v, eps, count, mode, weight, bias, res, su
             sum_dzx, code, slope, tasks, dx, dres)
 
 
-def _builds(f, call, view: str, fastmath=False, tag=""):
+def _builds(f, call, view: str, fastmath=False):
     """``((parallel, serial), linked)``: the builds Python calls (the parallel one through
-    ``call``) and the uncached parallel build the fused entry points link. ``tag`` ends
-    the cached caller's name (another family of kernels: "16-bit data" below)."""
+    ``call``) and the uncached parallel build the fused entry points link."""
     # parallel=True wakes the worker threads on every call (tens of µs on an idle
     # machine, milliseconds on a loaded one); small tensors take the serial build
     linked = njit(parallel=True, fastmath=fastmath)(f)
-    return ((_bind(call, view + tag, _kernel=linked),
+    return ((_bind(call, view, _kernel=linked),
              njit(cache=True, fastmath=fastmath)(_twin(f, "_serial"))), linked)
 
 
-def _kernel_builds(call, fastmath=False, tag="", **views):
+def _kernel_builds(call, fastmath=False, **views):
     """``_builds`` of one kernel per view: ``({view: builds}, {view: linked})``."""
-    built = {v: _builds(f, call, v, fastmath, tag) for v, f in views.items()}
+    built = {v: _builds(f, call, v, fastmath) for v, f in views.items()}
     return {v: b[0] for v, b in built.items()}, {v: b[1] for v, b in built.items()}
 
 
@@ -1317,10 +1421,10 @@ ELEMENTWISE, _ELEMENTWISE_LINKED = _kernel_builds(_call_elementwise, ncl=element
 # elementwise) in one call, of the parallel builds or of the serial ones. The kernels
 # they call are the ones above, so the numbers are the same bit for bit: ``_stats``,
 # ``_normalize``, ``_reduce``, ``_elementwise`` and ``_tensor_at`` are not module names
-# but bound per view and build by ``_bound_builds`` below ("16-bit data" binds its
-# own). ``like`` is a scalar of the data's dtype (of its bit pattern's type for 16-bit
-# data); the counter is int64, the per-channel arrays in the accumulation dtype (``_acc``:
-# the data's, float32 for 16-bit data) but the mean, which is float64 in training (see
+# but bound per view and build by ``_bound_builds`` below. ``like`` is a scalar of the
+# data's dtype (of its bit pattern's type for 16-bit data, see "Data types"); the
+# counter is int64, the per-channel arrays in the accumulation dtype (``_acc``: the
+# data's, float32 for 16-bit data) but the mean, which is float64 in training (see
 # ``portable.mean_dtype``) and in the accumulation dtype in evaluation (``mean_wide`` says
 # which to the backward). The kernels take it widened to float64 (see ``_prologue``).
 
@@ -1334,7 +1438,7 @@ _MODE_VAR = np.int64(2)
 
 def _acc(like):
     """A scalar of the accumulation dtype of data of ``like``'s type: its own for float32
-    and float64, float32 for the 16-bit patterns of "16-bit data" below. What the
+    and float64, float32 for 16-bit patterns (see "Data types"). What the
     per-channel arrays (weight, bias, var, the sums, the running buffers) hold."""
 
 
@@ -1447,12 +1551,12 @@ def backward_at(dy, x, n, c, l_, mean, var, eps, count, weight, bias, res, code,
 _AT = {"ncl": _ncl_at, "mc": _mc_at}
 
 
-def _bound_builds(f, view: str, tag="", **kernels):
+def _bound_builds(f, view: str, **kernels):
     """(parallel, serial) builds of ``f`` for one view: each with ``f``'s ``_name``
     globals bound to that build of the kernels, given as ``(builds, linked)`` (the
     wrapper itself is serial code; its parallel build links the uncached parallel
-    kernels, see ``_builds``); ``tag`` as there."""
-    return tuple(_bind(f, view + tag + suffix, _tensor_at=_AT[view],
+    kernels, see ``_builds``)."""
+    return tuple(_bind(f, view + suffix, _tensor_at=_AT[view],
                        **{name: linked[view] if i == 0 else builds[view][1]
                           for name, (builds, linked) in kernels.items()})
                  for i, suffix in enumerate(("", "_serial")))
@@ -1465,690 +1569,4 @@ FORWARD_EVAL = {v: _bound_builds(normalize_at, v, _normalize=(NORMALIZE, _NORMAL
                 for v in _AT}
 BACKWARD = {v: _bound_builds(backward_at, v, _reduce=(REDUCE, _REDUCE_LINKED),
                              _elementwise=(ELEMENTWISE, _ELEMENTWISE_LINKED))
-            for v in _AT}
-
-# ---------------------------------------------------------------------------------------
-# 16-bit data: float16 and bfloat16
-#
-# NumPy has no bfloat16 and numba no float16 arithmetic, so these kernels take the data as
-# its 16-bit patterns (bfloat16 as uint16, float16 as int16: the array's type says which
-# format it holds) and convert each value on load and store with a few LLVM instructions
-# (``_widen``, ``_narrow``), which vectorize. Everything else is float32 (the accumulation
-# dtype torch uses for half inputs) with float64 partial sums, and the math is that of the
-# kernels above, whose helpers they share: the statistics around each channel's first
-# value, summed again around the mean where that value lies far out (``_refine``); the
-# per-channel coefficients (``_prologue``, ``_dx_coefs``); the activations. The fused entry
-# points above run them bound in place of the float kernels (``HALF_*``), so that each pass
-# reads and writes 2 bytes a value; converting to float32 around the float kernels added
-# two passes and doubled the others' bytes (that path took 3-8x torch's time on
-# (32, 64, 56, 56) bfloat16, the portable backend 7-14x, measured 2026-12-03). They live in this file because numba's cache checks
-# only the file a cached function is defined in: kernels in another file, compiled with
-# these helpers inlined, would keep running the old helpers after an edit here.
-#
-# They are simpler than the float kernels: every reduction walks ranges of whole rows in
-# memory order into per-task partials (NCL: one per channel; MC: one per tile position),
-# every elementwise pass ranges of rows (``cpu._half_ncl_splits``; MC as ``cpu._splits``),
-# MC rows in tiles of whole rows (see "Channels-last tiles"). Outputs are rounded to the
-# data's format to nearest even, as torch's conversions do. They repeat the float kernels'
-# shape with another load and store; one family (the float kernels with a load, store and
-# accumulator type overloaded per dtype, identity for float32/float64) would remove the
-# copy and give 16-bit data the tuned walks, once the float path is shown unchanged.
-
-# The 16-bit formats: the integer type that carries each, and a scalar of it (the entry
-# points' ``like``).
-HALF_LIKE = {"bfloat16": np.uint16(0), "float16": np.int16(0)}
-
-_I32 = ir.IntType(32)
-
-
-@intrinsic
-def _widen(typingctx, bits):
-    """The float32 value of a bfloat16 (``uint16``) or float16 (``int16``) bit pattern."""
-    if bits == nb_types.uint16:
-        def codegen(context, builder, signature, args):
-            # bfloat16 is float32's upper half
-            word = builder.shl(builder.zext(args[0], _I32), ir.Constant(_I32, 16))
-            return builder.bitcast(word, ir.FloatType())
-    elif bits == nb_types.int16:
-        def codegen(context, builder, signature, args):
-            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-    else:
-        return None
-    return nb_types.float32(bits), codegen
-
-
-@intrinsic
-def _narrow_bits(typingctx, value, like):
-    """A float32 rounded to nearest even into ``like``'s format, as its bit pattern."""
-    like = nb_types.unliteral(like)
-    if value != nb_types.float32:
-        return None
-    if like == nb_types.uint16:
-        def codegen(context, builder, signature, args):
-            word = builder.bitcast(args[0], _I32)
-            odd = builder.and_(builder.lshr(word, ir.Constant(_I32, 16)), ir.Constant(_I32, 1))
-            rounded = builder.lshr(builder.add(builder.add(word, ir.Constant(_I32, 0x7FFF)), odd),
-                                   ir.Constant(_I32, 16))
-            # a NaN becomes the quiet NaN torch makes (rounding could carry it into inf)
-            nan = builder.fcmp_unordered("uno", args[0], args[0])
-            rounded = builder.select(nan, ir.Constant(_I32, 0x7FC0), rounded)
-            return builder.trunc(rounded, ir.IntType(16))
-    elif like == nb_types.int16:
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
-    else:
-        return None
-    return like(value, like), codegen
-
-
-@njit(inline="always")
-def _narrow(value, out):
-    """``value`` in the format of the array ``out`` holds."""
-    return _narrow_bits(np.float32(value), out.dtype.type(0))
-
-
-def _coef_at(v, j):
-    """``v[j]`` of an array, ``v`` itself of a scalar (a coefficient per value or per span)."""
-
-
-@overload(_coef_at, inline="always")
-def _coef_at_overload(v, j):
-    if isinstance(v, nb_types.Array):
-        return lambda v, j: v[j]
-    return lambda v, j: v
-
-
-@njit(cache=True)
-def _half_coefs(c_):
-    """(mean_k, invstd, scale, shift) in float32 and delta in float64 (``_prologue``)."""
-    return (np.empty(c_, np.float32), np.empty(c_, np.float32), np.empty(c_, np.float32),
-            np.empty(c_, np.float32), np.empty(c_, np.float64))
-
-
-@njit(cache=True)
-def _half_shifts(xf, c_, l_, rep):
-    """Each channel's shift from its first value (_shift_from), float32: ``l_`` values a
-    row per channel (NCL) or ``rep`` columns a channel in rows of c_·rep (MC; l_ = 0)."""
-    shift = np.empty(c_, np.float32)
-    for c in range(c_):
-        shift[c] = _shift_from(_widen(xf[c * l_ if l_ > 0 else c * rep]))
-    return shift
-
-
-# ---------------------------------------------------------------------------------------
-# Statistics
-
-
-@njit(inline="always", fastmath=_REDUCE_MATH)
-def _half_row_sums(xf, a0, a1, sk):
-    """Σ(x − sk), Σ(x − sk)² over [a0, a1), in float32 blocks of _BLK, then float64."""
-    a_1 = 0.0
-    a_2 = 0.0
-    while a0 < a1:
-        e = min(a1, a0 + _BLK)
-        b1 = np.float32(0)
-        b2 = np.float32(0)
-        # a slice indexed from 0, so that LLVM vectorizes (see stats_ncl)
-        xr = xf[a0:e]
-        for i in range(e - a0):
-            d = _widen(xr[i]) - sk
-            b1 += d
-            b2 += d * d
-        a_1 += np.float64(b1)
-        a_2 += np.float64(b2)
-        a0 = e
-    return a_1, a_2
-
-
-@njit(inline="always", fastmath=_REDUCE_MATH)
-def _half_stats_ncl_pass(xf, rows, c_, l_, tasks, shift, todo, p1, p2):
-    for t in prange(tasks):
-        r0 = rows * t // tasks
-        r1 = rows * (t + 1) // tasks
-        c = r0 % c_
-        a1 = p1[t]
-        a2 = p2[t]
-        for r in range(r0, r1):
-            if todo[c]:
-                s1, s2 = _half_row_sums(xf, r * l_, (r + 1) * l_, shift[c])
-                a1[c] += s1
-                a2[c] += s2
-            c += 1
-            if c == c_:
-                c = 0
-
-
-def stats_ncl_half(x, split, mean_out, m2_out):
-    n_, c_, l_ = x.shape
-    xf = x.reshape(-1)
-    shift = _half_shifts(xf, c_, l_, 1)
-    todo = np.ones(c_, np.bool_)
-    t1 = np.zeros(c_)
-    t2 = np.zeros(c_)
-    total = n_ * l_
-    for attempt in range(2):
-        p1 = np.zeros((split, c_))
-        p2 = np.zeros((split, c_))
-        _half_stats_ncl_pass(xf, n_ * c_, c_, l_, split, shift, todo, p1, p2)
-        for c in range(c_):
-            if todo[c]:
-                a1 = 0.0
-                a2 = 0.0
-                for t in range(split):
-                    a1 += p1[t, c]
-                    a2 += p2[t, c]
-                t1[c] = a1
-                t2[c] = a2
-        if attempt > 0 or not _refine(shift, t1, t2, total, todo):
-            break
-    _finish(shift, t1, t2, total, mean_out, m2_out)
-
-
-@njit(inline="always", fastmath=_REDUCE_MATH)
-def _half_stats_mc_pass(xf, m_, cols, t_, blocks, skt, s1, s2):
-    """s1, s2 = the [blocks, t_] partials around the tiled shifts ``skt``."""
-    for bl in prange(blocks):
-        r0 = m_ * bl // blocks
-        r1 = m_ * (bl + 1) // blocks
-        a1 = s1[bl]
-        a2 = s2[bl]
-        a1[:] = 0
-        a2[:] = 0
-        b1 = np.empty(t_, np.float32)
-        b2 = np.empty(t_, np.float32)
-        q = r0
-        while q < r1:
-            q1 = min(r1, q + _BLK)
-            b1[:] = 0
-            b2[:] = 0
-            e = q * cols
-            end = q1 * cols
-            while e < end:
-                n = min(t_, end - e)
-                xr = xf[e:e + n]
-                for j in range(n):
-                    d = _widen(xr[j]) - skt[j]
-                    b1[j] += d
-                    b2[j] += d * d
-                e += n
-            for j in range(t_):
-                a1[j] += b1[j]
-                a2[j] += b2[j]
-            q = q1
-
-
-def stats_mc_half(x, blocks, mean_out, m2_out):
-    m_, cols = x.shape
-    c_ = mean_out.shape[0]
-    rep = cols // c_
-    t_ = _tile_len(cols)
-    xf = x.reshape(-1)
-    shift = _half_shifts(xf, c_, 0, rep)
-    todo = np.ones(c_, np.bool_)
-    s1 = np.zeros((blocks, t_), np.float64)
-    s2 = np.zeros((blocks, t_), np.float64)
-    total = m_ * rep
-    for attempt in range(2):
-        # every channel again in the second pass (they interleave); the channels not
-        # marked get the same sums again
-        _half_stats_mc_pass(xf, m_, cols, t_, blocks, _tiled(shift, rep, t_), s1, s2)
-        a1, a2 = _fold_tiles(s1, s2, c_, rep)
-        if attempt > 0 or not _refine(shift, a1, a2, total, todo):
-            break
-    _finish(shift, a1, a2, total, mean_out, m2_out)
-
-
-# ---------------------------------------------------------------------------------------
-# Normalize
-
-
-@njit(inline="always")
-def _half_norm_ncl_rows(xf, rf, yf, r0, r1, c_, l_, mean, scale, shift, code, slope, has_res):
-    c = r0 % c_
-    for r in range(r0, r1):
-        m = mean[c]
-        s = scale[c]
-        b = shift[c]
-        xr = xf[r * l_:(r + 1) * l_]
-        yr = yf[r * l_:(r + 1) * l_]
-        rr = rf[r * l_:(r + 1) * l_] if has_res else xr
-        for i in range(l_):
-            z = (_widen(xr[i]) - m) * s + b
-            if has_res:
-                z = z + _widen(rr[i])
-            yr[i] = _narrow(_act(z, code, slope), yr)
-        c += 1
-        if c == c_:
-            c = 0
-
-
-@njit(cache=True)
-def _half_norm_ncl_rows_any(xf, rf, yf, r0, r1, c_, l_, mean, scale, shift, code, slope,
-                            has_res):
-    # (see "Variants")
-    if code == 0 and not has_res:
-        _half_norm_ncl_rows(xf, rf, yf, r0, r1, c_, l_, mean, scale, shift, 0, slope, False)
-    elif code == 0:
-        _half_norm_ncl_rows(xf, rf, yf, r0, r1, c_, l_, mean, scale, shift, 0, slope, True)
-    elif code == 1 and not has_res:
-        _half_norm_ncl_rows(xf, rf, yf, r0, r1, c_, l_, mean, scale, shift, 1, slope, False)
-    elif code == 1:
-        _half_norm_ncl_rows(xf, rf, yf, r0, r1, c_, l_, mean, scale, shift, 1, slope, True)
-    else:
-        _half_norm_ncl_rows(xf, rf, yf, r0, r1, c_, l_, mean, scale, shift, code, slope,
-                            has_res)
-
-
-def normalize_ncl_half(x, mean_in, v, eps, count, mode, weight, bias, res, code, slope, tasks, y,
-                  var_out):
-    n_, c_, l_ = x.shape
-    mean, invstd, scale, shift, delta = _half_coefs(c_)
-    _prologue(mean_in, v, eps, count, mode, weight, bias, mean, invstd, scale, shift, delta,
-              var_out)
-    has_res = res.shape[0] > 0
-    xf = x.reshape(-1)
-    yf = y.reshape(-1)
-    rf = res.reshape(-1)
-    rows = n_ * c_
-    for t in prange(tasks):
-        r0 = rows * t // tasks
-        r1 = rows * (t + 1) // tasks
-        _half_norm_ncl_rows_any(xf, rf, yf, r0, r1, c_, l_, mean, scale, shift, code, slope,
-                                has_res)
-
-
-@njit(inline="always")
-def _half_norm_mc_rows(xf, rf, yf, r0, r1, cols, mean, scale, shift, code, slope, has_res):
-    t_ = mean.shape[0]
-    e = r0 * cols
-    end = r1 * cols
-    while e < end:
-        n = min(t_, end - e)
-        xr = xf[e:e + n]
-        yr = yf[e:e + n]
-        rr = rf[e:e + n] if has_res else xr
-        for j in range(n):
-            z = (_widen(xr[j]) - mean[j]) * scale[j] + shift[j]
-            if has_res:
-                z = z + _widen(rr[j])
-            yr[j] = _narrow(_act(z, code, slope), yr)
-        e += n
-
-
-@njit(cache=True)
-def _half_norm_mc_rows_any(xf, rf, yf, r0, r1, cols, mean, scale, shift, code, slope, has_res):
-    # (see "Variants")
-    if code == 0 and not has_res:
-        _half_norm_mc_rows(xf, rf, yf, r0, r1, cols, mean, scale, shift, 0, slope, False)
-    elif code == 0:
-        _half_norm_mc_rows(xf, rf, yf, r0, r1, cols, mean, scale, shift, 0, slope, True)
-    elif code == 1 and not has_res:
-        _half_norm_mc_rows(xf, rf, yf, r0, r1, cols, mean, scale, shift, 1, slope, False)
-    elif code == 1:
-        _half_norm_mc_rows(xf, rf, yf, r0, r1, cols, mean, scale, shift, 1, slope, True)
-    else:
-        _half_norm_mc_rows(xf, rf, yf, r0, r1, cols, mean, scale, shift, code, slope, has_res)
-
-
-def normalize_mc_half(x, mean_in, v, eps, count, mode, weight, bias, res, code, slope, blocks, y,
-                 var_out):
-    m_, cols = x.shape
-    c_ = v.shape[0]
-    rep = cols // c_
-    mean, invstd, scale, shift, delta = _half_coefs(c_)
-    _prologue(mean_in, v, eps, count, mode, weight, bias, mean, invstd, scale, shift, delta,
-              var_out)
-    has_res = res.shape[0] > 0
-    t_ = _tile_len(cols)
-    mt, st, bt = _tiled(mean, rep, t_), _tiled(scale, rep, t_), _tiled(shift, rep, t_)
-    xf = x.reshape(-1)
-    yf = y.reshape(-1)
-    rf = res.reshape(-1)
-    for bl in prange(blocks):
-        r0 = m_ * bl // blocks
-        r1 = m_ * (bl + 1) // blocks
-        _half_norm_mc_rows_any(xf, rf, yf, r0, r1, cols, mt, st, bt, code, slope, has_res)
-
-
-# ---------------------------------------------------------------------------------------
-# backward_reduce: Σdz and Σdz·(x − mean_k) per channel, partials in float64
-
-
-@njit(inline="always")
-def _half_dz(dy, xc, s, b, r, code, slope, has_res):
-    """dz of one value given xc = x − mean_k: dy itself without an activation, else
-    dy·act′(z) with z recomputed (``r``: the residual's value)."""
-    if code == 0:
-        return dy
-    z = xc * s + b
-    if has_res:
-        z = z + r
-    return np.float32(_dz(dy, z, code, slope))
-
-
-@njit(inline="always", fastmath=_REDUCE_MATH)
-def _half_dz_row_sums(dyf, xf, rf, a0, a1, m, s, b, code, slope, has_res):
-    a_1 = 0.0
-    a_2 = 0.0
-    while a0 < a1:
-        e = min(a1, a0 + _BLK)
-        b1 = np.float32(0)
-        b2 = np.float32(0)
-        xr = xf[a0:e]
-        dyr = dyf[a0:e]
-        rr = rf[a0:e] if has_res else xr
-        for i in range(e - a0):
-            xc = _widen(xr[i]) - m
-            g = _half_dz(_widen(dyr[i]), xc, s, b, _widen(rr[i]) if has_res else np.float32(0),
-                       code, slope, has_res)
-            b1 += g
-            b2 += g * xc
-        a_1 += np.float64(b1)
-        a_2 += np.float64(b2)
-        a0 = e
-    return a_1, a_2
-
-
-@njit(inline="always", fastmath=_REDUCE_MATH)
-def _half_reduce_ncl_rows(dyf, xf, rf, r0, r1, c_, l_, mean, scale, shift, a1, a2, code, slope,
-                     has_res):
-    c = r0 % c_
-    for r in range(r0, r1):
-        s1, s2 = _half_dz_row_sums(dyf, xf, rf, r * l_, (r + 1) * l_, mean[c], scale[c], shift[c],
-                              code, slope, has_res)
-        a1[c] += s1
-        a2[c] += s2
-        c += 1
-        if c == c_:
-            c = 0
-
-
-@njit(cache=True, fastmath=_REDUCE_MATH)
-def _half_reduce_ncl_rows_any(dyf, xf, rf, r0, r1, c_, l_, mean, scale, shift, a1, a2, code,
-                              slope, has_res):
-    # (see "Variants")
-    if code == 0:
-        _half_reduce_ncl_rows(dyf, xf, rf, r0, r1, c_, l_, mean, scale, shift, a1, a2, 0,
-                              slope, False)
-    elif code == 1 and not has_res:
-        _half_reduce_ncl_rows(dyf, xf, rf, r0, r1, c_, l_, mean, scale, shift, a1, a2, 1,
-                              slope, False)
-    elif code == 1:
-        _half_reduce_ncl_rows(dyf, xf, rf, r0, r1, c_, l_, mean, scale, shift, a1, a2, 1,
-                              slope, True)
-    else:
-        _half_reduce_ncl_rows(dyf, xf, rf, r0, r1, c_, l_, mean, scale, shift, a1, a2, code,
-                              slope, has_res)
-
-
-def reduce_ncl_half(dy, x, mean_in, v, eps, count, mode, weight, bias, res, code, slope, split,
-               sum_dz, sum_dzx):
-    n_, c_, l_ = x.shape
-    mean, invstd, scale, shift, delta = _half_coefs(c_)
-    _prologue(mean_in, v, eps, count, mode, weight, bias, mean, invstd, scale, shift, delta,
-              mean[0:0])
-    has_res = res.shape[0] > 0
-    dyf = dy.reshape(-1)
-    xf = x.reshape(-1)
-    rf = res.reshape(-1)
-    rows = n_ * c_
-    p1 = np.zeros((split, c_))
-    p2 = np.zeros((split, c_))
-    for t in prange(split):
-        r0 = rows * t // split
-        r1 = rows * (t + 1) // split
-        _half_reduce_ncl_rows_any(dyf, xf, rf, r0, r1, c_, l_, mean, scale, shift, p1[t], p2[t],
-                                  code, slope, has_res)
-    for c in range(c_):
-        a1 = 0.0
-        a2 = 0.0
-        for t in range(split):
-            a1 += p1[t, c]
-            a2 += p2[t, c]
-        sum_dz[c] = a1
-        # Σ dz·x̂ = r·(Σ dz·(x − mean_k) − delta·Σ dz) (see reduce_ncl)
-        sum_dzx[c] = np.float64(invstd[c]) * (a2 - delta[c] * a1)
-
-
-@njit(inline="always", fastmath=_REDUCE_MATH)
-def _half_reduce_mc_rows(dyf, xf, rf, r0, r1, cols, mean, scale, shift, a1, a2, code, slope,
-                    has_res):
-    t_ = mean.shape[0]
-    b1 = np.empty(t_, np.float32)
-    b2 = np.empty(t_, np.float32)
-    q = r0
-    while q < r1:
-        q1 = min(r1, q + _BLK)
-        b1[:] = 0
-        b2[:] = 0
-        e = q * cols
-        end = q1 * cols
-        while e < end:
-            n = min(t_, end - e)
-            xr = xf[e:e + n]
-            dyr = dyf[e:e + n]
-            rr = rf[e:e + n] if has_res else xr
-            for j in range(n):
-                xc = _widen(xr[j]) - mean[j]
-                g = _half_dz(_widen(dyr[j]), xc, scale[j], shift[j],
-                           _widen(rr[j]) if has_res else np.float32(0), code, slope, has_res)
-                b1[j] += g
-                b2[j] += g * xc
-            e += n
-        for j in range(t_):
-            a1[j] += b1[j]
-            a2[j] += b2[j]
-        q = q1
-
-
-@njit(cache=True, fastmath=_REDUCE_MATH)
-def _half_reduce_mc_rows_any(dyf, xf, rf, r0, r1, cols, mean, scale, shift, a1, a2, code,
-                             slope, has_res):
-    # (see "Variants")
-    if code == 0:
-        _half_reduce_mc_rows(dyf, xf, rf, r0, r1, cols, mean, scale, shift, a1, a2, 0, slope,
-                             False)
-    elif code == 1 and not has_res:
-        _half_reduce_mc_rows(dyf, xf, rf, r0, r1, cols, mean, scale, shift, a1, a2, 1, slope,
-                             False)
-    elif code == 1:
-        _half_reduce_mc_rows(dyf, xf, rf, r0, r1, cols, mean, scale, shift, a1, a2, 1, slope,
-                             True)
-    else:
-        _half_reduce_mc_rows(dyf, xf, rf, r0, r1, cols, mean, scale, shift, a1, a2, code,
-                             slope, has_res)
-
-
-def reduce_mc_half(dy, x, mean_in, v, eps, count, mode, weight, bias, res, code, slope, blocks,
-              sum_dz, sum_dzx):
-    m_, cols = x.shape
-    c_ = v.shape[0]
-    rep = cols // c_
-    mean, invstd, scale, shift, delta = _half_coefs(c_)
-    _prologue(mean_in, v, eps, count, mode, weight, bias, mean, invstd, scale, shift, delta,
-              mean[0:0])
-    has_res = res.shape[0] > 0
-    t_ = _tile_len(cols)
-    mt, st, bt = _tiled(mean, rep, t_), _tiled(scale, rep, t_), _tiled(shift, rep, t_)
-    dyf = dy.reshape(-1)
-    xf = x.reshape(-1)
-    rf = res.reshape(-1)
-    s1 = np.zeros((blocks, t_), np.float64)
-    s2 = np.zeros((blocks, t_), np.float64)
-    for bl in prange(blocks):
-        r0 = m_ * bl // blocks
-        r1 = m_ * (bl + 1) // blocks
-        _half_reduce_mc_rows_any(dyf, xf, rf, r0, r1, cols, mt, st, bt, s1[bl], s2[bl], code,
-                                 slope, has_res)
-    a1, a2 = _fold_tiles(s1, s2, c_, rep)
-    for c in range(c_):
-        sum_dz[c] = a1[c]
-        sum_dzx[c] = np.float64(invstd[c]) * (a2[c] - delta[c] * a1[c])
-
-
-# ---------------------------------------------------------------------------------------
-# backward_elementwise: dx (and dresidual = dz)
-
-
-@njit(inline="always")
-def _half_dx_span(dyf, xf, rf, dxf, drf, e0, e1, mean, scale, shift, k0, k1, k2, code, slope,
-             has_res, want_dres):
-    """dx (and dresidual) of [e0, e1); the coefficients are scalars (one NCL row) or
-    arrays indexed as the span (an MC tile)."""
-    dyr = dyf[e0:e1]
-    xr = xf[e0:e1]
-    dxr = dxf[e0:e1]
-    rr = rf[e0:e1] if has_res else xr
-    drr = drf[e0:e1] if want_dres else dxr
-    for j in range(e1 - e0):
-        m, s, b, q0, q1, q2 = _coef_at(mean, j), _coef_at(scale, j), _coef_at(shift, j), _coef_at(k0, j), \
-            _coef_at(k1, j), _coef_at(k2, j)
-        xc = _widen(xr[j]) - m
-        g = _half_dz(_widen(dyr[j]), xc, s, b, _widen(rr[j]) if has_res else np.float32(0),
-                   code, slope, has_res)
-        dxr[j] = _narrow(q0 * (g - q1 - xc * q2), dxr)
-        if want_dres:
-            drr[j] = _narrow(g, drr)
-
-
-@njit(inline="always")
-def _half_dx_ncl_rows(dyf, xf, rf, dxf, drf, r0, r1, c_, l_, coefs, code, slope, has_res,
-                 want_dres):
-    mean, scale, shift, k0, k1, k2 = coefs
-    c = r0 % c_
-    for r in range(r0, r1):
-        _half_dx_span(dyf, xf, rf, dxf, drf, r * l_, (r + 1) * l_, mean[c], scale[c], shift[c],
-                 k0[c], k1[c], k2[c], code, slope, has_res, want_dres)
-        c += 1
-        if c == c_:
-            c = 0
-
-
-@njit(cache=True)
-def _half_dx_coefs(invstd, weight, delta, sum_dz, sum_dzx, count):
-    c_ = invstd.shape[0]
-    k0 = np.empty(c_, np.float32)
-    k1 = np.empty(c_, np.float32)
-    k2 = np.empty(c_, np.float32)
-    _dx_coefs(invstd, weight, delta, sum_dz, sum_dzx, count, k0, k1, k2)
-    return k0, k1, k2
-
-
-@njit(cache=True)
-def _half_dx_ncl_rows_any(dyf, xf, rf, dxf, drf, r0, r1, c_, l_, coefs, code, slope, has_res,
-                          want_dres):
-    # (see "Variants")
-    if code == 0:
-        _half_dx_ncl_rows(dyf, xf, rf, dxf, drf, r0, r1, c_, l_, coefs, 0, slope, False, False)
-    elif code == 1 and not has_res:
-        _half_dx_ncl_rows(dyf, xf, rf, dxf, drf, r0, r1, c_, l_, coefs, 1, slope, False, False)
-    elif code == 1 and want_dres:
-        _half_dx_ncl_rows(dyf, xf, rf, dxf, drf, r0, r1, c_, l_, coefs, 1, slope, True, True)
-    elif code == 1:
-        _half_dx_ncl_rows(dyf, xf, rf, dxf, drf, r0, r1, c_, l_, coefs, 1, slope, True, False)
-    else:
-        _half_dx_ncl_rows(dyf, xf, rf, dxf, drf, r0, r1, c_, l_, coefs, code, slope, has_res,
-                          want_dres)
-
-
-def elementwise_ncl_half(dy, x, mean_in, v, eps, count, mode, weight, bias, res, sum_dz, sum_dzx,
-                    code, slope, tasks, dx, dres):
-    n_, c_, l_ = x.shape
-    mean, invstd, scale, shift, delta = _half_coefs(c_)
-    _prologue(mean_in, v, eps, count, mode, weight, bias, mean, invstd, scale, shift, delta,
-              mean[0:0])
-    k0, k1, k2 = _half_dx_coefs(invstd, weight, delta, sum_dz, sum_dzx, count)
-    has_res = res.shape[0] > 0
-    want_dres = dres.shape[0] > 0
-    dyf = dy.reshape(-1)
-    xf = x.reshape(-1)
-    rf = res.reshape(-1)
-    dxf = dx.reshape(-1)
-    drf = dres.reshape(-1)
-    coefs = (mean, scale, shift, k0, k1, k2)
-    rows = n_ * c_
-    for t in prange(tasks):
-        r0 = rows * t // tasks
-        r1 = rows * (t + 1) // tasks
-        _half_dx_ncl_rows_any(dyf, xf, rf, dxf, drf, r0, r1, c_, l_, coefs, code, slope, has_res,
-                              want_dres)
-
-
-@njit(inline="always")
-def _half_dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, cols, coefs, code, slope, has_res, want_dres):
-    mean, scale, shift, k0, k1, k2 = coefs  # tiled
-    t_ = mean.shape[0]
-    e = r0 * cols
-    end = r1 * cols
-    while e < end:
-        n = min(t_, end - e)
-        _half_dx_span(dyf, xf, rf, dxf, drf, e, e + n, mean, scale, shift, k0, k1, k2, code, slope,
-                 has_res, want_dres)
-        e += n
-
-
-@njit(cache=True)
-def _half_dx_mc_rows_any(dyf, xf, rf, dxf, drf, r0, r1, cols, coefs, code, slope, has_res,
-                         want_dres):
-    # (see "Variants")
-    if code == 0:
-        _half_dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, cols, coefs, 0, slope, False, False)
-    elif code == 1 and not has_res:
-        _half_dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, cols, coefs, 1, slope, False, False)
-    elif code == 1 and want_dres:
-        _half_dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, cols, coefs, 1, slope, True, True)
-    elif code == 1:
-        _half_dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, cols, coefs, 1, slope, True, False)
-    else:
-        _half_dx_mc_rows(dyf, xf, rf, dxf, drf, r0, r1, cols, coefs, code, slope, has_res,
-                         want_dres)
-
-
-def elementwise_mc_half(dy, x, mean_in, v, eps, count, mode, weight, bias, res, sum_dz, sum_dzx,
-                   code, slope, blocks, dx, dres):
-    m_, cols = x.shape
-    c_ = v.shape[0]
-    rep = cols // c_
-    mean, invstd, scale, shift, delta = _half_coefs(c_)
-    _prologue(mean_in, v, eps, count, mode, weight, bias, mean, invstd, scale, shift, delta,
-              mean[0:0])
-    k0, k1, k2 = _half_dx_coefs(invstd, weight, delta, sum_dz, sum_dzx, count)
-    has_res = res.shape[0] > 0
-    want_dres = dres.shape[0] > 0
-    t_ = _tile_len(cols)
-    coefs = (_tiled(mean, rep, t_), _tiled(scale, rep, t_), _tiled(shift, rep, t_),
-             _tiled(k0, rep, t_), _tiled(k1, rep, t_), _tiled(k2, rep, t_))
-    dyf = dy.reshape(-1)
-    xf = x.reshape(-1)
-    rf = res.reshape(-1)
-    dxf = dx.reshape(-1)
-    drf = dres.reshape(-1)
-    for bl in prange(blocks):
-        r0 = m_ * bl // blocks
-        r1 = m_ * (bl + 1) // blocks
-        _half_dx_mc_rows_any(dyf, xf, rf, dxf, drf, r0, r1, cols, coefs, code, slope, has_res,
-                             want_dres)
-
-
-# ---------------------------------------------------------------------------------------
-# 16-bit builds: the same parallel/serial builds and fused entry points as above, with
-# these kernels bound in (cached under names of their own: ``tag``)
-
-_HALF_TAG = "_half"
-HALF_STATS, _HALF_STATS_LINKED = _kernel_builds(_call_stats, _REDUCE_MATH, tag=_HALF_TAG, ncl=stats_ncl_half,
-                                      mc=stats_mc_half)
-HALF_NORMALIZE, _HALF_NORMALIZE_LINKED = _kernel_builds(_call_normalize, tag=_HALF_TAG, ncl=normalize_ncl_half,
-                                              mc=normalize_mc_half)
-HALF_REDUCE, _HALF_REDUCE_LINKED = _kernel_builds(_call_reduce, _REDUCE_MATH, tag=_HALF_TAG, ncl=reduce_ncl_half,
-                                        mc=reduce_mc_half)
-HALF_ELEMENTWISE, _HALF_ELEMENTWISE_LINKED = _kernel_builds(_call_elementwise, tag=_HALF_TAG,
-                                                  ncl=elementwise_ncl_half, mc=elementwise_mc_half)
-HALF_FORWARD_TRAIN = {v: _bound_builds(forward_train_at, v, _HALF_TAG, _stats=(HALF_STATS, _HALF_STATS_LINKED),
-                                  _normalize=(HALF_NORMALIZE, _HALF_NORMALIZE_LINKED))
-                 for v in _AT}
-HALF_FORWARD_EVAL = {v: _bound_builds(normalize_at, v, _HALF_TAG,
-                                 _normalize=(HALF_NORMALIZE, _HALF_NORMALIZE_LINKED))
-                for v in _AT}
-HALF_BACKWARD = {v: _bound_builds(backward_at, v, _HALF_TAG, _reduce=(HALF_REDUCE, _HALF_REDUCE_LINKED),
-                             _elementwise=(HALF_ELEMENTWISE, _HALF_ELEMENTWISE_LINKED))
             for v in _AT}
