@@ -408,6 +408,37 @@ def test_nan_or_negative_running_var_gives_nan_like_torch(backend, gen, grad, dt
 
 
 # ---------------------------------------------------------------------------------------
+# An infinite upstream gradient
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["inf", "-inf"])
+def test_infinite_gradient_gives_torchs_parameter_grads(backend, gen, dtype, layout, sign):
+    """An inf in dy (a loss that overflowed under float16 scaling) gives ±inf weight and
+    bias gradients on its channel, as torch's, and leaves the other channels' gradients
+    as they are. Ours were NaN: Σdz·x̂ is summed around the mean the kernels subtract and
+    corrected by delta·Σdz (``ops.sum_dz_xhat_from_kernels``), inf − inf or 0·inf."""
+    ours = batchnorm.BatchNorm2d(4, device=backend.device, dtype=dtype)
+    theirs = nn.BatchNorm2d(4, device=backend.device, dtype=dtype)
+    _, x = make_input((3, 4, 2, 5), layout, dtype, backend.device, gen)
+    dy = torch.randn(x.shape, generator=gen, dtype=dtype).to(backend.device)
+    dy[1, 2, 1, 3] = sign * float("inf")
+    grads = []
+    for m in (ours, theirs):
+        x_ = x.detach().requires_grad_()
+        m(x_).backward(dy)
+        grads.append((x_.grad, m.weight.grad, m.bias.grad))
+    (dx, wg, bg), (dx_t, wg_t, bg_t) = grads
+    assert wg_t[2].isinf() and bg_t[2].isinf()  # the case torch defines
+    assert torch.equal(wg[2], wg_t[2]) and torch.equal(bg[2], bg_t[2])
+    keep = [0, 1, 3]
+    assert_close(wg[keep], wg_t[keep], dtype)
+    assert_close(bg[keep], bg_t[keep], dtype)
+    assert_close(dx[:, keep], dx_t[:, keep], dtype)
+
+
+# ---------------------------------------------------------------------------------------
 # Gradients asked for only some inputs (frozen parameters, a first layer's input)
 
 

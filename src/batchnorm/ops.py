@@ -89,8 +89,11 @@ def sum_dz_xhat_from_kernels(sum_dz: Tensor, sum_dz_xhat_k: Tensor,
                              shift: Tensor | None) -> Tensor:
     """Σdz·x̂ from the kernels' Σdz·x̂', where x̂' = x̂ + shift (:func:`centre_for_kernels`):
     Σdz·x̂ = Σdz·x̂' − shift·Σdz. Linear, so per-rank sums may be corrected before they
-    are summed across ranks."""
-    return sum_dz_xhat_k if shift is None else sum_dz_xhat_k - shift * sum_dz
+    are summed across ranks. No correction where Σdz is not finite (an inf in dy): it
+    would be inf − inf or 0·inf, a NaN weight gradient where torch's is ±inf."""
+    if shift is None:
+        return sum_dz_xhat_k
+    return sum_dz_xhat_k - torch.where(sum_dz.isfinite(), shift * sum_dz, 0.0)
 
 
 def sum_dz_for_kernels(sum_dz: Tensor, sum_dz_xhat: Tensor, shift: Tensor | None) -> Tensor:

@@ -994,6 +994,15 @@ def _reduce_ncl_rows_task_any(dyf, xf, rf, r0, r1, c_, l_, mean, scale, shift, a
                               slope, has_res)
 
 
+@njit(inline="always")
+def _sum_dz_xhat(invstd, delta, sum_dz, sum_dz_xc):
+    """Σ dz·x̂ = r·(Σ dz·(x − mean_k) − delta·Σ dz) from the sums around mean_k (r applied
+    once per channel). No correction where Σ dz is not finite (an inf in dy): it would be
+    inf − inf or 0·inf, a NaN weight gradient where torch's is ±inf."""
+    correction = delta * sum_dz if math.isfinite(sum_dz) else 0.0
+    return np.float64(invstd) * (sum_dz_xc - correction)
+
+
 def reduce_ncl(dy, x, mean_in, v, eps, count, mode, weight, bias, res, code, slope, split,
                sum_dz, sum_dzx):
     n_, c_, l_ = x.shape
@@ -1048,8 +1057,7 @@ def reduce_ncl(dy, x, mean_in, v, eps, count, mode, weight, bias, res, code, slo
                 a1 += p1[t, 0]
                 a2 += p2[t, 0]
         sum_dz[c] = a1
-        # Σ dz·x̂ = r·(Σ dz·(x − mean_k) − delta·Σ dz): r is applied once per channel
-        sum_dzx[c] = np.float64(invstd[c]) * (a2 - delta[c] * a1)
+        sum_dzx[c] = _sum_dz_xhat(invstd[c], delta[c], a1, a2)
 
 
 def _reduce_mc_tile_py(dyf, xf, rf, e, n, mean, scale, shift, b1, b2, code, slope, has_res):
@@ -1147,7 +1155,7 @@ def reduce_mc(dy, x, mean_in, v, eps, count, mode, weight, bias, res, code, slop
     a1, a2 = _fold_tiles(s1, s2, c_, rep)
     for c in range(c_):
         sum_dz[c] = a1[c]
-        sum_dzx[c] = np.float64(invstd[c]) * (a2[c] - delta[c] * a1[c])
+        sum_dzx[c] = _sum_dz_xhat(invstd[c], delta[c], a1[c], a2[c])
 
 
 # ---------------------------------------------------------------------------------------
