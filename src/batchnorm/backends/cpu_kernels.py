@@ -100,7 +100,7 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 # of fastmath is wanted: NaN and inf must propagate as in torch.
 _REDUCE_MATH = {"reassoc", "contract"}
 
-# Reductions sum short blocks of this many elements in the data's dtype (vectorizable),
+# Reductions sum short blocks of this many elements in the accumulation dtype (vectorizable),
 # each block's sum then added to a float64 accumulator: the float32 rounding stays that of
 # a few hundred terms of (x − shift), which are of the order of the spread.
 _BLK = 512
@@ -334,7 +334,7 @@ def stats_ncl(x, split, mean_out, m2_out):
 
 @njit(inline="always", fastmath=_REDUCE_MATH)
 def _shifted_block_sums(xr, n, sk):
-    """Σ(x − sk) and Σ(x − sk)² of one short block, in the data's dtype."""
+    """Σ(x − sk) and Σ(x − sk)² of one short block, in the accumulation dtype."""
     b1 = _acc_zero(xr)
     b2 = _acc_zero(xr)
     for l in range(n):
@@ -358,7 +358,7 @@ def _far(s1, s2, n):
 @njit(cache=True)
 def _refine(shift, a1, a2, total, todo):
     """After a pass of sums (a1, a2) around ``shift``: ``todo`` marks the channels to sum
-    again, each around its mean rounded to the data's dtype (the new ``shift``). Only
+    again, each around its mean rounded to the accumulation dtype (the new ``shift``). Only
     after the first pass (``todo`` all True on entry), and returns whether any is marked.
     """
     # the test alone in a loop with no branch (it vectorizes: 1 against 3 µs for C = 1024)
@@ -462,7 +462,7 @@ def _stats_ncl_pieces_pass(x, xf, pieces, shift, todo, s1, s2):
             l1 = min(l_, l0 + (i1 - i), l0 + _BLK)
             # a slice indexed from 0: LLVM then knows no index is negative (no wraparound
             # check), which is what lets the loop vectorize. A short block (_BLK) sums in
-            # the data's dtype around the shift, then joins the float64 accumulator.
+            # the accumulation dtype around the shift, then joins the float64 accumulator.
             xr = xf[base + l0:base + l1]
             b1, b2 = _shifted_block_sums(xr, l1 - l0, sk)
             a1 += np.float64(b1)
@@ -588,7 +588,7 @@ def _stats_mc_pass(xf, m_, cols, t_, blocks, skt, s1, s2):
         a2 = s2[b]
         a1[:] = 0
         a2[:] = 0
-        # short blocks of rows summed in the data's dtype per tile position, then into
+        # short blocks of rows summed in the accumulation dtype per tile position, then into
         # float64
         b1 = _acc_empty(t_, xf)
         b2 = _acc_empty(t_, xf)
@@ -903,7 +903,7 @@ def _dz_at(dyr, rr, l, xc, s, b, code, slope, has_res):
 
 @njit(inline="always", fastmath=_REDUCE_MATH)
 def _dz_block_sums(dyr, xr, rr, n, m, s, b, code, slope, has_res):
-    """Σdz and Σdz·(x − m) of one short block, in the data's dtype."""
+    """Σdz and Σdz·(x − m) of one short block, in the accumulation dtype."""
     b1 = _acc_zero(xr)
     b2 = _acc_zero(xr)
     for l in range(n):
@@ -929,7 +929,7 @@ def _reduce_ncl_span(dyf, xf, rf, i0, i1, c, c_, l_, m, s, b, code, slope, has_r
         xr = xf[base + l0:base + l1]
         dyr = dyf[base + l0:base + l1]
         rr = rf[base + l0:base + l1] if has_res else xr
-        # a short block in the data's dtype, then into the float64 accumulator
+        # a short block in the accumulation dtype, then into the float64 accumulator
         b1, b2 = _dz_block_sums(dyr, xr, rr, l1 - l0, m, s, b, code, slope, has_res)
         a1 += np.float64(b1)
         a2 += np.float64(b2)
@@ -1086,7 +1086,7 @@ _reduce_mc_tail = njit(cache=True, fastmath=_REDUCE_MATH)(_twin(_reduce_mc_tile_
 def _reduce_mc_rows(dyf, xf, rf, r0, r1, cols, mean, scale, shift, a1, a2, code, slope,
                     has_res):
     t_ = mean.shape[0]
-    # short blocks of rows summed in the data's dtype per tile position, then into
+    # short blocks of rows summed in the accumulation dtype per tile position, then into
     # float64 (a1, a2, per tile position)
     b1 = _acc_empty(t_, xf)
     b2 = _acc_empty(t_, xf)
