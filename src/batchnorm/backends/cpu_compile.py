@@ -8,12 +8,13 @@ cache entries after ``batchnorm compile`` alone, 2026-12-03). They do not depend
 other, so :func:`precompile` runs them in several processes at once.
 
 Measured with a cold cache on the 2-core Intel Xeon, 2026-12-03 (the figures the README
-points to), nothing else running: :func:`precompile` took 242.8 s, each group 20-46 s;
-with every kernel cached it takes about 10 s. Before the kernels' task walks and
+points to), nothing else running: :func:`precompile` took 242.5 s, each group 20-45 s;
+with every kernel cached it takes about 10 s. The same 242.8 s before float16 and bfloat16
+ran the float kernels (they had kernels of their own); before the kernels' task walks and
 per-channel helpers were compiled once per process rather than inlined into every kernel
-(``cpu_kernels``, "Variants") it took 444.5-463.2 s, and 210-261 s before the float16 and
-bfloat16 groups. In a fresh clone (``make demo && make test``, 10 min 1 s in all)
-:func:`precompile` took 236.3 s and the suite 3 min 35 s in two pytest-xdist workers.
+(``cpu_kernels``, "Variants") it took 444.5-463.2 s, and 210-261 s before the 16-bit
+groups. In a fresh clone (``make demo && make test``, 9 min 24 s in all) :func:`precompile`
+took 251.4 s and the suite 3 min 27 s in two pytest-xdist workers.
 
 The work is cut into groups, one per kernel view (NCL, MC), build (parallel, serial) and
 dtype (float32, float64, float16, bfloat16: one family of kernels compiled per dtype). A
