@@ -17,25 +17,24 @@ Because s is one of the data, |d| is of the order of the spread, not of the mean
 S2 accumulate in float64, but blocks of ``_BLK`` values are summed in the accumulation
 dtype first (the data's; float32 for 16-bit data, see "Data types"), so that the loops
 vectorize, and each block sum of d² carries a rounding error of order u·Σd² (u = 2⁻²⁴ in
-float32), where Σd² = m2 + n·(μ − s)²: m2 is good to
-u·(1 + (μ − s)²/σ²), a few u while s lies within a few σ of the mean, but only to u·n
-when s is a far outlier (1e6 first in N(0, 1) data lost 4e-3 of the variance, a token of
-3000 at position 0 of a BatchNorm1d batch 6e-4). So after the pass, if any channel's
-shift lies more than 8σ from its mean (n·(μ − s)² > 64·m2, ``_far``; m2 is then good to
-about 3e-7), the channels are summed again, each far one around its first-pass mean
-rounded to the accumulation dtype (``_refine``), whose error, of order u·|μ − s|/√n, is far
-below σ. The second pass reads only the far channels in the pieces walk, but the whole
-array in the rows walk (a test per row cost 8% on rows of 49-64 values) and in the MC
-view (channels interleave there): the other channels get the same sums again. Normal data
-never pay it (a value 8σ out: 1e-15; at 4σ one step in eight on 2048 channels would
-have); summing each block around its own first value instead, redone where far, cost
-20-90% on rows of 32-512 values. A constant channel has every d == 0 exactly, so μ == s
-exactly and m2 == 0 exactly, at any magnitude, and it is never summed again; a NaN or
-inf makes ``_far`` false, so it propagates from the first pass as it did. The common
-shift also makes the parallel merge trivial: a channel is cut into pieces (so that two
-channels with a huge N·L still keep every core busy), each piece sums its own (S1, S2),
-and the pieces' sums are added in a fixed order, so the result does not depend on the
-thread count or scheduling.
+float32), where Σd² = m2 + n·(μ − s)²: m2 is good to u·(1 + (μ − s)²/σ²), a few u while s
+lies within a few σ of the mean, but only to u·n when s is a far outlier (1e6 first in
+N(0, 1) data lost 4e-3 of the variance, a token of 3000 at position 0 of a BatchNorm1d
+batch 6e-4). So after the pass, if any channel's shift lies more than 8σ from its mean
+(n·(μ − s)² > 64·m2, ``_far``; m2 is then good to about 3e-7), the channels are summed
+again, each far one around its first-pass mean rounded to the accumulation dtype
+(``_refine``), whose error, of order u·|μ − s|/√n, is far below σ. The second pass reads
+only the far channels in the pieces walk, but the whole array in the rows walk (a test
+per row cost 8% on rows of 49-64 values) and in the MC view (channels interleave there):
+the other channels get the same sums again. Normal data never pay it (a value 8σ out:
+1e-15; at 4σ one step in eight on 2048 channels would have); summing each block around
+its own first value instead, redone where far, cost 20-90% on rows of 32-512 values. A
+constant channel has every d == 0 exactly, so μ == s exactly and m2 == 0 exactly, at any
+magnitude, and it is never summed again; a NaN or inf makes ``_far`` false, so it
+propagates from the first pass as it did. The common shift also makes the parallel merge
+trivial: a channel is cut into pieces (so that two channels with a huge N·L still keep
+every core busy), each piece sums its own (S1, S2), and the pieces' sums are added in a
+fixed order, so the result does not depend on the thread count or scheduling.
 Where rows are short (L ≤ ``_BLK``) the tasks are ranges of whole rows read in memory
 order instead, each with per-channel partials: a channel's rows lie C·L apart, a stride
 the prefetcher does not follow.
@@ -67,11 +66,11 @@ factor r, so dx == 0, never NaN.
 Compilation
 -----------
 Each kernel is compiled once per dtype (float32, float64, float16, bfloat16) and kept in
-numba's on-disk cache; everything else is a run-time argument, so that the whole test matrix costs a
-dozen compilations, not hundreds. Absent tensors (weight, bias, residual, the batch sums
-in evaluation) arrive as size-0 arrays. The activation is an integer code, but the branch
-on it is hoisted out of the inner loop for 'none' and 'relu': the row loop is an
-``inline='always'`` helper called with a literal code, so LLVM folds the switch and
+numba's on-disk cache; everything else is a run-time argument, so that the whole test
+matrix costs a dozen compilations, not hundreds. Absent tensors (weight, bias, residual,
+the batch sums in evaluation) arrive as size-0 arrays. The activation is an integer code,
+but the branch on it is hoisted out of the inner loop for 'none' and 'relu': the row loop
+is an ``inline='always'`` helper called with a literal code, so LLVM folds the switch and
 vectorizes those loops. The other activations share one copy that switches per element;
 their exp/erf/tanh cost far more than the branch.
 """
