@@ -340,7 +340,7 @@ def test_half_entry_points_match_float32(dtype, view, training, activation, size
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_half_constant_channel_and_far_first_value(dtype, channels_last):
-    """The 16-bit kernels keep the float kernels' statistics: a constant channel gives
+    """16-bit data keeps the float kernels' statistics: a constant channel gives
     exactly 0 variance and y == bias at any magnitude, and a first value far from the
     channel's mean (summed again around the mean) costs no digits."""
     gen = torch.Generator().manual_seed(13)
