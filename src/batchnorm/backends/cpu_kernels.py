@@ -199,6 +199,17 @@ def _acc_dtype(data):
     return np.float32 if isinstance(data, nb_types.Integer) else numpy_support.as_dtype(data).type
 
 
+def _acc(like):
+    """0 in the accumulation dtype of data of ``like``'s type (a scalar): what the
+    per-channel arrays (weight, bias, var, the sums, the running buffers) hold."""
+
+
+@overload(_acc)
+def _acc_overload(like):
+    zero = _acc_dtype(like)(0)
+    return lambda like: zero
+
+
 def _acc_empty(n, a):
     """An empty [n] array of the accumulation dtype of the array ``a``'s data."""
 
@@ -1441,19 +1452,6 @@ ELEMENTWISE, _ELEMENTWISE_LINKED = _kernel_builds(_call_elementwise, ncl=element
 # variant the primitives use (each kernel variant costs 10-40 s of compilation).
 _MODE_M2 = np.int64(1)
 _MODE_VAR = np.int64(2)
-
-
-def _acc(like):
-    """A scalar of the accumulation dtype of data of ``like``'s type: its own for float32
-    and float64, float32 for 16-bit patterns (see "Data types"). What the
-    per-channel arrays (weight, bias, var, the sums, the running buffers) hold."""
-
-
-@overload(_acc)
-def _acc_overload(like):
-    if isinstance(like, nb_types.Integer):
-        return lambda like: np.float32(0)
-    return lambda like: like
 
 
 @intrinsic
