@@ -9,6 +9,7 @@ reference and with torch's layer followed by torch's activation; half inputs wit
 parameters (as autocast produces) with the reference on the same half input.
 """
 
+import copy
 import itertools
 
 import numpy as np
@@ -436,6 +437,64 @@ def test_infinite_gradient_gives_torchs_parameter_grads(backend, gen, dtype, lay
     assert_close(wg[keep], wg_t[keep], dtype)
     assert_close(bg[keep], bg_t[keep], dtype)
     assert_close(dx[:, keep], dx_t[:, keep], dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# A NaN or infinite value in x or dy: torch's NaNs, infs and finite values, place by place
+
+
+def _assert_same_values(actual, expected, dtype):
+    """NaN where ``expected`` has NaN, the same infinities, the finite values close."""
+    assert torch.equal(actual.isnan(), expected.isnan())
+    inf = expected.isinf()
+    assert torch.equal(actual.isinf(), inf) and torch.equal(actual[inf], expected[inf])
+    finite = expected.isfinite()
+    assert_close(actual[finite], expected[finite], dtype)
+
+
+@pytest.mark.parametrize("where,value", [("x", "nan"), ("x", "inf"), ("x", "-inf"),
+                                         ("dy", "nan")])
+@pytest.mark.parametrize("activation", [None, "relu", "leaky_relu", "sigmoid"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_a_nonfinite_value_gives_torchs_outputs_and_gradients(backend, gen, where, value,
+                                                               activation, training, layout):
+    """One NaN or ±inf in channel 2 of x (or a NaN in dy, where the unit is off), against
+    torch's layer then activation. Two ways ours differed:
+    - relu's backward selects (torch's threshold_backward): a NaN pre-activation passes
+      dy, and a NaN dy where the unit is off gives 0. The portable and Triton backends
+      multiplied dy by a 0/1 mask: the channel's bias gradient was 0 or NaN;
+    - in evaluation x's gradient is γ·r·dz whatever x is. The CPU kernels' x − mean
+      times the zero training term made it NaN at a non-finite x."""
+    dtype = torch.float32
+    ours = batchnorm.BatchNorm2d(4, activation=activation, device=backend.device,
+                                 dtype=dtype).train(training)
+    theirs = nn.BatchNorm2d(4, device=backend.device, dtype=dtype).train(training)
+    act = activation_module(activation or "none", 0.01) or nn.Identity()
+    with torch.no_grad():
+        for m in (ours, theirs):
+            m.weight.copy_(torch.linspace(0.5, 1.5, 4))
+            m.bias.copy_(torch.linspace(-0.3, 0.3, 4))
+            m.running_mean.copy_(torch.linspace(-0.2, 0.2, 4))
+            m.running_var.copy_(torch.linspace(0.5, 1.5, 4))
+    _, x = make_input((3, 4, 2, 5), layout, dtype, backend.device, gen)
+    dy = torch.randn(x.shape, generator=gen, dtype=dtype).to(backend.device)
+    x, bad = x.detach().clone(memory_format=torch.preserve_format), float(value)
+    if where == "x":
+        x[1, 2, 1, 3] = bad
+    else:  # where the unit is off: the smallest pre-activation of channel 2
+        with torch.no_grad():
+            z = copy.deepcopy(theirs)(x)  # (a copy: theirs' running statistics stay)
+        spot = divmod(z[:, 2].flatten().argmin().item(), 10)
+        dy[spot[0], 2, spot[1] // 5, spot[1] % 5] = bad
+    got = []
+    for m in (ours, theirs):
+        x_ = x.clone(memory_format=torch.preserve_format).requires_grad_()
+        y = m(x_) if m is ours else act(m(x_))
+        y.backward(dy)
+        got.append((y, x_.grad, m.weight.grad, m.bias.grad, m.running_mean, m.running_var))
+    for a, b in zip(*got):
+        _assert_same_values(a.detach(), b.detach(), dtype)
 
 
 # ---------------------------------------------------------------------------------------

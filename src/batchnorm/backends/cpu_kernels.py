@@ -1173,6 +1173,13 @@ def reduce_mc(dy, x, mean_in, v, eps, count, mode, weight, bias, res, code, slop
 
 
 @njit(inline="always")
+def _dx_value(g, xc, k0, k1, k2):
+    """dx = k0·(dz − k1 − xc·k2) (see _dx_coefs). In evaluation k2 = 0 and dx = k0·dz
+    whatever x is, as torch's: an infinite or NaN x must not make xc·k2 a NaN there."""
+    return k0 * (g - k1 - (xc * k2 if k2 != 0 else k2))
+
+
+@njit(inline="always")
 def _dx_ncl_seg(dyf, xf, rf, dxf, drf, a0, a1, m, s, b, k0, k1, k2, code, slope, has_res,
                 want_dres):
     xr = xf[a0:a1]
@@ -1183,7 +1190,7 @@ def _dx_ncl_seg(dyf, xf, rf, dxf, drf, a0, a1, m, s, b, k0, k1, k2, code, slope,
     for l in range(a1 - a0):
         xc = _load(xr[l]) - m
         g = _dz_at(dyr, rr, l, xc, s, b, code, slope, has_res)
-        dxr[l] = _store(k0 * (g - k1 - xc * k2), dxr)
+        dxr[l] = _store(_dx_value(g, xc, k0, k1, k2), dxr)
         if want_dres:
             drr[l] = _store(g, drr)
 
@@ -1267,7 +1274,7 @@ def _dx_mc_tile_py(dyf, xf, rf, dxf, drf, e, n, coefs, code, slope, has_res, wan
             if has_res:
                 z = z + _load(rr[j])
             g = _dz(_load(dyr[j]), z, code, slope)
-        dxr[j] = _store(k0[j] * (g - k1[j] - xc * k2[j]), dxr)
+        dxr[j] = _store(_dx_value(g, xc, k0[j], k1[j], k2[j]), dxr)
         if want_dres:
             drr[j] = _store(g, drr)
 

@@ -248,6 +248,10 @@ def _dz(dy, x, mean, invstd, weight, bias, residual, activation, slope) -> tuple
     if activation == "none":
         return _xhat(x, mean, invstd), dy.to(mean.dtype)
     xhat, z = _pre_activation(x, mean, invstd, weight, bias, residual)
+    if activation == "relu":
+        # a select, as torch's threshold_backward: a NaN z passes dy, and a NaN or
+        # infinite dy where the unit is off gives 0 (dy · 0 would be NaN)
+        return xhat, torch.where(z <= 0, 0.0, dy.to(mean.dtype))
     return xhat, dy.to(mean.dtype) * activation_grad(z, activation, slope)
 
 

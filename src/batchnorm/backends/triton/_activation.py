@@ -1,6 +1,6 @@
 """Activations and their derivatives as Triton device functions, selected by a constexpr code.
 
-The formulas are those of ``portable._activate`` / ``portable.activation_grad``, so the
+The formulas are those of ``portable._activate`` / ``portable._dz``, so the
 backward recomputes act'(z) from x and the statistics instead of saving a mask.
 Python float literals take the dtype of the tensor they meet (Triton's scalar promotion),
 so these constants keep float64 precision for float64 inputs. A *runtime* float argument,
@@ -63,10 +63,11 @@ def activate(z, ACT: tl.constexpr, slope_hi, slope_lo):
 
 
 @triton.jit
-def activation_grad(z, ACT: tl.constexpr, slope_hi, slope_lo):
-    """act'(z) for ACT != 0."""
+def activation_backward(dy, z, ACT: tl.constexpr, slope_hi, slope_lo):
+    """dy·act'(z) for ACT != 0. relu selects, as torch's threshold_backward does: a NaN z
+    passes dy, and a NaN or infinite dy where the unit is off gives 0 (dy·0 is NaN)."""
     if ACT == 1:
-        g = tl.where(z > 0, 1.0, 0.0)
+        dz = tl.where(z <= 0, 0.0, dy)
     elif ACT == 2:
         # zeros_like first: the sum is then formed in z's dtype (float64 keeps slope_lo)
         g = tl.where(z > 0, 1.0, tl.zeros_like(z) + slope_hi + slope_lo)
@@ -88,4 +89,6 @@ def activation_grad(z, ACT: tl.constexpr, slope_hi, slope_lo):
     else:
         t = _tanh(z)
         g = 1.0 - t * t
-    return g
+    if ACT != 1:
+        dz = dy * g
+    return dz

@@ -62,7 +62,7 @@ about 64 to 102-125 per thread for the default stage-1 plans (``triton_notes.md`
 import triton
 import triton.language as tl
 
-from ._activation import activation_grad
+from ._activation import activation_backward
 
 # Stage 1 of the statistics writes a partial as count, mean_d (hi, lo) and m2: [P, C] each.
 STATS_PLANES = 4
@@ -83,7 +83,7 @@ def _dz(dy, x, mu, inv, w, b, r, ACT: tl.constexpr, HAS_W: tl.constexpr,
             z = z + b
         if HAS_RES:
             z = z + r
-        dz = dy * activation_grad(z, ACT, slope_hi, slope_lo)
+        dz = activation_backward(dy, z, ACT, slope_hi, slope_lo)
     return xhat, dz
 
 
