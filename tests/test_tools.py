@@ -384,6 +384,114 @@ def test_revert_gives_restored_modules_the_mode_of_those_they_replace():
     assert not any(m.training for m in built.modules())
 
 
+def test_convert_keeps_a_torch_layer_without_bias():
+    """A torch layer built with ``bias=False`` becomes ours without bias: its checkpoint
+    still loads strictly (convert gave it a fixed zero bias, a key torch's lacks), and
+    revert gives torch's layer without bias back."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, bias=False), nn.ReLU(),
+                          nn.SyncBatchNorm(4, bias=False))
+    state = copy.deepcopy(model.state_dict())
+    batchnorm.convert(model)
+    assert model[1].bias is None and model[3].bias is None
+    assert model.state_dict().keys() == state.keys()
+    model.load_state_dict(state)
+    batchnorm.revert(model)
+    assert type(model[1]) is nn.BatchNorm2d and model[1].bias is None
+    model.load_state_dict(state)
+
+
+class _KeepsBlockInEval(nn.Module):
+    """A model whose train() keeps its first block in eval mode, as fine-tuning code does
+    to keep a backbone's statistics fixed."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+        self.head = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.block.eval()
+        return self
+
+    def forward(self, x):
+        return self.head(self.block(x))
+
+
+def test_revert_finds_the_fused_batch_norm_by_identity():
+    """revert puts a fused activation back after the batch norm convert took it from, by
+    identity: a converted block reverted inside another model (where its batch norm has
+    another name, and another layer has the first one's) or inside a wrapper."""
+    block = batchnorm.convert(nn.Sequential(nn.BatchNorm2d(4), nn.SiLU()))
+    outer = nn.Sequential(batchnorm.BatchNorm2d(4, activation="silu"), block).eval()
+    randomize(outer)
+    x = torch.randn(2, 4, 3, 3)
+    y = outer(x)
+    batchnorm.revert(outer)
+    assert type(outer[0]) is nn.Sequential and type(outer[1][1]) is nn.SiLU
+    assert_close(outer(x), y)
+    backbone = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+    keys = backbone.state_dict().keys()
+    batchnorm.convert(backbone)
+    batchnorm.revert(nn.Sequential(backbone))
+    assert type(backbone[1]) is nn.BatchNorm2d and type(backbone[2]) is nn.ReLU
+    assert backbone.state_dict().keys() == keys
+
+
+def _plus_one(module, args, output):
+    return output + 1
+
+
+def _times_two_pre(module, args):
+    return (args[0] * 2,)
+
+
+def test_convert_and_revert_keep_hooks_and_fuse_no_hooked_module():
+    """Hooks move with the layer convert replaces (their handles still remove them), and
+    an activation with hooks, or after a batch norm with hooks, is not fused: its hooks
+    would no longer run, or see the activation's output."""
+    model = nn.Sequential(nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4), nn.Tanh()).eval()
+    randomize(model)
+    model[1].register_forward_hook(_plus_one)
+    pre = model[2].register_forward_pre_hook(_times_two_pre)
+    x = torch.randn(2, 4, 3, 3)
+    y = model(x)
+    batchnorm.convert(model)
+    assert type(model[1]) is nn.ReLU and type(model[3]) is nn.Tanh  # neither fused
+    assert tools._common.is_our_bn(model[2])
+    assert_close(model(x), y)
+    batchnorm.revert(model)
+    assert type(model[2]) is nn.BatchNorm2d
+    assert_close(model(x), y)
+    pre.remove()
+    assert not model[2]._forward_pre_hooks
+
+
+def test_convert_and_freeze_leave_a_parametrized_layer_with_a_warning():
+    """A parametrization computes the layer's weight (its class is a subclass torch makes):
+    ours would take the weight as it is now, so the layer stays, with a warning."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    nn.utils.parametrize.register_parametrization(model[1], "weight", _Absolute())
+    for run in (batchnorm.convert, batchnorm.freeze):
+        with pytest.warns(UserWarning, match=r"'1' is a BatchNorm2d whose weight a "
+                                             r"parametrization computes"):
+            run(model)
+        assert nn.utils.parametrize.is_parametrized(model[1], "weight")
+
+
+class _Absolute(nn.Module):
+    def forward(self, w):
+        return w.abs()
+
+
+def test_convert_warns_about_a_torch_lazy_layer_without_input():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.LazyBatchNorm2d())
+    with pytest.warns(UserWarning, match=r"'1' is torch's LazyBatchNorm2d and has not seen "
+                                         r"input yet"):
+        batchnorm.convert(model)
+    assert type(model[1]) is nn.LazyBatchNorm2d
+
+
 # ---------------------------------------------------------------------------------------
 # fold
 
@@ -485,6 +593,22 @@ def test_fold_scale_shift_keeps_the_input_dtype(data, stats, residual, gen):
 
 def _output_doubling_hook(module, args, output):
     return output * 2
+
+
+def test_fold_leaves_a_batch_norm_with_hooks_alone(gen):
+    """A batch norm with hooks is neither folded nor made a scale-and-shift: neither would
+    run them. The report says so."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    randomize(model)
+    model[1].register_forward_pre_hook(_times_two_pre)
+    x = torch.randn(2, 3, 6, 6, generator=gen)
+    folded, report = batchnorm.fold(model)
+    assert report.skipped == [("1", "it has hooks, which a folded layer would not run")]
+    assert not report.folded and type(folded[1]) is nn.BatchNorm2d
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+    root, report = batchnorm.fold(model[1])
+    assert type(root) is nn.BatchNorm2d and report.skipped[0][0] == ""
 
 
 @pytest.mark.parametrize("hooked", ["spectral_norm", "forward_hook"])
@@ -892,8 +1016,35 @@ def test_recalibrate_puts_back_the_statistics_of_other_norm_layers():
     assert all(torch.equal(v, model[1].state_dict()[k]) for k, v in before.items())
 
 
+def test_recalibrate_leaves_layers_that_train_keeps_in_eval(gen):
+    """A batch norm that the model's train() keeps in eval mode normalizes with its
+    running statistics during the passes: it keeps them (recomputing them would leave the
+    layers after it calibrated on another input than the model's), and the layers after
+    it get the statistics of what it outputs."""
+    model = _KeepsBlockInEval()
+    with torch.no_grad():
+        model.block[1].running_mean.fill_(5.0)
+        model.block[1].running_var.fill_(9.0)
+    before = {k: v.clone() for k, v in model.block[1].state_dict().items()}
+    batches = [torch.randn(16, 3, 4, 4, generator=gen) for _ in range(3)]
+    seen = batchnorm.recalibrate(model, batches, progress=False)
+    assert set(seen) == {"head.1"}
+    assert all(torch.equal(v, before[k]) for k, v in model.block[1].state_dict().items())
+    model.eval()
+    with torch.no_grad():
+        head_input = torch.cat([model.head[0](model.block(x)) for x in batches])
+    assert_close(model.head[1].running_mean, head_input.mean((0, 2, 3)), torch.float32)
+    assert model.training is False and not model.head[1].training
+    everything_in_eval = _KeepsBlockInEval().eval()
+    everything_in_eval.head = nn.Identity()
+    with pytest.raises(ValueError, match="leaves every batch norm .* in eval mode"):
+        batchnorm.recalibrate(everything_in_eval, batches, progress=False)
+    assert not everything_in_eval.training
+
+
 @pytest.mark.parametrize("lazy_cls", [nn.LazyBatchNorm2d, batchnorm.LazyBatchNorm2d])
-@pytest.mark.parametrize("tool", ["recalibrate", "freeze", "freeze_affine", "freeze_buffers"])
+@pytest.mark.parametrize("tool", ["recalibrate", "freeze", "freeze_affine", "freeze_buffers",
+                                  "fold"])
 def test_recalibrate_and_freeze_refuse_a_lazy_batch_norm_without_input(tool, lazy_cls):
     """A lazy layer that has not seen input has no statistics to recompute or freeze:
     recalibrate's training-mode forwards would make and move them with nothing to restore,
@@ -905,7 +1056,8 @@ def test_recalibrate_and_freeze_refuse_a_lazy_batch_norm_without_input(tool, laz
                                                          progress=False),
             "freeze": lambda: batchnorm.freeze(model),
             "freeze_affine": lambda: batchnorm.freeze(model, affine=True),
-            "freeze_buffers": lambda: batchnorm.freeze(model, buffers=True)}[tool]
+            "freeze_buffers": lambda: batchnorm.freeze(model, buffers=True),
+            "fold": lambda: batchnorm.fold(model.eval())}[tool]
     with pytest.raises(ValueError, match="'2' is a lazy batch norm that has not seen input"):
         call()
     assert [type(m) for m in model] == types
@@ -1031,6 +1183,21 @@ def test_load_validates_everything_before_writing(load, problem, kwargs, match):
     after = _layer_state(bn)
     assert all(torch.equal(a, b) for a, b in zip(after[0], before[0]))
     assert after[1:] == before[1:]
+
+
+def test_conventions_with_a_frozen_layer_and_one_without_statistics():
+    """A FrozenBatchNorm has no momentum: it exports Keras's decay 1 (its statistics never
+    move) and loads without gaining one. A layer without running statistics has nothing
+    for Keras's or Flax's moving statistics: ValueError, not arrays missing."""
+    frozen = batchnorm.FrozenBatchNorm2d(3)
+    weights, config = tools.to_keras(frozen)
+    assert config["momentum"] == 1.0 and set(weights) == {"gamma", "beta", "moving_mean",
+                                                          "moving_variance"}
+    tools.load_keras(frozen, weights)
+    assert "momentum" not in vars(frozen)
+    for export in (tools.to_keras, tools.to_flax):
+        with pytest.raises(ValueError, match="track_running_stats=False has no running"):
+            export(batchnorm.BatchNorm2d(3, track_running_stats=False))
 
 
 @pytest.mark.parametrize("bn_cls", [batchnorm.BatchNorm2d, nn.BatchNorm2d])

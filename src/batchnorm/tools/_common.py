@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.fx import Tracer
 from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.utils import parametrize
 
 from ..modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
@@ -34,24 +35,67 @@ def is_torch_bn(m: nn.Module) -> bool:
 
 
 def is_torch_bn_subclass(m: nn.Module) -> bool:
-    """A user's subclass of torch's batch norm: not one of the exact classes, nor torch's
-    own (``LazyBatchNorm*d``)."""
+    """A subclass of torch's batch norm that the tools leave as it is: a user's (not one of
+    the exact classes, nor torch's own ``LazyBatchNorm*d``), or the class
+    ``torch.nn.utils.parametrize`` gives a layer whose weight or bias it computes."""
     return (isinstance(m, nn.modules.batchnorm._BatchNorm) and not is_torch_bn(m)
-            and not type(m).__module__.startswith("torch."))
+            and (not type(m).__module__.startswith("torch.")
+                 or parametrize.is_parametrized(m)))
 
 
 def warn_subclasses(model: nn.Module, caller: str, consequence: str) -> None:
     """Warn, once per layer, about each subclass of torch's batch norm that ``caller``
-    leaves as it is, naming the layer and its class."""
+    leaves as it is, naming the layer and its class (or its parametrization)."""
     for name, m in model.named_modules():
         if is_torch_bn_subclass(m):
             base = next(c.__name__ for c in type(m).__mro__ if c in TORCH_BN + (
                 nn.modules.batchnorm._BatchNorm,))
             where = repr(name) if name else "the model"
-            warnings.warn(f"{caller}: {where} is a {type(m).__name__}, a subclass of torch's "
-                          f"{base}, and is left as it is: its forward may differ from "
-                          f"torch's, so it is not replaced by ours. {consequence}",
-                          stacklevel=3)
+            if parametrize.is_parametrized(m):
+                what = (f"a {base} whose {' and '.join(m.parametrizations)} a "
+                        f"parametrization computes (torch.nn.utils.parametrize), and is left "
+                        f"as it is: ours would take the tensor as it is now, not computed")
+            else:
+                what = (f"a {type(m).__name__}, a subclass of torch's {base}, and is left as "
+                        f"it is: its forward may differ from torch's, so it is not replaced "
+                        f"by ours (if its forward is torch's, replace it by hand)")
+            warnings.warn(f"{caller}: {where} is {what}. {consequence}", stacklevel=3)
+
+
+def warn_lazy_torch_batch_norms(model: nn.Module, caller: str) -> None:
+    """Warn about each of torch's ``LazyBatchNorm*d`` that has not seen input: it becomes a
+    ``BatchNorm*d`` at its first call, too late for ``caller``."""
+    for name, m in model.named_modules():
+        if (isinstance(m, nn.modules.batchnorm._BatchNorm) and isinstance(m, LazyModuleMixin)
+                and m.has_uninitialized_params()):
+            where = repr(name) if name else "the model"
+            warnings.warn(f"{caller}: {where} is torch's {type(m).__name__} and has not seen "
+                          f"input yet, so it is left as it is: run the model once first "
+                          f"(or build it with batchnorm.{type(m).__name__})", stacklevel=3)
+
+
+# The hooks that run around a module's forward and backward (global ones aside).
+_CALL_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks",
+               "_backward_hooks")
+
+
+def has_hooks(m: nn.Module) -> bool:
+    """Whether hooks are registered on ``m`` that run with its forward or backward."""
+    return any(getattr(m, name, None) for name in _CALL_HOOKS)
+
+
+def move_hooks(new: nn.Module, old: nn.Module) -> None:
+    """Give ``new`` every hook registered on ``old`` (forward, backward, state_dict and
+    load_state_dict ones, with their flags): the same dicts, so that the handles which
+    registered them still remove them (any of ``new``'s own join them)."""
+    for name, value in vars(old).items():
+        if "hook" not in name:
+            continue
+        own = new.__dict__.get(name)
+        if isinstance(value, dict) and isinstance(own, dict):
+            for key, hook in own.items():
+                value.setdefault(key, hook)
+        new.__dict__[name] = value
 
 
 def is_our_bn(m: nn.Module) -> bool:

@@ -110,19 +110,26 @@ def _load(bn: nn.Module, weight, bias, mean, var, momentum, eps, count) -> nn.Mo
     for t, v in zip(targets, values):
         if t is not None:
             t.copy_(v)
-    bn.momentum = torch_momentum
+    if hasattr(bn, "momentum"):  # (a FrozenBatchNorm has none: its statistics never move)
+        bn.momentum = torch_momentum
     bn.eps = float(eps)
     return bn
 
 
 def _export(bn: nn.Module, count) -> tuple:
+    if getattr(bn, "running_mean", None) is None:
+        raise ValueError(f"{type(bn).__name__} with track_running_stats=False has no running "
+                         f"statistics, and Keras's and Flax's batch norms keep a moving mean "
+                         f"and variance")
     bessel = _bessel(count)
 
     def get(t, scale=1.0):
         # scaled in float64, rounded once to the layer's precision
         return None if t is None else (t.detach().cpu().double().numpy() / scale).astype(
             np.float32 if t.dtype != torch.float64 else np.float64)
-    decay = None if bn.momentum is None else _complement(bn.momentum)
+    # A FrozenBatchNorm's statistics never move: decay 1
+    momentum = getattr(bn, "momentum", 0.0)
+    decay = None if momentum is None else _complement(momentum)
     return get(getattr(bn, "weight", None)), get(getattr(bn, "bias", None)), \
         get(bn.running_mean), get(bn.running_var, bessel), decay
 
@@ -166,8 +173,9 @@ def to_keras(bn: nn.Module, *, count: int | None = None) -> tuple[dict, dict]:
     """``(weights, config)`` for a Keras ``BatchNormalization``: weights as float NumPy
     arrays named gamma/beta/moving_mean/moving_variance (absent when the layer has none),
     config ``{'momentum': 1 - bn.momentum (None for momentum=None), 'epsilon': bn.eps,
-    'axis': 1}`` (axis 1 for (N, C, ...) data). ``count`` turns the unbiased running
-    variance into Keras's biased one."""
+    'axis': 1}`` (axis 1 for (N, C, ...) data); a ``FrozenBatchNorm*d``, whose statistics
+    never move, gives momentum 1. ``count`` turns the unbiased running variance into
+    Keras's biased one. A layer without running statistics raises ``ValueError``."""
     g, b, m, v, decay = _export(bn, count)
     weights = {k: a for k, a in (("gamma", g), ("beta", b), ("moving_mean", m),
                                  ("moving_variance", v)) if a is not None}
@@ -193,7 +201,7 @@ def load_flax(bn: nn.Module, variables: Mapping, *, momentum: float = 0.99,
 def to_flax(bn: nn.Module, *, count: int | None = None) -> tuple[dict, dict]:
     """``(variables, config)`` for a Flax ``nn.BatchNorm``: ``{'params': {'scale', 'bias'},
     'batch_stats': {'mean', 'var'}}`` as NumPy arrays, and ``{'momentum', 'epsilon',
-    'axis': 1}`` as in :func:`to_keras`."""
+    'axis': 1}``, as :func:`to_keras` gives them."""
     g, b, m, v, decay = _export(bn, count)
     params = {k: a for k, a in (("scale", g), ("bias", b)) if a is not None}
     return ({"params": params, "batch_stats": {"mean": m, "var": v}},

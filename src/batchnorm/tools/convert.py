@@ -4,12 +4,13 @@
 Both work in place on the model's module tree, so the model keeps its class, its methods
 and its parameters: the new layers *share* the old ``Parameter`` and buffer tensors (as
 ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does), and an optimizer built before the
-conversion still holds the right tensors. Hooks registered on a replaced layer are not
-carried over.
+conversion still holds the right tensors. Hooks registered on a replaced layer move to
+its replacement (the same hook dicts: their handles still remove them).
 """
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import torch
@@ -21,14 +22,17 @@ from ._common import (
     OURS_BY_RANK,
     TORCH_BY_OURS,
     check_module,
+    has_hooks,
     is_our_bn,
     is_torch_bn,
     module_calls,
+    move_hooks,
     sequential_pairs,
     set_submodule,
     trace_in_both_modes,
     use_counts,
     uses,
+    warn_lazy_torch_batch_norms,
     warn_sequential_fallback,
     warn_subclasses,
 )
@@ -49,12 +53,15 @@ class SyncFallbackBatchNorm(_BatchNorm):
 
 class FusedActivation(nn.Identity):
     """Stands where an activation module was after ``convert`` moved it into the batch norm
-    ``bn_name``; ``revert`` puts ``original`` back."""
+    ``bn`` (named ``bn_name`` in the model converted); ``revert`` puts ``original`` back."""
 
-    def __init__(self, original: nn.Module, bn_name: str) -> None:
+    def __init__(self, original: nn.Module, bn: nn.Module, bn_name: str) -> None:
         super().__init__()
-        # A plain attribute, not a submodule: it no longer runs and has no state.
+        # Plain attributes, not submodules: the original no longer runs and has no state,
+        # and the batch norm is in the model already. revert finds the batch norm by
+        # identity, not by name: a converted block may be reverted inside another model.
         self.__dict__["original"] = original
+        self.__dict__["bn"] = bn
         self.bn_name = bn_name
 
     def extra_repr(self) -> str:
@@ -69,13 +76,23 @@ def _sync_class():
     return SyncBatchNorm
 
 
+def _without_bias(m: nn.Module) -> bool:
+    """An affine layer built with ``bias=False`` (ours, or torch's where it takes it)."""
+    return m.affine and getattr(m, "bias", None) is None
+
+
+# torch 2.13's BatchNorm*d take ``bias``; where torch's do not, a layer of ours without
+# bias becomes one with a fixed zero bias.
+_TORCH_TAKES_BIAS = "bias" in inspect.signature(nn.BatchNorm2d.__init__).parameters
+
+
 def _share_state(new: nn.Module, old: nn.Module) -> nn.Module:
     with torch.no_grad():
         if old.affine:
             new.weight = old.weight
             if getattr(old, "bias", None) is not None:
                 new.bias = old.bias
-            else:  # ours with bias=False -> torch's, which always has one: a fixed zero
+            elif getattr(new, "bias", None) is not None:  # a torch layer without bias=
                 new.bias = nn.Parameter(torch.zeros_like(old.weight), requires_grad=False)
         if old.track_running_stats:
             new.running_mean = old.running_mean
@@ -87,17 +104,19 @@ def _share_state(new: nn.Module, old: nn.Module) -> nn.Module:
 
 def _to_ours(m: nn.Module) -> nn.Module:
     args = (m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+    kw = {"device": "meta", "bias": not _without_bias(m)}
     if type(m) is nn.SyncBatchNorm:
         cls = _sync_class()
         if cls is not None:
-            new = cls(*args, process_group=m.process_group, device="meta")
+            new = cls(*args, process_group=m.process_group, **kw)
         else:
             warnings.warn("torch.nn.SyncBatchNorm converted to a local batch norm "
                           "(per-process statistics): batchnorm.distributed is not available",
                           stacklevel=3)
-            new = SyncFallbackBatchNorm(*args, device="meta")
+            new = SyncFallbackBatchNorm(*args, **kw)
     else:
-        new = OURS_BY_RANK[type(m)](*args, device="meta")
+        new = OURS_BY_RANK[type(m)](*args, **kw)
+    move_hooks(new, m)
     return _share_state(new, m)
 
 
@@ -106,16 +125,22 @@ def _to_torch(m: _BatchNorm) -> nn.Module:
         warnings.warn("revert: a frozen batch norm becomes a torch one, which cannot be "
                       "frozen: it will use batch statistics in train()", stacklevel=3)
     args = (m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+    kw = {"device": "meta"}
+    if _TORCH_TAKES_BIAS and _without_bias(m):
+        kw["bias"] = False
     cls = TORCH_BY_OURS.get(type(m))
     if cls is None:  # SyncFallbackBatchNorm or batchnorm.distributed.SyncBatchNorm
         group = getattr(m, "process_group", None)
-        new = nn.SyncBatchNorm(*args, process_group=group, device="meta")
+        new = nn.SyncBatchNorm(*args, process_group=group, **kw)
     else:
-        new = cls(*args, device="meta")
+        new = cls(*args, **kw)
     new = _share_state(new, m)
     act = F.activation_module(m.activation, m.activation_slope)
     # A new module starts in training mode: the pair takes the mode of the layer it replaces.
-    return new if act is None else nn.Sequential(new, act).train(m.training)
+    if act is not None:  # the hooks saw the activation's output: they go on the pair
+        new = nn.Sequential(new, act).train(m.training)
+    move_hooks(new, m)
+    return new
 
 
 def _revertible(m: nn.Module) -> bool:
@@ -129,9 +154,11 @@ def _fusion_pairs(model: nn.Module) -> list[tuple[str, str]]:
     batch norm's output, and that output goes nowhere else, in training and in eval."""
     counts = use_counts(model)
     once = lambda m: counts[id(m)] == 1
-    bn_ok = lambda m: once(m) and (
+    # Neither may have hooks: the batch norm's would see the activation's output, and
+    # the activation's would no longer run.
+    bn_ok = lambda m: once(m) and not has_hooks(m) and (
         is_torch_bn(m) or (is_our_bn(m) and m.activation == "none"))
-    act_ok = lambda m: type(m) in _FUSABLE and once(m)
+    act_ok = lambda m: type(m) in _FUSABLE and once(m) and not has_hooks(m)
     graphs = trace_in_both_modes(model)
     if graphs is None:
         pairs = [(nb, na) for nb, _, na, _ in sequential_pairs(model, bn_ok, act_ok)]
@@ -163,27 +190,28 @@ def convert(model: nn.Module, fuse_activations: bool = True) -> nn.Module:
     """Replace every ``torch.nn.BatchNorm1d/2d/3d`` and ``SyncBatchNorm`` with ours, in place.
 
     Parameters and buffers are shared with the old layers (same tensors: device, dtype and
-    optimizer references are kept), and each layer keeps its train/eval mode. Only those
-    exact classes are converted: a user's subclass may have its own ``forward``, so it is
-    left as it is, with a warning naming the layer and its class.
+    optimizer references are kept), and each layer keeps its train/eval mode and its hooks.
+    Only those exact classes are converted: a user's subclass may have its own
+    ``forward``, and a layer with a parametrization (``torch.nn.utils.parametrize``)
+    computes its weight, so each is left as it is, with a warning naming the layer; so is
+    a ``LazyBatchNorm*d`` of torch's that has not seen input yet.
 
     ``torch.nn.SyncBatchNorm`` becomes ``batchnorm.distributed.SyncBatchNorm`` when that
     module is available, else a local :class:`SyncFallbackBatchNorm` (with a warning).
 
     With ``fuse_activations``, a ``ReLU``/``LeakyReLU``/``SiLU``/``GELU``/``Sigmoid``/``Tanh``
     *module* whose only input is a batch norm's output, where that output goes nowhere else
-    and neither module is called twice, moves into the batch norm's ``activation``; it is
-    replaced by a :class:`FusedActivation` (an identity). Pairs are found by ``torch.fx``
-    when the model traces (in training and in eval mode: a pair must hold in both), else
-    by order inside plain ``nn.Sequential`` (with a warning: that assumes each runs as a
-    whole). Activations
-    applied as functions (``F.relu(x)``) or through a module reused elsewhere stay as they
-    are. Returns the model (a new module only when ``model`` itself is a batch norm). If a
+    and neither module is called twice nor has hooks, moves into the batch norm's
+    ``activation``; it is replaced by a :class:`FusedActivation` (an identity). Pairs are
+    found by ``torch.fx`` when the model traces (in training and in eval mode: a pair must
+    hold in both), else by order inside plain ``nn.Sequential`` (with a warning: that
+    assumes each runs as a whole). Activations applied as functions (``F.relu(x)``) or
+    through a module reused elsewhere stay as they are. Returns the model (a new module only when ``model`` itself is a batch norm). If a
     layer fails to convert, the exception leaves the model unchanged.
     """
     check_module(model, "convert")
-    warn_subclasses(model, "convert", "It goes on working as torch's layer; if its forward "
-                    "is torch's, replace it by hand to convert it.")
+    warn_subclasses(model, "convert", "It goes on working as torch's layer.")
+    warn_lazy_torch_batch_norms(model, "convert")
     return _convert(model, fuse_activations)
 
 
@@ -204,8 +232,9 @@ def _convert(model: nn.Module, fuse_activations: bool) -> nn.Module:
     fusions = []
     for bn_name, act_name in pairs:
         act, bn = model.get_submodule(act_name), model.get_submodule(bn_name)
-        fusions.append((replaced.get(id(bn), bn), F.resolve_activation(act), act_name,
-                        FusedActivation(act, bn_name).train(act.training)))
+        new_bn = replaced.get(id(bn), bn)
+        fusions.append((new_bn, F.resolve_activation(act), act_name,
+                        FusedActivation(act, new_bn, bn_name).train(act.training)))
     for name, new in places:
         set_submodule(model, name, new)
     for bn, (activation, slope), act_name, fused in fusions:
@@ -220,20 +249,21 @@ def revert(model: nn.Module) -> nn.Module:
     An activation that ``convert`` fused goes back where it was; any other fused activation
     (a layer built with ``activation=...``) becomes ``nn.Sequential(torch_bn, activation)``,
     which changes that layer's state_dict keys (``bn.weight`` -> ``bn.0.weight``). Every
-    module put back takes the train/eval mode of the one it replaces. A layer
-    built with ``bias=False`` gets torch's bias as a fixed zero (``requires_grad=False``).
+    module put back takes the train/eval mode of the one it replaces, and its hooks. A
+    layer built with ``bias=False`` becomes torch's with ``bias=False`` (with a torch
+    whose batch norms do not take ``bias``, one with a fixed zero bias,
+    ``requires_grad=False``).
     A layer called with a ``residual`` cannot become a torch one: its call would fail.
     """
     check_module(model, "revert")
+    inside = {id(m) for m in model.modules()}
     for name, m in list(model.named_modules(remove_duplicate=False)):
         if not isinstance(m, FusedActivation):
             continue
-        try:
-            bn = model.get_submodule(m.bn_name)
-        except AttributeError:
-            continue
+        bn = m.bn
         fused = F.resolve_activation(m.original)
-        if is_our_bn(bn) and (bn.activation, bn.activation_slope) == fused:
+        if id(bn) in inside and is_our_bn(bn) and (bn.activation,
+                                                   bn.activation_slope) == fused:
             bn.activation, bn.activation_slope = "none", 0.0
             # The original sat outside the module tree while fused, so model.train() and
             # .eval() since convert reached only the FusedActivation: take its mode.

@@ -19,7 +19,9 @@ from .. import functional as F
 from ..ops import invstd_from_var
 from ._common import (
     check_module,
+    has_hooks,
     is_any_bn,
+    lazy_batch_norms_without_input,
     module_calls,
     parameter_counts,
     sequential_pairs,
@@ -140,6 +142,9 @@ def _affine_of(bn: nn.Module) -> tuple[Tensor, Tensor]:
     return s, t
 
 
+_HOOKED = "it has hooks, which a folded layer would not run"
+
+
 def _activation_of(bn: nn.Module) -> tuple[str, float]:
     return getattr(bn, "activation", "none"), getattr(bn, "activation_slope", 0.0)
 
@@ -195,7 +200,7 @@ def _pairs(model: nn.Module) -> tuple[str, dict[str, str]]:
     once = lambda m: counts[id(m)] == 1
     layer_ok = lambda m: _foldable(m) and once(m) and all(
         param_counts[id(p)] == 1 for p in m.parameters())
-    bn_ok = lambda m: is_any_bn(m) and once(m)
+    bn_ok = lambda m: is_any_bn(m) and once(m) and not has_hooks(m)
     graph = trace(model)
     if graph is None:
         pairs = {nb: nl for nl, layer, nb, bn in sequential_pairs(model, layer_ok, bn_ok)
@@ -237,7 +242,9 @@ def fold(model: nn.Module) -> tuple[nn.Module, FoldReport]:
     predecessors are found with ``torch.fx`` when the model traces, else by order in plain
     ``nn.Sequential`` (with a warning: that assumes each runs as a whole); a direct read of
     a weight is seen only when the model traces.
-    Layers without running statistics are skipped.
+    Layers without running statistics are skipped, and so are those with forward or
+    backward hooks (a folded layer would not run them; the report names them). A lazy
+    batch norm that has not seen input yet raises ``ValueError``.
 
     A batch norm after a ``Linear`` is folded for ``(N, C)`` input, the only case where its
     channels are the Linear's features (on ``(N, L, C)`` a ``BatchNorm1d`` normalizes
@@ -258,6 +265,11 @@ def fold(model: nn.Module) -> tuple[nn.Module, FoldReport]:
                 and not getattr(m, "frozen", False)):
             raise RuntimeError(f"fold(): batch norm {name!r} is in training mode inside an "
                                f"eval model; call model.eval() (or freeze it) first")
+    lazy = lazy_batch_norms_without_input(model)
+    if lazy:
+        raise ValueError(f"fold(): {', '.join(map(repr, lazy))} is a lazy batch norm that "
+                         f"has not seen input yet, so it has no statistics to fold: run the "
+                         f"model on one batch first")
     try:
         new = copy.deepcopy(model)
     except RuntimeError as e:
@@ -269,6 +281,8 @@ def fold(model: nn.Module) -> tuple[nn.Module, FoldReport]:
     if is_any_bn(new):
         if new.running_mean is None:
             raise ValueError("fold(): this batch norm has no running statistics")
+        if has_hooks(new):
+            return new, FoldReport("fx", skipped=[("", _HOOKED)])
         s, t = _affine_of(new)
         dt = new.running_mean.dtype
         return ChannelAffine(s.to(dt), t.to(dt), *_activation_of(new)).eval(), \
@@ -284,6 +298,9 @@ def fold(model: nn.Module) -> tuple[nn.Module, FoldReport]:
             continue
         if bn.running_mean is None:
             report.skipped.append((name, "no running statistics (track_running_stats=False)"))
+            continue
+        if has_hooks(bn):
+            report.skipped.append((name, _HOOKED))
             continue
         s, t = _affine_of(bn)
         if name in pairs:

@@ -21,6 +21,7 @@ from ._common import (
     is_our_bn,
     is_torch_bn,
     lazy_batch_norms_without_input,
+    move_hooks,
     set_submodule,
     warn_subclasses,
 )
@@ -114,6 +115,13 @@ for _cls in (FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d):
     _cls.__doc__ = _FrozenBatchNorm.__doc__
 
 
+def _frozen_copy(bn: nn.Module) -> _FrozenBatchNorm:
+    """The layer that replaces ``bn`` under ``freeze(buffers=True)``, with its hooks."""
+    new = _FrozenBatchNorm.from_batchnorm(bn)
+    move_hooks(new, bn)
+    return new
+
+
 def freeze(model: nn.Module, affine: bool = False, buffers: bool = False) -> nn.Module:
     """Make every batch norm in ``model`` use and keep its running statistics, also after
     ``model.train()``; in place, returns the model.
@@ -123,10 +131,11 @@ def freeze(model: nn.Module, affine: bool = False, buffers: bool = False) -> nn.
     ``requires_grad=False`` on weight and bias (``unfreeze`` gives it back to those it
     turned off, also after repeated calls). ``buffers=True``
     instead replaces each layer with a :class:`FrozenBatchNorm1d/2d/3d` copy (parameters
-    become buffers; ``unfreeze`` does not undo that). Layers without running statistics
-    (``track_running_stats=False``) are left as they are, with a warning, and so are
-    subclasses of torch's batch norms (their ``forward`` may differ from the layer that
-    would replace them; the warning names the layer and its class). A lazy batch norm
+    become buffers, hooks move to it; ``unfreeze`` does not undo that). Layers without
+    running statistics (``track_running_stats=False``) are left as they are, with a
+    warning, and so are subclasses of torch's batch norms (their ``forward`` may differ
+    from the layer that would replace them) and layers with a parametrization (their
+    weight is computed); the warning names the layer. A lazy batch norm
     that has not seen input yet raises ``ValueError`` (it has nothing to freeze: run the
     model once first). If a layer fails to convert or copy, the exception leaves the model
     unchanged.
@@ -143,7 +152,7 @@ def freeze(model: nn.Module, affine: bool = False, buffers: bool = False) -> nn.
                     "yourself (call .eval() on it after model.train()).")
     if buffers:
         if is_our_bn(model) or is_torch_bn(model):
-            return _FrozenBatchNorm.from_batchnorm(model)
+            return _frozen_copy(model)
         # All copies first, then install them: a layer that fails leaves the model as it was.
         frozen: dict[int, _FrozenBatchNorm] = {}
         places = []
@@ -154,7 +163,7 @@ def freeze(model: nn.Module, affine: bool = False, buffers: bool = False) -> nn.
                                   stacklevel=2)
                     continue
                 if id(m) not in frozen:  # a shared layer stays one shared copy
-                    frozen[id(m)] = _FrozenBatchNorm.from_batchnorm(m)
+                    frozen[id(m)] = _frozen_copy(m)
                 places.append((name, frozen[id(m)]))
         for name, new in places:
             set_submodule(model, name, new)

@@ -132,6 +132,11 @@ def _left_alone(m: nn.Module) -> bool:
             and not (isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()))
 
 
+def _set_modes(modes: list[tuple[nn.Module, bool]]) -> None:
+    for m, mode in modes:
+        m.training = mode
+
+
 def _saved_state(m: nn.Module) -> tuple:
     return (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(),
             m.momentum)
@@ -165,8 +170,10 @@ def recalibrate(model: nn.Module, batches, num_batches: int | None = None,
 
     Args:
         model: a model with our or torch's batch norms (subclasses of torch's included).
-            Frozen layers, ``FrozenBatchNorm*d`` and layers without running statistics
-            keep theirs. A lazy batch norm that has not seen input yet raises
+            Frozen layers, ``FrozenBatchNorm*d``, layers without running statistics and
+            layers that the model's ``train()`` keeps in eval mode (a backbone whose
+            statistics stay fixed in training) keep theirs: they normalize with their
+            running statistics, and the layers after them are recalibrated on that. A lazy batch norm that has not seen input yet raises
             ``ValueError`` before anything changes.
         batches: an iterable of batches, e.g. a DataLoader.
         num_batches: how many batches to use. Default: all
@@ -189,16 +196,13 @@ def recalibrate(model: nn.Module, batches, num_batches: int | None = None,
         raise ValueError(f"recalibrate(): {', '.join(map(repr, lazy))} is a lazy batch norm "
                          f"that has not seen input yet: run the model on one batch first "
                          f"(in eval mode, model.eval(), to leave its statistics alone)")
-    layers = [(name, m) for name, m in model.named_modules() if _recalibrated(m)]
-    if not layers:
+    candidates = [(name, m) for name, m in model.named_modules() if _recalibrated(m)]
+    if not candidates:
         raise ValueError("recalibrate(): the model has no batch norm with running statistics "
                          "to recalibrate (frozen layers are left alone)")
-    saved = [_saved_state(m) for _, m in layers]
+    saved = [_saved_state(m) for _, m in candidates]
     others = [(m, _saved_state(m)) for m in model.modules() if _left_alone(m)]
-    accs = [_Accumulator(m) for _, m in layers]
     modes = [(m, m.training) for m in model.modules()]
-    handles = [m.register_forward_pre_hook(a, with_kwargs=True)
-               for (_, m), a in zip(layers, accs)]
     total = num_batches
     if hasattr(batches, "__len__"):
         total = len(batches) if num_batches is None else min(num_batches, len(batches))
@@ -206,9 +210,21 @@ def recalibrate(model: nn.Module, batches, num_batches: int | None = None,
     distributed = dist.is_available() and dist.is_initialized()
     show = progress and (not distributed or dist.get_rank() == 0)
     seen = 0
+    handles = []
     try:
         model.train()
-        for _, m in layers:
+        # A layer that the model's own train() keeps in eval mode normalizes with its
+        # running statistics; the layers after it see that output, so it stays as it is.
+        layers = [(name, m, state) for (name, m), state in zip(candidates, saved)
+                  if m.training]
+        if not layers:
+            raise ValueError("recalibrate(): model.train() leaves every batch norm with "
+                             "running statistics in eval mode, so none normalizes with batch "
+                             "statistics: there is nothing to recalibrate")
+        accs = [_Accumulator(m) for _, m, _ in layers]
+        handles = [m.register_forward_pre_hook(a, with_kwargs=True)
+                   for (_, m, _), a in zip(layers, accs)]
+        for _, m, _ in layers:
             m.reset_running_stats()
         with torch.no_grad():
             for batch in _progress(itertools.islice(batches, num_batches), total, show):
@@ -217,23 +233,22 @@ def recalibrate(model: nn.Module, batches, num_batches: int | None = None,
                 forward(model, batch)
                 seen += 1
         if distributed:
-            _all_reduce(layers, accs)
+            _all_reduce([(name, m) for name, m, _ in layers], accs)
     except BaseException:
         # The training-mode forwards have reset and partly updated the running statistics
         # (and Ctrl-C lands here too): give every layer back exactly what it had.
-        for (_, m), state in zip(layers, saved):
+        for (_, m), state in zip(candidates, saved):
             _restore(m, state)
         raise
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes:
-            m.training = mode
+        _set_modes(modes)
         for m, state in others:
             _restore(m, state)
     result = {}
     with torch.no_grad():
-        for (name, m), a, state in zip(layers, accs, saved):
+        for (name, m, state), a in zip(layers, accs):
             if a.count == 0:  # never called: keep what it had
                 _restore(m, state)
                 continue
