@@ -436,6 +436,10 @@ def test_revert_finds_the_fused_batch_norm_by_identity():
     batchnorm.revert(nn.Sequential(backbone))
     assert type(backbone[1]) is nn.BatchNorm2d and type(backbone[2]) is nn.ReLU
     assert backbone.state_dict().keys() == keys
+    batchnorm.convert(backbone)
+    del backbone[2].__dict__["bn"]  # as pickled before it kept its batch norm: by name
+    batchnorm.revert(backbone)
+    assert type(backbone[1]) is nn.BatchNorm2d and type(backbone[2]) is nn.ReLU
 
 
 def _plus_one(module, args, output):

@@ -260,7 +260,12 @@ def revert(model: nn.Module) -> nn.Module:
     for name, m in list(model.named_modules(remove_duplicate=False)):
         if not isinstance(m, FusedActivation):
             continue
-        bn = m.bn
+        bn = m.__dict__.get("bn")
+        if bn is None:  # one pickled when it kept the name alone (before 2026-12-03)
+            try:
+                bn = model.get_submodule(m.bn_name)
+            except AttributeError:
+                continue
         fused = F.resolve_activation(m.original)
         if id(bn) in inside and is_our_bn(bn) and (bn.activation,
                                                    bn.activation_slope) == fused:
