@@ -62,6 +62,18 @@ def test_lazy_module_with_activation_and_dtype(gen):
     assert lazy.activation == "leaky_relu" and lazy.activation_slope == 0.3
 
 
+@pytest.mark.parametrize("how", ["keyword", "positional"])
+def test_lazy_module_takes_a_residual_on_its_first_call(how, gen):
+    """The first call builds the layer from the input alone (LazyModuleMixin hands
+    initialize_parameters every argument of the call: a residual raised TypeError)."""
+    x, r = (torch.randn(3, 5, 2, 2, generator=gen) for _ in range(2))
+    lazy = batchnorm.LazyBatchNorm2d(activation="relu")
+    y = lazy(x, residual=r) if how == "keyword" else lazy(x, r)
+    assert type(lazy) is batchnorm.BatchNorm2d and lazy.num_features == 5
+    ref = torch.relu(nn.functional.batch_norm(x, None, None, training=True) + r)
+    torch.testing.assert_close(y, ref)
+
+
 def test_lazy_module_loads_a_state_dict(gen):
     source = batchnorm.BatchNorm2d(6)
     with torch.no_grad():
