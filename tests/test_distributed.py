@@ -354,6 +354,12 @@ def test_convert_and_revert_keep_outputs_state_and_mode():
         close(got, orig, rtol=1e-10)
 
 
+def test_convert_sync_batchnorm_is_also_a_classmethod_as_torchs():
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3))
+    assert bd.SyncBatchNorm.convert_sync_batchnorm(model) is model
+    assert type(model[1]) is bd.SyncBatchNorm
+
+
 def test_convert_a_single_layer_returns_a_new_one():
     x = torch.randn(3, 4, 2, 3, 2)
     bn = batchnorm.BatchNorm3d(4, activation="relu")
@@ -524,5 +530,62 @@ def test_sync_path_refuses_before_changing_anything(tmp_path, problem):
                            else "cannot run under torch.func"):
             step(x) if problem == "inference_buffers" else torch.func.grad(step)(x)
         assert all(torch.equal(v, before[k]) for k, v in sync.state_dict().items())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sync_path_compiles_with_a_graph_break(tmp_path):
+    """torch.compile runs the synchronized step outside its graph: dynamo traced into the
+    collective and the CPU kernels' numba dispatchers, and failed there."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0,
+                            world_size=1)
+    try:
+        torch.manual_seed(7)
+        x = torch.randn(4, 3, 5, 5)
+        sync, local = bd.SyncBatchNorm(3, activation="relu"), batchnorm.BatchNorm2d(
+            3, activation="relu")
+
+        def step(layer, x):
+            y = bd.sync_batch_norm(x, layer.running_mean, layer.running_var, layer.weight,
+                                   layer.bias, layer.momentum, layer.eps, "relu", 0.0, None,
+                                   layer.num_batches_tracked)
+            return y * 2
+
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y = torch.compile(step)(sync, x1)
+        y.square().sum().backward()
+        y_local = local(x2) * 2
+        y_local.square().sum().backward()
+        close(y, y_local, rtol=1e-6, what="y")
+        close(x1.grad, x2.grad, rtol=1e-5, what="dx")
+        close(sync.running_var, local.running_var, rtol=1e-6, what="running_var")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_sync_path_under_checkpoint_moves_the_statistics_as_torch(tmp_path, reentrant):
+    """torch.utils.checkpoint runs a layer's forward again in backward, and torch's batch
+    norms (SyncBatchNorm too) update their running statistics in it: twice a step. The
+    non-reentrant form stops its recomputation at the last saved tensor, before which our
+    update did not run (once a step)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0,
+                            world_size=1)
+    try:
+        torch.manual_seed(8)
+        x = torch.randn(8, 3) + 5
+        sync, theirs = bd.SyncBatchNorm(3), nn.BatchNorm1d(3)
+
+        def step(x):
+            return bd.sync_batch_norm(x, sync.running_mean, sync.running_var, sync.weight,
+                                      sync.bias, sync.momentum, sync.eps,
+                                      num_batches_tracked=sync.num_batches_tracked)
+
+        for f in (step, theirs):
+            x_ = x.clone().requires_grad_()
+            torch.utils.checkpoint.checkpoint(f, x_, use_reentrant=reentrant).sum().backward()
+        assert sync.num_batches_tracked.item() == theirs.num_batches_tracked.item() == 2
+        close(sync.running_mean, theirs.running_mean, rtol=1e-6, what="running_mean")
+        close(sync.running_var, theirs.running_var, rtol=1e-6, what="running_var")
     finally:
         dist.destroy_process_group()

@@ -132,7 +132,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, mean, invstd, count, activation, slope,
-                process_group):
+                process_group, update_running_stats):
         ctx.count, ctx.activation, ctx.slope = count, activation, slope
         ctx.process_group = process_group
         ctx.has_residual = residual is not None
@@ -140,11 +140,17 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         keep_residual = residual if activation != "none" else None
         mean_k, bias_k, shift = ops.centre_for_kernels(mean, invstd, weight, bias,
                                                        acc_dtype(x.dtype))
-        ctx.save_for_backward(x, weight, bias, bias_k, keep_residual, mean_k, invstd, shift)
         if x.numel() == 0:
-            return torch.empty_like(x)
-        return backends.select(x).normalize(x, mean_k, invstd, weight, bias_k, residual,
-                                            activation, slope)
+            y = torch.empty_like(x)
+        else:
+            y = backends.select(x).normalize(x, mean_k, invstd, weight, bias_k, residual,
+                                             activation, slope)
+        # After the output (a failed normalize changes nothing) and before the tensors are
+        # saved, as torch's SyncBatchNorm: torch.utils.checkpoint's recomputation stops at
+        # the save, and torch's running statistics move in it too.
+        update_running_stats()
+        ctx.save_for_backward(x, weight, bias, bias_k, keep_residual, mean_k, invstd, shift)
+        return y
 
     @staticmethod
     @once_differentiable
@@ -185,7 +191,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             dres = dres if want_dres else None
         return (*ops.autograd_grads(ctx.needs_input_grad[:4], dy, dx, dres, sum_dz,
                                     sum_dz_xhat, weight, bias, act),
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def _validate(input, running_mean, running_var, weight, bias, momentum, eps, residual,
@@ -207,6 +213,9 @@ def _validate(input, running_mean, running_var, weight, bias, momentum, eps, res
                residual, num_batches_tracked)
 
 
+# torch.compile runs it as it is (a graph break): dynamo would otherwise trace into the
+# collectives and the CPU kernels' numba dispatchers, and fail there.
+@torch.compiler.disable
 def sync_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                     weight: Tensor | None, bias: Tensor | None, momentum: float | None,
                     eps: float, activation: str = "none", slope: float = 0.0,
@@ -217,7 +226,10 @@ def sync_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Ten
     The functional form of :class:`SyncBatchNorm` (activation already resolved, see
     :func:`batchnorm.functional.resolve_activation`). Every rank of the group must call
     it; validation happens before the collective, the batch-of-one check on the global
-    count after it, and the running statistics change last.
+    count after it, and the running statistics change last (after the output, as torch's
+    do, also when ``torch.utils.checkpoint`` recomputes the call). Under
+    ``torch.compile`` it runs outside the graph (a graph break; ``fullgraph=True`` cannot
+    take it).
     """
     ranks = world_size(process_group)
     if ranks < 1:
@@ -226,19 +238,17 @@ def sync_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Ten
                          f"runs local batch norm on the others, as torch's does)")
     _validate(input, running_mean, running_var, weight, bias, momentum, eps, residual,
               num_batches_tracked)
-    if not torch.compiler.is_compiling():
-        if ops.needs_composed(input):
-            # The collective takes real tensors and our Function has no rules for
-            # torch.func (nor has torch's SyncBatchNorm): said before the collective, not
-            # from deep inside a kernel.
-            raise RuntimeError(
-                "SyncBatchNorm's synchronized training step cannot run under torch.func "
-                "transforms (vmap, grad, ...), forward-mode AD, torch.jit.trace or a "
-                "dispatch mode (make_fx, FakeTensorMode), nor on tensor subclasses that "
-                "dispatch in Python. Run it in eval mode there, or use a local batch norm "
-                "(batchnorm.revert_sync_batchnorm)")
-        ops.refuse_inference_buffers((running_mean, running_var, num_batches_tracked,
-                                      momentum))
+    if ops.needs_composed(input):
+        # The collective takes real tensors and our Function has no rules for torch.func
+        # (nor has torch's SyncBatchNorm): said before the collective, not from deep
+        # inside a kernel.
+        raise RuntimeError(
+            "SyncBatchNorm's synchronized training step cannot run under torch.func "
+            "transforms (vmap, grad, ...), forward-mode AD, torch.jit.trace or a dispatch "
+            "mode (make_fx, FakeTensorMode), nor on tensor subclasses that dispatch in "
+            "Python. Run it in eval mode there, or use a local batch norm "
+            "(batchnorm.revert_sync_batchnorm)")
+    ops.refuse_inference_buffers((running_mean, running_var, num_batches_tracked, momentum))
     input = ops.densify(input)
     shape = input.shape
     channels_last = ops.is_channels_last(input)
@@ -257,14 +267,17 @@ def sync_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Ten
             f"last incomplete batch (DataLoader(..., drop_last=True)), or put the layer in "
             f"eval mode (model.eval()) to use the running statistics")
     invstd = ops.invstd_from_var(var, eps)
+
+    def update_running_stats():
+        if count > 0:
+            ops.update_running_stats(running_mean, running_var, num_batches_tracked, mean,
+                                     var, count, momentum)
+        elif num_batches_tracked is not None:
+            # As local batch norm and torch: an empty batch is counted, the statistics stay.
+            num_batches_tracked.add_(1)
+
     y = _SyncBatchNormFunction.apply(x, weight, bias, r, mean, invstd, count, activation,
-                                     slope, process_group)
-    if count > 0:
-        ops.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var,
-                                 count, momentum)
-    elif num_batches_tracked is not None:
-        # As local batch norm and torch: an empty batch is counted, the statistics stay.
-        num_batches_tracked.add_(1)
+                                     slope, process_group, update_running_stats)
     return y if empty else ops.from_kernel_view(y, shape, channels_last)
 
 
@@ -303,6 +316,11 @@ class SyncBatchNorm(_BatchNorm):
     def _check_input_dim(self, input: Tensor) -> None:
         if not isinstance(input, Tensor) or input.dim() < 2:
             _check_rank(type(self).__name__, input, (), "at least 2D")
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
+        """:func:`convert_sync_batchnorm`, spelt as ``torch.nn.SyncBatchNorm``'s."""
+        return convert_sync_batchnorm(module, process_group)
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         """``act(BN(input) + residual)`` as ``BatchNorm2d.forward`` (input of any rank >=
