@@ -73,6 +73,9 @@ CASES = {
     "device": (lambda: batchnorm.BatchNorm2d(3),
                lambda g: torch.empty(2, 3, 4, 4, device="meta"), None, RuntimeError,
                ["is on cpu", "input is on meta", ".to("]),
+    "sparse": (lambda: batchnorm.BatchNorm1d(3), lambda g: torch.randn(4, 3, generator=g
+                                                                        ).to_sparse(),
+               None, NotImplementedError, ["dense (strided)", "input.to_dense()"]),
     "residual-shape": (lambda: batchnorm.BatchNorm2d(3, activation="relu"),
                        lambda g: torch.randn(2, 3, 4, 4, generator=g),
                        lambda g: torch.randn(2, 3, 4, 5, generator=g), ValueError,
@@ -242,6 +245,7 @@ def test_momentum_none_without_num_batches_tracked_is_torchs_factor_zero(gen):
     (dict(eps=-1.0), ValueError, "eps must be >= 0"),
     ({"eps": float("nan")}, ValueError, "eps must be >= 0, got nan"),
     (dict(weight=torch.ones(4)), ValueError, "weight has shape (4,)"),
+    (dict(weight=torch.ones(1, 3)), ValueError, "pass weight.reshape(-1)"),
     (dict(bias=torch.ones(3, dtype=torch.long)), TypeError, "bias must be floating point"),
     ({"weight": torch.ones(3, dtype=torch.complex64)}, TypeError,
      "convert it, e.g. with .float()"),

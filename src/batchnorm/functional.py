@@ -70,6 +70,9 @@ def _check_per_channel(name: str, t: Tensor | None, input: Tensor) -> None:
     if t is None:
         return
     c = input.shape[1]
+    if t.dim() != 1 and t.numel() == c:  # (1, C), say: torch reads any shape of C values
+        raise ValueError(f"{name} has shape {tuple(t.shape)}; per-channel tensors are 1-D, "
+                         f"one value per channel: pass {name}.reshape(-1)")
     if t.dim() != 1 or t.shape[0] != c:
         raise ValueError(
             f"{name} has shape {tuple(t.shape)} but the input has {c} channels (dim 1 of "
@@ -107,6 +110,9 @@ def validate(input, running_mean, running_var, weight, bias, training, momentum,
         raise TypeError(
             f"batch_norm expects a floating-point input (float16, bfloat16, float32 or "
             f"float64), got {input.dtype}; convert it first, e.g. input.float()")
+    if input.layout is not torch.strided:
+        raise NotImplementedError(f"batch_norm takes dense (strided) tensors, got a "
+                                  f"{input.layout} input; convert it with input.to_dense()")
     if input.dim() < 2:
         raise ValueError(
             f"batch_norm expects an input of shape (N, C, *) with at least 2 dimensions, got "
