@@ -792,8 +792,12 @@ def tuning(monkeypatch):
     timer = _Timer()
     monkeypatch.setattr(plans, "timer", timer)
 
+    # the device as a tensor has it (cuda:0, not cuda): the plans are memoized on it, and
+    # the tests pick candidates by identity
+    device = torch.empty(0, device=DEVICE).device
+
     def expect(g, fastest=None):
-        timer.candidates = {p: [plan for _, plan in plans.candidates(p, g, torch.device(DEVICE))]
+        timer.candidates = {p: [plan for _, plan in plans.candidates(p, g, device)]
                             for p in plans.PASSES}
         timer.fastest = fastest or {}
         return timer
