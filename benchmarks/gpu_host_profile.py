@@ -10,7 +10,9 @@ prints the functions that cost the most host time, ours and torch's side by side
 device work is shorter still: our forward alone (with and without autograd), our
 backward alone, one launch, a bare ``autograd.Function`` step on CUDA tensors (the floor
 of any Python autograd node, whose backward the engine runs on its CUDA thread), and
-torch's BN+ReLU step.
+torch's BN+ReLU step; then a step split at its backward call, the step with the
+autograd engine on one thread and with the garbage collector off, and a bare node that
+launches six kernels.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import cProfile
 import io
 import pstats
 import time
+import warnings
 
 import torch
 
@@ -96,6 +99,86 @@ def parts(steps: int) -> None:
         backward_only()
     print(f"{'ours: backward alone':30s} "
           f"{min(backward_only() for _ in range(steps)) * 1e6:8.1f} µs")
+    _step_split(ours, theirs, x, dy, steps)
+
+
+class LaunchingFunction(torch.autograd.Function):
+    """A bare autograd node that launches three kernels each way, as a step of ours does
+    (one normalize kernel, three times): Triton's launcher lets go of the GIL."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, launch):
+        ctx.save_for_backward(x, weight)
+        ctx.launch = launch
+        for _ in range(3):
+            launch()
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        for _ in range(3):
+            ctx.launch()
+        return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight), None
+
+
+def _step_split(ours, theirs, x, dy, steps: int) -> None:
+    """A step's host time split at the backward call (medians over ``steps`` steps, each
+    run back to back as in training), and the whole step where the autograd engine runs
+    the backward on the calling thread (no hand-over to its CUDA thread), with the
+    garbage collector off, and for a bare node that launches as many kernels as ours."""
+    import gc
+
+    import batchnorm.backends.triton as tb
+
+    geometry = tb.geometry(x.shape, True)
+    rows = torch.zeros(4, x.shape[1], device="cuda")
+    out, w = torch.empty_like(x), ours.weight.detach()
+
+    def one_launch():
+        tb._launch_normalize(x, out, geometry, None, rows[0], rows[1], w, rows[2], 1, 0.0, 0.0)
+
+    def split(module):
+        fwd, bwd = [], []
+        for i in range(steps + 20):
+            t0 = time.perf_counter()
+            y = module(x)
+            t1 = time.perf_counter()
+            y.backward(dy)
+            t2 = time.perf_counter()
+            if i >= 20:
+                fwd.append(t1 - t0)
+                bwd.append(t2 - t1)
+        torch.cuda.synchronize()
+        return sorted(fwd)[len(fwd) // 2] * 1e6, sorted(bwd)[len(bwd) // 2] * 1e6
+
+    step = _step_fn(ours, x, dy)
+    torch.cuda.set_sync_debug_mode("warn")  # torch's calls that wait for the device
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    print(f"{'ours: synchronizing calls':30s} {len(caught)} a step",
+          *(str(warning.message).splitlines()[0] for warning in caught[:3]))
+    for name, module in (("ours", ours), ("torch", theirs)):
+        f, b = split(module)
+        print(f"{name + ': step split, medians':30s} forward {f:7.1f}  backward {b:7.1f} µs")
+    with torch.autograd.set_multithreading_enabled(False):
+        print(f"{'ours: step, one thread':30s} {_min_us(step, steps):8.1f} µs")
+        f, b = split(ours)
+        print(f"{'ours: one thread, split':30s} forward {f:7.1f}  backward {b:7.1f} µs")
+    gc.disable()
+    try:
+        print(f"{'ours: step, gc off':30s} {_min_us(step, steps):8.1f} µs")
+    finally:
+        gc.enable()
+    bare = lambda: LaunchingFunction.apply(x, ours.weight, ours.bias,
+                                           one_launch).backward(dy)
+    print(f"{'bare Function, 6 launches':30s} {_min_us(bare, steps):8.1f} µs")
+    with torch.autograd.set_multithreading_enabled(False):
+        print(f"{'the same, one thread':30s} {_min_us(bare, steps):8.1f} µs")
 
 
 def _step_fn(module, x, dy):

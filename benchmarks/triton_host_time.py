@@ -105,6 +105,9 @@ def main(argv=None) -> int:
     import batchnorm.backends.triton as tb
     from batchnorm.backends.triton import _launch
 
+    # CPU tensors stand in for CUDA ones: the backend, forced below, must take them (it
+    # refuses other devices' tensors unless interpreted, and the stand-in is no interpreter)
+    tb.DEVICES = ("cuda", "cpu")
     shape = tuple(int(v) for v in args.shape.split(","))
     module = batchnorm.BatchNorm2d(shape[1], activation="relu") if len(shape) == 4 else \
         batchnorm.BatchNorm1d(shape[1], activation="relu")
