@@ -534,6 +534,31 @@ def test_sync_path_refuses_before_changing_anything(tmp_path, problem):
         dist.destroy_process_group()
 
 
+def test_sync_path_takes_a_residual_made_under_inference_mode(tmp_path):
+    """As the local layer (test_errors.py): the residual, kept to recompute the
+    activation's input, is kept as a normal copy where it was made under inference_mode
+    (save_for_backward refused it, after the running statistics had moved)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0,
+                            world_size=1)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(4, 3, 5, generator=gen)
+        with torch.inference_mode():
+            r = torch.randn(4, 3, 5, generator=gen)
+        sync = bd.SyncBatchNorm(3, activation="relu")
+        local = batchnorm.BatchNorm1d(3, activation="relu")
+        local.load_state_dict(sync.state_dict())
+        grads = []
+        for m in (sync, local):
+            x_ = x.clone().requires_grad_()
+            m(x_, r).square().sum().backward()
+            grads.append((x_.grad, m.weight.grad, m.running_mean))
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_sync_path_compiles_with_a_graph_break(tmp_path):
     """torch.compile runs the synchronized step outside its graph: dynamo traced into the
     collective and the CPU kernels' numba dispatchers, and failed there."""

@@ -222,6 +222,30 @@ def test_running_buffers_made_under_inference_mode_are_not_updated_outside_it(ge
             assert bn.num_batches_tracked.item() == 1
 
 
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+def test_a_residual_made_under_inference_mode_works_as_in_torch(activation, gen):
+    """Torch's BN, add, then activation never saves the residual, so one made under
+    inference_mode works there. Ours keeps it to recompute the activation's input in
+    backward, and refused it (the error save_for_backward raises): it keeps a normal copy
+    of it now, only of such a residual."""
+    x = torch.randn(4, 3, 2, 2, generator=gen)
+    with torch.inference_mode():
+        r = torch.randn(4, 3, 2, 2, generator=gen)
+    dy = torch.randn(4, 3, 2, 2, generator=gen)
+    theirs = _randomized(nn.BatchNorm2d(3), gen)
+    ours = batchnorm.BatchNorm2d(3, activation=activation)
+    ours.load_state_dict(theirs.state_dict())
+    act = nn.ReLU() if activation == "relu" else nn.SiLU()
+    outs = []
+    for m in (ours, theirs):
+        x_ = x.clone().requires_grad_()
+        y = m(x_, r) if m is ours else act(m(x_) + r)
+        y.backward(dy)
+        outs.append((y, x_.grad, m.weight.grad, m.bias.grad, m.running_mean))
+    for a, b in zip(*outs):
+        assert_close(a.detach(), b.detach(), torch.float32)
+
+
 def test_momentum_none_without_num_batches_tracked_is_torchs_factor_zero(gen):
     x = torch.randn(4, 3, 2, 2, generator=gen)
     theirs = _randomized(nn.BatchNorm2d(3, momentum=None), gen)

@@ -600,13 +600,12 @@ def densify(input: Tensor) -> Tensor:
     return input
 
 
-def _refuse_inference_tensors(input, weight, bias, residual, activation) -> None:
+def _refuse_inference_tensors(input, weight, bias) -> None:
     """The error ``save_for_backward`` would raise, raised before the forward (and its
     running update) runs: a failed call changes nothing. (A check is ~0.2 µs: the bias
     is asked only without a weight, as both come from one module.)"""
     if (input.is_inference() or (weight is not None and weight.is_inference())
-            or (weight is None and bias is not None and bias.is_inference())
-            or (residual is not None and activation != "none" and residual.is_inference())):
+            or (weight is None and bias is not None and bias.is_inference())):
         raise RuntimeError(
             "Inference tensors cannot be saved for backward: an input, weight or bias "
             "made under torch.inference_mode() needs a gradient here. Make a normal "
@@ -649,7 +648,12 @@ def batch_norm(input, weight, bias, residual, running_mean, running_var, eps, ac
             input.requires_grad or (weight is not None and weight.requires_grad)
             or (bias is not None and bias.requires_grad)
             or (residual is not None and residual.requires_grad)):
-        _refuse_inference_tensors(input, weight, bias, residual, activation)
+        _refuse_inference_tensors(input, weight, bias)
+        if residual is not None and activation != "none" and residual.is_inference():
+            # saved to recompute the activation's input; torch's add then activation
+            # never saves it, so a residual made under inference_mode works there: a
+            # normal copy of it here
+            residual = residual.clone()
         return _eager_apply(input, weight, bias, residual, running_mean, running_var, eps,
                             activation, slope, update)
     channels_last = is_channels_last(input)
