@@ -42,7 +42,8 @@ def test_cli_parses():
 
 
 @pytest.mark.parametrize("bad", [["--device", "tpu"], ["--device", "foo:0"],
-                                 ["--repeats", "0"], ["--repeats", "-3"], ["--budget", "-1"]],
+                                 ["--repeats", "0"], ["--repeats", "-3"], ["--budget", "-1"],
+                                 ["--budget", "nan"]],
                          ids=" ".join)
 def test_cli_refuses_bad_values_before_running(bad, capsys):
     """A device torch cannot parse or we cannot run on, no repeats, a negative budget:
@@ -80,9 +81,23 @@ def test_shape_cases_parse():
     case = bench.parse_case("8,16,4,4,4:cl", torch.float64)
     assert case.shape == (8, 16, 4, 4, 4) and case.channels_last
     assert case.dtype == torch.float64 and case.label == "3d (8, 16, 4, 4, 4) f64 CL"
-    for bad in ("64", "64,x", "1,2,3,4,5,6", "0,4", "64,64:cl", "64,64,4,4:nhwc"):
+    for bad in ("64", "64,x", "1,2,3,4,5,6", "0,4", "64,64:cl", "64,64,4,4:nhwc",
+                "1,3", "1,3,1", "1,3,1,1:cl"):  # the last three: one value per channel
         with pytest.raises(ValueError, match="--shape"):
             bench.parse_case(bad)
+    # torch's CPU layer refuses float64 input with float32 parameters (the bench crashed)
+    assert case.param_dtype == torch.float64
+    assert bench.parse_case("4,3", torch.bfloat16).param_dtype == torch.float32
+
+
+def test_cli_float64_shape_runs(capsys):
+    import argparse
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    args = p.parse_args(["--device", "cpu", "--shape", "4,3,2,2", "--dtype", "float64",
+                         "--repeats", "1", "--no-memory", "--no-compile"])
+    assert bench.run(args) == 0
+    assert "2d (4, 3, 2, 2) f64" in capsys.readouterr().out
 
 
 def test_cli_times_given_shapes(capsys):

@@ -64,6 +64,11 @@ def test_cli_compile(monkeypatch, capsys):
     assert cli.main(["compile", "--jobs", "3"]) == 0
     out = capsys.readouterr().out
     assert calls == [3] and "ncl serial   float32" in out and "done in 2.0 s" in out
+    for bad in ("0", "-3"):  # -3 ran one process, 0 all cores, silently
+        with pytest.raises(SystemExit) as info:
+            cli.main(["compile", "--jobs", bad])
+        assert info.value.code == 2 and f"'{bad}': at least 1" in capsys.readouterr().err
+    assert calls == [3]
 
 
 def test_cache_saves_run_under_the_lock(monkeypatch):

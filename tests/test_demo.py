@@ -20,3 +20,27 @@ def test_help_is_plain_text(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "The batchnorm command (also python -m batchnorm)." in out and "``" not in out
+
+
+def test_demo_prints_where_it_is_told_and_leaves_print_options_alone():
+    """A probe found it printing to the sys.stdout of import time (a redirect caught
+    nothing) and setting 4-decimal print options for the whole process."""
+    import contextlib
+    import io
+
+    import torch
+
+    from batchnorm import cli
+    before = repr(torch.tensor([1e-6]))
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert cli.main(["demo"]) == 0
+    assert "4.7958" in buf.getvalue()
+    assert repr(torch.tensor([1e-6])) == before
+
+
+def test_a_closed_pipe_ends_the_command_quietly():
+    """`batchnorm demo | head -1`: no BrokenPipeError traceback."""
+    proc = subprocess.run(f"{sys.executable} -m batchnorm demo | head -1", shell=True,
+                          capture_output=True, text=True, check=True)
+    assert proc.stdout.startswith("batchnorm demo") and "Traceback" not in proc.stderr

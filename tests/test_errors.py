@@ -290,6 +290,52 @@ def test_functional_validates_first(bad, exc, fragment, gen):
     assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
 
 
+def _inference_copy(t):
+    with torch.inference_mode():
+        return t.clone()
+
+
+@pytest.mark.parametrize("case,exc,fragment", [
+    ("sparse running_var", NotImplementedError, "pass running_var.to_dense()"),
+    ("sparse weight", NotImplementedError, "pass weight.to_dense()"),
+    ("sparse residual", NotImplementedError, "pass residual.to_dense()"),
+    ("int num_batches_tracked", TypeError, "must be a tensor"),
+    ("two num_batches_tracked", TypeError, "must be one integer"),
+    ("float num_batches_tracked", TypeError, "must be one integer"),
+    ("meta num_batches_tracked", RuntimeError, "num_batches_tracked is on meta"),
+    ("inference running_var", RuntimeError, "Inplace update to inference tensor"),
+    ("inference num_batches_tracked", RuntimeError, "Inplace update to inference tensor"),
+])
+def test_functional_checks_every_argument_before_it_mutates(case, exc, fragment, gen):
+    """What a probe found passing the checks and failing (or not) halfway through the
+    running update: a sparse per-channel tensor (the update's copy failed after
+    running_mean had moved), a num_batches_tracked that is no one-integer tensor (an int
+    gave AttributeError, two values took the first), an inference-mode running_var or
+    num_batches_tracked alone (written past torch's check: only running_mean was asked)."""
+    x = torch.randn(4, 3, generator=gen)
+    rm, rv, nbt = torch.randn(3, generator=gen), torch.rand(3, generator=gen) + 0.5, \
+        torch.tensor(2)
+    kwargs = dict(weight=None, residual=None, num_batches_tracked=nbt)
+    what, name = case.split(" ")
+    if what == "sparse":
+        value = {"running_var": rv, "weight": torch.ones(3), "residual": x}[name].to_sparse()
+        rv = value if name == "running_var" else rv
+        kwargs.update({} if name == "running_var" else {name: value})
+    elif name == "num_batches_tracked":
+        kwargs[name] = {"int": 5, "two": torch.tensor([2, 7]), "float": torch.tensor(2.0),
+                        "meta": torch.tensor(2, device="meta"),
+                        "inference": _inference_copy(nbt)}[what]
+    else:
+        rv = _inference_copy(rv)
+    state = [t for t in (rm, rv, kwargs["num_batches_tracked"])
+             if isinstance(t, torch.Tensor) and t.device.type == "cpu"]
+    before = [t.to_dense().clone() for t in state]
+    with pytest.raises(exc) as info:
+        F.batch_norm(x, rm, rv, training=True, momentum=None, **kwargs)
+    assert fragment in str(info.value), str(info.value)
+    assert all(torch.equal(t.to_dense(), b) for t, b in zip(state, before))
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("which", ["running_mean", "running_var"])
 def test_running_stats_that_require_grad_are_refused_as_torch_refuses_them(which, training,
@@ -315,7 +361,7 @@ def test_running_stats_that_require_grad_are_refused_as_torch_refuses_them(which
 
 
 def test_functional_eval_needs_running_stats(gen):
-    with pytest.raises(ValueError, match="needs running_mean and running_var"):
+    with pytest.raises(RuntimeError, match="needs running_mean and running_var"):
         F.batch_norm(torch.randn(4, 3, generator=gen), None, None, training=False)
     with pytest.raises(ValueError, match="given together"):
         F.batch_norm(torch.randn(4, 3, generator=gen), torch.zeros(3), None, training=True)

@@ -137,7 +137,14 @@ def parse_case(text: str, dtype: torch.dtype = F32, compile: bool = False) -> Ca
     if layout not in ("", "cl") or (layout == "cl" and len(shape) < 4):
         raise ValueError(f"--shape {text!r}: the only layout suffix is :cl, for a 4-D or 5-D "
                          f"shape")
-    return Case(shape, dtype, channels_last=layout == "cl", compile=compile)
+    if math.prod(shape) // shape[1] < 2:
+        raise ValueError(f"--shape {text!r}: one value per channel; the bench trains, and "
+                         f"batch statistics need at least 2 (a larger batch or more pixels)")
+    # torch's CPU layer takes 16-bit inputs with float32 parameters (autocast's mix), but
+    # refuses float64 inputs with them: float64 cases get float64 parameters
+    param_dtype = torch.float64 if dtype == torch.float64 else F32
+    return Case(shape, dtype, channels_last=layout == "cl", param_dtype=param_dtype,
+                compile=compile)
 
 
 def cuda_cases(quick: bool = False, compile: bool | None = None) -> list[Case]:
@@ -623,7 +630,7 @@ def _device_arg(text: str) -> str:
 def _at_least(low, kind):
     def parse(text: str):
         value = kind(text)  # a ValueError here: argparse says "invalid <kind> value"
-        if value < low:
+        if not value >= low:  # NaN too
             raise argparse.ArgumentTypeError(f"{text!r}: at least {low}")
         return value
     parse.__name__ = kind.__name__

@@ -15,9 +15,19 @@ def _rule(title: str) -> str:
     return f"\n── {title} " + "─" * max(0, 72 - len(title))
 
 
-def demo(out=sys.stdout) -> int:
+def demo(out=None) -> int:
     """The seed's example: BatchNorm2d(num_features=2, eps=0, momentum=0) on a 2x2x3x4
-    tensor of ones with 25 at [0, 0, 0, 0], computed, then explained by hand."""
+    tensor of ones with 25 at [0, 0, 0, 0], computed, then explained by hand. ``out``:
+    where to print (sys.stdout at the time of the call)."""
+    import torch
+
+    out = out or sys.stdout
+    # its tensors printed with 4 decimals, the process's print options left as they were
+    with torch._tensor_str.printoptions(precision=4, sci_mode=False):
+        return _demo(out)
+
+
+def _demo(out) -> int:
     import torch
 
     from . import BatchNorm2d
@@ -26,7 +36,6 @@ def demo(out=sys.stdout) -> int:
         for line in lines:
             print(line, file=out)
 
-    torch.set_printoptions(precision=4, sci_mode=False)
     data = torch.ones(2, 2, 3, 4)
     data[0][0][0][0] = 25
 
@@ -108,7 +117,28 @@ def compile_kernels(jobs: int | None, out=None) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)  # a ValueError here: argparse says "invalid _positive_int value"
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: at least 1")
+    return value
+
+
+_positive_int.__name__ = "int"  # what argparse names in its message
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # the reader went away (`batchnorm demo | head -1`): quietly, as a Unix tool,
+        # and without a second error when Python flushes stdout at exit
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: list[str] | None) -> int:
     # the docstring's first line, without its reST markup (argparse prints it as is)
     parser = argparse.ArgumentParser(prog="batchnorm",
                                      description=__doc__.split("\n\n")[0].replace("``", ""))
@@ -116,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("demo", help="the seed article's worked example, step by step")
     compile_parser = sub.add_parser(
         "compile", help="compile the CPU kernels into numba's cache, on every core")
-    compile_parser.add_argument("--jobs", type=int, default=None,
+    compile_parser.add_argument("--jobs", type=_positive_int, default=None,
                                 help="processes at once (default: the number of cores)")
     bench_parser = sub.add_parser("bench", help="benchmark our modules against torch")
     try:

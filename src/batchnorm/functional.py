@@ -81,12 +81,29 @@ def _check_per_channel(name: str, t: Tensor | None, input: Tensor) -> None:
         raise RuntimeError(
             f"{name} is on {t.device} but the input is on {input.device}; move the module "
             f"to the input's device with .to({str(input.device)!r})")
+    if t.layout is not torch.strided:
+        raise NotImplementedError(f"{name} is a {t.layout} tensor; batch_norm takes dense "
+                                  f"(strided) ones: pass {name}.to_dense()")
     if not t.is_floating_point():
         raise TypeError(f"{name} must be floating point (float16, bfloat16, float32 or "
                         f"float64), got {t.dtype}; convert it, e.g. with .float()")
 
 
 _PER_CHANNEL = ("running_mean", "running_var", "weight", "bias")
+
+
+def _check_num_batches_tracked(t, input: Tensor) -> None:
+    """A one-element integer tensor on the input's device (a module's long scalar buffer):
+    training adds 1 to it in place and momentum=None takes 1/count from it."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"num_batches_tracked must be a tensor (a long scalar, as a module's "
+                        f"buffer: torch.tensor(0)), got {type(t).__name__}")
+    if t.numel() != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"num_batches_tracked must be one integer, as a module's buffer "
+                        f"torch.tensor(0); got a {t.dtype} tensor of shape {tuple(t.shape)}")
+    if t.device != input.device:
+        raise RuntimeError(f"num_batches_tracked is on {t.device} but the input is on "
+                           f"{input.device}; move it with .to({str(input.device)!r})")
 
 
 def check_momentum(momentum) -> None:
@@ -127,7 +144,7 @@ def validate(input, running_mean, running_var, weight, bias, training, momentum,
     shape, device = (input.shape[1],), input.device
     for t in per_channel:
         if t is not None and not (t.shape == shape and t.dtype in _FLOAT_DTYPES
-                                  and t.device == device):
+                                  and t.device == device and t.layout is torch.strided):
             for name, u in zip(_PER_CHANNEL, per_channel):
                 _check_per_channel(name, u, input)
     if (running_mean is None) != (running_var is None):
@@ -142,7 +159,10 @@ def validate(input, running_mean, running_var, weight, bias, training, momentum,
             f"requires_grad=True: running statistics are buffers. Pass {name}.detach(), "
             f"or call {name}.requires_grad_(False)")
     if not training and running_mean is None:
-        raise ValueError("evaluation (training=False) needs running_mean and running_var")
+        # RuntimeError as torch's ("running_mean must be defined in evaluation mode")
+        raise RuntimeError("evaluation (training=False) needs running_mean and running_var")
+    if num_batches_tracked is not None:
+        _check_num_batches_tracked(num_batches_tracked, input)
     if residual is not None:
         if not isinstance(residual, Tensor) or residual.shape != input.shape:
             shape = tuple(residual.shape) if isinstance(residual, Tensor) else type(residual).__name__
@@ -154,6 +174,9 @@ def validate(input, running_mean, running_var, weight, bias, training, momentum,
                 f"move it with .to({str(input.device)!r})")
         if not residual.is_floating_point():
             raise TypeError(f"residual must be floating point, got {residual.dtype}")
+        if residual.layout is not torch.strided:
+            raise NotImplementedError(f"residual is a {residual.layout} tensor; batch_norm "
+                                      f"takes dense (strided) ones: pass residual.to_dense()")
     if not eps >= 0:  # NaN too, as the modules' constructors refuse it
         raise ValueError(f"eps must be >= 0, got {eps}")
     if momentum is None:

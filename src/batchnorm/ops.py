@@ -615,11 +615,13 @@ def _refuse_inference_tensors(input, weight, bias) -> None:
 
 def refuse_inference_buffers(update) -> None:
     """torch's error for an in-place update of an inference tensor outside inference mode:
-    our eager running update writes by address on the CPU, past torch's own check.
-    (running_mean stands for the three buffers, made together by a module.)"""
-    running_mean, _, num_batches_tracked, _ = update
-    buffer = running_mean if running_mean is not None else num_batches_tracked
-    if (buffer is not None and buffer.is_inference()
+    our eager running update writes by address on the CPU, past torch's own check. Each
+    of the three buffers is asked: through the functional form they need not come
+    together from one module."""
+    running_mean, running_var, num_batches_tracked, _ = update
+    if (((running_mean is not None and running_mean.is_inference())
+         or (running_var is not None and running_var.is_inference())
+         or (num_batches_tracked is not None and num_batches_tracked.is_inference()))
             and not torch.is_inference_mode_enabled()):
         raise RuntimeError(
             "Inplace update to inference tensor outside InferenceMode is not allowed: the "
