@@ -90,26 +90,25 @@ def test_shape_cases_parse():
     assert bench.parse_case("4,3", torch.bfloat16).param_dtype == torch.float32
 
 
-def test_cli_float64_shape_runs(capsys):
+def _parser():
     import argparse
     p = argparse.ArgumentParser()
     bench.add_arguments(p)
-    args = p.parse_args(["--device", "cpu", "--shape", "4,3,2,2", "--dtype", "float64",
-                         "--repeats", "1", "--no-memory", "--no-compile"])
-    assert bench.run(args) == 0
-    assert "2d (4, 3, 2, 2) f64" in capsys.readouterr().out
+    return p
 
 
 def test_cli_times_given_shapes(capsys):
-    import argparse
-    p = argparse.ArgumentParser()
-    bench.add_arguments(p)
+    p = _parser()
     args = p.parse_args(["--device", "cpu", "--shape", "2,2,3,4", "--shape", "4,3,2,2:cl",
                          "--repeats", "2", "--no-memory", "--no-compile"])
     assert bench.run(args) == 0
     out = capsys.readouterr().out
     assert "2d (2, 2, 3, 4) f32 " in out and "2d (4, 3, 2, 2) f32 CL" in out
     assert "(32, 256, 56, 56)" not in out and "folded" not in out
+    assert bench.run(p.parse_args(["--device", "cpu", "--shape", "4,3,2,2", "--dtype",
+                                   "float64", "--repeats", "1", "--no-memory",
+                                   "--no-compile"])) == 0
+    assert "2d (4, 3, 2, 2) f64" in capsys.readouterr().out
     assert bench.run(p.parse_args(["--device", "cpu", "--shape", "2,2:cl"])) == 2
     assert "--shape '2,2:cl'" in capsys.readouterr().err
 
