@@ -300,8 +300,8 @@ def _inference_copy(t):
     ("sparse weight", NotImplementedError, "pass weight.to_dense()"),
     ("sparse residual", NotImplementedError, "pass residual.to_dense()"),
     ("int num_batches_tracked", TypeError, "must be a tensor"),
-    ("two num_batches_tracked", TypeError, "must be one integer"),
-    ("float num_batches_tracked", TypeError, "must be one integer"),
+    ("two num_batches_tracked", TypeError, "must be one number"),
+    ("bool num_batches_tracked", TypeError, "must be one number"),
     ("meta num_batches_tracked", RuntimeError, "num_batches_tracked is on meta"),
     ("inference running_var", RuntimeError, "Inplace update to inference tensor"),
     ("inference num_batches_tracked", RuntimeError, "Inplace update to inference tensor"),
@@ -310,7 +310,8 @@ def test_functional_checks_every_argument_before_it_mutates(case, exc, fragment,
     """What a probe found passing the checks and failing (or not) halfway through the
     running update: a sparse per-channel tensor (the update's copy failed after
     running_mean had moved), a num_batches_tracked that is no one-integer tensor (an int
-    gave AttributeError, two values took the first), an inference-mode running_var or
+    gave AttributeError, two values took the first; a float count, which torch's modules
+    take, is taken), an inference-mode running_var or
     num_batches_tracked alone (written past torch's check: only running_mean was asked)."""
     x = torch.randn(4, 3, generator=gen)
     rm, rv, nbt = torch.randn(3, generator=gen), torch.rand(3, generator=gen) + 0.5, \
@@ -322,7 +323,7 @@ def test_functional_checks_every_argument_before_it_mutates(case, exc, fragment,
         rv = value if name == "running_var" else rv
         kwargs.update({} if name == "running_var" else {name: value})
     elif name == "num_batches_tracked":
-        kwargs[name] = {"int": 5, "two": torch.tensor([2, 7]), "float": torch.tensor(2.0),
+        kwargs[name] = {"int": 5, "two": torch.tensor([2, 7]), "bool": torch.tensor(True),
                         "meta": torch.tensor(2, device="meta"),
                         "inference": _inference_copy(nbt)}[what]
     else:

@@ -91,6 +91,32 @@ def test_gradgradcheck(backend, gen, activation, training):
     assert gradgradcheck(fn, inputs, eps=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+def test_double_backward_reaches_bias_and_residual_through_relu(backend, gen, activation):
+    """x's gradient through a fused relu depends on the bias and the residual only
+    through the unit's on/off mask: their second derivative is 0, and torch's backward
+    ops (threshold_backward, leaky_relu_backward) give that 0. Ours gave no gradient at
+    all (a select with no path to them), and autograd.grad asking for them raised."""
+    if backend.interpreted:
+        pytest.skip("Triton interpreter: too slow; double backward runs portable's ops "
+                    "after this backend's forward")
+    x0 = torch.randn(4, 3, 3, 3, generator=gen, dtype=torch.float64)
+    _skip_unless_float64(backend, x0)
+    r0, v = torch.randn_like(x0), torch.randn_like(x0)
+    f = nn.ReLU() if activation == "relu" else nn.LeakyReLU(0.01)
+    ours = batchnorm.BatchNorm2d(3, activation=activation, dtype=torch.float64)
+    theirs = nn.BatchNorm2d(3, dtype=torch.float64)
+    theirs.load_state_dict(ours.state_dict())
+    results = []
+    for bn in (ours.to(backend.device), theirs.to(backend.device)):
+        x, r = (t.clone().to(backend.device).requires_grad_() for t in (x0, r0))
+        y = bn(x, r) if bn is ours else f(bn(x) + r)
+        (gx,) = torch.autograd.grad((y * v.to(backend.device)).sum(), x, create_graph=True)
+        results.append(torch.autograd.grad(gx.sum(), (bn.bias, r, bn.weight, x)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("activation", ["none", "silu", "tanh"])
 def test_gradient_penalty_matches_torch(backend, gen, activation, dtype):

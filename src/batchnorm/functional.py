@@ -93,13 +93,14 @@ _PER_CHANNEL = ("running_mean", "running_var", "weight", "bias")
 
 
 def _check_num_batches_tracked(t, input: Tensor) -> None:
-    """A one-element integer tensor on the input's device (a module's long scalar buffer):
-    training adds 1 to it in place and momentum=None takes 1/count from it."""
+    """A one-element real tensor on the input's device (a module's long scalar buffer;
+    torch's modules take a float one too): training adds 1 to it in place and
+    momentum=None takes 1/count from it."""
     if not isinstance(t, Tensor):
         raise TypeError(f"num_batches_tracked must be a tensor (a long scalar, as a module's "
                         f"buffer: torch.tensor(0)), got {type(t).__name__}")
-    if t.numel() != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise TypeError(f"num_batches_tracked must be one integer, as a module's buffer "
+    if t.numel() != 1 or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"num_batches_tracked must be one number, as a module's buffer "
                         f"torch.tensor(0); got a {t.dtype} tensor of shape {tuple(t.shape)}")
     if t.device != input.device:
         raise RuntimeError(f"num_batches_tracked is on {t.device} but the input is on "

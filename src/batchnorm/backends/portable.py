@@ -248,11 +248,15 @@ def _dz(dy, x, mean, invstd, weight, bias, residual, activation, slope) -> tuple
     if activation == "none":
         return _xhat(x, mean, invstd), dy.to(mean.dtype)
     xhat, z = _pre_activation(x, mean, invstd, weight, bias, residual)
+    dy = dy.to(mean.dtype)
+    # relu and leaky_relu: torch's own backward ops, selects (a NaN z passes dy, a NaN or
+    # infinite dy where relu's unit is off gives 0: dy · 0 would be NaN) whose derivative
+    # in z is 0, not absent: a double backward reaches bias and residual as torch's does
     if activation == "relu":
-        # a select, as torch's threshold_backward: a NaN z passes dy, and a NaN or
-        # infinite dy where the unit is off gives 0 (dy · 0 would be NaN)
-        return xhat, torch.where(z <= 0, 0.0, dy.to(mean.dtype))
-    return xhat, dy.to(mean.dtype) * activation_grad(z, activation, slope)
+        return xhat, torch.ops.aten.threshold_backward(dy, z, 0)
+    if activation == "leaky_relu":
+        return xhat, torch.ops.aten.leaky_relu_backward(dy, z, slope, False)
+    return xhat, dy * activation_grad(z, activation, slope)
 
 
 def backward_reduce(dy, x, mean, invstd, weight, bias, residual, activation: str, slope: float):
