@@ -11,8 +11,9 @@ device work is shorter still: our forward alone (with and without autograd), our
 backward alone, one launch, a bare ``autograd.Function`` step on CUDA tensors (the floor
 of any Python autograd node, whose backward the engine runs on its CUDA thread), and
 torch's BN+ReLU step; then a step split at its backward call, the step with the
-autograd engine on one thread and with the garbage collector off, and a bare node that
-launches six kernels.
+autograd engine on one thread and with the garbage collector off, a bare node that
+launches six kernels, and one launch with none of our Python (Triton's compiled launcher)
+against one torch kernel.
 """
 
 from __future__ import annotations
@@ -179,6 +180,33 @@ def _step_split(ours, theirs, x, dy, steps: int) -> None:
     print(f"{'bare Function, 6 launches':30s} {_min_us(bare, steps):8.1f} µs")
     with torch.autograd.set_multithreading_enabled(False):
         print(f"{'the same, one thread':30s} {_min_us(bare, steps):8.1f} µs")
+    try:
+        _launch_floor(steps)
+    except Exception as e:  # noqa: BLE001  (a diagnostic: the lines above stand)
+        print(f"launch floor: {type(e).__name__}: {e}")
+
+
+def _launch_floor(steps: int) -> None:
+    """One launch with none of our Python: a one-store Triton kernel through its compiled
+    launcher (as ``_launch.launch`` calls it), against one torch kernel (an in-place add
+    on a 1-element tensor). Tells Triton's launcher and the driver apart from our code."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def touch(p):
+        tl.store(p, 1.0)
+
+    buf = torch.zeros(1, device="cuda")
+    compiled = touch[(1,)](buf)
+    stream = torch.cuda.current_stream().cuda_stream
+
+    def raw():
+        compiled.run(1, 1, 1, stream, compiled.function, compiled.packed_metadata, None,
+                     None, None, buf)
+
+    print(f"{'triton: compiled launcher call':30s} {_min_us(raw, steps):8.1f} µs")
+    print(f"{'torch: one add_ kernel':30s} {_min_us(lambda: buf.add_(1.0), steps):8.1f} µs")
 
 
 def _step_fn(module, x, dy):
