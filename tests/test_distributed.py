@@ -248,6 +248,23 @@ def test_large_mean_matches_float64(exact_run):
     close(state["running_var"], truth_state["running_var"], rtol=1e-5, what="running_var")
 
 
+@pytest.mark.parametrize("first", [True, False], ids=["inf-rank-first", "inf-rank-second"])
+def test_an_infinite_rank_mean_merges_to_torchs_infinite_mean(first):
+    """The ranks' statistics merge around the first non-empty rank's mean; an infinite
+    one (a +inf in that rank's part of the channel) made the merged mean inf − inf = NaN,
+    where torch's layer on the whole batch gives +inf (found by a probe)."""
+    from batchnorm import ops
+    x = torch.randn(5, 2, dtype=torch.float64)
+    x[1, 0] = float("inf")
+    parts = [x[:2], x[2:]] if first else [x[2:], x[:2]]
+    counts = torch.tensor([[len(p)] * 2 for p in parts], dtype=torch.float64)
+    means = torch.stack([p.mean(0) for p in parts])
+    m2s = torch.stack([((p - p.mean(0)) ** 2).sum(0) for p in parts])
+    total, mean, _ = ops.chan_combine(counts, means, m2s)
+    assert total.tolist() == [5, 5] and mean[0].item() == float("inf")
+    torch.testing.assert_close(mean[1], x[:, 1].mean())
+
+
 # ---------------------------------------------------------------------------------------
 # DDP training, evaluation without collectives
 

@@ -722,7 +722,8 @@ def test_fold_leaves_a_layer_whose_parameters_another_layer_shares(traced, share
         torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("bn_cls", [nn.BatchNorm1d, batchnorm.BatchNorm1d, nn.SyncBatchNorm])
+@pytest.mark.parametrize("bn_cls", [nn.BatchNorm1d, batchnorm.BatchNorm1d, nn.SyncBatchNorm,
+                                    batchnorm.SyncBatchNorm])
 def test_fold_linear_refuses_input_of_another_rank(bn_cls):
     # On (N, L, C) the batch norm normalizes dim 1 = L, which a fold into the Linear's C
     # outputs cannot express; with L == C nothing else would fail.
@@ -857,6 +858,19 @@ def test_freeze_into_buffers():
     batchnorm.freeze(model, buffers=True)
     assert all(isinstance(m, _FrozenBatchNorm) for m in bns(model))
     model.train()
+    assert_close(model(x), expected)
+
+
+def test_freeze_into_buffers_keeps_a_converted_sync_layers_rank():
+    """A SyncBatchNorm made from a BatchNorm1d became FrozenBatchNorm2d, which refused the
+    (N, C) input the model had run on; its rank is its origin's, as revert gives back."""
+    model = batchnorm.convert_sync_batchnorm(nn.Sequential(nn.Linear(3, 4),
+                                                           nn.BatchNorm1d(4))).eval()
+    randomize(model)
+    x = torch.randn(5, 3)
+    expected = model(x)
+    batchnorm.freeze(model, buffers=True)
+    assert type(model[1]).__name__ == "FrozenBatchNorm1d"
     assert_close(model(x), expected)
 
 
@@ -1103,6 +1117,60 @@ def test_recalibrate_merges_across_processes(tmp_path):
     got = torch.load(tmp_path / "sd")
     torch.testing.assert_close(got["1.running_mean"], model[1].running_mean, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(got["1.running_var"], model[1].running_var, rtol=1e-10, atol=1e-10)
+
+
+def _recal_group_worker(rank, world, init_file, result_file):
+    """Rank r's batch holds values near 10·(r + 1). Three ranks: a SyncBatchNorm over
+    ranks {0, 1} and a BatchNorm1d (all ranks) on the same input. Two ranks: rank 1 has no
+    batch at all, and a BatchNorm1d only."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        gen = torch.Generator().manual_seed(rank)
+        x = torch.randn(6, 2, generator=gen, dtype=torch.float64) + 10 * (rank + 1)
+        if world == 3:
+            group = dist.new_group([0, 1])
+            model = nn.ModuleDict({"sync": batchnorm.SyncBatchNorm(2, process_group=group),
+                                   "local": batchnorm.BatchNorm1d(2)}).double()
+            batches = [x]
+
+            def forward(m, batch):
+                return m["sync"](batch) + m["local"](batch)
+        else:
+            model = nn.ModuleDict({"local": batchnorm.BatchNorm1d(2)}).double()
+            batches = [x] if rank == 0 else []
+
+            def forward(m, batch):
+                return m["local"](batch)
+        batchnorm.recalibrate(model, batches, progress=False, forward=forward)
+        torch.save(model.state_dict(), f"{result_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [3, 2], ids=["process-group", "a-rank-without-batches"])
+def test_recalibrate_merges_over_each_layers_processes(tmp_path, world):
+    """What a probe found: every layer was merged over all processes, a SyncBatchNorm's
+    process_group aside (rank 2, outside {0, 1}, got all three ranks' statistics); a rank
+    whose batches yielded nothing took part in the merge, wrote the merged statistics and
+    then raised "no batches" while the other rank returned."""
+    torch.multiprocessing.spawn(_recal_group_worker, args=(world, str(tmp_path / "init"),
+                                                           str(tmp_path / "sd")), nprocs=world)
+    data = [torch.randn(6, 2, generator=torch.Generator().manual_seed(r), dtype=torch.float64)
+            + 10 * (r + 1) for r in range(world)]
+
+    def stats(*ranks):
+        x = torch.cat([data[r] for r in ranks if world == 3 or r == 0])
+        return x.mean(0), x.var(0)  # the unbiased variance, as running_var stores
+    for rank in range(world):
+        got = torch.load(f"{tmp_path / 'sd'}.{rank}")
+        expected = {"local": stats(*range(world))}
+        if world == 3:
+            expected["sync"] = stats(0, 1) if rank < 2 else stats(2)
+        for name, (mean, var) in expected.items():
+            torch.testing.assert_close(got[f"{name}.running_mean"], mean)
+            torch.testing.assert_close(got[f"{name}.running_var"], var)
 
 
 # ---------------------------------------------------------------------------------------

@@ -39,7 +39,8 @@ Semantics:
   (as for any collective). A rank that fails before a collective leaves the others waiting
   until the process group's ``timeout`` (``init_process_group(timeout=...)``), when they
   raise too.
-* No double backward (``create_graph=True`` through the layer raises), as in torch.
+* No double backward: a backward with ``create_graph=True`` runs, and differentiating its
+  result again raises (``once_differentiable``), as in torch.
 """
 
 from __future__ import annotations

@@ -166,10 +166,12 @@ def _foldable(layer: nn.Module) -> bool:
 def _compatible(layer: nn.Module, bn: nn.Module) -> bool:
     if _out_channels(layer) != bn.num_features:
         return False
-    # Linear folds only into a 1d batch norm of its (N, C) output: on (N, L, C) a
-    # BatchNorm1d would normalize L, not the linear layer's features.
-    return (not isinstance(layer, nn.Linear) or "1d" in type(bn).__name__
-            or type(bn) is nn.SyncBatchNorm)
+    # Linear folds only into a batch norm that takes its (N, C) output: a 1d one, or one
+    # of any rank (torch's SyncBatchNorm, ours, convert's local fallback); on (N, L, C)
+    # it would normalize L, not the linear layer's features (the folded layer checks).
+    # A SyncBatchNorm converted from a BatchNorm*d is named by its origin.
+    name = getattr(bn, "_batchnorm_origin", type(bn)).__name__
+    return not isinstance(layer, nn.Linear) or "1d" in name or "Sync" in name
 
 
 @torch.no_grad()

@@ -79,11 +79,13 @@ class _FrozenBatchNorm(nn.Module):
     @staticmethod
     def from_batchnorm(bn: nn.Module) -> _FrozenBatchNorm:
         """A frozen copy (cloned tensors) of a torch or batchnorm ``BatchNorm*d`` layer; the
-        rank follows the layer's class (SyncBatchNorm gives the 2d one)."""
+        rank follows the layer's class: a SyncBatchNorm's ``convert_sync_batchnorm`` made
+        from a ``BatchNorm*d`` gives that one's (as ``revert_sync_batchnorm`` would), any
+        other SyncBatchNorm the 2d one."""
         if getattr(bn, "running_mean", None) is None:
             raise ValueError(f"{type(bn).__name__} with track_running_stats=False has no "
                              f"running statistics to freeze")
-        name = type(bn).__name__
+        name = getattr(bn, "_batchnorm_origin", type(bn)).__name__
         cls = (FrozenBatchNorm1d if "1d" in name else FrozenBatchNorm3d if "3d" in name
                else FrozenBatchNorm2d)
         act = getattr(bn, "activation", "none")

@@ -67,9 +67,33 @@ class _Accumulator:
         self.count = total
 
 
-def _all_reduce(layers: list[tuple[str, nn.Module]], accs: list[_Accumulator]) -> None:
-    """Merge every layer's (count, mean, m2) across processes, exactly: the global mean from
-    Σn·mean / Σn, then Σ(m2 + n·(mean − global mean)²)."""
+def _merge_across_processes(layers: list[tuple[str, nn.Module]], accs: list[_Accumulator],
+                            seen: int) -> int:
+    """Every process's statistics merged into each layer's accumulator: a SyncBatchNorm's
+    (torch's or ours) over its ``process_group`` (a process outside it keeps its own, as
+    the layer runs local batch norm there), any other layer's over all processes. Returns
+    the batches seen by all processes together. Every process calls this, with the same
+    layers in the same order (the same model): the groups' collectives run in that order."""
+    import torch.distributed as dist
+
+    device = layers[0][1].running_mean.device
+    seen_all = torch.tensor([float(seen)], dtype=torch.float64, device=device)
+    dist.all_reduce(seen_all)
+    by_group: dict = {}
+    for i, (_, m) in enumerate(layers):
+        group = getattr(m, "process_group", None)
+        by_group.setdefault(None if group is None else id(group), (group, []))[1].append(i)
+    for group, members in by_group.values():
+        if group is not None and dist.get_rank(group) < 0:
+            continue
+        _all_reduce([layers[i] for i in members], [accs[i] for i in members], group)
+    return int(seen_all.item())
+
+
+def _all_reduce(layers: list[tuple[str, nn.Module]], accs: list[_Accumulator],
+                group=None) -> None:
+    """Merge every layer's (count, mean, m2) across the processes of ``group`` (None: all),
+    exactly: the global mean from Σn·mean / Σn, then Σ(m2 + n·(mean − global mean)²)."""
     import torch.distributed as dist
 
     device = layers[0][1].running_mean.device
@@ -83,11 +107,11 @@ def _all_reduce(layers: list[tuple[str, nn.Module]], accs: list[_Accumulator]) -
     counts = torch.tensor([n for n, _, _ in local], dtype=torch.float64, device=device)
     sums = torch.cat([n * mean for n, mean, _ in local])
     flat = torch.cat([counts, sums])
-    dist.all_reduce(flat)
+    dist.all_reduce(flat, group=group)
     counts_g, sums_g = flat[:len(local)], flat[len(local):].split(sizes)
     means_g = [s / n.clamp(min=1) for s, n in zip(sums_g, counts_g)]
     m2s = torch.cat([m2 + n * (mean - mg) ** 2 for (n, mean, m2), mg in zip(local, means_g)])
-    dist.all_reduce(m2s)
+    dist.all_reduce(m2s, group=group)
     for a, n, mg, m2 in zip(accs, counts_g.tolist(), means_g, m2s.split(sizes)):
         a.count, a.mean, a.m2 = int(n), mg, m2
 
@@ -161,7 +185,10 @@ def recalibrate(model: nn.Module, batches, num_batches: int | None = None,
     ``num_batches`` of ``batches`` (all when None). Then ``running_mean`` is the mean of all
     values seen and ``running_var`` their *unbiased* variance (count − 1), as torch stores
     it; ``num_batches_tracked`` counts the calls. When ``torch.distributed`` is initialized,
-    the statistics of all processes are merged (each process must call this). Afterwards
+    the statistics of all processes are merged (each process must call this): a
+    SyncBatchNorm's over its ``process_group`` (a process outside the group keeps its own),
+    every other layer's over all processes; a process whose ``batches`` yield nothing
+    takes the others' statistics. Afterwards
     every module's training flag is restored, and the running statistics of the other
     norm layers that train() moves (an ``InstanceNorm`` with ``track_running_stats=True``)
     are put back. If a batch or ``forward`` raises, every
@@ -184,8 +211,8 @@ def recalibrate(model: nn.Module, batches, num_batches: int | None = None,
 
     Returns:
         ``{layer name: values per channel seen}``. A layer that saw nothing keeps its old
-        statistics and is absent. ``batches`` that yield nothing raise ``ValueError``, with
-        every layer's statistics as before.
+        statistics and is absent. ``batches`` that yield nothing (on every process, when
+        distributed) raise ``ValueError``, with every layer's statistics as before.
     """
     check_module(model, "recalibrate")
     forward = forward or _default_forward
@@ -233,7 +260,9 @@ def recalibrate(model: nn.Module, batches, num_batches: int | None = None,
                 forward(model, batch)
                 seen += 1
         if distributed:
-            _all_reduce([(name, m) for name, m, _ in layers], accs)
+            # a process that saw no batch takes the others' statistics; none anywhere
+            # raises on every process, below, with every layer as it was
+            seen = _merge_across_processes([(name, m) for name, m, _ in layers], accs, seen)
     except BaseException:
         # The training-mode forwards have reset and partly updated the running statistics
         # (and Ctrl-C lands here too): give every layer back exactly what it had.
