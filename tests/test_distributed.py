@@ -576,6 +576,47 @@ def test_sync_path_takes_a_residual_made_under_inference_mode(tmp_path):
         dist.destroy_process_group()
 
 
+def _fx_worker(rank, init_file, result_file):
+    """Traced before the process group exists (a world of one), run under two ranks."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), bd.SyncBatchNorm(4, activation="relu"))
+    traced = torch.fx.symbolic_trace(model)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=2)
+    try:
+        # traced under the group too (the layer refused the Proxy there)
+        assert "_traced_sync_batch_norm" in torch.fx.symbolic_trace(model).code
+        gen = torch.Generator().manual_seed(rank)
+        traced(torch.randn(5, 3, generator=gen) + rank)
+        torch.save({k: v for k, v in traced.state_dict().items() if "1." in k},
+                   f"{result_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fx_traces_a_training_sync_layer_as_a_node_that_synchronizes(tmp_path):
+    """torch.fx.symbolic_trace recorded the local batch norm node for our SyncBatchNorm
+    (a model traced before init_process_group then ran each rank on its own statistics),
+    and under an initialized group refused the Proxy. Torch's SyncBatchNorm is an FX leaf
+    that synchronizes when it runs; ours is one node that decides when it runs."""
+    torch.manual_seed(0)  # the workers' Linear too
+    model = nn.Sequential(nn.Linear(3, 4), bd.SyncBatchNorm(4, activation="relu"))
+    traced = torch.fx.symbolic_trace(model)
+    assert "_traced_sync_batch_norm" in traced.code
+    x = torch.randn(6, 3)
+    torch.testing.assert_close(traced(x), copy.deepcopy(model)(x))  # a world of one: local
+    torch.multiprocessing.spawn(_fx_worker, args=(str(tmp_path / "init"),
+                                                  str(tmp_path / "sd")), nprocs=2)
+    states = [torch.load(f"{tmp_path / 'sd'}.{rank}") for rank in range(2)]
+    oracle = nn.Sequential(nn.Linear(3, 4), batchnorm.BatchNorm1d(4, activation="relu"))
+    oracle[0].load_state_dict(model[0].state_dict())
+    oracle(torch.cat([torch.randn(5, 3, generator=torch.Generator().manual_seed(r)) + r
+                      for r in range(2)]))
+    for state in states:
+        torch.testing.assert_close(state["1.running_mean"], oracle[1].running_mean)
+        torch.testing.assert_close(state["1.running_var"], oracle[1].running_var)
+
+
 def test_sync_path_compiles_with_a_graph_break(tmp_path):
     """torch.compile runs the synchronized step outside its graph: dynamo traced into the
     collective and the CPU kernels' numba dispatchers, and failed there."""

@@ -54,6 +54,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.fx
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.lazy import LazyModuleMixin
@@ -334,16 +335,53 @@ class SyncBatchNorm(_BatchNorm):
         # Eval and frozen layers use the running statistics: nothing to synchronize. A world
         # of one has no one to synchronize with, and a rank outside process_group (size -1)
         # none either: torch's SyncBatchNorm runs local batch norm on both.
-        if not self.training or self.frozen or world_size(self.process_group) <= 1:
+        if not self.training or self.frozen:
             return super().forward(input, residual)
-        self._check_input_dim(input)
+        traced = type(input) is not Tensor and isinstance(input, torch.fx.Proxy)
+        if not traced and world_size(self.process_group) <= 1:
+            return super().forward(input, residual)
+        if not traced:
+            self._check_input_dim(input)
         tracking = self.track_running_stats
         num_batches_tracked = self.num_batches_tracked if tracking else None
-        return sync_batch_norm(
-            input, self.running_mean if tracking else None,
-            self.running_var if tracking else None, self.weight, self.bias,
-            self._momentum_given(num_batches_tracked), self.eps, self.activation,
-            self.activation_slope, residual, num_batches_tracked, self.process_group)
+        args = (input, self.running_mean if tracking else None,
+                self.running_var if tracking else None, self.weight, self.bias,
+                self._momentum_given(num_batches_tracked), self.eps, self.activation,
+                self.activation_slope, residual, num_batches_tracked)
+        if traced:  # torch.fx.symbolic_trace: one node that synchronizes when it runs
+            return _traced_sync_batch_norm(*args, _traced_group(self.process_group))
+        return sync_batch_norm(*args, self.process_group)
+
+
+# The process groups of traced SyncBatchNorm nodes, by the name the node carries (a graph
+# holds constants it can print; a process group is none)
+_TRACED_GROUPS: dict = {}
+
+
+def _traced_group(process_group) -> str | None:
+    if process_group is None:
+        return None
+    name = f"group-{id(process_group)}"
+    _TRACED_GROUPS[name] = process_group
+    return name
+
+
+def _traced_sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps,
+                            activation, slope, residual, num_batches_tracked, group):
+    """A training SyncBatchNorm as one node of a ``torch.fx`` graph (see
+    ``modules._traced_batch_norm``): whether it synchronizes is decided when the node
+    runs, as the layer decides when it is called, not when the model was traced (a model
+    traced before ``init_process_group`` synchronizes once it runs under one)."""
+    process_group = _TRACED_GROUPS[group] if group is not None else None
+    if world_size(process_group) <= 1:
+        return F.batch_norm_resolved(input, running_mean, running_var, weight, bias, True,
+                                     momentum, eps, activation, slope, residual,
+                                     num_batches_tracked)
+    return sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps,
+                           activation, slope, residual, num_batches_tracked, process_group)
+
+
+torch.fx.wrap("_traced_sync_batch_norm")
 
 
 class BatchNormNd(_BatchNorm):
