@@ -118,7 +118,7 @@ def compile_kernels(jobs: int | None, out=None) -> int:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)  # a ValueError here: argparse says "invalid _positive_int value"
+    value = int(text)  # a ValueError here: argparse says "invalid int value" (the name below)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: at least 1")
     return value

@@ -338,9 +338,9 @@ class SyncBatchNorm(_BatchNorm):
         if not self.training or self.frozen:
             return super().forward(input, residual)
         traced = type(input) is not Tensor and isinstance(input, torch.fx.Proxy)
-        if not traced and world_size(self.process_group) <= 1:
-            return super().forward(input, residual)
         if not traced:
+            if world_size(self.process_group) <= 1:
+                return super().forward(input, residual)
             self._check_input_dim(input)
         tracking = self.track_running_stats
         num_batches_tracked = self.num_batches_tracked if tracking else None
