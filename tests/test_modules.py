@@ -340,6 +340,22 @@ class _TracedBlock(nn.Module):
         return self.head(self.bn(h, residual=self.skip(h)).mean((2, 3)))
 
 
+@pytest.mark.parametrize("frozen", [False, True], ids=["BatchNorm2d", "FrozenBatchNorm2d"])
+def test_torch_jit_script_says_what_to_use_instead(frozen):
+    """It failed deep inside our Python ("Don't support conversion in JoinedStr")."""
+    import warnings
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), batchnorm.BatchNorm2d(4))
+    if frozen:
+        batchnorm.freeze(model, buffers=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit's own
+        with pytest.raises(TypeError, match="torch.jit.script cannot compile batchnorm's "
+                           r"(Frozen)?BatchNorm2d.*torch.jit.trace, torch.export or "
+                           "torch.compile") as info:
+            torch.jit.script(model)
+    assert ("batchnorm.revert" in str(info.value)) is not frozen
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_torch_fx_symbolic_trace(training, gen):
     """torch.fx traces a model through our layers (only torch.nn's own modules are its

@@ -40,12 +40,24 @@ def check_constructor_args(num_features: int, eps: float, momentum: float | None
     return count
 
 
+def refuse_script(module: nn.Module) -> None:
+    """``torch.jit.script`` asks each module's ``__prepare_scriptable__`` first: ours say
+    what to do instead of failing deep inside their Python (an f-string it cannot
+    compile)."""
+    revert = (", or put torch's layers back first with batchnorm.revert(model)"
+              if isinstance(module, _NormBase) else "")
+    raise TypeError(
+        f"torch.jit.script cannot compile batchnorm's {type(module).__name__}: its kernels "
+        f"are not TorchScript. Use torch.jit.trace, torch.export or torch.compile{revert}")
+
+
 class _NormBase(nn.Module):
     """State of a batch-norm layer, laid out exactly as torch's ``_NormBase``."""
 
     _version = 2
     _frozen = False  # class default: modules pickled before ``frozen`` existed still run
     __constants__ = ["track_running_stats", "momentum", "eps", "num_features", "affine"]
+    __prepare_scriptable__ = refuse_script
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None,

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
-from ..modules import _check_rank, check_constructor_args
+from ..modules import _check_rank, check_constructor_args, refuse_script
 from ._common import (
     check_module,
     is_our_bn,
@@ -41,6 +41,8 @@ class _FrozenBatchNorm(nn.Module):
         activation: (keyword) fused activation, as for ``BatchNorm2d``. Default: None
         device, dtype: of the buffers. Default: None
     """
+
+    __prepare_scriptable__ = refuse_script
 
     _ranks: tuple[int, ...] = ()
     _what = ""
