@@ -1223,3 +1223,29 @@ def test_index_width_flag_off_for_common_shapes():
               tb.Geometry(True, 2**31 // 64 - 4096, 64, 1), tb.Geometry(False, 2, 3, 2**30)]:
         assert not tb._plans.reduce_plan(g, torch.device("cpu"))["I64"], g
         assert not tb._plans.elem_plan(g, torch.device("cpu"))["I64"], g
+
+
+@pytest.mark.parametrize("eps", [1e-50, 1e-40, 1e300 * 1e10], ids=["1e-50", "1e-40", "inf"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_float64_eps_outside_float32s_range_is_not_lost(eps, training):
+    """The kernels take eps as a float32 pair: below float32's normal range it was
+    rounded or became 0 (a zero-variance float64 channel then gave 0 where torch gives
+    1/√eps, found by a probe). Such an eps takes the primitives' path, whose invstd is
+    torch's."""
+    import batchnorm
+    x = torch.tensor([[2.5, 1.0], [2.5, 3.0], [2.5, 5.0]], dtype=torch.float64,
+                     device=DEVICE, requires_grad=True)
+    stats = [torch.zeros(2, dtype=torch.float64, device=DEVICE), torch.zeros(
+        2, dtype=torch.float64, device=DEVICE)]
+    dy = torch.tensor([[1.0, 2.0], [4.0, -1.0], [9.0, 3.0]], dtype=torch.float64,
+                      device=DEVICE)
+    got = []
+    for name in ("triton", "portable"):
+        x.grad = None
+        rm, rv = (t.clone() for t in stats)
+        with backends.using(name):
+            y = batchnorm.functional.batch_norm(x, rm, rv, None, None, training, 0.1, eps)
+            y.backward(dy)
+        got.append((y.detach(), x.grad.clone(), rm, rv))
+    for a, b in zip(*got):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0, equal_nan=True)

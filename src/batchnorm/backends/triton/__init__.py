@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ..portable import acc_dtype, mean_dtype, running_mean_dtype
 from . import _elementwise, _plans, _reduce
-from ._activation import CODES, split_float
+from ._activation import CODES, split_float, split_holds
 from ._launch import launch
 from ._plans import CONFIG  # noqa: F401  (public: batchnorm.backends.triton.CONFIG)
 from ._plans import Geometry, cdiv, geometry, merge_launch, np2
@@ -86,6 +86,13 @@ def _activation_args(activation: str, slope: float):
         raise ValueError(f"unknown activation {activation!r}; expected one of {tuple(CODES)}")
     hi, lo = split_float(slope)
     return CODES[activation], hi, lo
+
+
+def _eps_reaches_kernels(x: Tensor, eps: float) -> bool:
+    """eps reaches float64 kernels as a float32 pair (:func:`split_float`), which loses a
+    value under float32's normal range or over its largest (an eps of 1e-50 became 0):
+    ops then takes the primitives' path, whose invstd is torch's."""
+    return x.dtype != torch.float64 or split_holds(eps)
 
 
 def _dummy(t: Tensor | None, like: Tensor) -> Tensor:
@@ -394,7 +401,7 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
     x comes as the caller has it ((N, C, *), channels-last when ``channels_last``); y
     goes back in its shape and memory format.
     """
-    if x.numel() == 0 or not supports(x):
+    if x.numel() == 0 or not supports(x) or not _eps_reaches_kernels(x, eps):
         return None
     if running_mean is not None and not all(
             t.is_contiguous() and t.device == x.device for t in (running_mean, running_var)):
@@ -499,7 +506,7 @@ def batch_norm_backward(dy, x, weight, bias, residual, mean, var, eps, training:
     :func:`batch_norm_forward` made. dx (dresidual) is None unless asked, the sums None
     unless ``need_sums`` or training. None where it does not apply.
     """
-    if x.numel() == 0 or not supports(x):
+    if x.numel() == 0 or not supports(x) or not _eps_reaches_kernels(x, eps):
         return None
     x = _dense(x, channels_last)
     g = geometry(x.shape, channels_last)

@@ -27,6 +27,15 @@ def split_float(v: float) -> tuple[float, float]:
     return hi, float(np.float32(v - hi))
 
 
+@functools.lru_cache(maxsize=256)
+def split_holds(v: float) -> bool:
+    """Whether :func:`split_float`'s pair carries ``v`` to float64 kernels (to 1e-13): not
+    for a nonzero ``v`` under float32's normal range (about 1.2e-38: the halves are
+    subnormal or 0) or over its largest value (inf)."""
+    hi, lo = split_float(v)
+    return abs((hi + lo) - v) <= 1e-13 * abs(v)
+
+
 @triton.jit
 def _sigmoid(z):
     # exp(-z) overflows to inf for very negative z, and 1/inf == 0: no NaN either way.
