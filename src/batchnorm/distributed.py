@@ -138,12 +138,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         ctx.count, ctx.activation, ctx.slope = count, activation, slope
         ctx.process_group = process_group
         ctx.has_residual = residual is not None
-        # The residual is needed only to recompute the pre-activation in backward; one
-        # made under inference_mode cannot be saved, a normal copy of it can (as in ops)
-        keep_residual = residual if activation != "none" else None
-        if (keep_residual is not None and keep_residual.is_inference()
-                and not torch.is_inference_mode_enabled()):
-            keep_residual = keep_residual.clone()
+        # The residual is needed only to recompute the pre-activation in backward.
+        keep_residual = (ops.saveable_residual(residual)
+                         if residual is not None and activation != "none" else None)
         mean_k, bias_k, shift = ops.centre_for_kernels(mean, invstd, weight, bias,
                                                        acc_dtype(x.dtype))
         if x.numel() == 0:

@@ -616,6 +616,15 @@ def _refuse_inference_tensors(input, weight, bias) -> None:
             "torch.no_grad() or torch.inference_mode()")
 
 
+def saveable_residual(residual: Tensor) -> Tensor:
+    """The residual a fused activation keeps to recompute its input in backward, or a
+    normal copy of it where it was made under inference_mode (autograd cannot save such
+    a tensor outside it): torch's add then activation never saves it, so it works there."""
+    if residual.is_inference() and not torch.is_inference_mode_enabled():
+        return residual.clone()
+    return residual
+
+
 def refuse_inference_buffers(update) -> None:
     """torch's error for an in-place update of an inference tensor outside inference mode:
     our eager running update writes by address on the CPU, past torch's own check. Each
@@ -654,11 +663,8 @@ def batch_norm(input, weight, bias, residual, running_mean, running_var, eps, ac
             or (bias is not None and bias.requires_grad)
             or (residual is not None and residual.requires_grad)):
         _refuse_inference_tensors(input, weight, bias)
-        if residual is not None and activation != "none" and residual.is_inference():
-            # saved to recompute the activation's input; torch's add then activation
-            # never saves it, so a residual made under inference_mode works there: a
-            # normal copy of it here
-            residual = residual.clone()
+        if residual is not None and activation != "none":
+            residual = saveable_residual(residual)
         return _eager_apply(input, weight, bias, residual, running_mean, running_var, eps,
                             activation, slope, update)
     channels_last = is_channels_last(input)
