@@ -390,6 +390,96 @@ def test_module_parity(shape, channels_last):
     assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked)
 
 
+# (input shape, channels_last)
+FUSED_CASES = [((4, 3, 50), False), ((2, 5, 7, 9), False), ((2, 5, 7, 9), True),
+               ((300, 24), False)] if not CUDA else [
+    ((8, 32, 64, 64), False), ((8, 32, 64, 64), True), ((64, 256, 7, 7), False),
+    ((64, 256, 7, 7), True), ((4096, 100), False)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32] + ([] if CUDA else [torch.float64]),
+                         ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("shape, channels_last", FUSED_CASES,
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple)
+                         else ("CL" if v else ""))
+def test_fused_merges(shape, channels_last, dtype, monkeypatch):
+    """A training step is four launches where each reduction's last program of a channel
+    block merges the block (CONFIG's fused_merge_max), six with the merges launched apart,
+    and both give the same outputs, gradients, running statistics and count; the
+    counters are 0 again after each launch. Many partials a block, to merge in several
+    steps; on a GPU the step runs 20 times and must repeat itself bit for bit (a program
+    merging before the others' partials were visible would not)."""
+    import batchnorm
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = _data(shape, dtype, mean=100.0).contiguous(memory_format=fmt)
+    dy = _data(shape, dtype).contiguous(memory_format=fmt)
+    launched = []
+    real_launch = tb.launch
+    monkeypatch.setattr(tb, "launch", lambda fn, *a, **k: launched.append(fn.__name__) or
+                        real_launch(fn, *a, **k))
+    if not CUDA:
+        monkeypatch.setitem(tb.CONFIG, "merge_block_p", 2)  # several merge steps
+    results = {}
+    for fused in (True, False):
+        monkeypatch.setitem(tb.CONFIG, "fused_merge_max", 1 << 30 if fused else 0)
+        torch.manual_seed(0)
+        layer = batchnorm.BatchNorm1d if len(shape) < 4 else batchnorm.BatchNorm2d
+        m = layer(shape[1], activation="relu").to(DEVICE, dtype)
+        with torch.no_grad():
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.uniform_(-0.5, 0.5)
+        runs = []
+        for _ in range(20 if CUDA else 1):
+            launched.clear()
+            xg = x.clone().requires_grad_()
+            with backends.using("triton"):
+                y = m(xg)
+                y.backward(dy)
+            runs.append([t.detach().clone() for t in (
+                y, xg.grad, m.weight.grad, m.bias.grad, m.running_mean, m.running_var)])
+            m.weight.grad = m.bias.grad = None
+            m.running_mean.zero_(), m.running_var.fill_(1)
+        assert launched == (["stats_fused_" + ("mc" if channels_last or len(shape) == 2
+                                               else "ncl"), "normalize_kernel",
+                             "backward_fused_" + ("mc" if channels_last or len(shape) == 2
+                                                  else "ncl"), "backward_kernel"]
+                            if fused else [
+                                "stats_partial_" + ("mc" if channels_last or len(shape) == 2
+                                                    else "ncl"), "stats_finalize",
+                                "normalize_kernel", "backward_partial_" + (
+                                    "mc" if channels_last or len(shape) == 2 else "ncl"),
+                                "sum_partials_centred", "backward_kernel"]), launched
+        assert int(m.num_batches_tracked) == len(runs)
+        for run in runs[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(run, runs[0]))
+        results[fused] = runs[0]
+    assert all(int(t.abs().sum()) == 0 for t in tb._COUNTERS.values())
+    for got, want in zip(results[True], results[False]):
+        torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 1e-12,
+                                   atol=1e-5 if dtype == torch.float32 else 1e-12)
+
+
+def test_fused_merge_bounds(monkeypatch):
+    """The last program merges alone: only blocks of at most fused_merge_max partial
+    values; its tile keeps 8 values a thread in the stage-1 plan's warps; the plans carry
+    the answer for their configuration."""
+    cfg = {**tb.CONFIG, "merge_block_p": 64, "merge_block_c": 32, "fused_merge_max": 16384}
+    merge_p = tb._plans.fused_merge_p
+    assert merge_p(False, 33, 128, 8, cfg) == 64  # NCL: one channel a block
+    cfg["fused_merge_max"] = 128 * 33
+    assert merge_p(True, 33, 128, 8, cfg) == 16
+    assert merge_p(True, 33, 128, 4, cfg) == 8
+    assert merge_p(True, 34, 128, 8, cfg) == 0
+    cfg["fused_merge_max"] = 0
+    assert merge_p(False, 33, 1, 8, cfg) == 0
+    g = tb.geometry(torch.Size((4096, 8)), False)
+    for limit in (0, 1 << 30):
+        monkeypatch.setitem(tb.CONFIG, "fused_merge_max", limit)
+        plan = tb._plans.reduce_plan(g, torch.device(DEVICE))
+        assert plan["P"] > 1 and (plan["merge_p"] > 0) == (limit > 0)
+
+
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
 def test_cuda_graph_capture():
     """A training step (forward, backward, running-statistics update) captures in a CUDA

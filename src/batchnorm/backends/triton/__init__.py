@@ -152,6 +152,25 @@ def _launch_stats_partials(x: Tensor, g: Geometry, plan: dict, part: Tensor) -> 
                I64=plan["I64"], num_warps=plan["warps"])
 
 
+def _launch_stats_fused(x, g, plan, part, counters, finalize_args, count, eps_hi, eps_lo,
+                        b_hi, b_lo, m_hi, m_lo, flags, merge_p) -> None:
+    """Stage 1 of the statistics with ``stats_finalize``'s work done by the last program
+    of each channel block (``finalize_args``: its tensors from mean to
+    num_batches_tracked; ``flags`` its constexprs)."""
+    p, c = plan["P"], g.c
+    tail = (p, p * c, count, eps_hi, eps_lo, b_hi, b_lo, m_hi, m_lo)
+    common = dict(STAGES=plan["stages"], I64=plan["I64"], MERGE_P=merge_p,
+                  num_warps=plan["warps"], **flags)
+    if g.cl:
+        launch(_reduce.stats_fused_mc, plan["grid"], x, part, counters, *finalize_args, g.n,
+               c, plan["rows"], plan["ncb"], *tail, BLOCK_M=plan["BLOCK_M"],
+               BLOCK_C=plan["BLOCK_C"], UNROLL=plan["unroll"], **common)
+    else:
+        launch(_reduce.stats_fused_ncl, plan["grid"], x, part, counters, *finalize_args, g.n,
+               c, g.l, plan["rows"], plan["cols"], plan["p_l"], *tail,
+               BLOCK_N=plan["BLOCK_N"], BLOCK_L=plan["BLOCK_L"], **common)
+
+
 def _launch_stats_merge(x: Tensor, g: Geometry, plan: dict, part: Tensor, mean: Tensor,
                         m2: Tensor) -> None:
     p, c = plan["P"], g.c
@@ -197,23 +216,29 @@ def _launch_normalize_running(x, y, g, residual, running_mean, running_var, weig
 
 
 def _launch_backward_partials(dy, x, g, plan, part, mean_k, invstd, weight, bias_k,
-                              residual, act, hi, lo) -> None:
-    """Stage 1 of the backward reduction into ``part`` (Σdz and Σdz·x̂ planes of [P, C])."""
+                              residual, act, hi, lo, merged=None, merge_p=0) -> None:
+    """Stage 1 of the backward reduction into ``part`` (Σdz and Σdz·x̂ planes of [P, C]);
+    with ``merged`` (the counters, then ``sum_partials_centred``'s shift and three
+    outputs) the last program of each channel block does that merge too."""
     p, c = plan["P"], g.c
     flags = dict(ACT=act, HAS_W=weight is not None, HAS_B=bias_k is not None,
                  HAS_RES=residual is not None and act != 0, STAGES=plan["stages"],
                  I64=plan["I64"], num_warps=plan["warps"])
     common = (dy, x, _dummy(residual, x), mean_k, invstd, _dummy(weight, mean_k),
               _dummy(bias_k, mean_k), part)
+    if merged is not None:
+        common, sizes, flags = (*common, *merged), (p, p * c), {**flags, "MERGE_P": merge_p}
+    else:
+        sizes = (p * c,)
     if g.cl:
-        launch(_reduce.backward_partial_mc, plan["grid"],
-               *common, g.n, c, plan["rows"], plan["ncb"], p * c, hi, lo,
+        launch(_reduce.backward_partial_mc if merged is None else _reduce.backward_fused_mc,
+               plan["grid"], *common, g.n, c, plan["rows"], plan["ncb"], *sizes, hi, lo,
                BLOCK_M=plan["BLOCK_M"], BLOCK_C=plan["BLOCK_C"], UNROLL=plan["unroll"],
                **flags)
     else:
-        launch(_reduce.backward_partial_ncl, plan["grid"],
-               *common, g.n, c, g.l, plan["rows"], plan["cols"], plan["p_l"], p * c, hi, lo,
-               BLOCK_N=plan["BLOCK_N"], BLOCK_L=plan["BLOCK_L"], **flags)
+        launch(_reduce.backward_partial_ncl if merged is None else _reduce.backward_fused_ncl,
+               plan["grid"], *common, g.n, c, g.l, plan["rows"], plan["cols"], plan["p_l"],
+               *sizes, hi, lo, BLOCK_N=plan["BLOCK_N"], BLOCK_L=plan["BLOCK_L"], **flags)
 
 
 def _launch_sum_partials(g: Geometry, plan: dict, part: Tensor, sdz: Tensor,
@@ -242,6 +267,32 @@ def _launch_backward_elementwise(dy, x, g, dx, dres, mean_k, invstd, weight, bia
            HAS_B=bias_k is not None, HAS_RES=residual is not None and act != 0, TRAIN=train,
            WANT_DRES=dres is not None, BLOCK_R=plan["BLOCK_R"], BLOCK_K=plan["BLOCK_K"],
            I64=plan["I64"], num_warps=plan["warps"])
+
+
+# The fused reductions' tickets: one int32 counter per channel block, 0 between launches
+# (the last program of a block puts it back), one buffer per device and stream, since
+# launches on one stream run one after the other.
+_COUNTERS: dict = {}
+
+
+def _merge_counters(x: Tensor, blocks: int) -> Tensor | None:
+    """Counters for a stage-1 launch that merges its own partials, or None where it must
+    not (during a CUDA graph capture: the buffer would be the graph's, and a replay could
+    run beside an eager launch on another stream)."""
+    if x.is_cuda:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        index = x.get_device()
+        key = (index, torch._C._cuda_getCurrentRawStream(index))
+    else:
+        key = x.device.type
+    counters = _COUNTERS.get(key)
+    if counters is None or counters.numel() < blocks:
+        if len(_COUNTERS) > 64:
+            _COUNTERS.clear()
+        counters = _COUNTERS[key] = torch.zeros(max(blocks, 1024), dtype=torch.int32,
+                                                device=x.device)
+    return counters
 
 
 def _launch_prepare(mean, var, weight, bias, out, c, eps, copies=None) -> None:
@@ -390,12 +441,13 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
     Training, three launches: the statistics' stage 1; stage 2 with the C-sized math ops
     would do with a dozen torch kernels (var, invstd, the float64-mean centring) and, with
     a fixed momentum, the running update (``updated`` True; otherwise ops launches
-    :func:`update_running_stats`); normalize. Evaluation, two: the coefficients from the
-    running statistics (:func:`_reduce.prepare`), normalize; one without ``need_stats``
-    (the caller uses y alone: mean, var and saved come back None), which normalizes
-    straight from the running statistics. ``saved`` is the four [C] rows
-    (mean_k, invstd, bias_k, shift), contiguous in this order in one buffer, which
-    :func:`batch_norm_backward` takes back instead of recomputing them. None (ops then
+    :func:`update_running_stats`); normalize. Two where the plan allows stage 1 to merge
+    its own partials (``plan["merge_p"]``, :func:`_reduce.stats_fused_mc`). Evaluation,
+    two: the coefficients from the running statistics (:func:`_reduce.prepare`),
+    normalize; one without ``need_stats`` (the caller uses y alone: mean, var and saved
+    come back None), which normalizes straight from the running statistics. ``saved`` is
+    the four [C] rows (mean_k, invstd, bias_k, shift), contiguous in this order in one
+    buffer, which :func:`batch_norm_backward` takes back instead of recomputing them. None (ops then
     takes its own path) for empty inputs, for what ``supports`` declines, and in
     evaluation for strided running buffers or ones on another device.
     x comes as the caller has it ((N, C, *), channels-last when ``channels_last``); y
@@ -444,20 +496,29 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
             # call: host time
             work = torch.empty(5 * c + STATS_PLANES * p * c, dtype=acc, device=device)
             var, *rows, part = work.split_with_sizes((c, c, c, c, c, STATS_PLANES * p * c))
-            _launch_stats_partials(x, g, plan, part)
+            merge_p = plan["merge_p"]
+            counters = _merge_counters(x, plan["ncb"] if g.cl else c) if merge_p else None
+            if counters is None:  # stage 1 first: the GPU starts while the rest is prepared
+                _launch_stats_partials(x, g, plan, part)
             count = g.n * g.l
             running = _running_for_finalize(update, mean)
             updated = running is not None
             rm, rv, nbt, m_hi, m_lo = running if updated else (mean, mean, None, 0.0, 0.0)
             b_hi, b_lo = split_float(count / max(count - 1, 1)) if updated else (0.0, 0.0)
             eps_hi, eps_lo = split_float(eps)
-            grid, tile = merge_launch(c, p)
-            launch(_reduce.stats_finalize, grid,  # rows[0]: where the four rows start
-                   x, part, mean, var, rows[0], _dummy(weight, mean), _dummy(bias, mean), rm, rv,
-                   _dummy(nbt, mean), p, c, plan["shift_stride"], p * c, count, eps_hi, eps_lo,
-                   b_hi, b_lo, m_hi, m_lo, HAS_W=weight is not None, HAS_B=bias is not None,
-                   F64=acc == torch.float64, UPDATE=updated, HAS_NBT=nbt is not None,
-                   **tile)
+            # rows[0]: where the four rows start
+            finalize_args = (mean, var, rows[0], _dummy(weight, mean), _dummy(bias, mean), rm,
+                             rv, _dummy(nbt, mean))
+            flags = {"HAS_W": weight is not None, "HAS_B": bias is not None,
+                     "F64": acc == torch.float64, "UPDATE": updated, "HAS_NBT": nbt is not None}
+            if counters is not None:
+                _launch_stats_fused(x, g, plan, part, counters, finalize_args, count, eps_hi,
+                                    eps_lo, b_hi, b_lo, m_hi, m_lo, flags, merge_p)
+            else:
+                grid, tile = merge_launch(c, p)
+                launch(_reduce.stats_finalize, grid, x, part, *finalize_args, p, c,
+                       plan["shift_stride"], p * c, count, eps_hi, eps_lo, b_hi, b_lo, m_hi,
+                       m_lo, **flags, **tile)
         y = torch.empty_like(x)
         mean_k, invstd, bias_k, _ = rows
         _launch_normalize(x, y, g, residual, mean_k, invstd, weight, bias_k, act, hi, lo)
@@ -501,8 +562,9 @@ def batch_norm_backward(dy, x, weight, bias, residual, mean, var, eps, training:
     :func:`batch_norm_forward`.
 
     Three launches: the reduction's stage 1, the merge of the sums with the centring's
-    corrections, the elementwise pass; a fourth first (:func:`_reduce.prepare`: invstd
-    from the saved var, the float64-mean centring) unless ``saved`` holds the rows
+    corrections (in stage 1's launch where the plan allows, as in the forward), the
+    elementwise pass; a fourth first (:func:`_reduce.prepare`: invstd from the saved var,
+    the float64-mean centring) unless ``saved`` holds the rows
     :func:`batch_norm_forward` made. dx (dresidual) is None unless asked, the sums None
     unless ``need_sums`` or training. None where it does not apply.
     """
@@ -530,13 +592,20 @@ def batch_norm_backward(dy, x, weight, bias, residual, mean, var, eps, training:
             # Σdz as the elementwise pass takes it, and the partials
             work = torch.empty(c + 2 * p * c, dtype=acc, device=device)
             sum_dz_k, part = work.split_with_sizes((c, 2 * p * c))
-            _launch_backward_partials(dy, x, g, plan, part, mean_k, invstd, weight, bias_k,
-                                      residual, act, hi, lo)
             sum_dz = torch.empty(c, dtype=acc, device=device)
             sum_dzx = torch.empty(c, dtype=acc, device=device)
-            grid, tile = merge_launch(c, p)
-            launch(_reduce.sum_partials_centred, grid,
-                   part, shift, sum_dz, sum_dzx, sum_dz_k, p, c, p * c, **tile)
+            sums = (shift, sum_dz, sum_dzx, sum_dz_k)
+            merge_p = plan["merge_p"]
+            counters = _merge_counters(x, plan["ncb"] if g.cl else c) if merge_p else None
+            if counters is not None:
+                _launch_backward_partials(dy, x, g, plan, part, mean_k, invstd, weight,
+                                          bias_k, residual, act, hi, lo, (counters, *sums),
+                                          merge_p)
+            else:
+                _launch_backward_partials(dy, x, g, plan, part, mean_k, invstd, weight,
+                                          bias_k, residual, act, hi, lo)
+                grid, tile = merge_launch(c, p)
+                launch(_reduce.sum_partials_centred, grid, part, *sums, p, c, p * c, **tile)
         if need_dx:
             dx = torch.empty_like(x)
             if want_dresidual:

@@ -4,7 +4,7 @@ Triton's ``JITFunction.run`` binds the arguments, specializes each one, builds a
 and looks the compiled kernel up on every launch: about 13.5 µs of Python a launch on the
 2-core CPU machine (Triton 3.9, measured through a stand-in CUDA driver whose launcher does
 nothing), against 0.6 µs for handing the compiled kernel's launcher its arguments. A
-small batch norm's step is six launches, and on small inputs the host time is the step.
+small batch norm's step is four to six launches, and on small inputs the host time is the step.
 
 :func:`launch` keys each kernel's compiled form on what Triton specializes a runtime
 argument on (a tensor's dtype and 16-byte alignment; an integer's equality to 1,

@@ -74,6 +74,12 @@ CONFIG = {
     "merge_block_p": 64,
     "merge_block_c": 32,
     "merge_warps": 8,
+    # A training step's reductions merge in their stage-1 launch (the last program of a
+    # channel block merges the block's partials: two launches a step fewer, which is host
+    # time on small inputs) where a block has at most this many partial values (P times
+    # the block's channels: the last program walks them alone, in [merge tile]-sized
+    # steps, while a separate merge spreads them over narrower blocks); 0: never.
+    "fused_merge_max": 16384,
 }
 
 
@@ -160,7 +166,7 @@ def _memoized(fn):
 @_memoized
 def reduce_plan(g: Geometry, device: torch.device, cfg: dict) -> dict:
     """Stage 1 of a reduction: the tile, and the split of each channel's values over P
-    programs (``[P, C]`` partials)."""
+    programs (``[P, C]`` partials); ``merge_p``: see :func:`fused_merge_p`."""
     tile = cfg["reduce_tile"]
     target = cfg["programs_per_sm"] * sm_count(device)
     common = dict(warps=cfg["reduce_warps"], stages=cfg["reduce_stages"])
@@ -177,7 +183,8 @@ def reduce_plan(g: Geometry, device: torch.device, cfg: dict) -> dict:
         # the last program's end p·rows, and its loop's last increment past it
         i64 = p * rows + step > _I32_MAX
         return dict(P=p, grid=(p * ncb,), rows=rows, ncb=ncb, shift_stride=1,
-                    BLOCK_M=block_m, BLOCK_C=block_c, unroll=unroll, I64=i64, **common)
+                    BLOCK_M=block_m, BLOCK_C=block_c, unroll=unroll, I64=i64,
+                    merge_p=fused_merge_p(True, p, block_c, common["warps"], cfg), **common)
     n, c, length = g.n, g.c, g.l
     block_l = min(np2(length), tile)
     block_n = min(max(tile // block_l, 1), np2(n))
@@ -191,7 +198,8 @@ def reduce_plan(g: Geometry, device: torch.device, cfg: dict) -> dict:
     # the last programs' ends and their loops' last increments; a program's count
     i64 = max(p_n * rows + block_n, p_l * cols + block_l, rows * cols) > _I32_MAX
     return dict(P=p_n * p_l, grid=(p_n * p_l * c,), rows=rows, cols=cols, p_l=p_l,
-                shift_stride=length, BLOCK_N=block_n, BLOCK_L=block_l, I64=i64, **common)
+                shift_stride=length, BLOCK_N=block_n, BLOCK_L=block_l, I64=i64,
+                merge_p=fused_merge_p(False, p_n * p_l, 1, common["warps"], cfg), **common)
 
 
 @_memoized
@@ -220,6 +228,19 @@ def merge_launch(c: int, p: int) -> tuple[tuple[int], dict]:
     ``p`` partials of ``c`` channels, from CONFIG's merge keys."""
     return _merge_launch(c, p, CONFIG["merge_block_p"], CONFIG["merge_block_c"],
                          CONFIG["merge_warps"])
+
+
+def fused_merge_p(cl: bool, p: int, block_c: int, warps: int, cfg: dict = CONFIG) -> int:
+    """``MERGE_P`` (the merge tile's partials) where a stage-1 launch of ``p`` partials of
+    ``block_c`` channels a program (one over an (N, C, L) view) at ``warps`` warps should
+    merge its own partials (see CONFIG's fused_merge_max), else 0."""
+    block_c = block_c if cl else 1
+    if p * block_c > cfg["fused_merge_max"]:
+        return 0
+    # at most 8 values a thread in the stage-1 plan's warps (see merge_warps: 16 crash
+    # Triton 3.9's compiler for some channel counts)
+    tile = min(cfg["merge_block_p"] * cfg["merge_block_c"], 8 * 32 * warps)
+    return max(1, min(tile // block_c, np2(p)))
 
 
 @functools.lru_cache(maxsize=1024)

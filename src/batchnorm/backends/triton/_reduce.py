@@ -3,9 +3,11 @@
 Stage 1 splits the N·L values of every channel over many programs, each writing one
 partial result per channel into ``[P, C]`` buffers of the accumulation dtype (float32, or
 float64 for float64 inputs). Stage 2, a small kernel over channel blocks, merges the P
-partials of a channel in a fixed order. No atomics: the result depends only on the
-shapes and the launch configuration, never on scheduling, and nothing is synchronized
-with the host (the grids come from shapes alone).
+partials of a channel in a fixed order. The result depends only on the shapes and the
+launch configuration, never on scheduling, and nothing is synchronized with the host
+(the grids come from shapes alone). The ``*_fused_*`` kernels do both in one launch: the
+last stage-1 program of a channel block, known by an atomic ticket (the only atomic),
+merges the block's partials as stage 2 would, in the same fixed order.
 
 Kernel views (see ``portable.py``):
 * ``(N, C, L)``: a program owns one channel ``c`` and a rectangle of rows ``n`` and
@@ -199,6 +201,15 @@ def _store_stats_partial(part_ptr, PC, out, n, mean_d, m2, mask):
 def stats_partial_ncl(x_ptr, part_ptr, N, C, L, ROWS, COLS, P_L, PC,
                       BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, STAGES: tl.constexpr,
                       I64: tl.constexpr):
+    _stats_partial_ncl(x_ptr, part_ptr, N, C, L, ROWS, COLS, P_L, PC, BLOCK_N, BLOCK_L,
+                       STAGES, I64)
+
+
+@triton.jit
+def _stats_partial_ncl(x_ptr, part_ptr, N, C, L, ROWS, COLS, P_L, PC,
+                       BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, STAGES: tl.constexpr,
+                       I64: tl.constexpr):
+    """A stage-1 program of an ``(N, C, L)`` view: its partial stored; returns its channel."""
     c, p, n0, n_end, l0, l_end = _rect_ncl(tl.program_id(0), N, C, L, ROWS, COLS, P_L, I64)
     acc_ty = part_ptr.dtype.element_ty
     ref = _reference(tl.load(x_ptr + c.to(tl.int64) * L).to(tl.float64))
@@ -224,6 +235,7 @@ def stats_partial_ncl(x_ptr, part_ptr, N, C, L, ROWS, COLS, P_L, PC,
     n = ((n_end - n0) * (l_end - l0)).to(acc_ty)
     mean_d, m2 = _merge_lanes(s, q, lane_shift, k, ref, n, True)
     _store_stats_partial(part_ptr, PC, p * C + c, n, mean_d, m2, True)
+    return c
 
 
 @triton.jit
@@ -238,6 +250,16 @@ def _tile_mc(x_ptr, rows, cols, cmask, M, C):
 def stats_partial_mc(x_ptr, part_ptr, M, C, ROWS, NCB, PC,
                      BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr,
                      UNROLL: tl.constexpr, I64: tl.constexpr):
+    _stats_partial_mc(x_ptr, part_ptr, M, C, ROWS, NCB, PC, BLOCK_M, BLOCK_C, STAGES, UNROLL,
+                      I64)
+
+
+@triton.jit
+def _stats_partial_mc(x_ptr, part_ptr, M, C, ROWS, NCB, PC,
+                      BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr,
+                      UNROLL: tl.constexpr, I64: tl.constexpr):
+    """A stage-1 program of an ``(M, C)`` view: its partials stored; returns its channel
+    block."""
     cb, p, m0, m_end = _rows_mc(tl.program_id(0), M, ROWS, NCB, I64)
     acc_ty = part_ptr.dtype.element_ty
     cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -266,6 +288,7 @@ def stats_partial_mc(x_ptr, part_ptr, M, C, ROWS, NCB, PC,
     mean_d, m2 = _merge_lanes(s, q, lane_shift, k, ref, n, False)
     _store_stats_partial(part_ptr, PC, p * C + cols, tl.zeros([BLOCK_C], acc_ty) + n,
                          mean_d, m2, cmask)
+    return cb
 
 
 # --------------------------------------------------------------------------------------
@@ -274,7 +297,7 @@ def stats_partial_mc(x_ptr, part_ptr, M, C, ROWS, NCB, PC,
 
 @triton.jit
 def _merge(x_ptr, part_ptr, P, C, SHIFT_STRIDE, PC, cols, cmask, mean_ty: tl.constexpr,
-           BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+           BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, CACHE: tl.constexpr):
     """Chan's G-way merge of the P partials of the channels ``cols`` in float64, then the
     reference added back: ``(mean in mean_ty, m2 in the acc dtype)``.
 
@@ -286,14 +309,16 @@ def _merge(x_ptr, part_ptr, P, C, SHIFT_STRIDE, PC, cols, cmask, mean_ty: tl.con
     tot = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float64)
     wsum = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float64)
     for p0 in range(0, P, BLOCK_P):
-        n, mu, _, _ = _load_stats_partials(part_ptr, PC, p0 + rp, P, C, cols, cmask, False)
+        n, mu, _, _ = _load_stats_partials(part_ptr, PC, p0 + rp, P, C, cols, cmask, False,
+                                           CACHE)
         tot += n
         wsum += n * mu
     total = tl.sum(tot, axis=0)
     mean_d = tl.sum(wsum, axis=0) / tl.where(total > 0, total, 1.0)
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float64)
     for p0 in range(0, P, BLOCK_P):
-        n, mu, m2, _ = _load_stats_partials(part_ptr, PC, p0 + rp, P, C, cols, cmask, True)
+        n, mu, m2, _ = _load_stats_partials(part_ptr, PC, p0 + rp, P, C, cols, cmask, True,
+                                            CACHE)
         dev = mu - mean_d[None, :]
         acc += m2 + n * dev * dev
     # The mean leaves in mean_ty (float64: see portable.mean_dtype): ref is a value of the
@@ -305,17 +330,21 @@ def _merge(x_ptr, part_ptr, P, C, SHIFT_STRIDE, PC, cols, cmask, mean_ty: tl.con
 
 
 @triton.jit
-def _load_stats_partials(part_ptr, PC, rows, P, C, cols, cmask, WITH_M2: tl.constexpr):
+def _load_stats_partials(part_ptr, PC, rows, P, C, cols, cmask, WITH_M2: tl.constexpr,
+                         CACHE: tl.constexpr):
     """Partials ``rows`` of the channels ``cols`` in float64: (count, mean_d, m2 or 0,
-    mask); 0 where masked."""
+    mask); 0 where masked. ``CACHE``: tl.load's cache modifier ("" or ".cg")."""
     mask = (rows < P)[:, None] & cmask[None, :]
     off = rows[:, None] * C + cols[None, :]
-    n = tl.load(part_ptr + off, mask=mask, other=0.0).to(tl.float64)
-    mu = (tl.load(part_ptr + PC + off, mask=mask, other=0.0).to(tl.float64)
-          + tl.load(part_ptr + 2 * PC + off, mask=mask, other=0.0).to(tl.float64))
+    n = tl.load(part_ptr + off, mask=mask, other=0.0, cache_modifier=CACHE).to(tl.float64)
+    mu = (tl.load(part_ptr + PC + off, mask=mask, other=0.0,
+                  cache_modifier=CACHE).to(tl.float64)
+          + tl.load(part_ptr + 2 * PC + off, mask=mask, other=0.0,
+                    cache_modifier=CACHE).to(tl.float64))
     m2 = 0.0
     if WITH_M2:
-        m2 = tl.load(part_ptr + 3 * PC + off, mask=mask, other=0.0).to(tl.float64)
+        m2 = tl.load(part_ptr + 3 * PC + off, mask=mask, other=0.0,
+                     cache_modifier=CACHE).to(tl.float64)
     return n, mu, m2, mask
 
 
@@ -326,7 +355,7 @@ def stats_merge(x_ptr, part_ptr, mean_ptr, m2_ptr, P, C, SHIFT_STRIDE, PC,
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     mean, m2 = _merge(x_ptr, part_ptr, P, C, SHIFT_STRIDE, PC, cols, cmask,
-                      mean_ptr.dtype.element_ty, BLOCK_P, BLOCK_C)
+                      mean_ptr.dtype.element_ty, BLOCK_P, BLOCK_C, "")
     tl.store(mean_ptr + cols, mean, mask=cmask)
     tl.store(m2_ptr + cols, m2, mask=cmask)
 
@@ -341,6 +370,19 @@ def backward_partial_ncl(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_pt
                          ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                          HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
                          STAGES: tl.constexpr, I64: tl.constexpr):
+    _backward_partial_ncl(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr,
+                          N, C, L, ROWS, COLS, P_L, PC, slope_hi, slope_lo, ACT, HAS_W, HAS_B,
+                          HAS_RES, BLOCK_N, BLOCK_L, STAGES, I64)
+
+
+@triton.jit
+def _backward_partial_ncl(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr,
+                          N, C, L, ROWS, COLS, P_L, PC, slope_hi, slope_lo,
+                          ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                          HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_L: tl.constexpr, STAGES: tl.constexpr, I64: tl.constexpr):
+    """A stage-1 program of the backward reduction of an ``(N, C, L)`` view: its partial
+    stored; returns its channel."""
     c, p, n0, n_end, l0, l_end = _rect_ncl(tl.program_id(0), N, C, L, ROWS, COLS, P_L, I64)
     psdz_ptr, psdzx_ptr = part_ptr, part_ptr + PC
     acc_ty = part_ptr.dtype.element_ty
@@ -377,6 +419,7 @@ def backward_partial_ncl(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_pt
     out = p * C + c
     tl.store(psdz_ptr + out, tl.sum(tl.sum(sdz, axis=1), axis=0))
     tl.store(psdzx_ptr + out, tl.sum(tl.sum(sdzx, axis=1), axis=0))
+    return c
 
 
 @triton.jit
@@ -398,6 +441,19 @@ def backward_partial_mc(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr
                         ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                         HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                         STAGES: tl.constexpr, UNROLL: tl.constexpr, I64: tl.constexpr):
+    _backward_partial_mc(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr,
+                         M, C, ROWS, NCB, PC, slope_hi, slope_lo, ACT, HAS_W, HAS_B, HAS_RES,
+                         BLOCK_M, BLOCK_C, STAGES, UNROLL, I64)
+
+
+@triton.jit
+def _backward_partial_mc(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr,
+                         M, C, ROWS, NCB, PC, slope_hi, slope_lo,
+                         ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                         HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                         STAGES: tl.constexpr, UNROLL: tl.constexpr, I64: tl.constexpr):
+    """A stage-1 program of the backward reduction of an ``(M, C)`` view: its partials
+    stored; returns its channel block."""
     cb, p, m0, m_end = _rows_mc(tl.program_id(0), M, ROWS, NCB, I64)
     psdz_ptr, psdzx_ptr = part_ptr, part_ptr + PC
     acc_ty = part_ptr.dtype.element_ty
@@ -434,11 +490,12 @@ def backward_partial_mc(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr
     out = p * C + cols
     tl.store(psdz_ptr + out, tl.sum(sdz, axis=0), mask=cmask)
     tl.store(psdzx_ptr + out, tl.sum(sdzx, axis=0), mask=cmask)
+    return cb
 
 
 @triton.jit
 def _column_sums(part_ptr, P, C, PC, cols, cmask, BLOCK_P: tl.constexpr,
-                 BLOCK_C: tl.constexpr):
+                 BLOCK_C: tl.constexpr, CACHE: tl.constexpr):
     """Sums over the P rows of the two ``[P, C]`` planes of ``part`` for the channels
     ``cols``, in a fixed order (deterministic)."""
     pa_ptr, pb_ptr = part_ptr, part_ptr + PC
@@ -450,8 +507,8 @@ def _column_sums(part_ptr, P, C, PC, cols, cmask, BLOCK_P: tl.constexpr,
         rows = p0 + rp
         mask = (rows < P)[:, None] & cmask[None, :]
         off = rows[:, None] * C + cols[None, :]
-        sa += tl.load(pa_ptr + off, mask=mask, other=0.0)
-        sb += tl.load(pb_ptr + off, mask=mask, other=0.0)
+        sa += tl.load(pa_ptr + off, mask=mask, other=0.0, cache_modifier=CACHE)
+        sb += tl.load(pb_ptr + off, mask=mask, other=0.0, cache_modifier=CACHE)
     return tl.sum(sa, axis=0), tl.sum(sb, axis=0)
 
 
@@ -461,7 +518,7 @@ def sum_partials(part_ptr, a_ptr, b_ptr, P, C, PC, BLOCK_P: tl.constexpr,
     """Column sums of the two ``[P, C]`` planes of ``part`` (:func:`_column_sums`)."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    sa, sb = _column_sums(part_ptr, P, C, PC, cols, cmask, BLOCK_P, BLOCK_C)
+    sa, sb = _column_sums(part_ptr, P, C, PC, cols, cmask, BLOCK_P, BLOCK_C, "")
     tl.store(a_ptr + cols, sa, mask=cmask)
     tl.store(b_ptr + cols, sb, mask=cmask)
 
@@ -485,11 +542,26 @@ def stats_finalize(x_ptr, part_ptr, mean_ptr, var_ptr, coef_ptr, w_ptr, b_ptr, r
     :func:`running_update`, with a fixed momentum (the cumulative average needs the
     incremented num_batches_tracked in every program: :func:`running_update` does it);
     program 0 increments num_batches_tracked, which no program reads."""
-    acc_ty = part_ptr.dtype.element_ty
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    _finalize(x_ptr, part_ptr, mean_ptr, var_ptr, coef_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr,
+              nbt_ptr, P, C, SHIFT_STRIDE, PC, count, eps_hi, eps_lo, bessel_hi, bessel_lo,
+              momentum_hi, momentum_lo, cols, tl.program_id(0) == 0, HAS_W, HAS_B, F64,
+              UPDATE, HAS_NBT, BLOCK_P, BLOCK_C, "")
+
+
+@triton.jit
+def _finalize(x_ptr, part_ptr, mean_ptr, var_ptr, coef_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr,
+              nbt_ptr, P, C, SHIFT_STRIDE, PC, count, eps_hi, eps_lo, bessel_hi, bessel_lo,
+              momentum_hi, momentum_lo, cols, count_batch, HAS_W: tl.constexpr,
+              HAS_B: tl.constexpr, F64: tl.constexpr, UPDATE: tl.constexpr,
+              HAS_NBT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+              CACHE: tl.constexpr):
+    """:func:`stats_finalize` for the channels ``cols``; ``count_batch``: this program
+    increments num_batches_tracked (one program of the launch)."""
+    acc_ty = part_ptr.dtype.element_ty
     cmask = cols < C
     mean, m2 = _merge(x_ptr, part_ptr, P, C, SHIFT_STRIDE, PC, cols, cmask,
-                      mean_ptr.dtype.element_ty, BLOCK_P, BLOCK_C)
+                      mean_ptr.dtype.element_ty, BLOCK_P, BLOCK_C, CACHE)
     count_f = tl.maximum(tl.zeros_like(m2) + count, 1.0)
     if F64:  # float64 division and square root are IEEE-rounded already
         var = m2 / count_f
@@ -501,7 +573,7 @@ def stats_finalize(x_ptr, part_ptr, mean_ptr, var_ptr, coef_ptr, w_ptr, b_ptr, r
                         acc_ty, HAS_W, HAS_B, F64)
     if UPDATE:
         if HAS_NBT:
-            if tl.program_id(0) == 0:
+            if count_batch:
                 tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
         factor = tl.zeros([BLOCK_C], dtype=tl.float64) + momentum_hi + momentum_lo
         bessel = tl.zeros([BLOCK_C], dtype=tl.float64) + bessel_hi + bessel_lo
@@ -575,8 +647,16 @@ def sum_partials_centred(part_ptr, shift_ptr, sdz_ptr, sdzx_ptr, sdz_k_ptr, P, C
     pass gets Σdz − shift·S in place of Σdz. No correction of S where Σdz is not finite
     (``ops.sum_dz_xhat_from_kernels``)."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    _sums_centred(part_ptr, shift_ptr, sdz_ptr, sdzx_ptr, sdz_k_ptr, P, C, PC, cols, BLOCK_P,
+                  BLOCK_C, "")
+
+
+@triton.jit
+def _sums_centred(part_ptr, shift_ptr, sdz_ptr, sdzx_ptr, sdz_k_ptr, P, C, PC, cols,
+                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, CACHE: tl.constexpr):
+    """:func:`sum_partials_centred` for the channels ``cols``."""
     cmask = cols < C
-    sdz, sdzx_k = _column_sums(part_ptr, P, C, PC, cols, cmask, BLOCK_P, BLOCK_C)
+    sdz, sdzx_k = _column_sums(part_ptr, P, C, PC, cols, cmask, BLOCK_P, BLOCK_C, CACHE)
     shift = tl.load(shift_ptr + cols, mask=cmask, other=0.0)
     s = sdzx_k - tl.where(sdz - sdz == 0, shift * sdz, 0.0)
     tl.store(sdz_ptr + cols, sdz, mask=cmask)
@@ -630,3 +710,101 @@ def running_update(rm_ptr, rv_ptr, nbt_ptr, mean_ptr, var_ptr, C, bessel_hi, bes
         mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
         var = tl.load(var_ptr + cols, mask=cmask, other=0.0)
         _running_step(rm_ptr, rv_ptr, cols, cmask, mean, var, factor, bessel)
+
+
+# --------------------------------------------------------------------------------------
+# Stage 1 and stage 2 in one launch: the last program of a channel block merges
+
+
+@triton.jit
+def _last_of_block(count_ptr, block, programs):
+    """Whether this program is the last of its block's ``programs`` stage-1 programs to
+    have stored its partials (then it merges them, and puts the block's counter back to 0
+    for the next launch on this stream).
+
+    The barrier makes every thread's stores precede the ticket, and the ticket is an
+    acquire-release atomic at GPU scope: the last program's later loads see every other
+    program's partials (they go through L2, ``CACHE=".cg"``: this SM's L1 may hold lines
+    of the buffer that an earlier merge on it read before they were written). The merge
+    itself walks the partials in a fixed order, whichever program comes last: the bits
+    depend on the plan alone, as with the separate launch."""
+    tl.debug_barrier()
+    ticket = tl.atomic_add(count_ptr + block, 1, sem="acq_rel", scope="gpu")
+    return ticket == programs - 1
+
+
+@triton.jit
+def stats_fused_ncl(x_ptr, part_ptr, count_ptr, mean_ptr, var_ptr, coef_ptr, w_ptr, b_ptr,
+                    rm_ptr, rv_ptr, nbt_ptr, N, C, L, ROWS, COLS, P_L, P, PC, count, eps_hi,
+                    eps_lo, bessel_hi, bessel_lo, momentum_hi, momentum_lo,
+                    BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, STAGES: tl.constexpr,
+                    I64: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                    F64: tl.constexpr, UPDATE: tl.constexpr, HAS_NBT: tl.constexpr,
+                    MERGE_P: tl.constexpr):
+    """:func:`stats_partial_ncl`, then :func:`stats_finalize` of its channel by the last
+    of the channel's P programs."""
+    c = _stats_partial_ncl(x_ptr, part_ptr, N, C, L, ROWS, COLS, P_L, PC, BLOCK_N, BLOCK_L,
+                           STAGES, I64)
+    if _last_of_block(count_ptr, c, P):
+        _finalize(x_ptr, part_ptr, mean_ptr, var_ptr, coef_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr,
+                  nbt_ptr, P, C, L, PC, count, eps_hi, eps_lo, bessel_hi, bessel_lo,
+                  momentum_hi, momentum_lo, c + tl.arange(0, 1), c == 0, HAS_W, HAS_B, F64,
+                  UPDATE, HAS_NBT, MERGE_P, 1, ".cg")
+        tl.store(count_ptr + c, 0)
+
+
+@triton.jit
+def stats_fused_mc(x_ptr, part_ptr, count_ptr, mean_ptr, var_ptr, coef_ptr, w_ptr, b_ptr,
+                   rm_ptr, rv_ptr, nbt_ptr, M, C, ROWS, NCB, P, PC, count, eps_hi, eps_lo,
+                   bessel_hi, bessel_lo, momentum_hi, momentum_lo,
+                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr,
+                   UNROLL: tl.constexpr, I64: tl.constexpr, HAS_W: tl.constexpr,
+                   HAS_B: tl.constexpr, F64: tl.constexpr, UPDATE: tl.constexpr,
+                   HAS_NBT: tl.constexpr, MERGE_P: tl.constexpr):
+    """:func:`stats_partial_mc`, then :func:`stats_finalize` of its channel block by the
+    last of the block's P programs."""
+    cb = _stats_partial_mc(x_ptr, part_ptr, M, C, ROWS, NCB, PC, BLOCK_M, BLOCK_C, STAGES,
+                           UNROLL, I64)
+    if _last_of_block(count_ptr, cb, P):
+        _finalize(x_ptr, part_ptr, mean_ptr, var_ptr, coef_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr,
+                  nbt_ptr, P, C, 1, PC, count, eps_hi, eps_lo, bessel_hi, bessel_lo,
+                  momentum_hi, momentum_lo, cb * BLOCK_C + tl.arange(0, BLOCK_C), cb == 0,
+                  HAS_W, HAS_B, F64, UPDATE, HAS_NBT, MERGE_P, BLOCK_C, ".cg")
+        tl.store(count_ptr + cb, 0)
+
+
+@triton.jit
+def backward_fused_ncl(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr,
+                       count_ptr, shift_ptr, sdz_ptr, sdzx_ptr, sdz_k_ptr, N, C, L, ROWS, COLS,
+                       P_L, P, PC, slope_hi, slope_lo,
+                       ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                       HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+                       STAGES: tl.constexpr, I64: tl.constexpr, MERGE_P: tl.constexpr):
+    """:func:`backward_partial_ncl`, then :func:`sum_partials_centred` of its channel by
+    the last of the channel's P programs."""
+    c = _backward_partial_ncl(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr,
+                              part_ptr, N, C, L, ROWS, COLS, P_L, PC, slope_hi, slope_lo, ACT,
+                              HAS_W, HAS_B, HAS_RES, BLOCK_N, BLOCK_L, STAGES, I64)
+    if _last_of_block(count_ptr, c, P):
+        _sums_centred(part_ptr, shift_ptr, sdz_ptr, sdzx_ptr, sdz_k_ptr, P, C, PC,
+                      c + tl.arange(0, 1), MERGE_P, 1, ".cg")
+        tl.store(count_ptr + c, 0)
+
+
+@triton.jit
+def backward_fused_mc(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr,
+                      count_ptr, shift_ptr, sdz_ptr, sdzx_ptr, sdz_k_ptr, M, C, ROWS, NCB, P,
+                      PC, slope_hi, slope_lo,
+                      ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                      HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                      STAGES: tl.constexpr, UNROLL: tl.constexpr, I64: tl.constexpr,
+                      MERGE_P: tl.constexpr):
+    """:func:`backward_partial_mc`, then :func:`sum_partials_centred` of its channel block
+    by the last of the block's P programs."""
+    cb = _backward_partial_mc(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr,
+                              part_ptr, M, C, ROWS, NCB, PC, slope_hi, slope_lo, ACT, HAS_W,
+                              HAS_B, HAS_RES, BLOCK_M, BLOCK_C, STAGES, UNROLL, I64)
+    if _last_of_block(count_ptr, cb, P):
+        _sums_centred(part_ptr, shift_ptr, sdz_ptr, sdzx_ptr, sdz_k_ptr, P, C, PC,
+                      cb * BLOCK_C + tl.arange(0, BLOCK_C), MERGE_P, BLOCK_C, ".cg")
+        tl.store(count_ptr + cb, 0)
