@@ -1,7 +1,7 @@
 """Compile the triton backend's kernels for a GPU, without a GPU, and show what they became.
 
     PYTHONPATH=src python benchmarks/triton_compile_check.py [--arch 90] [--rows all|NAME...]
-        [--candidates]
+        [--candidates] [--dump-ptx DIR]
 
 For each row of issue 4 (and a few extra kernel views) it runs the real launchers on
 unallocated CPU tensors with the launch intercepted, rebuilds each launch's specialization
@@ -164,6 +164,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--rows", nargs="*", default=["all"])
     ap.add_argument("--act", default="relu")
+    ap.add_argument("--dump-ptx", metavar="DIR", help="write each kernel's PTX there")
     ap.add_argument("--candidates", action="store_true",
                     help="every autotuner candidate plan, not only the defaults")
     args = ap.parse_args(argv)
@@ -199,6 +200,11 @@ def main(argv=None) -> int:
                     resources = _resources(k.asm['cubin'])
                     spills += not re.search(r"stack 0 .*local 0", resources)
                     ptx = k.asm["ptx"]
+                    if args.dump_ptx:
+                        os.makedirs(args.dump_ptx, exist_ok=True)
+                        with open(os.path.join(args.dump_ptx, f"{name}-{phase}-"
+                                  f"{kernel.fn.__name__}.ptx".replace(" ", "_")), "w") as f:
+                            f.write(ptx)
                     mem = collections.Counter(re.findall(r"(?:ld|st)\.global[\.\w]*", ptx))
                     mem = " ".join(f"{op.replace('.global', '')}x{n}" for op, n in sorted(mem.items()))
                     print(f"  {phase:21s} {kernel.fn.__name__:20s} grid {grid[0]:>7} "
