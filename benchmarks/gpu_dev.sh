@@ -23,7 +23,7 @@ source benchmarks/gpu_common.sh
 # Where an eager step's host time goes (the 2026-11-27 steps were host-bound on every row:
 # 1.3-1.7 ms of host time a step); then the same with the reductions' merges launched
 # apart (6 launches a step instead of 4), and the table's BN+ReLU rows both ways.
-stage host_parts "$(limit 40)" $PY benchmarks/gpu_host_profile.py --parts --steps 300
+stage host_parts "$(limit 60)" $PY benchmarks/gpu_host_profile.py --parts --steps 300
 BATCHNORM_TRITON_CONFIG="fused_merge_max=0" stage host_parts_apart "$(limit 40)" \
     $PY benchmarks/gpu_host_profile.py --parts --steps 300
 stage fused_merge_ab "$(limit 150)" $PY benchmarks/fused_merge_ab.py --budget 100 \

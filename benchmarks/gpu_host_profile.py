@@ -13,7 +13,8 @@ of any Python autograd node, whose backward the engine runs on its CUDA thread),
 torch's BN+ReLU step; then a step split at its backward call, the step with the
 autograd engine on one thread and with the garbage collector off, a bare node that
 launches six kernels, and one launch with none of our Python (Triton's compiled launcher)
-against one torch kernel.
+against one torch kernel; last, steps with the autograd engine's threads and without
+(the calling thread runs the backward), to tell which hand-over costs.
 """
 
 from __future__ import annotations
@@ -184,6 +185,89 @@ def _step_split(ours, theirs, x, dy, steps: int) -> None:
         _launch_floor(steps)
     except Exception as e:  # noqa: BLE001  (a diagnostic: the lines above stand)
         print(f"launch floor: {type(e).__name__}: {e}")
+    _threads(ours, theirs, x, dy, steps)
+
+
+class StashingFunction(BareFunction):
+    """:class:`BareFunction` whose backward keeps its results in :data:`STASH` as well,
+    emptied by the calling thread before the next step: none of the tensors it made in
+    Python (each with a Python object) dies on the autograd engine's CUDA thread, which
+    would take the GIL there to free it."""
+
+    @staticmethod
+    def backward(ctx, dy):
+        grads = BareFunction.backward(ctx, dy)
+        STASH.extend(grads)
+        return grads
+
+
+STASH: list = []
+
+
+def _threads(ours, theirs, x, dy, steps: int) -> None:
+    """Whether the hand-overs between the calling thread and the autograd engine's CUDA
+    thread make a step slow (2026-12-04, H200: ours 863 µs a step, 341 with the engine on
+    the calling thread): medians of steps run back to back, with the engine's threads and
+    without (torch's step too); after a 1 ms busy wait before each step (the CUDA thread
+    done with the last one); with the parameters' gradients set to None before each step
+    (autograd then keeps ours instead of adding them in and freeing them on its thread);
+    and a bare node whose results are freed by the calling thread (:class:`StashingFunction`)
+    against one whose results may die on the CUDA thread."""
+
+    def median_us(step, pause=0.0, split=False):
+        for _ in range(20):
+            step()
+        torch.cuda.synchronize()
+        whole, forward = [], []
+        for _ in range(steps):
+            if pause:
+                t = time.perf_counter()
+                while time.perf_counter() - t < pause:
+                    pass
+            t0 = time.perf_counter()
+            if split:
+                y = ours(x)
+                forward.append(time.perf_counter() - t0)
+                y.backward(dy)
+            else:
+                step()
+            whole.append(time.perf_counter() - t0)
+        torch.cuda.synchronize()
+        med = (sorted(whole)[len(whole) // 2] * 1e6,)
+        return med + ((sorted(forward)[len(forward) // 2] * 1e6,) if split else ())
+
+    def fresh_grads(module):
+        def step():
+            module.zero_grad(set_to_none=True)
+            x.grad = None
+            module(x).backward(dy)
+        return step
+
+    def stash_step():
+        STASH.clear()
+        StashingFunction.apply(x, ours.weight, ours.bias).backward(dy)
+
+    bare = lambda: BareFunction.apply(x, ours.weight, ours.bias).backward(dy)
+    rows = {
+        "torch step": lambda: median_us(_step_fn(theirs, x, dy)),
+        "ours step": lambda: median_us(_step_fn(ours, x, dy)),
+        "ours after 1 ms wait": lambda: median_us(_step_fn(ours, x, dy), pause=1e-3),
+        "ours (step, forward)": lambda: median_us(_step_fn(ours, x, dy), split=True),
+        "ours (step, fwd) after wait": lambda: median_us(_step_fn(ours, x, dy), pause=1e-3,
+                                                         split=True),
+        "ours, grads set to None": lambda: median_us(fresh_grads(ours)),
+        "torch, grads set to None": lambda: median_us(fresh_grads(theirs)),
+        "bare node": lambda: median_us(bare),
+        "bare node, results stashed": lambda: median_us(stash_step),
+    }
+    print(f"{'threads (medians, µs)':30s} {'engine threads':>16s} {'one thread':>16s}")
+    for name, measure in rows.items():
+        with torch.autograd.set_multithreading_enabled(True):
+            multi = measure()
+        with torch.autograd.set_multithreading_enabled(False):
+            single = measure()
+        print(f"{name:30s} {' '.join(f'{v:7.1f}' for v in multi):>16s} "
+              f"{' '.join(f'{v:7.1f}' for v in single):>16s}", flush=True)
 
 
 def _launch_floor(steps: int) -> None:
