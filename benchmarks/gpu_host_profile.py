@@ -201,6 +201,17 @@ class StashingFunction(BareFunction):
         return grads
 
 
+class NodeKeepingFunction(BareFunction):
+    """:class:`BareFunction` whose node (ctx) the calling thread keeps until the next step:
+    the engine's CUDA thread then never frees it (a Python node's destructor takes the
+    GIL), should it hold the last reference after the backward returns."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        STASH.append(ctx)
+        return BareFunction.forward(ctx, x, weight, bias)
+
+
 STASH: list = []
 
 
@@ -212,7 +223,8 @@ def _threads(ours, theirs, x, dy, steps: int) -> None:
     done with the last one); with the parameters' gradients set to None before each step
     (autograd then keeps ours instead of adding them in and freeing them on its thread);
     and a bare node whose results are freed by the calling thread (:class:`StashingFunction`)
-    against one whose results may die on the CUDA thread."""
+    or whose node it keeps (:class:`NodeKeepingFunction`) against one whose results and
+    node may die on the CUDA thread."""
 
     def median_us(step, pause=0.0, split=False):
         for _ in range(20):
@@ -243,9 +255,11 @@ def _threads(ours, theirs, x, dy, steps: int) -> None:
             module(x).backward(dy)
         return step
 
-    def stash_step():
-        STASH.clear()
-        StashingFunction.apply(x, ours.weight, ours.bias).backward(dy)
+    def stash_step(function):
+        def step():
+            STASH.clear()
+            function.apply(x, ours.weight, ours.bias).backward(dy)
+        return step
 
     bare = lambda: BareFunction.apply(x, ours.weight, ours.bias).backward(dy)
     rows = {
@@ -258,7 +272,8 @@ def _threads(ours, theirs, x, dy, steps: int) -> None:
         "ours, grads set to None": lambda: median_us(fresh_grads(ours)),
         "torch, grads set to None": lambda: median_us(fresh_grads(theirs)),
         "bare node": lambda: median_us(bare),
-        "bare node, results stashed": lambda: median_us(stash_step),
+        "bare node, results stashed": lambda: median_us(stash_step(StashingFunction)),
+        "bare node, node kept": lambda: median_us(stash_step(NodeKeepingFunction)),
     }
     print(f"{'threads (medians, µs)':30s} {'engine threads':>16s} {'one thread':>16s}")
     for name, measure in rows.items():
