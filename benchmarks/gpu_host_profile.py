@@ -220,13 +220,14 @@ def _threads(ours, theirs, x, dy, steps: int) -> None:
     thread make a step slow (2026-12-04, H200: ours 863 µs a step, 341 with the engine on
     the calling thread): medians of steps run back to back, with the engine's threads and
     without (torch's step too); after a 1 ms busy wait before each step (the CUDA thread
-    done with the last one); with the parameters' gradients set to None before each step
+    done with the last one, this core kept busy) and after a 1 ms sleep (done with it,
+    this core idle: a slow forward then points at the core, not the other thread); with the parameters' gradients set to None before each step
     (autograd then keeps ours instead of adding them in and freeing them on its thread);
     and a bare node whose results are freed by the calling thread (:class:`StashingFunction`)
     or whose node it keeps (:class:`NodeKeepingFunction`) against one whose results and
     node may die on the CUDA thread."""
 
-    def median_us(step, pause=0.0, split=False):
+    def median_us(step, pause=0.0, split=False, sleep=0.0):
         for _ in range(20):
             step()
         torch.cuda.synchronize()
@@ -236,6 +237,8 @@ def _threads(ours, theirs, x, dy, steps: int) -> None:
                 t = time.perf_counter()
                 while time.perf_counter() - t < pause:
                     pass
+            if sleep:
+                time.sleep(sleep)
             t0 = time.perf_counter()
             if split:
                 y = ours(x)
@@ -269,6 +272,8 @@ def _threads(ours, theirs, x, dy, steps: int) -> None:
         "ours (step, forward)": lambda: median_us(_step_fn(ours, x, dy), split=True),
         "ours (step, fwd) after wait": lambda: median_us(_step_fn(ours, x, dy), pause=1e-3,
                                                          split=True),
+        "ours (step, fwd) after sleep": lambda: median_us(_step_fn(ours, x, dy), sleep=1e-3,
+                                                          split=True),
         "ours, grads set to None": lambda: median_us(fresh_grads(ours)),
         "torch, grads set to None": lambda: median_us(fresh_grads(theirs)),
         "bare node": lambda: median_us(bare),
