@@ -460,6 +460,26 @@ def test_fused_merges(shape, channels_last, dtype, monkeypatch):
                                    atol=1e-5 if dtype == torch.float32 else 1e-12)
 
 
+def test_a_failed_fused_launch_leaves_no_ticket(monkeypatch):
+    """A fused launch that raises part way leaves every counter at 0, so the next step's
+    merges run when they should. Under the interpreter the programs run one by one: here
+    the last program's merge fails (a merge tile of 3 partials, no power of two) after
+    every program took its ticket; on a GPU the launch fails to compile, before any."""
+    import batchnorm
+
+    x = _data((4, 3, 50), torch.float32)
+    monkeypatch.setitem(tb.CONFIG, "fused_merge_max", 1 << 30)
+    monkeypatch.setitem(tb.CONFIG, "merge_block_p", 3)
+    monkeypatch.setitem(tb.CONFIG, "merge_block_c", 1)
+    with backends.using("triton"), pytest.raises(Exception):  # noqa: B017 (Triton's own)
+        batchnorm.BatchNorm1d(3).to(DEVICE)(x)
+    assert all(int(t.abs().sum()) == 0 for t in tb._COUNTERS.values())
+    monkeypatch.setitem(tb.CONFIG, "merge_block_p", 4)
+    with backends.using("triton"):
+        y = batchnorm.BatchNorm1d(3).to(DEVICE)(x)
+    assert_close(y, torch.nn.BatchNorm1d(3).to(DEVICE)(x), scale=2)
+
+
 def test_fused_merge_bounds(monkeypatch):
     """The last program merges alone: only blocks of at most fused_merge_max partial
     values; its tile keeps 8 values a thread in the stage-1 plan's warps; the plans carry

@@ -28,7 +28,8 @@ accepts CPU tensors, for tests.
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+import threading
+from contextlib import nullcontext, suppress
 
 import torch
 import triton  # noqa: F401  (ImportError here marks the backend unavailable)
@@ -271,7 +272,8 @@ def _launch_backward_elementwise(dy, x, g, dx, dres, mean_k, invstd, weight, bia
 
 # The fused reductions' tickets: one int32 counter per channel block, 0 between launches
 # (the last program of a block puts it back), one buffer per device and stream, since
-# launches on one stream run one after the other.
+# launches on one stream run one after the other (under the interpreter a launch runs on
+# the calling thread: one buffer per thread).
 _COUNTERS: dict = {}
 
 
@@ -285,7 +287,7 @@ def _merge_counters(x: Tensor, blocks: int) -> Tensor | None:
         index = x.get_device()
         key = (index, torch._C._cuda_getCurrentRawStream(index))
     else:
-        key = x.device.type
+        key = x.device.type, threading.get_ident()
     counters = _COUNTERS.get(key)
     if counters is None or counters.numel() < blocks:
         if len(_COUNTERS) > 64:
@@ -293,6 +295,15 @@ def _merge_counters(x: Tensor, blocks: int) -> Tensor | None:
         counters = _COUNTERS[key] = torch.zeros(max(blocks, 1024), dtype=torch.int32,
                                                 device=x.device)
     return counters
+
+
+def _reset_counters(counters: Tensor) -> None:
+    """After a fused launch that raised: the interpreter runs the programs one by one, so
+    an exception (a KeyboardInterrupt, say) may come after some took their tickets, and a
+    counter left above 0 would make a later launch's merge run early, or never, without
+    an error. (On a GPU a launch that fails runs no program; zeroing is harmless.)"""
+    with suppress(Exception):
+        counters.zero_()
 
 
 def _launch_prepare(mean, var, weight, bias, out, c, eps, copies=None) -> None:
@@ -512,8 +523,12 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
             flags = {"HAS_W": weight is not None, "HAS_B": bias is not None,
                      "F64": acc == torch.float64, "UPDATE": updated, "HAS_NBT": nbt is not None}
             if counters is not None:
-                _launch_stats_fused(x, g, plan, part, counters, finalize_args, count, eps_hi,
-                                    eps_lo, b_hi, b_lo, m_hi, m_lo, flags, merge_p)
+                try:
+                    _launch_stats_fused(x, g, plan, part, counters, finalize_args, count,
+                                        eps_hi, eps_lo, b_hi, b_lo, m_hi, m_lo, flags, merge_p)
+                except BaseException:
+                    _reset_counters(counters)
+                    raise
             else:
                 grid, tile = merge_launch(c, p)
                 launch(_reduce.stats_finalize, grid, x, part, *finalize_args, p, c,
@@ -598,9 +613,13 @@ def batch_norm_backward(dy, x, weight, bias, residual, mean, var, eps, training:
             merge_p = plan["merge_p"]
             counters = _merge_counters(x, plan["ncb"] if g.cl else c) if merge_p else None
             if counters is not None:
-                _launch_backward_partials(dy, x, g, plan, part, mean_k, invstd, weight,
-                                          bias_k, residual, act, hi, lo, (counters, *sums),
-                                          merge_p)
+                try:
+                    _launch_backward_partials(dy, x, g, plan, part, mean_k, invstd, weight,
+                                              bias_k, residual, act, hi, lo,
+                                              (counters, *sums), merge_p)
+                except BaseException:
+                    _reset_counters(counters)
+                    raise
             else:
                 _launch_backward_partials(dy, x, g, plan, part, mean_k, invstd, weight,
                                           bias_k, residual, act, hi, lo)
