@@ -201,15 +201,6 @@ def _store_stats_partial(part_ptr, PC, out, n, mean_d, m2, mask):
 def stats_partial_ncl(x_ptr, part_ptr, N, C, L, ROWS, COLS, P_L, PC,
                       BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, STAGES: tl.constexpr,
                       I64: tl.constexpr):
-    _stats_partial_ncl(x_ptr, part_ptr, N, C, L, ROWS, COLS, P_L, PC, BLOCK_N, BLOCK_L,
-                       STAGES, I64)
-
-
-@triton.jit
-def _stats_partial_ncl(x_ptr, part_ptr, N, C, L, ROWS, COLS, P_L, PC,
-                       BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, STAGES: tl.constexpr,
-                       I64: tl.constexpr):
-    """A stage-1 program of an ``(N, C, L)`` view: its partial stored; returns its channel."""
     c, p, n0, n_end, l0, l_end = _rect_ncl(tl.program_id(0), N, C, L, ROWS, COLS, P_L, I64)
     acc_ty = part_ptr.dtype.element_ty
     ref = _reference(tl.load(x_ptr + c.to(tl.int64) * L).to(tl.float64))
@@ -235,7 +226,6 @@ def _stats_partial_ncl(x_ptr, part_ptr, N, C, L, ROWS, COLS, P_L, PC,
     n = ((n_end - n0) * (l_end - l0)).to(acc_ty)
     mean_d, m2 = _merge_lanes(s, q, lane_shift, k, ref, n, True)
     _store_stats_partial(part_ptr, PC, p * C + c, n, mean_d, m2, True)
-    return c
 
 
 @triton.jit
@@ -250,16 +240,6 @@ def _tile_mc(x_ptr, rows, cols, cmask, M, C):
 def stats_partial_mc(x_ptr, part_ptr, M, C, ROWS, NCB, PC,
                      BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr,
                      UNROLL: tl.constexpr, I64: tl.constexpr):
-    _stats_partial_mc(x_ptr, part_ptr, M, C, ROWS, NCB, PC, BLOCK_M, BLOCK_C, STAGES, UNROLL,
-                      I64)
-
-
-@triton.jit
-def _stats_partial_mc(x_ptr, part_ptr, M, C, ROWS, NCB, PC,
-                      BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr,
-                      UNROLL: tl.constexpr, I64: tl.constexpr):
-    """A stage-1 program of an ``(M, C)`` view: its partials stored; returns its channel
-    block."""
     cb, p, m0, m_end = _rows_mc(tl.program_id(0), M, ROWS, NCB, I64)
     acc_ty = part_ptr.dtype.element_ty
     cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -288,7 +268,6 @@ def _stats_partial_mc(x_ptr, part_ptr, M, C, ROWS, NCB, PC,
     mean_d, m2 = _merge_lanes(s, q, lane_shift, k, ref, n, False)
     _store_stats_partial(part_ptr, PC, p * C + cols, tl.zeros([BLOCK_C], acc_ty) + n,
                          mean_d, m2, cmask)
-    return cb
 
 
 # --------------------------------------------------------------------------------------
@@ -370,19 +349,6 @@ def backward_partial_ncl(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_pt
                          ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                          HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
                          STAGES: tl.constexpr, I64: tl.constexpr):
-    _backward_partial_ncl(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr,
-                          N, C, L, ROWS, COLS, P_L, PC, slope_hi, slope_lo, ACT, HAS_W, HAS_B,
-                          HAS_RES, BLOCK_N, BLOCK_L, STAGES, I64)
-
-
-@triton.jit
-def _backward_partial_ncl(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr,
-                          N, C, L, ROWS, COLS, P_L, PC, slope_hi, slope_lo,
-                          ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                          HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_L: tl.constexpr, STAGES: tl.constexpr, I64: tl.constexpr):
-    """A stage-1 program of the backward reduction of an ``(N, C, L)`` view: its partial
-    stored; returns its channel."""
     c, p, n0, n_end, l0, l_end = _rect_ncl(tl.program_id(0), N, C, L, ROWS, COLS, P_L, I64)
     psdz_ptr, psdzx_ptr = part_ptr, part_ptr + PC
     acc_ty = part_ptr.dtype.element_ty
@@ -419,7 +385,6 @@ def _backward_partial_ncl(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_p
     out = p * C + c
     tl.store(psdz_ptr + out, tl.sum(tl.sum(sdz, axis=1), axis=0))
     tl.store(psdzx_ptr + out, tl.sum(tl.sum(sdzx, axis=1), axis=0))
-    return c
 
 
 @triton.jit
@@ -441,19 +406,6 @@ def backward_partial_mc(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr
                         ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                         HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                         STAGES: tl.constexpr, UNROLL: tl.constexpr, I64: tl.constexpr):
-    _backward_partial_mc(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr,
-                         M, C, ROWS, NCB, PC, slope_hi, slope_lo, ACT, HAS_W, HAS_B, HAS_RES,
-                         BLOCK_M, BLOCK_C, STAGES, UNROLL, I64)
-
-
-@triton.jit
-def _backward_partial_mc(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr,
-                         M, C, ROWS, NCB, PC, slope_hi, slope_lo,
-                         ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                         HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                         STAGES: tl.constexpr, UNROLL: tl.constexpr, I64: tl.constexpr):
-    """A stage-1 program of the backward reduction of an ``(M, C)`` view: its partials
-    stored; returns its channel block."""
     cb, p, m0, m_end = _rows_mc(tl.program_id(0), M, ROWS, NCB, I64)
     psdz_ptr, psdzx_ptr = part_ptr, part_ptr + PC
     acc_ty = part_ptr.dtype.element_ty
@@ -490,7 +442,6 @@ def _backward_partial_mc(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_pt
     out = p * C + cols
     tl.store(psdz_ptr + out, tl.sum(sdz, axis=0), mask=cmask)
     tl.store(psdzx_ptr + out, tl.sum(sdzx, axis=0), mask=cmask)
-    return cb
 
 
 @triton.jit
@@ -743,8 +694,9 @@ def stats_fused_ncl(x_ptr, part_ptr, count_ptr, mean_ptr, var_ptr, coef_ptr, w_p
                     MERGE_P: tl.constexpr):
     """:func:`stats_partial_ncl`, then :func:`stats_finalize` of its channel by the last
     of the channel's P programs."""
-    c = _stats_partial_ncl(x_ptr, part_ptr, N, C, L, ROWS, COLS, P_L, PC, BLOCK_N, BLOCK_L,
-                           STAGES, I64)
+    stats_partial_ncl(x_ptr, part_ptr, N, C, L, ROWS, COLS, P_L, PC, BLOCK_N, BLOCK_L,
+                      STAGES, I64)
+    c = tl.program_id(0) % C  # its channel (see _rect_ncl)
     if _last_of_block(count_ptr, c, P):
         _finalize(x_ptr, part_ptr, mean_ptr, var_ptr, coef_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr,
                   nbt_ptr, P, C, L, PC, count, eps_hi, eps_lo, bessel_hi, bessel_lo,
@@ -763,8 +715,9 @@ def stats_fused_mc(x_ptr, part_ptr, count_ptr, mean_ptr, var_ptr, coef_ptr, w_pt
                    HAS_NBT: tl.constexpr, MERGE_P: tl.constexpr):
     """:func:`stats_partial_mc`, then :func:`stats_finalize` of its channel block by the
     last of the block's P programs."""
-    cb = _stats_partial_mc(x_ptr, part_ptr, M, C, ROWS, NCB, PC, BLOCK_M, BLOCK_C, STAGES,
-                           UNROLL, I64)
+    stats_partial_mc(x_ptr, part_ptr, M, C, ROWS, NCB, PC, BLOCK_M, BLOCK_C, STAGES, UNROLL,
+                     I64)
+    cb = tl.program_id(0) % NCB  # its channel block (see _rows_mc)
     if _last_of_block(count_ptr, cb, P):
         _finalize(x_ptr, part_ptr, mean_ptr, var_ptr, coef_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr,
                   nbt_ptr, P, C, 1, PC, count, eps_hi, eps_lo, bessel_hi, bessel_lo,
@@ -782,9 +735,10 @@ def backward_fused_ncl(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr,
                        STAGES: tl.constexpr, I64: tl.constexpr, MERGE_P: tl.constexpr):
     """:func:`backward_partial_ncl`, then :func:`sum_partials_centred` of its channel by
     the last of the channel's P programs."""
-    c = _backward_partial_ncl(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr,
-                              part_ptr, N, C, L, ROWS, COLS, P_L, PC, slope_hi, slope_lo, ACT,
-                              HAS_W, HAS_B, HAS_RES, BLOCK_N, BLOCK_L, STAGES, I64)
+    backward_partial_ncl(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr,
+                         N, C, L, ROWS, COLS, P_L, PC, slope_hi, slope_lo, ACT, HAS_W, HAS_B,
+                         HAS_RES, BLOCK_N, BLOCK_L, STAGES, I64)
+    c = tl.program_id(0) % C
     if _last_of_block(count_ptr, c, P):
         _sums_centred(part_ptr, shift_ptr, sdz_ptr, sdzx_ptr, sdz_k_ptr, P, C, PC,
                       c + tl.arange(0, 1), MERGE_P, 1, ".cg")
@@ -801,9 +755,10 @@ def backward_fused_mc(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, 
                       MERGE_P: tl.constexpr):
     """:func:`backward_partial_mc`, then :func:`sum_partials_centred` of its channel block
     by the last of the block's P programs."""
-    cb = _backward_partial_mc(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr,
-                              part_ptr, M, C, ROWS, NCB, PC, slope_hi, slope_lo, ACT, HAS_W,
-                              HAS_B, HAS_RES, BLOCK_M, BLOCK_C, STAGES, UNROLL, I64)
+    backward_partial_mc(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr,
+                        M, C, ROWS, NCB, PC, slope_hi, slope_lo, ACT, HAS_W, HAS_B, HAS_RES,
+                        BLOCK_M, BLOCK_C, STAGES, UNROLL, I64)
+    cb = tl.program_id(0) % NCB
     if _last_of_block(count_ptr, cb, P):
         _sums_centred(part_ptr, shift_ptr, sdz_ptr, sdzx_ptr, sdz_k_ptr, P, C, PC,
                       cb * BLOCK_C + tl.arange(0, BLOCK_C), MERGE_P, BLOCK_C, ".cg")
