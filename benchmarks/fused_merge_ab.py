@@ -10,7 +10,10 @@ synchronized start, the variants in turn, medians), CONFIG's fused_merge_max set
 each call. Two launches a step fewer is host time; the last program's merge is device
 time at the end of stage 1, longer the more partial values a channel block holds (the
 last column: P times the block's channels, for the statistics' plan; a variant whose
-limit is below it launches the merges apart). Starts no row after ``--budget`` seconds.
+limit is below it launches the merges apart). Every variant runs with the plans the
+default tuned (the tuner times stage 1 with its merge apart, so its choice does not
+depend on the limit; left to itself each variant would tune its own, and timing noise
+would pick different tiles). Starts no row after ``--budget`` seconds.
 ``--device cpu``: a dry run of the script under TRITON_INTERPRET=1 (tiny cases patched in).
 """
 
@@ -24,6 +27,22 @@ import torch
 
 from batchnorm import backends, bench
 from batchnorm.backends.triton import CONFIG, _plans
+
+
+def _share_plans(values: list[int]) -> None:
+    """The plans tuned under the default CONFIG, for the other fused_merge_max values too
+    (each its own ``merge_p``)."""
+    default = dict(_plans.CONFIG)
+    for key, plan in list(_plans.CHOSEN.items()):
+        if key[-1] != tuple(default.values()):
+            continue
+        for value in values:
+            cfg = {**default, "fused_merge_max": value}
+            shared = plan
+            if "merge_p" in plan:
+                shared = {**plan, "merge_p": _plans.fused_merge_p(
+                    key[1].cl, plan["P"], plan.get("BLOCK_C", 1), plan["warps"], cfg)}
+            _plans.CHOSEN[(*key[:-1], tuple(cfg.values()))] = shared
 
 
 def main(argv=None) -> int:
@@ -57,6 +76,8 @@ def main(argv=None) -> int:
             return run
         try:
             with backends.using("triton"):
+                step()  # the default CONFIG tunes the plans, which every variant then uses
+                _share_plans(values)
                 samples = bench.interleaved(timer, {v: variant(step, v) for v in values},
                                             args.repeats, args.target_ms)
         finally:
