@@ -59,13 +59,14 @@ if [ -n "$CSV" ]; then
 fi
 
 # 97.6 s for 134 tests on the H200 (2026-11-27); 2026-11-28 added ~40, 2026-12-02 ~8 (the
-# autotuner's: ~60 compilations), mostly compiles; 133 s for 194 on 2026-12-04
-stage tests_triton "$(limit 200)" $PY -m pytest -q --maxfail=5 -p no:cacheprovider \
+# autotuner's: ~60 compilations), mostly compiles; 133 s for 194 on 2026-12-04. -v: a stage
+# cut by its time limit still names the cases it ran (2026-12-04: both were cut)
+stage tests_triton "$(limit 200)" $PY -m pytest -v --maxfail=5 -p no:cacheprovider \
     tests/test_backend_triton.py --durations=5
 
 # the shared suite's triton cases (parity alone: 53 s for its 306 CUDA cases, portable and
 # triton, on the H200 on 2026-11-27), and what BN+ReLU keeps for backward against torch
-stage tests_shared "$(limit 150)" $PY -m pytest -q --maxfail=5 -p no:cacheprovider \
+stage tests_shared "$(limit 150)" $PY -m pytest -v --maxfail=5 -p no:cacheprovider \
     tests/test_parity.py tests/test_properties.py tests/test_gradcheck.py \
     tests/test_modules.py -k triton
 
@@ -73,7 +74,7 @@ echo
 echo "================ gpu_check summary ($(( SECONDS - START )) s) ================"
 printf '%s\n' "${STATUS[@]}"
 # this run's logs only (logs of earlier runs kept in the same folder carry a card and date)
-grep -h -E "passed|failed|error" "${LOGS[0]}"/gpu_check-tests_{triton,shared}.log 2>/dev/null |
+grep -h -E "[0-9]+ (passed|failed)|[0-9]+ errors?\b" "${LOGS[0]}"/gpu_check-tests_{triton,shared}.log 2>/dev/null |
     tail -4
 for name in table table_defaults; do
     [ -f "${LOGS[0]}/gpu_check-$name.log" ] || continue
