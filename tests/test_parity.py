@@ -460,19 +460,22 @@ def _assert_same_values(actual, expected, dtype):
 
 
 @pytest.mark.parametrize("where,value", [("x", "nan"), ("x", "inf"), ("x", "-inf"),
-                                         ("dy", "nan")])
+                                         ("dy", "nan"), ("dy", "inf"), ("dy", "-inf")])
 @pytest.mark.parametrize("activation", [None, "relu", "leaky_relu", "sigmoid"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_a_nonfinite_value_gives_torchs_outputs_and_gradients(backend, gen, where, value,
                                                                activation, training, layout):
-    """One NaN or ±inf in channel 2 of x (or a NaN in dy, where the unit is off), against
-    torch's layer then activation. Two ways ours differed:
+    """One NaN or ±inf in channel 2 of x or dy (a NaN in dy where the unit is off, an inf
+    where it is on), against torch's layer then activation. Three ways ours differed:
     - relu's backward selects (torch's threshold_backward): a NaN pre-activation passes
       dy, and a NaN dy where the unit is off gives 0. The portable and Triton backends
       multiplied dy by a 0/1 mask: the channel's bias gradient was 0 or NaN;
     - in evaluation x's gradient is γ·r·dz whatever x is. The CPU kernels' x − mean
-      times the zero training term made it NaN at a non-finite x.
+      times the zero training term made it NaN at a non-finite x;
+    - an inf in dy reaches every dx of its channel in training, ±inf or NaN by the sign
+      of x̂ in torch's. The cpu and Triton kernels' Σdz, corrected by shift·Σdz·x̂ for the
+      float64 mean, was NaN (0·inf or inf − inf): every dx NaN.
     Torch on the CPU is the oracle (the module docstring)."""
     dtype = torch.float32
     ours = batchnorm.BatchNorm2d(4, activation=activation, device=backend.device,
@@ -490,10 +493,11 @@ def test_a_nonfinite_value_gives_torchs_outputs_and_gradients(backend, gen, wher
     x, bad = x.detach().clone(memory_format=torch.preserve_format), float(value)
     if where == "x":
         x[1, 2, 1, 3] = bad
-    else:  # where the unit is off: the smallest pre-activation of channel 2
+    else:  # a NaN where the unit is off (the smallest pre-activation of channel 2), an
+        # inf where it is on (the largest)
         with torch.no_grad():
-            z = copy.deepcopy(theirs)(x)  # (a copy: theirs' running statistics stay)
-        spot = divmod(z[:, 2].flatten().argmin().item(), 10)
+            z = copy.deepcopy(theirs)(x)[:, 2].flatten()  # (theirs' statistics stay)
+        spot = divmod((z.argmin() if value == "nan" else z.argmax()).item(), 10)
         dy[spot[0], 2, spot[1] // 5, spot[1] % 5] = bad
     got = []
     for m in (ours, theirs):

@@ -98,8 +98,12 @@ def sum_dz_xhat_from_kernels(sum_dz: Tensor, sum_dz_xhat_k: Tensor,
 
 def sum_dz_for_kernels(sum_dz: Tensor, sum_dz_xhat: Tensor, shift: Tensor | None) -> Tensor:
     """The Σdz that ``backward_elementwise`` must get when its x̂' is x̂ + shift:
-    dz − Σdz/n − x̂·S/n  ==  dz − (Σdz − shift·S)/n − x̂'·S/n,  with S = Σdz·x̂."""
-    return sum_dz if shift is None else sum_dz - shift * sum_dz_xhat
+    dz − Σdz/n − x̂·S/n  ==  dz − (Σdz − shift·S)/n − x̂'·S/n,  with S = Σdz·x̂. No
+    correction where S is not finite (an inf in dy): shift·S would be ±inf or 0·inf, a
+    NaN Σdz and every dx of the channel NaN, where torch's are ±inf or NaN by x̂'s sign."""
+    if shift is None:
+        return sum_dz
+    return sum_dz - torch.where(sum_dz_xhat.isfinite(), shift * sum_dz_xhat, 0.0)
 
 
 def chan_combine(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -720,7 +720,11 @@ def _dx_coefs(invstd, weight, delta, sum_dz, sum_dzx, count, k0, k1, k2):
         for c in range(c_):
             r = np.float64(invstd[c])
             s = np.float64(sum_dzx[c]) / count
-            k1[c] = np.float64(sum_dz[c]) / count - delta[c] * r * s
+            # no correction where S is not finite (an inf in dy): delta·r·S is ±inf or
+            # 0·inf, and k1 NaN made every dx of the channel NaN; torch's are ±inf or
+            # NaN by the sign of x̂ (ops.sum_dz_for_kernels)
+            correction = delta[c] * r * s if s - s == 0 else 0.0
+            k1[c] = np.float64(sum_dz[c]) / count - correction
             k2[c] = r * s
     else:
         for c in range(c_):

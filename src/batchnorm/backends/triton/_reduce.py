@@ -595,8 +595,8 @@ def sum_partials_centred(part_ptr, shift_ptr, sdz_ptr, sdzx_ptr, sdz_k_ptr, P, C
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """``sum_partials``, then the shift corrections of ``ops._batch_norm_backward``: the
     kernels' x̂' is x̂ + shift, so S = Σdz·x̂ = Σdz·x̂' − shift·Σdz, and the elementwise
-    pass gets Σdz − shift·S in place of Σdz. No correction of S where Σdz is not finite
-    (``ops.sum_dz_xhat_from_kernels``)."""
+    pass gets Σdz − shift·S in place of Σdz. No correction of S where Σdz is not finite,
+    nor of Σdz where S is not (``ops.sum_dz_xhat_from_kernels``, ``sum_dz_for_kernels``)."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     _sums_centred(part_ptr, shift_ptr, sdz_ptr, sdzx_ptr, sdz_k_ptr, P, C, PC, cols, BLOCK_P,
                   BLOCK_C, "")
@@ -612,7 +612,7 @@ def _sums_centred(part_ptr, shift_ptr, sdz_ptr, sdzx_ptr, sdz_k_ptr, P, C, PC, c
     s = sdzx_k - tl.where(sdz - sdz == 0, shift * sdz, 0.0)
     tl.store(sdz_ptr + cols, sdz, mask=cmask)
     tl.store(sdzx_ptr + cols, s, mask=cmask)
-    tl.store(sdz_k_ptr + cols, sdz - shift * s, mask=cmask)
+    tl.store(sdz_k_ptr + cols, sdz - tl.where(s - s == 0, shift * s, 0.0), mask=cmask)
 
 
 @triton.jit
