@@ -154,22 +154,23 @@ def _launch_stats_partials(x: Tensor, g: Geometry, plan: dict, part: Tensor) -> 
 
 
 def _launch_stats_fused(x, g, plan, part, counters, finalize_args, count, eps_hi, eps_lo,
-                        b_hi, b_lo, m_hi, m_lo, flags, merge_p) -> None:
+                        b_hi, b_lo, m_hi, m_lo, flags) -> None:
     """Stage 1 of the statistics with ``stats_finalize``'s work done by the last program
     of each channel block (``finalize_args``: its tensors from mean to
     num_batches_tracked; ``flags`` its constexprs)."""
     p, c = plan["P"], g.c
     tail = (p, p * c, count, eps_hi, eps_lo, b_hi, b_lo, m_hi, m_lo)
-    common = dict(STAGES=plan["stages"], I64=plan["I64"], MERGE_P=merge_p,
+    common = dict(STAGES=plan["stages"], I64=plan["I64"], MERGE_P=plan["merge_p"],
                   num_warps=plan["warps"], **flags)
     if g.cl:
-        launch(_reduce.stats_fused_mc, plan["grid"], x, part, counters, *finalize_args, g.n,
-               c, plan["rows"], plan["ncb"], *tail, BLOCK_M=plan["BLOCK_M"],
-               BLOCK_C=plan["BLOCK_C"], UNROLL=plan["unroll"], **common)
+        _launch_merging(counters, _reduce.stats_fused_mc, plan["grid"], x, part, counters,
+                        *finalize_args, g.n, c, plan["rows"], plan["ncb"], *tail,
+                        BLOCK_M=plan["BLOCK_M"], BLOCK_C=plan["BLOCK_C"],
+                        UNROLL=plan["unroll"], **common)
     else:
-        launch(_reduce.stats_fused_ncl, plan["grid"], x, part, counters, *finalize_args, g.n,
-               c, g.l, plan["rows"], plan["cols"], plan["p_l"], *tail,
-               BLOCK_N=plan["BLOCK_N"], BLOCK_L=plan["BLOCK_L"], **common)
+        _launch_merging(counters, _reduce.stats_fused_ncl, plan["grid"], x, part, counters,
+                        *finalize_args, g.n, c, g.l, plan["rows"], plan["cols"], plan["p_l"],
+                        *tail, BLOCK_N=plan["BLOCK_N"], BLOCK_L=plan["BLOCK_L"], **common)
 
 
 def _launch_stats_merge(x: Tensor, g: Geometry, plan: dict, part: Tensor, mean: Tensor,
@@ -217,7 +218,7 @@ def _launch_normalize_running(x, y, g, residual, running_mean, running_var, weig
 
 
 def _launch_backward_partials(dy, x, g, plan, part, mean_k, invstd, weight, bias_k,
-                              residual, act, hi, lo, merged=None, merge_p=0) -> None:
+                              residual, act, hi, lo, merged=None) -> None:
     """Stage 1 of the backward reduction into ``part`` (Σdz and Σdz·x̂ planes of [P, C]);
     with ``merged`` (the counters, then ``sum_partials_centred``'s shift and three
     outputs) the last program of each channel block does that merge too."""
@@ -227,19 +228,27 @@ def _launch_backward_partials(dy, x, g, plan, part, mean_k, invstd, weight, bias
                  I64=plan["I64"], num_warps=plan["warps"])
     common = (dy, x, _dummy(residual, x), mean_k, invstd, _dummy(weight, mean_k),
               _dummy(bias_k, mean_k), part)
-    if merged is not None:
-        common, sizes, flags = (*common, *merged), (p, p * c), {**flags, "MERGE_P": merge_p}
-    else:
-        sizes = (p * c,)
+    if merged is None:
+        if g.cl:
+            launch(_reduce.backward_partial_mc, plan["grid"], *common, g.n, c, plan["rows"],
+                   plan["ncb"], p * c, hi, lo, BLOCK_M=plan["BLOCK_M"],
+                   BLOCK_C=plan["BLOCK_C"], UNROLL=plan["unroll"], **flags)
+        else:
+            launch(_reduce.backward_partial_ncl, plan["grid"], *common, g.n, c, g.l,
+                   plan["rows"], plan["cols"], plan["p_l"], p * c, hi, lo,
+                   BLOCK_N=plan["BLOCK_N"], BLOCK_L=plan["BLOCK_L"], **flags)
+        return
+    counters = merged[0]
+    flags["MERGE_P"] = plan["merge_p"]
     if g.cl:
-        launch(_reduce.backward_partial_mc if merged is None else _reduce.backward_fused_mc,
-               plan["grid"], *common, g.n, c, plan["rows"], plan["ncb"], *sizes, hi, lo,
-               BLOCK_M=plan["BLOCK_M"], BLOCK_C=plan["BLOCK_C"], UNROLL=plan["unroll"],
-               **flags)
+        _launch_merging(counters, _reduce.backward_fused_mc, plan["grid"], *common, *merged,
+                        g.n, c, plan["rows"], plan["ncb"], p, p * c, hi, lo,
+                        BLOCK_M=plan["BLOCK_M"], BLOCK_C=plan["BLOCK_C"],
+                        UNROLL=plan["unroll"], **flags)
     else:
-        launch(_reduce.backward_partial_ncl if merged is None else _reduce.backward_fused_ncl,
-               plan["grid"], *common, g.n, c, g.l, plan["rows"], plan["cols"], plan["p_l"],
-               *sizes, hi, lo, BLOCK_N=plan["BLOCK_N"], BLOCK_L=plan["BLOCK_L"], **flags)
+        _launch_merging(counters, _reduce.backward_fused_ncl, plan["grid"], *common, *merged,
+                        g.n, c, g.l, plan["rows"], plan["cols"], plan["p_l"], p, p * c, hi,
+                        lo, BLOCK_N=plan["BLOCK_N"], BLOCK_L=plan["BLOCK_L"], **flags)
 
 
 def _launch_sum_partials(g: Geometry, plan: dict, part: Tensor, sdz: Tensor,
@@ -277,10 +286,14 @@ def _launch_backward_elementwise(dy, x, g, dx, dres, mean_k, invstd, weight, bia
 _COUNTERS: dict = {}
 
 
-def _merge_counters(x: Tensor, blocks: int) -> Tensor | None:
-    """Counters for a stage-1 launch that merges its own partials, or None where it must
-    not (during a CUDA graph capture: the buffer would be the graph's, and a replay could
-    run beside an eager launch on another stream)."""
+def _merge_counters(x: Tensor, g: Geometry, plan: dict) -> Tensor | None:
+    """Counters for a stage-1 launch of ``plan`` that merges its own partials, or None
+    where it does not: the plan says not (``merge_p`` 0), or a CUDA graph is being
+    captured (the buffer would be the graph's, and a replay could run beside an eager
+    launch on another stream)."""
+    if not plan["merge_p"]:
+        return None
+    blocks = plan["ncb"] if g.cl else g.c
     if x.is_cuda:
         if torch.cuda.is_current_stream_capturing():
             return None
@@ -297,13 +310,18 @@ def _merge_counters(x: Tensor, blocks: int) -> Tensor | None:
     return counters
 
 
-def _reset_counters(counters: Tensor) -> None:
-    """After a fused launch that raised: the interpreter runs the programs one by one, so
-    an exception (a KeyboardInterrupt, say) may come after some took their tickets, and a
-    counter left above 0 would make a later launch's merge run early, or never, without
-    an error. (On a GPU a launch that fails runs no program; zeroing is harmless.)"""
-    with suppress(Exception):
-        counters.zero_()
+def _launch_merging(counters: Tensor, fn, grid, *args, **kwargs) -> None:
+    """``launch`` of a kernel that takes tickets on ``counters``, which are put back to 0
+    if it raises: the interpreter runs the programs one by one, so an exception (a
+    KeyboardInterrupt, say) may come after some took their tickets, and a counter left
+    above 0 would make a later launch's merge run early, or never, without an error. (On
+    a GPU a launch that fails runs no program; zeroing is harmless.)"""
+    try:
+        launch(fn, grid, *args, **kwargs)
+    except BaseException:
+        with suppress(Exception):
+            counters.zero_()
+        raise
 
 
 def _launch_prepare(mean, var, weight, bias, out, c, eps, copies=None) -> None:
@@ -507,8 +525,7 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
             # call: host time
             work = torch.empty(5 * c + STATS_PLANES * p * c, dtype=acc, device=device)
             var, *rows, part = work.split_with_sizes((c, c, c, c, c, STATS_PLANES * p * c))
-            merge_p = plan["merge_p"]
-            counters = _merge_counters(x, plan["ncb"] if g.cl else c) if merge_p else None
+            counters = _merge_counters(x, g, plan)
             if counters is None:  # stage 1 first: the GPU starts while the rest is prepared
                 _launch_stats_partials(x, g, plan, part)
             count = g.n * g.l
@@ -523,12 +540,8 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
             flags = {"HAS_W": weight is not None, "HAS_B": bias is not None,
                      "F64": acc == torch.float64, "UPDATE": updated, "HAS_NBT": nbt is not None}
             if counters is not None:
-                try:
-                    _launch_stats_fused(x, g, plan, part, counters, finalize_args, count,
-                                        eps_hi, eps_lo, b_hi, b_lo, m_hi, m_lo, flags, merge_p)
-                except BaseException:
-                    _reset_counters(counters)
-                    raise
+                _launch_stats_fused(x, g, plan, part, counters, finalize_args, count, eps_hi,
+                                    eps_lo, b_hi, b_lo, m_hi, m_lo, flags)
             else:
                 grid, tile = merge_launch(c, p)
                 launch(_reduce.stats_finalize, grid, x, part, *finalize_args, p, c,
@@ -610,16 +623,10 @@ def batch_norm_backward(dy, x, weight, bias, residual, mean, var, eps, training:
             sum_dz = torch.empty(c, dtype=acc, device=device)
             sum_dzx = torch.empty(c, dtype=acc, device=device)
             sums = (shift, sum_dz, sum_dzx, sum_dz_k)
-            merge_p = plan["merge_p"]
-            counters = _merge_counters(x, plan["ncb"] if g.cl else c) if merge_p else None
+            counters = _merge_counters(x, g, plan)
             if counters is not None:
-                try:
-                    _launch_backward_partials(dy, x, g, plan, part, mean_k, invstd, weight,
-                                              bias_k, residual, act, hi, lo,
-                                              (counters, *sums), merge_p)
-                except BaseException:
-                    _reset_counters(counters)
-                    raise
+                _launch_backward_partials(dy, x, g, plan, part, mean_k, invstd, weight,
+                                          bias_k, residual, act, hi, lo, (counters, *sums))
             else:
                 _launch_backward_partials(dy, x, g, plan, part, mean_k, invstd, weight,
                                           bias_k, residual, act, hi, lo)
