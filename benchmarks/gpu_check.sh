@@ -11,8 +11,9 @@
 #    forward+backward), ours against torch eager, and torch.compile on the BN+ReLU op (the
 #    one whose target names it; compiling every op does not fit), then
 #    benchmarks/issue4_verdict.py, row by row against the issue's targets on this card;
-# 3. the GPU tests: tests/test_backend_triton.py, then the triton cases of the shared
-#    suite (parity, properties, gradcheck: 219 cases; the bytes BN+ReLU keeps for backward);
+# 3. the GPU tests in one pytest run, spread over processes: tests/test_backend_triton.py
+#    and the triton cases of the shared suite (parity, properties, gradcheck, modules; the
+#    bytes BN+ReLU keeps for backward);
 # 4. a short summary last.
 # Every stage has its own time limit and runs whatever the previous ones did; logs and the
 # CSV go to benchmarks/results/ (logs in logs/) and, when set, to $OUT. GPU_CHECK_SECONDS
@@ -58,24 +59,28 @@ if [ -n "$CSV" ]; then
     for d in "${LOGS[@]:1}"; do cp "${LOGS[0]}/gpu_check-verdict.log" "$d/"; done
 fi
 
-# 97.6 s for 134 tests on the H200 (2026-11-27); 2026-11-28 added ~40, 2026-12-02 ~8 (the
-# autotuner's: ~60 compilations), mostly compiles; 133 s for 194 on 2026-12-04. -v: a stage
-# cut by its time limit still names the cases it ran (2026-12-04: both were cut)
-stage tests_triton "$(limit 200)" $PY -m pytest -v --maxfail=5 -p no:cacheprovider \
-    tests/test_backend_triton.py --durations=5
-
-# the shared suite's triton cases (parity alone: 53 s for its 306 CUDA cases, portable and
-# triton, on the H200 on 2026-11-27), and what BN+ReLU keeps for backward against torch
-stage tests_shared "$(limit 150)" $PY -m pytest -v --maxfail=5 -p no:cacheprovider \
-    tests/test_parity.py tests/test_properties.py tests/test_gradcheck.py \
-    tests/test_modules.py -k triton
+# The GPU tests in one pytest run: tests/test_backend_triton.py and the shared suite's
+# triton cases (parity, properties, gradcheck, modules; -k triton keeps the first file
+# whole, its name matches). Serially they did not fit: 2026-12-04, 212 and 248 cases ran
+# into limits of 200 s and 150 s, mostly Triton compiling each kernel variant on one core
+# (97.6 s for 134 cases on 2026-11-27). The card's host has 16 cores: pytest-xdist (in
+# the image) deals the cases to GPU_TEST_WORKERS processes (default 8), which compile in
+# parallel and share Triton's on-disk cache; without xdist, one process. -v: a stage cut
+# by its time limit still names the cases it ran.
+XDIST=()
+if $PY -c "import xdist" 2>/dev/null && [ "${GPU_TEST_WORKERS:-8}" != 0 ]; then
+    XDIST=(-n "${GPU_TEST_WORKERS:-8}")
+fi
+stage tests "$(limit 330)" $PY -m pytest -v --maxfail=5 -p no:cacheprovider "${XDIST[@]}" \
+    tests/test_backend_triton.py tests/test_parity.py tests/test_properties.py \
+    tests/test_gradcheck.py tests/test_modules.py -k triton --durations=10
 
 echo
 echo "================ gpu_check summary ($(( SECONDS - START )) s) ================"
 printf '%s\n' "${STATUS[@]}"
 # this run's logs only (logs of earlier runs kept in the same folder carry a card and date)
-grep -h -E "[0-9]+ (passed|failed)|[0-9]+ errors?\b" "${LOGS[0]}"/gpu_check-tests_{triton,shared}.log 2>/dev/null |
-    tail -4
+grep -h -E "[0-9]+ (passed|failed)|[0-9]+ errors?\b" "${LOGS[0]}/gpu_check-tests.log" 2>/dev/null |
+    tail -2
 for name in table table_defaults; do
     [ -f "${LOGS[0]}/gpu_check-$name.log" ] || continue
     echo "-- $name (the bench's table) --"
