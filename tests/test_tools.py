@@ -739,6 +739,64 @@ def test_fold_linear_refuses_input_of_another_rank(bn_cls):
             folded(torch.randn(2, 4, 4))
 
 
+_CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3, nn.ConvTranspose1d: 1,
+              nn.ConvTranspose2d: 2}
+
+
+@pytest.mark.parametrize("conv_cls, bn_cls", [
+    (nn.Conv1d, nn.BatchNorm1d), (nn.Conv1d, batchnorm.BatchNorm1d),
+    (nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d, batchnorm.BatchNorm3d),
+    (nn.ConvTranspose1d, nn.BatchNorm1d), (nn.ConvTranspose2d, batchnorm.BatchNorm2d),
+    (nn.Conv2d, nn.SyncBatchNorm), (nn.Conv1d, batchnorm.SyncBatchNorm)])
+def test_fold_into_a_conv_refuses_unbatched_input(conv_cls, bn_cls):
+    """A folded convolution takes unbatched (C, *spatial) input, and scales its C. The batch
+    norm after it refused that input (BatchNorm2d/3d), or normalized dim 1, not C
+    (BatchNorm1d on a Conv1d's (C, L), SyncBatchNorm on any): the ChannelAffine left in its
+    place refuses it, rather than disagree with the original model."""
+    d = _CONV_DIMS[conv_cls]
+    model = nn.Sequential(conv_cls(3, 3, 1), bn_cls(3)).eval()
+    randomize(model)
+    folded, report = batchnorm.fold(model)
+    assert report.folded == [("1", "0")]
+    assert f"{d + 2}D input" in repr(folded[1])
+    x, unbatched = torch.randn(2, 3, *[3] * d), torch.randn(3, *[3] * d)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+        try:
+            original = model(unbatched)  # dim 1 normalized: not what the fold computes
+        except ValueError:
+            original = None  # refused
+        if original is not None:
+            assert not torch.allclose(original, folded[0](unbatched))
+        with pytest.raises(ValueError, match=rf"ChannelAffine: .* took {d + 2}D input, got "
+                                             rf"{d + 1}D input of shape"):
+            folded(unbatched)
+
+
+@pytest.mark.parametrize("bn_cls, good, bad", [
+    (nn.BatchNorm2d, [4], [3, 5]), (batchnorm.BatchNorm1d, [2, 3], [1, 4]),
+    (nn.BatchNorm3d, [5], [4]), (nn.SyncBatchNorm, [2, 3, 5], [1])])
+def test_scale_shift_takes_the_ranks_its_batch_norm_took(bn_cls, good, bad):
+    """A batch norm not folded (after a ReLU, or alone) becomes a scale-and-shift that takes
+    the input ranks the batch norm took: on a (4, 4, 4) image the BatchNorm2d raised, and a
+    scale-and-shift of dim 1 would silently scale H."""
+    for model in (nn.Sequential(nn.ReLU(), bn_cls(4)).eval(), bn_cls(4).eval()):
+        randomize(model)
+        folded, report = batchnorm.fold(model)
+        affine = folded[1] if isinstance(folded, nn.Sequential) else folded
+        assert isinstance(affine, ChannelAffine) and report.scale_shift
+        with torch.no_grad():
+            for rank in good:
+                x = torch.randn(*[4] * rank)
+                torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+            for rank in bad:
+                x = torch.randn(*[4] * rank)
+                with pytest.raises(ValueError):
+                    model(x)
+                with pytest.raises(ValueError, match=rf"ChannelAffine: .*, got {rank}D input"):
+                    folded(x)
+
+
 # ---------------------------------------------------------------------------------------
 # freeze
 

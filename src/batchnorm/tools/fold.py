@@ -67,6 +67,14 @@ class ChannelAffine(nn.Module):
     The ops used in place do not need their input for backward, so autograd still works
     (leaky_relu with a negative slope, which would, runs out of place).
 
+    ``input_ranks``: the input ranks for which this module does what the batch norm did
+    (None: any rank of 2 or more). ``fold`` gives the batch norm's own (``(4,)`` for a
+    ``BatchNorm2d``, None for a ``SyncBatchNorm``), or, where the batch norm went into
+    the layer before it, that layer's batched output rank (its weight's rank): a folded
+    ``Conv1d`` takes an unbatched ``(C, L)`` input, on which the ``BatchNorm1d`` after it
+    normalized ``L``. Input of another rank raises ``ValueError`` instead of being scaled
+    along a dimension that is not its channels.
+
     ``linear_input``: the batch norm went into a ``Linear`` (``fold`` sets it), which is
     right only when its output is ``(N, C)``; any other rank raises ``ValueError``.
 
@@ -76,13 +84,15 @@ class ChannelAffine(nn.Module):
     """
 
     def __init__(self, scale: Tensor | None, shift: Tensor | None, activation: str = "none",
-                 slope: float = 0.0, inplace: bool = False, linear_input: bool = False) -> None:
+                 slope: float = 0.0, inplace: bool = False, linear_input: bool = False,
+                 input_ranks: tuple[int, ...] | None = None) -> None:
         super().__init__()
         self.register_buffer("scale", scale)
         self.register_buffer("shift", shift)
         self.activation, self.activation_slope = activation, slope
         self.inplace = inplace
         self.linear_input = linear_input
+        self.input_ranks = None if input_ranks is None else tuple(input_ranks)
         self.act = F.activation_module(activation, slope) or nn.Identity()
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
@@ -95,6 +105,11 @@ class ChannelAffine(nn.Module):
                 f"is right only for (N, C) input, got {input.dim()}D input of shape "
                 f"{tuple(input.shape)}: the batch norm normalized dim 1 of it, not the "
                 f"Linear's features. Run the unfolded model for this input")
+        if input.dim() < 2 or (self.input_ranks is not None
+                               and input.dim() not in self.input_ranks):
+            raise ValueError(
+                f"ChannelAffine: the batch norm it replaces took {_ranks_text(self.input_ranks)} "
+                f"input, got {input.dim()}D input of shape {tuple(input.shape)}")
         y, owned = input, self.inplace
         if self.scale is not None:
             view = (-1,) + (1,) * (input.dim() - 2)
@@ -108,8 +123,40 @@ class ChannelAffine(nn.Module):
 
     def extra_repr(self) -> str:
         text = "folded" if self.scale is None else f"{self.scale.shape[0]}"
-        text += ", (N, C) input only" if self.linear_input else ""
+        text += (", (N, C) input only" if self.linear_input else
+                 f", {_ranks_text(self.input_ranks)} input")
         return text + (f", activation={self.activation!r}" if self.activation != "none" else "")
+
+
+def _ranks_text(ranks: tuple[int, ...] | None) -> str:
+    return "at least 2D" if ranks is None else " or ".join(f"{d}D" for d in ranks)
+
+
+_PROBED_RANKS = range(1, 9)
+
+
+def _takes(check, rank: int) -> bool:
+    try:
+        check(torch.empty((1,) * rank, device="meta"))
+    except Exception:  # noqa: BLE001  (ValueError from torch's and ours; a subclass's own)
+        return False
+    return True
+
+
+def _input_ranks(bn: nn.Module) -> tuple[int, ...] | None:
+    """The input ranks ``bn`` takes, read off its own check of them (a frozen copy's
+    ``_ranks``, or ``_check_input_dim`` on an empty meta tensor of each rank up to 8); None
+    where it takes any rank of 2 or more, or has no check."""
+    ranks = getattr(bn, "_ranks", None)
+    if ranks:
+        return tuple(ranks)
+    check = getattr(bn, "_check_input_dim", None)
+    if check is None:
+        return None
+    taken = [d for d in _PROBED_RANKS if _takes(check, d)]
+    if not taken or taken[-1] == _PROBED_RANKS[-1]:
+        return None
+    return tuple(taken)
 
 
 @dataclass
@@ -252,7 +299,11 @@ def fold(model: nn.Module) -> tuple[nn.Module, FoldReport]:
     channels are the Linear's features (on ``(N, L, C)`` a ``BatchNorm1d`` normalizes
     ``L``). fold sees no shapes, so the ``ChannelAffine`` left in its place raises
     ``ValueError`` at call time for input of any other rank, rather than disagree with
-    the original model.
+    the original model. Likewise a batch norm folded into a convolution is right only
+    for the convolution's batched output (a folded ``Conv2d`` takes an unbatched
+    ``(C, H, W)`` image, which the ``BatchNorm2d`` refused; on a ``Conv1d``'s unbatched
+    ``(C, L)`` a ``BatchNorm1d`` normalizes ``L``), and a scale-and-shift only for the
+    ranks its batch norm took: other ranks raise ``ValueError``.
 
     Raises ``RuntimeError`` for a model in training mode (or with a batch norm in training
     mode that is not frozen): folding bakes in running statistics that training changes.
@@ -287,7 +338,8 @@ def fold(model: nn.Module) -> tuple[nn.Module, FoldReport]:
             return new, FoldReport("fx", skipped=[("", _HOOKED)])
         s, t = _affine_of(new)
         dt = new.running_mean.dtype
-        return ChannelAffine(s.to(dt), t.to(dt), *_activation_of(new)).eval(), \
+        return ChannelAffine(s.to(dt), t.to(dt), *_activation_of(new),
+                             input_ranks=_input_ranks(new)).eval(), \
             FoldReport("fx", scale_shift=[""])
     method, pairs = _pairs(new)
     report = FoldReport(method)
@@ -310,11 +362,13 @@ def fold(model: nn.Module) -> tuple[nn.Module, FoldReport]:
             _fold_into(layer, s, t)
             # The layer's output feeds only this module: it may be overwritten.
             repl = ChannelAffine(None, None, *_activation_of(bn), inplace=True,
-                                 linear_input=isinstance(layer, nn.Linear))
+                                 linear_input=isinstance(layer, nn.Linear),
+                                 input_ranks=(layer.weight.dim(),))
             report.folded.append((name, pairs[name]))
         else:
             dt = bn.running_mean.dtype
-            repl = ChannelAffine(s.to(dt), t.to(dt), *_activation_of(bn))
+            repl = ChannelAffine(s.to(dt), t.to(dt), *_activation_of(bn),
+                                 input_ranks=_input_ranks(bn))
             report.scale_shift.append(name)
         repl.train(False)
         done[id(bn)] = repl
