@@ -312,6 +312,23 @@ def _launch_floor(steps: int) -> None:
     print(f"{'triton: compiled launcher call':30s} {_min_us(raw, steps):8.1f} µs")
     print(f"{'torch: one add_ kernel':30s} {_min_us(lambda: buf.add_(1.0), steps):8.1f} µs")
 
+    # The launcher asks the driver about each tensor's address (cuPointerGetAttribute),
+    # and takes an int as it is: what eight pointer arguments cost it either way
+    # (_launch.launch hands over addresses since session 23).
+    @triton.jit
+    def touch8(p0, p1, p2, p3, p4, p5, p6, p7):
+        tl.store(p0, 1.0)
+
+    bufs = [torch.zeros(1, device="cuda") for _ in range(8)]
+    compiled8 = touch8[(1,)](*bufs)
+    addresses = [b.data_ptr() for b in bufs]
+
+    def raw8(args):
+        return lambda: compiled8.run(1, 1, 1, stream, compiled8.function,
+                                     compiled8.packed_metadata, None, None, None, *args)
+    print(f"{'triton: 8 tensor arguments':30s} {_min_us(raw8(bufs), steps):8.1f} µs")
+    print(f"{'triton: 8 addresses (ints)':30s} {_min_us(raw8(addresses), steps):8.1f} µs")
+
 
 def _step_fn(module, x, dy):
     def step():

@@ -3,7 +3,8 @@
 ``install(on_launch)`` makes it Triton's active driver: kernels compile for sm_90 with the
 ptxas of the triton wheel, as on an H100, and every launch calls
 ``on_launch(grid, stream, function, packed_metadata, launch_metadata, enter_hook,
-exit_hook, args)`` instead of reaching a GPU (``function`` names the compiled kernel).
+exit_hook, args)`` instead of reaching a GPU (``function`` names the compiled kernel;
+each pointer argument is ``["address", int]``, what the real launcher reads of it).
 CPU tensors stand in for CUDA ones. Import it before triton in a process where
 ``TRITON_INTERPRET`` is unset (Triton decides at import whether to interpret). Used by
 ``fake_cuda_launches.py`` (tests) and ``benchmarks/triton_host_time.py``.
@@ -50,10 +51,15 @@ class _Driver(CudaDriver):
 
         class Launcher:
             def __init__(self, src, metadata):
-                pass
+                self.pointers = [str(kind).startswith("*") for kind in src.signature.values()]
 
             def __call__(self, gx, gy, gz, stream, function, packed_metadata,
                          launch_metadata, enter_hook, exit_hook, *args):
+                if len(args) == len(self.pointers):
+                    # a pointer argument as the real launcher reads it: an int is the
+                    # address, anything else is asked for data_ptr()
+                    args = tuple(["address", a if isinstance(a, int) else a.data_ptr()]
+                                 if pointer else a for pointer, a in zip(self.pointers, args))
                 driver_self.on_launch((gx, gy, gz), stream, function, packed_metadata,
                                       launch_metadata, enter_hook, exit_hook, args)
 

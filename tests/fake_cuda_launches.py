@@ -11,9 +11,10 @@ Every call below runs three times: with the direct launches of ``_launch.py`` (a
 time, which compiles and goes through ``kernel[grid]``; a second, which must not), then
 with every launch through ``kernel[grid]``. OUT.json gets the records of the second and
 third runs, which must be equal: the direct path hands the launcher what Triton's own
-``JITFunction.run`` does. Tensors are recorded by dtype, shape, strides and address (its
-alignment, and the order of its first use in the launch), the compiled kernel by its
-name and the identity of its function handle. Exit code 3: no stand-in for this Triton.
+``JITFunction.run`` does. Pointer arguments are recorded as the address the launcher reads
+(its alignment, and the order of its first use in the launch: the direct path hands over
+addresses, kernel[grid] tensors), the compiled kernel by its name and the identity of its
+function handle. Exit code 3: no stand-in for this Triton.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ RECORD: list = []
 
 
 def _record(v):
+    if isinstance(v, list):  # ["address", int]: a pointer argument (fake_cuda_driver)
+        return v
     if isinstance(v, torch.Tensor):
         return ["tensor", str(v.dtype), list(v.shape), list(v.stride()), v.data_ptr()]
     if isinstance(v, (bool, int, float, str)) or v is None:
