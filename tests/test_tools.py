@@ -496,6 +496,29 @@ def test_convert_warns_about_a_torch_lazy_layer_without_input():
     assert type(model[1]) is nn.LazyBatchNorm2d
 
 
+def test_fused_activation_reads_the_originals_settings():
+    """A forward may read its activation's settings; after convert the placeholder left in
+    its place answers for the original (the batch norm applies that slope now)."""
+    class ScalesBySlope(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.act = nn.BatchNorm2d(4), nn.LeakyReLU(0.2)
+
+        def forward(self, x):
+            return self.act(self.bn(x)) * self.act.negative_slope
+
+    model = ScalesBySlope()
+    x = torch.randn(2, 4, 3, 3)
+    expected = model(x)
+    batchnorm.convert(model)
+    assert isinstance(model.act, FusedActivation)
+    assert model.act.negative_slope == 0.2 and model.act.inplace is False
+    assert_close(model(x), expected)
+    assert not hasattr(model.act, "_private_of_the_original")
+    with pytest.raises(AttributeError, match="FusedActivation.*no attribute 'slope'"):
+        _ = model.act.slope
+
+
 # ---------------------------------------------------------------------------------------
 # fold
 
@@ -795,6 +818,110 @@ def test_scale_shift_takes_the_ranks_its_batch_norm_took(bn_cls, good, bad):
                     model(x)
                 with pytest.raises(ValueError, match=rf"ChannelAffine: .*, got {rank}D input"):
                     folded(x)
+
+
+class _ReadsRunningMean(nn.Module):
+    def __init__(self, attribute):
+        super().__init__()
+        self.conv, self.bn, self.attribute = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), attribute
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) - getattr(self.bn, self.attribute).view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("attribute", ["running_mean", "running_var", "weight", "bias"])
+def test_fold_leaves_a_batch_norm_whose_tensors_a_forward_reads(attribute):
+    """A forward that reads the batch norm's parameters or buffers itself needs the batch
+    norm as it is: folded, it became a ChannelAffine without them (AttributeError)."""
+    model = _ReadsRunningMean(attribute).eval()
+    randomize(model)
+    x = torch.randn(2, 3, 5, 5)
+    folded, report = batchnorm.fold(model)
+    assert not report.folded and not report.scale_shift
+    assert report.skipped == [("bn", ("a forward reads its parameters or buffers itself "
+                               "(self.bn.running_mean, say), which a folded layer no longer "
+                               "has"))]
+    assert type(folded.bn) is nn.BatchNorm2d
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_channel_affine_keeps_num_features():
+    """A forward may check its input against ``self.bn.num_features``: the model below does
+    not trace (the check reads a shape), so its batch norm becomes a scale-and-shift."""
+    class Checks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            if y.shape[1] != self.bn.num_features:
+                raise ValueError("channels")
+            return self.bn(y)
+
+    model = Checks().eval()
+    randomize(model)
+    x = torch.randn(2, 3, 5, 5)
+    folded, report = batchnorm.fold(model)
+    assert report.method == "sequential" and report.scale_shift == ["bn"]
+    assert isinstance(folded.bn, ChannelAffine) and folded.bn.num_features == 4
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+    folded, _ = batchnorm.fold(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval())
+    assert folded[1].num_features == 4  # folded into the conv: no scale to read it from
+
+
+class _CachesOnSelf(nn.Module):
+    """A forward with side effects on its module: a cached output and a call counter."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU()
+        self.features, self.calls = None, 0
+
+    def forward(self, x):
+        self.calls += 1
+        y = self.act(self.bn(self.conv(x)))
+        self.features = y
+        return y
+
+
+@pytest.mark.parametrize("tool", ["convert", "fold"])
+def test_tracing_leaves_what_a_forward_assigns_to_its_module(tool):
+    """Tracing runs each forward on fx placeholders: a forward's ``self.features = y`` kept
+    a Proxy (torch.save then failed: it cannot be pickled), and ``self.calls += 1`` counted
+    the traces. The model (convert) and the copy fold returns keep their attributes."""
+    model = _CachesOnSelf().eval()
+    randomize(model)
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        expected = model(x)
+    cached = model.features
+    if tool == "convert":
+        result = batchnorm.convert(model)
+        assert result is model
+    else:
+        result, report = batchnorm.fold(model)
+        assert report.method == "fx" and report.folded
+    assert result.calls == 1 and torch.equal(result.features, cached)
+    assert model.calls == 1 and model.features is cached
+    torch.save(result, io.BytesIO())
+    with torch.no_grad():
+        torch.testing.assert_close(result(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fold_warns_about_the_batch_norms_it_leaves_unseen():
+    """A subclass of torch's batch norm (its forward may differ) is left as it is, as
+    convert and freeze leave it, and said so: fold's report does not list it."""
+    class MyBN(nn.BatchNorm2d):
+        pass
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), MyBN(4)).eval()
+    with pytest.warns(UserWarning, match=r"fold: '1' is a MyBN, a subclass of torch's "
+                                         r"BatchNorm2d.*It is not folded and runs as it is"):
+        folded, report = batchnorm.fold(model)
+    assert type(folded[1]) is MyBN and not report.folded
 
 
 # ---------------------------------------------------------------------------------------

@@ -138,20 +138,52 @@ def parameter_counts(model: nn.Module) -> dict[int, int]:
 
 
 class _LeafTracer(Tracer):
-    """torch.fx tracer that keeps every batch-norm-like module of ours as one node."""
+    """torch.fx tracer that keeps every batch-norm-like module of ours as one node, and
+    records a forward's reads of buffers (``self.bn.running_mean``) as ``get_attr`` nodes,
+    as it does for parameters (by default it would bake the tensor in as a constant)."""
+
+    proxy_buffer_attributes = True
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         from .fold import ChannelAffine
         return is_any_bn(m) or isinstance(m, ChannelAffine) or super().is_leaf_module(m, qualname)
 
 
+_MODULE_DICTS = ("_parameters", "_buffers", "_modules")
+
+
+def _attributes(model: nn.Module) -> list:
+    """Each module's attributes, and the contents of its parameter, buffer and submodule
+    dicts, as they are: what :func:`_put_back` restores."""
+    return [(m, dict(vars(m)), {name: dict(vars(m)[name]) for name in _MODULE_DICTS
+                                if isinstance(vars(m).get(name), dict)})
+            for m in model.modules()]
+
+
+def _put_back(attributes: list) -> None:
+    for m, attrs, dicts in attributes:
+        live = vars(m)
+        live.clear()
+        live.update(attrs)
+        for name, contents in dicts.items():
+            live[name].clear()
+            live[name].update(contents)
+
+
 def trace(model: nn.Module) -> torch.fx.Graph | None:
     """The model's fx graph, or None when it does not trace (data-dependent control flow,
-    unsupported Python). Tracing only reads the model; nothing is rewritten."""
+    unsupported Python). Tracing runs each ``forward`` in Python on placeholders, so what
+    a forward assigns to its module (``self.features = y`` would keep an fx Proxy, which
+    cannot be pickled; ``self.calls += 1`` would count the trace) is put back afterwards:
+    every module's attributes, parameters, buffers and submodules are as before (what a
+    forward changes inside an attribute, a list it appends to, is not)."""
+    attributes = _attributes(model)
     try:
         return _LeafTracer().trace(model)
     except Exception:  # noqa: BLE001 - any failure means "use the nn.Sequential fallback"
         return None
+    finally:
+        _put_back(attributes)
 
 
 def trace_in_both_modes(model: nn.Module) -> list[torch.fx.Graph] | None:

@@ -53,7 +53,9 @@ class SyncFallbackBatchNorm(_BatchNorm):
 
 class FusedActivation(nn.Identity):
     """Stands where an activation module was after ``convert`` moved it into the batch norm
-    ``bn`` (named ``bn_name`` in the model converted); ``revert`` puts ``original`` back."""
+    ``bn`` (named ``bn_name`` in the model converted); ``revert`` puts ``original`` back.
+    Its forward returns the input; an attribute it lacks is read from ``original``
+    (``negative_slope``, ``inplace``)."""
 
     def __init__(self, original: nn.Module, bn: nn.Module, bn_name: str) -> None:
         super().__init__()
@@ -63,6 +65,17 @@ class FusedActivation(nn.Identity):
         self.__dict__["original"] = original
         self.__dict__["bn"] = bn
         self.bn_name = bn_name
+
+    def __getattr__(self, name: str):
+        # The original's settings, for a forward that reads them (``self.act.negative_slope``:
+        # the batch norm applies that slope now); its private ones stay its own.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            original = self.__dict__.get("original")
+            if original is None or name.startswith("_") or not hasattr(original, name):
+                raise
+            return getattr(original, name)
 
     def extra_repr(self) -> str:
         return f"{self.original!r} fused into {self.bn_name!r}"

@@ -30,6 +30,7 @@ from ._common import (
     use_counts,
     uses,
     warn_sequential_fallback,
+    warn_subclasses,
 )
 from .freeze import _FrozenBatchNorm
 
@@ -78,6 +79,9 @@ class ChannelAffine(nn.Module):
     ``linear_input``: the batch norm went into a ``Linear`` (``fold`` sets it), which is
     right only when its output is ``(N, C)``; any other rank raises ``ValueError``.
 
+    ``num_features``: C, as the batch norm had it (a forward may check its input against
+    it); by default the length of ``scale``, if any.
+
     The output has the input's dtype, as the batch norm's had: scale and shift keep the
     running statistics' dtype (float32 for a bfloat16 model under autocast's rules, or
     float64), the arithmetic runs in the wider of the two, rounded once at the end.
@@ -85,8 +89,12 @@ class ChannelAffine(nn.Module):
 
     def __init__(self, scale: Tensor | None, shift: Tensor | None, activation: str = "none",
                  slope: float = 0.0, inplace: bool = False, linear_input: bool = False,
-                 input_ranks: tuple[int, ...] | None = None) -> None:
+                 input_ranks: tuple[int, ...] | None = None,
+                 num_features: int | None = None) -> None:
         super().__init__()
+        if num_features is None and scale is not None:
+            num_features = scale.shape[0]
+        self.num_features = num_features
         self.register_buffer("scale", scale)
         self.register_buffer("shift", shift)
         self.activation, self.activation_slope = activation, slope
@@ -190,6 +198,8 @@ def _affine_of(bn: nn.Module) -> tuple[Tensor, Tensor]:
 
 
 _HOOKED = "it has hooks, which a folded layer would not run"
+_READ = ("a forward reads its parameters or buffers itself (self.bn.running_mean, say), "
+         "which a folded layer no longer has")
 
 
 def _activation_of(bn: nn.Module) -> tuple[str, float]:
@@ -239,11 +249,13 @@ def _fold_into(layer: nn.Module, s: Tensor, t: Tensor) -> None:
     layer.bias = nn.Parameter((c * s + t).to(dtype), requires_grad=requires_grad)
 
 
-def _pairs(model: nn.Module) -> tuple[str, dict[str, str]]:
-    """``bn_name -> layer_name`` where the batch norm's only input is the layer's output, the
-    layer's output goes nowhere else, neither is used twice, and nothing else reads the
-    layer's weight or bias (a Parameter another module shares, or, when the model traces,
-    ``self.fc.weight`` read in a forward): folding rewrites them."""
+def _pairs(model: nn.Module) -> tuple[str, dict[str, str], set[str]]:
+    """``(method, pairs, read)``: ``pairs`` maps ``bn_name -> layer_name`` where the batch
+    norm's only input is the layer's output, the layer's output goes nowhere else, neither
+    is used twice, and nothing else reads the layer's weight or bias (a Parameter another
+    module shares, or, when the model traces, ``self.fc.weight`` read in a forward):
+    folding rewrites them. ``read``: the batch norms whose tensors a forward reads itself
+    (``self.bn.running_mean``, seen when the model traces), which must stay as they are."""
     counts = use_counts(model)
     param_counts = parameter_counts(model)
     once = lambda m: counts[id(m)] == 1
@@ -257,15 +269,16 @@ def _pairs(model: nn.Module) -> tuple[str, dict[str, str]]:
         if pairs:
             warn_sequential_fallback("fold", "batch norms were folded into the layers "
                                      "before them")
-        return "sequential", pairs
+        return "sequential", pairs, set()
     calls = module_calls(graph)
     attributes_read = [node.target for node in graph.nodes if node.op == "get_attr"]
     read_directly = lambda name: any(a == name or a.startswith(name + ".")
                                      for a in attributes_read)
+    read = {name for name, m in model.named_modules() if is_any_bn(m) and read_directly(name)}
     pairs = {}
     for bn_name, nodes in calls.items():
         bn = model.get_submodule(bn_name)
-        if len(nodes) != 1 or not bn_ok(bn) or not nodes[0].args:
+        if len(nodes) != 1 or not bn_ok(bn) or not nodes[0].args or bn_name in read:
             continue
         src = nodes[0].args[0]
         if (isinstance(src, torch.fx.Node) and src.op == "call_module"
@@ -274,7 +287,7 @@ def _pairs(model: nn.Module) -> tuple[str, dict[str, str]]:
             layer = model.get_submodule(src.target)
             if layer_ok(layer) and _compatible(layer, bn):
                 pairs[bn_name] = src.target
-    return "fx", pairs
+    return "fx", pairs, read
 
 
 def fold(model: nn.Module) -> tuple[nn.Module, FoldReport]:
@@ -292,8 +305,11 @@ def fold(model: nn.Module) -> tuple[nn.Module, FoldReport]:
     ``nn.Sequential`` (with a warning: that assumes each runs as a whole); a direct read of
     a weight is seen only when the model traces.
     Layers without running statistics are skipped, and so are those with forward or
-    backward hooks (a folded layer would not run them; the report names them). A lazy
-    batch norm that has not seen input yet raises ``ValueError``.
+    backward hooks (a folded layer would not run them) and, when the model traces, those
+    whose parameters or buffers a forward reads itself (``self.bn.running_mean``, which a
+    folded layer no longer has); the report names them. A subclass of torch's batch norm
+    (its forward may differ) or one with a parametrization is left as it is, with a
+    warning. A lazy batch norm that has not seen input yet raises ``ValueError``.
 
     A batch norm after a ``Linear`` is folded for ``(N, C)`` input, the only case where its
     channels are the Linear's features (on ``(N, L, C)`` a ``BatchNorm1d`` normalizes
@@ -323,6 +339,7 @@ def fold(model: nn.Module) -> tuple[nn.Module, FoldReport]:
         raise ValueError(f"fold(): {', '.join(map(repr, lazy))} is a lazy batch norm that "
                          f"has not seen input yet, so it has no statistics to fold: run the "
                          f"model on one batch first")
+    warn_subclasses(model, "fold", "It is not folded and runs as it is.")
     try:
         new = copy.deepcopy(model)
     except RuntimeError as e:
@@ -339,9 +356,10 @@ def fold(model: nn.Module) -> tuple[nn.Module, FoldReport]:
         s, t = _affine_of(new)
         dt = new.running_mean.dtype
         return ChannelAffine(s.to(dt), t.to(dt), *_activation_of(new),
-                             input_ranks=_input_ranks(new)).eval(), \
+                             input_ranks=_input_ranks(new),
+                             num_features=new.num_features).eval(), \
             FoldReport("fx", scale_shift=[""])
-    method, pairs = _pairs(new)
+    method, pairs, read = _pairs(new)
     report = FoldReport(method)
     done: dict[int, nn.Module] = {}
     for name, bn in list(new.named_modules(remove_duplicate=False)):
@@ -356,6 +374,9 @@ def fold(model: nn.Module) -> tuple[nn.Module, FoldReport]:
         if has_hooks(bn):
             report.skipped.append((name, _HOOKED))
             continue
+        if name in read:
+            report.skipped.append((name, _READ))
+            continue
         s, t = _affine_of(bn)
         if name in pairs:
             layer = new.get_submodule(pairs[name])
@@ -363,12 +384,13 @@ def fold(model: nn.Module) -> tuple[nn.Module, FoldReport]:
             # The layer's output feeds only this module: it may be overwritten.
             repl = ChannelAffine(None, None, *_activation_of(bn), inplace=True,
                                  linear_input=isinstance(layer, nn.Linear),
-                                 input_ranks=(layer.weight.dim(),))
+                                 input_ranks=(layer.weight.dim(),),
+                                 num_features=bn.num_features)
             report.folded.append((name, pairs[name]))
         else:
             dt = bn.running_mean.dtype
             repl = ChannelAffine(s.to(dt), t.to(dt), *_activation_of(bn),
-                                 input_ranks=_input_ranks(bn))
+                                 input_ranks=_input_ranks(bn), num_features=bn.num_features)
             report.scale_shift.append(name)
         repl.train(False)
         done[id(bn)] = repl
