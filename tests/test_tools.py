@@ -1059,6 +1059,28 @@ def test_freeze_into_buffers_keeps_a_converted_sync_layers_rank():
     assert_close(model(x), expected)
 
 
+@pytest.mark.parametrize("sync_cls", [nn.SyncBatchNorm, batchnorm.SyncBatchNorm])
+def test_freeze_into_buffers_keeps_a_sync_layers_ranks(sync_cls):
+    """A SyncBatchNorm built as one takes every rank of 2 or more; frozen into buffers it
+    became a FrozenBatchNorm2d, which refused the 3D and 5D input it had run on."""
+    model = nn.Sequential(sync_cls(4)).eval()
+    randomize(model)
+    inputs = [torch.randn(3, 4), torch.randn(3, 4, 5), torch.randn(2, 4, 3, 3),
+              torch.randn(2, 4, 2, 3, 3)]
+    expected = [model(x) for x in inputs]
+    batchnorm.freeze(model, buffers=True)
+    assert type(model[0]) is batchnorm.FrozenBatchNormNd
+    model.train()
+    for x, want in zip(inputs, expected):
+        assert_close(model(x), want)
+    with pytest.raises(ValueError, match=r"FrozenBatchNormNd expected at least 2D input"):
+        model(torch.randn(4))
+    folded, report = batchnorm.fold(model.eval())  # a scale-and-shift of any rank too
+    assert report.scale_shift == ["0"]
+    for x, want in zip(inputs, expected):
+        assert_close(folded(x), want)
+
+
 # ---------------------------------------------------------------------------------------
 # recalibrate
 

@@ -21,6 +21,7 @@ from .tools import (
     FrozenBatchNorm1d,
     FrozenBatchNorm2d,
     FrozenBatchNorm3d,
+    FrozenBatchNormNd,
     convert,
     fold,
     freeze,
@@ -36,6 +37,6 @@ __all__ = [
     "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d",
     "batch_norm", "functional",
     "tools", "convert", "revert", "fold", "freeze", "unfreeze", "recalibrate",
-    "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d",
+    "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "FrozenBatchNormNd",
     "SyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm",
 ]

@@ -2,8 +2,8 @@
 
 Two forms. :func:`freeze` sets the ``frozen`` state of our layers (saved with their
 state_dict, see ``modules.py``), optionally also stopping the affine parameters'
-gradients, and :func:`unfreeze` undoes it. :class:`FrozenBatchNorm2d` (and 1d, 3d) holds
-weight and bias as *buffers*, for checkpoints and code written for torchvision's or
+gradients, and :func:`unfreeze` undoes it. :class:`FrozenBatchNorm2d` (and 1d, 3d, and Nd
+for input of any rank, as a SyncBatchNorm takes) holds weight and bias as *buffers*, for checkpoints and code written for torchvision's or
 detectron2's ``FrozenBatchNorm2d``.
 """
 
@@ -33,7 +33,8 @@ class _FrozenBatchNorm(nn.Module):
     ``y = act((x - running_mean) / sqrt(running_var + eps) * weight + bias + residual)``
     in train and eval alike; gradients flow to the input (and residual) only. Computed by
     the same evaluation path as our ``BatchNorm*d`` in eval, so the outputs are identical.
-    Loads a ``BatchNorm`` state_dict (its ``num_batches_tracked`` is ignored).
+    Loads a ``BatchNorm`` state_dict (its ``num_batches_tracked`` is ignored). Input of the
+    ranks the matching ``BatchNorm1d/2d/3d`` takes; ``FrozenBatchNormNd``, any of 2 or more.
 
     Args:
         num_features: C, the channel count.
@@ -60,8 +61,11 @@ class _FrozenBatchNorm(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features, **kw))
         self.register_buffer("running_var", torch.ones(num_features, **kw))
 
-    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+    def _check_input_dim(self, input: Tensor) -> None:
         _check_rank(type(self).__name__, input, self._ranks, self._what)
+
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        self._check_input_dim(input)
         return F.batch_norm_resolved(input, self.running_mean, self.running_var, self.weight,
                                      self.bias, False, 0.0, self.eps, self.activation,
                                      self.activation_slope, residual)
@@ -83,13 +87,14 @@ class _FrozenBatchNorm(nn.Module):
         """A frozen copy (cloned tensors) of a torch or batchnorm ``BatchNorm*d`` layer; the
         rank follows the layer's class: a SyncBatchNorm's ``convert_sync_batchnorm`` made
         from a ``BatchNorm*d`` gives that one's (as ``revert_sync_batchnorm`` would), any
-        other SyncBatchNorm the 2d one."""
+        other layer that takes every rank of 2 or more (a SyncBatchNorm built as one)
+        :class:`FrozenBatchNormNd`, which takes them too."""
         if getattr(bn, "running_mean", None) is None:
             raise ValueError(f"{type(bn).__name__} with track_running_stats=False has no "
                              f"running statistics to freeze")
         name = getattr(bn, "_batchnorm_origin", type(bn)).__name__
-        cls = (FrozenBatchNorm1d if "1d" in name else FrozenBatchNorm3d if "3d" in name
-               else FrozenBatchNorm2d)
+        cls = (FrozenBatchNorm1d if "1d" in name else FrozenBatchNorm2d if "2d" in name
+               else FrozenBatchNorm3d if "3d" in name else FrozenBatchNormNd)
         act = getattr(bn, "activation", "none")
         new = cls(bn.num_features, bn.eps, device="meta")
         new.activation, new.activation_slope = act, getattr(bn, "activation_slope", 0.0)
@@ -115,7 +120,15 @@ class FrozenBatchNorm3d(_FrozenBatchNorm):
     _ranks, _what = (5,), "5D"
 
 
-for _cls in (FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d):
+class FrozenBatchNormNd(_FrozenBatchNorm):
+    # input of any rank of 2 or more, as a SyncBatchNorm takes (the frozen copy of one
+    # that was not made from a BatchNorm*d)
+    def _check_input_dim(self, input: Tensor) -> None:
+        if not isinstance(input, Tensor) or input.dim() < 2:
+            _check_rank(type(self).__name__, input, (), "at least 2D")
+
+
+for _cls in (FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, FrozenBatchNormNd):
     _cls.__doc__ = _FrozenBatchNorm.__doc__
 
 
