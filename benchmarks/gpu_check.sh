@@ -14,7 +14,8 @@
 # 3. the GPU tests in one pytest run, spread over processes: tests/test_backend_triton.py
 #    and the triton cases of the shared suite (parity, properties, gradcheck, modules; the
 #    bytes BN+ReLU keeps for backward);
-# 4. a short summary last.
+# 4. where an eager step's host time goes (gpu_host_profile.py --parts), if a minute is left;
+# 5. a short summary last.
 # Every stage has its own time limit and runs whatever the previous ones did; logs and the
 # CSV go to benchmarks/results/ (logs in logs/) and, when set, to $OUT. GPU_CHECK_SECONDS
 # (default 560) is the whole script's budget; GPU_CHECK_TABLE=0 leaves the table out (a
@@ -75,6 +76,13 @@ stage tests "$(limit 330)" $PY -m pytest -v --maxfail=5 -p no:cacheprovider "${X
     tests/test_backend_triton.py tests/test_parity.py tests/test_properties.py \
     tests/test_gradcheck.py tests/test_modules.py -k triton --durations=10
 
+# What is left of the budget, if a minute: where an eager step's host time goes
+# (gpu_dev.sh's first stage: the autograd engine's threads, the launcher's pointer
+# arguments), so that one call answers it where the card is lent for one.
+if (( $(left) >= 75 )); then
+    stage host_parts "$(limit 60)" $PY benchmarks/gpu_host_profile.py --parts --steps 300
+fi
+
 echo
 echo "================ gpu_check summary ($(( SECONDS - START )) s) ================"
 printf '%s\n' "${STATUS[@]}"
@@ -87,3 +95,8 @@ for name in table table_defaults; do
     sed -n '/^case /,$p' "${LOGS[0]}/gpu_check-$name.log"
 done
 [ -f "${LOGS[0]}/gpu_check-verdict.log" ] && cat "${LOGS[0]}/gpu_check-verdict.log"
+if [ -f "${LOGS[0]}/gpu_check-host_parts.log" ]; then
+    echo "-- host parts (its last rows) --"
+    grep -E "^(threads|torch step|ours|bare node|triton:|torch:)" \
+        "${LOGS[0]}/gpu_check-host_parts.log" | tail -24
+fi
