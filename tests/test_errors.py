@@ -161,23 +161,33 @@ def test_unknown_activation(activation, exc, fragment):
         F.batch_norm(torch.randn(4, 3), None, None, training=True, activation=activation)
 
 
-@pytest.mark.parametrize("kwargs,fragment", [
-    (dict(num_features=0), "num_features must be a positive int"),
-    (dict(num_features=-2), "num_features must be a positive int"),
-    (dict(num_features=2.5), "num_features must be a positive int"),
-    (dict(num_features=3, eps=-1e-5), "eps must be >= 0"),
-    (dict(num_features=3, eps=float("nan")), "eps must be >= 0"),
-    (dict(num_features=3, momentum=-0.1), "momentum must be a number in [0, 1]"),
-    (dict(num_features=3, momentum=1.5), "momentum must be a number in [0, 1]"),
-    ({"num_features": 3, "momentum": "0.1"}, "momentum must be a number in [0, 1]"),
-    ({"num_features": 3, "momentum": True}, "momentum must be a number in [0, 1]"),
+@pytest.mark.parametrize("kwargs,exc,fragment", [
+    (dict(num_features=0), ValueError, "num_features must be a positive int"),
+    (dict(num_features=-2), ValueError, "num_features must be a positive int"),
+    (dict(num_features=2.5), TypeError, "num_features must be a positive int"),
+    ({"num_features": "4"}, TypeError, "num_features must be a positive int"),
+    (dict(num_features=None), TypeError, "got NoneType None"),
+    (dict(num_features=True), TypeError, "got bool True"),
+    (dict(num_features=3, eps=-1e-5), ValueError, "eps must be >= 0"),
+    (dict(num_features=3, eps=float("nan")), ValueError, "eps must be >= 0"),
+    (dict(num_features=3, eps=None), TypeError, "eps must be a number >= 0, got NoneType"),
+    ({"num_features": 3, "eps": "a"}, TypeError, "eps must be a number >= 0, got str"),
+    (dict(num_features=3, momentum=-0.1), ValueError, "momentum must be a number in [0, 1]"),
+    (dict(num_features=3, momentum=1.5), ValueError, "momentum must be a number in [0, 1]"),
+    ({"num_features": 3, "momentum": "0.1"}, TypeError, "momentum must be a number in [0, 1]"),
+    ({"num_features": 3, "momentum": True}, TypeError, "momentum must be a number in [0, 1]"),
 ])
 @pytest.mark.parametrize("cls", [batchnorm.BatchNorm1d, batchnorm.BatchNorm2d,
                                  batchnorm.BatchNorm3d])
-def test_constructor_rejects(cls, kwargs, fragment):
-    with pytest.raises(ValueError) as info:
+def test_constructor_rejects(cls, kwargs, exc, fragment):
+    """ValueError for a value that cannot work (torch accepts it and fails later, or never),
+    TypeError for an argument of a wrong type, as torch's constructor or forward raises."""
+    with pytest.raises(exc) as info:
         cls(**kwargs)
-    assert fragment in str(info.value)
+    assert type(info.value) is exc and fragment in str(info.value)
+    if exc is TypeError and "num_features" in fragment:
+        with pytest.raises(TypeError):
+            getattr(nn, cls.__name__)(**kwargs)
 
 
 @pytest.mark.parametrize("kwargs,fragment", [
@@ -200,7 +210,7 @@ def test_constructor_takes_integer_types_as_torch_does():
     bn = batchnorm.BatchNorm2d(np.int64(3))
     assert bn.num_features == 3 and type(bn.num_features) is int
     assert nn.BatchNorm2d(np.int64(3)).num_features == 3
-    with pytest.raises(ValueError, match="num_features must be a positive int"):
+    with pytest.raises(TypeError, match="num_features must be a positive int"):
         batchnorm.BatchNorm2d(3.0)
 
 
@@ -273,8 +283,9 @@ def test_momentum_none_without_num_batches_tracked_is_torchs_factor_zero(gen):
     (dict(bias=torch.ones(3, dtype=torch.long)), TypeError, "bias must be floating point"),
     ({"weight": torch.ones(3, dtype=torch.complex64)}, TypeError,
      "convert it, e.g. with .float()"),
-    ({"momentum": "0.1"}, ValueError, "momentum must be a number in [0, 1], or None"),
-    (dict(momentum=None), ValueError, "num_batches_tracked"),
+    ({"momentum": "0.1"}, TypeError, "momentum must be a number in [0, 1], or None"),
+    (dict(momentum=None), TypeError, "num_batches_tracked"),
+    ({"eps": "a"}, TypeError, "eps must be a number >= 0, got str"),
     ({"training": None}, TypeError, "training must be True or False, got None"),
     ({"training": 1}, TypeError, "training must be True or False, got 1"),
 ])
@@ -362,10 +373,22 @@ def test_running_stats_that_require_grad_are_refused_as_torch_refuses_them(which
 
 
 def test_functional_eval_needs_running_stats(gen):
-    with pytest.raises(RuntimeError, match="needs running_mean and running_var"):
-        F.batch_norm(torch.randn(4, 3, generator=gen), None, None, training=False)
+    """RuntimeError in evaluation with either running statistic missing, as torch's; in
+    training both must be given or neither (ValueError, as torch's)."""
+    x = torch.randn(4, 3, generator=gen)
+    for rm, rv, missing in ((None, None, "running_mean"), (torch.zeros(3), None, "running_var"),
+                            (None, torch.ones(3), "running_mean")):
+        with pytest.raises(RuntimeError, match=f"needs running_mean and running_var; "
+                                               f"{missing} is None"):
+            F.batch_norm(x, rm, rv, training=False)
+        with pytest.raises(RuntimeError):
+            torch.nn.functional.batch_norm(x, rm, rv, training=False)
     with pytest.raises(ValueError, match="given together"):
-        F.batch_norm(torch.randn(4, 3, generator=gen), torch.zeros(3), None, training=True)
+        F.batch_norm(x, torch.zeros(3), None, training=True)
+    m = batchnorm.BatchNorm2d(3).eval()
+    m.running_var = None
+    with pytest.raises(RuntimeError, match="running_var is None"):
+        m(torch.randn(4, 3, 2, 2, generator=gen))
 
 
 def test_a_forced_backend_refuses_tensors_of_another_device():

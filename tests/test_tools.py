@@ -1020,11 +1020,14 @@ def test_frozen_batchnorm_modules(cls, shape):
         frozen(torch.randn(5))
 
 
-@pytest.mark.parametrize("args,match", [((0,), "num_features"), ((-2,), "num_features"),
-                                        ((2.5,), "num_features"), ((3, -1.0), "eps")])
-def test_frozen_batch_norm_checks_its_arguments(args, match):
-    """As our BatchNorm2d: ValueError at construction, not a failure at the first call."""
-    with pytest.raises(ValueError, match=match):
+@pytest.mark.parametrize("args,exc,match", [
+    ((0,), ValueError, "num_features"), ((-2,), ValueError, "num_features"),
+    ((2.5,), TypeError, "num_features"), ((3, -1.0), ValueError, "eps"),
+    ((3, "a"), TypeError, "eps")])
+def test_frozen_batch_norm_checks_its_arguments(args, exc, match):
+    """As our BatchNorm2d: ValueError (a wrong value) or TypeError (a wrong type) at
+    construction, not a failure at the first call."""
+    with pytest.raises(exc, match=match):
         batchnorm.FrozenBatchNorm2d(*args)
 
 

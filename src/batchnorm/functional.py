@@ -7,8 +7,6 @@ buffer as it was.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
@@ -107,16 +105,39 @@ def _check_num_batches_tracked(t, input: Tensor) -> None:
                            f"{input.device}; move it with .to({str(input.device)!r})")
 
 
-def check_momentum(momentum) -> None:
-    """ValueError unless ``momentum`` is a number in [0, 1] (None, the cumulative average,
-    is the caller's to allow)."""
-    try:  # a bool or a string is a mistake (an argument in the wrong place, say)
-        value = math.nan if isinstance(momentum, (bool, str, bytes)) else float(momentum)
+def _real(value, refuse_bool: bool) -> float | None:
+    """``value`` as a float, or None where it is no number: a string (which float() would
+    read), or a bool where ``refuse_bool`` (an argument in the wrong place, say)."""
+    if isinstance(value, (str, bytes)) or (refuse_bool and isinstance(value, bool)):
+        return None
+    try:
+        return float(value)
     except (TypeError, ValueError):
-        value = math.nan
+        return None
+
+
+def check_momentum(momentum) -> None:
+    """TypeError unless ``momentum`` is a number (a bool is refused too), ValueError unless
+    it is in [0, 1] (None, the cumulative average, is the caller's to allow): the classes
+    of torch's errors for a wrong type and of ours for a wrong value."""
+    value = _real(momentum, refuse_bool=True)
+    if value is None:
+        raise TypeError(f"momentum must be a number in [0, 1], or None for a cumulative "
+                        f"average, got {type(momentum).__name__} {momentum!r}")
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"momentum must be a number in [0, 1], or None for a cumulative "
                          f"average, got {momentum!r}")
+
+
+def check_eps(eps) -> None:
+    """TypeError unless ``eps`` is a number, ValueError for a negative or NaN one."""
+    if type(eps) is float and eps >= 0:  # the usual case, on every call
+        return
+    value = _real(eps, refuse_bool=False)
+    if value is None:
+        raise TypeError(f"eps must be a number >= 0, got {type(eps).__name__} {eps!r}")
+    if not value >= 0:  # NaN too
+        raise ValueError(f"eps must be >= 0, got {eps!r}")
 
 
 def validate(input, running_mean, running_var, weight, bias, training, momentum, eps,
@@ -148,6 +169,11 @@ def validate(input, running_mean, running_var, weight, bias, training, momentum,
                                   and t.device == device and t.layout is torch.strided):
             for name, u in zip(_PER_CHANNEL, per_channel):
                 _check_per_channel(name, u, input)
+    if not training and (running_mean is None or running_var is None):
+        # RuntimeError, as torch's ("running_mean must be defined in evaluation mode")
+        missing = "running_mean" if running_mean is None else "running_var"
+        raise RuntimeError(f"evaluation (training=False) needs running_mean and running_var; "
+                           f"{missing} is None")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together or both be None")
     if running_mean is not None and (running_mean.requires_grad or running_var.requires_grad
@@ -159,9 +185,6 @@ def validate(input, running_mean, running_var, weight, bias, training, momentum,
             f"batch norm is not differentiable with respect to {name}, which has "
             f"requires_grad=True: running statistics are buffers. Pass {name}.detach(), "
             f"or call {name}.requires_grad_(False)")
-    if not training and running_mean is None:
-        # RuntimeError as torch's ("running_mean must be defined in evaluation mode")
-        raise RuntimeError("evaluation (training=False) needs running_mean and running_var")
     if num_batches_tracked is not None:
         _check_num_batches_tracked(num_batches_tracked, input)
     if residual is not None:
@@ -178,11 +201,11 @@ def validate(input, running_mean, running_var, weight, bias, training, momentum,
         if residual.layout is not torch.strided:
             raise NotImplementedError(f"residual is a {residual.layout} tensor; batch_norm "
                                       f"takes dense (strided) ones: pass residual.to_dense()")
-    if not eps >= 0:  # NaN too, as the modules' constructors refuse it
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    check_eps(eps)  # NaN refused too, as the modules' constructors refuse it
     if momentum is None:
         if training and running_mean is not None and num_batches_tracked is None:
-            raise ValueError(
+            # TypeError, as torch's (its momentum must be a float)
+            raise TypeError(
                 "momentum=None (cumulative average) needs num_batches_tracked; pass a float "
                 "momentum in [0, 1] to the functional form")
     else:

@@ -23,18 +23,20 @@ from . import functional as F
 
 def check_constructor_args(num_features: int, eps: float, momentum: float | None,
                            allow_zero_features: bool = False) -> int:
-    """ValueError for arguments torch accepts silently but that cannot work; returns
-    ``num_features`` as a Python int (an integer type such as ``np.int64`` is accepted,
-    as torch accepts it)."""
+    """TypeError for an argument of a wrong type, ValueError for values torch accepts
+    silently but that cannot work; returns ``num_features`` as a Python int (an integer
+    type such as ``np.int64`` is accepted, as torch accepts it)."""
     try:
         count = None if isinstance(num_features, bool) else operator.index(num_features)
     except TypeError:
         count = None
-    if count is None or (count < 1 and not (allow_zero_features and count == 0)):
+    if count is None:
+        raise TypeError(f"num_features must be a positive int (the C of an (N, C, ...) "
+                        f"input), got {type(num_features).__name__} {num_features!r}")
+    if count < 1 and not (allow_zero_features and count == 0):
         raise ValueError(f"num_features must be a positive int (the C of an (N, C, ...) "
                          f"input), got {num_features!r}")
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps!r}")
+    F.check_eps(eps)
     if momentum is not None:
         F.check_momentum(momentum)
     return count
