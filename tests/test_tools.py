@@ -911,6 +911,37 @@ def test_tracing_leaves_what_a_forward_assigns_to_its_module(tool):
         torch.testing.assert_close(result(x), expected, rtol=1e-5, atol=1e-5)
 
 
+class _UpdatesBuffers(nn.Module):
+    """A forward that moves buffers of its own: in place, and by assignment."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU()
+        self.register_buffer("ema", torch.zeros(4))
+        self.register_buffer("steps", torch.zeros(()))
+
+    def forward(self, x):
+        y = self.act(self.bn(self.conv(x)))
+        self.ema.mul_(0.9).add_(y.detach().mean((0, 2, 3)), alpha=0.1)
+        self.steps += 1
+        return y
+
+
+@pytest.mark.parametrize("tool", ["convert", "fold"])
+def test_tracing_moves_no_buffer(tool):
+    """The traces ran a forward's in-place updates on the real buffers (convert moved the
+    user's ema and counted 2 steps): buffers are placeholders in the trace now."""
+    model = _UpdatesBuffers().eval()
+    if tool == "convert":
+        result = batchnorm.convert(model)
+        assert isinstance(result.act, FusedActivation)
+    else:
+        result, report = batchnorm.fold(model)
+        assert report.folded == [("bn", "conv")]
+    for m in {id(model): model, id(result): result}.values():
+        assert torch.equal(m.ema, torch.zeros(4)) and m.steps.item() == 0
+
+
 def test_fold_warns_about_the_batch_norms_it_leaves_unseen():
     """A subclass of torch's batch norm (its forward may differ) is left as it is, as
     convert and freeze leave it, and said so: fold's report does not list it."""
