@@ -23,6 +23,7 @@ import argparse
 import cProfile
 import io
 import pstats
+import sys
 import time
 import warnings
 
@@ -280,6 +281,21 @@ def _threads(ours, theirs, x, dy, steps: int) -> None:
         "bare node, results stashed": lambda: median_us(stash_step(StashingFunction)),
         "bare node, node kept": lambda: median_us(stash_step(NodeKeepingFunction)),
     }
+    def switching(interval):
+        """ours, with the interpreter's GIL switch interval at ``interval`` s (default
+        0.005): a thread waiting for the GIL asks the holder to drop it after that long,
+        so a hand-over that waits on the GIL moves with it."""
+        def measure():
+            default = sys.getswitchinterval()
+            sys.setswitchinterval(interval)
+            try:
+                return median_us(_step_fn(ours, x, dy), split=True)
+            finally:
+                sys.setswitchinterval(default)
+        return measure
+
+    rows["ours (step, fwd), switch 1e-5"] = switching(1e-5)
+    rows["ours (step, fwd), switch 0.1"] = switching(0.1)
     print(f"{'threads (medians, µs)':30s} {'engine threads':>16s} {'one thread':>16s}")
     for name, measure in rows.items():
         with torch.autograd.set_multithreading_enabled(True):
