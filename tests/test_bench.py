@@ -113,6 +113,27 @@ def test_cli_times_given_shapes(capsys):
     assert "--shape '2,2:cl'" in capsys.readouterr().err
 
 
+def test_a_shape_too_large_for_memory_ends_with_one_line(monkeypatch, capsys):
+    """A --shape this machine cannot hold ended in the allocator's traceback (exit 1): one
+    line and exit 2, as for every other bad --shape. (The allocation fails at once; a
+    stand-in for run_table keeps the test from depending on this machine's memory.)"""
+    def run_table(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't "
+                           "allocate memory: you tried to allocate 400000000000 bytes.")
+    monkeypatch.setattr(bench, "run_table", run_table)
+    p = _parser()
+    assert bench.run(p.parse_args(["--device", "cpu", "--shape", "100000,100000,10"])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("batchnorm bench: not enough memory on cpu") and len(
+        err.strip().splitlines()) == 1
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a defect, not memory")
+    monkeypatch.setattr(bench, "run_table", broken)
+    with pytest.raises(RuntimeError, match="a defect"):
+        bench.run(p.parse_args(["--device", "cpu", "--shape", "2,2,3,4"]))
+
+
 def test_compile_ops_choose_what_torch_compile_is_timed_for(monkeypatch, capsys):
     monkeypatch.setattr(torch, "compile", lambda fn: fn)  # the plumbing, not a compile
     rows = bench.run_table("cpu", repeats=1, cases=[bench.Case((2, 2, 3, 4), compile=True)],

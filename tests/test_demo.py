@@ -44,3 +44,12 @@ def test_a_closed_pipe_ends_the_command_quietly():
     proc = subprocess.run(f"{sys.executable} -m batchnorm demo | head -1", shell=True,
                           capture_output=True, text=True, check=True)
     assert proc.stdout.startswith("batchnorm demo") and "Traceback" not in proc.stderr
+
+
+def test_demo_runs_where_stdout_cannot_encode_its_symbols():
+    """Under an ASCII encoding the demo's x̂ and rules ended in a UnicodeEncodeError."""
+    import os
+    env = dict(os.environ, PYTHONIOENCODING="ascii")
+    proc = subprocess.run([sys.executable, "-m", "batchnorm", "demo"], capture_output=True,
+                          env=env, check=True)
+    assert b"4.7958" in proc.stdout and b"Traceback" not in proc.stderr

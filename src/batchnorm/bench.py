@@ -757,9 +757,21 @@ def run(args) -> int:
             print(f"batchnorm bench: --compile-ops {args.compile_ops!r}: ops are "
                   f"{', '.join(OPS)}", file=sys.stderr)
             return 2
-    rows = run_table(device, quick=args.quick, repeats=args.repeats,
-                     compile=compile, memory=not args.no_memory,
-                     cases=cases, compile_ops=compile_ops, budget_s=args.budget)
+    try:
+        rows = run_table(device, quick=args.quick, repeats=args.repeats,
+                         compile=compile, memory=not args.no_memory,
+                         cases=cases, compile_ops=compile_ops, budget_s=args.budget)
+    except (MemoryError, RuntimeError) as e:
+        # a --shape larger than this machine holds: the allocator's words, not a traceback
+        # (torch.OutOfMemoryError, CUDA's, is a RuntimeError; the CPU allocator raises a
+        # plain RuntimeError)
+        if not (isinstance(e, MemoryError) or "out of memory" in str(e)
+                or "can't allocate memory" in str(e)):
+            raise
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"batchnorm bench: not enough memory on {device} for this table "
+              f"({first_line}); try smaller --shape sizes", file=sys.stderr)
+        return 2
     extras = [] if args.no_extras or cases else extra_rows(device, args.quick,
                                                            machine(device),
                                                            sync=not args.quick)

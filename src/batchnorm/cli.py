@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import suppress
 
 
 def _rule(title: str) -> str:
@@ -128,6 +129,12 @@ _positive_int.__name__ = "int"  # what argparse names in its message
 
 
 def main(argv: list[str] | None = None) -> int:
+    # the demo prints x̂ and box-drawing lines: where stdout cannot encode them (an ASCII
+    # locale's PYTHONIOENCODING), a replacement character rather than a traceback
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        with suppress(ValueError, OSError):
+            reconfigure(errors="replace")
     try:
         return _main(argv)
     except BrokenPipeError:
