@@ -134,6 +134,19 @@ def test_a_shape_too_large_for_memory_ends_with_one_line(monkeypatch, capsys):
         bench.run(p.parse_args(["--device", "cpu", "--shape", "2,2,3,4"]))
 
 
+def test_dtype_without_shape_says_it_is_not_used(monkeypatch, capsys):
+    """--dtype applies to --shape cases; the standard table ran in its own dtypes, silently."""
+    monkeypatch.setattr(bench, "run_table", lambda *a, **k: (_ for _ in ()).throw(
+        KeyboardInterrupt))  # stop once the arguments are read
+    p = _parser()
+    with pytest.raises(KeyboardInterrupt):
+        bench.run(p.parse_args(["--device", "cpu", "--quick", "--dtype", "float16"]))
+    assert "--dtype float16 applies to --shape cases" in capsys.readouterr().err
+    with pytest.raises(KeyboardInterrupt):
+        bench.run(p.parse_args(["--device", "cpu", "--quick"]))
+    assert capsys.readouterr().err == ""
+
+
 def test_compile_ops_choose_what_torch_compile_is_timed_for(monkeypatch, capsys):
     monkeypatch.setattr(torch, "compile", lambda fn: fn)  # the plumbing, not a compile
     rows = bench.run_table("cpu", repeats=1, cases=[bench.Case((2, 2, 3, 4), compile=True)],

@@ -672,7 +672,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="time these shapes instead of the table (repeatable; :cl for "
                         "channels-last); the CSV is then <device>-<date>-shapes[-k].csv, "
                         "never overwritten")
-    p.add_argument("--dtype", default="float32",
+    p.add_argument("--dtype", default=None,
                    choices=["float32", "float64", "float16", "bfloat16"],
                    help="dtype of the --shape cases (default: float32)")
 
@@ -742,10 +742,13 @@ def run(args) -> int:
     # --quick nowhere); --compile-ops asks for it, --quick and --shape included
     compile = False if args.no_compile else (True if args.compile_ops is not None else None)
     cases = None
+    if args.dtype is not None and not args.shape:
+        print(f"batchnorm bench: --dtype {args.dtype} applies to --shape cases; the table "
+              f"keeps its own dtypes", file=sys.stderr)
     if args.shape:
         try:
-            cases = [parse_case(text, getattr(torch, args.dtype), compile=compile is True)
-                     for text in args.shape]
+            cases = [parse_case(text, getattr(torch, args.dtype or "float32"),
+                                compile=compile is True) for text in args.shape]
         except ValueError as e:
             print(f"batchnorm bench: {e}", file=sys.stderr)
             return 2
