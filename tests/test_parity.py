@@ -414,6 +414,33 @@ def test_nan_or_negative_running_var_gives_nan_like_torch(backend, gen, grad, dt
     assert_close(y[:, 3], expected[:, 3], dtype)
 
 
+@pytest.mark.parametrize("eps", [1e39, float("inf")], ids=["1e39", "inf"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_eps_over_float32s_range_gives_torchs_bias(backend, gen, eps, dtype, training):
+    """An eps over float32's largest value makes invstd 0 in torch's float32 arithmetic:
+    y is the bias, x's gradient 0. It reached the triton backend's float32 and float16
+    kernels as the float32 pair (inf, -inf), whose sum is NaN: every output was NaN
+    (found by a probe of the backend)."""
+    x = torch.randn(4, 3, 5, generator=gen).to(dtype).to(backend.device).requires_grad_()
+    dy = torch.randn(4, 3, 5, generator=gen).to(dtype).to(backend.device)
+    w, b = torch.rand(3, generator=gen) + 0.5, torch.randn(3, generator=gen)
+    rm, rv = torch.randn(3, generator=gen), torch.rand(3, generator=gen) + 0.5
+    got, want = [], []
+    for impl, out in ((batchnorm.functional.batch_norm, got),
+                      (torch.nn.functional.batch_norm, want)):
+        xi = x if impl is not torch.nn.functional.batch_norm else \
+            x.detach().float().requires_grad_()
+        wi, bi = w.to(backend.device).requires_grad_(), b.to(backend.device).requires_grad_()
+        rmi, rvi = rm.to(backend.device), rv.to(backend.device)
+        y = impl(xi, rmi, rvi, wi, bi, training, 0.1, eps)
+        y.backward(dy.to(y.dtype))
+        out += [y.detach().float(), xi.grad.float(), wi.grad, bi.grad, rmi, rvi]
+    for name, a, e in zip(("y", "dx", "dweight", "dbias", "running_mean", "running_var"),
+                          got, want):
+        assert_close(a, e, dtype if name in ("y", "dx") else torch.float32, msg=name)
+
+
 # ---------------------------------------------------------------------------------------
 # An infinite upstream gradient
 

@@ -9,6 +9,7 @@ float32 pair ``slope_hi + slope_lo`` (see ``split_float``).
 """
 
 import functools
+import math
 
 import numpy as np
 import triton
@@ -23,7 +24,12 @@ def split_float(v: float) -> tuple[float, float]:
     """``v`` as two float32 values whose float64 sum is ``v`` to about 1e-14 (cached: a
     step asks for the same eps and slope several times, and host time counts on small
     inputs)."""
-    hi = float(np.float32(v))
+    with np.errstate(over="ignore"):
+        hi = float(np.float32(v))
+    if not math.isfinite(hi):
+        # over float32's largest value (or inf, NaN): the pair (hi, 0), as float32
+        # arithmetic holds it; v − hi would be ∓inf (or NaN), and hi + lo NaN in a kernel
+        return hi, 0.0
     return hi, float(np.float32(v - hi))
 
 
