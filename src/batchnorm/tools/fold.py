@@ -87,6 +87,11 @@ class ChannelAffine(nn.Module):
     float64), the arithmetic runs in the wider of the two, rounded once at the end.
     """
 
+    # what a ChannelAffine pickled before these attributes existed reads (torch.load of a
+    # whole model): no rank rule, no channel count
+    input_ranks: tuple[int, ...] | None = None
+    num_features: int | None = None
+
     def __init__(self, scale: Tensor | None, shift: Tensor | None, activation: str = "none",
                  slope: float = 0.0, inplace: bool = False, linear_input: bool = False,
                  input_ranks: tuple[int, ...] | None = None,
