@@ -147,6 +147,20 @@ def test_dtype_without_shape_says_it_is_not_used(monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.parametrize("load,warned", [(5.0, True), (0.5, False)])
+def test_a_loaded_machine_is_said_to_make_the_times_unreliable(monkeypatch, capsys, load,
+                                                               warned):
+    """The bench records the load average; on a loaded machine (a probe saw torch's small
+    layer take 22 ms a call at load 3 on 2 cores) its ratios mean little: it says so."""
+    info = dict(bench.machine(torch.device("cpu")), load_avg_1m=load, cpu_count=2)
+    monkeypatch.setattr(bench, "run_table", lambda *a, **k: [info])
+    monkeypatch.setattr(bench, "format_table", lambda rows: "")
+    p = _parser()
+    assert bench.run(p.parse_args(["--device", "cpu", "--shape", "2,2,3,4"])) == 0
+    err = capsys.readouterr().err
+    assert ("load average was 5.0 at the start, for 2 CPUs" in err) == warned
+
+
 def test_compile_ops_choose_what_torch_compile_is_timed_for(monkeypatch, capsys):
     monkeypatch.setattr(torch, "compile", lambda fn: fn)  # the plumbing, not a compile
     rows = bench.run_table("cpu", repeats=1, cases=[bench.Case((2, 2, 3, 4), compile=True)],

@@ -789,6 +789,12 @@ def run(args) -> int:
     print(format_table(rows))
     if extras:
         print(format_extra(extras))
+    load, cpus = info["load_avg_1m"], info["cpu_count"]
+    if device.type == "cpu" and isinstance(load, float) and cpus and load >= cpus:
+        # other processes held the cores: both sides' times wait on them, unevenly
+        print(f"batchnorm bench: the load average was {load} at the start, for {cpus} "
+              f"CPUs: other processes held them, so these times and ratios are unreliable; "
+              f"run again on an idle machine", file=sys.stderr)
     if args.csv or args.plot:
         path = write_csv(rows + extras, device.type, name="shapes" if cases else "")
         print(f"wrote {path}")
