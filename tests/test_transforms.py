@@ -90,6 +90,71 @@ def test_vmap_of_a_step_that_updates_running_stats_fails_like_torch(nested):
     with pytest.raises(RuntimeError, match="running statistics.*not batched.*eval mode"):
         run(ours)(x)
     assert all(torch.equal(v, before[k]) for k, v in ours.state_dict().items())
+    # the way out the message names for our layers (torch.func's replace_all_batch_norm_
+    # modules_, which it named before, changes torch's layers only)
+    ours.track_running_stats = theirs.track_running_stats = False
+    theirs.running_mean = theirs.running_var = None
+    assert_close(run(ours)(x), run(theirs)(x))
+    assert all(torch.equal(v, before[k]) for k, v in ours.state_dict().items())
+
+
+# A forward run by the kernels, and its backward under a transform: the backward's
+# cotangent comes batched (no storage: the kernels read addresses) or dual (the kernels
+# would drop its tangent). Both crashed or lost the tangent (found by a probe).
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_batched_cotangents_of_a_kernel_forward(backend, activation, mode):
+    """autograd.grad(..., is_grads_batched=True), which jacobian(vectorize=True) and
+    gradcheck(check_batched_grad=True) use, against a loop over the cotangents."""
+    ours = batchnorm.BatchNorm1d(3, activation=activation, dtype=F64, device=backend.device)
+    ours.train(mode == "train")
+    x = _x(5, 3, 4).to(backend.device).requires_grad_()
+    r = _x(5, 3, 4, seed=2).to(backend.device).requires_grad_()
+    y = ours(x, r)
+    v = _x(6, 5, 3, 4, seed=3).to(backend.device)
+    batched = torch.autograd.grad(y, (x, r, ours.weight), v, is_grads_batched=True,
+                                  retain_graph=True)
+    for i in range(v.shape[0]):
+        one = torch.autograd.grad(y, (x, r, ours.weight), v[i], retain_graph=True)
+        for a, b in zip(batched, one):
+            torch.testing.assert_close(a[i], b, rtol=1e-10, atol=1e-12)
+    jacobian = torch.autograd.functional.jacobian(lambda t: ours(t, r), x, vectorize=True)
+    assert jacobian.shape == (5, 3, 4, 5, 3, 4)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_gradcheck_with_batched_grads_of_a_kernel_forward(backend, mode):
+    """The README says gradcheck holds; its check_batched_grad option crashed."""
+    ours = batchnorm.BatchNorm1d(2, activation="silu", dtype=F64, device=backend.device)
+    ours.train(mode == "train")
+    x = _x(4, 2, 3).to(backend.device).requires_grad_()
+    assert torch.autograd.gradcheck(ours, (x,), check_batched_grad=True)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_dual_cotangent_keeps_its_tangent(mode):
+    """Forward over reverse (a Hessian-vector product): the gradient of a forward run
+    outside the dual level, with a dual cotangent, has the tangent the cotangent's tangent
+    gives, as torch's layer has; ours came back without one."""
+    ours, theirs = _pair("relu")
+    for m in (ours, theirs):
+        m.train(mode == "train")
+    got = []
+    for m in (ours, theirs):
+        x = _x(4, 3, 2, 2).requires_grad_()
+        y = m(x)
+        u, tu = _x(4, 3, 2, 2, seed=5), _x(4, 3, 2, 2, seed=6)
+        with forward_ad.dual_level():
+            g, = torch.autograd.grad(y, x, forward_ad.make_dual(u, tu), retain_graph=True)
+            primal, tangent = forward_ad.unpack_dual(g)
+        assert tangent is not None
+        plain, = torch.autograd.grad(y, x, tu)
+        torch.testing.assert_close(tangent, plain, rtol=1e-12, atol=1e-12)
+        got.append((primal, tangent))
+    for a, b in zip(*got):
+        assert_close(a, b)
 
 
 def test_grad_and_per_sample_gradients_with_functional_call():

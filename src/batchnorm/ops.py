@@ -413,7 +413,9 @@ def _kernel_view_backward(ctx, x, weight, bias, residual, mean, var, dy):
             mean, m2 = portable.stats(x)
             var = m2 / max(count, 1)
     elif ctx.eager:
-        prims = _DirectPrimitives
+        # a cotangent the kernels cannot take (see kernels_take) gets torch ops, which
+        # vmap batches and forward-mode AD differentiates
+        prims = _DirectPrimitives if kernels_take(dy) else portable
     else:
         prims = torch.ops.batchnorm
     invstd = invstd_from_var(var, ctx.eps)
@@ -483,7 +485,7 @@ class _EagerBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() and kernels_take(dy):
             grads = _fused_backward(ctx, dy)
             if grads is not None:
                 return (*grads, None, None, None, None, None, None)
@@ -547,6 +549,18 @@ def needs_composed(input: Tensor | None = None) -> bool:
             or (input is not None and type(input).__torch_dispatch__ is not _plain_dispatch))
 
 
+def kernels_take(dy: Tensor) -> bool:
+    """Whether a backward of a forward run by the kernels may hand them ``dy`` too. Not a
+    dy without storage (a cotangent that ``autograd.grad(..., is_grads_batched=True)``,
+    ``jacobian(vectorize=True)`` or a vmap over a backward batched: the kernels read
+    addresses), nor one under a transform or forward-mode AD (a dual cotangent, whose
+    tangent the kernels would drop: forward-over-reverse Hessian-vector products)."""
+    return _has_storage(dy) and not needs_composed(dy)
+
+
+_has_storage = torch._C._has_storage
+
+
 def _composed(input, weight, bias, residual, running_mean, running_var, eps, activation,
               slope, update) -> Tensor:
     """Batch norm in torch ops alone (the portable backend's, called directly): the same
@@ -562,8 +576,9 @@ def _composed(input, weight, bias, residual, running_mean, running_var, eps, act
             "batch norm under torch.func.vmap got a batched input while its running "
             "statistics, which a training step updates in place, are not batched. Use "
             "eval mode (model.eval()) or track_running_stats=False inside vmap, or give "
-            "each vmapped call its own running statistics "
-            "(torch.func.replace_all_batch_norm_modules_ does the former for a model)")
+            "each vmapped call its own running statistics (on our layers, set "
+            "track_running_stats = False: torch.func.replace_all_batch_norm_modules_ does "
+            "that for torch's layers only)")
     if update is not None and torch._is_functional_tensor(input) and not all(
             torch._is_functional_tensor(t) for t in update[:3] if t is not None):
         # (torch's own op has a rule of its own in the functionalization pass; ours would
