@@ -414,6 +414,31 @@ def test_nan_or_negative_running_var_gives_nan_like_torch(backend, gen, grad, dt
     assert_close(y[:, 3], expected[:, 3], dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_infinite_running_mean_gives_torchs_infinities(backend, gen, dtype, layout):
+    """Evaluation with a running mean of ±inf (a float16 model's running update that
+    overflowed): torch gives ∓inf outputs and ∓inf weight gradients on that channel. The
+    cpu kernels split the mean into its acc-dtype rounding and the remainder, inf − inf:
+    every output of the channel was NaN (found by a probe of 16-bit extremes)."""
+    ours = batchnorm.BatchNorm2d(3, device=backend.device).eval()
+    theirs = nn.BatchNorm2d(3, device=backend.device).eval()
+    for m in (ours, theirs):
+        with torch.no_grad():
+            m.running_mean.copy_(torch.tensor([float("inf"), float("-inf"), 0.5]))
+    _, x = make_input((2, 3, 2, 3), layout, dtype, backend.device, gen)
+    x.requires_grad_()
+    xt = x.detach().float().requires_grad_()
+    y, expected = ours(x), theirs(xt)
+    assert torch.equal(y[:, :2].float(), expected[:, :2])
+    assert_close(y[:, 2].float(), expected[:, 2], dtype)
+    dy = torch.ones_like(y)
+    y.backward(dy)
+    expected.backward(dy.float())
+    assert_close(x.grad.float(), xt.grad, dtype)
+    assert torch.equal(ours.weight.grad[:2], theirs.weight.grad[:2])
+
+
 @pytest.mark.parametrize("eps", [1e39, float("inf")], ids=["1e39", "inf"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -79,7 +79,9 @@ def centre_for_kernels(mean: Tensor, invstd: Tensor, weight: Tensor | None,
     if mean.dtype == acc:
         return mean, bias, None
     mean_k = mean.to(acc)
-    shift = (mean - mean_k.to(mean.dtype)).to(acc) * invstd
+    # an infinite mean is its own rounding (inf − inf would make every x̂ NaN)
+    rest = (mean - mean_k.to(mean.dtype)).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    shift = rest.to(acc) * invstd
     scaled = shift if weight is None else shift * weight.to(acc)
     bias_k = -scaled if bias is None else bias.to(acc) - scaled
     return mean_k, bias_k, shift

@@ -678,7 +678,10 @@ def _prologue(mean, v, eps, count, mode, weight, bias, mean_k, invstd, scale, sh
         for c in range(c_):
             mean_k[c] = mean[c]
         for c in range(c_):
-            delta[c] = mean[c] - np.float64(mean_k[c])
+            # an infinite mean is its own rounding (inf − inf would make every z NaN,
+            # where torch's eval gives ±inf: a running mean that overflowed in float16)
+            d = mean[c] - np.float64(mean_k[c])
+            delta[c] = d if math.isfinite(d) else 0.0
     if weight.shape[0] > 0:
         for c in range(c_):
             scale[c] = invstd[c] * weight[c]

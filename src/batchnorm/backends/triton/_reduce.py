@@ -381,7 +381,9 @@ def backward_partial_ncl(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_pt
                            slope_hi, slope_lo)
             dz = tl.where(mask, dz, 0.0)
             sdz += dz
-            sdzx += dz * xhat
+            # a padding lane's x̂ is (0 − mean)·invstd: ±inf for an infinite mean, and
+            # 0·inf would make the channel's sum NaN
+            sdzx += tl.where(mask, dz * xhat, 0.0)
     out = p * C + c
     tl.store(psdz_ptr + out, tl.sum(tl.sum(sdz, axis=1), axis=0))
     tl.store(psdzx_ptr + out, tl.sum(tl.sum(sdzx, axis=1), axis=0))
@@ -432,13 +434,13 @@ def backward_partial_mc(dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr
                        slope_lo)
         dz = tl.where(mask, dz, 0.0)
         sdz += dz
-        sdzx += dz * xhat
+        sdzx += tl.where(mask, dz * xhat, 0.0)  # (a padding lane: see the NCL kernel)
         if UNROLL == 2:
             xhat, dz = _dz(dyv2, xv2, mu, inv, w, b, rv2, ACT, HAS_W, HAS_B, HAS_RES,
                            slope_hi, slope_lo)
             dz = tl.where(mask2, dz, 0.0)
             sdz += dz
-            sdzx += dz * xhat
+            sdzx += tl.where(mask2, dz * xhat, 0.0)
     out = p * C + cols
     tl.store(psdz_ptr + out, tl.sum(sdz, axis=0), mask=cmask)
     tl.store(psdzx_ptr + out, tl.sum(sdzx, axis=0), mask=cmask)
@@ -554,7 +556,10 @@ def _store_coefficients(out_ptr, cols, cmask, C, mean, var, w_ptr, b_ptr, eps_hi
     weight·shift and shift = (mean − mean_k)·invstd (``ops.centre_for_kernels``)."""
     invstd = _invstd(var.to(acc_ty), eps_hi, eps_lo, F64)
     mean_k = mean.to(acc_ty)
-    shift = (mean - mean_k.to(mean.dtype)).to(acc_ty) * invstd
+    # an infinite mean is its own rounding: inf − inf would make every z NaN, where
+    # torch's evaluation gives ±inf (a float16 running mean that overflowed)
+    rest = mean - mean_k.to(mean.dtype)
+    shift = tl.where(rest - rest == 0, rest, 0.0).to(acc_ty) * invstd
     centre = shift
     if HAS_W:
         centre = shift * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(acc_ty)
