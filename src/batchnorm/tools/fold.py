@@ -157,12 +157,9 @@ def _takes(check, rank: int) -> bool:
 
 
 def _input_ranks(bn: nn.Module) -> tuple[int, ...] | None:
-    """The input ranks ``bn`` takes, read off its own check of them (a frozen copy's
-    ``_ranks``, or ``_check_input_dim`` on an empty meta tensor of each rank up to 8); None
-    where it takes any rank of 2 or more, or has no check."""
-    ranks = getattr(bn, "_ranks", None)
-    if ranks:
-        return tuple(ranks)
+    """The input ranks ``bn`` takes, read off its own check of them (``_check_input_dim``,
+    torch's, ours and the frozen copies', on an empty meta tensor of each rank up to 8);
+    None where it takes any rank of 2 or more, or has no check."""
     check = getattr(bn, "_check_input_dim", None)
     if check is None:
         return None
