@@ -405,6 +405,16 @@ def test_a_forced_backend_refuses_tensors_of_another_device():
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_a_module_on_the_meta_device_names_to_empty(training, gen):
+    """.to('cpu') cannot copy out of meta tensors: the message names what can."""
+    bn = batchnorm.BatchNorm2d(3, device="meta").train(training)
+    with pytest.raises(RuntimeError, match=r"meta device.*to_empty\(device='cpu'\)"):
+        bn(torch.randn(2, 3, 2, 2, generator=gen))
+    bn.to_empty(device="cpu").reset_parameters()
+    assert bn(torch.randn(2, 3, 2, 2, generator=gen)).shape == (2, 3, 2, 2)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_functional_with_no_channels_is_empty_like_torch(training):
     x = torch.randn(4, 0, 5, requires_grad=True)
     for fn in (F.batch_norm, nn.functional.batch_norm):

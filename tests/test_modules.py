@@ -74,6 +74,18 @@ def test_lazy_module_takes_a_residual_on_its_first_call(how, gen):
     torch.testing.assert_close(y, ref)
 
 
+@pytest.mark.parametrize("shape,exc,fragment", [((4, 0, 2, 2), ValueError, "no channels"),
+                                                 ((4,), ValueError, "expected")])
+def test_lazy_module_refuses_a_first_input_it_cannot_take_and_stays_lazy(shape, exc, fragment):
+    """A first input of 0 channels made a BatchNorm2d(0), which the constructor refuses
+    (torch's lazy layer: IndexError); a 1-D one gave an IndexError from input.shape[1]."""
+    lazy = batchnorm.LazyBatchNorm2d()
+    with pytest.raises(exc, match=fragment):
+        lazy(torch.randn(shape))
+    assert type(lazy) is batchnorm.LazyBatchNorm2d and lazy.has_uninitialized_params()
+    assert lazy(torch.randn(2, 3, 2, 2)).shape == (2, 3, 2, 2)
+
+
 def test_lazy_module_loads_a_state_dict(gen):
     source = batchnorm.BatchNorm2d(6)
     with torch.no_grad():

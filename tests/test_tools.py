@@ -1014,8 +1014,23 @@ def test_frozen_state_dict_round_trip_and_strict_loading_both_ways():
     fresh.load_state_dict(torch_sd, strict=True)  # torch's into ours: frozen left as it was
     assert all(m.frozen for m in bns(fresh))
     batchnorm.unfreeze(model)
-    fresh.load_state_dict(model.state_dict())
-    assert not any(m.frozen for m in bns(fresh))
+    fresh.load_state_dict(model.state_dict())  # an unfrozen state_dict freezes nothing...
+    assert all(m.frozen for m in bns(fresh))  # ... and unfreezes nothing either
+    fresh.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
+    assert all(m.frozen for m in bns(fresh))
+
+
+def test_frozen_state_dict_into_a_layer_without_running_statistics():
+    src = batchnorm.BatchNorm2d(3)
+    batchnorm.freeze(src)
+    sd = src.state_dict()
+    plain = batchnorm.BatchNorm2d(3, track_running_stats=False)
+    result = plain.load_state_dict(sd, strict=False)  # as the stats' keys: unexpected
+    assert sorted(result.unexpected_keys) == ["num_batches_tracked", "running_mean", "running_var"]
+    assert not plain.frozen
+    with pytest.raises(RuntimeError, match="Unexpected key"):  # strict: torch's error
+        plain.load_state_dict(sd)
+    assert not plain.frozen
 
 
 def test_frozen_errors_and_repr():

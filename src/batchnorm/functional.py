@@ -76,9 +76,15 @@ def _check_per_channel(name: str, t: Tensor | None, input: Tensor) -> None:
             f"{name} has shape {tuple(t.shape)} but the input has {c} channels (dim 1 of "
             f"input of shape {tuple(input.shape)}); build the layer with num_features={c}")
     if t.device != input.device:
+        where = str(input.device)
+        if t.device.type == "meta":  # no data to move: .to() would raise
+            raise RuntimeError(
+                f"{name} is on the meta device (no data) but the input is on {where}; give "
+                f"the module storage there with .to_empty(device={where!r}), then "
+                f"reset_parameters() or load_state_dict()")
         raise RuntimeError(
-            f"{name} is on {t.device} but the input is on {input.device}; move the module "
-            f"to the input's device with .to({str(input.device)!r})")
+            f"{name} is on {t.device} but the input is on {where}; move the module "
+            f"to the input's device with .to({where!r})")
     if t.layout is not torch.strided:
         raise NotImplementedError(f"{name} is a {t.layout} tensor; batch_norm takes dense "
                                   f"(strided) ones: pass {name}.to_dense()")

@@ -135,7 +135,8 @@ class _NormBase(nn.Module):
     # the keys stay exactly torch's, so strict loading works both ways, and torch.save /
     # load_state_dict keep the flag. A dict rebuilt from the items (safetensors, a dict
     # comprehension) drops it, as it drops ``version``; a state_dict without the flag (any
-    # torch checkpoint) leaves the module's current ``frozen`` as it is.
+    # torch checkpoint) leaves the module's current ``frozen`` as it is; so does a flag False
+    # (see _load_from_state_dict).
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         metadata = getattr(destination, "_metadata", None)
@@ -166,13 +167,14 @@ class _NormBase(nn.Module):
                                    else torch.tensor(0, dtype=torch.long))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
-        frozen = local_metadata.get("frozen")
-        if frozen is not None:
-            if frozen and not self.track_running_stats:
-                error_msgs.append(f"{prefix}: the state_dict is frozen but this layer has "
-                                  f"track_running_stats=False")
-            else:
-                self._frozen = bool(frozen)
+        # A frozen state_dict freezes the layer; one that is not leaves the layer as it is
+        # (every state_dict of ours says frozen False or True: "build, freeze, then load
+        # the pretrained weights" keeps the freeze, as with a torch checkpoint). A layer
+        # without running statistics takes the flag as it takes their keys: unexpected,
+        # an error under strict loading (which torch reports for those keys) and ignored
+        # otherwise (torch hands this method strict=True either way).
+        if local_metadata.get("frozen") and self.track_running_stats:
+            self._frozen = True
 
 
 class _BatchNorm(_NormBase):
@@ -341,6 +343,13 @@ class _LazyNormBase(LazyModuleMixin, _NormBase):
         # (the first call's other arguments, a residual, come too: LazyModuleMixin passes
         # the forward's)
         if self.has_uninitialized_params():
+            # The rank first (input.shape[1] of a 1-D input is an IndexError), and no layer
+            # of 0 channels: the constructor refuses num_features=0, and so does this.
+            self._check_input_dim(input)
+            if input.shape[1] == 0:
+                raise ValueError(f"{type(self).__name__} takes num_features from the first "
+                                 f"input's dim 1, and the input of shape "
+                                 f"{tuple(input.shape)} has no channels")
             self.num_features = input.shape[1]
             for name in ("weight", "bias", "running_mean", "running_var"):
                 t = getattr(self, name)
