@@ -769,6 +769,7 @@ def test_fused_backward_matches_ops(shape, dtype, training, monkeypatch):
         needs_input_grad = (True, True, True, True)
         eager, eps, activation, slope = True, 1e-5, "silu", 0.0
         channels_last, backend = False, tb
+        bias_dtype = b.dtype
 
     Ctx.training = training
     got = tb.batch_norm_backward(dy, x, w, b, r, mean, var, 1e-5, training, "silu", 0.0,

@@ -152,6 +152,7 @@ def test_one_value_per_channel_is_fine_in_eval(case, gen):
     (nn.ReLU6(), TypeError, "cannot be fused"),
     (nn.Softplus(), TypeError, "ReLU"),
     (3, TypeError, "cannot be fused"),
+    (nn.GELU(approximate="Tanh"), ValueError, "approximate must be 'none' or 'tanh'"),
 ])
 def test_unknown_activation(activation, exc, fragment):
     with pytest.raises(exc) as info:

@@ -592,3 +592,104 @@ def test_partial_gradients(backend, gen, wanted):
         got.append(torch.autograd.grad(y, needed, dy))
     for a, b in zip(*got):
         assert_close(a, b, torch.float64)
+
+
+# ---------------------------------------------------------------------------------------
+# What autograd and version counters see (found by a probe of aliasing and in-place use)
+
+
+@pytest.mark.parametrize("activation", ["none", "relu"])
+def test_the_bias_changed_in_place_before_backward_as_torch(backend, gen, activation):
+    """torch keeps no bias for backward: an optimizer step on the bias between forward
+    and backward (the weight frozen, say) is fine. Ours kept it always, and raised
+    "modified by an inplace operation"; with a fused activation the bias is needed
+    (the pre-activation is recomputed), and that error is right, as the residual's is."""
+    x = torch.randn(2, 3, 4, 4, generator=gen, dtype=torch.float64).to(backend.device)
+    dy = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(backend.device)
+    grads = []
+    for cls in (batchnorm.BatchNorm2d, nn.BatchNorm2d):
+        kw = {"activation": activation} if cls is batchnorm.BatchNorm2d else {}
+        m = cls(3, device=backend.device, dtype=torch.float64, **kw)
+        m.weight.requires_grad_(False)
+        x_ = x.clone().requires_grad_()
+        y = m(x_)
+        with torch.no_grad():
+            m.bias.add_(1)
+        if cls is batchnorm.BatchNorm2d and activation != "none":
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                y.backward(dy)
+            return
+        y.backward(dy)
+        grads.append((x_.grad, m.bias.grad))
+    for a, b in zip(*grads):
+        assert_close(a, b, torch.float64)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_the_residual_gradient_does_not_share_the_callers_gradient(backend, gen, layout):
+    """Without an activation d(bn(x) + r)/dr is dy: torch's add hands on dy itself, which
+    autograd copies into r.grad while the caller still holds it. The portable path handed
+    on a view, which became r.grad as it was: changing dy afterwards changed r.grad."""
+    x = make_input((2, 3, 4, 4), layout, torch.float32, backend.device, gen)[1]
+    r = torch.zeros_like(x).requires_grad_()
+    dy = make_input((2, 3, 4, 4), layout, torch.float32, backend.device, gen)[1].detach()
+    m = batchnorm.BatchNorm2d(3, device=backend.device)
+    m(x, residual=r).backward(dy)
+    assert_close(r.grad, dy, torch.float32)
+    assert r.grad.untyped_storage().data_ptr() != dy.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_num_batches_tracked_version_moves_once_a_step_as_torchs(backend, gen, momentum):
+    """torch's module adds 1 to num_batches_tracked with add_(1), which moves its version
+    counter (code that watches buffers for updates relies on it); our kernels add it by
+    address, which moved nothing."""
+    x = torch.randn(2, 3, 4, 4, generator=gen).to(backend.device)
+    versions = []
+    for cls in (batchnorm.BatchNorm2d, nn.BatchNorm2d):
+        m = cls(3, momentum=momentum, device=backend.device)
+        before = m.num_batches_tracked._version
+        for _ in range(2):
+            m(x)
+        m.eval()(x)
+        versions.append(m.num_batches_tracked._version - before)
+    assert versions == [2, 2]
+
+
+@pytest.mark.parametrize("which", ["running_mean", "running_var"])
+def test_an_expanded_running_statistic_is_refused_in_training_before_anything_moves(
+        backend, gen, which):
+    """A stride-0 running statistic cannot hold a value per channel: torch's kernel writes
+    every channel's update to its one value, torch's in-place ops (the portable and triton
+    paths) refuse it, after num_batches_tracked and the other statistic had moved. Refused
+    before anything moves; evaluation reads it as torch does."""
+    m = batchnorm.BatchNorm2d(3, device=backend.device)
+    setattr(m, which, torch.ones(1, device=backend.device).expand(3))
+    x = torch.randn(2, 3, 4, 4, generator=gen).to(backend.device)
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match=f"{which} is an expanded view.*{which}.clone()"):
+        m(x)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    t = nn.BatchNorm2d(3, device=backend.device).eval()
+    setattr(t, which, getattr(m, which))
+    assert_close(m.eval()(x), t(x), torch.float32)
+
+
+@pytest.mark.parametrize("slope", [0.1, 0.5, -0.5, 2.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_leaky_relu_of_an_infinite_pre_activation_is_torchs(backend, dtype, slope):
+    """The triton kernels took z·slope as z·hi + z·lo (the slope as a float32 pair):
+    at z = −inf that is −inf·0 (NaN) for a slope float32 holds exactly, and −inf + inf
+    for one whose lo has the other sign (0.1); torch's z·slope is ∓inf."""
+    inf = float("inf")
+    x = torch.tensor([[1.0, 2.0], [0.0, -1.0], [3.0, 0.5]], dtype=dtype, device=backend.device)
+    r = torch.tensor([[-inf, inf], [0.0, -inf], [1.0, 0.0]], dtype=dtype, device=backend.device)
+    act = nn.LeakyReLU(slope)
+    y = batchnorm.batch_norm(x, None, None, training=True, activation=act, residual=r)
+    assert_close(y, act(nn.functional.batch_norm(x, None, None, training=True) + r), dtype)
+    mean, var = torch.zeros(2, dtype=dtype), torch.ones(2, dtype=dtype)
+    x_eval = torch.tensor([[-inf, 1.0], [2.0, -inf]], dtype=dtype, device=backend.device)
+    y = batchnorm.batch_norm(x_eval, mean.to(backend.device), var.to(backend.device),
+                             training=False, activation=act)
+    assert_close(y, act(x_eval / (1 + 1e-5) ** 0.5), dtype)

@@ -268,6 +268,16 @@ def test_convert_shared_activation_is_not_fused():
     assert model[0].activation == "none" and model[3].activation == "none"
 
 
+def test_convert_leaves_a_gelu_of_an_unknown_approximation_unfused():
+    """torch's GELU raises at its call for approximate='Tanh'; fused, it ran as the exact
+    GELU (now refused), and convert would have raised for the whole model."""
+    model = nn.Sequential(nn.BatchNorm1d(4), nn.GELU(approximate="Tanh"),
+                          nn.BatchNorm1d(4), nn.GELU(approximate="tanh"))
+    batchnorm.convert(model)
+    assert model[0].activation == "none" and type(model[1]) is nn.GELU
+    assert model[2].activation == "gelu_tanh"
+
+
 def test_convert_without_fusion_and_root_bn():
     model, _ = make("mlp")
     batchnorm.convert(model, fuse_activations=False)
@@ -369,6 +379,33 @@ def test_revert_layer_built_with_activation():
     batchnorm.revert(model)
     assert type(model[1][0]) is nn.BatchNorm1d and model[1][1].negative_slope == 0.3
     assert_close(model(x), y)
+
+
+class _ResidualBlock(nn.Module):
+    def __init__(self, cls=batchnorm.BatchNorm2d):
+        super().__init__()
+        self.bn1, self.bn2 = cls(3, activation="relu"), cls(3)
+
+    def forward(self, x):
+        return self.bn2(self.bn1(x, residual=x))
+
+
+@pytest.mark.parametrize("cls", [batchnorm.BatchNorm2d, batchnorm.SyncBatchNorm])
+def test_revert_leaves_a_layer_called_with_a_residual_and_says_so(cls):
+    """torch's layers take no residual: revert made the layer torch's and the model's
+    next call raised TypeError, silently (its docstring said it could not)."""
+    model, x = _ResidualBlock(cls), torch.randn(2, 3, 4, 4)
+    model(x)
+    assert model.bn1.called_with_residual and not model.bn2.called_with_residual
+    with pytest.warns(UserWarning, match=r"revert: bn1 stay batchnorm's: called with a residual"):
+        batchnorm.revert(model)
+    assert type(model.bn1) is cls
+    assert type(model.bn2) is {batchnorm.BatchNorm2d: nn.BatchNorm2d,
+                               batchnorm.SyncBatchNorm: nn.SyncBatchNorm}[cls]
+    assert model(x).shape == x.shape
+    alone = model.bn1
+    with pytest.warns(UserWarning, match="the model stay"):
+        assert batchnorm.revert(alone) is alone
 
 
 def test_revert_gives_restored_modules_the_mode_of_those_they_replace():

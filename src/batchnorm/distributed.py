@@ -152,13 +152,15 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         # saved, as torch's SyncBatchNorm: torch.utils.checkpoint's recomputation stops at
         # the save, and torch's running statistics move in it too.
         update_running_stats()
-        ctx.save_for_backward(x, weight, bias, bias_k, keep_residual, mean_k, invstd, shift)
+        # (bias_k is a new tensor; of the bias, the backward needs only its dtype)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(x, weight, bias_k, keep_residual, mean_k, invstd, shift)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight, bias, bias_k, residual, mean_k, invstd, shift = ctx.saved_tensors
+        x, weight, bias_k, residual, mean_k, invstd, shift = ctx.saved_tensors
         need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
         act, slope, c = ctx.activation, ctx.slope, x.shape[1]
         dy = dy.contiguous()
@@ -193,7 +195,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 ctx.count, act, slope, want_dres)
             dres = dres if want_dres else None
         return (*ops.autograd_grads(ctx.needs_input_grad[:4], dy, dx, dres, sum_dz,
-                                    sum_dz_xhat, weight, bias, act),
+                                    sum_dz_xhat, weight, ctx.bias_dtype, act),
                 None, None, None, None, None, None, None)
 
 
@@ -334,6 +336,8 @@ class SyncBatchNorm(_BatchNorm):
         # none either: torch's SyncBatchNorm runs local batch norm on both.
         if not self.training or self.frozen:
             return super().forward(input, residual)
+        if residual is not None and not self.called_with_residual:
+            self.__dict__["called_with_residual"] = True  # (see _NormBase)
         traced = type(input) is not Tensor and isinstance(input, torch.fx.Proxy)
         if not traced:
             if world_size(self.process_group) <= 1:

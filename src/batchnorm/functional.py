@@ -20,12 +20,13 @@ _ACTIVATION_MODULES = {
     nn.ReLU: lambda m: ("relu", 0.0),
     nn.LeakyReLU: lambda m: ("leaky_relu", float(m.negative_slope)),
     nn.SiLU: lambda m: ("silu", 0.0),
-    nn.GELU: lambda m: ("gelu_tanh" if m.approximate == "tanh" else "gelu", 0.0),
+    nn.GELU: lambda m: (_GELU_KINDS[m.approximate], 0.0),
     nn.Sigmoid: lambda m: ("sigmoid", 0.0),
     nn.Tanh: lambda m: ("tanh", 0.0),
 }
 
 DEFAULT_LEAKY_SLOPE = 0.01
+_GELU_KINDS = {"none": "gelu", "tanh": "gelu_tanh"}
 
 
 def resolve_activation(activation) -> tuple[str, float]:
@@ -44,6 +45,10 @@ def resolve_activation(activation) -> tuple[str, float]:
         return activation, (DEFAULT_LEAKY_SLOPE if activation == "leaky_relu" else 0.0)
     for cls, read in _ACTIVATION_MODULES.items():
         if type(activation) is cls:
+            if cls is nn.GELU and activation.approximate not in _GELU_KINDS:
+                # (torch's GELU raises at its first call; 'Tanh' was fused as the exact one)
+                raise ValueError(f"nn.GELU(approximate={activation.approximate!r}): "
+                                 f"approximate must be 'none' or 'tanh'")
             return read(activation)
     raise TypeError(
         f"activation {activation!r} cannot be fused; supported modules: "
@@ -217,6 +222,15 @@ def validate(input, running_mean, running_var, weight, bias, training, momentum,
     else:
         check_momentum(momentum)
     if training:
+        if running_mean is not None:
+            for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+                if t.stride(0) == 0 and t.shape[0] > 1:
+                    # torch's kernels write every channel there (the last one stays);
+                    # torch's in-place ops (our portable and triton paths) refuse to
+                    raise ValueError(
+                        f"{name} is an expanded view (stride 0): its channels share one "
+                        f"value, and the running update writes one value per channel. "
+                        f"Pass a tensor of its own, e.g. {name}.clone()")
         count = ops.values_per_channel(input)
         if count == 1:
             raise ValueError(

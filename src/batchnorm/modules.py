@@ -58,6 +58,9 @@ class _NormBase(nn.Module):
 
     _version = 2
     _frozen = False  # class default: modules pickled before ``frozen`` existed still run
+    # Set by the first call with a residual, which torch's layers do not take:
+    # batchnorm.revert leaves such a layer as it is.
+    called_with_residual = False
     __constants__ = ["track_running_stats", "momentum", "eps", "num_features", "affine"]
     __prepare_scriptable__ = refuse_script
 
@@ -186,6 +189,8 @@ class _BatchNorm(_NormBase):
         the batch's statistics normalize and the running ones move towards them; in eval
         the running statistics normalize.
         """
+        if residual is not None and not self.called_with_residual:
+            self.__dict__["called_with_residual"] = True  # (no Module.__setattr__ per call)
         run = F.batch_norm_resolved
         if type(input) is not Tensor and isinstance(input, torch.fx.Proxy):
             run = _traced_batch_norm  # torch.fx.symbolic_trace: one node (see there)

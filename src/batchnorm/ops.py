@@ -153,9 +153,21 @@ def update_running_stats(
         fast = getattr(backends.for_device(mean.device), "update_running_stats", None)
         if fast is not None and fast(running_mean, running_var, num_batches_tracked, mean,
                                      var, count, momentum):
+            _kernel_counted(num_batches_tracked)
             return
     _update_running_stats_torch(running_mean, running_var, num_batches_tracked, mean, var,
                                 count, momentum)
+
+
+def _kernel_counted(num_batches_tracked: Tensor | None) -> None:
+    """A kernel added 1 to ``num_batches_tracked`` by its address: its version counter
+    moves as under torch's module, whose ``add_(1)`` moves it (the running statistics'
+    own counters stay, as torch's kernel leaves them)."""
+    if num_batches_tracked is not None:
+        _increment_version((num_batches_tracked,))
+
+
+_increment_version = torch._C._increment_version
 
 
 @torch.no_grad()
@@ -283,8 +295,11 @@ def _forward(x, weight, bias, residual, running_mean, running_var, eps, activati
                     slope, update, channels_last, need_stats)
         if out is not None:
             y, mean, var, updated, saved = out
-            if update is not None and not updated:
-                _update_from_batch(update, mean, var, x)
+            if update is not None:
+                if updated:
+                    _kernel_counted(update[2])
+                else:
+                    _update_from_batch(update, mean, var, x)
             return y, mean, var, backend, saved
     y, mean, var = _forward_by_primitives(x, weight, bias, residual, running_mean,
                                           running_var, eps, activation, slope, update,
@@ -361,21 +376,27 @@ def _save(ctx, x, weight, bias, residual, running_mean, mean, var, eps, activati
     Function alike."""
     ctx.training = running_mean is None
     ctx.eps, ctx.activation, ctx.slope = eps, activation, slope
-    # The residual is needed only to recompute the pre-activation in backward.
-    keep_residual = residual if activation != "none" else None
-    ctx.save_for_backward(x, weight, bias, keep_residual, mean, var)
+    # The bias and the residual are needed only to recompute the pre-activation in
+    # backward: without an activation they are not kept (as torch keeps no bias, so an
+    # optimizer step on the bias between forward and backward is no in-place error).
+    fused = activation != "none"
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.save_for_backward(x, weight, bias if fused else None, residual if fused else None,
+                          mean, var)
 
 
-def autograd_grads(needs, dy, dx, dres, sum_dz, sum_dz_xhat, weight, bias, activation):
+def autograd_grads(needs, dy, dx, dres, sum_dz, sum_dz_xhat, weight, bias_dtype, activation):
     """``(dx, dweight, dbias, dresidual)`` as autograd wants them: None where no gradient
     is needed; the parameter gradients are the backward sums in the parameters' dtypes,
-    and without an activation d(x + r)/dr = 1, so dresidual is dy itself."""
+    and without an activation d(x + r)/dr = 1, so dresidual is dy itself (the tensor
+    autograd handed the backward: a view of it would become the residual's .grad as it
+    is, sharing the caller's memory, where torch's add hands on dy, which autograd copies)."""
     need_x, need_w, need_b, need_r = needs
     if need_r and activation == "none":
         dres = dy
     return (dx if need_x else None,
             _as(sum_dz_xhat, weight.dtype) if need_w else None,
-            _as(sum_dz, bias.dtype) if need_b else None,
+            _as(sum_dz, bias_dtype) if need_b else None,
             dres if need_r else None)
 
 
@@ -388,15 +409,18 @@ def _batch_norm_backward(ctx, dy, _dmean, _dvar):
     if ctx.eager:
         # _EagerBatchNorm saves the tensors as given; their kernel views are made here,
         # where (with create_graph=True) they are part of the double-backward graph
-        shape, channels_last = x.shape, ctx.channels_last
+        shape, channels_last, dy_given = x.shape, ctx.channels_last, dy
         x = to_kernel_view(x, channels_last)
         dy = to_kernel_view(dy, channels_last)
         if residual is not None:
             residual = to_kernel_view(residual, channels_last)
         dx, dw, db, dr, *rest = _kernel_view_backward(ctx, x, weight, bias, residual, mean,
                                                       var, dy)
+        if dr is not None:  # dy itself without an activation (see autograd_grads)
+            dr = dy_given if ctx.activation == "none" else from_kernel_view(
+                dr, shape, channels_last)
         return (from_kernel_view(dx, shape, channels_last) if dx is not None else None, dw, db,
-                from_kernel_view(dr, shape, channels_last) if dr is not None else None, *rest)
+                dr, *rest)
     return _kernel_view_backward(ctx, x, weight, bias, residual, mean, var, dy)
 
 
@@ -439,7 +463,7 @@ def _kernel_view_backward(ctx, x, weight, bias, residual, mean, var, dy):
             count, act, slope, want_dres)
         dres = dres if want_dres else None
     return (*autograd_grads(ctx.needs_input_grad[:4], dy, dx, dres, sum_dz, sum_dz_xhat,
-                            weight, bias, act),
+                            weight, ctx.bias_dtype, act),
             None, None, None, None, None)
 
 
@@ -513,7 +537,8 @@ def _fused_backward(ctx, dy):
     if out is None:
         return None
     dx, sum_dz, sum_dz_xhat, dres = out
-    return autograd_grads(needs, dy, dx, dres, sum_dz, sum_dz_xhat, weight, bias, act)
+    return autograd_grads(needs, dy, dx, dres, sum_dz, sum_dz_xhat, weight, ctx.bias_dtype,
+                          act)
 
 
 try:

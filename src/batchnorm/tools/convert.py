@@ -171,7 +171,8 @@ def _fusion_pairs(model: nn.Module) -> list[tuple[str, str]]:
     # the activation's would no longer run.
     bn_ok = lambda m: once(m) and not has_hooks(m) and (
         is_torch_bn(m) or (is_our_bn(m) and m.activation == "none"))
-    act_ok = lambda m: type(m) in _FUSABLE and once(m) and not has_hooks(m)
+    act_ok = lambda m: (type(m) in _FUSABLE and once(m) and not has_hooks(m)
+                        and getattr(m, "approximate", "none") in F._GELU_KINDS)
     graphs = trace_in_both_modes(model)
     if graphs is None:
         pairs = [(nb, na) for nb, _, na, _ in sequential_pairs(model, bn_ok, act_ok)]
@@ -266,7 +267,8 @@ def revert(model: nn.Module) -> nn.Module:
     layer built with ``bias=False`` becomes torch's with ``bias=False`` (with a torch
     whose batch norms do not take ``bias``, one with a fixed zero bias,
     ``requires_grad=False``).
-    A layer called with a ``residual`` cannot become a torch one: its call would fail.
+    A layer that has been called with a ``residual`` stays ours, with a warning naming
+    it: torch's layers take no residual, so the model's call would fail.
     """
     check_module(model, "revert")
     inside = {id(m) for m in model.modules()}
@@ -286,11 +288,18 @@ def revert(model: nn.Module) -> nn.Module:
             # The original sat outside the module tree while fused, so model.train() and
             # .eval() since convert reached only the FusedActivation: take its mode.
             set_submodule(model, name, m.original.train(m.training))
+    kept = [name or "the model" for name, m in model.named_modules()
+            if _revertible(m) and m.called_with_residual]
+    if kept:
+        warnings.warn(f"revert: {', '.join(kept)} stay batchnorm's: called with a residual, "
+                      f"which torch's batch norms do not take (the model's call would "
+                      f"fail); compute act(bn(x) + residual) in the forward to revert them",
+                      stacklevel=2)
     if _revertible(model):
-        return _to_torch(model)
+        return model if model.called_with_residual else _to_torch(model)
     replaced: dict[int, nn.Module] = {}
     for name, m in list(model.named_modules(remove_duplicate=False)):
-        if name and _revertible(m):
+        if name and _revertible(m) and not m.called_with_residual:
             if id(m) not in replaced:
                 replaced[id(m)] = _to_torch(m)
             set_submodule(model, name, replaced[id(m)])

@@ -68,7 +68,9 @@ def activate(z, ACT: tl.constexpr, slope_hi, slope_lo):
     if ACT == 1:
         y = tl.where(z < 0, 0.0, z)  # keeps NaN, like torch.relu
     elif ACT == 2:
-        y = tl.where(z > 0, z, z * slope_hi + z * slope_lo)
+        # One product, as torch's: z·hi + z·lo was −inf·0 or −inf + inf (NaN) at z = −inf.
+        # The pair's sum is formed in z's dtype (zeros_like first; float64 keeps slope_lo)
+        y = tl.where(z > 0, z, z * (tl.zeros_like(z) + slope_hi + slope_lo))
     elif ACT == 3:
         y = z * _sigmoid(z)
     elif ACT == 4:
