@@ -15,7 +15,7 @@
 #    and the triton cases of the shared suite (parity, properties, gradcheck, modules; the
 #    bytes BN+ReLU keeps for backward);
 # 4. where an eager step's host time goes (gpu_host_profile.py --parts), if a minute is left;
-# 5. a short summary last.
+# 5. a short summary last; the exit status is non-zero where a stage failed or timed out.
 # Every stage has its own time limit and runs whatever the previous ones did; logs and the
 # CSV go to benchmarks/results/ (logs in logs/) and, when set, to $OUT. GPU_CHECK_SECONDS
 # (default 560) is the whole script's budget; GPU_CHECK_TABLE=0 leaves the table out (a
@@ -57,7 +57,10 @@ CSV=$(find "$RESULTS" -maxdepth 1 -name 'cuda-*.csv' -newer "$STARTED" 2>/dev/nu
 for d in "${LOGS[@]:1}"; do [ -n "$CSV" ] && cp "$CSV" "$d/"; done
 if [ -n "$CSV" ]; then
     $PY benchmarks/issue4_verdict.py "$CSV" 2>&1 | tee "${LOGS[0]}/gpu_check-verdict.log"
+    STATUS+=("verdict: exit ${PIPESTATUS[0]}")
     for d in "${LOGS[@]:1}"; do cp "${LOGS[0]}/gpu_check-verdict.log" "$d/"; done
+elif [ "${GPU_CHECK_TABLE:-1}" != 0 ]; then
+    STATUS+=("verdict: no CSV from this run's table")
 fi
 
 # The GPU tests in one pytest run: tests/test_backend_triton.py and the shared suite's
@@ -100,3 +103,8 @@ if [ -f "${LOGS[0]}/gpu_check-host_parts.log" ]; then
     grep -E "^(threads|torch step|ours|bare node|triton:|torch:)" \
         "${LOGS[0]}/gpu_check-host_parts.log" | tail -24
 fi
+# Non-zero when a stage failed, timed out or left no CSV (the summary above says which).
+for s in "${STATUS[@]}"; do
+    case "$s" in *": exit 0" | *": skipped") ;; *) exit 1 ;; esac
+done
+exit 0

@@ -161,6 +161,26 @@ def test_a_loaded_machine_is_said_to_make_the_times_unreliable(monkeypatch, caps
     assert ("load average was 5.0 at the start, for 2 CPUs" in err) == warned
 
 
+def test_every_case_gets_a_compiled_torch_compile(monkeypatch):
+    """Dynamo caches compiled_body by its code object, the same for every case: the 9th
+    graph met the recompile limit (8) and the rest of the table timed eager torch under
+    the torch.compile label. Each case now compiles its own (a counting backend stands
+    in for inductor), and a limit met raises where torch has that setting."""
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn: real(fn, backend=counting))
+    cases = [bench.Case((2, c, 3, 4), compile=True) for c in range(2, 12)]
+    rows = bench.run_table("cpu", repeats=1, cases=cases, ops=("fwd",), progress=False,
+                           target_ms=0.05, memory=False)
+    assert len(graphs) >= len(cases)
+    assert sum(r["impl"] == "torch.compile" for r in rows) == len(cases)
+
+
 def test_compile_ops_choose_what_torch_compile_is_timed_for(monkeypatch, capsys):
     monkeypatch.setattr(torch, "compile", lambda fn: fn)  # the plumbing, not a compile
     rows = bench.run_table("cpu", repeats=1, cases=[bench.Case((2, 2, 3, 4), compile=True)],
@@ -207,6 +227,31 @@ def test_issue4_verdict():
     text = verdict.report(rows)
     assert "BN+ReLU rows meeting both targets: 1 of 4 (1 more without a torch.compile time)" \
         in text and "plain BN fwd+bwd >= 1.2x eager: 1 of 2" in text
+    # a table cut short says so (it read "k of k"), naming the issue's rows it lacks
+    assert "NOT the whole table: 10 of the issue's 10 rows missing (2d (256, 64, 112, 112)" \
+        in text
+    # exactly at 85% of the copy rate: ms <= ms * frac / 0.85 failed on ~5% of such times
+    assert all(verdict.judge(ms, 0.85, 2 * ms, None) == "yes?"
+               for ms in (0.1 * k + 0.001 * k * k for k in range(1, 200)))
+
+
+def test_issue4_verdict_takes_the_newest_table_by_its_name(tmp_path):
+    """The default CSV was the newest by mtime: in a clone that is the checkout's order,
+    and a --shape run's CSV counted as a table."""
+    import importlib.util
+    import os
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "issue4_verdict.py"
+    spec = importlib.util.spec_from_file_location("issue4_verdict", path)
+    verdict = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(verdict)
+    names = ["cuda-NVIDIA-H200-2026-12-04b.csv", "cuda-NVIDIA-H200-2026-12-04.csv",
+             "cuda-NVIDIA-H200-2026-11-27.csv", "cuda-2026-12-05-shapes.csv"]
+    for k, name in enumerate(names):  # the table wanted has the oldest mtime
+        (tmp_path / name).write_text("")
+        os.utime(tmp_path / name, (1e9 + k * 1e6, 1e9 + k * 1e6))
+    assert verdict.newest_table(tmp_path).name == "cuda-NVIDIA-H200-2026-12-04b.csv"
+    assert verdict.newest_table(tmp_path / "nothing") is None
 
 
 def test_budget_stops_starting_cases(capsys):

@@ -400,8 +400,23 @@ def _functions(case: Case, op: str, device: torch.device, compile: bool) -> dict
             if add:
                 y = y + r
             return torch.relu(y) if relu else y
+        # Dynamo caches by code object, and compiled_body's is the same for every case
+        # and op: without a reset the 9th graph met its recompile limit (8), and from then
+        # on torch.compile ran compiled_body eagerly (the torch.compile column of the
+        # 2026-12-04 H200 tables' last two rows timed eager torch). See also
+        # _fail_on_recompile_limit.
+        torch._dynamo.reset()
         fns["torch.compile"] = step(torch.compile(compiled_body))
     return fns
+
+
+def _fail_on_recompile_limit():
+    """Where this torch has the setting: a torch.compile that meets dynamo's recompile
+    limit raises instead of running eagerly under its label."""
+    config = torch._dynamo.config
+    if "fail_on_recompile_limit_hit" in getattr(config, "_config", {}):
+        return config.patch(fail_on_recompile_limit_hit=True)
+    return contextlib.nullcontext()
 
 
 def _first_call_ms(device: torch.device) -> tuple[float, int, int]:
@@ -508,11 +523,12 @@ def run_table(device="cpu", quick: bool = False, repeats: int | None = None,
         for op in ops:
             fns = _functions(case, op, device, case.compile and (
                 compile_ops is None or op in compile_ops))
-            samples = interleaved(timer, fns, repeats, target_ms)
-            peaks = {}
-            if memory and op != "fwd":
-                for name, fn in fns.items():
-                    peaks[name] = peak_memory(device, fn)
+            with _fail_on_recompile_limit():
+                samples = interleaved(timer, fns, repeats, target_ms)
+                peaks = {}
+                if memory and op != "fwd":
+                    for name, fn in fns.items():
+                        peaks[name] = peak_memory(device, fn)
             med = {name: statistics.median(s) for name, s in samples.items()}
             for name, s in samples.items():
                 gbps = _PASSES[op] * nbytes / (med[name] * 1e6)
