@@ -184,3 +184,29 @@ def test_triton_infinite_first_value(shape):
         ref_mean, ref_m2 = portable.stats(x.double())
         assert torch.allclose(mean[[0, 2]].double(), ref_mean[[0, 2]], atol=1e-6)
         assert torch.allclose(m2[[0, 2]].double(), ref_m2[[0, 2]], rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("value", [1e19, 1e38])
+def test_an_outlier_first_value_whose_squares_overflow_float32(backend, layout, value):
+    """A channel's first value of 1e19 among zeros: the CPU kernels' float32 block of
+    squared differences from it overflowed (15 x 1e38), and the channel read as of
+    infinite variance (every output the bias; torch: var 3e35, y 5.57). At 1e38 the block
+    of differences overflowed too: a mean of -inf and NaN outputs where torch's mean is
+    3e36 and its variance inf (outputs 0). Both channels are now summed again."""
+    if backend.name == "portable" and value == 1e38:
+        pytest.skip("portable sums x - shift in float32: at 1e38 its mean overflows "
+                    "(a known limit, README 'Numerics')")
+    x = torch.zeros(8, 3, 2, 2)
+    x[0, 0, 0, 0] = value
+    x = x.to(backend.device)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    ours = batchnorm.BatchNorm2d(3, device=backend.device)
+    theirs = torch.nn.BatchNorm2d(3)  # float32 on the CPU: at 1e38 the variance is inf
+    y = ours(x)
+    y_ref = theirs(x.cpu())
+    torch.testing.assert_close(y.cpu(), y_ref, rtol=1e-5, atol=1e-5)
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(ours, name).cpu(), getattr(theirs, name),
+                                   rtol=1e-5, atol=0)

@@ -30,8 +30,11 @@ the other channels get the same sums again. Normal data never pay it (a value 8�
 1e-15; at 4σ one step in eight on 2048 channels would have); summing each block around
 its own first value instead, redone where far, cost 20-90% on rows of 32-512 values. A
 constant channel has every d == 0 exactly, so μ == s exactly and m2 == 0 exactly, at any
-magnitude, and it is never summed again; a NaN or inf makes ``_far`` false, so it
-propagates from the first pass as it did. The common shift also makes the parallel merge
+magnitude, and it is never summed again. A channel whose S2 is not finite is summed again
+too (``_again``): on finite data a float32 block of squares can overflow (1e19 first among
+zeros gave an infinite variance where torch's is 3e35), and around the mean the squares
+are smaller; where S1 overflowed as well (values near float32's largest), or the data hold
+a NaN or inf, it is summed around 0, which gives torch's mean (finite, ±inf or NaN). The common shift also makes the parallel merge
 trivial: a channel is cut into pieces (so that two channels with a huge N·L still keep
 every core busy), each piece sums its own (S1, S2), and the pieces' sums are added in a
 fixed order, so the result does not depend on the thread count or scheduling.
@@ -365,6 +368,15 @@ def _far(s1, s2, n):
     return s1 * s1 > _FAR * (n * s2 - s1 * s1)
 
 
+@njit(inline="always")
+def _again(s1, s2, n):
+    """Whether a channel is summed again: :func:`_far`, or S2 = Σ(x − s)² not finite. A
+    float32 block of squares overflows on finite data (1e19 first among zeros: 15e38), and
+    S2 = inf read as an infinite variance (torch's is 3e35): around the channel's mean
+    the squares are smaller. A NaN or inf in the data gives the same sums again."""
+    return _far(s1, s2, n) | (not s2 < math.inf)
+
+
 @njit(cache=True)
 def _refine(shift, a1, a2, total, todo):
     """After a pass of sums (a1, a2) around ``shift``: ``todo`` marks the channels to sum
@@ -374,14 +386,18 @@ def _refine(shift, a1, a2, total, todo):
     # the test alone in a loop with no branch (it vectorizes: 1 against 3 µs for C = 1024)
     count = 0
     for c in range(shift.shape[0]):
-        far = _far(a1[c], a2[c], total)
+        far = _again(a1[c], a2[c], total)
         todo[c] = far
         count += far
     if count == 0:
         return False
     for c in range(shift.shape[0]):
         if todo[c]:
-            shift[c] = shift.dtype.type(np.float64(shift[c]) + a1[c] / total)
+            # around 0 where S1 overflowed too (values near float32's largest, an outlier
+            # first: the mean came out -inf where torch's is 3e35) or the data hold a NaN
+            # or inf (whose sums around 0 give torch's mean and variance as before)
+            mean = np.float64(shift[c]) + a1[c] / total
+            shift[c] = shift.dtype.type(mean if math.isfinite(mean) else 0.0)
     return True
 
 
