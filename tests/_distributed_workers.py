@@ -83,7 +83,8 @@ class CollectiveCounter:
 def run_case(case, rank, world):
     sizes = case["sizes"]
     dev = device()
-    layer = bd.SyncBatchNorm(case["C"], **case["kwargs"]).to(dev, case["dtype"])
+    dtype = case["dtype"] if case.get("rank_dtypes") is None else case["rank_dtypes"][rank]
+    layer = bd.SyncBatchNorm(case["C"], **case["kwargs"]).to(dev, dtype)
     if case["affine_init"] is not None and layer.weight is not None:
         with torch.no_grad():
             layer.weight.copy_(case["affine_init"][0])
@@ -91,8 +92,8 @@ def run_case(case, rank, world):
                 layer.bias.copy_(case["affine_init"][1])
     out = {"steps": []}
     for step in case["steps"]:
-        x = rank_slice(step["x"], sizes, rank).to(dev, copy=True).requires_grad_()
-        dy = rank_slice(step["dy"], sizes, rank).to(dev)
+        x = rank_slice(step["x"], sizes, rank).to(dev, dtype, copy=True).requires_grad_()
+        dy = rank_slice(step["dy"], sizes, rank).to(dev, dtype)
         res = step.get("residual")
         res = rank_slice(res, sizes, rank).to(dev, copy=True).requires_grad_() \
             if res is not None else None

@@ -70,6 +70,23 @@ def test_compiled_cnn_matches_eager(gen):
         torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("cls", [batchnorm.BatchNorm2d, batchnorm.SyncBatchNorm])
+def test_a_residual_call_compiles_once(cls, gen):
+    """The layer marks itself when called with a residual (batchnorm.revert leaves such
+    layers); written while dynamo traced, the mark became a guard that the first call
+    broke: every model passing a residual compiled twice. Not marked under compile."""
+    torch._dynamo.reset()
+    bn = cls(3, activation="relu")
+    f = torch.compile(lambda x: bn(x, x), backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 3, 4, 4, generator=gen)
+    f(x)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        f(x)
+    assert not bn.called_with_residual
+    bn(x, x)
+    assert bn.called_with_residual
+
+
 def _functorch_calls(bn, x, t):
     from torch.func import grad, jvp, vmap
     return {

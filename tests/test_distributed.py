@@ -80,7 +80,8 @@ SIZES = {2: [3, 5], 3: [4, 1, 0]}
 
 
 def _case(seed, sizes, shape, *, dtype=torch.float32, loc=0.0, scale=1.0, residual=False,
-          channels_last=False, steps=2, affine_init=True, global_one=False, **kwargs):
+          channels_last=False, steps=2, affine_init=True, global_one=False, rank_dtypes=None,
+          **kwargs):
     n = sum(sizes)
     c = shape[0]
     g = torch.Generator().manual_seed(seed + 1000 * len(sizes))
@@ -98,7 +99,8 @@ def _case(seed, sizes, shape, *, dtype=torch.float32, loc=0.0, scale=1.0, residu
         init = (1 + 0.5 * torch.randn(c, generator=g, dtype=torch.float64),
                 torch.randn(c, generator=g, dtype=torch.float64))
     return {"sizes": sizes, "C": c, "kwargs": kwargs, "dtype": dtype, "steps": step_data,
-            "channels_last": channels_last, "affine_init": init, "global_one": global_one}
+            "channels_last": channels_last, "affine_init": init, "global_one": global_one,
+            "rank_dtypes": rank_dtypes}
 
 
 def cases(world):
@@ -122,6 +124,11 @@ def cases(world):
         "mean_1e6_float64_nc": _case(11, s, (4,), dtype=torch.float64, loc=1e6, activation="tanh"),
         "all_empty": _case(12, [0] * world, (3,), steps=1),
         "global_batch_of_one": _case(13, one, (3,), steps=1, global_one=True),
+        # each rank's layer and input in its own dtype: the backward's all_reduce summed
+        # in each rank's, so the ranks sent 8 and 16 bytes a number and gloo aborted the
+        # float32 rank's process (found by a probe)
+        "mixed_dtypes": _case(14, s, (3, 4), activation="relu", rank_dtypes=[
+            (torch.float32, torch.float64, torch.float32)[r] for r in range(world)]),
     }
 
 
@@ -232,6 +239,8 @@ def test_sync_equals_batchnorm_over_concatenated_batch(exact_run, name):
                 close(res["state"][key], value, what=f"{key} rank {rank}")
             else:
                 assert torch.equal(res["state"][key], value), key
+        if case["rank_dtypes"] is not None:
+            continue  # each rank rounds the statistics to its own dtype
         # Every rank holds the very same statistics (merged in the same order).
         for key, value in results[0]["state"].items():
             assert torch.equal(res["state"][key], value), key
@@ -457,6 +466,30 @@ def test_a_rank_outside_the_group_runs_local_batchnorm(tmp_path, monkeypatch):
         assert torch.equal(sync.running_mean, local.running_mean)
         with pytest.raises(ValueError, match="not a member of process_group"):
             bd.sync_batch_norm(x, None, None, None, None, 0.1, 1e-5)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_sync_path_keeps_no_bias_without_an_activation(tmp_path, dtype):
+    """As torch's SyncBatchNorm: an optimizer step on the bias between forward and backward
+    is no in-place error. The synchronized path kept the bias (and, in float64, its
+    centred copy, which is the bias itself there)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0,
+                            world_size=1)
+    try:
+        torch.manual_seed(6)
+        x = torch.randn(4, 3, 2, 2, dtype=dtype, requires_grad=True)
+        sync = bd.SyncBatchNorm(3).to(dtype)
+        y = bd.sync_batch_norm(x, sync.running_mean, sync.running_var, sync.weight,
+                               sync.bias, sync.momentum, sync.eps)
+        with torch.no_grad():
+            sync.bias.add_(1)
+        dy = torch.randn(x.shape, dtype=dtype)
+        (gx,) = torch.autograd.grad(y, x, dy)
+        local = batchnorm.BatchNorm2d(3).to(dtype)
+        (gx_local,) = torch.autograd.grad(local(x), x, dy)
+        close(gx, gx_local, what="dx")
     finally:
         dist.destroy_process_group()
 

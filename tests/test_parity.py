@@ -674,6 +674,8 @@ def test_an_expanded_running_statistic_is_refused_in_training_before_anything_mo
     t = nn.BatchNorm2d(3, device=backend.device).eval()
     setattr(t, which, getattr(m, which))
     assert_close(m.eval()(x), t(x), torch.float32)
+    m.train()(x[:0])  # an empty batch writes no statistic: counted, as torch counts it
+    assert m.num_batches_tracked.item() == 1
 
 
 @pytest.mark.parametrize("slope", [0.1, 0.5, -0.5, 2.0])

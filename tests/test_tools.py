@@ -397,15 +397,32 @@ def test_revert_leaves_a_layer_called_with_a_residual_and_says_so(cls):
     model, x = _ResidualBlock(cls), torch.randn(2, 3, 4, 4)
     model(x)
     assert model.bn1.called_with_residual and not model.bn2.called_with_residual
-    with pytest.warns(UserWarning, match=r"revert: bn1 stay batchnorm's: called with a residual"):
+    with pytest.warns(UserWarning, match=r"revert: bn1 stays batchnorm's: called with a residual"):
         batchnorm.revert(model)
     assert type(model.bn1) is cls
     assert type(model.bn2) is {batchnorm.BatchNorm2d: nn.BatchNorm2d,
                                batchnorm.SyncBatchNorm: nn.SyncBatchNorm}[cls]
     assert model(x).shape == x.shape
     alone = model.bn1
-    with pytest.warns(UserWarning, match="the model stay"):
+    with pytest.warns(UserWarning, match="the model stays"):
         assert batchnorm.revert(alone) is alone
+
+
+def test_the_residual_mark_survives_sync_conversion_and_not_a_failed_call():
+    """convert_sync_batchnorm and revert_sync_batchnorm dropped the mark (revert then made
+    the layer torch's, and the model's call failed); a call that raised set it."""
+    model, x = _ResidualBlock(), torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="residual must have the input's shape"):
+        model.bn2(x, torch.randn(2, 3))
+    assert not model.bn2.called_with_residual
+    model(x)
+    sync = batchnorm.convert_sync_batchnorm(model)
+    assert sync.bn1.called_with_residual and not sync.bn2.called_with_residual
+    local = batchnorm.revert_sync_batchnorm(sync)
+    assert local.bn1.called_with_residual
+    with pytest.warns(UserWarning, match="bn1 stays"):
+        batchnorm.revert(local)
+    assert local(x).shape == x.shape
 
 
 def test_revert_gives_restored_modules_the_mode_of_those_they_replace():

@@ -487,7 +487,9 @@ def run_table(device="cpu", quick: bool = False, repeats: int | None = None,
     returned; a time-limited run then still has a table). Each dict holds the machine description,
     the case, ``ms`` (median), ``ms_min``, ``ratio`` (torch eager ms / this row's ms for
     our rows, so > 1 means we are faster; 1 for torch's rows), ``gbps``, ``copy_gbps``,
-    ``frac_copy`` and, for forward+backward rows, ``peak_bytes``.
+    ``frac_copy`` and, for forward+backward rows, ``peak_bytes``. Each torch.compile
+    timed starts from ``torch._dynamo.reset()``, which empties every compile cache of the
+    process: functions the caller compiled before compile again afterwards.
     """
     device = torch.device(device)
     if cases is None:

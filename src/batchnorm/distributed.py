@@ -152,9 +152,11 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         # saved, as torch's SyncBatchNorm: torch.utils.checkpoint's recomputation stops at
         # the save, and torch's running statistics move in it too.
         update_running_stats()
-        # (bias_k is a new tensor; of the bias, the backward needs only its dtype)
+        # The backward needs the bias only to recompute the pre-activation (bias_k: the bias
+        # itself where the mean is already in the acc dtype, float64), and else its dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(x, weight, bias_k, keep_residual, mean_k, invstd, shift)
+        ctx.save_for_backward(x, weight, bias_k if activation != "none" else None,
+                              keep_residual, mean_k, invstd, shift)
         return y
 
     @staticmethod
@@ -181,8 +183,12 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             # Every rank that reaches here joins (the same layers need x's gradient on
             # every rank); one buffer, one collective. cat copies, so the local sums stay
             # local for the weight and bias gradients.
-            both = torch.cat([sum_dz, sum_dz_xhat])
+            # In float64 on every rank, as the forward's gather: ranks whose inputs differ in
+            # dtype (float32 here, float64 there) would otherwise send different byte counts,
+            # which gloo answers by aborting the process.
+            both = torch.cat([sum_dz, sum_dz_xhat]).to(torch.float64)
             dist.all_reduce(both, group=ctx.process_group)
+            both = both.to(sum_dz.dtype)
             global_dz, global_dz_xhat = both[:c], both[c:]
             global_dz = ops.sum_dz_for_kernels(global_dz, global_dz_xhat, shift)
         if empty:
@@ -336,8 +342,6 @@ class SyncBatchNorm(_BatchNorm):
         # none either: torch's SyncBatchNorm runs local batch norm on both.
         if not self.training or self.frozen:
             return super().forward(input, residual)
-        if residual is not None and not self.called_with_residual:
-            self.__dict__["called_with_residual"] = True  # (see _NormBase)
         traced = type(input) is not Tensor and isinstance(input, torch.fx.Proxy)
         if not traced:
             if world_size(self.process_group) <= 1:
@@ -351,7 +355,10 @@ class SyncBatchNorm(_BatchNorm):
                 self.activation_slope, residual, num_batches_tracked)
         if traced:  # torch.fx.symbolic_trace: one node that synchronizes when it runs
             return _traced_sync_batch_norm(*args, _traced_group(self.process_group))
-        return sync_batch_norm(*args, self.process_group)
+        y = sync_batch_norm(*args, self.process_group)
+        if residual is not None:
+            self._note_residual()
+        return y
 
 
 # The process groups of traced SyncBatchNorm nodes, by the name the node carries (a graph
@@ -422,6 +429,8 @@ def _move_state(src: nn.Module, dst: nn.Module) -> nn.Module:
     dst.train(src.training)
     if isinstance(src, _BatchNorm):
         dst.frozen = src.frozen
+        if src.called_with_residual:  # (revert leaves such a layer; see _NormBase)
+            dst.__dict__["called_with_residual"] = True
         if "_affine_frozen_by_freeze" in src.__dict__:  # batchnorm.freeze(affine=True)'s record
             dst._affine_frozen_by_freeze = list(src._affine_frozen_by_freeze)
     if hasattr(src, "qconfig"):

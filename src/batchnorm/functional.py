@@ -222,7 +222,7 @@ def validate(input, running_mean, running_var, weight, bias, training, momentum,
     else:
         check_momentum(momentum)
     if training:
-        if running_mean is not None:
+        if running_mean is not None and input.numel():  # (an empty batch writes nothing)
             for name, t in (("running_mean", running_mean), ("running_var", running_var)):
                 if t.stride(0) == 0 and t.shape[0] > 1:
                     # torch's kernels write every channel there (the last one stays);

@@ -122,6 +122,13 @@ class _NormBase(nn.Module):
             return 0.0
         return self.momentum
 
+    def _note_residual(self) -> None:
+        """``called_with_residual`` after a call with a residual succeeded; not while
+        torch.compile traces (the write would be a guard of the graph: every model passing
+        a residual compiled twice), so a model only ever run compiled is not marked."""
+        if not self.called_with_residual and not torch.compiler.is_compiling():
+            self.__dict__["called_with_residual"] = True  # (no Module.__setattr__)
+
     @property
     def frozen(self) -> bool:
         """Use and keep the running statistics, in ``train()`` too (see ``batchnorm.freeze``)."""
@@ -189,8 +196,6 @@ class _BatchNorm(_NormBase):
         the batch's statistics normalize and the running ones move towards them; in eval
         the running statistics normalize.
         """
-        if residual is not None and not self.called_with_residual:
-            self.__dict__["called_with_residual"] = True  # (no Module.__setattr__ per call)
         run = F.batch_norm_resolved
         if type(input) is not Tensor and isinstance(input, torch.fx.Proxy):
             run = _traced_batch_norm  # torch.fx.symbolic_trace: one node (see there)
@@ -205,11 +210,14 @@ class _BatchNorm(_NormBase):
             running_mean = running_var = None
         if not (training and self.track_running_stats):
             num_batches_tracked = None
-        return run(
+        y = run(
             input, running_mean, running_var, weight, bias, use_batch_stats,
             self._momentum_given(num_batches_tracked), self.eps, self.activation,
             self.activation_slope, residual, num_batches_tracked,
         )
+        if residual is not None:
+            self._note_residual()
+        return y
 
 
 def _traced_batch_norm(input, running_mean, running_var, weight, bias, training, momentum,

@@ -291,9 +291,10 @@ def revert(model: nn.Module) -> nn.Module:
     kept = [name or "the model" for name, m in model.named_modules()
             if _revertible(m) and m.called_with_residual]
     if kept:
-        warnings.warn(f"revert: {', '.join(kept)} stay batchnorm's: called with a residual, "
-                      f"which torch's batch norms do not take (the model's call would "
-                      f"fail); compute act(bn(x) + residual) in the forward to revert them",
+        warnings.warn(f"revert: {', '.join(kept)} {'stays' if len(kept) == 1 else 'stay'} "
+                      f"batchnorm's: called with a residual, which torch's batch norms do "
+                      f"not take (the model's call would fail); compute act(bn(x) + "
+                      f"residual) in the forward to revert {'it' if len(kept) == 1 else 'them'}",
                       stacklevel=2)
     if _revertible(model):
         return model if model.called_with_residual else _to_torch(model)
