@@ -181,6 +181,19 @@ def test_every_case_gets_a_compiled_torch_compile(monkeypatch):
     assert sum(r["impl"] == "torch.compile" for r in rows) == len(cases)
 
 
+def test_a_row_whose_torch_compile_fails_goes_on_without_it(monkeypatch, capsys):
+    def broken(fn):
+        def call(*a):
+            raise RuntimeError("inductor: no C compiler\nmore lines")
+        return call
+    monkeypatch.setattr(torch, "compile", broken)
+    rows = bench.run_table("cpu", repeats=1, cases=[bench.Case((2, 2, 3, 4), compile=True)],
+                           ops=("fwd",), progress=False, target_ms=0.05, memory=False)
+    assert {r["impl"] for r in rows[1:]} == {"torch", "ours"}
+    assert ("torch.compile failed on 2d (2, 2, 3, 4) f32 fwd (RuntimeError: inductor: no C "
+            "compiler); that row has no torch.compile time") in capsys.readouterr().err
+
+
 def test_compile_ops_choose_what_torch_compile_is_timed_for(monkeypatch, capsys):
     monkeypatch.setattr(torch, "compile", lambda fn: fn)  # the plumbing, not a compile
     rows = bench.run_table("cpu", repeats=1, cases=[bench.Case((2, 2, 3, 4), compile=True)],

@@ -410,6 +410,23 @@ def _functions(case: Case, op: str, device: torch.device, compile: bool) -> dict
     return fns
 
 
+def _drop_failing_compile(fns: dict, what: str) -> None:
+    """Compile (the first call) before timing: where torch.compile fails on a row (a
+    compiler error, the recompile limit), the row goes on without its torch.compile time,
+    and says so, rather than the table stopping there (on a GPU lent for minutes)."""
+    fn = fns.get("torch.compile")
+    if fn is None:
+        return
+    try:
+        with _fail_on_recompile_limit():
+            fn()
+    except Exception as e:  # noqa: BLE001 - any compiler failure: the row without it
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        print(f"batchnorm bench: torch.compile failed on {what} ({type(e).__name__}: "
+              f"{first}); that row has no torch.compile time", file=sys.stderr, flush=True)
+        del fns["torch.compile"]
+
+
 def _fail_on_recompile_limit():
     """Where this torch has the setting: a torch.compile that meets dynamo's recompile
     limit raises instead of running eagerly under its label."""
@@ -525,6 +542,7 @@ def run_table(device="cpu", quick: bool = False, repeats: int | None = None,
         for op in ops:
             fns = _functions(case, op, device, case.compile and (
                 compile_ops is None or op in compile_ops))
+            _drop_failing_compile(fns, f"{case.label} {op}")
             with _fail_on_recompile_limit():
                 samples = interleaved(timer, fns, repeats, target_ms)
                 peaks = {}
