@@ -494,6 +494,32 @@ def test_sync_path_keeps_no_bias_without_an_activation(tmp_path, dtype):
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_sync_path_residual_gradient_does_not_share_the_callers_gradient(tmp_path, layout):
+    """Without an activation the residual's gradient is dy: the synchronized path took the
+    residual through a view made outside its Function, whose backward handed on a view
+    of the caller's dy, which autograd kept as r.grad (a second backward then added into
+    the caller's tensor)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0,
+                            world_size=1)
+    try:
+        torch.manual_seed(7)
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        x = torch.randn(2, 3, 4, 4).to(memory_format=fmt).requires_grad_()
+        r = torch.randn(2, 3, 4, 4, requires_grad=True)
+        dy = torch.randn(2, 3, 4, 4).to(memory_format=fmt)
+        sync = bd.SyncBatchNorm(3)
+        for _ in range(2):
+            y = bd.sync_batch_norm(x, sync.running_mean, sync.running_var, sync.weight,
+                                   sync.bias, sync.momentum, sync.eps, residual=r)
+            assert y.is_contiguous(memory_format=fmt)
+            y.backward(dy)
+        close(r.grad, 2 * dy, what="r.grad")
+        assert r.grad.untyped_storage().data_ptr() != dy.untyped_storage().data_ptr()
+    finally:
+        dist.destroy_process_group()
+
+
 GROUP_OF_ONE = [("gloo", "cpu")] + ([("nccl", "cuda")] if torch.cuda.is_available() else [])
 
 

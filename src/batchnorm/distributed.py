@@ -130,24 +130,31 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     analytic backward's, through the all-reduced Σdz and Σdz·x̂ and the global count.
     A wide mean is split as local batch norm does (``ops.centre_for_kernels``): the
     kernels see ``x̂' = x̂ + shift`` and the shift is undone in the bias and in the sums.
+    It takes the input and residual as given and makes their kernel views inside, as
+    ``ops._EagerBatchNorm`` does: no view node of autograd's between them and the caller
+    (a view's backward made the residual's gradient a view of the caller's dy, which
+    autograd then kept as .grad, sharing the caller's memory).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, mean, invstd, count, activation, slope,
-                process_group, update_running_stats):
+    def forward(ctx, input, weight, bias, residual, mean, invstd, count, activation, slope,
+                process_group, update_running_stats, channels_last):
         ctx.count, ctx.activation, ctx.slope = count, activation, slope
-        ctx.process_group = process_group
+        ctx.process_group, ctx.channels_last = process_group, channels_last
         ctx.has_residual = residual is not None
         # The residual is needed only to recompute the pre-activation in backward.
         keep_residual = (ops.saveable_residual(residual)
                          if residual is not None and activation != "none" else None)
         mean_k, bias_k, shift = ops.centre_for_kernels(mean, invstd, weight, bias,
-                                                       acc_dtype(x.dtype))
-        if x.numel() == 0:
-            y = torch.empty_like(x)
+                                                       acc_dtype(input.dtype))
+        if input.numel() == 0:
+            y = torch.empty_like(input)
         else:
-            y = backends.select(x).normalize(x, mean_k, invstd, weight, bias_k, residual,
-                                             activation, slope)
+            x = ops.to_kernel_view(input, channels_last)
+            r = None if residual is None else ops.to_kernel_view(residual, channels_last)
+            y = ops.from_kernel_view(
+                backends.select(x).normalize(x, mean_k, invstd, weight, bias_k, r,
+                                             activation, slope), input.shape, channels_last)
         # After the output (a failed normalize changes nothing) and before the tensors are
         # saved, as torch's SyncBatchNorm: torch.utils.checkpoint's recomputation stops at
         # the save, and torch's running statistics move in it too.
@@ -155,18 +162,26 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         # The backward needs the bias only to recompute the pre-activation (bias_k: the bias
         # itself where the mean is already in the acc dtype, float64), and else its dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(x, weight, bias_k if activation != "none" else None,
+        ctx.save_for_backward(input, weight, bias_k if activation != "none" else None,
                               keep_residual, mean_k, invstd, shift)
-        return y
+        # (y may be a view of the kernels' output: the same storage, no view for autograd)
+        return y if y._base is None else y.detach()
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dy):
-        x, weight, bias_k, residual, mean_k, invstd, shift = ctx.saved_tensors
+    def backward(ctx, dy_given):
+        input, weight, bias_k, residual, mean_k, invstd, shift = ctx.saved_tensors
         need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
-        act, slope, c = ctx.activation, ctx.slope, x.shape[1]
+        act, slope, c = ctx.activation, ctx.slope, input.shape[1]
+        shape, channels_last = input.shape, ctx.channels_last
+        empty = input.numel() == 0
+        x, dy = input, dy_given
+        if not empty:
+            x = ops.to_kernel_view(input, channels_last)
+            dy = ops.to_kernel_view(dy_given, channels_last)
+            if residual is not None:
+                residual = ops.to_kernel_view(residual, channels_last)
         dy = dy.contiguous()
-        empty = x.numel() == 0
         backend = None if empty else backends.select(x)
 
         if empty:
@@ -192,17 +207,19 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             global_dz, global_dz_xhat = both[:c], both[c:]
             global_dz = ops.sum_dz_for_kernels(global_dz, global_dz_xhat, shift)
         if empty:
-            dx = torch.zeros_like(x) if need_x else None
-            dres = torch.zeros_like(x) if want_dres else None
+            dx = torch.zeros_like(input) if need_x else None
+            dres = torch.zeros_like(input) if want_dres else None
         elif need_x or want_dres:
             dx, dres = backend.backward_elementwise(
                 dy, x, mean_k, invstd, weight, bias_k, residual,
                 global_dz if need_x else None, global_dz_xhat if need_x else None,
                 ctx.count, act, slope, want_dres)
-            dres = dres if want_dres else None
-        return (*ops.autograd_grads(ctx.needs_input_grad[:4], dy, dx, dres, sum_dz,
+            dx = ops.from_kernel_view(dx, shape, channels_last) if dx is not None else None
+            dres = ops.from_kernel_view(dres, shape, channels_last) if want_dres else None
+        # (without an activation the residual's gradient is dy_given itself)
+        return (*ops.autograd_grads(ctx.needs_input_grad[:4], dy_given, dx, dres, sum_dz,
                                     sum_dz_xhat, weight, ctx.bias_dtype, act),
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 def _validate(input, running_mean, running_var, weight, bias, momentum, eps, residual,
@@ -266,10 +283,9 @@ def sync_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Ten
     # An empty rank computes nothing but still needs autograd to reach our backward (to
     # join its all_reduce): it passes its input as it is, whose layout empty_like keeps.
     empty = input.numel() == 0
-    x = input if empty else ops.to_kernel_view(input, channels_last)
-    r = residual if empty or residual is None else ops.to_kernel_view(residual, channels_last)
     with torch.no_grad():
-        mean, var, count = global_stats(x.detach(), process_group, ranks)
+        x = input if empty else ops.to_kernel_view(input.detach(), channels_last)
+        mean, var, count = global_stats(x, process_group, ranks)
     if count == 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got 1 over the global "
@@ -287,9 +303,9 @@ def sync_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Ten
             # As local batch norm and torch: an empty batch is counted, the statistics stay.
             num_batches_tracked.add_(1)
 
-    y = _SyncBatchNormFunction.apply(x, weight, bias, r, mean, invstd, count, activation,
-                                     slope, process_group, update_running_stats)
-    return y if empty else ops.from_kernel_view(y, shape, channels_last)
+    return _SyncBatchNormFunction.apply(input, weight, bias, residual, mean, invstd, count,
+                                        activation, slope, process_group,
+                                        update_running_stats, channels_last)
 
 
 # ---------------------------------------------------------------------------------------
