@@ -222,7 +222,10 @@ def validate(input, running_mean, running_var, weight, bias, training, momentum,
     else:
         check_momentum(momentum)
     if training:
-        if running_mean is not None and input.numel():  # (an empty batch writes nothing)
+        # (is_contiguous first: 0.1 µs for both, against 0.5 for the loop; an empty batch
+        # writes nothing)
+        if running_mean is not None and not (running_mean.is_contiguous()
+                                             and running_var.is_contiguous()) and input.numel():
             for name, t in (("running_mean", running_mean), ("running_var", running_var)):
                 if t.stride(0) == 0 and t.shape[0] > 1:
                     # torch's kernels write every channel there (the last one stays);
