@@ -228,8 +228,8 @@ def validate(input, running_mean, running_var, weight, bias, training, momentum,
                                              and running_var.is_contiguous()) and input.numel():
             for name, t in (("running_mean", running_mean), ("running_var", running_var)):
                 if t.stride(0) == 0 and t.shape[0] > 1:
-                    # torch's kernels write every channel there (the last one stays);
-                    # torch's in-place ops (our portable and triton paths) refuse to
+                    # torch's kernel applies every channel's update in turn to the one value
+                    # (they compound); torch's in-place ops (portable, triton) refuse to
                     raise ValueError(
                         f"{name} is an expanded view (stride 0): its channels share one "
                         f"value, and the running update writes one value per channel. "

@@ -34,7 +34,9 @@ magnitude, and it is never summed again. A channel whose S2 is not finite is sum
 too (``_again``): on finite data a float32 block of squares can overflow (1e19 first among
 zeros gave an infinite variance where torch's is 3e35), and around the mean the squares
 are smaller; where S1 overflowed as well (values near float32's largest), or the data hold
-a NaN or inf, it is summed around 0, which gives torch's mean (finite, ±inf or NaN). The common shift also makes the parallel merge
+a NaN or inf, it is summed around 0, which gives torch's mean (finite, ±inf or NaN)
+where those sums hold (data of both signs near float32's largest can overflow them too:
+NaN where torch's mean is finite, a known limit). The common shift also makes the parallel merge
 trivial: a channel is cut into pieces (so that two channels with a huge N·L still keep
 every core busy), each piece sums its own (S1, S2), and the pieces' sums are added in a
 fixed order, so the result does not depend on the thread count or scheduling.
