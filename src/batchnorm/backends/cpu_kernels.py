@@ -32,14 +32,15 @@ its own first value instead, redone where far, cost 20-90% on rows of 32-512 val
 constant channel has every d == 0 exactly, so μ == s exactly and m2 == 0 exactly, at any
 magnitude, and it is never summed again. A channel whose S2 is not finite is summed again
 too (``_again``): on finite data a float32 block of squares can overflow (1e19 first among
-zeros gave an infinite variance where torch's is 3e35), and around the mean the squares
+zeros gave an infinite variance where torch's is 3e36), and around the mean the squares
 are smaller; where S1 overflowed as well (values near float32's largest), or the data hold
 a NaN or inf, it is summed around 0, which gives torch's mean (finite, ±inf or NaN)
 where those sums hold (data of both signs near float32's largest can overflow them too:
-NaN where torch's mean is finite, a known limit). The common shift also makes the parallel merge
-trivial: a channel is cut into pieces (so that two channels with a huge N·L still keep
-every core busy), each piece sums its own (S1, S2), and the pieces' sums are added in a
-fixed order, so the result does not depend on the thread count or scheduling.
+NaN where torch's mean is finite, a known limit). The common shift also makes the
+parallel merge trivial: a channel is cut into pieces (so that two channels with a huge
+N·L still keep every core busy), each piece sums its own (S1, S2), and the pieces' sums
+are added in a fixed order, so the result does not depend on the thread count or
+scheduling.
 Where rows are short (L ≤ ``_BLK``) the tasks are ranges of whole rows read in memory
 order instead, each with per-channel partials: a channel's rows lie C·L apart, a stride
 the prefetcher does not follow.
@@ -374,7 +375,7 @@ def _far(s1, s2, n):
 def _again(s1, s2, n):
     """Whether a channel is summed again: :func:`_far`, or S2 = Σ(x − s)² not finite. A
     float32 block of squares overflows on finite data (1e19 first among zeros: 15e38), and
-    S2 = inf read as an infinite variance (torch's is 3e35): around the channel's mean
+    S2 = inf read as an infinite variance (torch's is 3e36): around the channel's mean
     the squares are smaller. A NaN or inf in the data gives the same sums again."""
     return _far(s1, s2, n) | (not s2 < math.inf)
 
@@ -396,7 +397,7 @@ def _refine(shift, a1, a2, total, todo):
     for c in range(shift.shape[0]):
         if todo[c]:
             # around 0 where S1 overflowed too (values near float32's largest, an outlier
-            # first: the mean came out -inf where torch's is 3e35) or the data hold a NaN
+            # first: the mean came out -inf where torch's is 3e36) or the data hold a NaN
             # or inf (whose sums around 0 give torch's mean and variance as before)
             mean = np.float64(shift[c]) + a1[c] / total
             shift[c] = shift.dtype.type(mean if math.isfinite(mean) else 0.0)
