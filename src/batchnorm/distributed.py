@@ -141,7 +141,6 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 process_group, update_running_stats, channels_last):
         ctx.count, ctx.activation, ctx.slope = count, activation, slope
         ctx.process_group, ctx.channels_last = process_group, channels_last
-        ctx.has_residual = residual is not None
         # The residual is needed only to recompute the pre-activation in backward.
         keep_residual = (ops.saveable_residual(residual)
                          if residual is not None and activation != "none" else None)
