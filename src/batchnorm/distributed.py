@@ -445,7 +445,7 @@ def _move_state(src: nn.Module, dst: nn.Module) -> nn.Module:
     if isinstance(src, _BatchNorm):
         dst.frozen = src.frozen
         if src.called_with_residual:  # (revert leaves such a layer; see _NormBase)
-            dst.__dict__["called_with_residual"] = True
+            dst._note_residual()
         if "_affine_frozen_by_freeze" in src.__dict__:  # batchnorm.freeze(affine=True)'s record
             dst._affine_frozen_by_freeze = list(src._affine_frozen_by_freeze)
     if hasattr(src, "qconfig"):

@@ -40,6 +40,18 @@ from ._common import (
 _FUSABLE = tuple(F._ACTIVATION_MODULES)
 
 
+def _fusable(m: nn.Module) -> bool:
+    """An activation module a batch norm can take: one of ``_FUSABLE`` whose settings
+    ``resolve_activation`` accepts (not an ``nn.GELU`` of an unknown approximation)."""
+    if type(m) not in _FUSABLE:
+        return False
+    try:
+        F.resolve_activation(m)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 class SyncFallbackBatchNorm(_BatchNorm):
     """What ``convert`` makes of a ``torch.nn.SyncBatchNorm`` when ``batchnorm.distributed``
     is not available: a *local* batch norm (statistics of this process only) that, like
@@ -171,8 +183,7 @@ def _fusion_pairs(model: nn.Module) -> list[tuple[str, str]]:
     # the activation's would no longer run.
     bn_ok = lambda m: once(m) and not has_hooks(m) and (
         is_torch_bn(m) or (is_our_bn(m) and m.activation == "none"))
-    act_ok = lambda m: (type(m) in _FUSABLE and once(m) and not has_hooks(m)
-                        and getattr(m, "approximate", "none") in F._GELU_KINDS)
+    act_ok = lambda m: _fusable(m) and once(m) and not has_hooks(m)
     graphs = trace_in_both_modes(model)
     if graphs is None:
         pairs = [(nb, na) for nb, _, na, _ in sequential_pairs(model, bn_ok, act_ok)]
