@@ -1653,3 +1653,143 @@ def test_frozen_sync_batchnorm_uses_running_stats_in_train(monkeypatch):
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
     for k, v in layer.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+# ---------------------------------------------------------------------------------------
+# Found by a probe of the tools on real architectures (2026-12-05)
+
+
+def _stats_kept_flag_off():
+    """A torch BatchNorm2d whose track_running_stats was turned off after it trained: it
+    keeps its buffers, normalizes with them in eval and leaves them alone in training."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, 3, 5, 5) * 3 + 2)
+    model[1].track_running_stats = False
+    return model
+
+
+@pytest.mark.parametrize("tool", ["convert", "revert", "freeze"])
+def test_tools_keep_running_buffers_of_a_layer_whose_flag_was_turned_off(tool):
+    torch_model = _stats_kept_flag_off()
+    model = batchnorm.convert(copy.deepcopy(torch_model))
+    if tool == "revert":
+        model = batchnorm.revert(model)
+        assert type(model[1]) is nn.BatchNorm2d
+    elif tool == "freeze":
+        model = batchnorm.freeze(model)
+        assert model[1].frozen
+    assert torch.equal(model[1].running_var, torch_model[1].running_var)
+    assert list(model.state_dict()) == list(torch_model.state_dict())
+    x = torch.randn(4, 3, 5, 5)
+    with torch.no_grad():
+        torch_model.eval(), model.eval()
+        assert_close(model(x), torch_model(x))
+        if tool == "freeze":  # frozen: the running statistics in train() too
+            model.train()
+            assert_close(model(x), torch_model(x))
+        else:
+            torch_model.train(), model.train()
+            before = model[1].running_mean.clone()
+            assert_close(model(x), torch_model(x))
+            assert torch.equal(model[1].running_mean, before)
+
+
+def test_convert_keeps_num_batches_tracked_alone():
+    # TENT's setup: no running statistics, num_batches_tracked kept.
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    model[1].track_running_stats = False
+    model[1].running_mean = model[1].running_var = None
+    keys = list(model.state_dict())
+    assert list(batchnorm.convert(model).state_dict()) == keys
+
+
+class _KeepsFeatures(nn.Module):
+    """A forward that stores a value on the module (a feature tap)."""
+
+    def __init__(self, tap):
+        super().__init__()
+        self.tap = tap
+        self.conv, self.bn, self.act = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.tap == "conv":
+            self.features = y
+        y = self.bn(y)
+        if self.tap == "bn":
+            self.features = [y]
+        return self.act(y)
+
+
+@pytest.mark.parametrize("tap", ["conv", "bn"])
+@pytest.mark.parametrize("tool", ["convert", "fold"])
+def test_a_value_stored_on_a_module_is_not_rewritten(tool, tap):
+    model = _KeepsFeatures(tap).eval()
+    randomize(model)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        model(x)
+        expected = model.features
+        new = (batchnorm.convert(copy.deepcopy(model)) if tool == "convert"
+               else batchnorm.fold(model)[0])
+        y = new(x)
+        assert_close(y, model(x))
+        features = new.features
+    if tap == "bn":
+        expected, features = expected[0], features[0]
+    assert_close(features, expected)
+
+
+@pytest.mark.parametrize("steps", ["revert", "revert_sync, revert"])
+def test_revert_undoes_a_fusion_after_the_sync_conversions(steps):
+    original = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+    keys = list(original.state_dict())
+    model = batchnorm.convert_sync_batchnorm(batchnorm.convert(original))
+    if steps != "revert":
+        model = batchnorm.revert_sync_batchnorm(model)
+    model = batchnorm.revert(model)
+    assert [type(m) for m in model] == [nn.Conv2d, nn.SyncBatchNorm if steps == "revert"
+                                        else nn.BatchNorm2d, nn.ReLU]
+    assert list(model.state_dict()) == keys
+
+
+def test_channel_affine_refuses_another_channel_count():
+    folded, _ = batchnorm.fold(nn.Sequential(nn.MaxPool2d(1), nn.BatchNorm2d(4)).eval())
+    assert isinstance(folded[1], ChannelAffine)
+    with pytest.raises(ValueError, match="4 channels"):
+        folded(torch.randn(2, 1, 3, 3))
+
+
+class _MyBN(batchnorm.BatchNorm2d):
+    pass
+
+
+@pytest.mark.parametrize("kind", ["nd", "subclass", "parametrized"])
+def test_revert_says_which_layers_of_ours_it_leaves(kind):
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    if kind == "nd":
+        model = batchnorm.revert_sync_batchnorm(nn.Sequential(nn.SyncBatchNorm(4)))
+    elif kind == "subclass":
+        model = nn.Sequential(_MyBN(4))
+    else:
+        model = nn.Sequential(batchnorm.BatchNorm2d(4))
+        parametrize.register_parametrization(model[0], "weight", Double())
+    before = type(model[0])
+    with pytest.warns(UserWarning, match="revert: '0' stays batchnorm's"):
+        batchnorm.revert(model)
+    assert type(model[0]) is before
+
+
+def test_fold_names_a_stored_tensor_it_cannot_copy():
+    model = _KeepsFeatures("conv").eval()
+    model(torch.randn(2, 3, 6, 6))  # gradients on: features is a tensor autograd computed
+    with pytest.raises(RuntimeError, match="'features' is a tensor that autograd computed"):
+        batchnorm.fold(model)

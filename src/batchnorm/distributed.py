@@ -479,15 +479,38 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does. The original class is recorded
     for :func:`revert_sync_batchnorm`.
     """
-    if _is_batchnorm(module):
-        new = _rebuild(module, SyncBatchNorm, process_group=process_group)
+    def to_sync(layer):
+        new = _rebuild(layer, SyncBatchNorm, process_group=process_group)
         # A layer converted twice keeps its first origin.
-        new._batchnorm_origin = getattr(module, "_batchnorm_origin", type(module))
+        new._batchnorm_origin = getattr(layer, "_batchnorm_origin", type(layer))
         return new
-    for name, child in module.named_children():
-        new_child = convert_sync_batchnorm(child, process_group)
-        if new_child is not child:
-            module.add_module(name, new_child)
+
+    return _replace_batch_norms(module, _is_batchnorm, to_sync)
+
+
+def _replace_batch_norms(module: nn.Module, wanted, make) -> nn.Module:
+    """``module`` with each layer that is ``wanted`` replaced by ``make(layer)``, in place
+    (a new object when ``module`` itself is one); each ``batchnorm.convert`` marker of an
+    activation fused into a replaced layer (``FusedActivation.bn``) follows it, so that
+    ``batchnorm.revert`` still finds the layer it fused into."""
+    replaced: dict[int, nn.Module] = {}
+
+    def walk(m: nn.Module) -> nn.Module:
+        if wanted(m):
+            replaced[id(m)] = make(m)
+            return replaced[id(m)]
+        for name, child in m.named_children():
+            new_child = walk(child)
+            if new_child is not child:
+                m.add_module(name, new_child)
+        return m
+
+    module = walk(module)
+    if replaced:
+        from .tools.convert import FusedActivation
+        for m in module.modules():
+            if isinstance(m, FusedActivation) and id(m.__dict__.get("bn")) in replaced:
+                m.__dict__["bn"] = replaced[id(m.__dict__["bn"])]
     return module
 
 
@@ -500,14 +523,12 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
     becomes :class:`BatchNormNd`, which accepts any input rank >= 2 as SyncBatchNorm does.
     Parameters, buffers, device, dtype, training mode and activation are kept.
     """
-    if isinstance(module, (SyncBatchNorm, nn.SyncBatchNorm)):
-        cls = _LOCAL_OF.get(getattr(module, "_batchnorm_origin", None), BatchNormNd)
-        return _rebuild(module, cls)
-    for name, child in module.named_children():
-        new_child = revert_sync_batchnorm(child)
-        if new_child is not child:
-            module.add_module(name, new_child)
-    return module
+    def to_local(layer):
+        return _rebuild(layer, _LOCAL_OF.get(getattr(layer, "_batchnorm_origin", None),
+                                             BatchNormNd))
+
+    return _replace_batch_norms(
+        module, lambda m: isinstance(m, (SyncBatchNorm, nn.SyncBatchNorm)), to_local)
 
 
 # ---------------------------------------------------------------------------------------

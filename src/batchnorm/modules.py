@@ -134,11 +134,16 @@ class _NormBase(nn.Module):
         """Use and keep the running statistics, in ``train()`` too (see ``batchnorm.freeze``)."""
         return self._frozen
 
+    def _has_running_stats(self) -> bool:
+        """Both running buffers exist: with ``track_running_stats=False`` set after
+        construction they are kept, and eval normalizes with them."""
+        return self.running_mean is not None and self.running_var is not None
+
     @frozen.setter
     def frozen(self, value: bool) -> None:
-        if value and not self.track_running_stats:
-            raise ValueError(f"{type(self).__name__} with track_running_stats=False has no "
-                             f"running statistics to freeze")
+        if value and not self._has_running_stats():
+            raise ValueError(f"{type(self).__name__} without running statistics "
+                             f"(track_running_stats=False) has none to freeze")
         self._frozen = bool(value)
 
     # ``frozen`` travels in the state_dict's *metadata* (next to ``version``), not as a key:
@@ -183,7 +188,7 @@ class _NormBase(nn.Module):
         # without running statistics takes the flag as it takes their keys: unexpected,
         # an error under strict loading (which torch reports for those keys) and ignored
         # otherwise (torch hands this method strict=True either way).
-        if local_metadata.get("frozen") and self.track_running_stats:
+        if local_metadata.get("frozen") and self._has_running_stats():
             self._frozen = True
 
 
@@ -206,7 +211,7 @@ class _BatchNorm(_NormBase):
         training = self.training and not self._frozen
         weight, bias, running_mean, running_var, num_batches_tracked = _state_of(self)
         use_batch_stats = training or (running_mean is None and running_var is None)
-        if self.training and not self.track_running_stats:
+        if training and not self.track_running_stats:
             running_mean = running_var = None
         if not (training and self.track_running_stats):
             num_batches_tracked = None

@@ -179,11 +179,34 @@ def trace(model: nn.Module) -> torch.fx.Graph | None:
     forward changes inside an attribute, a list it appends to, is not)."""
     attributes = _attributes(model)
     try:
-        return _LeafTracer().trace(model)
+        graph = _LeafTracer().trace(model)
+        _count_stored_values(model)
+        return graph
     except Exception:  # noqa: BLE001 - any failure means "use the nn.Sequential fallback"
         return None
     finally:
         _put_back(attributes)
+
+
+def _count_stored_values(model: nn.Module) -> None:
+    """Count each value a forward stored on a module (``self.features = y``, or in a list
+    or dict there) as a use of its node (``node.meta["stored"]``, read by :func:`uses`):
+    the graph does not show such a store, and a rewrite of that value (an activation fused
+    into the batch norm that made it, a batch norm folded into the conv before it) would
+    change what the module keeps."""
+    def visit(value, depth: int) -> None:
+        if isinstance(value, torch.fx.Proxy):
+            value.node.meta["stored"] = value.node.meta.get("stored", 0) + 1
+        elif depth < 3 and isinstance(value, (list, tuple, set)):
+            for item in value:
+                visit(item, depth + 1)
+        elif depth < 3 and isinstance(value, dict):
+            for item in value.values():
+                visit(item, depth + 1)
+
+    for m in model.modules():
+        for value in vars(m).values():
+            visit(value, 0)
 
 
 def trace_in_both_modes(model: nn.Module) -> list[torch.fx.Graph] | None:
@@ -228,9 +251,10 @@ def module_calls(graph: torch.fx.Graph) -> dict[str, list[torch.fx.Node]]:
 
 def uses(node: torch.fx.Node) -> int:
     """How many times ``node``'s value is read: every occurrence in its users' args and
-    kwargs, nested ones included. ``node.users`` counts distinct user *nodes*, so
-    ``bn(y, residual=y)`` is one user but two uses."""
-    count = 0
+    kwargs, nested ones included, and each place a forward stored it on a module (see
+    :func:`trace`). ``node.users`` counts distinct user *nodes*, so ``bn(y, residual=y)``
+    is one user but two uses."""
+    count = node.meta.get("stored", 0)
 
     def visit(arg: torch.fx.Node) -> torch.fx.Node:
         nonlocal count

@@ -15,6 +15,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .. import functional as F
 from ..modules import _BatchNorm
@@ -119,10 +120,12 @@ def _share_state(new: nn.Module, old: nn.Module) -> nn.Module:
                 new.bias = old.bias
             elif getattr(new, "bias", None) is not None:  # a torch layer without bias=
                 new.bias = nn.Parameter(torch.zeros_like(old.weight), requires_grad=False)
-        if old.track_running_stats:
-            new.running_mean = old.running_mean
-            new.running_var = old.running_var
-            new.num_batches_tracked = old.num_batches_tracked
+        # Each running buffer as it is, whatever track_running_stats says: the flag turned
+        # off after construction keeps the buffers (torch then normalizes with them in
+        # eval and leaves them alone in training), and TENT's setup keeps
+        # num_batches_tracked alone.
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            setattr(new, name, getattr(old, name, None))
     new.train(old.training)
     return new
 
@@ -172,6 +175,26 @@ def _revertible(m: nn.Module) -> bool:
     sync = _sync_class()
     return type(m) in TORCH_BY_OURS or type(m) is SyncFallbackBatchNorm or (
         sync is not None and type(m) is sync)
+
+
+def _warn_unrevertible(model: nn.Module) -> None:
+    """Warn about each layer of ours that revert leaves as it is for want of a torch
+    class to make of it (as convert warns about the torch layers it leaves)."""
+    for name, m in model.named_modules():
+        if not is_our_bn(m) or _revertible(m):
+            continue
+        where = repr(name) if name else "the model"
+        if parametrize.is_parametrized(m):
+            why = (f"a parametrization (torch.nn.utils.parametrize) computes its "
+                   f"{' and '.join(m.parametrizations)}")
+        elif type(m).__name__ == "BatchNormNd" and type(m).__module__ == "batchnorm.distributed":
+            why = ("a BatchNormNd (any input rank, what revert_sync_batchnorm makes of a "
+                   "SyncBatchNorm of unknown rank) has no torch class of its own: "
+                   "replace it by hand with torch's BatchNorm1d, 2d or 3d")
+        else:
+            why = (f"a {type(m).__name__}, a subclass of batchnorm's, may have a forward of "
+                   f"its own")
+        warnings.warn(f"revert: {where} stays batchnorm's: {why}", stacklevel=3)
 
 
 def _fusion_pairs(model: nn.Module) -> list[tuple[str, str]]:
@@ -307,6 +330,7 @@ def revert(model: nn.Module) -> nn.Module:
                       f"not take (the model's call would fail); compute act(bn(x) + "
                       f"residual) in the forward to revert {'it' if len(kept) == 1 else 'them'}",
                       stacklevel=2)
+    _warn_unrevertible(model)
     if _revertible(model):
         return model if model.called_with_residual else _to_torch(model)
     replaced: dict[int, nn.Module] = {}

@@ -123,6 +123,11 @@ class ChannelAffine(nn.Module):
             raise ValueError(
                 f"ChannelAffine: the batch norm it replaces took {_ranks_text(self.input_ranks)} "
                 f"input, got {input.dim()}D input of shape {tuple(input.shape)}")
+        if self.num_features is not None and input.shape[1] != self.num_features:
+            # (scale and shift would broadcast over one channel where the batch norm raised)
+            raise ValueError(
+                f"ChannelAffine: the batch norm it replaces had {self.num_features} channels, "
+                f"got input of shape {tuple(input.shape)} ({input.shape[1]} in dim 1)")
         y, owned = input, self.inplace
         if self.scale is not None:
             view = (-1,) + (1,) * (input.dim() - 2)
@@ -139,6 +144,34 @@ class ChannelAffine(nn.Module):
         text += (", (N, C) input only" if self.linear_input else
                  f", {_ranks_text(self.input_ranks)} input")
         return text + (f", activation={self.activation!r}" if self.activation != "none" else "")
+
+
+def _why_not_copied(model: nn.Module) -> str:
+    """What in ``model`` deepcopy refuses: the hook-based ``weight_norm`` (its weight is
+    computed by autograd), or a tensor autograd computed that a forward stored on a module
+    (``self.features = y`` with gradients on)."""
+    weight_norm = {name for name, m in model.named_modules()
+                   if any(type(h).__name__ == "WeightNorm"
+                          for h in m._forward_pre_hooks.values())}
+    stored = [f"{name}.{attr}" if name else attr
+              for name, m in model.named_modules() if name not in weight_norm
+              for attr, value in vars(m).items()
+              if isinstance(value, torch.Tensor) and not value.is_leaf]
+    advice = []
+    if weight_norm:
+        names = ", ".join(repr(n) if n else "the model" for n in sorted(weight_norm))
+        advice.append(f"{names} {'has' if len(weight_norm) == 1 else 'have'} the hook-based "
+                      f"torch.nn.utils.weight_norm, which cannot be copied: use "
+                      f"torch.nn.utils.parametrizations.weight_norm, or remove_weight_norm "
+                      f"first")
+    if stored:
+        one = len(stored) == 1
+        advice.append(f"{', '.join(map(repr, stored))} {'is a tensor' if one else 'are tensors'} "
+                      f"that autograd computed, stored on the module by a forward run with "
+                      f"gradients on: delete {'it' if one else 'them'}, or run that forward "
+                      f"under torch.no_grad()")
+    return "; ".join(advice) or ("Every tensor the model holds must be a leaf of "
+                                 "autograd's graph.")
 
 
 def _ranks_text(ranks: tuple[int, ...] | None) -> str:
@@ -345,11 +378,8 @@ def fold(model: nn.Module) -> tuple[nn.Module, FoldReport]:
     try:
         new = copy.deepcopy(model)
     except RuntimeError as e:
-        raise RuntimeError(
-            f"fold() works on a copy of the model, and copy.deepcopy(model) failed: {e}. "
-            f"A layer with the hook-based torch.nn.utils.weight_norm cannot be copied: "
-            f"use torch.nn.utils.parametrizations.weight_norm, or remove_weight_norm "
-            f"first") from e
+        raise RuntimeError(f"fold() works on a copy of the model, and copy.deepcopy(model) "
+                           f"failed: {e}. {_why_not_copied(model)}") from e
     if is_any_bn(new):
         if new.running_mean is None:
             raise ValueError("fold(): this batch norm has no running statistics")

@@ -149,7 +149,8 @@ def freeze(model: nn.Module, affine: bool = False, buffers: bool = False) -> nn.
     turned off, also after repeated calls). ``buffers=True``
     instead replaces each layer with a :class:`FrozenBatchNorm1d/2d/3d` copy (parameters
     become buffers, hooks move to it; ``unfreeze`` does not undo that). Layers without
-    running statistics (``track_running_stats=False``) are left as they are, with a
+    running statistics (built with ``track_running_stats=False``; one whose flag was
+    turned off later keeps its buffers and is frozen with them) are left as they are, with a
     warning, and so are subclasses of torch's batch norms (their ``forward`` may differ
     from the layer that would replace them) and layers with a parametrization (their
     weight is computed); the warning names the layer. A lazy batch norm
@@ -190,7 +191,7 @@ def freeze(model: nn.Module, affine: bool = False, buffers: bool = False) -> nn.
     for name, m in model.named_modules():
         if not is_our_bn(m):
             continue
-        if not m.track_running_stats:
+        if not m._has_running_stats():
             where = repr(name) if name else type(m).__name__
             warnings.warn(f"freeze: {where} has no running statistics; left as it is",
                           stacklevel=2)
