@@ -1,5 +1,7 @@
 """The CPU backend's reusable output buffers: reuse only what no tensor refers to."""
 
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -233,3 +235,57 @@ def test_a_bad_cache_limit_names_the_variable(monkeypatch, text):
     monkeypatch.setenv("BATCHNORM_CPU_BUFFER_CACHE_MB", text)
     with pytest.raises(ValueError, match="BATCHNORM_CPU_BUFFER_CACHE_MB=.*MiB"):
         buffers._limit_from_environment()
+
+
+def test_a_profiling_hook_at_import_does_not_make_a_used_buffer_free(tmp_path):
+    """A profile hook that reads f_locals while the pool is first imported (an argument
+    logger) made its calibrated reference count one too high: a buffer an output still
+    used read as free, and the next output overwrote it. Run in a fresh process, where
+    the import is the first."""
+    script = tmp_path / "hook.py"
+    script.write_text(
+        "import sys, torch\n"
+        "def profile(frame, event, arg):\n"
+        "    frame.f_locals\n"
+        "sys.setprofile(profile)\n"
+        "from batchnorm.backends import cpu_buffers as pool\n"
+        "sys.setprofile(None)\n"
+        "pool.MIN_BYTES = 0\n"
+        "a = pool.empty((1024,), torch.float32)\n"
+        "b = pool.empty((1024,), torch.float32)\n"
+        "assert a.data_ptr() != b.data_ptr()\n"
+        "del b\n"
+        "c = pool.empty((1024,), torch.float32)\n"
+        "assert c.data_ptr() != a.data_ptr()\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_a_profiling_hook_does_not_keep_free_buffers_from_reuse(pool):
+    def profile(frame, event, arg):
+        _ = frame.f_locals
+
+    a = pool.empty(SHAPE, torch.float32)
+    ptr = a.data_ptr()
+    del a
+    sys.setprofile(profile)
+    try:
+        b = pool.empty(SHAPE, torch.float32)
+    finally:
+        sys.setprofile(None)
+    assert b.data_ptr() == ptr
+
+
+def test_the_limit_holds_on_hits_too(pool, monkeypatch):
+    """A loop of fixed shapes misses once: the limit on free memory is checked each time
+    a buffer is handed out, not only on a miss."""
+    nbytes = 4 * 1024
+    steps = [[pool.empty((1024,), torch.float32) for _ in range(6)] for _ in range(2)]
+    del steps
+    assert pool.info()["bytes_free"] >= 6 * nbytes
+    monkeypatch.setattr(pool, "cache_limit", 2 * nbytes)
+    kept = pool.empty((1024,), torch.float32)  # a hit
+    assert pool.info()["bytes_free"] <= 2 * nbytes
+    assert pool.info()["misses"] >= 1 and kept.numel() == 1024

@@ -10,9 +10,12 @@ nothing refers to them, as the CUDA caching allocator does on GPUs.
 
 How a buffer is known to be free: each block is a NumPy array over memory allocated by
 torch (so torch's profiler and memory accounting see it when it is created); an output
-tensor is ``torch.from_numpy`` of a view of that array, and its storage holds a
-reference to the array until the storage dies, views and ``.numpy()`` views of the
-output included. A block whose only references are the pool's own is free.
+tensor is ``torch.from_numpy`` of a slice of that array, and its storage holds the slice
+until the storage dies, views and ``.numpy()`` views of the output included. The pool
+keeps a weak reference to the slice it handed out last: a block whose slice is dead is
+free. (It counted the block's references before 2026-12-05, against a count measured at
+import; a profiling hook that read the import's frames made that count one too high, and
+blocks in use were handed out again.)
 
 An output is a tensor of its own over the block's storage, not a view of it, as torch's
 outputs are (autograd treats views apart: an in-place op with a tensor that requires grad
@@ -24,7 +27,8 @@ from its heap without faults), at most :data:`MAX_PER_SIZE` blocks of one size. 
 block up to twice the size asked for serves too (a smaller batch, a shorter sequence).
 On an allocation that still misses, free blocks are released, largest sizes first, until
 they hold at most what the outputs in use held at once at any earlier miss (the most one
-step has needed) and at most :data:`cache_limit` bytes: so with shapes that change from
+step has needed) and at most :data:`cache_limit` bytes (on a hit too, where the blocks
+held exceed that limit): so with shapes that change from
 step to step (a last smaller batch, sequences of varying length) memory held stays within
 about twice what one step needs, where keeping every size grew to the limit (measured by
 a probe: 1.4 GB held against torch's 0.4 GB over batch sizes 4-59 of six BatchNorm2d(32)
@@ -36,8 +40,8 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import threading
+import weakref
 
 import torch
 from torch import Tensor
@@ -87,24 +91,25 @@ _stats = {"hits": 0, "misses": 0}
 _peak = 0
 
 
-def _new_block(nbytes: int):
-    return torch.empty(nbytes, dtype=torch.uint8).numpy()
+class _Block:
+    """A reusable buffer: ``array`` (its memory) and a weak reference to the slice of it
+    the last output took, which that output's storage keeps alive."""
 
+    __slots__ = ("array", "handed")
 
-def _refs(block) -> int:
-    return sys.getrefcount(block)
+    def __init__(self, nbytes: int) -> None:
+        self.array = torch.empty(nbytes, dtype=torch.uint8).numpy()
+        self.handed = None
 
+    def is_free(self) -> bool:
+        return self.handed is None or self.handed() is None
 
-def _calibrate() -> int:
-    """What :func:`_refs` returns for a block held by a pool list and one local variable
-    of the caller, as every caller below holds it (measured, not assumed)."""
-    bucket = [_new_block(_PAGE)]
-    block = bucket[0]
-    return _refs(block)
-
-
-# A block with more references than this is in use (an output, a view of one, ...).
-_FREE = _calibrate()
+    def hand_out(self, nbytes: int):
+        """The first ``nbytes`` of the block, for one output; the block is in use until
+        that slice dies."""
+        part = self.array[:nbytes]
+        self.handed = weakref.ref(part)
+        return part
 
 
 def _free_in(bucket):
@@ -112,40 +117,49 @@ def _free_in(bucket):
     that eviction takes the oldest), or None."""
     for i in range(len(bucket)):
         block = bucket[i]
-        if _refs(block) == _FREE:
+        if block.is_free():
             bucket.append(bucket.pop(i))
             return block
     return None
 
 
-def _take(nbytes: int):
+def _take(rounded: int, nbytes: int):
+    """A slice of ``nbytes`` of a free block of ``rounded`` bytes (or up to twice that),
+    or of a new one; None where this size has ``MAX_PER_SIZE`` blocks in use."""
     global _peak
-    bucket = _blocks.get(nbytes)
+    bucket = _blocks.get(rounded)
     block = _free_in(bucket) if bucket else None
     if block is None:
-        for size in sorted(s for s in _blocks if nbytes < s <= 2 * nbytes):
+        for size in sorted(s for s in _blocks if rounded < s <= 2 * rounded):
             block = _free_in(_blocks[size])
             if block is not None:
                 break
     if block is not None:
         _stats["hits"] += 1
-        return block
+        part = block.hand_out(nbytes)
+        if _held() > cache_limit:  # (a loop of fixed shapes never misses)
+            _evict(cache_limit)
+        return part
     _stats["misses"] += 1
     if bucket is not None and len(bucket) >= MAX_PER_SIZE:
         return None
     free = _free_bytes()
-    _peak = max(_peak, sum(size * len(b) for size, b in _blocks.items()) - free + nbytes)
+    _peak = max(_peak, _held() - free + rounded)
     _evict(min(cache_limit, _peak), free)
-    block = _new_block(nbytes)
-    _blocks.setdefault(nbytes, []).append(block)
-    return block
+    block = _Block(rounded)
+    _blocks.setdefault(rounded, []).append(block)
+    return block.hand_out(nbytes)
+
+
+def _held() -> int:
+    return sum(size * len(bucket) for size, bucket in _blocks.items())
 
 
 def _free_bytes() -> int:
     free = 0
     for size, bucket in _blocks.items():
         for block in bucket:
-            if _refs(block) == _FREE:
+            if block.is_free():
                 free += size
     return free
 
@@ -160,7 +174,7 @@ def _evict(limit: int, free: int | None = None) -> None:
     for size in sorted(_blocks, reverse=True):
         keep = []
         for block in _blocks[size]:
-            if free > limit and _refs(block) == _FREE:
+            if free > limit and block.is_free():
                 free -= size
             else:
                 keep.append(block)
@@ -202,11 +216,11 @@ def _empty(shape, dtype: torch.dtype, nbytes: int, strides=None) -> Tensor:
         return _plain(shape, dtype, strides)
     rounded = -(-nbytes // _PAGE) * _PAGE
     with _lock:
-        block = _take(rounded)
-        if block is None:
+        part = _take(rounded, nbytes)
+        if part is None:
             return _plain(shape, dtype, strides)
-        # from_numpy's storage keeps the slice (and so the block) alive as long as it lives
-        storage = torch.from_numpy(block[:nbytes]).untyped_storage()
+        # from_numpy's storage keeps the slice (and so the block in use) as long as it lives
+        storage = torch.from_numpy(part).untyped_storage()
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape, strides)
 
 
@@ -221,7 +235,7 @@ def release() -> None:
 def info() -> dict:
     """Blocks and bytes held, in use and free, and the hit/miss counts since import."""
     with _lock:
-        held = sum(size * len(b) for size, b in _blocks.items())
+        held = _held()
         free = _free_bytes()
         return {"blocks": sum(len(b) for b in _blocks.values()), "bytes_held": held,
                 "bytes_free": free, **_stats}
