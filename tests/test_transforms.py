@@ -367,3 +367,56 @@ def test_functionalize_a_training_step():
         functionalize(ours)(x)
     for name, value in ours.state_dict().items():
         assert torch.equal(value, before[name])
+
+
+@pytest.mark.parametrize("transform", ["grad", "jvp", "jacrev"])
+@pytest.mark.parametrize("how", ["functional", "layer without num_batches_tracked"])
+def test_a_training_step_updates_running_statistics_captured_by_a_transform(transform, how):
+    """Running statistics captured from outside the transformed function move once, as
+    torch's F.batch_norm moves them (an in-place op on a captured tensor raised "mutate a
+    captured Tensor"); the transform's result is torch's."""
+    x = _x(4, 3, 5)
+
+    def run(fn):
+        if transform == "grad":
+            return grad(lambda t: fn(t).pow(3).sum())(x)
+        if transform == "jvp":
+            return jvp(fn, (x,), (torch.ones_like(x),))[1]
+        return jacrev(fn)(x)
+
+    results = {}
+    for who in ("torch", "ours"):
+        if how == "functional":
+            rm, rv = torch.zeros(3, dtype=F64), torch.ones(3, dtype=F64)
+            f = torch.nn.functional.batch_norm if who == "torch" else batchnorm.batch_norm
+            out = run(lambda t, f=f, rm=rm, rv=rv: f(t, rm, rv, None, None, True, 0.1, 1e-5))
+        else:
+            layer = (nn.BatchNorm1d if who == "torch" else batchnorm.BatchNorm1d)(3, dtype=F64)
+            layer.num_batches_tracked = None
+            out = run(layer)
+            rm, rv = layer.running_mean, layer.running_var
+        results[who] = out, rm, rv
+    for got, want in zip(results["ours"], results["torch"]):
+        assert_close(got, want)
+    assert not torch.equal(results["ours"][1], torch.zeros(3, dtype=F64))
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_eval_of_inference_tensors_outside_inference_mode(backend, residual):
+    """A layer and input made under torch.inference_mode(), evaluated outside it: torch
+    records no graph for tensors autograd never sees and returns a normal tensor that
+    requires no grad; ours raised "cannot be saved for backward". In training both
+    raise."""
+    with torch.inference_mode():
+        ours, theirs = _pair("relu")
+        ours, theirs = ours.to(backend.device).eval(), theirs.to(backend.device).eval()
+        x, r = _x(4, 3, 2, 2).to(backend.device), _x(4, 3, 2, 2, seed=2).to(backend.device)
+    y = ours(x, r) if residual else ours(x)
+    want = torch.relu(theirs[0](x) + r) if residual else theirs(x)
+    assert not y.requires_grad and not y.is_inference()
+    assert_close(y, want)
+    ours.train(), theirs.train()
+    with pytest.raises(RuntimeError, match="(?i)inference"):
+        theirs(x)
+    with pytest.raises(RuntimeError, match="(?i)inference"):
+        ours(x)

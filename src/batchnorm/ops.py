@@ -188,9 +188,35 @@ def _update_running_stats_torch(running_mean, running_var, num_batches_tracked, 
     else:
         bessel = count / max(count - 1, 1)
     if running_mean is not None:
-        running_mean.copy_(mean * factor + running_mean.to(mean.dtype) * (1 - factor))
+        _assign(running_mean, mean * factor + running_mean.to(mean.dtype) * (1 - factor))
     if running_var is not None:
-        running_var.copy_(var * bessel * factor + running_var.to(var.dtype) * (1 - factor))
+        _assign(running_var, var * bessel * factor + running_var.to(var.dtype) * (1 - factor))
+
+
+_functorch = torch._C._functorch
+
+
+def _assign(running: Tensor, value: Tensor) -> None:
+    """``running.copy_(value)``; for a running statistic captured from outside a
+    torch.func transform (``grad(lambda x: batch_norm(x, running_mean, ...))``), ``value``
+    without the transform's wrappers, copied by a custom op: an in-place op on a captured
+    tensor raises "mutate a captured Tensor" there, where torch's batch norm updates it
+    (inside its op). Batched wrappers never get here: a vmap of a training step is
+    refused before."""
+    level = None if torch.compiler.is_compiling() else _functorch.maybe_current_level()
+    if level is None or _functorch.maybe_get_level(running) >= level:
+        running.copy_(value)
+        return
+    while (_functorch.is_functorch_wrapped_tensor(value)
+           and _functorch.maybe_get_level(value) > _functorch.maybe_get_level(running)):
+        value = _functorch.get_unwrapped(value)
+    _copy_into(running, value)
+
+
+@torch.library.custom_op("batchnorm::copy_into", mutates_args=("dst",))
+def _copy_into(dst: Tensor, src: Tensor) -> None:
+    """``dst.copy_(src)`` as one op (see :func:`_assign`)."""
+    dst.copy_(src)
 
 
 # ---------------------------------------------------------------------------------------
@@ -662,6 +688,13 @@ def _refuse_inference_tensors(input, weight, bias) -> None:
             "torch.no_grad() or torch.inference_mode()")
 
 
+def _all_inference(*tensors) -> bool:
+    """Every tensor given (None aside) was made under torch.inference_mode(): autograd
+    never sees them, so torch's evaluation of them outside it records no graph (in
+    training it raises, as :func:`_refuse_inference_tensors` does)."""
+    return all(t is None or t.is_inference() for t in tensors)
+
+
 def saveable_residual(residual: Tensor) -> Tensor:
     """The residual a fused activation keeps to recompute its input in backward, or a
     normal copy of it where it was made under inference_mode (autograd cannot save such
@@ -707,7 +740,9 @@ def batch_norm(input, weight, bias, residual, running_mean, running_var, eps, ac
     if not compiling and torch.is_grad_enabled() and (
             input.requires_grad or (weight is not None and weight.requires_grad)
             or (bias is not None and bias.requires_grad)
-            or (residual is not None and residual.requires_grad)):
+            or (residual is not None and residual.requires_grad)) and not (
+            update is None and running_mean is not None
+            and _all_inference(input, weight, bias, residual)):
         _refuse_inference_tensors(input, weight, bias)
         if residual is not None and activation != "none":
             residual = saveable_residual(residual)
