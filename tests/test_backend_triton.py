@@ -460,6 +460,40 @@ def test_fused_merges(shape, channels_last, dtype, monkeypatch):
                                    atol=1e-5 if dtype == torch.float32 else 1e-12)
 
 
+def test_a_captured_step_runs_the_eager_kernels(monkeypatch):
+    """During a CUDA graph capture a training step launches the kernels of the eager steps
+    before it (the merges in stage 1, on counters of the capture's own), not the merges
+    apart: those would be loaded inside the capture, which fails on drivers before CUDA
+    12.3. Same bits as the eager step; the cached counters are not touched. (Under the
+    interpreter the capture is what ``_capturing`` says.)"""
+    import batchnorm
+
+    x = _data((4, 3, 50), torch.float32, mean=10.0)
+    dy = _data((4, 3, 50), torch.float32)
+    monkeypatch.setitem(tb.CONFIG, "fused_merge_max", 1 << 30)
+    launched = []
+    real_launch = tb.launch
+    monkeypatch.setattr(tb, "launch", lambda fn, *a, **k: launched.append(fn.__name__) or
+                        real_launch(fn, *a, **k))
+    results = []
+    for capturing in (False, True):
+        monkeypatch.setattr(tb, "_capturing", lambda x, capturing=capturing: capturing)
+        m = batchnorm.BatchNorm1d(3, activation="relu").to(DEVICE)
+        xg = x.clone().requires_grad_()
+        launched.clear()
+        counters = {k: v.clone() for k, v in tb._COUNTERS.items()}
+        with backends.using("triton"):
+            m(xg).backward(dy)
+        assert launched == ["stats_fused_ncl", "normalize_kernel", "backward_fused_ncl",
+                            "backward_kernel"]
+        if capturing:
+            assert counters.keys() == tb._COUNTERS.keys()
+            assert all(torch.equal(v, counters[k]) for k, v in tb._COUNTERS.items())
+        results.append((xg.grad, m.weight.grad, m.running_mean, m.running_var))
+    for eager, captured in zip(*results):
+        assert torch.equal(captured, eager)
+
+
 def test_a_failed_fused_launch_leaves_no_ticket(monkeypatch):
     """A fused launch that raises part way leaves every counter at 0, so the next step's
     merges run when they should. Under the interpreter the programs run one by one: here

@@ -286,17 +286,26 @@ def _launch_backward_elementwise(dy, x, g, dx, dres, mean_k, invstd, weight, bia
 _COUNTERS: dict = {}
 
 
+def _capturing(x: Tensor) -> bool:
+    """A CUDA graph is being captured on the current stream of x's device."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _merge_counters(x: Tensor, g: Geometry, plan: dict) -> Tensor | None:
     """Counters for a stage-1 launch of ``plan`` that merges its own partials, or None
-    where it does not: the plan says not (``merge_p`` 0), or a CUDA graph is being
-    captured (the buffer would be the graph's, and a replay could run beside an eager
-    launch on another stream)."""
+    where the plan says not (``merge_p`` 0).
+
+    During a CUDA graph capture, a buffer of the graph's own, zeroed by a node of the
+    graph before the launch: the cached ones would be the graph's memory, and a replay
+    could run beside an eager launch on another stream. The capture thus runs the kernels
+    the eager steps before it loaded (the merges apart would be new ones, and loading a
+    module during a capture fails on drivers before CUDA 12.3), with the eager step's bits."""
     if not plan["merge_p"]:
         return None
     blocks = plan["ncb"] if g.cl else g.c
+    if _capturing(x):
+        return torch.zeros(max(blocks, 1), dtype=torch.int32, device=x.device)
     if x.is_cuda:
-        if torch.cuda.is_current_stream_capturing():
-            return None
         index = x.get_device()
         key = (index, torch._C._cuda_getCurrentRawStream(index))
     else:

@@ -193,8 +193,10 @@ def _store_stats_partial(part_ptr, PC, out, n, mean_d, m2, mask):
     tl.store(part_ptr + out, n.to(acc_ty), mask=mask)
     tl.store(part_ptr + PC + out, hi, mask=mask)
     lo = tl.where(hi - hi == 0, mean_d - hi.to(tl.float64), 0.0)  # inf: no inf − inf
-    tl.store(part_ptr + 2 * PC + out, lo.to(acc_ty), mask=mask)
-    tl.store(part_ptr + 3 * PC + out, m2.to(acc_ty), mask=mask)
+    # plane k at part_ptr + PC + ... + PC: a pointer plus int32 sizes is formed in 64
+    # bits, where k * PC in int32 would wrap from PC >= 2^31 / k (C = 8e8 channels)
+    tl.store(part_ptr + PC + PC + out, lo.to(acc_ty), mask=mask)
+    tl.store(part_ptr + PC + PC + PC + out, m2.to(acc_ty), mask=mask)
 
 
 @triton.jit
@@ -318,11 +320,11 @@ def _load_stats_partials(part_ptr, PC, rows, P, C, cols, cmask, WITH_M2: tl.cons
     n = tl.load(part_ptr + off, mask=mask, other=0.0, cache_modifier=CACHE).to(tl.float64)
     mu = (tl.load(part_ptr + PC + off, mask=mask, other=0.0,
                   cache_modifier=CACHE).to(tl.float64)
-          + tl.load(part_ptr + 2 * PC + off, mask=mask, other=0.0,
+          + tl.load(part_ptr + PC + PC + off, mask=mask, other=0.0,  # (see _store_stats_partial)
                     cache_modifier=CACHE).to(tl.float64))
     m2 = 0.0
     if WITH_M2:
-        m2 = tl.load(part_ptr + 3 * PC + off, mask=mask, other=0.0,
+        m2 = tl.load(part_ptr + PC + PC + PC + off, mask=mask, other=0.0,
                      cache_modifier=CACHE).to(tl.float64)
     return n, mu, m2, mask
 
@@ -568,8 +570,8 @@ def _store_coefficients(out_ptr, cols, cmask, C, mean, var, w_ptr, b_ptr, eps_hi
         bias_k = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(acc_ty) - centre
     tl.store(out_ptr + cols, mean_k, mask=cmask)
     tl.store(out_ptr + C + cols, invstd, mask=cmask)
-    tl.store(out_ptr + 2 * C + cols, bias_k, mask=cmask)
-    tl.store(out_ptr + 3 * C + cols, shift, mask=cmask)
+    tl.store(out_ptr + C + C + cols, bias_k, mask=cmask)  # (2 * C could wrap: see
+    tl.store(out_ptr + C + C + C + cols, shift, mask=cmask)  # _store_stats_partial)
 
 
 @triton.jit
