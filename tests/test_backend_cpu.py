@@ -7,6 +7,8 @@ poisoned with NaN before the kernels write them, and the split-within-a-channel 
 path that few channels with a large N·L take.
 """
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -861,3 +863,37 @@ def test_a_fork_child_runs_the_serial_build():
         child.kill()
     assert child.exitcode == 0 and got is not None, child.exitcode
     assert got[0] and torch.equal(torch.from_numpy(got[1]), want)
+
+
+def test_two_threads_on_numbas_workqueue_layer(tmp_path):
+    """numba's workqueue threading layer (where neither OpenMP nor TBB loads) aborts the
+    process when two threads run parallel kernels at once; there one thread at a time
+    keeps the pool and the others run the serial build, with the same results. In a
+    process of its own, as the layer is chosen once a process."""
+    import subprocess
+    import sys
+    script = tmp_path / "workqueue.py"
+    script.write_text(
+        "import threading, numba, torch, batchnorm\n"
+        "from batchnorm.backends import cpu\n"
+        "torch.manual_seed(0)\n"
+        "x = torch.randn(16, 16, 32, 32)\n"
+        "assert x.numel() >= cpu.SERIAL_BELOW\n"
+        "bn = batchnorm.BatchNorm2d(16).eval()\n"
+        "with batchnorm.backends.using('cpu'), torch.no_grad():\n"
+        "    want = bn(x)\n"
+        "    assert numba.threading_layer() == 'workqueue'\n"
+        "    bad = []\n"
+        "    def run():\n"
+        "        for _ in range(30):\n"
+        "            if not torch.equal(bn(x), want):\n"
+        "                bad.append(1)\n"
+        "    threads = [threading.Thread(target=run) for _ in range(3)]\n"
+        "    [t.start() for t in threads]\n"
+        "    [t.join() for t in threads]\n"
+        "assert not bad\n"
+        "print('ok')\n")
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue"}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=300, env=env, check=False)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", (out.returncode, out.stderr)

@@ -425,6 +425,45 @@ def test_functional_with_no_channels_is_empty_like_torch(training):
     assert F.batch_norm(x, None, None, training=True).shape == x.shape
 
 
+def test_a_fork_child_is_not_stuck_with_another_threads_lock_or_block():
+    """A fork while another thread sits inside using() (its lock taken at the fork, or its
+    block open): the child neither waits forever on the lock nor stays forced to that
+    thread's backend."""
+    import os
+    import threading
+
+    from batchnorm import backends
+    if not hasattr(os, "fork"):
+        pytest.skip("no os.fork on this platform")
+    inside, leave = threading.Event(), threading.Event()
+
+    def hold():
+        with backends.using("portable"):
+            inside.set()
+            leave.wait(30)
+
+    thread = threading.Thread(target=hold)
+    before = backends.forced()
+    thread.start()
+    inside.wait(30)
+    backends._lock.acquire()  # as if the other thread held it at the fork
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: exit code 0 when both hold, within an alarm
+            import signal
+            signal.alarm(20)
+            ok = backends.forced() == before
+            with backends.using("portable"):
+                ok = ok and backends.forced() == "portable"
+            os._exit(0 if ok and backends.forced() == before else 1)
+    finally:
+        backends._lock.release()
+        leave.set()
+        thread.join(30)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+
+
 def test_overlapping_using_blocks_in_two_threads_restore_the_choice():
     """Each block restored the choice it found on entry: A enters (None → portable), B
     enters (portable → portable), A leaves (→ None), B leaves (→ portable), and the whole

@@ -79,7 +79,7 @@ def using(name: str | None):
     on leaving, each restores what the blocks still open (or :func:`force`) chose."""
     if name is not None:
         get(name)
-    block = (object(), name)  # compares equal only to itself
+    block = (object(), name, threading.get_ident())  # compares equal only to itself
     with _lock:
         _open.append(block)
         _refresh()
@@ -94,6 +94,20 @@ def using(name: str | None):
 def _refresh() -> None:
     global _forced
     _forced = _open[-1][1] if _open else _chosen
+
+
+def _after_fork_in_child() -> None:
+    """A fork child has the forking thread alone: a lock another thread held at the fork
+    would never be released (using() and force() waited forever), and that thread's open
+    using() blocks would never close (its backend stayed forced), so both go."""
+    global _lock
+    _lock = threading.Lock()
+    me = threading.get_ident()
+    _open[:] = [block for block in _open if block[2] == me]
+    _refresh()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def forced() -> str | None:

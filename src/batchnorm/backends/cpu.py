@@ -27,6 +27,7 @@ results are bitwise reproducible on any machine with the same build.
 from __future__ import annotations
 
 import os
+import threading
 
 import numba
 import numpy as np
@@ -79,15 +80,55 @@ os.register_at_fork(after_in_child=_note_fork)
 
 
 def _build_now(build: int) -> int:
-    """``build``, or the serial one in a fork child or under torch.set_num_threads(1);
-    numba's threads for a parallel run are torch's number (at most numba's)."""
+    """``build``, or the serial one in a fork child, under torch.set_num_threads(1), or
+    in a thread that may not use numba's pool now (see :func:`_pool_is_ours`); numba's
+    threads for a parallel run are torch's number (at most numba's)."""
     if build == 1 or _forked_child:
         return 1
     threads = torch.get_num_threads()
-    if threads < 2:
+    if threads < 2 or not _pool_is_ours():
         return 1
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     return 0
+
+
+# numba's workqueue threading layer (its fallback where neither OpenMP nor TBB loads: a
+# container without libgomp, say) aborts the process when two threads run parallel
+# kernels at once ("Concurrent access has been detected"; measured: two threads running
+# a BatchNorm2d's eval on (16,16,32,32)). There, one thread at a time owns the pool, the
+# first to ask until it ends, and the others take the serial build (same results).
+_one_thread_pool: bool | None = None  # the workqueue layer; None until first asked
+_pool_owner: threading.Thread | None = None
+_pool_lock = threading.Lock()
+
+
+def _pool_is_ours() -> bool:
+    global _one_thread_pool, _pool_owner
+    if _one_thread_pool is None:
+        with _pool_lock:
+            if _one_thread_pool is None:
+                _one_thread_pool = _threading_layer() == "workqueue"
+    if not _one_thread_pool:
+        return True
+    me = threading.current_thread()
+    if _pool_owner is me:
+        return True
+    with _pool_lock:
+        if _pool_owner is None or not _pool_owner.is_alive():
+            _pool_owner = me
+            return True
+    return False
+
+
+def _threading_layer() -> str | None:
+    """The threading layer numba's parallel kernels run on, started as their first call
+    would start it; None where numba does not say."""
+    try:
+        from numba.np.ufunc import parallel
+        parallel._launch_threads()
+        return numba.threading_layer()
+    except Exception:  # noqa: BLE001 (a private function of numba's, or no layer at all)
+        return None
 
 
 def _pick(builds, x: Tensor):
