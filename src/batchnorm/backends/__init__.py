@@ -127,12 +127,13 @@ def for_device(device) -> ModuleType | None:
 
 def select(x: Tensor) -> ModuleType:
     """The backend for this kernel view: the forced one, else the first that supports it."""
-    if _forced is not None:
-        mod = _loaded[_forced]
+    forced = _forced  # read once: another thread's using() may change it meanwhile
+    if forced is not None:
+        mod = _loaded[forced]
         if mod.DEVICES is not None and x.device.type not in mod.DEVICES:
             # a kernel handed another device's address would crash or read garbage
             raise RuntimeError(
-                f"the forced batchnorm backend {_forced!r} (BATCHNORM_BACKEND or "
+                f"the forced batchnorm backend {forced!r} (BATCHNORM_BACKEND or "
                 f"backends.using) computes on {' or '.join(mod.DEVICES)} tensors, not "
                 f"{x.device.type}; force another backend, or none to choose by device")
         return mod
