@@ -261,6 +261,25 @@ def test_float64_running_mean_on_float32_data_is_not_rounded_in_eval(backend, ge
     assert np.max(np.abs(np64(x.grad) - gr["dx"])) < 1e-5 * np.max(np.abs(gr["dx"]))
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_float64_running_statistics_keep_their_digits_in_a_float32_step(backend, gen,
+                                                                        compiled):
+    """A ``.double()`` layer training on float32 data: its float64 running statistics
+    move by float64 arithmetic, so with momentum 0 they stay bit for bit (the torch-ops
+    update, which the portable backend and torch.compile run, rounded running_var to
+    float32: 1/3 became 0.3333333432674408)."""
+    bn = batchnorm.BatchNorm2d(3, momentum=0.0, device=backend.device, dtype=torch.float64)
+    with torch.no_grad():
+        bn.running_mean.fill_(1 / 3)
+        bn.running_var.fill_(1 / 3)
+    x = torch.randn(4, 3, 2, 2, generator=gen).to(backend.device)
+    run = torch.compile(bn, backend="eager", fullgraph=True) if compiled else bn
+    run(x)
+    assert torch.equal(bn.running_mean, torch.full_like(bn.running_mean, 1 / 3))
+    assert torch.equal(bn.running_var, torch.full_like(bn.running_var, 1 / 3))
+    assert int(bn.num_batches_tracked) == 1
+
+
 @pytest.mark.parametrize("value", [1e7, -3.0e6, 0.1])
 def test_constant_1e7_float32_gives_exactly_bias(backend, gen, value):
     """The issue's example: torch's CPU float32 gives |y| up to ~105 for a channel of

@@ -181,16 +181,21 @@ def _update_running_stats_torch(running_mean, running_var, num_batches_tracked, 
         factor = 1.0 / num_batches_tracked.to(mean.dtype)
     else:
         factor = momentum
-    # count - 1 == 0 only with a single value per channel, which training refuses; the
-    # guard keeps a zero-size rank of SyncBatchNorm (count 0 everywhere) finite.
-    if isinstance(count, Tensor):
-        bessel = count.to(var.dtype) / (count.to(var.dtype) - 1).clamp(min=1)
-    else:
-        bessel = count / max(count - 1, 1)
+    # Each in the wider of its dtype and the batch's, as the CPU kernels do: a float64
+    # running_var on float32 data keeps its digits (the batch's dtype rounded it, so one
+    # with momentum 0 moved).
     if running_mean is not None:
-        _assign(running_mean, mean * factor + running_mean.to(mean.dtype) * (1 - factor))
+        dt = torch.promote_types(mean.dtype, running_mean.dtype)
+        _assign(running_mean, mean.to(dt) * factor + running_mean.to(dt) * (1 - factor))
     if running_var is not None:
-        _assign(running_var, var * bessel * factor + running_var.to(var.dtype) * (1 - factor))
+        dt = torch.promote_types(var.dtype, running_var.dtype)
+        # count - 1 == 0 only with a single value per channel, which training refuses;
+        # the guard keeps a zero-size rank of SyncBatchNorm (count 0 everywhere) finite.
+        if isinstance(count, Tensor):
+            bessel = count.to(dt) / (count.to(dt) - 1).clamp(min=1)
+        else:
+            bessel = count / max(count - 1, 1)
+        _assign(running_var, var.to(dt) * bessel * factor + running_var.to(dt) * (1 - factor))
 
 
 _functorch = torch._C._functorch

@@ -626,14 +626,21 @@ def _sums_centred(part_ptr, shift_ptr, sdz_ptr, sdzx_ptr, sdz_k_ptr, P, C, PC, c
 def _running_step(rm_ptr, rv_ptr, cols, cmask, mean, var, factor, bessel):
     """running = batch·m + running·(1 − m) for the channels ``cols``, the variance
     unbiased by ``bessel`` = count/(count − 1); the arithmetic in the batch statistics'
-    dtypes, m and bessel float64 vectors."""
+    dtypes, or float64 for a float64 running statistic (a float32 batch variance would
+    round its digits: one with momentum 0 moved), m and bessel float64 vectors."""
     mean_ty = mean.dtype
+    if rm_ptr.dtype.element_ty == tl.float64:
+        mean_ty = tl.float64
     var_ty = var.dtype
+    if rv_ptr.dtype.element_ty == tl.float64:
+        var_ty = tl.float64
     rm = tl.load(rm_ptr + cols, mask=cmask, other=0.0)
-    new_mean = mean * factor.to(mean_ty) + rm.to(mean_ty) * (1.0 - factor).to(mean_ty)
+    new_mean = (mean.to(mean_ty) * factor.to(mean_ty)
+                + rm.to(mean_ty) * (1.0 - factor).to(mean_ty))
     tl.store(rm_ptr + cols, new_mean.to(rm_ptr.dtype.element_ty), mask=cmask)
     rv = tl.load(rv_ptr + cols, mask=cmask, other=0.0)
-    new_var = var * bessel.to(var_ty) * factor.to(var_ty) + rv.to(var_ty) * (1.0 - factor).to(var_ty)
+    new_var = (var.to(var_ty) * bessel.to(var_ty) * factor.to(var_ty)
+               + rv.to(var_ty) * (1.0 - factor).to(var_ty))
     tl.store(rv_ptr + cols, new_var.to(rv_ptr.dtype.element_ty), mask=cmask)
 
 
