@@ -420,3 +420,38 @@ def test_eval_of_inference_tensors_outside_inference_mode(backend, residual):
         theirs(x)
     with pytest.raises(RuntimeError, match="(?i)inference"):
         ours(x)
+
+
+def test_per_sample_running_statistics_under_vmap_of_grad():
+    """vmap over samples of a grad whose training step updates per-sample running
+    statistics captured by the grad: each row moves by its own batch, as torch's does."""
+    xs = _x(2, 4, 3, 5)
+    results = []
+    for f in (torch.nn.functional.batch_norm, batchnorm.batch_norm):
+        rm, rv = torch.zeros(2, 3, dtype=F64), torch.ones(2, 3, dtype=F64)
+
+        def per_sample(x, rm, rv, f=f):
+            return grad(lambda t: f(t, rm, rv, None, None, True, 0.1, 1e-5).pow(3).sum())(x)
+
+        results.append((vmap(per_sample)(xs, rm, rv), rm, rv))
+    for got, want in zip(*reversed(results)):
+        assert_close(got, want)
+    rm, rv = torch.zeros(3, dtype=F64), torch.ones(3, dtype=F64)  # one for every sample
+    with pytest.raises(RuntimeError):
+        vmap(lambda x: grad(lambda t: batchnorm.batch_norm(
+            t, rm, rv, None, None, True, 0.1, 1e-5).sum())(x))(xs)
+    assert torch.equal(rm, torch.zeros(3, dtype=F64))
+
+
+def test_inference_tensors_with_normal_running_statistics_still_raise():
+    """An eval whose input, weight and bias were made under inference_mode but whose
+    running statistics are normal tensors needs autograd: torch raises, and so do we."""
+    with torch.inference_mode():
+        ours, theirs = _pair()
+        x = _x(4, 3, 2, 2)
+    for layer in (ours, theirs):
+        layer.eval()
+        for name in ("running_mean", "running_var"):
+            setattr(layer, name, getattr(layer, name).clone())  # normal tensors
+        with pytest.raises(RuntimeError, match="Inference tensors cannot be saved"):
+            layer(x)

@@ -206,8 +206,8 @@ def _assign(running: Tensor, value: Tensor) -> None:
     torch.func transform (``grad(lambda x: batch_norm(x, running_mean, ...))``), ``value``
     without the transform's wrappers, copied by a custom op: an in-place op on a captured
     tensor raises "mutate a captured Tensor" there, where torch's batch norm updates it
-    (inside its op). Batched wrappers never get here: a vmap of a training step is
-    refused before."""
+    (inside its op). Under a vmap around the transform, per-sample running statistics
+    (batched) get the per-sample values (see :func:`_copy_into_batched`)."""
     level = None if torch.compiler.is_compiling() else _functorch.maybe_current_level()
     if level is None or _functorch.maybe_get_level(running) >= level:
         running.copy_(value)
@@ -222,6 +222,22 @@ def _assign(running: Tensor, value: Tensor) -> None:
 def _copy_into(dst: Tensor, src: Tensor) -> None:
     """``dst.copy_(src)`` as one op (see :func:`_assign`)."""
     dst.copy_(src)
+
+
+@_copy_into.register_vmap
+def _copy_into_batched(info, in_dims, dst, src):
+    """Each sample's ``dst`` takes its own ``src`` (or the one ``src``); one ``dst`` for
+    a batch of values is refused, as torch's in-place ops refuse it under vmap."""
+    dst_dim, src_dim = in_dims
+    if dst_dim is None:
+        raise RuntimeError(
+            "batchnorm: a running statistic shared by every sample of a vmap cannot take "
+            "each sample's batch statistics: give each sample its own (a batched running "
+            "statistic), or use eval mode or track_running_stats=False under vmap")
+    dst = dst.movedim(dst_dim, 0)
+    src = src.movedim(src_dim, 0) if src_dim is not None else src.expand_as(dst)
+    _copy_into(dst, src)
+    return None, None
 
 
 # ---------------------------------------------------------------------------------------
@@ -747,7 +763,7 @@ def batch_norm(input, weight, bias, residual, running_mean, running_var, eps, ac
             or (bias is not None and bias.requires_grad)
             or (residual is not None and residual.requires_grad)) and not (
             update is None and running_mean is not None
-            and _all_inference(input, weight, bias, residual)):
+            and _all_inference(input, weight, bias, residual, running_mean, running_var)):
         _refuse_inference_tensors(input, weight, bias)
         if residual is not None and activation != "none":
             residual = saveable_residual(residual)

@@ -15,6 +15,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
 from .. import functional as F
@@ -184,7 +185,10 @@ def _warn_unrevertible(model: nn.Module) -> None:
         if not is_our_bn(m) or _revertible(m):
             continue
         where = repr(name) if name else "the model"
-        if parametrize.is_parametrized(m):
+        if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params():
+            why = (f"a {type(m).__name__} that has not seen input yet: run the model once "
+                   f"first")
+        elif parametrize.is_parametrized(m):
             why = (f"a parametrization (torch.nn.utils.parametrize) computes its "
                    f"{' and '.join(m.parametrizations)}")
         elif type(m).__name__ == "BatchNormNd" and type(m).__module__ == "batchnorm.distributed":
