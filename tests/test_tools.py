@@ -1510,7 +1510,8 @@ def test_keras_conventions():
     assert_close(bn2.running_var, torch.from_numpy(w["bn/moving_variance:0"]) * 10 / 9)
     back, config = tools.to_keras(bn2, count=10)
     np.testing.assert_allclose(back["moving_variance"], w["bn/moving_variance:0"], rtol=1e-6)
-    assert config == {"momentum": 0.99, "epsilon": 1e-3, "axis": 1}
+    assert config == {"momentum": 0.99, "epsilon": 1e-3, "axis": 1, "center": True,
+                      "scale": True}
     with pytest.raises(ValueError, match="no offset|has none"):
         tools.load_keras(batchnorm.BatchNorm2d(4, affine=False), w)
 
@@ -1529,6 +1530,51 @@ def test_flax_conventions_round_trip():
     assert tools.load_flax(bn, out, momentum=config["momentum"]).momentum == 0.1
 
 
+@pytest.mark.parametrize("extra, fragment", [
+    ({"bn_2/gamma:0": np.ones(4, np.float32)}, "both 'gamma'"),
+    ({"bn/renorm_mean:0": np.ones(4, np.float32)}, "not a weight"),
+])
+def test_keras_names_of_more_than_one_layer_are_refused(extra, fragment):
+    # model.weights of a whole model: the names without their scopes collide, and the
+    # last layer's values were loaded silently
+    bn = batchnorm.BatchNorm2d(4)
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    with pytest.raises(ValueError, match=fragment):
+        tools.load_keras(bn, {**_keras_weights(4), **extra})
+    assert all(torch.equal(v, before[k]) for k, v in bn.state_dict().items())
+
+
+@pytest.mark.parametrize("kwargs, keras, flax", [
+    ({"bias": False}, {"center": False, "scale": True}, {"use_bias": False, "use_scale": True}),
+    ({"affine": False}, {"center": False, "scale": False},
+     {"use_bias": False, "use_scale": False}),
+])
+def test_exported_configs_say_which_affine_parameters_there_are(kwargs, keras, flax):
+    bn = batchnorm.BatchNorm2d(4, **kwargs)
+    weights, config = tools.to_keras(bn)
+    assert keras.items() <= config.items()
+    assert ("gamma" in weights, "beta" in weights) == (keras["scale"], keras["center"])
+    variables, config = tools.to_flax(bn)
+    assert flax.items() <= config.items()
+
+
+@pytest.mark.parametrize("how", ["load_keras", "to_keras", "load_flax", "to_flax"])
+def test_a_lazy_layer_without_input_is_refused_by_the_conventions(how):
+    bn = batchnorm.LazyBatchNorm2d()
+    args = {"load_keras": (_keras_weights(4),),
+            "load_flax": ({"params": {}, "batch_stats": {"mean": np.zeros(4),
+                                                          "var": np.ones(4)}},)}
+    with pytest.raises(ValueError, match="has not seen input"):
+        getattr(tools, how)(bn, *args.get(how, ()))
+
+
+def test_flax_errors_use_flax_names():
+    variables = {"params": {"scale": np.ones(3)},
+                 "batch_stats": {"mean": np.zeros(3), "var": np.ones(3)}}
+    with pytest.raises(ValueError, match=r"offset \('bias'\)"):
+        tools.load_flax(batchnorm.BatchNorm1d(3), variables)
+
+
 def _layer_state(bn):
     return ([t.clone() for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var)],
             bn.momentum, bn.eps)
@@ -1536,7 +1582,7 @@ def _layer_state(bn):
 
 @pytest.mark.parametrize("load", ["keras", "flax"])
 @pytest.mark.parametrize("problem,kwargs,match", [
-    ("variance shape", {}, r"moving variance has shape \(4,\)"),
+    ("variance shape", {}, r"variance (\('var'\) )?has shape \(4,\)"),
     ("count", {"count": 1}, "count must be an integer >= 2"),
     ("count type", {"count": 2.5}, "count must be an integer >= 2"),
     ("missing mean", {}, "lacks 'mean'|lacks 'moving_mean'"),

@@ -13,18 +13,30 @@ momentum            weight of the *new* batch:  decay, weight of the *old*  deca
                     default 0.1                 default 0.99 (m = 1 - d)
 eps                 1e-5                        1e-3 (``epsilon``)          1e-5 (``epsilon``)
 running variance    EMA of the *unbiased* batch EMA of the *biased* batch   EMA of the *biased*
-                    variance (÷ (n-1))          variance (÷ n)              batch variance (÷ n)
+                    variance (÷ (n-1))          variance (÷ n) in Keras 3;  batch variance (÷ n)
+                                                tf.keras 2's fused kernel
+                                                (4-D input, its default)
+                                                the unbiased one
 channel axis        1 (N, C, ...)               -1 (N, ..., C)              -1 (N, ..., C)
 ==================  ==========================  ==========================  =====================
 
 Normalization itself uses the biased batch variance everywhere, so the layers compute
-the same function given the same four vectors and eps. The stored running variances
-differ by the factor n/(n-1), n the values per channel of a training batch (batch size
-× spatial size). It is not in the checkpoint: pass ``count=n`` to apply it exactly;
-by default the variance is copied as is (a relative difference of 1/(n-1): 0.4% for a
-batch of 256 vectors, far less for images). The momentum and eps are set on the module so
-that it goes on behaving as the source layer did. The channel axis is the caller's
-business: permute Keras/Flax channels-last inputs to (N, C, ...).
+the same function given the same four vectors and eps: copied as is (the default), the
+running variance gives the source layer's evaluation outputs exactly. Where the source
+averaged the biased batch variance, the stored variances differ by the factor n/(n-1),
+n the values per channel of a training batch (batch size × spatial size), which is not
+in the checkpoint: ``count=n`` applies it, so that further training averages the same
+quantity as torch's layers do, at the price of evaluation outputs that differ from the
+source layer's by that factor in the variance (relative 1/(n-1): 0.4% for a batch of 256
+vectors, far less for images). Leave ``count`` out for tf.keras 2 models whose batch
+norms ran its fused kernel (4-D input, its default): that kernel averages the unbiased
+variance, as torch does. The momentum and eps are set on the module so that it goes on
+behaving as the source layer did. A ``momentum=None`` layer (a cumulative average) is
+exported with momentum None and loads back as one, but the number of batches it has
+averaged is in neither checkpoint: the loaded layer's average starts over (its next
+training batch replaces the loaded statistics), unless ``num_batches_tracked`` is set to
+that number. The channel axis is the caller's business: permute Keras/Flax
+channels-last inputs to (N, C, ...).
 """
 
 from __future__ import annotations
@@ -36,6 +48,7 @@ from decimal import Decimal
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 
 def _key(name: str) -> str:
@@ -57,6 +70,19 @@ def _complement(x: float) -> float:
     """``1 - x`` as written in decimal: 0.99 gives 0.01, not 1 - 0.99 =
     0.010000000000000009, so that a momentum survives a round trip as it was typed."""
     return float(1 - Decimal(repr(float(x))))
+
+
+_KERAS_NAMES = ("gamma", "beta", "moving_mean", "moving_variance")
+_KERAS_WHAT = ("a scale (gamma)", "an offset (beta)", "a moving mean", "a moving variance")
+_FLAX_WHAT = ("a scale ('scale')", "an offset ('bias')", "a mean ('mean')",
+              "a variance ('var')")
+
+
+def _refuse_uninitialized(bn: nn.Module) -> None:
+    if isinstance(bn, LazyModuleMixin) and bn.has_uninitialized_params():
+        raise ValueError(f"{type(bn).__name__} has not seen input yet, so it has no "
+                         f"parameters or statistics of a known size: run it (or the model) "
+                         f"on one batch first")
 
 
 def _checked(t, value, what: str, absent_because: str):
@@ -91,9 +117,11 @@ def _torch_momentum(momentum) -> float | None:
 
 
 @torch.no_grad()
-def _load(bn: nn.Module, weight, bias, mean, var, momentum, eps, count) -> nn.Module:
+def _load(bn: nn.Module, weight, bias, mean, var, momentum, eps, count,
+          what=_KERAS_WHAT) -> nn.Module:
     # Everything is checked before the first write: a bad array, count, momentum or eps
     # raises with the layer exactly as it was, never with some of it loaded.
+    _refuse_uninitialized(bn)
     bessel = _bessel(count)
     torch_momentum = _torch_momentum(momentum)
     if not (_is_number(eps) and eps >= 0):
@@ -101,10 +129,10 @@ def _load(bn: nn.Module, weight, bias, mean, var, momentum, eps, count) -> nn.Mo
     no_stats = "track_running_stats=False"
     targets = [getattr(bn, "weight", None), getattr(bn, "bias", None), bn.running_mean,
                bn.running_var]
-    values = [_checked(targets[0], weight, "a scale (gamma)", "affine=False"),
-              _checked(targets[1], bias, "an offset (beta)", "affine=False or bias=False"),
-              _checked(targets[2], mean, "a moving mean", no_stats),
-              _checked(targets[3], var, "a moving variance", no_stats)]
+    values = [_checked(targets[0], weight, what[0], "affine=False"),
+              _checked(targets[1], bias, what[1], "affine=False or bias=False"),
+              _checked(targets[2], mean, what[2], no_stats),
+              _checked(targets[3], var, what[3], no_stats)]
     if values[3] is not None:
         values[3] = values[3] * bessel
     for t, v in zip(targets, values):
@@ -117,6 +145,7 @@ def _load(bn: nn.Module, weight, bias, mean, var, momentum, eps, count) -> nn.Mo
 
 
 def _export(bn: nn.Module, count) -> tuple:
+    _refuse_uninitialized(bn)
     if getattr(bn, "running_mean", None) is None:
         raise ValueError(f"{type(bn).__name__} with track_running_stats=False has no running "
                          f"statistics, and Keras's and Flax's batch norms keep a moving mean "
@@ -151,17 +180,31 @@ def load_keras(bn: nn.Module, weights, *, momentum: float = 0.99, epsilon: float
     or the 4-list ``layer.get_weights()`` returns. ``momentum`` and ``epsilon`` are the
     Keras layer's; ``bn.momentum`` becomes ``1 - momentum`` and ``bn.eps`` ``epsilon``.
     ``momentum=None``, what :func:`to_keras` gives for a ``momentum=None`` layer, makes
-    ``bn`` one too (a cumulative average), so the round trip keeps it.
-    ``count``: values per channel of a training batch, to turn the biased moving variance
-    into torch's unbiased one (see the module docstring). Default: copied as is.
+    ``bn`` one too (a cumulative average, which starts over: see the module docstring).
+    ``count``: values per channel of a training batch, to turn a biased moving variance
+    into torch's unbiased one for further training (see the module docstring: evaluation
+    then differs from the source layer's). Default: copied as is.
+    The names of a mapping must be one layer's: two that are the same name once their
+    scopes are removed (a whole model's weights), or a name of none of the four, raise
+    ``ValueError``.
 
     Shapes, ``count``, ``momentum`` (a decay in [0, 1], or None) and ``epsilon`` (>= 0) are
     all checked before anything is written: on ``ValueError`` ``bn`` is unchanged.
     """
     if isinstance(weights, Mapping):
-        w = {_key(k): v for k, v in weights.items()}
+        w, given = {}, {}
+        for name, value in weights.items():
+            key = _key(name)
+            if key in w:
+                raise ValueError(f"{given[key]!r} and {name!r} are both {key!r} once their "
+                                 f"scopes are removed: pass one layer's weights")
+            w[key], given[key] = value, name
+        unknown = [given[k] for k in w if k not in _KERAS_NAMES]
+        if unknown:
+            raise ValueError(f"{', '.join(map(repr, unknown))}: not a weight of a Keras "
+                             f"BatchNormalization ({', '.join(_KERAS_NAMES)})")
     elif len(weights) == 4:
-        w = dict(zip(("gamma", "beta", "moving_mean", "moving_variance"), weights))
+        w = dict(zip(_KERAS_NAMES, weights))
     else:
         raise ValueError("pass a dict of named weights unless get_weights() returned all 4 "
                          f"(gamma, beta, moving_mean, moving_variance); got {len(weights)}")
@@ -173,13 +216,16 @@ def to_keras(bn: nn.Module, *, count: int | None = None) -> tuple[dict, dict]:
     """``(weights, config)`` for a Keras ``BatchNormalization``: weights as float NumPy
     arrays named gamma/beta/moving_mean/moving_variance (absent when the layer has none),
     config ``{'momentum': 1 - bn.momentum (None for momentum=None), 'epsilon': bn.eps,
-    'axis': 1}`` (axis 1 for (N, C, ...) data); a ``FrozenBatchNorm*d``, whose statistics
+    'axis': 1, 'center': has beta, 'scale': has gamma}`` (axis 1 for (N, C, ...) data,
+    center/scale False where the layer has no bias/weight, so that
+    ``BatchNormalization(**config)`` takes the weights); a ``FrozenBatchNorm*d``, whose statistics
     never move, gives momentum 1. ``count`` turns the unbiased running variance into
     Keras's biased one. A layer without running statistics raises ``ValueError``."""
     g, b, m, v, decay = _export(bn, count)
     weights = {k: a for k, a in (("gamma", g), ("beta", b), ("moving_mean", m),
                                  ("moving_variance", v)) if a is not None}
-    return weights, {"momentum": decay, "epsilon": bn.eps, "axis": 1}
+    return weights, {"momentum": decay, "epsilon": bn.eps, "axis": 1,
+                     "center": b is not None, "scale": g is not None}
 
 
 def load_flax(bn: nn.Module, variables: Mapping, *, momentum: float = 0.99,
@@ -195,14 +241,15 @@ def load_flax(bn: nn.Module, variables: Mapping, *, momentum: float = 0.99,
     [stats] = _required(variables, ("batch_stats",), "the Flax variables")
     mean, var = _required(stats, ("mean", "var"), "the Flax batch_stats")
     return _load(bn, params.get("scale"), params.get("bias"), mean, var, momentum, epsilon,
-                 count)
+                 count, _FLAX_WHAT)
 
 
 def to_flax(bn: nn.Module, *, count: int | None = None) -> tuple[dict, dict]:
     """``(variables, config)`` for a Flax ``nn.BatchNorm``: ``{'params': {'scale', 'bias'},
     'batch_stats': {'mean', 'var'}}`` as NumPy arrays, and ``{'momentum', 'epsilon',
-    'axis': 1}``, as :func:`to_keras` gives them."""
+    'axis': 1, 'use_bias', 'use_scale'}``, as :func:`to_keras` gives them."""
     g, b, m, v, decay = _export(bn, count)
     params = {k: a for k, a in (("scale", g), ("bias", b)) if a is not None}
     return ({"params": params, "batch_stats": {"mean": m, "var": v}},
-            {"momentum": decay, "epsilon": bn.eps, "axis": 1})
+            {"momentum": decay, "epsilon": bn.eps, "axis": 1, "use_bias": b is not None,
+             "use_scale": g is not None})
