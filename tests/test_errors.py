@@ -4,6 +4,7 @@ torch increments ``num_batches_tracked`` before some of its checks fail; we vali
 everything first, so a failed call leaves every parameter and buffer as it was.
 """
 
+import numpy as np
 import pytest
 import torch
 from tolerances import assert_close
@@ -497,3 +498,15 @@ def test_overlapping_using_blocks_in_two_threads_restore_the_choice():
         t.join(30)
     assert seen == {"b": None, "after a": None, "after b": before}
     assert backends.forced() == before
+
+
+@pytest.mark.parametrize("name", ["running_mean", "running_var", "weight", "bias"])
+@pytest.mark.parametrize("value", [np.ones(3), [1.0, 1.0, 1.0], 1.0, True],
+                         ids=["numpy", "list", "float", "bool"])
+def test_a_per_channel_argument_that_is_no_tensor_is_a_type_error(name, value):
+    # as torch's TypeError (it raised AttributeError: 'list' object has no attribute ...)
+    args = {"running_mean": torch.zeros(3), "running_var": torch.ones(3), "weight": None,
+            "bias": None, name: value}
+    with pytest.raises(TypeError, match=f"{name} must be a Tensor"):
+        F.batch_norm(torch.randn(4, 3), args["running_mean"], args["running_var"],
+                     args["weight"], args["bias"], training=False)

@@ -183,3 +183,13 @@ def test_eval_needs_running_statistics():
 def test_update_running_needs_two_values():
     with pytest.raises(ValueError, match="at least 2 values"):
         ref.update_running(np.zeros(2), np.ones(2), 0, np.zeros(2), np.zeros(2), 1, 0.1)
+
+
+@pytest.mark.parametrize("first", [np.inf, -np.inf, np.nan])
+def test_a_channel_whose_first_value_is_not_finite_is_summed_around_zero(first):
+    """The library's rule (README "Numerics"): an infinite first value gives torch's ±inf
+    mean, not inf − inf = NaN; a NaN gives NaN either way."""
+    x = np.array([[[first, 1.0, 2.0], [1.0, 2.0, 3.0]]])
+    mean, _, _ = ref.batch_stats(x)
+    want = torch.from_numpy(x).mean((0, 2)).numpy()
+    np.testing.assert_array_equal(mean, want)

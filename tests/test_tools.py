@@ -1554,7 +1554,7 @@ def test_exported_configs_say_which_affine_parameters_there_are(kwargs, keras, f
     weights, config = tools.to_keras(bn)
     assert keras.items() <= config.items()
     assert ("gamma" in weights, "beta" in weights) == (keras["scale"], keras["center"])
-    variables, config = tools.to_flax(bn)
+    _, config = tools.to_flax(bn)
     assert flax.items() <= config.items()
 
 

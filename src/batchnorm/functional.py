@@ -72,6 +72,9 @@ def activation_module(name: str, slope: float) -> nn.Module | None:
 def _check_per_channel(name: str, t: Tensor | None, input: Tensor) -> None:
     if t is None:
         return
+    if not isinstance(t, Tensor):  # (a positional slip, batch_norm(x, rm, rv, True), too)
+        raise TypeError(f"batch_norm: {name} must be a Tensor or None, got "
+                        f"{type(t).__name__}")
     c = input.shape[1]
     if t.dim() != 1 and t.numel() == c:  # (1, C), say: torch reads any shape of C values
         raise ValueError(f"{name} has shape {tuple(t.shape)}; per-channel tensors are 1-D, "
@@ -176,8 +179,9 @@ def validate(input, running_mean, running_var, weight, bias, training, momentum,
     per_channel = (running_mean, running_var, weight, bias)
     shape, device = (input.shape[1],), input.device
     for t in per_channel:
-        if t is not None and not (t.shape == shape and t.dtype in _FLOAT_DTYPES
-                                  and t.device == device and t.layout is torch.strided):
+        if t is not None and not (isinstance(t, Tensor) and t.shape == shape
+                                  and t.dtype in _FLOAT_DTYPES and t.device == device
+                                  and t.layout is torch.strided):
             for name, u in zip(_PER_CHANNEL, per_channel):
                 _check_per_channel(name, u, input)
     if not training and (running_mean is None or running_var is None):

@@ -221,8 +221,9 @@ def activation_grad(z: np.ndarray, activation: str = "none", slope: float = 0.01
 def batch_stats(x) -> tuple[np.ndarray, np.ndarray, int]:
     """``(mean, biased variance, n)`` of each channel of an (N, C, *) array.
 
-    Computed around each channel's first value (see "Numerics" above): a constant
-    channel gets exactly its value as mean and exactly 0 as variance.
+    Computed around each channel's first value (see "Numerics" above; around 0 where
+    that value is ±inf or NaN): a constant channel gets exactly its value as mean and
+    exactly 0 as variance.
     """
     x = _f64(x)
     axes = _reduce_axes(x)
@@ -230,6 +231,9 @@ def batch_stats(x) -> tuple[np.ndarray, np.ndarray, int]:
     if n == 0:
         raise ValueError(f"no values per channel in an input of shape {x.shape}")
     shift = x[(0, slice(None)) + (0,) * (x.ndim - 2)]
+    # an infinite (or NaN) first value is no shift: inf − inf would make the mean NaN
+    # where torch's is ±inf, so such a channel is summed around 0
+    shift = np.where(np.isfinite(shift), shift, 0.0)
     shifted = x - _per_channel(shift, x.ndim)
     shifted_mean = shifted.mean(axis=axes)
     centred = shifted - _per_channel(shifted_mean, x.ndim)
