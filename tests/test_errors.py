@@ -510,3 +510,33 @@ def test_a_per_channel_argument_that_is_no_tensor_is_a_type_error(name, value):
     with pytest.raises(TypeError, match=f"{name} must be a Tensor"):
         F.batch_norm(torch.randn(4, 3), args["running_mean"], args["running_var"],
                      args["weight"], args["bias"], training=False)
+
+
+def test_a_fork_child_leaves_a_block_another_thread_entered():
+    """A using() block entered on one thread (an ExitStack handed over) and left, after a
+    fork, by the forking thread in the child: the child dropped the block at the fork,
+    and leaving it raised ValueError from list.remove."""
+    import contextlib
+    import os
+    import threading
+
+    from batchnorm import backends
+    if not hasattr(os, "fork"):
+        pytest.skip("no os.fork on this platform")
+    stack = contextlib.ExitStack()
+    thread = threading.Thread(target=lambda: stack.enter_context(backends.using("portable")))
+    thread.start()
+    thread.join(30)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                stack.close()
+                code = 0
+            except BaseException:  # noqa: BLE001 (anything is a failure here)
+                code = 1
+            os._exit(code)
+    finally:
+        stack.close()
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status

@@ -177,25 +177,27 @@ def _update_running_stats_torch(running_mean, running_var, num_batches_tracked, 
         num_batches_tracked.add_(1)
     if running_mean is None and running_var is None:
         return
-    if momentum is None:
-        factor = 1.0 / num_batches_tracked.to(mean.dtype)
-    else:
-        factor = momentum
+
+    def factor(dt):
+        return momentum if momentum is not None else 1.0 / num_batches_tracked.to(dt)
+
     # Each in the wider of its dtype and the batch's, as the CPU kernels do: a float64
     # running_var on float32 data keeps its digits (the batch's dtype rounded it, so one
-    # with momentum 0 moved).
+    # with momentum 0 moved, and a cumulative average drifted by 4.5e-8 in 3 steps).
     if running_mean is not None:
         dt = torch.promote_types(mean.dtype, running_mean.dtype)
-        _assign(running_mean, mean.to(dt) * factor + running_mean.to(dt) * (1 - factor))
+        m = factor(dt)
+        _assign(running_mean, mean.to(dt) * m + running_mean.to(dt) * (1 - m))
     if running_var is not None:
         dt = torch.promote_types(var.dtype, running_var.dtype)
+        m = factor(dt)
         # count - 1 == 0 only with a single value per channel, which training refuses;
         # the guard keeps a zero-size rank of SyncBatchNorm (count 0 everywhere) finite.
         if isinstance(count, Tensor):
             bessel = count.to(dt) / (count.to(dt) - 1).clamp(min=1)
         else:
             bessel = count / max(count - 1, 1)
-        _assign(running_var, var.to(dt) * bessel * factor + running_var.to(dt) * (1 - factor))
+        _assign(running_var, var.to(dt) * bessel * m + running_var.to(dt) * (1 - m))
 
 
 _functorch = torch._C._functorch

@@ -87,7 +87,8 @@ def using(name: str | None):
         yield
     finally:
         with _lock:
-            _open.remove(block)
+            if block in _open:  # (a fork child drops other threads' blocks: see below)
+                _open.remove(block)
             _refresh()
 
 

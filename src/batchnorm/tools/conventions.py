@@ -33,9 +33,9 @@ norms ran its fused kernel (4-D input, its default): that kernel averages the un
 variance, as torch does. The momentum and eps are set on the module so that it goes on
 behaving as the source layer did. A ``momentum=None`` layer (a cumulative average) is
 exported with momentum None and loads back as one, but the number of batches it has
-averaged is in neither checkpoint: the loaded layer's average starts over (its next
-training batch replaces the loaded statistics), unless ``num_batches_tracked`` is set to
-that number. The channel axis is the caller's business: permute Keras/Flax
+averaged is in neither checkpoint: the loaded layer goes on with its own
+``num_batches_tracked`` (a new layer's next training batch replaces the loaded
+statistics), unless that is set to the number. The channel axis is the caller's business: permute Keras/Flax
 channels-last inputs to (N, C, ...).
 """
 
@@ -180,7 +180,8 @@ def load_keras(bn: nn.Module, weights, *, momentum: float = 0.99, epsilon: float
     or the 4-list ``layer.get_weights()`` returns. ``momentum`` and ``epsilon`` are the
     Keras layer's; ``bn.momentum`` becomes ``1 - momentum`` and ``bn.eps`` ``epsilon``.
     ``momentum=None``, what :func:`to_keras` gives for a ``momentum=None`` layer, makes
-    ``bn`` one too (a cumulative average, which starts over: see the module docstring).
+    ``bn`` one too (a cumulative average, counted by ``bn``'s own num_batches_tracked:
+    see the module docstring).
     ``count``: values per channel of a training batch, to turn a biased moving variance
     into torch's unbiased one for further training (see the module docstring: evaluation
     then differs from the source layer's). Default: copied as is.
