@@ -1842,3 +1842,46 @@ def test_fold_names_a_stored_tensor_it_cannot_copy():
     model(torch.randn(2, 3, 6, 6))  # gradients on: features is a tensor autograd computed
     with pytest.raises(RuntimeError, match="'features' is a tensor that autograd computed"):
         batchnorm.fold(model)
+
+
+class _Aliased(nn.Module):
+    """One batch norm at two places: an alias of the same parent, and a second parent."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.again = self.bn
+        self.sub = nn.Sequential(self.bn)
+
+
+def test_the_sync_conversions_keep_a_shared_layer_one_layer():
+    # named_children() skipped the alias (left torch's, normalizing per rank), and two
+    # parents got two SyncBatchNorms sharing tensors but not frozen, hooks or mode
+    model = batchnorm.convert_sync_batchnorm(_Aliased())
+    assert isinstance(model.bn, batchnorm.SyncBatchNorm)
+    assert model.again is model.bn and model.sub[0] is model.bn
+    model = batchnorm.revert_sync_batchnorm(model)
+    assert not isinstance(model.bn, batchnorm.SyncBatchNorm)
+    assert model.again is model.bn and model.sub[0] is model.bn
+    twice = batchnorm.revert_sync_batchnorm(nn.Sequential(*[batchnorm.SyncBatchNorm(3)] * 2))
+    assert twice[0] is twice[1] and not isinstance(twice[0], batchnorm.SyncBatchNorm)
+
+
+def test_recalibrate_evaluates_a_layer_whose_flag_was_turned_off_with_its_statistics():
+    """Such a layer keeps its running statistics and evaluates with them: the layer after
+    it is recalibrated on what it gets in eval (it got the batch-statistics output)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm2d(3), batchnorm.BatchNorm2d(3))
+    with torch.no_grad():
+        model[0].running_mean.fill_(1.0)
+        model[0].running_var.fill_(4.0)
+    model[0].track_running_stats = False
+    batches = [torch.randn(8, 3, 4, 4) * 3 + 2 for _ in range(4)]
+    before = model[0].running_mean.clone()
+    batchnorm.recalibrate(model, batches, progress=False)
+    assert torch.equal(model[0].running_mean, before) and model[0].training
+    with torch.no_grad():
+        inputs = torch.cat([model[0].eval()(b) for b in batches])
+    assert_close(model[1].running_mean, inputs.mean((0, 2, 3)))
+    with pytest.raises(ValueError, match="track_running_stats"):
+        batchnorm.recalibrate(model[:1], batches, progress=False)

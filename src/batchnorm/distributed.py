@@ -490,19 +490,28 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
 
 def _replace_batch_norms(module: nn.Module, wanted, make) -> nn.Module:
     """``module`` with each layer that is ``wanted`` replaced by ``make(layer)``, in place
-    (a new object when ``module`` itself is one); each ``batchnorm.convert`` marker of an
-    activation fused into a replaced layer (``FusedActivation.bn``) follows it, so that
-    ``batchnorm.revert`` still finds the layer it fused into."""
+    (a new object when ``module`` itself is one). A layer found at several places (an
+    alias ``self.again = self.bn``, or two parents) becomes one replacement at all of them,
+    as it was one layer. Each ``batchnorm.convert`` marker of an activation fused into a
+    replaced layer (``FusedActivation.bn``) follows it, so that ``batchnorm.revert`` still
+    finds the layer it fused into."""
     replaced: dict[int, nn.Module] = {}
+    walked: set[int] = set()
 
     def walk(m: nn.Module) -> nn.Module:
+        if id(m) in replaced:
+            return replaced[id(m)]
         if wanted(m):
             replaced[id(m)] = make(m)
             return replaced[id(m)]
-        for name, child in m.named_children():
-            new_child = walk(child)
-            if new_child is not child:
-                m.add_module(name, new_child)
+        if id(m) not in walked:
+            walked.add(id(m))
+            # every name, aliases too (named_children() gives a module once)
+            for name, child in list(m._modules.items()):
+                if child is not None:
+                    new_child = walk(child)
+                    if new_child is not child:
+                        m.add_module(name, new_child)
         return m
 
     module = walk(module)

@@ -147,6 +147,15 @@ def _recalibrated(m: nn.Module) -> bool:
     return m.track_running_stats and not getattr(m, "frozen", False)
 
 
+def _keeps_statistics_untracked(m: nn.Module) -> bool:
+    """A batch norm (ours or torch's) whose ``track_running_stats`` was turned off after
+    construction, with its running statistics kept."""
+    return ((is_our_bn(m) or isinstance(m, nn.modules.batchnorm._BatchNorm))
+            and not m.track_running_stats
+            and getattr(m, "running_mean", None) is not None
+            and getattr(m, "running_var", None) is not None)
+
+
 def _left_alone(m: nn.Module) -> bool:
     """A torch norm layer with running statistics that recalibrate does not recompute but
     whose statistics its train() would move: an InstanceNorm with track_running_stats.
@@ -197,10 +206,13 @@ def recalibrate(model: nn.Module, batches, num_batches: int | None = None,
 
     Args:
         model: a model with our or torch's batch norms (subclasses of torch's included).
-            Frozen layers, ``FrozenBatchNorm*d``, layers without running statistics and
+            Frozen layers, ``FrozenBatchNorm*d``, layers whose ``track_running_stats``
+            was turned off after construction (they keep their running statistics) and
             layers that the model's ``train()`` keeps in eval mode (a backbone whose
             statistics stay fixed in training) keep theirs: they normalize with their
-            running statistics, and the layers after them are recalibrated on that. A lazy batch norm that has not seen input yet raises
+            running statistics, as in eval, and the layers after them are recalibrated
+            on that. Layers without running statistics normalize with batch statistics,
+            as always. A lazy batch norm that has not seen input yet raises
             ``ValueError`` before anything changes.
         batches: an iterable of batches, e.g. a DataLoader.
         num_batches: how many batches to use. Default: all
@@ -226,7 +238,8 @@ def recalibrate(model: nn.Module, batches, num_batches: int | None = None,
     candidates = [(name, m) for name, m in model.named_modules() if _recalibrated(m)]
     if not candidates:
         raise ValueError("recalibrate(): the model has no batch norm with running statistics "
-                         "to recalibrate (frozen layers are left alone)")
+                         "to recalibrate (frozen layers, and those whose track_running_stats "
+                         "is False, are left alone)")
     saved = [_saved_state(m) for _, m in candidates]
     others = [(m, _saved_state(m)) for m in model.modules() if _left_alone(m)]
     modes = [(m, m.training) for m in model.modules()]
@@ -240,6 +253,13 @@ def recalibrate(model: nn.Module, batches, num_batches: int | None = None,
     handles = []
     try:
         model.train()
+        # A layer whose track_running_stats was turned off after construction keeps its
+        # running statistics and evaluates with them: so it does here, and the layers
+        # after it are recalibrated on what they get in eval (in train() it would use
+        # batch statistics). _set_modes puts its flag back.
+        for m in model.modules():
+            if _keeps_statistics_untracked(m):
+                m.training = False
         # A layer that the model's own train() keeps in eval mode normalizes with its
         # running statistics; the layers after it see that output, so it stays as it is.
         layers = [(name, m, state) for (name, m), state in zip(candidates, saved)
