@@ -48,7 +48,8 @@ from decimal import Decimal
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.modules.lazy import LazyModuleMixin
+
+from ._common import lazy_batch_norms_without_input
 
 
 def _key(name: str) -> str:
@@ -79,7 +80,7 @@ _FLAX_WHAT = ("a scale ('scale')", "an offset ('bias')", "a mean ('mean')",
 
 
 def _refuse_uninitialized(bn: nn.Module) -> None:
-    if isinstance(bn, LazyModuleMixin) and bn.has_uninitialized_params():
+    if lazy_batch_norms_without_input(bn):
         raise ValueError(f"{type(bn).__name__} has not seen input yet, so it has no "
                          f"parameters or statistics of a known size: run it (or the model) "
                          f"on one batch first")

@@ -15,7 +15,6 @@ import warnings
 
 import torch
 from torch import nn
-from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
 from .. import functional as F
@@ -27,6 +26,7 @@ from ._common import (
     has_hooks,
     is_our_bn,
     is_torch_bn,
+    lazy_batch_norms_without_input,
     module_calls,
     move_hooks,
     sequential_pairs,
@@ -95,12 +95,17 @@ class FusedActivation(nn.Identity):
         return f"{self.original!r} fused into {self.bn_name!r}"
 
 
-def _sync_class():
+def _distributed_class(name: str):
+    """A class of ``batchnorm.distributed`` (written alongside; optional), or None."""
     try:
-        from ..distributed import SyncBatchNorm  # written alongside; optional
+        from .. import distributed
     except ImportError:
         return None
-    return SyncBatchNorm
+    return getattr(distributed, name)
+
+
+def _sync_class():
+    return _distributed_class("SyncBatchNorm")
 
 
 def _without_bias(m: nn.Module) -> bool:
@@ -181,17 +186,19 @@ def _revertible(m: nn.Module) -> bool:
 def _warn_unrevertible(model: nn.Module) -> None:
     """Warn about each layer of ours that revert leaves as it is for want of a torch
     class to make of it (as convert warns about the torch layers it leaves)."""
+    lazy = set(lazy_batch_norms_without_input(model))
+    nd = _distributed_class("BatchNormNd")
     for name, m in model.named_modules():
         if not is_our_bn(m) or _revertible(m):
             continue
         where = repr(name) if name else "the model"
-        if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params():
+        if (name or "the model") in lazy:
             why = (f"a {type(m).__name__} that has not seen input yet: run the model once "
                    f"first")
         elif parametrize.is_parametrized(m):
             why = (f"a parametrization (torch.nn.utils.parametrize) computes its "
                    f"{' and '.join(m.parametrizations)}")
-        elif type(m).__name__ == "BatchNormNd" and type(m).__module__ == "batchnorm.distributed":
+        elif nd is not None and type(m) is nd:
             why = ("a BatchNormNd (any input rank, what revert_sync_batchnorm makes of a "
                    "SyncBatchNorm of unknown rank) has no torch class of its own: "
                    "replace it by hand with torch's BatchNorm1d, 2d or 3d")

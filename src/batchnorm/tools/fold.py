@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.weight_norm import WeightNorm
 
 from .. import functional as F
 from ..ops import invstd_from_var
@@ -151,8 +152,7 @@ def _why_not_copied(model: nn.Module) -> str:
     computed by autograd), or a tensor autograd computed that a forward stored on a module
     (``self.features = y`` with gradients on)."""
     weight_norm = {name for name, m in model.named_modules()
-                   if any(type(h).__name__ == "WeightNorm"
-                          for h in m._forward_pre_hooks.values())}
+                   if any(isinstance(h, WeightNorm) for h in m._forward_pre_hooks.values())}
     stored = [f"{name}.{attr}" if name else attr
               for name, m in model.named_modules() if name not in weight_norm
               for attr, value in vars(m).items()
