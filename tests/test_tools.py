@@ -1885,3 +1885,22 @@ def test_recalibrate_evaluates_a_layer_whose_flag_was_turned_off_with_its_statis
     assert_close(model[1].running_mean, inputs.mean((0, 2, 3)))
     with pytest.raises(ValueError, match="track_running_stats"):
         batchnorm.recalibrate(model[:1], batches, progress=False)
+
+
+@pytest.mark.parametrize("steps", ["revert", "revert_sync, revert"])
+def test_revert_undoes_a_fusion_after_a_submodule_alone_was_synced(steps):
+    """The ReLU's marker sits outside the block converted to sync: it kept pointing at the
+    replaced layer, so revert left the fusion (keys block.1.0.weight)."""
+    original = nn.Sequential()
+    original.block = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    original.act = nn.ReLU()
+    keys = list(original.state_dict())
+    model = batchnorm.convert(original)
+    assert isinstance(model.act, FusedActivation)
+    model.block = batchnorm.convert_sync_batchnorm(model.block)
+    if steps != "revert":
+        model.block = batchnorm.revert_sync_batchnorm(model.block)
+    model = batchnorm.revert(model)
+    assert isinstance(model.act, nn.ReLU)
+    assert type(model.block[1]) is (nn.SyncBatchNorm if steps == "revert" else nn.BatchNorm2d)
+    assert list(model.state_dict()) == keys

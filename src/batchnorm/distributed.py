@@ -494,7 +494,8 @@ def _replace_batch_norms(module: nn.Module, wanted, make) -> nn.Module:
     alias ``self.again = self.bn``, or two parents) becomes one replacement at all of them,
     as it was one layer. Each ``batchnorm.convert`` marker of an activation fused into a
     replaced layer (``FusedActivation.bn``) follows it, so that ``batchnorm.revert`` still
-    finds the layer it fused into."""
+    finds the layer it fused into; a marker outside ``module`` (a submodule converted
+    alone) finds it through the old layer's ``_batchnorm_replaced_by``."""
     replaced: dict[int, nn.Module] = {}
     walked: set[int] = set()
 
@@ -503,6 +504,7 @@ def _replace_batch_norms(module: nn.Module, wanted, make) -> nn.Module:
             return replaced[id(m)]
         if wanted(m):
             replaced[id(m)] = make(m)
+            m.__dict__["_batchnorm_replaced_by"] = replaced[id(m)]
             return replaced[id(m)]
         if id(m) not in walked:
             walked.add(id(m))

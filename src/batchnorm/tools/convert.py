@@ -326,6 +326,9 @@ def revert(model: nn.Module) -> nn.Module:
                 bn = model.get_submodule(m.bn_name)
             except AttributeError:
                 continue
+        # a sync conversion of a submodule alone replaced the layer but not this marker
+        while "_batchnorm_replaced_by" in bn.__dict__:
+            bn = bn.__dict__["_batchnorm_replaced_by"]
         fused = F.resolve_activation(m.original)
         if id(bn) in inside and is_our_bn(bn) and (bn.activation,
                                                    bn.activation_slope) == fused:
