@@ -126,7 +126,9 @@ def chan_combine(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor, Te
     shift = torch.gather(means, 0, first).squeeze(0)
     # an infinite (or NaN) mean is no shift: inf − inf would make the merged mean NaN
     # where torch's is ±inf (0 instead, as the kernels' shifts)
-    shift = torch.where(shift.isfinite(), shift, torch.zeros_like(shift))
+    # (detached: the merge does not depend on it, a graph through it would cancel; see
+    # portable.stats)
+    shift = torch.where(shift.isfinite(), shift, torch.zeros_like(shift)).detach()
     mean = shift + (counts * (means - shift)).sum(0) / safe_total
     m2 = m2s.sum(0) + (counts * (means - mean) ** 2).sum(0)
     return total, mean, m2

@@ -155,6 +155,10 @@ def stats(x: Tensor) -> tuple[Tensor, Tensor]:
     # an infinite first value would make every x − shift inf − inf (a NaN mean where
     # torch's is ±inf): such a channel sums around 0
     shift = shift.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    # Detached: the statistics do not depend on the shift, but a graph through it does
+    # (double backward). There, d mean/d x0 = 1 − (n−1)/n cancels in float32, and the
+    # second derivative at the channel's first value was 1e-3 where it is 0 (n = 8192).
+    shift = shift.detach()
     shifted = xa - _per_channel(shift, xa)
     shifted_mean = shifted.mean(dims)
     centred = shifted - _per_channel(shifted_mean, xa)
