@@ -11,6 +11,7 @@ from torch import nn
 
 import batchnorm
 from batchnorm import backends
+from batchnorm import functional as F
 from conftest import TORCH_HAS_BIAS_KWARG, make_input
 
 PAIRS = [(batchnorm.BatchNorm1d, nn.BatchNorm1d, (5, 4, 3)),
@@ -393,3 +394,35 @@ def test_torch_fx_symbolic_trace(training, gen):
     again = pickle.loads(pickle.dumps(traced))
     x = torch.randn(5, 3, 6, 6, generator=gen)
     assert torch.equal(again(x), copy.deepcopy(traced)(x))
+
+
+@pytest.mark.parametrize("value, expected", [
+    (None, ("none", 0.0)), (nn.ReLU(), ("relu", 0.0)), ("leaky_relu", ("leaky_relu", 0.01)),
+    (nn.LeakyReLU(0.2), ("leaky_relu", 0.2)), (nn.GELU(approximate="tanh"), ("gelu_tanh", 0.0))])
+@pytest.mark.parametrize("make", [lambda: batchnorm.BatchNorm2d(3, activation="relu"),
+                                  lambda: batchnorm.FrozenBatchNorm2d(3, activation="relu")],
+                         ids=["BatchNorm2d", "FrozenBatchNorm2d"])
+def test_activation_takes_what_the_constructor_takes_also_later(backend, make, value,
+                                                                  expected):
+    """``activation = None`` or a module raised a KeyError at the next call (cpu), or a
+    ValueError after the running statistics had moved (portable); the name 'leaky_relu'
+    kept a ReLU layer's slope 0, silently a ReLU; a module became a submodule."""
+    bn = make().to(backend.device)
+    bn.activation = value
+    assert (bn.activation, bn.activation_slope) == expected
+    assert not list(bn.children())
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 2, 2, device=backend.device)
+    frozen = isinstance(bn, batchnorm.FrozenBatchNorm2d)  # the running statistics
+    theirs = nn.BatchNorm2d(3).to(backend.device).train(not frozen)
+    act = F.activation_module(*expected)
+    want = theirs(x) if act is None else act(theirs(x))
+    torch.testing.assert_close(bn(x), want)
+
+
+def test_a_bad_activation_fails_at_the_assignment_and_changes_nothing():
+    bn = batchnorm.BatchNorm2d(3, activation=nn.LeakyReLU(0.2))
+    for bad, error in (("elu", ValueError), (nn.ELU(), TypeError), (3, TypeError)):
+        with pytest.raises(error):
+            bn.activation = bad
+        assert (bn.activation, bn.activation_slope) == ("leaky_relu", 0.2)

@@ -55,6 +55,29 @@ def resolve_activation(activation) -> tuple[str, float]:
         f"{', '.join(c.__name__ for c in _ACTIVATION_MODULES)}")
 
 
+class FusedActivationAttribute:
+    """Mixin of a layer with a fused activation: ``activation`` takes, also after
+    construction, what the constructor takes (checked at the assignment, so that a bad
+    value fails there and not in a later forward), and reads as the resolved name; it sets
+    ``activation_slope`` as the constructor does (a module's slope, 0.01 for the name
+    ``'leaky_relu'``, else 0), which may be assigned after it."""
+
+    @property
+    def activation(self) -> str:
+        return self.__dict__.get("activation", "none")
+
+    @activation.setter
+    def activation(self, value) -> None:
+        self.__dict__["activation"], self.__dict__["activation_slope"] = (
+            resolve_activation(value))
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "activation":  # nn.Module's rule would make an nn.ReLU() a submodule
+            FusedActivationAttribute.activation.fset(self, value)
+        else:
+            super().__setattr__(name, value)
+
+
 def activation_module(name: str, slope: float) -> nn.Module | None:
     """The ``torch.nn`` module equivalent to a resolved activation (None for 'none')."""
     return {

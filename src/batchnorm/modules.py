@@ -53,7 +53,7 @@ def refuse_script(module: nn.Module) -> None:
         f"are not TorchScript. Use torch.jit.trace, torch.export or torch.compile{revert}")
 
 
-class _NormBase(nn.Module):
+class _NormBase(F.FusedActivationAttribute, nn.Module):
     """State of a batch-norm layer, laid out exactly as torch's ``_NormBase``."""
 
     _version = 2
@@ -76,7 +76,7 @@ class _NormBase(nn.Module):
         self.momentum = momentum
         self.affine = affine
         self.track_running_stats = track_running_stats
-        self.activation, self.activation_slope = F.resolve_activation(activation)
+        self.activation = activation  # and activation_slope
         self._frozen = False
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory_kwargs))
@@ -301,7 +301,8 @@ _DOC = r"""Batch Normalization over a {rank} input, a drop-in for ``torch.nn.{na
         activation: (keyword) fused after the normalization: None, ``'relu'``,
             ``'leaky_relu'``, ``'silu'``, ``'gelu'``, ``'gelu_tanh'``, ``'sigmoid'``,
             ``'tanh'``, or the matching ``torch.nn`` module (``nn.LeakyReLU(0.2)`` keeps its
-            slope). Default: None
+            slope). The attribute takes the same later (``bn.activation = None`` unfuses),
+            and reads as the name. Default: None
 
     Shape:
         input and output {shape} (the output keeps the input's memory format);

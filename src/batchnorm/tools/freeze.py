@@ -27,7 +27,7 @@ from ._common import (
 )
 
 
-class _FrozenBatchNorm(nn.Module):
+class _FrozenBatchNorm(F.FusedActivationAttribute, nn.Module):
     """Batch norm with fixed statistics and affine parameters, all four as buffers.
 
     ``y = act((x - running_mean) / sqrt(running_var + eps) * weight + bias + residual)``
@@ -55,7 +55,7 @@ class _FrozenBatchNorm(nn.Module):
         num_features = check_constructor_args(num_features, eps, None)
         self.num_features = num_features
         self.eps = eps
-        self.activation, self.activation_slope = F.resolve_activation(activation)
+        self.activation = activation  # and activation_slope
         self.register_buffer("weight", torch.ones(num_features, **kw))
         self.register_buffer("bias", torch.zeros(num_features, **kw))
         self.register_buffer("running_mean", torch.zeros(num_features, **kw))
