@@ -1,6 +1,7 @@
 """convert/revert, fold, freeze, recalibrate, conventions and the fold benchmark hook, on
 small models written here: a ResNet-style CNN, an MLP with BatchNorm1d, a 3d conv block."""
 
+import contextlib
 import copy
 import importlib
 import io
@@ -1904,3 +1905,68 @@ def test_revert_undoes_a_fusion_after_a_submodule_alone_was_synced(steps):
     assert isinstance(model.act, nn.ReLU)
     assert type(model.block[1]) is (nn.SyncBatchNorm if steps == "revert" else nn.BatchNorm2d)
     assert list(model.state_dict()) == keys
+
+
+def _hook_computed(kind):
+    import torch.nn.utils.prune as prune
+    return {"prune": lambda m: prune.l1_unstructured(m, "weight", amount=1),
+            "spectral_norm": lambda m: nn.utils.spectral_norm(m, "weight"),
+            "weight_norm": lambda m: nn.utils.weight_norm(m, "weight", dim=0)}[kind]
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # the hook-based weight_norm
+@pytest.mark.parametrize("tool", ["convert", "revert", "freeze", "freeze_buffers"])
+@pytest.mark.parametrize("ours", [False, True], ids=["torch", "ours"])
+@pytest.mark.parametrize("kind", ["prune", "spectral_norm", "weight_norm"])
+def test_the_tools_leave_a_layer_whose_weight_a_hook_computes(kind, ours, tool):
+    """convert and revert raised a TypeError (revert half done), and freeze(buffers=True)
+    moved the hook to a copy without the parameters it computes from (an AttributeError
+    at the next call)."""
+    cls = batchnorm.BatchNorm2d if ours else nn.BatchNorm2d
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), cls(3), cls(3))
+    _hook_computed(kind)(model[2])
+    x = torch.randn(4, 3, 5, 5)
+    model(x)
+    model.eval()
+    expected = model(x)
+    run = {"convert": batchnorm.convert, "revert": batchnorm.revert,
+           "freeze": batchnorm.freeze,
+           "freeze_buffers": lambda m: batchnorm.freeze(m, buffers=True)}[tool]
+    # what the tool would replace: torch's layers (convert, freeze), ours (revert), both
+    left = {"convert": not ours, "revert": ours, "freeze": not ours,
+            "freeze_buffers": True}[tool]
+    with (pytest.warns(UserWarning, match="'2' is left as it is: a forward pre-hook "
+                       "computes its weight") if tool != "revert" else
+          pytest.warns(UserWarning, match="'2' stays batchnorm's: a forward pre-hook")) \
+            if left else contextlib.nullcontext():
+        model = run(model)
+    if left:  # the layer without the hook was replaced
+        assert type(model[2]) is cls and type(model[1]) is not cls
+    if tool == "freeze" and ours:  # frozen in place, both
+        assert model[1].frozen and model[2].frozen
+    assert_close(model(x), expected)
+
+
+@pytest.mark.parametrize("kind", ["parametrize", "prune"])
+def test_freeze_affine_leaves_a_computed_weight_trainable_and_changes_nothing_else(kind):
+    """requires_grad_(False) on the computed weight raised, after earlier layers and this
+    one had been frozen."""
+    from torch.nn.utils import parametrize
+
+    class Softplus(nn.Module):
+        def forward(self, w):
+            return nn.functional.softplus(w)
+
+    model = nn.Sequential(batchnorm.BatchNorm2d(3), batchnorm.BatchNorm2d(3))
+    if kind == "parametrize":
+        parametrize.register_parametrization(model[1], "weight", Softplus())
+    else:
+        _hook_computed(kind)(model[1])
+    model(torch.randn(4, 3, 2, 2))
+    with pytest.warns(UserWarning, match="'1' has its statistics frozen, not its weight"):
+        batchnorm.freeze(model, affine=True)
+    assert model[0].frozen and model[1].frozen
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        "1.parametrizations.weight.original" if kind == "parametrize" else "1.weight_orig"]
+    batchnorm.unfreeze(model)
+    assert all(p.requires_grad for p in model.parameters())

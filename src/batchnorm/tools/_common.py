@@ -62,6 +62,39 @@ def warn_subclasses(model: nn.Module, caller: str, consequence: str) -> None:
             warnings.warn(f"{caller}: {where} is {what}. {consequence}", stacklevel=3)
 
 
+def computed_affine(m: nn.Module) -> list[str]:
+    """Which of ``weight`` and ``bias`` the layer computes rather than holds: a
+    parametrization's (``torch.nn.utils.parametrize``), or a forward pre-hook's (the
+    hook-based ``torch.nn.utils.prune``, ``spectral_norm`` and ``weight_norm`` set a plain
+    tensor before each call, from parameters of other names)."""
+    return [n for n in ("weight", "bias") if n not in m._parameters
+            and n not in m._buffers and getattr(m, n, None) is not None]
+
+
+def hook_computed_affine(m: nn.Module) -> list[str]:
+    """:func:`computed_affine` less what a parametrization computes: what a forward
+    pre-hook sets. A tool that replaced the layer would move the hook to a layer without
+    the hook's parameters, or assign the computed tensor as a parameter (a TypeError)."""
+    return [n for n in computed_affine(m) if not parametrize.is_parametrized(m, n)]
+
+
+def warn_hook_computed(model: nn.Module, caller: str, which) -> list[str]:
+    """Warn about each layer ``which(m)`` selects whose weight or bias a forward pre-hook
+    computes, which ``caller`` leaves as it is; returns their names."""
+    left = []
+    for name, m in model.named_modules():
+        names = hook_computed_affine(m) if which(m) else []
+        if names:
+            left.append(name)
+            where = repr(name) if name else "the model"
+            warnings.warn(f"{caller}: {where} is left as it is: a forward pre-hook computes "
+                          f"its {' and '.join(names)} (torch.nn.utils.prune, spectral_norm "
+                          f"or weight_norm, the hook-based ones); remove it first "
+                          f"(prune.remove, remove_spectral_norm, remove_weight_norm), or use "
+                          f"torch.nn.utils.parametrize", stacklevel=3)
+    return left
+
+
 def warn_lazy_torch_batch_norms(model: nn.Module, caller: str) -> None:
     """Warn about each of torch's ``LazyBatchNorm*d`` that has not seen input: it becomes a
     ``BatchNorm*d`` at its first call, too late for ``caller``."""

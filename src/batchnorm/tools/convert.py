@@ -24,6 +24,7 @@ from ._common import (
     TORCH_BY_OURS,
     check_module,
     has_hooks,
+    hook_computed_affine,
     is_our_bn,
     is_torch_bn,
     lazy_batch_norms_without_input,
@@ -34,6 +35,7 @@ from ._common import (
     trace_in_both_modes,
     use_counts,
     uses,
+    warn_hook_computed,
     warn_lazy_torch_batch_norms,
     warn_sequential_fallback,
     warn_subclasses,
@@ -177,10 +179,15 @@ def _to_torch(m: _BatchNorm) -> nn.Module:
     return new
 
 
+def _convertible(m: nn.Module) -> bool:
+    """One of torch's layers that convert replaces by ours (see convert)."""
+    return is_torch_bn(m) and not hook_computed_affine(m)
+
+
 def _revertible(m: nn.Module) -> bool:
     sync = _sync_class()
-    return type(m) in TORCH_BY_OURS or type(m) is SyncFallbackBatchNorm or (
-        sync is not None and type(m) is sync)
+    return (type(m) in TORCH_BY_OURS or type(m) is SyncFallbackBatchNorm or (
+        sync is not None and type(m) is sync)) and not hook_computed_affine(m)
 
 
 def _warn_unrevertible(model: nn.Module) -> None:
@@ -198,6 +205,10 @@ def _warn_unrevertible(model: nn.Module) -> None:
         elif parametrize.is_parametrized(m):
             why = (f"a parametrization (torch.nn.utils.parametrize) computes its "
                    f"{' and '.join(m.parametrizations)}")
+        elif hook_computed_affine(m):
+            why = (f"a forward pre-hook computes its {' and '.join(hook_computed_affine(m))} "
+                   f"(torch.nn.utils.prune, spectral_norm or weight_norm, the hook-based "
+                   f"ones): remove it first, or use torch.nn.utils.parametrize")
         elif nd is not None and type(m) is nd:
             why = ("a BatchNormNd (any input rank, what revert_sync_batchnorm makes of a "
                    "SyncBatchNorm of unknown rank) has no torch class of its own: "
@@ -216,7 +227,7 @@ def _fusion_pairs(model: nn.Module) -> list[tuple[str, str]]:
     # Neither may have hooks: the batch norm's would see the activation's output, and
     # the activation's would no longer run.
     bn_ok = lambda m: once(m) and not has_hooks(m) and (
-        is_torch_bn(m) or (is_our_bn(m) and m.activation == "none"))
+        _convertible(m) or (is_our_bn(m) and m.activation == "none"))
     act_ok = lambda m: _fusable(m) and once(m) and not has_hooks(m)
     graphs = trace_in_both_modes(model)
     if graphs is None:
@@ -253,7 +264,9 @@ def convert(model: nn.Module, fuse_activations: bool = True) -> nn.Module:
     Only those exact classes are converted: a user's subclass may have its own
     ``forward``, and a layer with a parametrization (``torch.nn.utils.parametrize``)
     computes its weight, so each is left as it is, with a warning naming the layer; so is
-    a ``LazyBatchNorm*d`` of torch's that has not seen input yet.
+    a ``LazyBatchNorm*d`` of torch's that has not seen input yet, and a layer whose weight
+    or bias a forward pre-hook computes (the hook-based ``torch.nn.utils.prune``,
+    ``spectral_norm``, ``weight_norm``).
 
     ``torch.nn.SyncBatchNorm`` becomes ``batchnorm.distributed.SyncBatchNorm`` when that
     module is available, else a local :class:`SyncFallbackBatchNorm` (with a warning).
@@ -271,6 +284,7 @@ def convert(model: nn.Module, fuse_activations: bool = True) -> nn.Module:
     check_module(model, "convert")
     warn_subclasses(model, "convert", "It goes on working as torch's layer.")
     warn_lazy_torch_batch_norms(model, "convert")
+    warn_hook_computed(model, "convert", is_torch_bn)
     return _convert(model, fuse_activations)
 
 
@@ -278,13 +292,13 @@ def _convert(model: nn.Module, fuse_activations: bool) -> nn.Module:
     """:func:`convert` without the warnings about subclasses (callers word their own)."""
     pairs = _fusion_pairs(model) if fuse_activations else []
     if is_torch_bn(model):
-        return _to_ours(model)
+        return _to_ours(model) if _convertible(model) else model
     # Every replacement is built before the first is installed: when one layer fails to
     # convert, the exception leaves the model exactly as it was, not half converted.
     replaced: dict[int, nn.Module] = {}
     places = []
     for name, m in model.named_modules(remove_duplicate=False):
-        if name and is_torch_bn(m):
+        if name and _convertible(m):
             if id(m) not in replaced:
                 replaced[id(m)] = _to_ours(m)
             places.append((name, replaced[id(m)]))
@@ -313,7 +327,10 @@ def revert(model: nn.Module) -> nn.Module:
     whose batch norms do not take ``bias``, one with a fixed zero bias,
     ``requires_grad=False``).
     A layer that has been called with a ``residual`` stays ours, with a warning naming
-    it: torch's layers take no residual, so the model's call would fail.
+    it: torch's layers take no residual, so the model's call would fail. So does, with a
+    warning, a layer no torch class matches (``BatchNormNd``, a subclass, a lazy one
+    without input), one with a parametrization, and one whose weight or bias a forward
+    pre-hook computes (the hook-based ``prune``, ``spectral_norm``, ``weight_norm``).
     """
     check_module(model, "revert")
     inside = {id(m) for m in model.modules()}

@@ -18,11 +18,14 @@ from .. import functional as F
 from ..modules import _check_rank, check_constructor_args, refuse_script
 from ._common import (
     check_module,
+    computed_affine,
+    hook_computed_affine,
     is_our_bn,
     is_torch_bn,
     lazy_batch_norms_without_input,
     move_hooks,
     set_submodule,
+    warn_hook_computed,
     warn_subclasses,
 )
 
@@ -152,8 +155,11 @@ def freeze(model: nn.Module, affine: bool = False, buffers: bool = False) -> nn.
     running statistics (built with ``track_running_stats=False``; one whose flag was
     turned off later keeps its buffers and is frozen with them) are left as they are, with a
     warning, and so are subclasses of torch's batch norms (their ``forward`` may differ
-    from the layer that would replace them) and layers with a parametrization (their
-    weight is computed); the warning names the layer. A lazy batch norm
+    from the layer that would replace them), torch's layers with a parametrization (their
+    weight is computed), and layers whose weight or bias a forward pre-hook computes (the
+    hook-based ``torch.nn.utils.prune``, ``spectral_norm``, ``weight_norm``: ours are
+    frozen but not copied); the warning names the layer. ``affine=True`` leaves a computed
+    weight or bias trainable, with a warning. A lazy batch norm
     that has not seen input yet raises ``ValueError`` (it has nothing to freeze: run the
     model once first). If a layer fails to convert or copy, the exception leaves the model
     unchanged.
@@ -169,13 +175,16 @@ def freeze(model: nn.Module, affine: bool = False, buffers: bool = False) -> nn.
                     "batch statistics and updates its running ones. Keep it in eval mode "
                     "yourself (call .eval() on it after model.train()).")
     if buffers:
+        # (the hook would move to a copy without the parameters it computes from)
+        warn_hook_computed(model, "freeze", lambda m: is_our_bn(m) or is_torch_bn(m))
         if is_our_bn(model) or is_torch_bn(model):
-            return _frozen_copy(model)
+            return model if hook_computed_affine(model) else _frozen_copy(model)
         # All copies first, then install them: a layer that fails leaves the model as it was.
         frozen: dict[int, _FrozenBatchNorm] = {}
         places = []
         for name, m in model.named_modules(remove_duplicate=False):
-            if (is_our_bn(m) or is_torch_bn(m)) and name:
+            if ((is_our_bn(m) or is_torch_bn(m)) and name
+                    and not hook_computed_affine(m)):
                 if m.running_mean is None:
                     warnings.warn(f"freeze: {name!r} has no running statistics; left as it is",
                                   stacklevel=2)
@@ -187,6 +196,7 @@ def freeze(model: nn.Module, affine: bool = False, buffers: bool = False) -> nn.
             set_submodule(model, name, new)
         return model
     from .convert import _convert
+    warn_hook_computed(model, "freeze", is_torch_bn)  # torch's: not converted
     model = _convert(model, fuse_activations=False)
     for name, m in model.named_modules():
         if not is_our_bn(m):
@@ -198,7 +208,17 @@ def freeze(model: nn.Module, affine: bool = False, buffers: bool = False) -> nn.
             continue
         m.frozen = True
         if affine:
-            froze = [p for p in (m.weight, m.bias) if p is not None and p.requires_grad]
+            computed = computed_affine(m)
+            if computed:
+                where = repr(name) if name else type(m).__name__
+                warnings.warn(f"freeze: {where} has its statistics frozen, not its "
+                              f"{' and '.join(computed)}: a parametrization or a forward "
+                              f"pre-hook computes {'them' if len(computed) > 1 else 'it'}; "
+                              f"set requires_grad=False on the parameters "
+                              f"{'they are' if len(computed) > 1 else 'it is'} computed from",
+                              stacklevel=2)
+            froze = [p for n, p in (("weight", m.weight), ("bias", m.bias))
+                     if p is not None and p.requires_grad and n not in computed]
             for p in froze:
                 p.requires_grad_(False)
             # Remember what we froze, so that unfreeze gives back only that. Merged with
