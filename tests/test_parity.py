@@ -695,3 +695,26 @@ def test_leaky_relu_of_an_infinite_pre_activation_is_torchs(backend, dtype, slop
     y = batchnorm.batch_norm(x_eval, mean.to(backend.device), var.to(backend.device),
                              training=False, activation=act)
     assert_close(y, act(x_eval / (1 + 1e-5) ** 0.5), dtype)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [(2, 3, 4), (2, 3, 2, 3), (2, 3, 2, 2, 2)],
+                         ids=["3d", "4d", "5d"])
+def test_a_saved_tensor_hook_may_give_a_channels_last_input_back_contiguous(
+        backend, gen, shape, training):
+    """save_on_cpu(pin_memory=True), or any pack hook that makes a contiguous copy: the
+    CPU and Triton backwards read the unpacked x as channels-last by its address (dx off
+    by 0.8, dweight by 24, silently)."""
+    leaf, x = make_input(shape, "channels_last", torch.float32, backend.device, gen)
+    r = torch.randn(shape, generator=gen).to(backend.device).requires_grad_()
+    dy = torch.randn(shape, generator=gen).to(backend.device)
+    cls = {3: batchnorm.BatchNorm1d, 4: batchnorm.BatchNorm2d, 5: batchnorm.BatchNorm3d}
+    grads = []
+    for contiguous in (True, False):
+        bn = cls[len(shape)](3, activation="relu").to(backend.device).train(training)
+        with torch.autograd.graph.saved_tensors_hooks(
+                (lambda t: t.contiguous()) if contiguous else (lambda t: t), lambda t: t):
+            y = bn(x, r)
+        grads.append(torch.autograd.grad(y, (leaf, r, bn.weight, bn.bias), dy))
+    for with_hook, without in zip(*grads):
+        torch.testing.assert_close(with_hook, without)

@@ -578,6 +578,11 @@ def _fused_backward(ctx, dy):
     if fused is None:
         return None
     x, weight, bias, residual, mean, var = ctx.saved_tensors
+    if ctx.channels_last and not is_channels_last(x):
+        # A saved-tensor hook gave x back in another layout (save_on_cpu(pin_memory=True)
+        # makes it contiguous): the kernels would read it as channels-last by address.
+        # The composed backward lays it out again.
+        return None
     needs = ctx.needs_input_grad[:4]
     need_x, need_w, need_b, need_r = needs
     act = ctx.activation
