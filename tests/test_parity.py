@@ -718,3 +718,18 @@ def test_a_saved_tensor_hook_may_give_a_channels_last_input_back_contiguous(
         grads.append(torch.autograd.grad(y, (leaf, r, bn.weight, bn.bias), dy))
     for with_hook, without in zip(*grads):
         torch.testing.assert_close(with_hook, without)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_a_residual_alone_needs_no_saved_input(backend, gen, training):
+    """Only the residual needs a gradient (frozen parameters, an input without one): its
+    gradient is dy, and nothing is kept, so an in-place change of x before backward is no
+    error, as with torch's bn(x) + r (we kept x and raised)."""
+    x = torch.randn(2, 3, 2, 2, generator=gen).to(backend.device)
+    r = torch.randn(2, 3, 2, 2, generator=gen).to(backend.device).requires_grad_()
+    bn = batchnorm.BatchNorm2d(3).to(backend.device).train(training).requires_grad_(False)
+    y = bn(x, r)
+    x.add_(1)
+    dy = torch.randn(2, 3, 2, 2, generator=gen).to(backend.device)
+    y.backward(dy)
+    torch.testing.assert_close(r.grad, dy)

@@ -432,8 +432,19 @@ def _save(ctx, x, weight, bias, residual, running_mean, mean, var, eps, activati
     # optimizer step on the bias between forward and backward is no in-place error).
     fused = activation != "none"
     ctx.bias_dtype = None if bias is None else bias.dtype
+    if _residual_only(ctx):
+        # dresidual is dy itself: nothing is kept (as torch's add keeps nothing, so an
+        # in-place change of x before backward is no error)
+        ctx.save_for_backward(None, None, None, None, None, None)
+        return
     ctx.save_for_backward(x, weight, bias if fused else None, residual if fused else None,
                           mean, var)
+
+
+def _residual_only(ctx) -> bool:
+    """Only the residual needs a gradient, and there is no activation: it is dy."""
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    return ctx.activation == "none" and not (need_x or need_w or need_b)
 
 
 def autograd_grads(needs, dy, dx, dres, sum_dz, sum_dz_xhat, weight, bias_dtype, activation):
@@ -456,6 +467,8 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _batch_norm_backward(ctx, dy, _dmean, _dvar):
+    if _residual_only(ctx):
+        return None, None, None, dy, None, None, None, None, None
     x, weight, bias, residual, mean, var = ctx.saved_tensors
     if ctx.eager:
         # _EagerBatchNorm saves the tensors as given; their kernel views are made here,
@@ -577,6 +590,8 @@ def _fused_backward(ctx, dy):
     fused = getattr(ctx.backend, "batch_norm_backward", None)
     if fused is None:
         return None
+    if _residual_only(ctx):
+        return None, None, None, dy
     x, weight, bias, residual, mean, var = ctx.saved_tensors
     if ctx.channels_last and not is_channels_last(x):
         # A saved-tensor hook gave x back in another layout (save_on_cpu(pin_memory=True)
