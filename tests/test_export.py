@@ -1,6 +1,7 @@
 """Export: in eval, models of our layers export (torch.export, ONNX) as standard batch-norm
 and activation ops, and the exported programs give the model's outputs."""
 
+import io
 import pytest
 import torch
 from test_tools import make, randomize
@@ -47,6 +48,22 @@ def test_export_in_training_keeps_our_op():
     model.train()
     ep = torch.export.export(model, (x,))
     assert any("batchnorm" in str(n.target) for n in ep.graph.nodes if n.op == "call_function")
+
+
+def test_a_training_export_saves_and_loads():
+    """The running update ran under torch.no_grad(), a wrapper node without outputs in
+    the exported graph, which torch.export.load refused (SpecViolationError)."""
+    model = batchnorm.BatchNorm2d(3, momentum=None).train()
+    theirs = nn.BatchNorm2d(3, momentum=None).train()
+    x = torch.randn(4, 3, 5, 5)
+    buffer = io.BytesIO()
+    torch.export.save(torch.export.export(model, (x,)), buffer)
+    buffer.seek(0)
+    loaded = torch.export.load(buffer).module()
+    for step in range(2):
+        torch.testing.assert_close(loaded(x + step), theirs(x + step))
+    for name, value in theirs.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], value)
 
 
 def test_onnx_export_batch_normalization_nodes():

@@ -172,9 +172,12 @@ def _kernel_counted(num_batches_tracked: Tensor | None) -> None:
 _increment_version = torch._C._increment_version
 
 
-@torch.no_grad()
 def _update_running_stats_torch(running_mean, running_var, num_batches_tracked, mean, var,
                                 count, momentum) -> None:
+    # The batch statistics detached rather than the function under torch.no_grad(): an
+    # exported training program holds no_grad as a wrapper node without outputs, which
+    # torch.export.load refuses (SpecViolationError); detach is an ordinary node.
+    mean, var = mean.detach(), var.detach()
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
     if running_mean is None and running_var is None:
