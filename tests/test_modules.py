@@ -353,20 +353,25 @@ class _TracedBlock(nn.Module):
         return self.head(self.bn(h, residual=self.skip(h)).mean((2, 3)))
 
 
-@pytest.mark.parametrize("frozen", [False, True], ids=["BatchNorm2d", "FrozenBatchNorm2d"])
-def test_torch_jit_script_says_what_to_use_instead(frozen):
-    """It failed deep inside our Python ("Don't support conversion in JoinedStr")."""
+@pytest.mark.parametrize("kind", ["BatchNorm2d", "FrozenBatchNorm2d", "ChannelAffine"])
+def test_torch_jit_script_says_what_to_use_instead(kind):
+    """It failed deep inside our Python ("Don't support conversion in JoinedStr"); on a
+    folded model, at ChannelAffine's annotations (a ValueError), or naming the copy of
+    the converted BatchNorm2d that a ReLU's marker kept."""
     import warnings
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), batchnorm.BatchNorm2d(4))
-    if frozen:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), batchnorm.BatchNorm2d(4), nn.ReLU())
+    if kind == "FrozenBatchNorm2d":
         batchnorm.freeze(model, buffers=True)
+    elif kind == "ChannelAffine":
+        model, _ = batchnorm.fold(batchnorm.convert(model).eval())
+        assert model[2].bn is model[1]  # the marker points at what the model has
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit's own
-        with pytest.raises(TypeError, match="torch.jit.script cannot compile batchnorm's "
-                           r"(Frozen)?BatchNorm2d.*torch.jit.trace, torch.export or "
+        with pytest.raises(TypeError, match=f"torch.jit.script cannot compile batchnorm's "
+                           f"{kind}.*torch.jit.trace, torch.export or "
                            "torch.compile") as info:
             torch.jit.script(model)
-    assert ("batchnorm.revert" in str(info.value)) is not frozen
+    assert ("batchnorm.revert" in str(info.value)) is (kind == "BatchNorm2d")
 
 
 @pytest.mark.parametrize("training", [True, False])

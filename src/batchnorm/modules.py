@@ -49,8 +49,8 @@ def refuse_script(module: nn.Module) -> None:
     revert = (", or put torch's layers back first with batchnorm.revert(model)"
               if isinstance(module, _NormBase) else "")
     raise TypeError(
-        f"torch.jit.script cannot compile batchnorm's {type(module).__name__}: its kernels "
-        f"are not TorchScript. Use torch.jit.trace, torch.export or torch.compile{revert}")
+        f"torch.jit.script cannot compile batchnorm's {type(module).__name__}: its forward "
+        f"is not TorchScript. Use torch.jit.trace, torch.export or torch.compile{revert}")
 
 
 class _NormBase(F.FusedActivationAttribute, nn.Module):

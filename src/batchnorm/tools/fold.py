@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn.utils.weight_norm import WeightNorm
 
 from .. import functional as F
+from ..modules import refuse_script
 from ..ops import invstd_from_var
 from ._common import (
     check_module,
@@ -33,6 +34,7 @@ from ._common import (
     warn_sequential_fallback,
     warn_subclasses,
 )
+from .convert import FusedActivation
 from .freeze import _FrozenBatchNorm
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -87,6 +89,8 @@ class ChannelAffine(nn.Module):
     running statistics' dtype (float32 for a bfloat16 model under autocast's rules, or
     float64), the arithmetic runs in the wider of the two, rounded once at the end.
     """
+
+    __prepare_scriptable__ = refuse_script
 
     # what a ChannelAffine pickled before these attributes existed reads (torch.load of a
     # whole model): no rank rule, no channel count
@@ -427,4 +431,9 @@ def fold(model: nn.Module) -> tuple[nn.Module, FoldReport]:
         repl.train(False)
         done[id(bn)] = repl
         set_submodule(new, name, repl)
+    for m in new.modules():
+        # a convert marker of an activation now in a ChannelAffine: not the copy of the
+        # batch norm it fused into, which the model no longer has (pickles carried it)
+        if isinstance(m, FusedActivation) and id(m.__dict__.get("bn")) in done:
+            m.__dict__["bn"] = done[id(m.__dict__["bn"])]
     return new, report
