@@ -210,3 +210,23 @@ def test_an_outlier_first_value_whose_squares_overflow_float32(backend, layout, 
     for name in ("running_mean", "running_var"):
         torch.testing.assert_close(getattr(ours, name).cpu(), getattr(theirs, name),
                                    rtol=1e-5, atol=0)
+
+
+def test_short_rows_of_many_samples_keep_their_statistics(backend):
+    """(N, C, L) with a short L and a large N: torch's float32 sum over dims (0, 2) adds
+    one value at a time, and the portable backend's variance was 150% off (an outlier as
+    the first value: the shift it sums around is far from the mean)."""
+    if backend.interpreted:
+        pytest.skip("Triton interpreter: the shape is too large for it")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2 ** 18, 2, 2, generator=gen)
+    x[0, :, 0] = 3000.0
+    bn = batchnorm.BatchNorm1d(2, momentum=1.0).to(backend.device)
+    y = bn(x.to(backend.device))
+    x64 = x.double()
+    mean, var = x64.mean((0, 2)), x64.var((0, 2))
+    torch.testing.assert_close(bn.running_mean.cpu().double(), mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(bn.running_var.cpu().double(), var, rtol=1e-6, atol=0)
+    expected = (x64 - mean.view(1, 2, 1)) / (x64.var((0, 2), unbiased=False).view(1, 2, 1)
+                                             + bn.eps).sqrt()
+    torch.testing.assert_close(y.cpu().double(), expected, rtol=0, atol=1e-3)

@@ -118,9 +118,15 @@ def running_mean_dtype(running_mean: Tensor, acc: torch.dtype) -> torch.dtype:
     return torch.promote_types(acc, running_mean.dtype)
 
 
-def reduce_dims(x: Tensor) -> list[int]:
-    """Every dimension of a kernel view but the channel one (dim 1)."""
-    return [0] if x.dim() == 2 else [0, 2]
+def channel_sums(t: Tensor) -> Tensor:
+    """Per-channel sums over every dimension of a kernel view but the channel one (dim 1).
+
+    An (N, C, L) view is summed over L, then over N, not over both at once: torch's CPU
+    reduction over dims (0, 2) with a short L adds the values one by one into a float32
+    accumulator (on (2^23, 2, 2) the variance came out 5.9e-3 off, and 10σ with an outlier
+    as the first value), where a sum over one dimension at a time cascades (1e-7); it is
+    also faster there."""
+    return t.sum(0) if t.dim() == 2 else t.sum(2).sum(0)
 
 
 def _per_channel(t: Tensor, like: Tensor) -> Tensor:
@@ -147,7 +153,6 @@ def stats(x: Tensor) -> tuple[Tensor, Tensor]:
     more ops.)
     """
     xa = x.to(acc_dtype(x.dtype))
-    dims = reduce_dims(x)
     if xa.numel() == 0:
         zeros = xa.new_zeros(x.shape[1])
         return zeros.to(mean_dtype(x)), zeros
@@ -160,14 +165,15 @@ def stats(x: Tensor) -> tuple[Tensor, Tensor]:
     # second derivative at the channel's first value was 1e-3 where it is 0 (n = 8192).
     shift = shift.detach()
     shifted = xa - _per_channel(shift, xa)
-    shifted_mean = shifted.mean(dims)
+    count = xa.numel() // xa.shape[1]
+    shifted_mean = channel_sums(shifted) / count
     centred = shifted - _per_channel(shifted_mean, xa)
-    m2 = (centred * centred).sum(dims)
+    m2 = channel_sums(centred * centred)
     # a NaN or infinite Σc comes with a NaN or infinite shifted mean already: the
     # correction is left out there, so that an inf in x still gives an infinite mean
-    residue = centred.sum(dims).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    residue = channel_sums(centred).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
     mean = torch.add(shift.to(mean_dtype(x)) + shifted_mean.to(mean_dtype(x)), residue,
-                     alpha=1.0 / (xa.numel() // xa.shape[1]))
+                     alpha=1.0 / count)
     return mean, m2
 
 
@@ -266,8 +272,7 @@ def _dz(dy, x, mean, invstd, weight, bias, residual, activation, slope) -> tuple
 def backward_reduce(dy, x, mean, invstd, weight, bias, residual, activation: str, slope: float):
     """Per-channel ``(Σ dz, Σ dz·x̂)`` in the acc dtype: the bias and weight gradients."""
     xhat, dz = _dz(dy, x, mean, invstd, weight, bias, residual, activation, slope)
-    dims = reduce_dims(x)
-    return dz.sum(dims), (dz * xhat).sum(dims)
+    return channel_sums(dz), channel_sums(dz * xhat)
 
 
 def backward_elementwise(
