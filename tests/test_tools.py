@@ -1484,6 +1484,50 @@ def test_recalibrate_merges_over_each_layers_processes(tmp_path, world):
             torch.testing.assert_close(got[f"{name}.running_var"], var)
 
 
+def _recal_uneven_worker(rank, counts, init_file, result_file):
+    """A SyncBatchNorm model; rank r has counts[r] batches, batch i near 10·(i + 1)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=2, timeout=timedelta(seconds=30))
+    try:
+        model = nn.Sequential(batchnorm.SyncBatchNorm(2)).double()
+        gen = torch.Generator().manual_seed(rank)
+        batches = [torch.randn(3, 2, generator=gen, dtype=torch.float64) + 10 * (i + 1)
+                   for i in range(counts[rank])]
+        try:
+            batchnorm.recalibrate(model, batches, progress=False)
+            result = model.state_dict()
+        except ValueError as e:
+            result = str(e)
+        torch.save(result, f"{result_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("counts", [(2, 3), (0, 2)], ids=["2-and-3", "none-and-2"])
+def test_recalibrate_runs_sync_layers_in_step(tmp_path, counts):
+    """With SyncBatchNorm layers (each forward a collective), a process that ran out of
+    batches waited in the merge while the other waited in a forward: both hung until the
+    process group's timeout. Now each runs as many batches as the one with the fewest."""
+    torch.multiprocessing.spawn(_recal_uneven_worker, args=(counts, str(tmp_path / "init"),
+                                                            str(tmp_path / "sd")), nprocs=2)
+    got = [torch.load(f"{tmp_path / 'sd'}.{rank}") for rank in range(2)]
+    if min(counts) == 0:
+        assert all("one had none" in g for g in got), got
+        return
+    data = []
+    for rank in range(2):
+        gen = torch.Generator().manual_seed(rank)
+        data += [torch.randn(3, 2, generator=gen, dtype=torch.float64) + 10 * (i + 1)
+                 for i in range(counts[rank])][:min(counts)]
+    x = torch.cat(data)
+    for g in got:
+        torch.testing.assert_close(g["0.running_mean"], x.mean(0))
+        torch.testing.assert_close(g["0.running_var"], x.var(0))
+
+
 # ---------------------------------------------------------------------------------------
 # Conventions
 

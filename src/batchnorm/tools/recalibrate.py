@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_map
 
 from .. import backends, ops
 from ._common import check_module, is_our_bn, lazy_batch_norms_without_input
+from .convert import _sync_class
 
 
 def _default_forward(model: nn.Module, batch):
@@ -116,6 +117,28 @@ def _all_reduce(layers: list[tuple[str, nn.Module]], accs: list[_Accumulator],
         a.count, a.mean, a.m2 = int(n), mg, m2
 
 
+def _in_lockstep(iterable, device):
+    """The batches of ``iterable`` while every process has one: a SyncBatchNorm's
+    training forward is a collective, so a process that ran out while others go on would
+    wait in the merge while they wait in a forward (until the process group's timeout)."""
+    import torch.distributed as dist
+
+    end = object()
+    it = iter(iterable)
+    while True:
+        batch = next(it, end)
+        more = torch.tensor([batch is not end], dtype=torch.int32, device=device)
+        dist.all_reduce(more, op=dist.ReduceOp.MIN)
+        if not more.item():
+            return
+        yield batch
+
+
+def _synchronizes(m: nn.Module) -> bool:
+    sync = _sync_class()
+    return isinstance(m, nn.SyncBatchNorm) or (sync is not None and isinstance(m, sync))
+
+
 def _progress(iterable, total, enabled):
     if not enabled:
         return iterable
@@ -197,7 +220,9 @@ def recalibrate(model: nn.Module, batches, num_batches: int | None = None,
     the statistics of all processes are merged (each process must call this): a
     SyncBatchNorm's over its ``process_group`` (a process outside the group keeps its own),
     every other layer's over all processes; a process whose ``batches`` yield nothing
-    takes the others' statistics. Afterwards
+    takes the others' statistics. Where the model has SyncBatchNorm layers (their forwards
+    synchronize), the processes go in step instead: each runs as many batches as the
+    process with the fewest, so none may have none. Afterwards
     every module's training flag is restored, and the running statistics of the other
     norm layers that train() moves (an ``InstanceNorm`` with ``track_running_stats=True``)
     are put back. If a batch or ``forward`` raises, every
@@ -273,8 +298,12 @@ def recalibrate(model: nn.Module, batches, num_batches: int | None = None,
                    for (_, m, _), a in zip(layers, accs)]
         for _, m, _ in layers:
             m.reset_running_stats()
+        chosen = itertools.islice(batches, num_batches)
+        lockstep = distributed and any(_synchronizes(m) for _, m, _ in layers)
+        if lockstep:
+            chosen = _in_lockstep(chosen, layers[0][1].running_mean.device)
         with torch.no_grad():
-            for batch in _progress(itertools.islice(batches, num_batches), total, show):
+            for batch in _progress(chosen, total, show):
                 if device is not None:
                     batch = tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, batch)
                 forward(model, batch)
@@ -305,5 +334,7 @@ def recalibrate(model: nn.Module, batches, num_batches: int | None = None,
             m.running_var.copy_((a.m2 / max(a.count - 1, 1)).to(m.running_var.dtype))
             result[name] = a.count
     if seen == 0:
-        raise ValueError("recalibrate(): no batches")
+        raise ValueError("recalibrate(): no batches" + (
+            " (the model has SyncBatchNorm layers, so every process runs as many batches "
+            "as the one with the fewest, and one had none)" if lockstep else ""))
     return result
