@@ -81,6 +81,11 @@ CASES = {
                        lambda g: torch.randn(2, 3, 4, 4, generator=g),
                        lambda g: torch.randn(2, 3, 4, 5, generator=g), ValueError,
                        ["residual must have the input's shape", "(2, 3, 4, 4)", "(2, 3, 4, 5)"]),
+    # (it was a ValueError, against the README's rule: TypeError for a wrong type)
+    "residual-not-a-tensor": (lambda: batchnorm.BatchNorm2d(3),
+                              lambda g: torch.randn(2, 3, 2, 2, generator=g),
+                              lambda g: [1.0, 2.0], TypeError,
+                              ["residual must be None or a tensor", "got list"]),
     "residual-dtype": (lambda: batchnorm.BatchNorm2d(3),
                        lambda g: torch.randn(2, 3, 2, 2, generator=g),
                        lambda g: torch.randint(0, 3, (2, 3, 2, 2)), TypeError,

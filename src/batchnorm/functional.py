@@ -226,10 +226,12 @@ def validate(input, running_mean, running_var, weight, bias, training, momentum,
     if num_batches_tracked is not None:
         _check_num_batches_tracked(num_batches_tracked, input)
     if residual is not None:
-        if not isinstance(residual, Tensor) or residual.shape != input.shape:
-            shape = tuple(residual.shape) if isinstance(residual, Tensor) else type(residual).__name__
-            raise ValueError(
-                f"residual must have the input's shape {tuple(input.shape)}, got {shape}")
+        if not isinstance(residual, Tensor):
+            raise TypeError(f"residual must be None or a tensor of the input's shape "
+                            f"{tuple(input.shape)}, got {type(residual).__name__}")
+        if residual.shape != input.shape:
+            raise ValueError(f"residual must have the input's shape {tuple(input.shape)}, "
+                             f"got {tuple(residual.shape)}")
         if residual.device != input.device:
             raise RuntimeError(
                 f"residual is on {residual.device} but the input is on {input.device}; "
