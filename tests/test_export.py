@@ -2,6 +2,7 @@
 and activation ops, and the exported programs give the model's outputs."""
 
 import io
+
 import pytest
 import torch
 from test_tools import make, randomize

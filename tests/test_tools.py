@@ -1952,7 +1952,7 @@ def test_revert_undoes_a_fusion_after_a_submodule_alone_was_synced(steps):
 
 
 def _hook_computed(kind):
-    import torch.nn.utils.prune as prune
+    from torch.nn.utils import prune
     return {"prune": lambda m: prune.l1_unstructured(m, "weight", amount=1),
             "spectral_norm": lambda m: nn.utils.spectral_norm(m, "weight"),
             "weight_norm": lambda m: nn.utils.weight_norm(m, "weight", dim=0)}[kind]
