@@ -1847,6 +1847,15 @@ def test_revert_undoes_a_fusion_after_the_sync_conversions(steps):
     assert list(model.state_dict()) == keys
 
 
+def test_revert_keeps_to_the_layer_in_the_model_when_a_copy_was_synced_elsewhere():
+    """A layer converted to sync for another model (or alone) stays in this one: revert
+    followed the replaced layer's record out of the model and left the fusion."""
+    model = batchnorm.convert(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU()))
+    assert batchnorm.convert_sync_batchnorm(model[1]) is not model[1]
+    model = batchnorm.revert(model)
+    assert [type(m) for m in model] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
+
+
 def test_channel_affine_refuses_another_channel_count():
     folded, _ = batchnorm.fold(nn.Sequential(nn.MaxPool2d(1), nn.BatchNorm2d(4)).eval())
     assert isinstance(folded[1], ChannelAffine)

@@ -344,7 +344,8 @@ def revert(model: nn.Module) -> nn.Module:
             except AttributeError:
                 continue
         # a sync conversion of a submodule alone replaced the layer but not this marker
-        while "_batchnorm_replaced_by" in bn.__dict__:
+        # (a layer still in the model is the one: it may have been converted elsewhere too)
+        while id(bn) not in inside and "_batchnorm_replaced_by" in bn.__dict__:
             bn = bn.__dict__["_batchnorm_replaced_by"]
         fused = F.resolve_activation(m.original)
         if id(bn) in inside and is_our_bn(bn) and (bn.activation,
