@@ -431,3 +431,18 @@ def test_a_bad_activation_fails_at_the_assignment_and_changes_nothing():
         with pytest.raises(error):
             bn.activation = bad
         assert (bn.activation, bn.activation_slope) == ("leaky_relu", 0.2)
+
+
+def test_activation_can_be_assigned_in_a_compiled_function():
+    """fullgraph=True: dynamo did not trace the property's fset called by name."""
+    torch._dynamo.reset()
+
+    def swap_and_run(m, x):
+        m.activation = "silu"
+        return m(x)
+
+    bn = batchnorm.BatchNorm2d(3).eval()
+    x = torch.randn(4, 3, 5, 5)
+    y = torch.compile(swap_and_run, fullgraph=True, backend="eager")(bn, x)
+    torch.testing.assert_close(y, nn.functional.silu(nn.BatchNorm2d(3).eval()(x)))
+    assert bn.activation == "silu"

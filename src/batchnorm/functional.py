@@ -73,7 +73,7 @@ class FusedActivationAttribute:
 
     def __setattr__(self, name: str, value) -> None:
         if name == "activation":  # nn.Module's rule would make an nn.ReLU() a submodule
-            FusedActivationAttribute.activation.fset(self, value)
+            object.__setattr__(self, name, value)  # the property (which dynamo traces)
         else:
             super().__setattr__(name, value)
 
