@@ -1492,7 +1492,9 @@ def _recal_uneven_worker(rank, counts, init_file, result_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=2, timeout=timedelta(seconds=30))
     try:
-        model = nn.Sequential(batchnorm.SyncBatchNorm(2)).double()
+        # the second synchronizes too, though it has no statistics to recalibrate
+        model = nn.Sequential(batchnorm.SyncBatchNorm(2),
+                              batchnorm.SyncBatchNorm(2, track_running_stats=False)).double()
         gen = torch.Generator().manual_seed(rank)
         batches = [torch.randn(3, 2, generator=gen, dtype=torch.float64) + 10 * (i + 1)
                    for i in range(counts[rank])]
@@ -1506,7 +1508,8 @@ def _recal_uneven_worker(rank, counts, init_file, result_file):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("counts", [(2, 3), (0, 2)], ids=["2-and-3", "none-and-2"])
+@pytest.mark.parametrize("counts", [(2, 3), (0, 2), (3, 2)],
+                         ids=["2-and-3", "none-and-2", "3-and-2"])
 def test_recalibrate_runs_sync_layers_in_step(tmp_path, counts):
     """With SyncBatchNorm layers (each forward a collective), a process that ran out of
     batches waited in the merge while the other waited in a forward: both hung until the

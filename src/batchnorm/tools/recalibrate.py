@@ -299,7 +299,11 @@ def recalibrate(model: nn.Module, batches, num_batches: int | None = None,
         for _, m, _ in layers:
             m.reset_running_stats()
         chosen = itertools.islice(batches, num_batches)
-        lockstep = distributed and any(_synchronizes(m) for _, m, _ in layers)
+        # (any SyncBatchNorm that normalizes with batch statistics here, recalibrated or
+        # not: one without running statistics synchronizes too)
+        lockstep = distributed and any(
+            _synchronizes(m) and m.training and not getattr(m, "frozen", False)
+            for m in model.modules())
         if lockstep:
             chosen = _in_lockstep(chosen, layers[0][1].running_mean.device)
         with torch.no_grad():
