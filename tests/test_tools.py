@@ -2026,3 +2026,26 @@ def test_freeze_affine_leaves_a_computed_weight_trainable_and_changes_nothing_el
         "1.parametrizations.weight.original" if kind == "parametrize" else "1.weight_orig"]
     batchnorm.unfreeze(model)
     assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # the hook-based weight_norm
+@pytest.mark.parametrize("kind", ["prune", "spectral_norm", "weight_norm"])
+def test_the_sync_conversions_leave_a_layer_whose_weight_a_hook_computes(kind):
+    """They raised a TypeError (cannot assign a tensor as parameter 'weight') after the
+    layers before it had been replaced."""
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.BatchNorm2d(3), nn.BatchNorm2d(3))
+    _hook_computed(kind)(model[1])
+    model(torch.randn(4, 3, 2, 2))
+    with pytest.warns(UserWarning, match="convert_sync_batchnorm: '1' is left as it is"):
+        batchnorm.convert_sync_batchnorm(model)
+    assert [type(m) for m in model] == [batchnorm.SyncBatchNorm, nn.BatchNorm2d,
+                                        batchnorm.SyncBatchNorm]
+    assert batchnorm.revert_sync_batchnorm(model) is model
+    assert type(model[0]) is batchnorm.BatchNorm2d and type(model[1]) is nn.BatchNorm2d
+
+
+def test_a_sync_conversion_that_fails_leaves_the_model_as_it_was():
+    model = nn.Sequential(nn.BatchNorm2d(3), batchnorm.LazyBatchNorm2d())
+    with pytest.raises(ValueError, match="uninitialized LazyBatchNorm2d"):
+        batchnorm.convert_sync_batchnorm(model)
+    assert type(model[0]) is nn.BatchNorm2d

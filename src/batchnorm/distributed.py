@@ -477,7 +477,10 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     dtype, training mode, ``frozen`` state and fused activation. Returns the converted module (a new object
     when ``module`` itself is a batch-norm layer, else ``module`` changed in place), as
     ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does. The original class is recorded
-    for :func:`revert_sync_batchnorm`.
+    for :func:`revert_sync_batchnorm`. A layer whose weight or bias a forward pre-hook
+    computes (the hook-based ``prune``, ``spectral_norm``, ``weight_norm``) is left as it
+    is, with a warning; a lazy layer that has not seen input raises ``ValueError``, with
+    the model unchanged.
     """
     def to_sync(layer):
         new = _rebuild(layer, SyncBatchNorm, process_group=process_group)
@@ -485,10 +488,10 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
         new._batchnorm_origin = getattr(layer, "_batchnorm_origin", type(layer))
         return new
 
-    return _replace_batch_norms(module, _is_batchnorm, to_sync)
+    return _replace_batch_norms(module, _is_batchnorm, to_sync, "convert_sync_batchnorm")
 
 
-def _replace_batch_norms(module: nn.Module, wanted, make) -> nn.Module:
+def _replace_batch_norms(module: nn.Module, wanted, make, caller: str) -> nn.Module:
     """``module`` with each layer that is ``wanted`` replaced by ``make(layer)``, in place
     (a new object when ``module`` itself is one). A layer found at several places (an
     alias ``self.again = self.bn``, or two parents) becomes one replacement at all of them,
@@ -496,27 +499,43 @@ def _replace_batch_norms(module: nn.Module, wanted, make) -> nn.Module:
     replaced layer (``FusedActivation.bn``) follows it, so that ``batchnorm.revert`` still
     finds the layer it fused into; a marker outside ``module`` (a submodule converted
     alone) finds it through the old layer's ``_batchnorm_replaced_by``."""
+    from .tools._common import hook_computed_affine, warn_hook_computed
+
+    # A layer whose weight a forward pre-hook computes (the hook-based prune,
+    # spectral_norm, weight_norm) has no Parameter to move: left as it is, as the other
+    # tools leave it.
+    warn_hook_computed(module, caller, wanted)
+    if wanted(module):
+        if hook_computed_affine(module):
+            return module
+        new = make(module)
+        module.__dict__["_batchnorm_replaced_by"] = new
+        return new
+    # Every replacement is made before the first is installed: a layer that fails to
+    # convert (a lazy one without input) leaves the model as it was.
     replaced: dict[int, nn.Module] = {}
+    places: list[tuple[nn.Module, str, nn.Module]] = []
     walked: set[int] = set()
 
-    def walk(m: nn.Module) -> nn.Module:
-        if id(m) in replaced:
-            return replaced[id(m)]
-        if wanted(m):
-            replaced[id(m)] = make(m)
-            m.__dict__["_batchnorm_replaced_by"] = replaced[id(m)]
-            return replaced[id(m)]
-        if id(m) not in walked:
-            walked.add(id(m))
-            # every name, aliases too (named_children() gives a module once)
-            for name, child in list(m._modules.items()):
-                if child is not None:
-                    new_child = walk(child)
-                    if new_child is not child:
-                        m.add_module(name, new_child)
-        return m
+    def walk(m: nn.Module) -> None:
+        walked.add(id(m))
+        # every name, aliases too (named_children() gives a module once)
+        for name, child in list(m._modules.items()):
+            if child is None:
+                continue
+            if wanted(child):
+                if hook_computed_affine(child):
+                    continue
+                if id(child) not in replaced:
+                    replaced[id(child)] = make(child)
+                places.append((m, name, child))
+            elif id(child) not in walked:
+                walk(child)
 
-    module = walk(module)
+    walk(module)
+    for parent, name, old in places:
+        parent.add_module(name, replaced[id(old)])
+        old.__dict__["_batchnorm_replaced_by"] = replaced[id(old)]
     if replaced:
         from .tools.convert import FusedActivation
         for m in module.modules():
@@ -532,14 +551,16 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
     for a converted ``nn.BatchNorm2d`` or ``batchnorm.BatchNorm2d``, and so on). A
     SyncBatchNorm with no record (built directly, or torch's, which keep no input rank)
     becomes :class:`BatchNormNd`, which accepts any input rank >= 2 as SyncBatchNorm does.
-    Parameters, buffers, device, dtype, training mode and activation are kept.
+    Parameters, buffers, device, dtype, training mode and activation are kept. A layer
+    whose weight a forward pre-hook computes is left as it is, with a warning.
     """
     def to_local(layer):
         return _rebuild(layer, _LOCAL_OF.get(getattr(layer, "_batchnorm_origin", None),
                                              BatchNormNd))
 
     return _replace_batch_norms(
-        module, lambda m: isinstance(m, (SyncBatchNorm, nn.SyncBatchNorm)), to_local)
+        module, lambda m: isinstance(m, (SyncBatchNorm, nn.SyncBatchNorm)), to_local,
+        "revert_sync_batchnorm")
 
 
 # ---------------------------------------------------------------------------------------

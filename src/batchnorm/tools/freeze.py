@@ -156,9 +156,10 @@ def freeze(model: nn.Module, affine: bool = False, buffers: bool = False) -> nn.
     turned off later keeps its buffers and is frozen with them) are left as they are, with a
     warning, and so are subclasses of torch's batch norms (their ``forward`` may differ
     from the layer that would replace them), torch's layers with a parametrization (their
-    weight is computed), and layers whose weight or bias a forward pre-hook computes (the
-    hook-based ``torch.nn.utils.prune``, ``spectral_norm``, ``weight_norm``: ours are
-    frozen but not copied); the warning names the layer. ``affine=True`` leaves a computed
+    weight is computed), and torch's layers whose weight or bias a forward pre-hook
+    computes (the hook-based ``torch.nn.utils.prune``, ``spectral_norm``, ``weight_norm``),
+    ours too with ``buffers=True`` (the copy would lack the hook's parameters; without it
+    ours are frozen in place); the warning names the layer. ``affine=True`` leaves a computed
     weight or bias trainable, with a warning. A lazy batch norm
     that has not seen input yet raises ``ValueError`` (it has nothing to freeze: run the
     model once first). If a layer fails to convert or copy, the exception leaves the model
