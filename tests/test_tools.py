@@ -2049,3 +2049,28 @@ def test_a_sync_conversion_that_fails_leaves_the_model_as_it_was():
     with pytest.raises(ValueError, match="uninitialized LazyBatchNorm2d"):
         batchnorm.convert_sync_batchnorm(model)
     assert type(model[0]) is nn.BatchNorm2d
+
+
+class _WithResidual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bn = batchnorm.BatchNorm2d(4, activation="relu")
+
+    def forward(self, x, r):
+        return self.bn(self.conv(x), r)
+
+
+def test_a_folded_layer_checks_its_residual_as_the_batch_norm_did():
+    """ChannelAffine broadcast a (1, C, 1, 1) residual and took a float, where the batch
+    norm it replaces raised."""
+    model = _WithResidual().eval()
+    folded, _ = batchnorm.fold(model)
+    assert isinstance(folded.bn, ChannelAffine)
+    x = torch.randn(2, 3, 4, 4)
+    r = torch.randn(2, 4, 4, 4)
+    assert_close(folded(x, r), model(x, r))
+    for bad, error in ((torch.randn(1, 4, 1, 1), ValueError), (1.0, TypeError)):
+        for m in (model, folded):
+            with pytest.raises(error, match="residual must"):
+                m(x, bad)

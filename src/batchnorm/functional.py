@@ -55,6 +55,26 @@ def resolve_activation(activation) -> tuple[str, float]:
         f"{', '.join(c.__name__ for c in _ACTIVATION_MODULES)}")
 
 
+def check_residual(residual, input: Tensor) -> None:
+    """A residual (not None) must be a dense floating-point tensor of the input's shape and
+    device: no broadcasting (a (1, C, 1, 1) residual is more often a mistake)."""
+    if not isinstance(residual, Tensor):
+        raise TypeError(f"residual must be None or a tensor of the input's shape "
+                        f"{tuple(input.shape)}, got {type(residual).__name__}")
+    if residual.shape != input.shape:
+        raise ValueError(f"residual must have the input's shape {tuple(input.shape)}, "
+                         f"got {tuple(residual.shape)}")
+    if residual.device != input.device:
+        raise RuntimeError(
+            f"residual is on {residual.device} but the input is on {input.device}; "
+            f"move it with .to({str(input.device)!r})")
+    if not residual.is_floating_point():
+        raise TypeError(f"residual must be floating point, got {residual.dtype}")
+    if residual.layout is not torch.strided:
+        raise NotImplementedError(f"residual is a {residual.layout} tensor; batch_norm "
+                                  f"takes dense (strided) ones: pass residual.to_dense()")
+
+
 class FusedActivationAttribute:
     """Mixin of a layer with a fused activation: ``activation`` takes, also after
     construction, what the constructor takes (checked at the assignment, so that a bad
@@ -226,21 +246,7 @@ def validate(input, running_mean, running_var, weight, bias, training, momentum,
     if num_batches_tracked is not None:
         _check_num_batches_tracked(num_batches_tracked, input)
     if residual is not None:
-        if not isinstance(residual, Tensor):
-            raise TypeError(f"residual must be None or a tensor of the input's shape "
-                            f"{tuple(input.shape)}, got {type(residual).__name__}")
-        if residual.shape != input.shape:
-            raise ValueError(f"residual must have the input's shape {tuple(input.shape)}, "
-                             f"got {tuple(residual.shape)}")
-        if residual.device != input.device:
-            raise RuntimeError(
-                f"residual is on {residual.device} but the input is on {input.device}; "
-                f"move it with .to({str(input.device)!r})")
-        if not residual.is_floating_point():
-            raise TypeError(f"residual must be floating point, got {residual.dtype}")
-        if residual.layout is not torch.strided:
-            raise NotImplementedError(f"residual is a {residual.layout} tensor; batch_norm "
-                                      f"takes dense (strided) ones: pass residual.to_dense()")
+        check_residual(residual, input)
     check_eps(eps)  # NaN refused too, as the modules' constructors refuse it
     if momentum is None:
         if training and running_mean is not None and num_batches_tracked is None:

@@ -133,6 +133,8 @@ class ChannelAffine(nn.Module):
             raise ValueError(
                 f"ChannelAffine: the batch norm it replaces had {self.num_features} channels, "
                 f"got input of shape {tuple(input.shape)} ({input.shape[1]} in dim 1)")
+        if residual is not None:  # as the batch norm it replaces checked it
+            F.check_residual(residual, input)
         y, owned = input, self.inplace
         if self.scale is not None:
             view = (-1,) + (1,) * (input.dim() - 2)
