@@ -1492,8 +1492,8 @@ def _recal_uneven_worker(rank, counts, init_file, result_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=2, timeout=timedelta(seconds=30))
     try:
-        # the second synchronizes too, though it has no statistics to recalibrate
-        model = nn.Sequential(batchnorm.SyncBatchNorm(2),
+        # the SyncBatchNorm synchronizes, though it has no statistics to recalibrate
+        model = nn.Sequential(batchnorm.BatchNorm1d(2),
                               batchnorm.SyncBatchNorm(2, track_running_stats=False)).double()
         gen = torch.Generator().manual_seed(rank)
         batches = [torch.randn(3, 2, generator=gen, dtype=torch.float64) + 10 * (i + 1)
@@ -2029,19 +2029,32 @@ def test_freeze_affine_leaves_a_computed_weight_trainable_and_changes_nothing_el
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # the hook-based weight_norm
-@pytest.mark.parametrize("kind", ["prune", "spectral_norm", "weight_norm"])
-def test_the_sync_conversions_leave_a_layer_whose_weight_a_hook_computes(kind):
+@pytest.mark.parametrize("kind", ["prune", "spectral_norm", "weight_norm", "parametrize"])
+def test_the_sync_conversions_leave_a_layer_whose_weight_is_computed(kind):
     """They raised a TypeError (cannot assign a tensor as parameter 'weight') after the
-    layers before it had been replaced."""
+    layers before it had been replaced; the warning points at the caller's line."""
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
     model = nn.Sequential(nn.BatchNorm2d(3), nn.BatchNorm2d(3), nn.BatchNorm2d(3))
-    _hook_computed(kind)(model[1])
+    if kind == "parametrize":
+        parametrize.register_parametrization(model[1], "weight", Double())
+    else:
+        _hook_computed(kind)(model[1])
+    before = type(model[1])
     model(torch.randn(4, 3, 2, 2))
-    with pytest.warns(UserWarning, match="convert_sync_batchnorm: '1' is left as it is"):
+    reason = "a parametrization computes" if kind == "parametrize" else "a forward pre-hook"
+    with pytest.warns(UserWarning, match=f"convert_sync_batchnorm: '1' is left as it is: "
+                      f"{reason}") as record:
         batchnorm.convert_sync_batchnorm(model)
-    assert [type(m) for m in model] == [batchnorm.SyncBatchNorm, nn.BatchNorm2d,
+    assert {w.filename for w in record} == {__file__}
+    assert [type(m) for m in model] == [batchnorm.SyncBatchNorm, before,
                                         batchnorm.SyncBatchNorm]
     assert batchnorm.revert_sync_batchnorm(model) is model
-    assert type(model[0]) is batchnorm.BatchNorm2d and type(model[1]) is nn.BatchNorm2d
+    assert type(model[0]) is batchnorm.BatchNorm2d and type(model[1]) is before
 
 
 def test_a_sync_conversion_that_fails_leaves_the_model_as_it_was():

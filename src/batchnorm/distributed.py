@@ -478,8 +478,8 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     when ``module`` itself is a batch-norm layer, else ``module`` changed in place), as
     ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does. The original class is recorded
     for :func:`revert_sync_batchnorm`. A layer whose weight or bias a forward pre-hook
-    computes (the hook-based ``prune``, ``spectral_norm``, ``weight_norm``) is left as it
-    is, with a warning; a lazy layer that has not seen input raises ``ValueError``, with
+    computes (the hook-based ``prune``, ``spectral_norm``, ``weight_norm``) or a
+    parametrization (``torch.nn.utils.parametrize``) is left as it is, with a warning; a lazy layer that has not seen input raises ``ValueError``, with
     the model unchanged.
     """
     def to_sync(layer):
@@ -499,14 +499,14 @@ def _replace_batch_norms(module: nn.Module, wanted, make, caller: str) -> nn.Mod
     replaced layer (``FusedActivation.bn``) follows it, so that ``batchnorm.revert`` still
     finds the layer it fused into; a marker outside ``module`` (a submodule converted
     alone) finds it through the old layer's ``_batchnorm_replaced_by``."""
-    from .tools._common import hook_computed_affine, warn_hook_computed
+    from .tools._common import computed_affine, warn_hook_computed
 
-    # A layer whose weight a forward pre-hook computes (the hook-based prune,
-    # spectral_norm, weight_norm) has no Parameter to move: left as it is, as the other
-    # tools leave it.
-    warn_hook_computed(module, caller, wanted)
+    # A layer whose weight a forward pre-hook (the hook-based prune, spectral_norm,
+    # weight_norm) or a parametrization computes has no Parameter to move: left as it
+    # is, with a warning.
+    warn_hook_computed(module, caller, wanted, parametrized=True)
     if wanted(module):
-        if hook_computed_affine(module):
+        if computed_affine(module):
             return module
         new = make(module)
         module.__dict__["_batchnorm_replaced_by"] = new
@@ -524,7 +524,7 @@ def _replace_batch_norms(module: nn.Module, wanted, make, caller: str) -> nn.Mod
             if child is None:
                 continue
             if wanted(child):
-                if hook_computed_affine(child):
+                if computed_affine(child):
                     continue
                 if id(child) not in replaced:
                     replaced[id(child)] = make(child)
@@ -552,7 +552,8 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
     SyncBatchNorm with no record (built directly, or torch's, which keep no input rank)
     becomes :class:`BatchNormNd`, which accepts any input rank >= 2 as SyncBatchNorm does.
     Parameters, buffers, device, dtype, training mode and activation are kept. A layer
-    whose weight a forward pre-hook computes is left as it is, with a warning.
+    whose weight a forward pre-hook or a parametrization computes is left as it is, with a
+    warning.
     """
     def to_local(layer):
         return _rebuild(layer, _LOCAL_OF.get(getattr(layer, "_batchnorm_origin", None),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import os
+import sys
 import warnings
 
 import torch
@@ -78,21 +80,40 @@ def hook_computed_affine(m: nn.Module) -> list[str]:
     return [n for n in computed_affine(m) if not parametrize.is_parametrized(m, n)]
 
 
-def warn_hook_computed(model: nn.Module, caller: str, which) -> list[str]:
+def warn_hook_computed(model: nn.Module, caller: str, which,
+                       parametrized: bool = False) -> None:
     """Warn about each layer ``which(m)`` selects whose weight or bias a forward pre-hook
-    computes, which ``caller`` leaves as it is; returns their names."""
-    left = []
+    computes (with ``parametrized``, or a parametrization), which ``caller`` leaves as it
+    is; the warning points at the first caller outside this package."""
     for name, m in model.named_modules():
-        names = hook_computed_affine(m) if which(m) else []
-        if names:
-            left.append(name)
-            where = repr(name) if name else "the model"
-            warnings.warn(f"{caller}: {where} is left as it is: a forward pre-hook computes "
-                          f"its {' and '.join(names)} (torch.nn.utils.prune, spectral_norm "
-                          f"or weight_norm, the hook-based ones); remove it first "
-                          f"(prune.remove, remove_spectral_norm, remove_weight_norm), or use "
-                          f"torch.nn.utils.parametrize", stacklevel=3)
-    return left
+        names = (computed_affine(m) if parametrized else hook_computed_affine(m)) \
+            if which(m) else []
+        if not names:
+            continue
+        where = repr(name) if name else "the model"
+        what = " and ".join(names)
+        if parametrize.is_parametrized(m):
+            why = (f"a parametrization computes its {what} (torch.nn.utils.parametrize), "
+                   f"which {caller} cannot move: call it before registering the "
+                   f"parametrization")
+        else:
+            why = (f"a forward pre-hook computes its {what} (torch.nn.utils.prune, "
+                   f"spectral_norm or weight_norm, the hook-based ones); remove it first "
+                   f"(prune.remove, remove_spectral_norm, remove_weight_norm), or use "
+                   f"torch.nn.utils.parametrize")
+        warnings.warn(f"{caller}: {where} is left as it is: {why}",
+                      stacklevel=outside_package_stacklevel())
+
+
+def outside_package_stacklevel() -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` in the function that calls this one that
+    points at the first frame outside the batchnorm package (the user's call, however
+    deep inside the package the warning is raised)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def warn_lazy_torch_batch_norms(model: nn.Module, caller: str) -> None:

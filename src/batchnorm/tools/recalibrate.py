@@ -220,7 +220,8 @@ def recalibrate(model: nn.Module, batches, num_batches: int | None = None,
     the statistics of all processes are merged (each process must call this): a
     SyncBatchNorm's over its ``process_group`` (a process outside the group keeps its own),
     every other layer's over all processes; a process whose ``batches`` yield nothing
-    takes the others' statistics. Where the model has SyncBatchNorm layers (their forwards
+    takes the others' statistics. Where a SyncBatchNorm normalizes with batch statistics
+    here (in training mode after ``model.train()``, not frozen: its forwards
     synchronize), the processes go in step instead: each runs as many batches as the
     process with the fewest, so none may have none. Afterwards
     every module's training flag is restored, and the running statistics of the other
