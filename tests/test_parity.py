@@ -733,3 +733,15 @@ def test_a_residual_alone_needs_no_saved_input(backend, gen, training):
     dy = torch.randn(2, 3, 2, 2, generator=gen).to(backend.device)
     y.backward(dy)
     torch.testing.assert_close(r.grad, dy)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 3, 4), (2, 1, 2, 2, 3)], ids=["4d", "5d"])
+def test_an_input_broadcast_along_the_channels_gives_torchs_layout(backend, shape):
+    """Stride 0 on C passed for a channels-last order (a channel slice of a channels_last
+    tensor): the output came back channels_last where torch's is contiguous."""
+    x = torch.randn(shape).to(backend.device).expand(shape[0], 5, *shape[2:])
+    cls = batchnorm.BatchNorm2d if len(shape) == 4 else batchnorm.BatchNorm3d
+    theirs = (nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm3d)(5).to(backend.device)
+    y, expected = cls(5).to(backend.device)(x), theirs(x)
+    assert y.stride() == expected.stride()
+    torch.testing.assert_close(y, expected)

@@ -54,7 +54,12 @@ def is_channels_last(x: Tensor) -> bool:
 def strided_channels_last(x: Tensor) -> bool:
     """A 4-D/5-D tensor that is not dense but whose strides run in channels_last order
     (N, spatial..., C from largest to smallest, size-1 dims aside) and not in the natural
-    order: a channel slice or a crop of a channels_last tensor."""
+    order: a channel slice or a crop of a channels_last tensor. Not one broadcast along
+    the channels (stride 0), whose order says nothing: torch gives it a contiguous
+    output."""
+    if x.shape[1] > 1 and x.stride(1) == 0:
+        return False
+
     def ordered(dims):
         strides = [x.stride(d) for d in dims if x.shape[d] > 1]
         return all(a >= b for a, b in zip(strides, strides[1:]))
