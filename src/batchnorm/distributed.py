@@ -479,8 +479,8 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does. The original class is recorded
     for :func:`revert_sync_batchnorm`. A layer whose weight or bias a forward pre-hook
     computes (the hook-based ``prune``, ``spectral_norm``, ``weight_norm``) or a
-    parametrization (``torch.nn.utils.parametrize``) is left as it is, with a warning; a lazy layer that has not seen input raises ``ValueError``, with
-    the model unchanged.
+    parametrization (``torch.nn.utils.parametrize``) is left as it is, with a warning; a
+    lazy layer that has not seen input raises ``ValueError``, with the model unchanged.
     """
     def to_sync(layer):
         new = _rebuild(layer, SyncBatchNorm, process_group=process_group)
@@ -499,12 +499,12 @@ def _replace_batch_norms(module: nn.Module, wanted, make, caller: str) -> nn.Mod
     replaced layer (``FusedActivation.bn``) follows it, so that ``batchnorm.revert`` still
     finds the layer it fused into; a marker outside ``module`` (a submodule converted
     alone) finds it through the old layer's ``_batchnorm_replaced_by``."""
-    from .tools._common import computed_affine, warn_hook_computed
+    from .tools._common import computed_affine, warn_computed_affine
 
     # A layer whose weight a forward pre-hook (the hook-based prune, spectral_norm,
     # weight_norm) or a parametrization computes has no Parameter to move: left as it
     # is, with a warning.
-    warn_hook_computed(module, caller, wanted, parametrized=True)
+    warn_computed_affine(module, caller, wanted, parametrized=True)
     if wanted(module):
         if computed_affine(module):
             return module

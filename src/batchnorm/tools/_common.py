@@ -80,7 +80,7 @@ def hook_computed_affine(m: nn.Module) -> list[str]:
     return [n for n in computed_affine(m) if not parametrize.is_parametrized(m, n)]
 
 
-def warn_hook_computed(model: nn.Module, caller: str, which,
+def warn_computed_affine(model: nn.Module, caller: str, which,
                        parametrized: bool = False) -> None:
     """Warn about each layer ``which(m)`` selects whose weight or bias a forward pre-hook
     computes (with ``parametrized``, or a parametrization), which ``caller`` leaves as it

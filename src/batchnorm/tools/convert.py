@@ -35,7 +35,7 @@ from ._common import (
     trace_in_both_modes,
     use_counts,
     uses,
-    warn_hook_computed,
+    warn_computed_affine,
     warn_lazy_torch_batch_norms,
     warn_sequential_fallback,
     warn_subclasses,
@@ -284,7 +284,7 @@ def convert(model: nn.Module, fuse_activations: bool = True) -> nn.Module:
     check_module(model, "convert")
     warn_subclasses(model, "convert", "It goes on working as torch's layer.")
     warn_lazy_torch_batch_norms(model, "convert")
-    warn_hook_computed(model, "convert", is_torch_bn)
+    warn_computed_affine(model, "convert", is_torch_bn)
     return _convert(model, fuse_activations)
 
 

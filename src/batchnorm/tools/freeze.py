@@ -25,7 +25,7 @@ from ._common import (
     lazy_batch_norms_without_input,
     move_hooks,
     set_submodule,
-    warn_hook_computed,
+    warn_computed_affine,
     warn_subclasses,
 )
 
@@ -177,7 +177,7 @@ def freeze(model: nn.Module, affine: bool = False, buffers: bool = False) -> nn.
                     "yourself (call .eval() on it after model.train()).")
     if buffers:
         # (the hook would move to a copy without the parameters it computes from)
-        warn_hook_computed(model, "freeze", lambda m: is_our_bn(m) or is_torch_bn(m))
+        warn_computed_affine(model, "freeze", lambda m: is_our_bn(m) or is_torch_bn(m))
         if is_our_bn(model) or is_torch_bn(model):
             return model if hook_computed_affine(model) else _frozen_copy(model)
         # All copies first, then install them: a layer that fails leaves the model as it was.
@@ -197,7 +197,7 @@ def freeze(model: nn.Module, affine: bool = False, buffers: bool = False) -> nn.
             set_submodule(model, name, new)
         return model
     from .convert import _convert
-    warn_hook_computed(model, "freeze", is_torch_bn)  # torch's: not converted
+    warn_computed_affine(model, "freeze", is_torch_bn)  # torch's: not converted
     model = _convert(model, fuse_activations=False)
     for name, m in model.named_modules():
         if not is_our_bn(m):
