@@ -2087,3 +2087,28 @@ def test_a_folded_layer_checks_its_residual_as_the_batch_norm_did():
         for m in (model, folded):
             with pytest.raises(error, match="residual must"):
                 m(x, bad)
+
+
+def test_unfreeze_gives_back_what_freeze_froze_after_a_revert():
+    """revert dropped freeze(affine=True)'s record: weight and bias stayed
+    requires_grad=False for good (after convert + unfreeze too), silently."""
+    for convert_again in (False, True):
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        batchnorm.freeze(model, affine=True)
+        with pytest.warns(UserWarning, match="weight and bias that freeze.affine=True. froze"):
+            batchnorm.revert(model)
+        assert not model[1].weight.requires_grad
+        if convert_again:
+            batchnorm.convert(model)
+        batchnorm.unfreeze(model)
+        assert model[1].weight.requires_grad and model[1].bias.requires_grad
+
+
+def test_a_model_frozen_into_buffers_traces_with_fx():
+    """FrozenBatchNorm2d checked the rank of fx's Proxy: a TypeError."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+    model(torch.randn(2, 3, 4, 4))
+    batchnorm.freeze(model, buffers=True)
+    traced = torch.fx.symbolic_trace(model)
+    x = torch.randn(2, 3, 4, 4)
+    assert_close(traced(x), model(x))

@@ -134,6 +134,8 @@ def _share_state(new: nn.Module, old: nn.Module) -> nn.Module:
         # num_batches_tracked alone.
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             setattr(new, name, getattr(old, name, None))
+    if "_affine_frozen_by_freeze" in old.__dict__:  # what unfreeze gives requires_grad back
+        new._affine_frozen_by_freeze = list(old._affine_frozen_by_freeze)
     new.train(old.training)
     return new
 
@@ -160,6 +162,12 @@ def _to_torch(m: _BatchNorm) -> nn.Module:
     if m.frozen:
         warnings.warn("revert: a frozen batch norm becomes a torch one, which cannot be "
                       "frozen: it will use batch statistics in train()", stacklevel=3)
+    if m.__dict__.get("_affine_frozen_by_freeze"):
+        warnings.warn(f"revert: the {' and '.join(m._affine_frozen_by_freeze)} that "
+                      f"freeze(affine=True) froze stay requires_grad=False; "
+                      f"batchnorm.unfreeze gives "
+                      f"{'them' if len(m._affine_frozen_by_freeze) > 1 else 'it'} back",
+                      stacklevel=3)
     args = (m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
     kw = {"device": "meta"}
     if _TORCH_TAKES_BIAS and _without_bias(m):

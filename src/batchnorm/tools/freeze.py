@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
+from .. import modules
 from ..modules import _check_rank, check_constructor_args, refuse_script
 from ._common import (
     check_module,
@@ -68,10 +69,15 @@ class _FrozenBatchNorm(F.FusedActivationAttribute, nn.Module):
         _check_rank(type(self).__name__, input, self._ranks, self._what)
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
-        self._check_input_dim(input)
-        return F.batch_norm_resolved(input, self.running_mean, self.running_var, self.weight,
-                                     self.bias, False, 0.0, self.eps, self.activation,
-                                     self.activation_slope, residual)
+        run = F.batch_norm_resolved
+        if type(input) is not Tensor and isinstance(input, torch.fx.Proxy):
+            # torch.fx.symbolic_trace: one node, as our layers (looked up in modules,
+            # where torch.fx.wrap patches it while tracing)
+            run = modules._traced_batch_norm
+        else:
+            self._check_input_dim(input)
+        return run(input, self.running_mean, self.running_var, self.weight, self.bias, False,
+                   0.0, self.eps, self.activation, self.activation_slope, residual, None)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                               missing_keys, unexpected_keys, error_msgs) -> None:
@@ -234,12 +240,14 @@ def freeze(model: nn.Module, affine: bool = False, buffers: bool = False) -> nn.
 
 def unfreeze(model: nn.Module) -> nn.Module:
     """Undo :func:`freeze` on our layers (``frozen=False``, and ``requires_grad`` back on
-    the affine parameters that ``freeze(affine=True)`` froze); in place, returns the model.
+    the affine parameters that ``freeze(affine=True)`` froze, also on a torch layer that
+    ``revert`` made of one); in place, returns the model.
     ``FrozenBatchNorm*d`` layers stay as they are."""
     check_module(model, "unfreeze")
     for m in model.modules():
-        if is_our_bn(m):
-            m.frozen = False
+        if is_our_bn(m) or is_torch_bn(m):  # torch's: one that revert made of a frozen one
+            if is_our_bn(m):
+                m.frozen = False
             for n in m.__dict__.pop("_affine_frozen_by_freeze", []):
                 p = getattr(m, n)
                 if p is not None:
