@@ -537,10 +537,8 @@ def _replace_batch_norms(module: nn.Module, wanted, make, caller: str) -> nn.Mod
         parent.add_module(name, replaced[id(old)])
         old.__dict__["_batchnorm_replaced_by"] = replaced[id(old)]
     if replaced:
-        from .tools.convert import FusedActivation
-        for m in module.modules():
-            if isinstance(m, FusedActivation) and id(m.__dict__.get("bn")) in replaced:
-                m.__dict__["bn"] = replaced[id(m.__dict__["bn"])]
+        from .tools.convert import repoint_markers
+        repoint_markers(module, replaced)
     return module
 
 

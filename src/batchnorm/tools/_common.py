@@ -80,8 +80,16 @@ def hook_computed_affine(m: nn.Module) -> list[str]:
     return [n for n in computed_affine(m) if not parametrize.is_parametrized(m, n)]
 
 
+def hook_computed_reason(names: list[str]) -> str:
+    """Why a layer whose ``names`` a forward pre-hook computes is left, and what to do."""
+    return (f"a forward pre-hook computes its {' and '.join(names)} (torch.nn.utils.prune, "
+            f"spectral_norm or weight_norm, the hook-based ones); remove it first "
+            f"(prune.remove, remove_spectral_norm, remove_weight_norm), or use "
+            f"torch.nn.utils.parametrize")
+
+
 def warn_computed_affine(model: nn.Module, caller: str, which,
-                       parametrized: bool = False) -> None:
+                         parametrized: bool = False) -> None:
     """Warn about each layer ``which(m)`` selects whose weight or bias a forward pre-hook
     computes (with ``parametrized``, or a parametrization), which ``caller`` leaves as it
     is; the warning points at the first caller outside this package."""
@@ -91,16 +99,12 @@ def warn_computed_affine(model: nn.Module, caller: str, which,
         if not names:
             continue
         where = repr(name) if name else "the model"
-        what = " and ".join(names)
         if parametrize.is_parametrized(m):
-            why = (f"a parametrization computes its {what} (torch.nn.utils.parametrize), "
-                   f"which {caller} cannot move: call it before registering the "
-                   f"parametrization")
+            why = (f"a parametrization computes its {' and '.join(names)} "
+                   f"(torch.nn.utils.parametrize), which {caller} cannot move: call it "
+                   f"before registering the parametrization")
         else:
-            why = (f"a forward pre-hook computes its {what} (torch.nn.utils.prune, "
-                   f"spectral_norm or weight_norm, the hook-based ones); remove it first "
-                   f"(prune.remove, remove_spectral_norm, remove_weight_norm), or use "
-                   f"torch.nn.utils.parametrize")
+            why = hook_computed_reason(names)
         warnings.warn(f"{caller}: {where} is left as it is: {why}",
                       stacklevel=outside_package_stacklevel())
 

@@ -25,6 +25,7 @@ from ._common import (
     check_module,
     has_hooks,
     hook_computed_affine,
+    hook_computed_reason,
     is_our_bn,
     is_torch_bn,
     lazy_batch_norms_without_input,
@@ -95,6 +96,15 @@ class FusedActivation(nn.Identity):
 
     def extra_repr(self) -> str:
         return f"{self.original!r} fused into {self.bn_name!r}"
+
+
+def repoint_markers(model: nn.Module, replaced: dict[int, nn.Module]) -> None:
+    """Point each :class:`FusedActivation` of ``model`` whose batch norm was replaced
+    (``replaced``: id of the old layer -> the new one) at the new layer, so that revert
+    finds what has its activation now."""
+    for m in model.modules():
+        if isinstance(m, FusedActivation) and id(m.__dict__.get("bn")) in replaced:
+            m.__dict__["bn"] = replaced[id(m.__dict__["bn"])]
 
 
 def _distributed_class(name: str):
@@ -214,9 +224,7 @@ def _warn_unrevertible(model: nn.Module) -> None:
             why = (f"a parametrization (torch.nn.utils.parametrize) computes its "
                    f"{' and '.join(m.parametrizations)}")
         elif hook_computed_affine(m):
-            why = (f"a forward pre-hook computes its {' and '.join(hook_computed_affine(m))} "
-                   f"(torch.nn.utils.prune, spectral_norm or weight_norm, the hook-based "
-                   f"ones): remove it first, or use torch.nn.utils.parametrize")
+            why = hook_computed_reason(hook_computed_affine(m))
         elif nd is not None and type(m) is nd:
             why = ("a BatchNormNd (any input rank, what revert_sync_batchnorm makes of a "
                    "SyncBatchNorm of unknown rank) has no torch class of its own: "

@@ -34,7 +34,7 @@ from ._common import (
     warn_sequential_fallback,
     warn_subclasses,
 )
-from .convert import FusedActivation
+from .convert import repoint_markers
 from .freeze import _FrozenBatchNorm
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -433,9 +433,7 @@ def fold(model: nn.Module) -> tuple[nn.Module, FoldReport]:
         repl.train(False)
         done[id(bn)] = repl
         set_submodule(new, name, repl)
-    for m in new.modules():
-        # a convert marker of an activation now in a ChannelAffine: not the copy of the
-        # batch norm it fused into, which the model no longer has (pickles carried it)
-        if isinstance(m, FusedActivation) and id(m.__dict__.get("bn")) in done:
-            m.__dict__["bn"] = done[id(m.__dict__["bn"])]
+    # a convert marker of an activation now in a ChannelAffine: not the copy of the batch
+    # norm it fused into, which the model no longer has (pickles carried it)
+    repoint_markers(new, done)
     return new, report
