@@ -6,6 +6,7 @@ import copy
 import importlib
 import io
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -2112,3 +2113,55 @@ def test_a_model_frozen_into_buffers_traces_with_fx():
     traced = torch.fx.symbolic_trace(model)
     x = torch.randn(2, 3, 4, 4)
     assert_close(traced(x), model(x))
+
+
+def test_a_folded_model_traces_with_fx_and_quantizes():
+    """ChannelAffine's checks branched on fx's Proxy (a TraceError), so prepare_fx failed
+    on a folded model. It traces into its ops: after a batch norm folded into a
+    convolution, prepare_fx fuses the convolution with the activation left behind."""
+    model = batchnorm.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
+    model(torch.randn(4, 3, 6, 6))
+    folded, report = batchnorm.fold(model.eval())
+    assert report.folded
+    traced = torch.fx.symbolic_trace(folded)
+    x = torch.randn(2, 3, 6, 6)
+    assert_close(traced(x), folded(x))
+    quantize_fx = pytest.importorskip("torch.ao.quantization.quantize_fx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation, observers'
+        prepared = quantize_fx.prepare_fx(
+            folded, torch.ao.quantization.get_default_qconfig_mapping(), (x,))
+    assert type(prepared.get_submodule("0")).__name__ == "ConvReLU2d"
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (3, 4, 5)])
+def test_a_scale_shift_left_by_fold_traces_with_fx(shape):
+    """A batch norm fold could not put into a layer (after a ReLU): its scale and shift
+    broadcast along dim 1 of the traced input, whatever its rank."""
+    model = nn.Sequential(nn.ReLU(), nn.BatchNorm1d(4))
+    model(torch.randn(6, 4, 5))
+    folded, report = batchnorm.fold(model.eval())
+    assert report.scale_shift
+    x = torch.randn(shape)
+    assert_close(torch.fx.symbolic_trace(folded)(x), folded(x))
+
+
+def test_a_traced_channel_affine_rounds_to_the_input_dtype():
+    """float32 scale and shift, a residual and a leaky ReLU on float16 input: the traced
+    graph computes as the module does (in float32, rounded once to float16)."""
+    affine = ChannelAffine(torch.rand(4) + 0.5, torch.randn(4), "leaky_relu", 0.1)
+
+    class WithResidual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.affine = affine
+
+        def forward(self, x, residual):
+            return self.affine(x, residual)
+
+    model = WithResidual()
+    x = torch.randn(2, 4, 3, dtype=torch.float16)
+    residual = torch.randn(2, 4, 3, dtype=torch.float16)
+    out = torch.fx.symbolic_trace(model)(x, residual)
+    assert out.dtype == torch.float16
+    assert torch.equal(out, model(x, residual))

@@ -114,6 +114,8 @@ class ChannelAffine(nn.Module):
         self.act = F.activation_module(activation, slope) or nn.Identity()
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        if type(input) is not Tensor and isinstance(input, torch.fx.Proxy):
+            return self._traced_forward(input, residual)
         # On (N, L, C) the batch norm normalized dim 1 = L, not the Linear's C outputs the
         # fold scaled: the folded model would silently disagree (nothing fails when L == C).
         # The rank is static under torch.export and ONNX export, so the check exports away.
@@ -146,11 +148,34 @@ class ChannelAffine(nn.Module):
             y = act_(y, self.activation_slope) if owned and act_ is not None else self.act(y)
         return y if y.dtype == input.dtype else y.to(input.dtype)
 
+    def _traced_forward(self, input, residual):
+        """The forward as torch.fx.symbolic_trace records it: its ops, out of place, so that
+        fx passes see them (after a batch norm folded into a convolution, prepare_fx finds
+        the convolution and its activation side by side). The checks are left out: they
+        read the input's rank and shape, which a Proxy does not have."""
+        y = input
+        if self.scale is not None:
+            y = torch.addcmul(_per_channel(self.shift, input), y, _per_channel(self.scale, input))
+        if residual is not None:
+            y = y + residual
+        if self.activation != "none":
+            y = self.act(y)
+        # (the rounding to the input's dtype only where a wider scale or residual came in)
+        return y if self.scale is None and residual is None else y.to(input.dtype)
+
     def extra_repr(self) -> str:
         text = "folded" if self.scale is None else f"{self.scale.shape[0]}"
         text += (", (N, C) input only" if self.linear_input else
                  f", {_ranks_text(self.input_ranks)} input")
         return text + (f", activation={self.activation!r}" if self.activation != "none" else "")
+
+
+def _per_channel(t: Tensor, input: Tensor) -> Tensor:
+    """``t`` (C,) as a view that broadcasts along dim 1 of ``input``."""
+    return t.view((-1,) + (1,) * (input.dim() - 2))
+
+
+torch.fx.wrap("_per_channel")  # one node: a Proxy's rank is not known while tracing
 
 
 def _why_not_copied(model: nn.Module) -> str:
