@@ -4,6 +4,8 @@ device moves, and the constructor's torch-compatible signature."""
 import copy
 import inspect
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -446,3 +448,39 @@ def test_activation_can_be_assigned_in_a_compiled_function():
     y = torch.compile(swap_and_run, fullgraph=True, backend="eager")(bn, x)
     torch.testing.assert_close(y, nn.functional.silu(nn.BatchNorm2d(3).eval()(x)))
     assert bn.activation == "silu"
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (4, 3, 5, 5)])
+@pytest.mark.parametrize("training", [True, False])
+def test_a_default_device_leaves_the_computation_on_the_inputs(backend, shape, training, gen):
+    """Under ``with torch.device("meta")`` (or ``torch.set_default_device``) a layer on a
+    CPU input computes on the CPU, as torch's: the CPU kernels' statistics were allocated
+    on the default device, and the kernels wrote to its address 0 (a segfault)."""
+    if backend.device != "cpu":
+        pytest.skip("a default device other than the CPU input's: this machine's case")
+    x = torch.randn(shape, generator=gen)
+    ours_cls, torch_cls = {2: (batchnorm.BatchNorm1d, nn.BatchNorm1d),
+                           4: (batchnorm.BatchNorm2d, nn.BatchNorm2d)}[len(shape)]
+    ours, theirs = ours_cls(3, activation="relu"), torch_cls(3)
+    ours.train(training), theirs.train(training)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    with torch.device("meta"):
+        y, expected = ours(xs[0]), torch.relu(theirs(xs[1]))
+        y.sum().backward(), expected.sum().backward()
+    assert y.device == xs[0].grad.device == torch.device("cpu")
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(xs[0].grad, xs[1].grad)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+
+
+def test_a_first_call_under_a_default_device_imports_the_backend():
+    """The CPU backend, imported at the first call, made a tensor at import: on the meta
+    device, whose data numpy cannot take (a TypeError)."""
+    code = ("import torch, batchnorm\n"
+            "x = torch.randn(4, 3, 2, 2)\n"
+            "with torch.device('meta'):\n"
+            "    y = batchnorm.BatchNorm2d(3, device='cpu')(x)\n"
+            "assert y.device.type == 'cpu', y.device\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]

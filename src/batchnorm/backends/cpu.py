@@ -39,6 +39,9 @@ from . import cpu_kernels as K
 from . import portable
 
 _DTYPES = (torch.float32, torch.float64)
+# Every tensor the kernels write names its device: a default device (``with
+# torch.device("meta")``, ``torch.set_default_device("cuda")``) would hand them its addresses.
+_CPU = torch.device("cpu")
 _HALF = (torch.float16, torch.bfloat16)
 DEVICES = ("cpu",)
 # Enough tasks that both cores (and a few more, for balance) have work when C is small.
@@ -159,7 +162,7 @@ def _empty(dtype: torch.dtype, ndim: int):
     key = (dtype, ndim)
     e = _EMPTY.get(key)
     if e is None:
-        e = _EMPTY[key] = torch.empty((0,) * ndim, dtype=dtype).numpy()
+        e = _EMPTY[key] = torch.empty((0,) * ndim, dtype=dtype, device=_CPU).numpy()
     return e
 
 
@@ -252,8 +255,8 @@ def stats(x: Tensor) -> tuple[Tensor, Tensor]:
     c = x.shape[1]
     # the mean in float64 (portable.mean_dtype): a float32 mean of data near 1e6 is
     # spaced 0.0625 apart; the kernel computes it in float64 anyway
-    mean = torch.empty(c, dtype=torch.float64)
-    m2 = torch.empty(c, dtype=x.dtype)
+    mean = torch.empty(c, dtype=torch.float64, device=_CPU)
+    m2 = torch.empty(c, dtype=x.dtype, device=_CPU)
     kernel = _pick(K.STATS[_view(x)], x)
     kernel(_np(x), _reduce_split(x), mean.numpy(), m2.numpy())
     return mean, m2
@@ -289,8 +292,8 @@ def backward_reduce(dy, x, mean, invstd, weight, bias, residual, activation: str
     x = x.contiguous()
     acc = x.dtype
     c = x.shape[1]
-    sum_dz = torch.empty(c, dtype=acc)
-    sum_dzx = torch.empty(c, dtype=acc)
+    sum_dz = torch.empty(c, dtype=acc, device=_CPU)
+    sum_dzx = torch.empty(c, dtype=acc, device=_CPU)
     kernel = _pick(K.REDUCE[_view(x)], x)
     kernel(_like(dy, x), _np(x), _mean(mean), _param(invstd, acc), 0.0, 1.0, _MODE_GIVEN,
            _param(weight, acc), _param(bias, acc),
@@ -513,8 +516,8 @@ def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps
             x.data_ptr(), n, c, l_, mean.data_ptr(), var.data_ptr(), float(eps), count, _at(w),
             _at(b), _at(res), code, float(slope), esplit, y.data_ptr(), like)
         return (y, mean, var, False, None) if need_stats else (y, None, None, False, None)
-    mean = torch.empty(c, dtype=torch.float64)
-    var = torch.empty(c, dtype=acc)
+    mean = torch.empty(c, dtype=torch.float64, device=_CPU)
+    var = torch.empty(c, dtype=acc, device=_CPU)
     running = _running_at(*update, acc) if update is not None else None
     rm, rv, counter, momentum = running or (0, 0, 0, 0.0)
     K.FORWARD_TRAIN[view][_build_now(build)](
@@ -549,7 +552,8 @@ def batch_norm_backward(dy, x, weight, bias, residual, mean, var, eps, training:
     need_sums = need_sums or training
     sum_dz = sum_dzx = dx = dres = None
     if need_sums:
-        sum_dz, sum_dzx = torch.empty(c, dtype=acc), torch.empty(c, dtype=acc)
+        sum_dz, sum_dzx = (torch.empty(c, dtype=acc, device=_CPU),
+                           torch.empty(c, dtype=acc, device=_CPU))
     if need_dx:
         dx = _out_like(x, channels_last, pooled)
         if want_dresidual:
@@ -629,4 +633,4 @@ def update_running_stats(running_mean, running_var, num_batches_tracked, mean, v
     return True
 
 
-_NO_COUNTER = torch.empty(0, dtype=torch.int64).numpy()
+_NO_COUNTER = torch.empty(0, dtype=torch.int64, device=_CPU).numpy()

@@ -46,6 +46,7 @@ import weakref
 import torch
 from torch import Tensor
 
+_CPU = torch.device("cpu")  # not the default device (see backends/cpu.py)
 MIN_BYTES = 1 << 20
 # Blocks kept per size. A deep network holds a few dozen outputs of one size at once (its
 # y's until backward, then the dx's); beyond this many in use (outputs a caller keeps, say
@@ -98,7 +99,7 @@ class _Block:
     __slots__ = ("array", "handed")
 
     def __init__(self, nbytes: int) -> None:
-        self.array = torch.empty(nbytes, dtype=torch.uint8).numpy()
+        self.array = torch.empty(nbytes, dtype=torch.uint8, device=_CPU).numpy()
         self.handed = None
 
     def is_free(self) -> bool:
@@ -207,8 +208,8 @@ _ITEMSIZE = {dt: torch.empty((), dtype=dt).element_size()
 def _plain(shape, dtype: torch.dtype, strides) -> Tensor:
     """The tensor torch would allocate: for small sizes, the pool off or full."""
     if strides is None:
-        return torch.empty(shape, dtype=dtype)
-    return torch.empty_strided(shape, strides, dtype=dtype)
+        return torch.empty(shape, dtype=dtype, device=_CPU)
+    return torch.empty_strided(shape, strides, dtype=dtype, device=_CPU)
 
 
 def _empty(shape, dtype: torch.dtype, nbytes: int, strides=None) -> Tensor:
@@ -221,7 +222,7 @@ def _empty(shape, dtype: torch.dtype, nbytes: int, strides=None) -> Tensor:
             return _plain(shape, dtype, strides)
         # from_numpy's storage keeps the slice (and so the block in use) as long as it lives
         storage = torch.from_numpy(part).untyped_storage()
-    return torch.empty(0, dtype=dtype).set_(storage, 0, shape, strides)
+    return torch.empty(0, dtype=dtype, device=_CPU).set_(storage, 0, shape, strides)
 
 
 def release() -> None:

@@ -95,7 +95,7 @@ def _checked(t, value, what: str, absent_because: str):
         return None
     if value is None:
         raise ValueError(f"the source lacks {what}, which this layer has")
-    v = torch.as_tensor(np.asarray(value), dtype=torch.float64)
+    v = torch.as_tensor(np.asarray(value), dtype=torch.float64, device="cpu")
     if v.shape != t.shape:
         raise ValueError(f"{what} has shape {tuple(v.shape)}, the layer expects "
                          f"{tuple(t.shape)}")
