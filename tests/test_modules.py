@@ -379,8 +379,9 @@ def test_torch_jit_script_says_what_to_use_instead(kind):
 @pytest.mark.parametrize("training", [True, False])
 def test_torch_fx_symbolic_trace(training, gen):
     """torch.fx traces a model through our layers (only torch.nn's own modules are its
-    leaves): each becomes one node, and the GraphModule computes what the model does,
-    running updates included. Our layers raised "expects a torch.Tensor, got Proxy"."""
+    leaves): each becomes one call_module node, as torch's layers do, and the
+    GraphModule computes what the model does, running updates included. Our layers raised
+    "expects a torch.Tensor, got Proxy"."""
     model = _TracedBlock().train(training)
     with torch.no_grad():
         for bn in (model.bn, model.skip):
@@ -388,19 +389,50 @@ def test_torch_fx_symbolic_trace(training, gen):
             bn.weight.uniform_(0.5, 2, generator=gen)
     eager = copy.deepcopy(model)
     traced = torch.fx.symbolic_trace(model)
-    names = [n.target.__name__ for n in traced.graph.nodes if n.op == "call_function"
-             and getattr(n.target, "__name__", "") == "_traced_batch_norm"]
-    assert len(names) == 3
+    assert [n.target for n in traced.graph.nodes if n.op == "call_module"] == [
+        "conv", "skip", "bn", "head"]
     for _ in range(2):
         x = torch.randn(5, 3, 6, 6, generator=gen)
         assert torch.equal(traced(x), eager(x))
     state, eager_state = traced.state_dict(), eager.state_dict()
-    assert ("skip.num_batches_tracked" in state) == training  # (what the graph reads)
+    assert state.keys() == eager_state.keys()
     for name, got in state.items():
         assert torch.equal(got, eager_state[name]), name
     again = pickle.loads(pickle.dumps(traced))
     x = torch.randn(5, 3, 6, 6, generator=gen)
     assert torch.equal(again(x), copy.deepcopy(traced)(x))
+
+
+@pytest.mark.parametrize("traced_in", ["train", "eval"])
+def test_a_traced_model_follows_its_train_and_eval_mode(traced_in, gen):
+    """The graph held the mode of the trace: a model traced in training went on updating
+    its statistics after ``eval()`` (and quantization-aware training's ``convert_fx``
+    gave a model that normalized with each batch's statistics)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), batchnorm.BatchNorm2d(4, activation="relu"),
+                          batchnorm.FrozenBatchNorm2d(4))
+    model.train(traced_in == "train")
+    eager = copy.deepcopy(model)
+    traced = torch.fx.symbolic_trace(model)
+    for mode in ("train", "eval", "train"):
+        eager.train(mode == "train"), traced.train(mode == "train")
+        x = torch.randn(6, 3, 5, 5, generator=gen)
+        assert torch.equal(traced(x), eager(x))
+        assert torch.equal(traced.get_submodule("1").running_mean, eager[1].running_mean)
+    assert eager[1].num_batches_tracked == 2
+
+
+def test_a_traced_layer_with_forward_hooks_runs_them_once(gen):
+    """fx runs a layer's forward hooks around the traced forward, on Proxies: a layer
+    with hooks is its computation in the graph (the mode of the trace), not a node that
+    would run them a second time; so is the traced root."""
+    model = nn.Sequential(batchnorm.BatchNorm2d(4), batchnorm.BatchNorm2d(4)).eval()
+    model[1].register_forward_hook(lambda module, args, out: out * 2)
+    traced = torch.fx.symbolic_trace(model)
+    assert [n.target for n in traced.graph.nodes if n.op == "call_module"] == ["0"]
+    x = torch.randn(2, 4, 3, 3, generator=gen)
+    assert torch.equal(traced(x), model(x))
+    root = batchnorm.BatchNorm2d(4).eval()
+    assert torch.equal(torch.fx.symbolic_trace(root)(x), root(x))
 
 
 @pytest.mark.parametrize("value, expected", [

@@ -2165,3 +2165,22 @@ def test_a_traced_channel_affine_rounds_to_the_input_dtype():
     out = torch.fx.symbolic_trace(model)(x, residual)
     assert out.dtype == torch.float16
     assert torch.equal(out, model(x, residual))
+
+
+def test_quantization_aware_training_of_a_converted_model_ends_in_eval():
+    """prepare_qat_fx traced our layers with the mode of the trace: after training,
+    ``eval()`` and convert_fx, the quantized model went on normalizing with each batch's
+    statistics (a sample's output depended on the batch it came in) and moving them."""
+    quantize_fx = pytest.importorskip("torch.ao.quantization.quantize_fx")
+    torch.manual_seed(0)
+    model = batchnorm.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
+    x = torch.randn(8, 3, 6, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation, observers'
+        prepared = quantize_fx.prepare_qat_fx(
+            model.train(), torch.ao.quantization.get_default_qat_qconfig_mapping(), (x,))
+        prepared(x)
+        quantized = quantize_fx.convert_fx(prepared.eval())
+    running_mean = quantized.get_submodule("1").running_mean.clone()
+    assert torch.equal(quantized(x)[:2], quantized(x[:2]))
+    assert torch.equal(quantized.get_submodule("1").running_mean, running_mean)

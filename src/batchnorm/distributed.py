@@ -62,7 +62,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from . import backends, ops
 from . import functional as F
 from .backends.portable import acc_dtype, mean_dtype
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm, _check_rank
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm, _check_rank, fx_leaf
 
 __all__ = [
     "BatchNormNd",
@@ -358,7 +358,11 @@ class SyncBatchNorm(_BatchNorm):
         if not self.training or self.frozen:
             return super().forward(input, residual)
         traced = type(input) is not Tensor and isinstance(input, torch.fx.Proxy)
-        if not traced:
+        if traced:
+            leaf = fx_leaf(self, input, residual)  # (the layer decides when it runs)
+            if leaf is not None:
+                return leaf
+        else:
             if world_size(self.process_group) <= 1:
                 return super().forward(input, residual)
             self._check_input_dim(input)
@@ -368,7 +372,7 @@ class SyncBatchNorm(_BatchNorm):
                 self.running_var if tracking else None, self.weight, self.bias,
                 self._momentum_given(num_batches_tracked), self.eps, self.activation,
                 self.activation_slope, residual, num_batches_tracked)
-        if traced:  # torch.fx.symbolic_trace: one node that synchronizes when it runs
+        if traced:  # the traced root: one node that synchronizes when it runs
             return _traced_sync_batch_norm(*args, _traced_group(self.process_group))
         y = sync_batch_norm(*args, self.process_group)
         if residual is not None:

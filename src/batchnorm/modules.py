@@ -203,7 +203,10 @@ class _BatchNorm(_NormBase):
         """
         run = F.batch_norm_resolved
         if type(input) is not Tensor and isinstance(input, torch.fx.Proxy):
-            run = _traced_batch_norm  # torch.fx.symbolic_trace: one node (see there)
+            leaf = fx_leaf(self, input, residual)
+            if leaf is not None:
+                return leaf
+            run = _traced_batch_norm
         else:
             self._check_input_dim(input)
         # Batch statistics in training, and in eval too when there are no running ones;
@@ -225,13 +228,39 @@ class _BatchNorm(_NormBase):
         return y
 
 
+def fx_leaf(module: nn.Module, input, residual):
+    """Under ``torch.fx.symbolic_trace``: the layer as one ``call_module`` node, as torch's
+    own layers are (fx makes only torch.nn's modules leaves; ours cannot be traced
+    through: the checks read shapes, the kernels are no torch ops). The graph then runs
+    the layer, which follows the GraphModule's train/eval mode (quantization-aware
+    training's ``convert_fx`` of a trained model), and the tools find it there.
+
+    None where no such node can stand for it: the traced root itself (torch traces its
+    layer's forward there too), a layer that is not a submodule of the root, and one
+    with forward hooks, which fx already runs, on Proxies, around this forward (the node
+    would run them a second time). The caller then records its computation as a
+    ``call_function`` (:func:`_traced_batch_norm`).
+    """
+    tracer = input.tracer
+    if (not hasattr(tracer, "path_of_module") or module._forward_hooks
+            or module._forward_pre_hooks):
+        return None
+    try:
+        path = tracer.path_of_module(module)
+    except NameError:
+        return None
+    if not path:
+        return None
+    args = (input,) if residual is None else (input, residual)
+    return tracer.create_proxy("call_module", path, args, {})
+
+
 def _traced_batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
                        eps, activation, slope, residual, num_batches_tracked):
-    """``functional.batch_norm_resolved`` as one node of a ``torch.fx`` graph: FX traces
-    a module's forward with Proxies (only torch.nn's own modules are leaves), and ours
-    cannot be traced through (its checks read shapes; its kernels are no torch ops). As
-    in the graph of torch's layer, the parameters and buffers are the module's
-    (``get_attr``) and the mode (training, momentum) is the one at trace time."""
+    """``functional.batch_norm_resolved`` as one node of a ``torch.fx`` graph where the
+    layer cannot be one (see :func:`fx_leaf`). As in the graph fx makes of torch's layer
+    traced as the root, the parameters and buffers are the module's (``get_attr``) and
+    the mode (training, momentum) is the one at trace time."""
     return F.batch_norm_resolved(input, running_mean, running_var, weight, bias, training,
                                  momentum, eps, activation, slope, residual,
                                  num_batches_tracked)

@@ -71,8 +71,11 @@ class _FrozenBatchNorm(F.FusedActivationAttribute, nn.Module):
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         run = F.batch_norm_resolved
         if type(input) is not Tensor and isinstance(input, torch.fx.Proxy):
-            # torch.fx.symbolic_trace: one node, as our layers (looked up in modules,
-            # where torch.fx.wrap patches it while tracing)
+            # torch.fx.symbolic_trace: one node, as our layers (the function looked up in
+            # modules, where torch.fx.wrap patches it while tracing)
+            leaf = modules.fx_leaf(self, input, residual)
+            if leaf is not None:
+                return leaf
             run = modules._traced_batch_norm
         else:
             self._check_input_dim(input)
