@@ -3,10 +3,12 @@ small models written here: a ResNet-style CNN, an MLP with BatchNorm1d, a 3d con
 
 import contextlib
 import copy
+import gc
 import importlib
 import io
 import sys
 import warnings
+import weakref
 
 import numpy as np
 import pytest
@@ -2184,3 +2186,43 @@ def test_quantization_aware_training_of_a_converted_model_ends_in_eval():
     running_mean = quantized.get_submodule("1").running_mean.clone()
     assert torch.equal(quantized(x)[:2], quantized(x[:2]))
     assert torch.equal(quantized.get_submodule("1").running_mean, running_mean)
+
+
+_KEEPING_TOOLS = {
+    "convert": batchnorm.convert,
+    "fold": lambda model: batchnorm.fold(model.eval())[0],
+    "convert_sync_batchnorm": batchnorm.convert_sync_batchnorm,
+    "revert": lambda model: batchnorm.revert(batchnorm.convert(model)),
+    "freeze(buffers=True)": lambda model: batchnorm.freeze(model, buffers=True),
+}
+
+
+@pytest.mark.parametrize("tool", _KEEPING_TOOLS)
+def test_a_tools_output_is_freed_without_the_cycle_collector(tool):
+    """convert and fold left the model in the reference cycles of the fx tracer they
+    traced it with, convert_sync_batchnorm in one of its recursive walk: a deleted model
+    (a GPU's memory) lived on until gc ran."""
+    gc.collect()
+    gc.disable()
+    try:
+        model = _KEEPING_TOOLS[tool](nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4),
+                                                   nn.ReLU()))
+        weight = weakref.ref(model[0].weight)
+        del model
+        assert weight() is None
+    finally:
+        gc.enable()
+
+
+def test_freeze_into_buffers_drops_the_layers_it_replaced():
+    """After convert, the marker left in a fused ReLU's place kept the batch norm that
+    freeze(buffers=True) replaced (its parameters, their gradients) for the model's life."""
+    model = batchnorm.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
+    model(torch.randn(2, 3, 5, 5)).sum().backward()
+    replaced = weakref.ref(model[1])
+    batchnorm.freeze(model, buffers=True)
+    gc.collect()
+    assert replaced() is None
+    batchnorm.revert(model)  # (the frozen layer stays, and the ReLU fused into it)
+    x = torch.randn(2, 3, 5, 5)
+    assert (model(x) >= 0).all()

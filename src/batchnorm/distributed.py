@@ -519,10 +519,11 @@ def _replace_batch_norms(module: nn.Module, wanted, make, caller: str) -> nn.Mod
     # convert (a lazy one without input) leaves the model as it was.
     replaced: dict[int, nn.Module] = {}
     places: list[tuple[nn.Module, str, nn.Module]] = []
-    walked: set[int] = set()
-
-    def walk(m: nn.Module) -> None:
-        walked.add(id(m))
+    # A loop, not a recursive closure: that would hold itself, and with it every layer
+    # and parent it saw, in a reference cycle after the call (freed only by gc).
+    pending, walked = [module], {id(module)}
+    while pending:
+        m = pending.pop()
         # every name, aliases too (named_children() gives a module once)
         for name, child in list(m._modules.items()):
             if child is None:
@@ -534,9 +535,8 @@ def _replace_batch_norms(module: nn.Module, wanted, make, caller: str) -> nn.Mod
                     replaced[id(child)] = make(child)
                 places.append((m, name, child))
             elif id(child) not in walked:
-                walk(child)
-
-    walk(module)
+                walked.add(id(child))
+                pending.append(child)
     for parent, name, old in places:
         parent.add_module(name, replaced[id(old)])
         old.__dict__["_batchnorm_replaced_by"] = replaced[id(old)]

@@ -236,14 +236,18 @@ def trace(model: nn.Module) -> torch.fx.Graph | None:
     every module's attributes, parameters, buffers and submodules are as before (what a
     forward changes inside an attribute, a list it appends to, is not)."""
     attributes = _attributes(model)
+    tracer = _LeafTracer()
     try:
-        graph = _LeafTracer().trace(model)
+        graph = tracer.trace(model)
         _count_stored_values(model)
         return graph
     except Exception:  # noqa: BLE001 - any failure means "use the nn.Sequential fallback"
         return None
     finally:
         _put_back(attributes)
+        # fx leaves the tracer in reference cycles: what it holds of the model would live
+        # on (the replaced layers too) until gc ran
+        tracer.root = tracer.submodule_paths = None
 
 
 def _count_stored_values(model: nn.Module) -> None:

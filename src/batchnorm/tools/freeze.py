@@ -204,6 +204,8 @@ def freeze(model: nn.Module, affine: bool = False, buffers: bool = False) -> nn.
                 places.append((name, frozen[id(m)]))
         for name, new in places:
             set_submodule(model, name, new)
+        from .convert import repoint_markers
+        repoint_markers(model, frozen)  # (a marker kept the layer, and all it holds, alive)
         return model
     from .convert import _convert
     warn_computed_affine(model, "freeze", is_torch_bn)  # torch's: not converted
