@@ -736,3 +736,36 @@ def test_sync_path_under_checkpoint_moves_the_statistics_as_torch(tmp_path, reen
         close(sync.running_var, theirs.running_var, rtol=1e-6, what="running_var")
     finally:
         dist.destroy_process_group()
+
+
+def _dtensor_worker(rank, init_file, result_file):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_module, distribute_tensor
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+        results = {}
+        for name, layer in (("ours", batchnorm.BatchNorm2d(3)), ("torch", nn.BatchNorm2d(3))):
+            distribute_module(layer, mesh)
+            xd = distribute_tensor(x, mesh, [Shard(0)]).requires_grad_()
+            y = layer(xd)
+            y.square().sum().backward()
+            results[name] = [t.full_tensor() for t in (y, xd.grad, layer.weight.grad,
+                                                      layer.running_var,
+                                                      layer.num_batches_tracked)]
+        torch.save(results, result_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_dtensor_sharded_along_the_batch_trains(tmp_path):
+    """An in-place op on the mean (its rounding's rest) raised for a DTensor sharded on
+    dim 0, whose mean is a Partial sum, after the running statistics had moved."""
+    pytest.importorskip("torch.distributed.tensor")
+    torch.multiprocessing.spawn(_dtensor_worker, args=(str(tmp_path / "init"),
+                                                       str(tmp_path / "out")), nprocs=1)
+    results = torch.load(tmp_path / "out")
+    for ours, theirs in zip(results["ours"], results["torch"]):
+        torch.testing.assert_close(ours, theirs)

@@ -4,6 +4,8 @@ torch increments ``num_batches_tracked`` before some of its checks fail; we vali
 everything first, so a failed call leaves every parameter and buffer as it was.
 """
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -77,6 +79,16 @@ CASES = {
     "sparse": (lambda: batchnorm.BatchNorm1d(3), lambda g: torch.randn(4, 3, generator=g
                                                                         ).to_sparse(),
                None, NotImplementedError, ["dense (strided)", "input.to_dense()"]),
+    # (the hint was input.to_dense(), which a jagged tensor refuses; a strided nested
+    # tensor raised torch's internal error at its shape)
+    "nested-jagged": (lambda: batchnorm.BatchNorm2d(3), lambda g: _nested(g, torch.jagged),
+                      None, NotImplementedError, ["nested tensor", "torch.stack(t.unbind())"]),
+    "nested-strided": (lambda: batchnorm.BatchNorm2d(3), lambda g: _nested(g, torch.strided),
+                       None, NotImplementedError, ["nested tensor", "dense (strided)"]),
+    "residual-nested": (lambda: batchnorm.BatchNorm2d(3),
+                        lambda g: torch.randn(2, 3, 5, 5, generator=g),
+                        lambda g: _nested(g, torch.strided), NotImplementedError,
+                        ["residual is a nested tensor"]),
     "residual-shape": (lambda: batchnorm.BatchNorm2d(3, activation="relu"),
                        lambda g: torch.randn(2, 3, 4, 4, generator=g),
                        lambda g: torch.randn(2, 3, 4, 5, generator=g), ValueError,
@@ -100,6 +112,25 @@ CASES = {
                         RuntimeError, ["Inference tensors cannot be saved for backward",
                                        ".clone()"]),
 }
+
+
+def _nested(gen, layout):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch.strided nested tensors are a prototype)
+        return torch.nested.nested_tensor([torch.randn(3, 5, 5, generator=gen)] * 2,
+                                          layout=layout)
+
+
+def test_a_call_that_fails_in_a_fake_tensor_mode_changes_no_state(gen):
+    """The running update ran before the normalization on the torch-ops path (dispatch
+    modes, tensor subclasses), and num_batches_tracked moved first: a real layer given a
+    fake input moved it, then raised."""
+    fake_tensor = pytest.importorskip("torch._subclasses.fake_tensor")
+    bn = _randomized(batchnorm.BatchNorm2d(3), gen)
+    before = _snapshot(bn)
+    with fake_tensor.FakeTensorMode(), pytest.raises(Exception):  # noqa: B017 (torch's)
+        bn(torch.randn(2, 3, 4, 4))
+    _assert_untouched(bn, before)
 
 
 def _inference(t):

@@ -55,12 +55,22 @@ def resolve_activation(activation) -> tuple[str, float]:
         f"{', '.join(c.__name__ for c in _ACTIVATION_MODULES)}")
 
 
+def refuse_nested(t: Tensor, name: str) -> None:
+    # (before anything reads its shape: a strided nested tensor's raises an internal
+    # error, and to_dense(), the hint for other layouts, refuses a jagged one)
+    if t.is_nested:
+        raise NotImplementedError(
+            f"{name} is a nested tensor (torch.nested); batch_norm takes dense (strided) "
+            f"ones: stack its components (torch.stack(t.unbind())) where their shapes match")
+
+
 def check_residual(residual, input: Tensor) -> None:
     """A residual (not None) must be a dense floating-point tensor of the input's shape and
     device: no broadcasting (a (1, C, 1, 1) residual is more often a mistake)."""
     if not isinstance(residual, Tensor):
         raise TypeError(f"residual must be None or a tensor of the input's shape "
                         f"{tuple(input.shape)}, got {type(residual).__name__}")
+    refuse_nested(residual, "residual")
     if residual.shape != input.shape:
         raise ValueError(f"residual must have the input's shape {tuple(input.shape)}, "
                          f"got {tuple(residual.shape)}")
@@ -202,6 +212,7 @@ def validate(input, running_mean, running_var, weight, bias, training, momentum,
     """Every check of :func:`batch_norm`, made before anything is computed or mutated."""
     if not isinstance(input, Tensor):
         raise TypeError(f"batch_norm expects a torch.Tensor input, got {type(input).__name__}")
+    refuse_nested(input, "the input")
     if input.dtype not in _FLOAT_DTYPES:
         raise TypeError(
             f"batch_norm expects a floating-point input (float16, bfloat16, float32 or "

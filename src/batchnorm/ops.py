@@ -80,7 +80,7 @@ def centre_for_kernels(mean: Tensor, invstd: Tensor, weight: Tensor | None,
         return mean, bias, None
     mean_k = mean.to(acc)
     # an infinite mean is its own rounding (inf − inf would make every x̂ NaN)
-    rest = (mean - mean_k.to(mean.dtype)).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    rest = (mean - mean_k.to(mean.dtype)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
     shift = rest.to(acc) * invstd
     scaled = shift if weight is None else shift * weight.to(acc)
     bias_k = -scaled if bias is None else bias.to(acc) - scaled
@@ -178,21 +178,18 @@ def _update_running_stats_torch(running_mean, running_var, num_batches_tracked, 
     # exported training program holds no_grad as a wrapper node without outputs, which
     # torch.export.load refuses (SpecViolationError); detach is an ordinary node.
     mean, var = mean.detach(), var.detach()
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
-    if running_mean is None and running_var is None:
-        return
 
-    def factor(dt):
-        return momentum if momentum is not None else 1.0 / num_batches_tracked.to(dt)
+    def factor(dt):  # (the count after this batch)
+        return momentum if momentum is not None else 1.0 / (num_batches_tracked + 1).to(dt)
 
     # Each in the wider of its dtype and the batch's, as the CPU kernels do: a float64
     # running_var on float32 data keeps its digits (the batch's dtype rounded it, so one
     # with momentum 0 moved, and a cumulative average drifted by 4.5e-8 in 3 steps).
+    new_mean = new_var = None
     if running_mean is not None:
         dt = torch.promote_types(mean.dtype, running_mean.dtype)
         m = factor(dt)
-        _assign(running_mean, mean.to(dt) * m + running_mean.to(dt) * (1 - m))
+        new_mean = mean.to(dt) * m + running_mean.to(dt) * (1 - m)
     if running_var is not None:
         dt = torch.promote_types(var.dtype, running_var.dtype)
         m = factor(dt)
@@ -202,7 +199,15 @@ def _update_running_stats_torch(running_mean, running_var, num_batches_tracked, 
             bessel = count.to(dt) / (count.to(dt) - 1).clamp(min=1)
         else:
             bessel = count / max(count - 1, 1)
-        _assign(running_var, var.to(dt) * bessel * m + running_var.to(dt) * (1 - m))
+        new_var = var.to(dt) * bessel * m + running_var.to(dt) * (1 - m)
+    # The state changes last: what fails above (a tensor subclass, a dispatch mode) leaves
+    # it. The count first: a torch.func transform refuses its in-place add (as torch's).
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if new_mean is not None:
+        _assign(running_mean, new_mean)
+    if new_var is not None:
+        _assign(running_var, new_var)
 
 
 _functorch = torch._C._functorch
@@ -378,11 +383,11 @@ def _forward_by_primitives(input, weight, bias, residual, running_mean, running_
     else:
         mean = running_mean.to(running_mean_dtype(running_mean, acc), copy=True)
         var = running_var.to(acc, copy=True)
-    if update is not None:
-        _update_from_batch(update, mean.detach(), var.detach(), x, fast_update)
     invstd = invstd_from_var(var, eps)
     mean_k, bias_k, _ = centre_for_kernels(mean, invstd, weight, bias, acc)
     y = backend.normalize(x, mean_k, invstd, weight, bias_k, residual, activation, slope)
+    if update is not None:  # last: a call that fails changes no state
+        _update_from_batch(update, mean.detach(), var.detach(), x, fast_update)
     return from_kernel_view(y, input.shape, channels_last), mean, var
 
 
