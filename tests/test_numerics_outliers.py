@@ -230,3 +230,24 @@ def test_short_rows_of_many_samples_keep_their_statistics(backend):
     expected = (x64 - mean.view(1, 2, 1)) / (x64.var((0, 2), unbiased=False).view(1, 2, 1)
                                              + bn.eps).sqrt()
     torch.testing.assert_close(y.cpu().double(), expected, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("value", [1e160, 1e300])
+def test_float64_values_whose_squares_overflow(backend, layout, value):
+    """float64 data past 1e154: after the CPU kernels summed the channel again around its
+    mean, the square of the (rounding-sized) sum of differences overflowed as their sum of
+    squares did, inf − inf: a NaN variance and NaN outputs where torch's variance is inf
+    (outputs the bias). One channel an outlier among zeros, one all near the value."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.zeros(8, 2, 2, 2, dtype=torch.float64)
+    x[0, 0, 0, 0] = value
+    x[:, 1] = value * (1 + torch.rand(8, 2, 2, generator=gen, dtype=torch.float64))
+    x = x.to(backend.device)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    ours = batchnorm.BatchNorm2d(2, device=backend.device, dtype=torch.float64)
+    theirs = torch.nn.BatchNorm2d(2, dtype=torch.float64)
+    torch.testing.assert_close(ours(x).cpu(), theirs(x.cpu()))
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(ours, name).cpu(), getattr(theirs, name))

@@ -443,6 +443,10 @@ def _finish(shift, a1, a2, total, mean_out, m2_out):
     for c in range(shift.shape[0]):
         mean_out[c] = np.float64(shift[c]) + a1[c] / total
         m2 = a2[c] - a1[c] * a1[c] / total
+        if a2[c] == math.inf and math.isfinite(a1[c]):
+            # float64 data past 1e154: S1², of a rounding-sized S1 around the mean, can
+            # overflow where S2 did (inf − inf); S1²/n ≤ S2, so m2 is S2's inf (torch's)
+            m2 = math.inf
         m2_out[c] = 0.0 if m2 < 0 else m2  # rounding can dip below 0; NaN stays NaN
 
 
