@@ -2226,3 +2226,13 @@ def test_freeze_into_buffers_drops_the_layers_it_replaced():
     batchnorm.revert(model)  # (the frozen layer stays, and the ReLU fused into it)
     x = torch.randn(2, 3, 5, 5)
     assert (model(x) >= 0).all()
+
+
+def test_a_folded_layer_refuses_a_quantized_input_by_name():
+    """Eager-mode quantization hands the layers after a QuantStub quint8 tensors: the
+    batch norm it replaced said so, ChannelAffine raised torch's internal promoteTypes
+    error."""
+    affine = ChannelAffine(torch.rand(3) + 0.5, torch.randn(3))
+    x = torch.quantize_per_tensor(torch.randn(2, 3, 4, 4), 0.1, 0, torch.quint8)
+    with pytest.raises(TypeError, match="floating-point input, got torch.quint8.*DeQuantStub"):
+        affine(x)

@@ -116,6 +116,12 @@ class ChannelAffine(nn.Module):
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         if type(input) is not Tensor and isinstance(input, torch.fx.Proxy):
             return self._traced_forward(input, residual)
+        if not input.is_floating_point():
+            # (a quantized input, from eager-mode quantization, met torch's internal error)
+            raise TypeError(
+                f"ChannelAffine expects a floating-point input, got {input.dtype}: in "
+                f"eager-mode quantization put a DeQuantStub before it, or quantize with "
+                f"torch.ao.quantization.quantize_fx, which does")
         # On (N, L, C) the batch norm normalized dim 1 = L, not the Linear's C outputs the
         # fold scaled: the folded model would silently disagree (nothing fails when L == C).
         # The rank is static under torch.export and ONNX export, so the check exports away.
