@@ -516,3 +516,46 @@ def test_a_first_call_under_a_default_device_imports_the_backend():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+class _CallNames(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+class _Tagged(torch.Tensor):
+    pass
+
+
+class _OverridesBatchNorm(torch.Tensor):
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is F.batch_norm:
+            return "overridden"
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_the_functional_form_and_the_layers_take_part_in_torch_function(backend, gen):
+    """As torch.nn.functional.batch_norm: a subclass's override is called, a
+    TorchFunctionMode sees one call (it saw each of the ~57 torch ops inside), and a
+    subclass without an override gets its type back (the cpu backend gave a plain Tensor
+    for a subclass weight)."""
+    x = torch.randn(4, 3, 5, 5, generator=gen).to(backend.device)
+    rm, rv = torch.zeros(3, device=backend.device), torch.ones(3, device=backend.device)
+    assert F.batch_norm(x.as_subclass(_OverridesBatchNorm), rm, rv) == "overridden"
+    with _CallNames() as mode:
+        F.batch_norm(x, rm, rv, training=True, activation="relu")
+    assert mode.names == ["batch_norm"]
+    layer = batchnorm.BatchNorm2d(3, activation="relu").to(backend.device)
+    with _CallNames() as mode:
+        layer(x)
+    assert mode.names.count("batch_norm_resolved") == 1 and len(mode.names) <= 2, mode.names
+    for training in (True, False):
+        weight = torch.rand(3, generator=gen).to(backend.device).as_subclass(_Tagged)
+        assert type(F.batch_norm(x, rm, rv, weight, training=training)) is _Tagged
+        assert type(layer.train(training)(x.as_subclass(_Tagged))) is _Tagged

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import ops
 from .backends.portable import ACTIVATIONS
@@ -317,6 +318,13 @@ def batch_norm(
     the modules do. ``eps = 0`` is allowed: a zero-variance channel gives ``bias``
     (then the residual and activation, where fused).
     """
+    if has_torch_function_variadic(input, running_mean, running_var, weight, bias, residual,
+                                   num_batches_tracked):
+        return handle_torch_function(
+            batch_norm, (input, running_mean, running_var, weight, bias, residual,
+                         num_batches_tracked),
+            input, running_mean, running_var, weight, bias, training, momentum, eps,
+            activation=activation, residual=residual, num_batches_tracked=num_batches_tracked)
     act, slope = resolve_activation(activation)
     return batch_norm_resolved(input, running_mean, running_var, weight, bias, training,
                                momentum, eps, act, slope, residual, num_batches_tracked)
@@ -325,7 +333,18 @@ def batch_norm(
 def batch_norm_resolved(input, running_mean, running_var, weight, bias, training, momentum,
                         eps, activation: str, slope: float, residual=None,
                         num_batches_tracked=None) -> Tensor:
-    """:func:`batch_norm` with the activation already resolved to ``(name, slope)``."""
+    """:func:`batch_norm` with the activation already resolved to ``(name, slope)``.
+
+    Both take part in ``__torch_function__`` as ``torch.nn.functional.batch_norm`` does:
+    a tensor subclass that overrides it, or a ``TorchFunctionMode``, sees one call (this
+    one, from the modules), and a subclass without an override gets its type back."""
+    if has_torch_function_variadic(input, running_mean, running_var, weight, bias, residual,
+                                   num_batches_tracked):
+        return handle_torch_function(
+            batch_norm_resolved, (input, running_mean, running_var, weight, bias, residual,
+                                  num_batches_tracked),
+            input, running_mean, running_var, weight, bias, training, momentum, eps,
+            activation, slope, residual, num_batches_tracked)
     validate(input, running_mean, running_var, weight, bias, training, momentum, eps,
              residual, num_batches_tracked)
     # While exporting, what changes no state is written with torch's ops (see below).
