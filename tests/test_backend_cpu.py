@@ -897,3 +897,30 @@ def test_two_threads_on_numbas_workqueue_layer(tmp_path):
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                          timeout=300, env=env, check=False)
     assert out.returncode == 0 and out.stdout.strip() == "ok", (out.returncode, out.stderr)
+
+
+def test_the_primitives_leave_the_callers_tensors_resizable():
+    """torch's Tensor.numpy() makes a storage unresizable for good: the primitives handed
+    the kernels the layer's weight, the input and the running buffers that way, and FSDP,
+    which frees a gathered weight with resize_(0), raised "Trying to resize storage that is
+    not resizable" under SyncBatchNorm (whose step runs the primitives)."""
+    gen = torch.Generator().manual_seed(0)
+    x, dy, residual = (torch.randn(2, 4, 9, generator=gen) for _ in range(3))  # (N, C, L)
+    weight, bias = torch.rand(4, generator=gen) + 0.5, torch.randn(4, generator=gen)
+    mean, m2 = cpu.stats(x)
+    invstd = (m2 / 18 + 1e-5).rsqrt()
+    cpu.normalize(x, mean, invstd, weight, bias, residual, "relu", 0.0)
+    sums = cpu.backward_reduce(dy, x, mean, invstd, weight, bias, residual, "relu", 0.0)
+    cpu.backward_elementwise(dy, x, mean, invstd, weight, bias, residual, *sums, 18, "relu",
+                             0.0, True)
+    running = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    counter = torch.tensor(0)
+    assert cpu.update_running_stats(*running, counter, mean, m2 / 18, 18, None)
+    for t in (x, dy, residual, weight, bias, mean, invstd, *running, counter):
+        assert t.untyped_storage().resizable()
+    layer = batchnorm.BatchNorm1d(4)  # float64 running buffers: the primitives, too
+    layer.running_mean, layer.running_var = running
+    x.requires_grad_()
+    layer(x).sum().backward()
+    for t in (x, layer.weight, *running, x.grad, layer.weight.grad):
+        assert t.untyped_storage().resizable()

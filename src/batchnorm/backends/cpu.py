@@ -166,8 +166,33 @@ def _empty(dtype: torch.dtype, ndim: int):
     return e
 
 
+_NUMPY_TYPES = {torch.float32: "<f4", torch.float64: "<f8", torch.float16: "<f2",
+                torch.int64: "<i8", torch.int32: "<i4", torch.bool: "|b1"}
+
+
+class _Memory:
+    """A CPU tensor's memory as NumPy reads it, by address (``np.asarray`` of this), with
+    the tensor kept alive as the array's base. ``Tensor.numpy()`` would make the tensor's
+    storage unresizable for good: FSDP frees a gathered parameter with ``resize_(0)``,
+    which then raised "Trying to resize storage that is not resizable"."""
+
+    __slots__ = ("__array_interface__", "tensor")
+
+    def __init__(self, t: Tensor) -> None:
+        size = t.element_size()
+        self.__array_interface__ = {
+            "data": (t.data_ptr(), False), "shape": tuple(t.shape), "version": 3,
+            "typestr": _NUMPY_TYPES[t.dtype], "strides": tuple(s * size for s in t.stride())}
+        self.tensor = t
+
+
 def _np(t: Tensor):
-    return t.detach().numpy()
+    """``t``'s memory as a NumPy array; TypeError for what the kernels cannot read (as
+    ``.numpy()`` refused it: another device, a dtype NumPy lacks)."""
+    if not t.is_cpu or t.dtype not in _NUMPY_TYPES:
+        raise TypeError(f"the CPU kernels take CPU tensors of {', '.join(map(str, _NUMPY_TYPES))}; "
+                        f"got a {t.dtype} tensor on {t.device}")
+    return np.asarray(_Memory(t))
 
 
 def _param(t: Tensor | None, dtype: torch.dtype):
@@ -177,7 +202,7 @@ def _param(t: Tensor | None, dtype: torch.dtype):
         return _empty(dtype, 1)
     if t.dtype is not dtype:
         t = t.to(dtype)
-    return t.detach().numpy()
+    return _np(t)
 
 
 def _mean(t: Tensor):
@@ -186,7 +211,7 @@ def _mean(t: Tensor):
     the acc dtype, as the primitives define it)."""
     if t.dtype is torch.float32:
         # NumPy widens 64 values in ~1 µs, torch's .to in ~5 (measured on the 2-core machine)
-        return t.detach().numpy().astype(np.float64)
+        return _np(t).astype(np.float64)
     return _param(t, torch.float64)
 
 
@@ -197,7 +222,7 @@ def _like(t: Tensor | None, x: Tensor):
         return _empty(x.dtype, x.dim())
     if t.dtype != x.dtype or t.stride() != x.stride():
         t = torch.empty_like(x).copy_(t)
-    return t.detach().numpy()
+    return _np(t)
 
 
 def _reduce_split(x: Tensor) -> int:
@@ -258,7 +283,7 @@ def stats(x: Tensor) -> tuple[Tensor, Tensor]:
     mean = torch.empty(c, dtype=torch.float64, device=_CPU)
     m2 = torch.empty(c, dtype=x.dtype, device=_CPU)
     kernel = _pick(K.STATS[_view(x)], x)
-    kernel(_np(x), _reduce_split(x), mean.numpy(), m2.numpy())
+    kernel(_np(x), _reduce_split(x), _np(mean), _np(m2))
     return mean, m2
 
 
@@ -278,7 +303,7 @@ def normalize(x, mean, invstd, weight, bias, residual, activation: str, slope: f
     kernel = _pick(K.NORMALIZE[_view(x)], x)
     kernel(_np(x), _mean(mean), _param(invstd, acc), 0.0, 1.0, _MODE_GIVEN,
            _param(weight, acc), _param(bias, acc), _like(residual, x), K.ACT_CODES[activation],
-           float(slope), _elementwise_split(x), y.numpy(), _empty(acc, 1))
+           float(slope), _elementwise_split(x), _np(y), _empty(acc, 1))
     return y
 
 
@@ -298,7 +323,7 @@ def backward_reduce(dy, x, mean, invstd, weight, bias, residual, activation: str
     kernel(_like(dy, x), _np(x), _mean(mean), _param(invstd, acc), 0.0, 1.0, _MODE_GIVEN,
            _param(weight, acc), _param(bias, acc),
            _like(residual if activation != "none" else None, x), K.ACT_CODES[activation],
-           float(slope), _reduce_split(x), sum_dz.numpy(), sum_dzx.numpy())
+           float(slope), _reduce_split(x), _np(sum_dz), _np(sum_dzx))
     return sum_dz, sum_dzx
 
 
@@ -340,8 +365,8 @@ def _elementwise(dy, x, mean_np, v_np, eps, mode, weight, bias, residual, sum_dz
            _param(weight, acc), _param(bias, acc),
            _like(residual if activation != "none" else None, x),
            _param(sum_dz, acc), _param(sum_dzx, acc), K.ACT_CODES[activation], float(slope),
-           _elementwise_split(x), dx.numpy(),
-           _empty(acc, x.dim()) if kernel_dres is None else kernel_dres.numpy())
+           _elementwise_split(x), _np(dx),
+           _empty(acc, x.dim()) if kernel_dres is None else _np(kernel_dres))
     if kernel_dres is not None and residual is not None and dres.dtype != residual.dtype:
         dres = dres.to(residual.dtype)
     return dx, dres
@@ -606,11 +631,11 @@ def _running_arrays(running_mean, running_var, num_batches_tracked, momentum):
     if running_mean.dtype not in _DTYPES or running_var.dtype not in _DTYPES:
         return None
     try:
-        # .numpy() refuses another device or requires_grad; a layout the kernel was not
-        # compiled for compiles a variant
+        # _np refuses another device; a layout the kernel was not compiled for compiles a
+        # variant
         if num_batches_tracked is not None:
-            counter = num_batches_tracked.view(1).numpy()
-        return (running_mean.numpy(), running_var.numpy(), counter,
+            counter = _np(num_batches_tracked.view(1))
+        return (_np(running_mean), _np(running_var), counter,
                 -1.0 if momentum is None else float(momentum))
     except (RuntimeError, TypeError):
         return None
@@ -626,7 +651,7 @@ def update_running_stats(running_mean, running_var, num_batches_tracked, mean, v
     if arrays is None:
         return False
     try:
-        batch = (mean.detach().numpy(), var.detach().numpy())
+        batch = (_np(mean), _np(var))
     except (RuntimeError, TypeError):
         return False
     K.update_running(*arrays[:3], *batch, float(count), arrays[3])

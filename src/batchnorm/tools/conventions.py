@@ -154,8 +154,10 @@ def _export(bn: nn.Module, count) -> tuple:
     bessel = _bessel(count)
 
     def get(t, scale=1.0):
-        # scaled in float64, rounded once to the layer's precision
-        return None if t is None else (t.detach().cpu().double().numpy() / scale).astype(
+        # scaled in float64, rounded once to the layer's precision (a copy: .numpy() of
+        # the layer's own float64 tensor would leave its storage unresizable, see cpu.py)
+        return None if t is None else (
+            t.detach().to("cpu", torch.float64, copy=True).numpy() / scale).astype(
             np.float32 if t.dtype != torch.float64 else np.float64)
     # A FrozenBatchNorm's statistics never move: decay 1
     momentum = getattr(bn, "momentum", 0.0)
