@@ -769,3 +769,11 @@ def test_a_dtensor_sharded_along_the_batch_trains(tmp_path):
     results = torch.load(tmp_path / "out")
     for ours, theirs in zip(results["ours"], results["torch"]):
         torch.testing.assert_close(ours, theirs)
+
+
+def test_the_synchronized_checks_refuse_a_nested_input_first():
+    """The synchronized step's checks read input.shape[1] first: torch's internal errors
+    (a strided nested tensor's sizes, a jagged one's symbolic size) instead of ours."""
+    nested = torch.nested.nested_tensor([torch.randn(3, 4)] * 2, layout=torch.jagged)
+    with pytest.raises(NotImplementedError, match="nested tensor"):
+        bd._validate(nested, None, None, None, None, 0.1, 1e-5, None, None)

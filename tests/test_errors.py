@@ -121,6 +121,15 @@ def _nested(gen, layout):
                                           layout=layout)
 
 
+def test_a_lazy_layer_refuses_a_nested_first_input_and_stays_lazy(gen):
+    """It read the nested tensor's shape first: torch's internal errors."""
+    bn = batchnorm.LazyBatchNorm2d()
+    for layout in (torch.jagged, torch.strided):
+        with pytest.raises(NotImplementedError, match="nested tensor"):
+            bn(_nested(gen, layout))
+    assert bn.has_uninitialized_params()
+
+
 def test_a_call_that_fails_in_a_fake_tensor_mode_changes_no_state(gen):
     """The running update ran before the normalization on the torch-ops path (dispatch
     modes, tensor subclasses), and num_batches_tracked moved first: a real layer given a

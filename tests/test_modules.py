@@ -435,6 +435,39 @@ def test_a_traced_layer_with_forward_hooks_runs_them_once(gen):
     assert torch.equal(torch.fx.symbolic_trace(root)(x), root(x))
 
 
+class _DoublesItsInput(batchnorm.BatchNorm2d):
+    def forward(self, input, residual=None):
+        return super().forward(input * 2, residual)
+
+
+def test_a_traced_subclass_with_its_own_forward_runs_it_once(gen):
+    """fx traces a subclass's own forward (what it does before calling ours is in the
+    graph): as a call_module node the layer ran it a second time (bn(4x) for bn(2x))."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), _DoublesItsInput(4)).eval()
+    with torch.no_grad():
+        model[1].running_var.fill_(2.0)
+    traced = torch.fx.symbolic_trace(model)
+    x = torch.randn(2, 3, 3, 3, generator=gen)
+    assert torch.equal(traced(x), model(x))
+
+
+def test_global_forward_hooks_run_once_in_a_traced_model(gen):
+    """register_module_forward_hook's hooks run around every forward, traced ones too:
+    the call_module node ran them again (an output doubled twice)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), batchnorm.BatchNorm2d(4)).eval()
+
+    def double_ours(module, args, out):
+        return out * 2 if isinstance(module, batchnorm.BatchNorm2d) else out
+
+    handle = torch.nn.modules.module.register_module_forward_hook(double_ours)
+    try:
+        traced = torch.fx.symbolic_trace(model)
+        x = torch.randn(2, 3, 3, 3, generator=gen)
+        assert torch.equal(traced(x), model(x))
+    finally:
+        handle.remove()
+
+
 @pytest.mark.parametrize("value, expected", [
     (None, ("none", 0.0)), (nn.ReLU(), ("relu", 0.0)), ("leaky_relu", ("leaky_relu", 0.01)),
     (nn.LeakyReLU(0.2), ("leaky_relu", 0.2)), (nn.GELU(approximate="tanh"), ("gelu_tanh", 0.0))])

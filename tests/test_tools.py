@@ -2236,3 +2236,17 @@ def test_a_folded_layer_refuses_a_quantized_input_by_name():
     x = torch.quantize_per_tensor(torch.randn(2, 3, 4, 4), 0.1, 0, torch.quint8)
     with pytest.raises(TypeError, match="floating-point input, got torch.quint8.*DeQuantStub"):
         affine(x)
+
+
+def test_a_channel_affine_traced_as_the_root_takes_its_residual_or_none():
+    """Traced as the root, its optional residual is a placeholder: the graph added it
+    unconditionally, and a call without one raised a TypeError (tensor + None). A nested
+    input is refused by name, as by the batch norm it replaced."""
+    affine = ChannelAffine(torch.rand(3) + 0.5, torch.randn(3), "relu")
+    traced = torch.fx.symbolic_trace(affine)
+    x, residual = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    assert torch.equal(traced(x), affine(x))
+    assert torch.equal(traced(x, residual), affine(x, residual))
+    nested = torch.nested.nested_tensor([torch.randn(3, 4)] * 2, layout=torch.jagged)
+    with pytest.raises(NotImplementedError, match="nested tensor"):
+        affine(nested)

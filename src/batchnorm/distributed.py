@@ -62,7 +62,15 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from . import backends, ops
 from . import functional as F
 from .backends.portable import acc_dtype, mean_dtype
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm, _check_rank, fx_leaf
+from .modules import (
+    FX_LEAF_FORWARDS,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    _BatchNorm,
+    _check_rank,
+    fx_leaf,
+)
 
 __all__ = [
     "BatchNormNd",
@@ -229,6 +237,8 @@ def _validate(input, running_mean, running_var, weight, bias, momentum, eps, res
     rule is checked on the gathered counts instead. The check reads only shapes, so a
     single-value input is shown to it as a (2, C, ...) expanded view (no copy).
     """
+    if isinstance(input, Tensor):
+        F.refuse_nested(input, "the input")
     count = input.numel() // input.shape[1] if isinstance(input, Tensor) and input.dim() >= 2 \
         and input.shape[1] else 0
     if count == 1 and (residual is None or (isinstance(residual, Tensor)
@@ -379,6 +389,8 @@ class SyncBatchNorm(_BatchNorm):
             self._note_residual()
         return y
 
+
+FX_LEAF_FORWARDS.add(SyncBatchNorm.forward)
 
 # The process groups of traced SyncBatchNorm nodes, by the name the node carries (a graph
 # holds constants it can print; a process group is none)

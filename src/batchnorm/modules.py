@@ -228,6 +228,19 @@ class _BatchNorm(_NormBase):
         return y
 
 
+# The forwards that call fx_leaf (ours; each module registers its own): a subclass with
+# another is traced through, as fx traces any module.
+FX_LEAF_FORWARDS: set = {_BatchNorm.forward}
+
+
+def _global_forward_hooks() -> bool:
+    """Whether hooks registered for every module (``register_module_forward_hook``, ...)
+    run around each forward."""
+    hooks = torch.nn.modules.module
+    return bool(getattr(hooks, "_global_forward_hooks", None)
+                or getattr(hooks, "_global_forward_pre_hooks", None))
+
+
 def fx_leaf(module: nn.Module, input, residual):
     """Under ``torch.fx.symbolic_trace``: the layer as one ``call_module`` node, as torch's
     own layers are (fx makes only torch.nn's modules leaves; ours cannot be traced
@@ -236,14 +249,16 @@ def fx_leaf(module: nn.Module, input, residual):
     training's ``convert_fx`` of a trained model), and the tools find it there.
 
     None where no such node can stand for it: the traced root itself (torch traces its
-    layer's forward there too), a layer that is not a submodule of the root, and one
-    with forward hooks, which fx already runs, on Proxies, around this forward (the node
-    would run them a second time). The caller then records its computation as a
-    ``call_function`` (:func:`_traced_batch_norm`).
+    layer's forward there too), a layer that is not a submodule of the root, and what fx
+    already ran, on Proxies, around this forward, which the node would run a second time:
+    forward hooks (the layer's or global ones) and a subclass's own ``forward`` (one that
+    transposes its input, say, then calls ours). The caller then records its computation
+    as a ``call_function`` (:func:`_traced_batch_norm`).
     """
     tracer = input.tracer
     if (not hasattr(tracer, "path_of_module") or module._forward_hooks
-            or module._forward_pre_hooks):
+            or module._forward_pre_hooks or _global_forward_hooks()
+            or type(module).forward not in FX_LEAF_FORWARDS):
         return None
     try:
         path = tracer.path_of_module(module)
@@ -393,6 +408,8 @@ class _LazyNormBase(LazyModuleMixin, _NormBase):
         if self.has_uninitialized_params():
             # The rank first (input.shape[1] of a 1-D input is an IndexError), and no layer
             # of 0 channels: the constructor refuses num_features=0, and so does this.
+            if isinstance(input, Tensor):
+                F.refuse_nested(input, "the input")
             self._check_input_dim(input)
             if input.shape[1] == 0:
                 raise ValueError(f"{type(self).__name__} takes num_features from the first "

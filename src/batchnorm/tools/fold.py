@@ -116,6 +116,7 @@ class ChannelAffine(nn.Module):
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         if type(input) is not Tensor and isinstance(input, torch.fx.Proxy):
             return self._traced_forward(input, residual)
+        F.refuse_nested(input, "the input")
         if not input.is_floating_point():
             # (a quantized input, from eager-mode quantization, met torch's internal error)
             raise TypeError(
@@ -163,7 +164,8 @@ class ChannelAffine(nn.Module):
         if self.scale is not None:
             y = torch.addcmul(_per_channel(self.shift, input), y, _per_channel(self.scale, input))
         if residual is not None:
-            y = y + residual
+            y = (_plus_residual(y, residual) if _may_be_none(residual) else
+                 y + residual)
         if self.activation != "none":
             y = self.act(y)
         # (the rounding to the input's dtype only where a wider scale or residual came in)
@@ -182,6 +184,20 @@ def _per_channel(t: Tensor, input: Tensor) -> Tensor:
 
 
 torch.fx.wrap("_per_channel")  # one node: a Proxy's rank is not known while tracing
+
+
+def _may_be_none(value) -> bool:
+    """Whether a traced value is an argument whose default is None (traced as the root,
+    ChannelAffine's own optional residual): fx records it as a placeholder either way."""
+    node = getattr(value, "node", None)
+    return node is not None and node.op == "placeholder" and node.args[:1] == (None,)
+
+
+def _plus_residual(y: Tensor, residual: Tensor | None) -> Tensor:
+    return y if residual is None else y + residual
+
+
+torch.fx.wrap("_plus_residual")  # one node: whether the residual is None is known when it runs
 
 
 def _why_not_copied(model: nn.Module) -> str:

@@ -120,6 +120,9 @@ class _FrozenBatchNorm(F.FusedActivationAttribute, nn.Module):
         return new
 
 
+modules.FX_LEAF_FORWARDS.add(_FrozenBatchNorm.forward)
+
+
 class FrozenBatchNorm1d(_FrozenBatchNorm):
     _ranks, _what = (2, 3), "2D or 3D"
 
