@@ -364,16 +364,29 @@ def test_empty_batch_like_torch(backend, shape):
 # Views of channels_last tensors that are not dense
 
 
-@pytest.mark.parametrize("view", ["channel_slice", "crop", "every_other", "3d_channel_slice"])
+@pytest.mark.parametrize("view", ["channel_slice", "crop", "every_other", "3d_channel_slice",
+                                  "every_other_of_odd_width", "3d_every_other_of_odd_depth"])
 def test_non_dense_channels_last_views_keep_their_layout_like_torch(backend, gen, view):
     """A channel split (``chunk``), a crop or a strided slice of a channels_last tensor:
-    y and dx in channels_last, as torch gives them, with torch's values."""
-    shape, fmt = ((2, 6, 4, 6), torch.channels_last) if view != "3d_channel_slice" else (
-        (2, 6, 3, 4, 2), torch.channels_last_3d)
+    y and dx in channels_last, as torch gives them, with torch's values. Except where
+    torch reads the strides as not channels_last (c10's rule: every other column of a
+    row of 5 leaves the rows 30 apart for 3 columns of stride 12): contiguous, as torch's
+    (the stride order alone said channels_last)."""
+    three_d = view.startswith("3d")
+    shape, fmt = ((2, 6, 3, 4, 2), torch.channels_last_3d) if three_d else (
+        (2, 6, 4, 6), torch.channels_last)
+    if view.endswith("odd_width"):
+        shape = (2, 6, 4, 5)
+    if view.endswith("odd_depth"):
+        shape = (2, 6, 3, 4, 5)
     base = torch.randn(shape, generator=gen, dtype=torch.float64).to(backend.device)
     base = base.to(memory_format=fmt)
     x = {"channel_slice": base[:, :3], "crop": base[:, 3:, 1:3],
-         "every_other": base[:, 3:, :, ::2], "3d_channel_slice": base[:, :3]}[view]
+         "every_other": base[:, 3:, :, ::2], "3d_channel_slice": base[:, :3],
+         "every_other_of_odd_width": base[:, 3:, :, ::2],
+         "3d_every_other_of_odd_depth": base[:, 3:, ..., ::2]}[view]
+    if "odd" in view:
+        fmt = torch.contiguous_format
     x = x.detach().requires_grad_()
     cls = "BatchNorm3d" if x.dim() == 5 else "BatchNorm2d"
     ours = getattr(batchnorm, cls)(3, device=backend.device, dtype=torch.float64)

@@ -719,9 +719,10 @@ def _batched_under_vmap(t: Tensor) -> bool:
 
 
 def densify(input: Tensor) -> Tensor:
-    """The kernels need a dense input, so a 4-D/5-D one that is not but whose strides run
-    in channels_last order (a channel slice or crop of a channels_last tensor) is copied
-    anyway, in that layout: y comes back channels_last, as torch's does for such a view."""
+    """The kernels need a dense input, so a 4-D/5-D one that is not but whose strides
+    torch takes for channels_last (a channel slice or crop of a channels_last tensor, see
+    ``portable.strided_channels_last``) is copied in that layout: y comes back
+    channels_last, as torch's does for such a view."""
     if (input.dim() > 3 and not input.is_contiguous() and not is_channels_last(input)
             and portable.strided_channels_last(input)):
         return input.contiguous(memory_format=portable.CHANNELS_LAST[input.dim()])

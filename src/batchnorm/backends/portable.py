@@ -52,19 +52,23 @@ def is_channels_last(x: Tensor) -> bool:
 
 
 def strided_channels_last(x: Tensor) -> bool:
-    """A 4-D/5-D tensor that is not dense but whose strides run in channels_last order
-    (N, spatial..., C from largest to smallest, size-1 dims aside) and not in the natural
-    order: a channel slice or a crop of a channels_last tensor. Not one broadcast along
-    the channels (stride 0), whose order says nothing: torch gives it a contiguous
-    output."""
-    if x.shape[1] > 1 and x.stride(1) == 0:
+    """Whether torch takes a 4-D/5-D tensor's strides for channels_last (and so gives it a
+    channels_last output): c10's ``is_channels_last_strides_2d``/``_3d``, which
+    ``suggest_memory_format`` reads. Each stride, C first, then the spatial dims from the
+    last, then N, is at least the one before times its size; a stride-0 C (a broadcast) and
+    the ambiguous cases go to the contiguous format. A channel slice or a crop of a
+    channels_last tensor passes; a step along W (stride 12 for a row of 30) does not."""
+    sizes, strides = x.shape, x.stride()
+    if strides[1] == 0:
         return False
-
-    def ordered(dims):
-        strides = [x.stride(d) for d in dims if x.shape[d] > 1]
-        return all(a >= b for a, b in zip(strides, strides[1:]))
-    spatial = tuple(range(2, x.dim()))
-    return ordered((0, *spatial, 1)) and not ordered((0, 1, *spatial))
+    least = 0
+    for d in (1, *range(x.dim() - 1, 1, -1), 0):
+        if sizes[d] == 0 or strides[d] < least:
+            return False
+        if d == 0 and least == strides[1]:
+            return False
+        least = strides[d] * max(sizes[d], 1)
+    return True
 
 
 def to_kernel_view(x: Tensor, channels_last: bool) -> Tensor:
