@@ -88,7 +88,7 @@ class Case:
 
     @property
     def label(self) -> str:
-        dt = str(self.dtype).replace("torch.", "").replace("float", "f").replace("bf16", "bf16")
+        dt = str(self.dtype).replace("torch.", "").replace("float", "f")
         lay = " CL" if self.channels_last else ""
         return f"{self.module_name[-2:]} {tuple(self.shape)} {dt}{lay}"
 

@@ -288,7 +288,7 @@ def stats(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 # The primitives pass (mean, invstd) as they are: mode 0 of the kernels' prologue.
-_MODE_GIVEN, _MODE_M2, _MODE_VAR = 0, 1, 2
+_MODE_GIVEN = 0
 
 
 def normalize(x, mean, invstd, weight, bias, residual, activation: str, slope: float) -> Tensor:
@@ -620,7 +620,8 @@ def _running_arrays(running_mean, running_var, num_batches_tracked, momentum):
     with -1 for None), or None where the kernel does not apply (ops then updates with
     torch ops): float16/bfloat16 buffers (numba's float16 arithmetic is limited), another
     device, buffers that require grad."""
-    if running_mean is None or running_var is None:
+    if (running_mean is None or running_var is None or running_mean.requires_grad
+            or running_var.requires_grad):
         return None
     if num_batches_tracked is None:
         if momentum is None:

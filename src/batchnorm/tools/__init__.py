@@ -9,7 +9,7 @@ batch norm and activation ops (see ``functional._standard_ops``).
 
 from .bench import benchmark_fold, small_resnet
 from .conventions import load_flax, load_keras, to_flax, to_keras
-from .convert import FusedActivation, SyncFallbackBatchNorm, convert, revert
+from .convert import FusedActivation, convert, revert
 from .fold import ChannelAffine, FoldReport, fold
 from .freeze import (
     FrozenBatchNorm1d,
@@ -29,7 +29,6 @@ __all__ = [
     "FrozenBatchNorm3d",
     "FrozenBatchNormNd",
     "FusedActivation",
-    "SyncFallbackBatchNorm",
     "benchmark_fold",
     "convert",
     "fold",

@@ -57,17 +57,6 @@ def _fusable(m: nn.Module) -> bool:
     return True
 
 
-class SyncFallbackBatchNorm(_BatchNorm):
-    """What ``convert`` makes of a ``torch.nn.SyncBatchNorm`` when ``batchnorm.distributed``
-    is not available: a *local* batch norm (statistics of this process only) that, like
-    torch's SyncBatchNorm, accepts any input of rank 2 or more. ``revert`` turns it back
-    into a ``torch.nn.SyncBatchNorm``."""
-
-    def _check_input_dim(self, input):
-        if input.dim() < 2:
-            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
-
-
 class FusedActivation(nn.Identity):
     """Stands where an activation module was after ``convert`` moved it into the batch norm
     ``bn`` (named ``bn_name`` in the model converted); ``revert`` puts ``original`` back.
@@ -108,11 +97,8 @@ def repoint_markers(model: nn.Module, replaced: dict[int, nn.Module]) -> None:
 
 
 def _distributed_class(name: str):
-    """A class of ``batchnorm.distributed`` (written alongside; optional), or None."""
-    try:
-        from .. import distributed
-    except ImportError:
-        return None
+    """A class of ``batchnorm.distributed`` (imported here: it imports the tools)."""
+    from .. import distributed
     return getattr(distributed, name)
 
 
@@ -154,14 +140,7 @@ def _to_ours(m: nn.Module) -> nn.Module:
     args = (m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
     kw = {"device": "meta", "bias": not _without_bias(m)}
     if type(m) is nn.SyncBatchNorm:
-        cls = _sync_class()
-        if cls is not None:
-            new = cls(*args, process_group=m.process_group, **kw)
-        else:
-            warnings.warn("torch.nn.SyncBatchNorm converted to a local batch norm "
-                          "(per-process statistics): batchnorm.distributed is not available",
-                          stacklevel=3)
-            new = SyncFallbackBatchNorm(*args, **kw)
+        new = _sync_class()(*args, process_group=m.process_group, **kw)
     else:
         new = OURS_BY_RANK[type(m)](*args, **kw)
     move_hooks(new, m)
@@ -183,7 +162,7 @@ def _to_torch(m: _BatchNorm) -> nn.Module:
     if _TORCH_TAKES_BIAS and _without_bias(m):
         kw["bias"] = False
     cls = TORCH_BY_OURS.get(type(m))
-    if cls is None:  # SyncFallbackBatchNorm or batchnorm.distributed.SyncBatchNorm
+    if cls is None:  # batchnorm.distributed.SyncBatchNorm
         group = getattr(m, "process_group", None)
         new = nn.SyncBatchNorm(*args, process_group=group, **kw)
     else:
@@ -203,9 +182,8 @@ def _convertible(m: nn.Module) -> bool:
 
 
 def _revertible(m: nn.Module) -> bool:
-    sync = _sync_class()
-    return (type(m) in TORCH_BY_OURS or type(m) is SyncFallbackBatchNorm or (
-        sync is not None and type(m) is sync)) and not hook_computed_affine(m)
+    return ((type(m) in TORCH_BY_OURS or type(m) is _sync_class())
+            and not hook_computed_affine(m))
 
 
 def _warn_unrevertible(model: nn.Module) -> None:
@@ -225,7 +203,7 @@ def _warn_unrevertible(model: nn.Module) -> None:
                    f"{' and '.join(m.parametrizations)}")
         elif hook_computed_affine(m):
             why = hook_computed_reason(hook_computed_affine(m))
-        elif nd is not None and type(m) is nd:
+        elif type(m) is nd:
             why = ("a BatchNormNd (any input rank, what revert_sync_batchnorm makes of a "
                    "SyncBatchNorm of unknown rank) has no torch class of its own: "
                    "replace it by hand with torch's BatchNorm1d, 2d or 3d")
@@ -284,8 +262,7 @@ def convert(model: nn.Module, fuse_activations: bool = True) -> nn.Module:
     or bias a forward pre-hook computes (the hook-based ``torch.nn.utils.prune``,
     ``spectral_norm``, ``weight_norm``).
 
-    ``torch.nn.SyncBatchNorm`` becomes ``batchnorm.distributed.SyncBatchNorm`` when that
-    module is available, else a local :class:`SyncFallbackBatchNorm` (with a warning).
+    ``torch.nn.SyncBatchNorm`` becomes ``batchnorm.distributed.SyncBatchNorm``.
 
     With ``fuse_activations``, a ``ReLU``/``LeakyReLU``/``SiLU``/``GELU``/``Sigmoid``/``Tanh``
     *module* whose only input is a batch norm's output, where that output goes nowhere else

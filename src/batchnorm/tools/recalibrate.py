@@ -135,8 +135,7 @@ def _in_lockstep(iterable, device):
 
 
 def _synchronizes(m: nn.Module) -> bool:
-    sync = _sync_class()
-    return isinstance(m, nn.SyncBatchNorm) or (sync is not None and isinstance(m, sync))
+    return isinstance(m, (nn.SyncBatchNorm, _sync_class()))
 
 
 def _progress(iterable, total, enabled):
