@@ -198,7 +198,7 @@ def machine(device: torch.device) -> dict:
     except ImportError:
         numba_version = ""
     info = {
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "device": device.type,
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                         else _cpu_model()),
@@ -606,7 +606,7 @@ def write_csv(rows: list[dict], device: str, directory: Path | None = None,
     ``-<name>-2``, and so on."""
     directory = results_dir() if directory is None else Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    day = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+    day = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d")
     thp = f"-thp{os.environ['THP_MEM_ALLOC_ENABLE']}" if os.environ.get(
         "THP_MEM_ALLOC_ENABLE") else ""
     path = directory / f"{device}-{day}{'-' + name if name else ''}{thp}.csv"
