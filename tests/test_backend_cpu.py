@@ -924,3 +924,31 @@ def test_the_primitives_leave_the_callers_tensors_resizable():
     layer(x).sum().backward()
     for t in (x, layer.weight, *running, x.grad, layer.weight.grad):
         assert t.untyped_storage().resizable()
+
+
+def test_negative_views_are_read_as_their_values():
+    """A tensor with the negative bit (``z.conj().imag``) holds its values' negations:
+    handed by address, the primitives read them with the wrong sign (a layer with float64
+    running buffers on float32 data was 2.8 off in eval) and updated such running buffers
+    in memory the other way (Tensor.numpy() used to refuse them)."""
+    gen = torch.Generator().manual_seed(0)
+
+    def negative(n, dtype=torch.complex64):
+        t = torch.randn(n, dtype=dtype, generator=gen).conj().imag
+        assert t.is_neg()
+        return t
+
+    x = torch.randn(4, 3, 5, generator=gen)
+    for training in (False, True):
+        ours, theirs = batchnorm.BatchNorm1d(3), torch.nn.BatchNorm1d(3, dtype=torch.float64)
+        running_mean = negative(3, torch.complex128)
+        ours.running_mean, ours.running_var = running_mean, torch.rand(3, dtype=torch.float64) + 1
+        theirs.running_mean = running_mean.resolve_neg().clone()
+        theirs.running_var = ours.running_var.clone()
+        ours.weight = torch.nn.Parameter(negative(3))
+        theirs.weight = torch.nn.Parameter(ours.weight.detach().resolve_neg().double())
+        ours.train(training), theirs.train(training)
+        with batchnorm.backends.using("cpu"):
+            y = ours(x)
+        torch.testing.assert_close(y.double(), theirs(x.double()), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.running_mean, theirs.running_mean)

@@ -135,3 +135,34 @@ def test_custom_op_passes_opcheck(backend, case, gen):
         torch.randn(3, dtype=buffers, device=backend.device),
         torch.rand(3, dtype=buffers, device=backend.device) + 0.5)
     torch.library.opcheck(ops.batch_norm_op, (x, w, b, None, rm, rv, 1e-5, "relu", 0.0))
+
+
+class _Tagged(torch.Tensor):
+    pass
+
+
+class _CountCalls(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_subclass_input_and_a_mode_compile_in_one_graph(gen):
+    """Our __torch_function__ handler raised inside dynamo for a subclass input under
+    fullgraph ("no implementation found ... on types that implement __torch_function__"):
+    torch.compile handles subclasses and modes itself, as for torch's batch_norm."""
+    torch._dynamo.reset()
+    layer = batchnorm.BatchNorm2d(3, activation="relu")
+    x = torch.randn(4, 3, 5, 5, generator=gen)
+    eager = copy.deepcopy(layer)
+    y = torch.compile(layer, backend="eager", fullgraph=True)(x.as_subclass(_Tagged))
+    assert type(y) is _Tagged
+    torch.testing.assert_close(y.as_subclass(torch.Tensor), eager(x))
+    with _CountCalls() as mode:
+        y = torch.compile(layer, backend="eager")(x)
+    assert mode.calls > 0
+    torch.testing.assert_close(y, eager(x))

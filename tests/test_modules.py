@@ -592,3 +592,14 @@ def test_the_functional_form_and_the_layers_take_part_in_torch_function(backend,
         weight = torch.rand(3, generator=gen).to(backend.device).as_subclass(_Tagged)
         assert type(F.batch_norm(x, rm, rv, weight, training=training)) is _Tagged
         assert type(layer.train(training)(x.as_subclass(_Tagged))) is _Tagged
+
+
+def test_a_traced_layer_with_a_forward_of_its_own_instance_runs_it_once(gen):
+    """A forward set on the instance (accelerate's hooks wrap it so) runs on fx's Proxies:
+    as a call_module node the layer ran it again."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), batchnorm.BatchNorm2d(4)).eval()
+    layer_forward = model[1].forward
+    model[1].forward = lambda x, residual=None: layer_forward(x * 2, residual)
+    traced = torch.fx.symbolic_trace(model)
+    x = torch.randn(2, 3, 3, 3, generator=gen)
+    assert torch.equal(traced(x), model(x))

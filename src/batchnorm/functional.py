@@ -318,8 +318,8 @@ def batch_norm(
     the modules do. ``eps = 0`` is allowed: a zero-variance channel gives ``bias``
     (then the residual and activation, where fused).
     """
-    if has_torch_function_variadic(input, running_mean, running_var, weight, bias, residual,
-                                   num_batches_tracked):
+    if _takes_torch_function(input, running_mean, running_var, weight, bias, residual,
+                             num_batches_tracked):
         return handle_torch_function(
             batch_norm, (input, running_mean, running_var, weight, bias, residual,
                          num_batches_tracked),
@@ -330,6 +330,13 @@ def batch_norm(
                                momentum, eps, act, slope, residual, num_batches_tracked)
 
 
+def _takes_torch_function(*tensors) -> bool:
+    """Whether a subclass's ``__torch_function__`` or a mode takes the call, as in
+    torch's functional batch_norm. Not while torch.compile traces: dynamo handles those
+    itself, and fails on our handler's call (a subclass input under fullgraph)."""
+    return has_torch_function_variadic(*tensors) and not torch.compiler.is_compiling()
+
+
 def batch_norm_resolved(input, running_mean, running_var, weight, bias, training, momentum,
                         eps, activation: str, slope: float, residual=None,
                         num_batches_tracked=None) -> Tensor:
@@ -338,8 +345,8 @@ def batch_norm_resolved(input, running_mean, running_var, weight, bias, training
     Both take part in ``__torch_function__`` as ``torch.nn.functional.batch_norm`` does:
     a tensor subclass that overrides it, or a ``TorchFunctionMode``, sees one call (this
     one, from the modules), and a subclass without an override gets its type back."""
-    if has_torch_function_variadic(input, running_mean, running_var, weight, bias, residual,
-                                   num_batches_tracked):
+    if _takes_torch_function(input, running_mean, running_var, weight, bias, residual,
+                             num_batches_tracked):
         return handle_torch_function(
             batch_norm_resolved, (input, running_mean, running_var, weight, bias, residual,
                                   num_batches_tracked),

@@ -252,13 +252,14 @@ def fx_leaf(module: nn.Module, input, residual):
     layer's forward there too), a layer that is not a submodule of the root, and what fx
     already ran, on Proxies, around this forward, which the node would run a second time:
     forward hooks (the layer's or global ones) and a subclass's own ``forward`` (one that
-    transposes its input, say, then calls ours). The caller then records its computation
+    transposes its input, say, then calls ours), or the instance's (accelerate's hooks
+    set one). The caller then records its computation
     as a ``call_function`` (:func:`_traced_batch_norm`).
     """
     tracer = input.tracer
     if (not hasattr(tracer, "path_of_module") or module._forward_hooks
             or module._forward_pre_hooks or _global_forward_hooks()
-            or type(module).forward not in FX_LEAF_FORWARDS):
+            or type(module).forward not in FX_LEAF_FORWARDS or "forward" in vars(module)):
         return None
     try:
         path = tracer.path_of_module(module)
