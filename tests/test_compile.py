@@ -166,3 +166,19 @@ def test_a_subclass_input_and_a_mode_compile_in_one_graph(gen):
         y = torch.compile(layer, backend="eager")(x)
     assert mode.calls > 0
     torch.testing.assert_close(y, eager(x))
+
+
+class _Halved(torch.Tensor):
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        out = super().__torch_function__(func, types, args, kwargs or {})
+        return out * 0.5 if func is batchnorm.functional.batch_norm_resolved else out
+
+
+def test_a_subclass_override_takes_the_call_under_compile_too(gen):
+    """While compiling, the handler was skipped: the override never saw our call, and
+    the compiled output was twice the eager one. It runs outside the graph now."""
+    torch._dynamo.reset()
+    layer = batchnorm.BatchNorm2d(3).eval()
+    x = torch.randn(2, 3, 4, 4, generator=gen).as_subclass(_Halved)
+    torch.testing.assert_close(torch.compile(layer, backend="eager")(x), layer(x))

@@ -603,3 +603,12 @@ def test_a_traced_layer_with_a_forward_of_its_own_instance_runs_it_once(gen):
     traced = torch.fx.symbolic_trace(model)
     x = torch.randn(2, 3, 3, 3, generator=gen)
     assert torch.equal(traced(x), model(x))
+
+
+def test_a_class_forward_bound_back_on_the_instance_stays_a_node(gen):
+    """``bn.forward = bn.forward`` (what accelerate's remove_hook_from_module leaves) runs
+    nothing on fx's Proxies: the layer stays a call_module node that follows eval()."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), batchnorm.BatchNorm2d(4))
+    model[1].forward = model[1].forward
+    traced = torch.fx.symbolic_trace(model)
+    assert [n.target for n in traced.graph.nodes if n.op == "call_module"] == ["0", "1"]

@@ -320,7 +320,7 @@ def batch_norm(
     """
     if _takes_torch_function(input, running_mean, running_var, weight, bias, residual,
                              num_batches_tracked):
-        return handle_torch_function(
+        return _handle_torch_function(
             batch_norm, (input, running_mean, running_var, weight, bias, residual,
                          num_batches_tracked),
             input, running_mean, running_var, weight, bias, training, momentum, eps,
@@ -332,9 +332,40 @@ def batch_norm(
 
 def _takes_torch_function(*tensors) -> bool:
     """Whether a subclass's ``__torch_function__`` or a mode takes the call, as in
-    torch's functional batch_norm. Not while torch.compile traces: dynamo handles those
-    itself, and fails on our handler's call (a subclass input under fullgraph)."""
-    return has_torch_function_variadic(*tensors) and not torch.compiler.is_compiling()
+    torch's functional batch_norm. While torch.compile traces, only where one could act
+    on it (an override of ``__torch_function__``, a mode): dynamo carries a plain
+    subclass's type through the ops itself, and fails on the handler's call."""
+    if not has_torch_function_variadic(*tensors):
+        return False
+    if not torch.compiler.is_compiling():
+        return True
+    return torch._C._is_torch_function_mode_enabled() or any(
+        _overrides_torch_function(type(t)) for t in tensors
+        if t is not None and type(t) not in (Tensor, nn.Parameter))
+
+
+def _overrides_torch_function(cls) -> bool:
+    """Whether a tensor class has a ``__torch_function__`` of its own (nn.Parameter's is
+    disabled, a plain subclass's is Tensor's)."""
+    for c in cls.__mro__:  # (read from the classes' dicts, as dynamo can while it traces)
+        own = c.__dict__.get("__torch_function__")
+        if own is not None:
+            return c is not Tensor and own is not torch._C._disabled_torch_function_impl
+    return False
+
+
+@torch.compiler.disable
+def _handle_outside_the_graph(*args, **kwargs):
+    """``handle_torch_function`` while torch.compile traces: outside its graph (a graph
+    break; under fullgraph, an error), where the override or mode sees our call, as in
+    eager, rather than dynamo's failing trace of it."""
+    return handle_torch_function(*args, **kwargs)
+
+
+def _handle_torch_function(*args, **kwargs):
+    if torch.compiler.is_compiling():
+        return _handle_outside_the_graph(*args, **kwargs)
+    return handle_torch_function(*args, **kwargs)
 
 
 def batch_norm_resolved(input, running_mean, running_var, weight, bias, training, momentum,
@@ -347,7 +378,7 @@ def batch_norm_resolved(input, running_mean, running_var, weight, bias, training
     one, from the modules), and a subclass without an override gets its type back."""
     if _takes_torch_function(input, running_mean, running_var, weight, bias, residual,
                              num_batches_tracked):
-        return handle_torch_function(
+        return _handle_torch_function(
             batch_norm_resolved, (input, running_mean, running_var, weight, bias, residual,
                                   num_batches_tracked),
             input, running_mean, running_var, weight, bias, training, momentum, eps,

@@ -241,6 +241,15 @@ def _global_forward_hooks() -> bool:
                 or getattr(hooks, "_global_forward_pre_hooks", None))
 
 
+def _own_forward(module: nn.Module) -> bool:
+    """Whether the instance has a ``forward`` of its own: not its class's bound back onto
+    it (what accelerate's ``remove_hook_from_module`` leaves)."""
+    forward = vars(module).get("forward")
+    return forward is not None and not (getattr(forward, "__self__", None) is module
+                                        and getattr(forward, "__func__", None)
+                                        in FX_LEAF_FORWARDS)
+
+
 def fx_leaf(module: nn.Module, input, residual):
     """Under ``torch.fx.symbolic_trace``: the layer as one ``call_module`` node, as torch's
     own layers are (fx makes only torch.nn's modules leaves; ours cannot be traced
@@ -259,7 +268,7 @@ def fx_leaf(module: nn.Module, input, residual):
     tracer = input.tracer
     if (not hasattr(tracer, "path_of_module") or module._forward_hooks
             or module._forward_pre_hooks or _global_forward_hooks()
-            or type(module).forward not in FX_LEAF_FORWARDS or "forward" in vars(module)):
+            or type(module).forward not in FX_LEAF_FORWARDS or _own_forward(module)):
         return None
     try:
         path = tracer.path_of_module(module)
