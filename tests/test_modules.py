@@ -612,3 +612,30 @@ def test_a_class_forward_bound_back_on_the_instance_stays_a_node(gen):
     model[1].forward = model[1].forward
     traced = torch.fx.symbolic_trace(model)
     assert [n.target for n in traced.graph.nodes if n.op == "call_module"] == ["0", "1"]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: batchnorm.BatchNorm2d(3, activation="relu"),
+    lambda: batchnorm.BatchNorm2d(3).eval(),
+    lambda: batchnorm.SyncBatchNorm(3),
+    lambda: batchnorm.FrozenBatchNorm2d(3),
+    lambda: batchnorm.tools.ChannelAffine(torch.rand(3) + 0.5, torch.randn(3), "relu"),
+], ids=["train", "eval", "sync", "frozen", "channel_affine"])
+def test_a_layer_traced_as_the_root_pickles(make, gen):
+    """fx copied the forward's annotations, strings under `from __future__ import
+    annotations`, into the graph's code: pickle and torch.save raised AttributeError."""
+    layer = make()
+    traced = torch.fx.symbolic_trace(layer)
+    again = pickle.loads(pickle.dumps(traced))
+    x = torch.randn(2, 3, 4, 4, generator=gen)
+    assert torch.equal(again(x), copy.deepcopy(traced)(x))
+
+
+def test_a_layer_traced_as_its_computation_keeps_all_its_buffers(gen):
+    """Traced in eval with a hook, the node read no num_batches_tracked, so the
+    GraphModule lacked it and the model's state_dict did not load into it strictly."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), batchnorm.BatchNorm2d(4)).eval()
+    model[1].register_forward_hook(lambda module, args, out: out)
+    traced = torch.fx.symbolic_trace(model)
+    assert traced.state_dict().keys() == model.state_dict().keys()
+    traced.load_state_dict(model.state_dict())

@@ -69,6 +69,7 @@ from .modules import (
     BatchNorm3d,
     _BatchNorm,
     _check_rank,
+    evaluate_annotations,
     fx_leaf,
 )
 
@@ -391,6 +392,7 @@ class SyncBatchNorm(_BatchNorm):
 
 
 FX_LEAF_FORWARDS.add(SyncBatchNorm.forward)
+evaluate_annotations(SyncBatchNorm.forward)
 
 # The process groups of traced SyncBatchNorm nodes, by the name the node carries (a graph
 # holds constants it can print; a process group is none)

@@ -9,7 +9,9 @@ load both ways.
 
 from __future__ import annotations
 
+import functools
 import operator
+import typing
 
 import torch
 import torch.fx
@@ -206,7 +208,7 @@ class _BatchNorm(_NormBase):
             leaf = fx_leaf(self, input, residual)
             if leaf is not None:
                 return leaf
-            run = _traced_batch_norm
+            run = functools.partial(_traced_batch_norm, buffers=tuple(self._buffers.values()))
         else:
             self._check_input_dim(input)
         # Batch statistics in training, and in eval too when there are no running ones;
@@ -281,17 +283,30 @@ def fx_leaf(module: nn.Module, input, residual):
 
 
 def _traced_batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
-                       eps, activation, slope, residual, num_batches_tracked):
+                       eps, activation, slope, residual, num_batches_tracked, buffers=()):
     """``functional.batch_norm_resolved`` as one node of a ``torch.fx`` graph where the
     layer cannot be one (see :func:`fx_leaf`). As in the graph fx makes of torch's layer
     traced as the root, the parameters and buffers are the module's (``get_attr``) and
-    the mode (training, momentum) is the one at trace time."""
+    the mode (training, momentum) is the one at trace time. ``buffers``: all of the
+    layer's, unread: the node keeps them in the GraphModule, whose state_dict is then the
+    layer's (num_batches_tracked of a layer traced in eval included)."""
     return F.batch_norm_resolved(input, running_mean, running_var, weight, bias, training,
                                  momentum, eps, activation, slope, residual,
                                  num_batches_tracked)
 
 
 torch.fx.wrap("_traced_batch_norm")
+
+
+def evaluate_annotations(*functions) -> None:
+    """Annotations as objects, not the strings ``from __future__ import annotations``
+    leaves: fx copies a traced root's forward annotations into its graph's code, and a
+    GraphModule whose code names them as strings cannot be pickled."""
+    for f in functions:
+        f.__annotations__ = typing.get_type_hints(f)
+
+
+evaluate_annotations(_BatchNorm.forward)
 
 _STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn.utils.weight_norm import WeightNorm
 
 from .. import functional as F
+from .. import modules
 from ..modules import refuse_script
 from ..ops import invstd_from_var
 from ._common import (
@@ -176,6 +177,9 @@ class ChannelAffine(nn.Module):
         text += (", (N, C) input only" if self.linear_input else
                  f", {_ranks_text(self.input_ranks)} input")
         return text + (f", activation={self.activation!r}" if self.activation != "none" else "")
+
+
+modules.evaluate_annotations(ChannelAffine.forward)  # (a traced root pickles)
 
 
 def _per_channel(t: Tensor, input: Tensor) -> Tensor:

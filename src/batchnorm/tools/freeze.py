@@ -121,6 +121,7 @@ class _FrozenBatchNorm(F.FusedActivationAttribute, nn.Module):
 
 
 modules.FX_LEAF_FORWARDS.add(_FrozenBatchNorm.forward)
+modules.evaluate_annotations(_FrozenBatchNorm.forward)
 
 
 class FrozenBatchNorm1d(_FrozenBatchNorm):
