@@ -182,3 +182,17 @@ def test_a_subclass_override_takes_the_call_under_compile_too(gen):
     layer = batchnorm.BatchNorm2d(3).eval()
     x = torch.randn(2, 3, 4, 4, generator=gen).as_subclass(_Halved)
     torch.testing.assert_close(torch.compile(layer, backend="eager")(x), layer(x))
+
+
+def test_a_subclass_calling_us_from_its_own_override_compiles(gen):
+    """Under DisableTorchFunctionSubclass (a subclass's own call, as Tensor's
+    __torch_function__ makes it), dynamo still saw a subclass, and the handler outside
+    the graph found none to dispatch to: a TypeError."""
+    torch._dynamo.reset()
+
+    def call(x):
+        with torch._C.DisableTorchFunctionSubclass():
+            return batchnorm.functional.batch_norm(x, None, None, training=True)
+
+    x = torch.randn(4, 3, 5, generator=gen).as_subclass(_Halved)
+    torch.testing.assert_close(torch.compile(call, backend="eager")(x), call(x))

@@ -639,3 +639,14 @@ def test_a_layer_traced_as_its_computation_keeps_all_its_buffers(gen):
     traced = torch.fx.symbolic_trace(model)
     assert traced.state_dict().keys() == model.state_dict().keys()
     traced.load_state_dict(model.state_dict())
+
+
+def test_a_traced_layers_non_persistent_buffer_stays_out_of_the_state_dict(gen):
+    """The node that keeps a layer's buffers in the GraphModule took a non-persistent
+    one too, which fx registered as persistent: the GraphModule's state_dict had a key
+    the model's lacks."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), batchnorm.BatchNorm2d(4)).eval()
+    model[1].register_buffer("extra", torch.ones(4), persistent=False)
+    model[1].register_forward_hook(lambda module, args, out: out)
+    traced = torch.fx.symbolic_trace(model)
+    assert traced.state_dict().keys() == model.state_dict().keys()

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.overrides import handle_torch_function, has_torch_function_variadic
+from torch.overrides import (
+    handle_torch_function,
+    has_torch_function,
+    has_torch_function_variadic,
+)
 
 from . import ops
 from .backends.portable import ACTIVATIONS
@@ -355,11 +359,14 @@ def _overrides_torch_function(cls) -> bool:
 
 
 @torch.compiler.disable
-def _handle_outside_the_graph(*args, **kwargs):
+def _handle_outside_the_graph(func, relevant, *args, **kwargs):
     """``handle_torch_function`` while torch.compile traces: outside its graph (a graph
     break; under fullgraph, an error), where the override or mode sees our call, as in
-    eager, rather than dynamo's failing trace of it."""
-    return handle_torch_function(*args, **kwargs)
+    eager, rather than dynamo's failing trace of it. Where nothing takes it there (a
+    subclass's own call under DisableTorchFunctionSubclass), the function runs."""
+    if not has_torch_function(relevant):
+        return func(*args, **kwargs)
+    return handle_torch_function(func, relevant, *args, **kwargs)
 
 
 def _handle_torch_function(*args, **kwargs):

@@ -208,7 +208,9 @@ class _BatchNorm(_NormBase):
             leaf = fx_leaf(self, input, residual)
             if leaf is not None:
                 return leaf
-            run = functools.partial(_traced_batch_norm, buffers=tuple(self._buffers.values()))
+            run = functools.partial(_traced_batch_norm, buffers=tuple(
+                t for name, t in self._buffers.items()
+                if name not in self._non_persistent_buffers_set))
         else:
             self._check_input_dim(input)
         # Batch statistics in training, and in eval too when there are no running ones;
@@ -287,9 +289,9 @@ def _traced_batch_norm(input, running_mean, running_var, weight, bias, training,
     """``functional.batch_norm_resolved`` as one node of a ``torch.fx`` graph where the
     layer cannot be one (see :func:`fx_leaf`). As in the graph fx makes of torch's layer
     traced as the root, the parameters and buffers are the module's (``get_attr``) and
-    the mode (training, momentum) is the one at trace time. ``buffers``: all of the
-    layer's, unread: the node keeps them in the GraphModule, whose state_dict is then the
-    layer's (num_batches_tracked of a layer traced in eval included)."""
+    the mode (training, momentum) is the one at trace time. ``buffers``: the layer's
+    persistent ones, unread: the node keeps them in the GraphModule, whose state_dict is
+    then the layer's (num_batches_tracked of a layer traced in eval included)."""
     return F.batch_norm_resolved(input, running_mean, running_var, weight, bias, training,
                                  momentum, eps, activation, slope, residual,
                                  num_batches_tracked)
