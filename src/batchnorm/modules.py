@@ -262,12 +262,12 @@ def fx_leaf(module: nn.Module, input, residual):
     training's ``convert_fx`` of a trained model), and the tools find it there.
 
     None where no such node can stand for it: the traced root itself (torch traces its
-    layer's forward there too), a layer that is not a submodule of the root, and what fx
-    already ran, on Proxies, around this forward, which the node would run a second time:
-    forward hooks (the layer's or global ones) and a subclass's own ``forward`` (one that
-    transposes its input, say, then calls ours), or the instance's (accelerate's hooks
-    set one). The caller then records its computation
-    as a ``call_function`` (:func:`_traced_batch_norm`).
+    layer's forward there too), a layer that is not a submodule of the root, and one
+    around whose forward fx already ran code on Proxies, which the node would run a
+    second time: forward hooks (the layer's or global ones), a subclass's own
+    ``forward`` (one that transposes its input, say, then calls ours) or the instance's
+    (accelerate's hooks set one). The caller then records its computation as a
+    ``call_function`` (:func:`_traced_batch_norm`).
     """
     tracer = input.tracer
     if (not hasattr(tracer, "path_of_module") or module._forward_hooks

@@ -185,8 +185,9 @@ def _np(t: Tensor):
     ``.numpy()`` refused it: another device, a dtype NumPy lacks). A negative view
     (``z.conj().imag``) is resolved first: its memory holds the values' negations."""
     if not t.is_cpu or t.dtype not in _NUMPY_TYPES:
-        raise TypeError(f"the CPU kernels take CPU tensors of {', '.join(map(str, _NUMPY_TYPES))}; "
-                        f"got a {t.dtype} tensor on {t.device}")
+        kinds = ", ".join(map(str, _NUMPY_TYPES))
+        raise TypeError(f"the CPU kernels take CPU tensors of {kinds}; got a {t.dtype} "
+                        f"tensor on {t.device}")
     if t.is_neg():
         t = t.resolve_neg()
     memory = _Memory()
