@@ -1,22 +1,36 @@
-"""The computation, registered as ``torch.library`` custom ops.
+"""How a batch norm runs: the pipeline, its ``torch.library`` custom ops, and which path
+a call takes.
 
 Forward  = stats -> (combine across ranks) -> update running statistics -> normalize
 Backward = backward_reduce -> (all-reduce) -> backward_elementwise
 
-Each primitive is a functional custom op (``batchnorm::stats``, ``::normalize``,
-``::backward_reduce``, ``::backward_elementwise``) with a fake implementation, dispatching
-at run time to the backend :func:`batchnorm.backends.select` picks. Local batch norm is
-one more op, ``batchnorm::batch_norm``, that runs stats and normalize in one call and
-carries the analytic backward; SyncBatchNorm (``distributed.py``) strings the primitives
-together with its collectives in between.
+:func:`batch_norm` (the entry of the layers and of ``functional``) takes one of three paths:
+
+- eager, with something to differentiate: ``_EagerBatchNorm``, an ``autograd.Function``
+  (the custom-op dispatcher's overhead would dominate small inputs) running the device
+  backend's fused entry points, ``batch_norm_forward``/``batch_norm_backward``, where it
+  has them, else the primitives; without, the same forward alone;
+- under ``torch.compile`` and ``torch.export``: the custom op ``batchnorm::batch_norm``
+  (a fake implementation and the analytic backward registered), one node of the graph,
+  whose backward calls the ops ``batchnorm::backward_reduce`` and
+  ``::backward_elementwise``;
+- under torch.func transforms, forward-mode AD, ``torch.jit.trace``, dispatch modes and
+  tensor subclasses that dispatch in Python (:func:`needs_composed`): :func:`_composed`,
+  the same arithmetic in torch ops.
+
+The primitives ``batchnorm::stats`` and ``::normalize`` are registered as ops too, with
+fake implementations, though no path here calls them as ops; SyncBatchNorm
+(``distributed.py``) calls the backend's primitives directly, its collectives in between.
 
 The running-statistics update mutates buffers, and a custom op that mutates cannot carry
 an autograd formula, so it is kept out of the ops: it is a few in-place torch ops on
 C-sized tensors (:func:`update_running_stats`), which compile without graph breaks.
 
-All the C-sized math (invstd, the running update, Chan's combination) lives here, once.
-Tensors reaching the ops are *kernel views* (see ``backends/portable.py``);
-:func:`to_kernel_view` and :func:`from_kernel_view` make and undo them.
+The C-sized math (invstd, the running update, Chan's combination) is written here in
+torch ops; the CPU and Triton kernels compute it again inside their fused entry points
+(one call instead of a dozen small ops). Tensors reaching the ops are *kernel views* (see
+``backends/portable.py``); :func:`to_kernel_view` and :func:`from_kernel_view` make and
+undo them.
 """
 
 from __future__ import annotations
