@@ -63,14 +63,13 @@ from . import backends, ops
 from . import functional as F
 from .backends.portable import acc_dtype, mean_dtype
 from .modules import (
-    FX_LEAF_FORWARDS,
     BatchNorm1d,
     BatchNorm2d,
     BatchNorm3d,
     _BatchNorm,
     _check_rank,
-    evaluate_annotations,
     fx_leaf,
+    register_layer_forward,
 )
 
 __all__ = [
@@ -391,8 +390,7 @@ class SyncBatchNorm(_BatchNorm):
         return y
 
 
-FX_LEAF_FORWARDS.add(SyncBatchNorm.forward)
-evaluate_annotations(SyncBatchNorm.forward)
+register_layer_forward(SyncBatchNorm.forward)
 
 # The process groups of traced SyncBatchNorm nodes, by the name the node carries (a graph
 # holds constants it can print; a process group is none)

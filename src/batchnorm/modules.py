@@ -232,9 +232,10 @@ class _BatchNorm(_NormBase):
         return y
 
 
-# The forwards that call fx_leaf (ours; each module registers its own): a subclass with
-# another is traced through, as fx traces any module.
-FX_LEAF_FORWARDS: set = {_BatchNorm.forward}
+# The forwards that call fx_leaf (ours; each module registers its own with
+# register_layer_forward): a subclass with another is traced through, as fx traces any
+# module.
+FX_LEAF_FORWARDS: set = set()
 
 
 def _global_forward_hooks() -> bool:
@@ -308,7 +309,14 @@ def evaluate_annotations(*functions) -> None:
         f.__annotations__ = typing.get_type_hints(f)
 
 
-evaluate_annotations(_BatchNorm.forward)
+def register_layer_forward(forward) -> None:
+    """The forward of one of our batch-norm classes: fx_leaf may make its layers
+    ``call_module`` nodes, and a layer traced as the root pickles."""
+    FX_LEAF_FORWARDS.add(forward)
+    evaluate_annotations(forward)
+
+
+register_layer_forward(_BatchNorm.forward)
 
 _STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 

@@ -120,8 +120,7 @@ class _FrozenBatchNorm(F.FusedActivationAttribute, nn.Module):
         return new
 
 
-modules.FX_LEAF_FORWARDS.add(_FrozenBatchNorm.forward)
-modules.evaluate_annotations(_FrozenBatchNorm.forward)
+modules.register_layer_forward(_FrozenBatchNorm.forward)
 
 
 class FrozenBatchNorm1d(_FrozenBatchNorm):
