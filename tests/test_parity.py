@@ -652,6 +652,63 @@ def test_the_residual_gradient_does_not_share_the_callers_gradient(backend, gen,
     assert r.grad.untyped_storage().data_ptr() != dy.untyped_storage().data_ptr()
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("which", ["input", "residual", "weight", "bias", "running_mean",
+                                   "running_var", "dy"])
+def test_a_negative_view_is_read_as_its_values(backend, gen, which, training):
+    """A negative view (``z.conj().imag``, ``torch._neg_view``) holds its values'
+    negations in memory: the fused kernels read by address, and took the negations (y
+    off by up to 9.5 on a (4,3,5,5) input), and updated negative running buffers in
+    memory the other way. Torch on the CPU is the oracle; ours reads each such tensor at
+    its values, and a negative running buffer it updates stays one. (torch is given
+    plain tensors: its CPU kernel leaves a negative running_mean alone.)"""
+    shape = (3, 3, 4, 2)
+    dev = backend.device
+    values = {"input": torch.randn(shape, generator=gen),
+              "residual": torch.randn(shape, generator=gen),
+              "weight": torch.randn(3, generator=gen), "bias": torch.randn(3, generator=gen),
+              "running_mean": torch.randn(3, generator=gen),
+              "running_var": torch.rand(3, generator=gen) + 0.5,
+              "dy": torch.randn(shape, generator=gen)}
+
+    def negative_view(t):  # a tensor whose values are t's, stored as their negations
+        view = torch._neg_view(-t)
+        assert view.is_neg()
+        return view
+
+    def run(fn, given, device, negate):
+        x = given["input"].to(device).requires_grad_()
+        r = given["residual"].to(device).requires_grad_()
+        w = given["weight"].to(device).requires_grad_()
+        b = given["bias"].to(device).requires_grad_()
+        rm, rv = given["running_mean"].to(device), given["running_var"].to(device)
+        if negate and which in ("running_mean", "running_var"):
+            rm, rv = (negative_view(t) if name == which else t
+                      for name, t in (("running_mean", rm), ("running_var", rv)))
+        leaves = (x, r, w, b)
+        args = [negative_view(t) if negate and name == which else t
+                for name, t in zip(("input", "residual", "weight", "bias"), leaves)]
+        y = fn(args[0], rm, rv, args[2], args[3], training=training, residual=args[1])
+        dy = given["dy"].to(device)
+        y.backward(negative_view(dy) if negate and which == "dy" else dy)
+        return [y, *(t.grad for t in leaves), rm, rv]
+
+    def theirs(x, rm, rv, w, b, training, residual):
+        return torch.relu(torch.nn.functional.batch_norm(x, rm, rv, w, b, training)
+                          + residual)
+
+    def ours(x, rm, rv, w, b, training, residual):
+        return batchnorm.functional.batch_norm(x, rm, rv, w, b, training,
+                                               activation="relu", residual=residual)
+
+    got = run(ours, values, dev, negate=True)
+    want = run(theirs, values, "cpu", negate=False)
+    assert got[5].is_neg() == (which == "running_mean")
+    for name, g, w in zip(("y", "dx", "dresidual", "dweight", "dbias", "running_mean",
+                           "running_var"), got, want):
+        assert_close(g.cpu(), w, torch.float32, scale=4, msg=name)
+
+
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
 def test_num_batches_tracked_version_moves_once_a_step_as_torchs(backend, gen, momentum):
     """torch's module adds 1 to num_batches_tracked with add_(1), which moves its version

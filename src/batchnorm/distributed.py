@@ -177,6 +177,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy_given):
+        dy_given = ops.resolve_negative(dy_given)
         input, weight, bias_k, residual, mean_k, invstd, shift = ctx.saved_tensors
         need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
         act, slope, c = ctx.activation, ctx.slope, input.shape[1]
@@ -286,7 +287,9 @@ def sync_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Ten
             "Python. Run it in eval mode there, or use a local batch norm "
             "(batchnorm.revert_sync_batchnorm)")
     ops.refuse_inference_buffers((running_mean, running_var, num_batches_tracked, momentum))
-    input = ops.densify(input)
+    input = ops.resolve_negative(ops.densify(input))
+    weight, bias, residual = (ops.resolve_negative(weight), ops.resolve_negative(bias),
+                              ops.resolve_negative(residual))
     shape = input.shape
     channels_last = ops.is_channels_last(input)
     # An empty rank computes nothing but still needs autograd to reach our backward (to

@@ -597,6 +597,7 @@ class _EagerBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        dy = resolve_negative(dy)
         if not torch.is_grad_enabled() and kernels_take(dy):
             grads = _fused_backward(ctx, dy)
             if grads is not None:
@@ -743,6 +744,14 @@ def densify(input: Tensor) -> Tensor:
     return input
 
 
+def resolve_negative(t: Tensor | None) -> Tensor | None:
+    """``t`` with its negation materialized where it is a negative view (``z.conj().imag``,
+    ``torch._neg_view``): its memory holds the values' negations, and the kernels read
+    memory by address. (The running buffers a training step updates are not passed
+    here: the backends leave a negative view's update to torch ops, which write it.)"""
+    return t.resolve_neg() if t is not None and t.is_neg() else t
+
+
 def _refuse_inference_tensors(input, weight, bias) -> None:
     """The error ``save_for_backward`` would raise, raised before the forward (and its
     running update) runs: a failed call changes nothing. (A check is ~0.2 µs: the bias
@@ -804,7 +813,10 @@ def batch_norm(input, weight, bias, residual, running_mean, running_var, eps, ac
     if _transforms_active() if compiling else needs_composed(input):
         return _composed(input, weight, bias, residual, running_mean, running_var, eps,
                          activation, slope, update)
-    input = densify(input)
+    input = resolve_negative(densify(input))
+    weight, bias, residual = (resolve_negative(weight), resolve_negative(bias),
+                              resolve_negative(residual))
+    running_mean, running_var = resolve_negative(running_mean), resolve_negative(running_var)
     if not compiling and torch.is_grad_enabled() and (
             input.requires_grad or (weight is not None and weight.requires_grad)
             or (bias is not None and bias.requires_grad)

@@ -601,7 +601,7 @@ def _running_at(running_mean, running_var, num_batches_tracked, momentum, acc):
     """The kernels' handles of the running buffers, ``(running_mean, running_var, counter,
     momentum with -1 for None)``, or None where the kernel does not apply (ops then
     updates with torch ops): buffers of another dtype than the data's, on another device,
-    strided, or that require grad."""
+    strided, that require grad or are negative views."""
     if running_mean is None or running_var is None:
         return None
     counter = 0
@@ -614,7 +614,8 @@ def _running_at(running_mean, running_var, num_batches_tracked, momentum, acc):
     else:
         counter = num_batches_tracked.data_ptr()
     for t in (running_mean, running_var):
-        if t.dtype is not acc or not t.is_cpu or t.requires_grad or t.stride() != (1,):
+        if (t.dtype is not acc or not t.is_cpu or t.requires_grad or t.stride() != (1,)
+                or t.is_neg()):
             return None
     return (running_mean.data_ptr(), running_var.data_ptr(), counter,
             -1.0 if momentum is None else float(momentum))

@@ -49,7 +49,7 @@ class _Accumulator:
 
     @torch.no_grad()
     def __call__(self, module: nn.Module, args, kwargs) -> None:
-        x = (args[0] if args else kwargs[self.input_name]).detach()
+        x = ops.resolve_negative((args[0] if args else kwargs[self.input_name]).detach())
         c = x.shape[1]
         n = x.numel() // c if c else 0
         if n == 0:

@@ -578,7 +578,7 @@ def _running_for_finalize(update, mean: Tensor):
 def _plain_vector(t: Tensor, device: torch.device) -> bool:
     """A [C] tensor the running-update kernels may read or write in place."""
     return (supports(t) and t.device == device and t.is_contiguous() and not t.requires_grad
-            and t.dim() == 1)
+            and t.dim() == 1 and not t.is_neg())
 
 
 def _running_buffers_ok(running_mean, running_var, num_batches_tracked, mean: Tensor) -> bool:
