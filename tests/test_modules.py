@@ -174,6 +174,24 @@ def test_residual_keyword_and_positional(gen):
     torch.testing.assert_close(a, torch.relu(plain(x) + r))
 
 
+@pytest.mark.parametrize("counter_dtype", [torch.long, torch.float32], ids=["int64", "float32"])
+def test_a_counter_of_another_one_value_shape_counts_as_torchs(backend, gen, counter_dtype):
+    """torch's layer reads num_batches_tracked as a number (momentum=None divides by it),
+    so a (1, 1) counter works there; ours broadcast the cumulative factor to the counter's
+    shape and failed to write a [1, C] mean into [C], after the count had moved."""
+    x = torch.randn(4, 3, 2, 2, generator=gen).to(backend.device)
+    layers = []
+    for cls in (batchnorm.BatchNorm2d, torch.nn.BatchNorm2d):
+        bn = cls(3, momentum=None, device=backend.device)
+        bn.num_batches_tracked = torch.zeros(1, 1, dtype=counter_dtype, device=backend.device)
+        bn(x), bn(x * 2 + 1)
+        layers.append(bn)
+    ours, theirs = layers
+    assert ours.num_batches_tracked.tolist() == [[2]]
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+
+
 def test_dtype_and_device_moves(gen):
     bn = batchnorm.BatchNorm2d(3, activation="tanh").double()
     assert bn.weight.dtype == bn.running_mean.dtype == torch.float64

@@ -193,8 +193,10 @@ def _update_running_stats_torch(running_mean, running_var, num_batches_tracked, 
     # torch.export.load refuses (SpecViolationError); detach is an ordinary node.
     mean, var = mean.detach(), var.detach()
 
-    def factor(dt):  # (the count after this batch)
-        return momentum if momentum is not None else 1.0 / (num_batches_tracked + 1).to(dt)
+    def factor(dt):  # (the count after this batch; a counter of any one-value shape)
+        if momentum is not None:
+            return momentum
+        return 1.0 / (num_batches_tracked.reshape(()) + 1).to(dt)
 
     # Each in the wider of its dtype and the batch's, as the CPU kernels do: a float64
     # running_var on float32 data keeps its digits (the batch's dtype rounded it, so one
