@@ -196,3 +196,35 @@ def test_a_subclass_calling_us_from_its_own_override_compiles(gen):
 
     x = torch.randn(4, 3, 5, generator=gen).as_subclass(_Halved)
     torch.testing.assert_close(torch.compile(call, backend="eager")(x), call(x))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_negative_views_compiled_are_read_at_their_values(backend, gen, training):
+    """Compiled, negative views (``z.conj().imag``) reach the custom op as values
+    (AOTAutograd resolves them; eager mode resolves them in ops, where dynamo cannot ask
+    ``is_neg``), as the README says. (aot_eager: inductor gets such inputs wrong for
+    torch's own batch norm too, see README.)"""
+    x = torch.randn(4, 3, 5, 2, generator=gen).to(backend.device).requires_grad_()
+    w = torch.randn(3, generator=gen).to(backend.device).requires_grad_()
+    dy = torch.randn(4, 3, 5, 2, generator=gen).to(backend.device)
+    rm, rv = torch.randn(3, generator=gen), torch.rand(3, generator=gen) + 0.5
+
+    def forward(x, w, rm, rv):
+        return batchnorm.functional.batch_norm(x, rm, rv, w, None, training,
+                                               activation="relu")
+
+    def step(forward, x, w, dy, rm, rv):
+        y = forward(x, w, rm, rv)
+        y.backward(dy)
+        return y.detach()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(forward, backend="aot_eager", fullgraph=True)
+    neg = torch._neg_view
+    got = [step(compiled, neg(-x), neg(-w), neg(-dy), rm.clone().to(backend.device),
+                rv.clone().to(backend.device)), x.grad.clone(), w.grad.clone()]
+    x.grad = w.grad = None
+    want = [step(forward, x, w, dy, rm.clone().to(backend.device),
+                 rv.clone().to(backend.device)), x.grad, w.grad]
+    for name, g, e in zip(("y", "dx", "dweight"), got, want):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4, msg=name)

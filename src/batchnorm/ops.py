@@ -754,6 +754,11 @@ def resolve_negative(t: Tensor | None) -> Tensor | None:
     return t.resolve_neg() if t is not None and t.is_neg() else t
 
 
+def _values(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The tensors, negative views among them resolved (:func:`resolve_negative`)."""
+    return tuple(map(resolve_negative, tensors))
+
+
 def _refuse_inference_tensors(input, weight, bias) -> None:
     """The error ``save_for_backward`` would raise, raised before the forward (and its
     running update) runs: a failed call changes nothing. (A check is ~0.2 µs: the bias
@@ -815,10 +820,10 @@ def batch_norm(input, weight, bias, residual, running_mean, running_var, eps, ac
     if _transforms_active() if compiling else needs_composed(input):
         return _composed(input, weight, bias, residual, running_mean, running_var, eps,
                          activation, slope, update)
-    input = resolve_negative(densify(input))
-    weight, bias, residual = (resolve_negative(weight), resolve_negative(bias),
-                              resolve_negative(residual))
-    running_mean, running_var = resolve_negative(running_mean), resolve_negative(running_var)
+    input = densify(input)
+    if not compiling:  # (dynamo cannot trace is_neg; AOTAutograd hands the ops values)
+        input, weight, bias, residual, running_mean, running_var = _values(
+            input, weight, bias, residual, running_mean, running_var)
     if not compiling and torch.is_grad_enabled() and (
             input.requires_grad or (weight is not None and weight.requires_grad)
             or (bias is not None and bias.requires_grad)
