@@ -179,7 +179,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     def backward(ctx, dy_given):
         dy_given = ops.resolve_negative(dy_given)
         input, weight, bias_k, residual, mean_k, invstd, shift = ctx.saved_tensors
-        need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+        need_x, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
         act, slope, c = ctx.activation, ctx.slope, input.shape[1]
         shape, channels_last = input.shape, ctx.channels_last
         empty = input.numel() == 0
@@ -190,38 +190,32 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             if residual is not None:
                 residual = ops.to_kernel_view(residual, channels_last)
         dy = dy.contiguous()
-        backend = None if empty else backends.select(x)
+        want_dres = bool(need_r) and act != "none"
+
+        def all_reduce(sum_dz, sum_dz_xhat):
+            # Every rank that reaches here joins (the same layers need x's gradient on
+            # every rank); one buffer, one collective. cat copies, so the local sums stay
+            # local for the weight and bias gradients. In float64 on every rank, as the
+            # forward's gather: ranks whose inputs differ in dtype (float32 here, float64
+            # there) would otherwise send different byte counts, which gloo answers by
+            # aborting the process.
+            both = torch.cat([sum_dz, sum_dz_xhat]).to(torch.float64)
+            dist.all_reduce(both, group=ctx.process_group)
+            both = both.to(sum_dz.dtype)
+            return both[:c], both[c:]
 
         if empty:
             sum_dz = x.new_zeros(c, dtype=invstd.dtype)
             sum_dz_xhat = torch.zeros_like(sum_dz)
-        else:
-            sum_dz, sum_dz_xhat_k = backend.backward_reduce(
-                dy, x, mean_k, invstd, weight, bias_k, residual, act, slope)
-            sum_dz_xhat = ops.sum_dz_xhat_from_kernels(sum_dz, sum_dz_xhat_k, shift)
-
-        dx = dres = None
-        want_dres = bool(need_r) and act != "none"
-        if need_x:
-            # Every rank that reaches here joins (the same layers need x's gradient on
-            # every rank); one buffer, one collective. cat copies, so the local sums stay
-            # local for the weight and bias gradients.
-            # In float64 on every rank, as the forward's gather: ranks whose inputs differ in
-            # dtype (float32 here, float64 there) would otherwise send different byte counts,
-            # which gloo answers by aborting the process.
-            both = torch.cat([sum_dz, sum_dz_xhat]).to(torch.float64)
-            dist.all_reduce(both, group=ctx.process_group)
-            both = both.to(sum_dz.dtype)
-            global_dz, global_dz_xhat = both[:c], both[c:]
-            global_dz = ops.sum_dz_for_kernels(global_dz, global_dz_xhat, shift)
-        if empty:
+            if need_x:
+                all_reduce(sum_dz, sum_dz_xhat)
             dx = torch.zeros_like(input) if need_x else None
             dres = torch.zeros_like(input) if want_dres else None
-        elif need_x or want_dres:
-            dx, dres = backend.backward_elementwise(
-                dy, x, mean_k, invstd, weight, bias_k, residual,
-                global_dz if need_x else None, global_dz_xhat if need_x else None,
-                ctx.count, act, slope, want_dres)
+        else:
+            sum_dz, sum_dz_xhat, dx, dres = ops.backward_by_primitives(
+                backends.select(x), dy, x, mean_k, invstd, shift, weight, bias_k, residual,
+                act, slope, ctx.count, True, need_sums=True, need_dx=need_x,
+                want_dresidual=want_dres, all_reduce=all_reduce)
             dx = ops.from_kernel_view(dx, shape, channels_last) if dx is not None else None
             dres = ops.from_kernel_view(dres, shape, channels_last) if want_dres else None
         # (without an activation the residual's gradient is dy_given itself)

@@ -18,9 +18,10 @@ Backward = backward_reduce -> (all-reduce) -> backward_elementwise
   tensor subclasses that dispatch in Python (:func:`needs_composed`): :func:`_composed`,
   the same arithmetic in torch ops.
 
-The primitives ``batchnorm::stats`` and ``::normalize`` are registered as ops too, with
-fake implementations, though no path here calls them as ops; SyncBatchNorm
-(``distributed.py``) calls the backend's primitives directly, its collectives in between.
+SyncBatchNorm (``distributed.py``) calls the backend's primitives directly, its
+collectives in between: its forward gathers the statistics before ``normalize``, its
+backward is local batch norm's (:func:`backward_by_primitives`) with the all-reduce of
+the sums passed in.
 
 The running-statistics update mutates buffers, and a custom op that mutates cannot carry
 an autograd formula, so it is kept out of the ops: it is a few in-place torch ops on
@@ -269,36 +270,11 @@ def _copy_into_batched(info, in_dims, dst, src):
 
 
 # ---------------------------------------------------------------------------------------
-# The primitives as custom ops
+# The backward primitives as custom ops (the compiled backward of batchnorm::batch_norm)
 
 
 def _per_channel_empty(x: Tensor) -> Tensor:
     return x.new_empty(x.shape[1], dtype=acc_dtype(x.dtype))
-
-
-@torch.library.custom_op("batchnorm::stats", mutates_args=())
-def stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel (mean in ``mean_dtype(x)``, m2) of a kernel view."""
-    mean, m2 = backends.select(x).stats(x)
-    return mean.to(mean_dtype(x)), m2
-
-
-@stats.register_fake
-def _(x):
-    return x.new_empty(x.shape[1], dtype=mean_dtype(x)), _per_channel_empty(x)
-
-
-@torch.library.custom_op("batchnorm::normalize", mutates_args=())
-def normalize(
-    x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None,
-    residual: Tensor | None, activation: str, slope: float,
-) -> Tensor:
-    return backends.select(x).normalize(x, mean, invstd, weight, bias, residual, activation, slope)
-
-
-@normalize.register_fake
-def _(x, mean, invstd, weight, bias, residual, activation, slope):
-    return torch.empty_like(x)
 
 
 @torch.library.custom_op("batchnorm::backward_reduce", mutates_args=())
@@ -534,25 +510,43 @@ def _kernel_view_backward(ctx, x, weight, bias, residual, mean, var, dy):
         prims = torch.ops.batchnorm
     invstd = invstd_from_var(var, ctx.eps)
     mean_k, bias_k, shift = centre_for_kernels(mean, invstd, weight, bias, acc_dtype(x.dtype))
-
-    sum_dz = sum_dz_xhat = None
-    if ctx.training or need_w or need_b:
-        sum_dz, sum_dz_xhat_k = prims.backward_reduce(
-            dy, x, mean_k, invstd, weight, bias_k, residual, act, slope)
-        sum_dz_xhat = sum_dz_xhat_from_kernels(sum_dz, sum_dz_xhat_k, shift)
-
-    dx = dres = None
-    want_dres = bool(need_r) and act != "none"
-    if need_x or want_dres:
-        sum_dz_k = sum_dz_for_kernels(sum_dz, sum_dz_xhat, shift) if ctx.training else None
-        dx, dres = prims.backward_elementwise(
-            dy, x, mean_k, invstd, weight, bias_k, residual,
-            sum_dz_k, sum_dz_xhat if ctx.training else None,
-            count, act, slope, want_dres)
-        dres = dres if want_dres else None
+    sum_dz, sum_dz_xhat, dx, dres = backward_by_primitives(
+        prims, dy, x, mean_k, invstd, shift, weight, bias_k, residual, act, slope, count,
+        ctx.training, need_sums=need_w or need_b, need_dx=need_x,
+        want_dresidual=bool(need_r) and act != "none")
     return (*autograd_grads(ctx.needs_input_grad[:4], dy, dx, dres, sum_dz, sum_dz_xhat,
                             weight, ctx.bias_dtype, act),
             None, None, None, None, None)
+
+
+def backward_by_primitives(prims, dy, x, mean_k, invstd, shift, weight, bias_k, residual,
+                           activation, slope, count, training, need_sums, need_dx,
+                           want_dresidual, all_reduce=None):
+    """``(Σdz, Σdz·x̂, dx, dresidual)`` of kernel views from ``prims``' two backward
+    primitives, with the corrections for the centring (:func:`centre_for_kernels`'s
+    ``shift``) between them: the backward of local batch norm and of SyncBatchNorm.
+    The sums are None unless ``need_sums`` or ``training``, dx unless ``need_dx``,
+    dresidual unless ``want_dresidual``. In training dx needs the sums over the whole
+    batch: ``all_reduce(Σdz, Σdz·x̂)`` (SyncBatchNorm's collective) gives them from this
+    process's, called only where dx is needed; ``count`` is the whole batch's values per
+    channel."""
+    sum_dz = sum_dz_xhat = None
+    if training or need_sums:
+        sum_dz, sum_dz_xhat_k = prims.backward_reduce(
+            dy, x, mean_k, invstd, weight, bias_k, residual, activation, slope)
+        sum_dz_xhat = sum_dz_xhat_from_kernels(sum_dz, sum_dz_xhat_k, shift)
+    dx = dres = None
+    if need_dx or want_dresidual:
+        batch_dz = batch_dz_xhat = None
+        if training and need_dx:
+            batch_dz, batch_dz_xhat = ((sum_dz, sum_dz_xhat) if all_reduce is None
+                                       else all_reduce(sum_dz, sum_dz_xhat))
+            batch_dz = sum_dz_for_kernels(batch_dz, batch_dz_xhat, shift)
+        dx, dres = prims.backward_elementwise(
+            dy, x, mean_k, invstd, weight, bias_k, residual, batch_dz, batch_dz_xhat, count,
+            activation, slope, want_dresidual)
+    return (sum_dz, sum_dz_xhat, dx if need_dx else None,
+            dres if want_dresidual else None)
 
 
 batch_norm_op.register_autograd(_batch_norm_backward, setup_context=_setup_context)
