@@ -6,6 +6,21 @@ plus ``supports(x) -> bool``: whether it can compute on this kernel view (device
 and is expected to be faster there than the portable path, and ``DEVICES``: the device
 types it can compute on at all (None: any).
 
+A backend may also offer whole passes, which ops looks up with ``getattr`` and uses where
+present (the cpu and triton backends do; the portable one does not), each returning None
+(or False) for a call it does not take, which ops then computes from the primitives:
+
+- ``batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps,
+  activation, slope, update, channels_last, need_stats) -> (y, mean, var, updated,
+  saved)``: the forward on the input as given, with the C-sized math of
+  ``ops._forward_by_primitives`` inside (see ``ops._forward``);
+- ``batch_norm_backward(dy, x, weight, bias, residual, mean, var, eps, training,
+  activation, slope, need_sums, need_dx, want_dresidual, channels_last, saved) -> (dx,
+  Σdz, Σdz·x̂, dresidual)``: the backward of such a forward, with the C-sized math of
+  ``ops.backward_by_primitives`` inside (see ``ops._fused_backward``);
+- ``update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count,
+  momentum) -> bool``: ``ops.update_running_stats`` in one call.
+
 ``BATCHNORM_BACKEND=portable|cpu|triton`` (read at import) or :func:`using` forces one
 backend for every call; a forced backend that cannot handle a tensor raises rather than
 silently falling back, so that tests and benchmarks measure what they name.
@@ -28,7 +43,7 @@ NAMES = ("portable", "cpu", "triton")
 # What force() chose, the using() blocks open now (entry order) and, read on every call,
 # the backend in force: the last block's, else force()'s.
 _chosen: str | None = None
-_open: list[tuple[object, str | None]] = []
+_open: list[tuple[object, str | None, int]] = []  # (token, name, thread id)
 _lock = threading.Lock()
 _forced: str | None = None
 _loaded: dict[str, ModuleType | None] = {"portable": portable}

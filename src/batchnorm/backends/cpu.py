@@ -513,8 +513,8 @@ _ACC = {torch.float32: torch.float32, torch.float64: torch.float64,
 def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps,
                        activation, slope, update=None, channels_last=False,
                        need_stats=True):
-    """``ops._batch_norm_forward``: ``(y, mean, var, updated, None)``, y in x's shape and memory
-    format; mean in float64 in training. x is dense: contiguous, or channels-last
+    """The ``batch_norm_forward`` hook (see ``backends/__init__.py``): ``(y, mean, var,
+    updated, None)``, y in x's shape and memory format; mean in float64 in training. x is dense: contiguous, or channels-last
     (``ops.is_channels_last``) when ``channels_last``; the kernels read it by address.
     ``update`` (training only): ``(running_mean, running_var, num_batches_tracked,
     momentum)`` to move towards the batch statistics, done here after the normalize when

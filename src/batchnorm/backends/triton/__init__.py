@@ -474,7 +474,8 @@ def backward_elementwise(
 def batch_norm_forward(x, weight, bias, residual, running_mean, running_var, eps,
                        activation, slope, update=None, channels_last=False,
                        need_stats=True):
-    """``ops._batch_norm_forward``: ``(y, mean, var, updated, saved)``.
+    """The ``batch_norm_forward`` hook (see ``backends/__init__.py``): ``(y, mean, var,
+    updated, saved)``.
 
     Training, three launches: the statistics' stage 1; stage 2 with the C-sized math ops
     would do with a dozen torch kernels (var, invstd, the float64-mean centring) and, with
@@ -594,9 +595,9 @@ def _running_buffers_ok(running_mean, running_var, num_batches_tracked, mean: Te
 def batch_norm_backward(dy, x, weight, bias, residual, mean, var, eps, training: bool,
                         activation, slope, need_sums: bool, need_dx: bool,
                         want_dresidual: bool, channels_last=False, saved=None):
-    """``ops._batch_norm_backward``: ``(dx, Σdz, Σdz·x̂, dresidual)``, dx and dresidual in x's
-    shape and memory format. Tensors as the caller has them, as in
-    :func:`batch_norm_forward`.
+    """The ``batch_norm_backward`` hook (see ``backends/__init__.py``): ``(dx, Σdz, Σdz·x̂,
+    dresidual)``, dx and dresidual in x's shape and memory format. Tensors as the caller
+    has them, as in :func:`batch_norm_forward`.
 
     Three launches: the reduction's stage 1, the merge of the sums with the centring's
     corrections (in stage 1's launch where the plan allows, as in the forward), the

@@ -484,7 +484,7 @@ def stats_finalize(x_ptr, part_ptr, mean_ptr, var_ptr, coef_ptr, w_ptr, b_ptr, r
                    bessel_lo, momentum_hi, momentum_lo, HAS_W: tl.constexpr,
                    HAS_B: tl.constexpr, F64: tl.constexpr, UPDATE: tl.constexpr,
                    HAS_NBT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """:func:`_merge`, then the C-sized math of ``ops._batch_norm_forward`` in the same
+    """:func:`_merge`, then the C-sized math of ``ops._forward_by_primitives`` in the same
     program, so a training forward is three launches instead of a dozen:
     var = m2 / count, invstd = 1/√(var + eps) (0 where var + eps == 0), and
     ``ops.centre_for_kernels``: mean_k = acc(mean), shift = (mean − mean_k)·invstd,
@@ -578,9 +578,10 @@ def _store_coefficients(out_ptr, cols, cmask, C, mean, var, w_ptr, b_ptr, eps_hi
 def prepare(mean_ptr, var_ptr, w_ptr, b_ptr, out_ptr, mean_out_ptr, var_out_ptr, C, eps_hi,
             eps_lo, HAS_W: tl.constexpr, HAS_B: tl.constexpr, F64: tl.constexpr,
             COPY: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The C-sized prologue of ``ops._batch_norm_backward`` in one launch, from a saved
-    mean and var (see :func:`_store_coefficients`). ``out`` gets the four [C] rows
-    mean_k, invstd, bias_k, shift; with ``COPY`` (evaluation: the statistics are the
+    """The C-sized prologue of the backward (invstd and the centring that
+    ``ops._kernel_view_backward`` computes) and of the evaluation forward, in one launch,
+    from a saved (or running) mean and var (see :func:`_store_coefficients`). ``out``
+    gets the four [C] rows mean_k, invstd, bias_k, shift; with ``COPY`` (evaluation: the statistics are the
     running buffers) ``mean_out`` and ``var_out`` get copies of them as ops makes them:
     the var in the acc dtype, the mean in ``mean_out``'s (a float64 running mean stays
     float64, and is split for the kernels as the batch mean is). (The custom op
@@ -600,7 +601,7 @@ def prepare(mean_ptr, var_ptr, w_ptr, b_ptr, out_ptr, mean_out_ptr, var_out_ptr,
 @triton.jit
 def sum_partials_centred(part_ptr, shift_ptr, sdz_ptr, sdzx_ptr, sdz_k_ptr, P, C, PC,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """``sum_partials``, then the shift corrections of ``ops._batch_norm_backward``: the
+    """``sum_partials``, then the shift corrections of ``ops.backward_by_primitives``: the
     kernels' x̂' is x̂ + shift, so S = Σdz·x̂ = Σdz·x̂' − shift·Σdz, and the elementwise
     pass gets Σdz − shift·S in place of Σdz. No correction of S where Σdz is not finite,
     nor of Σdz where S is not (``ops.sum_dz_xhat_from_kernels``, ``sum_dz_for_kernels``)."""
