@@ -162,6 +162,10 @@ def test_a_subclass_input_and_a_mode_compile_in_one_graph(gen):
     y = torch.compile(layer, backend="eager", fullgraph=True)(x.as_subclass(_Tagged))
     assert type(y) is _Tagged
     torch.testing.assert_close(y.as_subclass(torch.Tensor), eager(x))
+    if torch.__version__ < "2.13":
+        pytest.skip("torch 2.11's dynamo fails a counting mode's guard on the frame that made "
+                    "it ('Guard failed on the same frame it was created'), for torch's own "
+                    "layer too; 2.13 compiles it")
     with _CountCalls() as mode:
         y = torch.compile(layer, backend="eager")(x)
     assert mode.calls > 0

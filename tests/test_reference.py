@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from batchnorm import reference as ref
-from conftest import np64
+from conftest import np64, torch_batchnorm
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 SHAPES = [(7, 3), (4, 3, 5), (3, 2, 4, 3), (2, 3, 2, 3, 2)]
@@ -44,7 +44,7 @@ def test_training_steps_and_eval_match_torch(shape, params, momentum, gen):
     c = shape[1]
     kwargs = dict(momentum=momentum, dtype=torch.float64, affine=params != "noaffine",
                   bias=params == "affine")
-    theirs = TORCH_CLASS[len(shape)](c, **kwargs)
+    theirs = torch_batchnorm(TORCH_CLASS[len(shape)], c, **kwargs)
     with torch.no_grad():
         if theirs.weight is not None:
             theirs.weight.copy_(torch.randn(c, generator=gen, dtype=torch.float64))

@@ -63,7 +63,7 @@ def test_ours_to_torch_and_back(ours_cls, torch_cls, shape, config, gen):
 @pytest.mark.parametrize("config", ["default", "cumulative", "nobias"])
 def test_torch_checkpoint_into_ours(config, gen):
     kwargs = CONFIGS[config]
-    theirs = _train(nn.BatchNorm2d(3, **kwargs), (4, 3, 3, 3), gen)
+    theirs = _train(torch_batchnorm(nn.BatchNorm2d, 3, **kwargs), (4, 3, 3, 3), gen)
     buffer = io.BytesIO()
     torch.save(theirs.state_dict(), buffer)
     buffer.seek(0)

@@ -99,12 +99,20 @@ class FusedActivationAttribute:
 
     @property
     def activation(self) -> str:
-        return self.__dict__.get("activation", "none")
+        # (kept under another name than the property's: torch 2.11's dynamo turned
+        # self.__dict__.get("activation") into self.activation, a RecursionError)
+        return self.__dict__.get("_activation", "none")
 
     @activation.setter
     def activation(self, value) -> None:
-        self.__dict__["activation"], self.__dict__["activation_slope"] = (
+        self.__dict__["_activation"], self.__dict__["activation_slope"] = (
             resolve_activation(value))
+
+    def __setstate__(self, state) -> None:
+        if "activation" in state:  # a layer pickled whole before the name changed
+            state = dict(state)
+            state["_activation"] = state.pop("activation")
+        super().__setstate__(state)
 
     def __setattr__(self, name: str, value) -> None:
         if name == "activation":  # nn.Module's rule would make an nn.ReLU() a submodule
@@ -411,7 +419,12 @@ def batch_norm_resolved(input, running_mean, running_var, weight, bias, training
 
 
 def _is_exporting() -> bool:
-    # torch.compiler.is_exporting appeared after torch 2.4, the oldest torch we support
+    # The flag itself where torch has it: torch 2.11's dynamo took is_exporting() for
+    # True under any torch.compile (compiled eval ran torch's batch norm, not ours).
+    # torch.compiler.is_exporting appeared after torch 2.4, the oldest torch we support.
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    if flag is not None:
+        return flag
     is_exporting = getattr(torch.compiler, "is_exporting", None)
     return is_exporting is not None and is_exporting()
 
