@@ -726,6 +726,27 @@ def test_num_batches_tracked_version_moves_once_a_step_as_torchs(backend, gen, m
     assert versions == [2, 2]
 
 
+@pytest.mark.parametrize("layout", ["plain", "strided"])
+def test_a_graph_that_saved_a_running_statistic_still_runs_backward_after_a_step(
+        backend, gen, layout):
+    """torch's kernel updates the running statistics without moving their version
+    counters, so a graph that saved one (``w * bn.running_mean``) runs its backward after
+    a training step; torch ops' ``copy_`` (the portable path, and strided buffers on
+    Triton) moved them: "modified by an inplace operation"."""
+    for cls in (batchnorm.BatchNorm2d, nn.BatchNorm2d):
+        m = cls(4, device=backend.device)
+        if layout == "strided":
+            buffers = torch.stack([torch.zeros(4), torch.ones(4)], 1).to(backend.device)
+            m.running_mean, m.running_var = buffers[:, 0], buffers[:, 1]
+        w = torch.randn(4, generator=gen).to(backend.device).requires_grad_()
+        z = (w * m.running_mean).sum() + (w * m.running_var).sum()
+        before = m.running_mean.clone()
+        m(torch.randn(3, 4, 3, 3, generator=gen).to(backend.device) * 3 + 2)
+        assert not torch.equal(m.running_mean, before), cls
+        z.backward()  # (it reads the statistics as they are now, as torch's does)
+        assert_close(w.grad, m.running_mean + m.running_var, torch.float32)
+
+
 @pytest.mark.parametrize("which", ["running_mean", "running_var"])
 def test_an_expanded_running_statistic_is_refused_in_training_before_anything_moves(
         backend, gen, which):

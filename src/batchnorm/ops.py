@@ -228,6 +228,7 @@ def _update_running_stats_torch(running_mean, running_var, num_batches_tracked, 
 
 
 _functorch = torch._C._functorch
+_preserve_version = torch.autograd._unsafe_preserve_version_counter
 
 
 def _assign(running: Tensor, value: Tensor) -> None:
@@ -236,9 +237,20 @@ def _assign(running: Tensor, value: Tensor) -> None:
     without the transform's wrappers, copied by a custom op: an in-place op on a captured
     tensor raises "mutate a captured Tensor" there, where torch's batch norm updates it
     (inside its op). Under a vmap around the transform, per-sample running statistics
-    (batched) get the per-sample values (see :func:`_copy_into_batched`)."""
-    level = None if torch.compiler.is_compiling() else _functorch.maybe_current_level()
-    if level is None or _functorch.maybe_get_level(running) >= level:
+    (batched) get the per-sample values (see :func:`_copy_into_batched`).
+
+    In eager mode outside transforms the running statistic's version counter stays, as
+    torch's kernel and ours leave it: a graph that saved it (``w * bn.running_mean``)
+    still runs its backward after a training step, whichever path did the update."""
+    if torch.compiler.is_compiling():
+        running.copy_(value)
+        return
+    level = _functorch.maybe_current_level()
+    if level is None:
+        with _preserve_version(running):
+            running.copy_(value)
+        return
+    if _functorch.maybe_get_level(running) >= level:
         running.copy_(value)
         return
     while (_functorch.is_functorch_wrapped_tensor(value)
