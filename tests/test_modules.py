@@ -220,10 +220,12 @@ def test_deepcopy_and_pickle_keep_the_activation(gen):
 def test_a_layer_pickled_whole_before_the_activation_moved_loads(gen):
     """The activation is kept under ``_activation`` now (torch 2.11's dynamo recursed on
     the old key, the property's own name): a layer pickled with the old key (torch.save
-    of a whole model) loads with its activation, not silently without."""
+    of a whole model) loads with its activation, not silently without; and a pickle made
+    now still holds that key, which the earlier code reads."""
     bn = batchnorm.BatchNorm2d(3, activation="silu")
     state = bn.__getstate__()
-    state["activation"] = state.pop("_activation")  # as a pickle of the earlier code
+    assert state["activation"] == "silu"
+    del state["_activation"]  # as a pickle of the earlier code
     old = batchnorm.BatchNorm2d.__new__(batchnorm.BatchNorm2d)
     old.__setstate__(state)
     assert old.activation == "silu" and "activation" not in old.__dict__

@@ -15,6 +15,7 @@ in dy gave NaN weight and bias gradients (cuDNN) and a +inf in x a NaN running m
 where the CPU gives ±inf.
 """
 
+import contextlib
 import copy
 import itertools
 
@@ -724,6 +725,64 @@ def test_num_batches_tracked_version_moves_once_a_step_as_torchs(backend, gen, m
         m.eval()(x)
         versions.append(m.num_batches_tracked._version - before)
     assert versions == [2, 2]
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_a_negative_view_counter_counts_as_torchs(backend, gen, momentum):
+    """A num_batches_tracked that is a negative view holds -count in memory: the fused
+    kernels added 1 to that (5 -> 3 over two steps), and the float64-buffer update read a
+    copy and never counted. The kernels leave such a counter to torch ops."""
+    x = torch.randn(4, 3, 3, 3, generator=gen).to(backend.device)
+    layers = []
+    for cls in (batchnorm.BatchNorm2d, nn.BatchNorm2d):
+        m = cls(3, momentum=momentum, device=backend.device)
+        m.num_batches_tracked = torch._neg_view(-torch.tensor(5, device=backend.device))
+        m(x), m(2 * x + 1)
+        layers.append(m)
+    ours, theirs = layers
+    assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item() == 7
+    assert_close(ours.running_mean.cpu(), theirs.running_mean.cpu(), torch.float32)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_saved_tensors_given_back_as_negative_views_are_read_at_their_values(
+        backend, gen, training):
+    """A saved-tensor hook may unpack a negative view (``saved_tensors_hooks(lambda t:
+    t.neg(), torch._neg_view)``): the fused backward read its memory (NaN dx on cpu)."""
+    x = torch.randn(4, 3, 5, 5, generator=gen).to(backend.device)
+    dy = torch.randn(4, 3, 5, 5, generator=gen).to(backend.device)
+    weight = torch.randn(3, generator=gen)
+    grads = []
+    for hooks in (True, False):
+        m = batchnorm.BatchNorm2d(3, activation="relu", device=backend.device).train(training)
+        with torch.no_grad():
+            m.weight.copy_(weight)
+        leaf = x.clone().requires_grad_()
+        with (torch.autograd.graph.saved_tensors_hooks(lambda t: t.neg(), torch._neg_view)
+              if hooks else contextlib.nullcontext()):
+            y = m(leaf)
+        y.backward(dy)
+        grads.append((leaf.grad, m.weight.grad))
+    for got, want in zip(*grads):
+        assert_close(got, want, torch.float32)
+
+
+def test_a_training_step_under_inference_mode_updates_inference_buffers(backend, gen):
+    """Inference tensors have no version counter: keeping the running statistics'
+    counters (a torch-ops update) raised "Inference tensors do not track version counter"
+    after the count had moved, where torch's layer trains."""
+    x = torch.randn(4, 3, 3, 3, generator=gen).to(backend.device)
+    for buffers in ("plain", "strided"):
+        with torch.inference_mode():
+            ours, theirs = (cls(3, device=backend.device)
+                            for cls in (batchnorm.BatchNorm2d, nn.BatchNorm2d))
+            if buffers == "strided":
+                both = torch.stack([torch.zeros(3), torch.ones(3)], 1).to(backend.device)
+                ours.running_mean, ours.running_var = both[:, 0], both[:, 1]
+            ours(x), theirs(x)
+        assert ours.num_batches_tracked.item() == 1
+        assert_close(ours.running_mean, theirs.running_mean, torch.float32)
+        assert_close(ours.running_var, theirs.running_var, torch.float32)
 
 
 @pytest.mark.parametrize("layout", ["plain", "strided"])

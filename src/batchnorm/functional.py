@@ -108,8 +108,13 @@ class FusedActivationAttribute:
         self.__dict__["_activation"], self.__dict__["activation_slope"] = (
             resolve_activation(value))
 
+    def __getstate__(self):
+        # also under the earlier key, which the code before the change reads (without it
+        # a layer pickled whole here loaded there without its activation)
+        return {**super().__getstate__(), "activation": self.activation}
+
     def __setstate__(self, state) -> None:
-        if "activation" in state:  # a layer pickled whole before the name changed
+        if "activation" in state:  # a layer pickled whole before the name changed, or here
             state = dict(state)
             state["_activation"] = state.pop("activation")
         super().__setstate__(state)

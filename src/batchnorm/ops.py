@@ -246,11 +246,11 @@ def _assign(running: Tensor, value: Tensor) -> None:
         running.copy_(value)
         return
     level = _functorch.maybe_current_level()
-    if level is None:
+    if level is None and not running.is_inference():  # (which have no version counter)
         with _preserve_version(running):
             running.copy_(value)
         return
-    if _functorch.maybe_get_level(running) >= level:
+    if level is None or _functorch.maybe_get_level(running) >= level:
         running.copy_(value)
         return
     while (_functorch.is_functorch_wrapped_tensor(value)
@@ -453,6 +453,13 @@ def _save(ctx, x, weight, bias, residual, running_mean, mean, var, eps, activati
                           mean, var)
 
 
+def _saved(ctx) -> tuple[Tensor | None, ...]:
+    """What :func:`_save` kept, negative views resolved (a saved-tensor hook may give
+    one back: the kernels read by address)."""
+    saved = ctx.saved_tensors
+    return _values(*saved) if _any_negative(*saved) else saved
+
+
 def _residual_only(ctx) -> bool:
     """Only the residual needs a gradient, and there is no activation: it is dy."""
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -481,7 +488,7 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
 def _batch_norm_backward(ctx, dy, _dmean, _dvar):
     if _residual_only(ctx):
         return None, None, None, dy, None, None, None, None, None
-    x, weight, bias, residual, mean, var = ctx.saved_tensors
+    x, weight, bias, residual, mean, var = _saved(ctx)
     if ctx.eager:
         # _EagerBatchNorm saves the tensors as given; their kernel views are made here,
         # where (with create_graph=True) they are part of the double-backward graph
@@ -623,7 +630,7 @@ def _fused_backward(ctx, dy):
         return None
     if _residual_only(ctx):
         return None, None, None, dy
-    x, weight, bias, residual, mean, var = ctx.saved_tensors
+    x, weight, bias, residual, mean, var = _saved(ctx)
     if ctx.channels_last and not is_channels_last(x):
         # A saved-tensor hook gave x back in another layout (save_on_cpu(pin_memory=True)
         # makes it contiguous): the kernels would read it as channels-last by address.
@@ -765,6 +772,14 @@ def _values(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     return tuple(map(resolve_negative, tensors))
 
 
+def _any_negative(*tensors: Tensor | None) -> bool:
+    # (one pass of ~0.07 µs checks: the calls without one, nearly all, pay only these)
+    for t in tensors:
+        if t is not None and t.is_neg():
+            return True
+    return False
+
+
 def _refuse_inference_tensors(input, weight, bias) -> None:
     """The error ``save_for_backward`` would raise, raised before the forward (and its
     running update) runs: a failed call changes nothing. (A check is ~0.2 µs: the bias
@@ -828,8 +843,9 @@ def batch_norm(input, weight, bias, residual, running_mean, running_var, eps, ac
                          activation, slope, update)
     input = densify(input)
     if not compiling:  # (dynamo cannot trace is_neg; AOTAutograd hands the ops values)
-        input, weight, bias, residual, running_mean, running_var = _values(
-            input, weight, bias, residual, running_mean, running_var)
+        if _any_negative(input, weight, bias, residual, running_mean, running_var):
+            input, weight, bias, residual, running_mean, running_var = _values(
+                input, weight, bias, residual, running_mean, running_var)
     if not compiling and torch.is_grad_enabled() and (
             input.requires_grad or (weight is not None and weight.requires_grad)
             or (bias is not None and bias.requires_grad)

@@ -609,7 +609,7 @@ def _running_at(running_mean, running_var, num_batches_tracked, momentum, acc):
         if momentum is None:
             return None
     elif (num_batches_tracked.dtype is not torch.int64 or not num_batches_tracked.is_cpu
-          or num_batches_tracked.requires_grad):
+          or num_batches_tracked.requires_grad or num_batches_tracked.is_neg()):
         return None
     else:
         counter = num_batches_tracked.data_ptr()
@@ -633,7 +633,7 @@ def _running_arrays(running_mean, running_var, num_batches_tracked, momentum):
         if momentum is None:
             return None
         counter = _NO_COUNTER
-    elif num_batches_tracked.dtype is not torch.int64:
+    elif num_batches_tracked.dtype is not torch.int64 or num_batches_tracked.is_neg():
         return None
     if running_mean.dtype not in _DTYPES or running_var.dtype not in _DTYPES:
         return None

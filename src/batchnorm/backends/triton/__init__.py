@@ -589,7 +589,8 @@ def _running_buffers_ok(running_mean, running_var, num_batches_tracked, mean: Te
     if not (_plain_vector(running_mean, mean.device) and _plain_vector(running_var, mean.device)):
         return False
     return num_batches_tracked is None or (num_batches_tracked.dtype == torch.int64
-                                           and num_batches_tracked.device == mean.device)
+                                           and num_batches_tracked.device == mean.device
+                                           and not num_batches_tracked.is_neg())
 
 
 def batch_norm_backward(dy, x, weight, bias, residual, mean, var, eps, training: bool,
