@@ -842,10 +842,11 @@ def batch_norm(input, weight, bias, residual, running_mean, running_var, eps, ac
         return _composed(input, weight, bias, residual, running_mean, running_var, eps,
                          activation, slope, update)
     input = densify(input)
-    if not compiling:  # (dynamo cannot trace is_neg; AOTAutograd hands the ops values)
-        if _any_negative(input, weight, bias, residual, running_mean, running_var):
-            input, weight, bias, residual, running_mean, running_var = _values(
-                input, weight, bias, residual, running_mean, running_var)
+    # (compiling, dynamo cannot trace is_neg, and AOTAutograd hands the op values)
+    if not compiling and _any_negative(input, weight, bias, residual, running_mean,
+                                       running_var):
+        input, weight, bias, residual, running_mean, running_var = _values(
+            input, weight, bias, residual, running_mean, running_var)
     if not compiling and torch.is_grad_enabled() and (
             input.requires_grad or (weight is not None and weight.requires_grad)
             or (bias is not None and bias.requires_grad)
