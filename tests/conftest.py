@@ -161,10 +161,10 @@ def torch_batchnorm(cls, num_features, **kwargs):
     """``cls(num_features, **kwargs)`` for a torch.nn batch-norm class, with ``bias=False``
     emulated on torch versions without the keyword (the layer then has no bias, as the
     keyword would make it)."""
-    if kwargs.get("bias", True) or TORCH_HAS_BIAS_KWARG:
+    if TORCH_HAS_BIAS_KWARG:
         return cls(num_features, **kwargs)
-    kwargs.pop("bias")
+    bias = kwargs.pop("bias", True)  # (not even bias=True: the keyword is unknown there)
     module = cls(num_features, **kwargs)
-    if module.affine:
+    if module.affine and not bias:
         module.register_parameter("bias", None)
     return module
