@@ -4,6 +4,10 @@ torch increments ``num_batches_tracked`` before some of its checks fail; we vali
 everything first, so a failed call leaves every parameter and buffer as it was.
 """
 
+import functools
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -199,6 +203,11 @@ def test_one_value_per_channel_is_fine_in_eval(case, gen):
     (nn.Softplus(), TypeError, "ReLU"),
     (3, TypeError, "cannot be fused"),
     (nn.GELU(approximate="Tanh"), ValueError, "approximate must be 'none' or 'tanh'"),
+    # a class, a function, a partial: each says what to pass instead
+    (nn.ReLU, TypeError, "the class nn.ReLU: pass an instance, nn.ReLU(), or a name"),
+    (torch.relu, TypeError, "is a function, which cannot be fused: pass a name ('relu'"),
+    (functools.partial(torch.nn.functional.leaky_relu, negative_slope=0.2), TypeError,
+     "is a function"),
 ])
 def test_unknown_activation(activation, exc, fragment):
     with pytest.raises(exc) as info:
@@ -206,6 +215,63 @@ def test_unknown_activation(activation, exc, fragment):
     assert fragment in str(info.value)
     with pytest.raises(exc):
         F.batch_norm(torch.randn(4, 3), None, None, training=True, activation=activation)
+
+
+def test_the_resolved_forms_check_the_activation_and_its_slope(backend):
+    """batch_norm_resolved, sync_batch_norm and ChannelAffine take a resolved name: an
+    unknown one raised KeyError on the kernels' backends and ValueError on the portable
+    one; a string activation_slope was taken at assignment (read by float() on cpu, a
+    TypeError on portable at the next forward)."""
+    x = torch.randn(4, 3, 2, 2, device=backend.device)
+    for activation in ("RELU", nn.ReLU()):
+        with pytest.raises(ValueError, match="activation must be a resolved name"):
+            F.batch_norm_resolved(x, None, None, None, None, True, 0.1, 1e-5, activation,
+                                  0.0)
+        with pytest.raises(ValueError, match="activation must be a resolved name"):
+            batchnorm.tools.ChannelAffine(torch.ones(3), torch.zeros(3), activation=activation)
+    bn = batchnorm.BatchNorm2d(3, activation="leaky_relu")
+    for slope in ("0.2", True, None):
+        with pytest.raises(TypeError, match="activation_slope must be a number"):
+            bn.activation_slope = slope
+    assert bn.activation_slope == 0.01
+    bn.activation_slope = np.float32(0.25)
+    assert type(bn.activation_slope) is float and "negative_slope=0.25" in repr(bn)
+    frozen = batchnorm.FrozenBatchNorm2d(3, activation=nn.LeakyReLU(0.3))
+    assert "negative_slope=0.3" in repr(frozen)
+
+
+@pytest.mark.parametrize("num_batches,exc", [(-1, ValueError), (0, ValueError),
+                                             (2.5, TypeError), ("2", TypeError),
+                                             (True, TypeError)])
+def test_recalibrate_checks_num_batches(num_batches, exc):
+    model = nn.Sequential(batchnorm.BatchNorm2d(3))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(exc, match="num_batches must be None .* or an integer >= 1"):
+        batchnorm.recalibrate(model, [torch.randn(4, 3, 2, 2)], num_batches=num_batches)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_sync_batch_norm_checks_its_process_group():
+    """A process group of the wrong kind was taken, and the first synchronized call
+    failed deep inside torch.distributed ('str' object has no attribute 'size')."""
+    with pytest.raises(TypeError, match="process_group must be None .* or a "
+                                        "torch.distributed ProcessGroup"):
+        batchnorm.SyncBatchNorm(3, process_group="world")
+
+
+def test_a_backend_named_wrongly_says_where_the_name_came_from():
+    """BATCHNORM_BACKEND=CPU made the import fail with an error that did not name the
+    variable; a backend named by a number raised ValueError."""
+    env = {**os.environ, "BATCHNORM_BACKEND": "CPU"}
+    run = subprocess.run([sys.executable, "-c", "import batchnorm"], env=env,
+                         capture_output=True, text=True, check=False)
+    assert run.returncode != 0
+    assert "ValueError: BATCHNORM_BACKEND='CPU': unknown batchnorm backend" in run.stderr
+    before = batchnorm.backends.forced()
+    with pytest.raises(TypeError, match="named by a string"):
+        batchnorm.backends.force(1)
+    assert batchnorm.backends.forced() == before
 
 
 @pytest.mark.parametrize("kwargs,exc,fragment", [

@@ -1139,12 +1139,32 @@ def test_frozen_batch_norm_checks_its_arguments(args, exc, match):
         batchnorm.FrozenBatchNorm2d(*args)
 
 
-@pytest.mark.parametrize("tool", ["convert", "revert", "fold", "freeze", "unfreeze",
-                                  "recalibrate"])
-def test_tools_say_when_they_are_given_no_module(tool):
+TOOLS = ["convert", "revert", "fold", "freeze", "unfreeze", "recalibrate",
+         "convert_sync_batchnorm", "revert_sync_batchnorm"]
+
+
+def _call_tool(tool, model):
     call = getattr(batchnorm, tool)
+    return call(model, [torch.randn(4, 3, 2, 2)]) if tool == "recalibrate" else call(model)
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_tools_say_when_they_are_given_no_module(tool):
     with pytest.raises(TypeError, match=rf"{tool}\(\) takes a torch.nn.Module.*got str"):
-        call("model", []) if tool == "recalibrate" else call("model")
+        _call_tool(tool, "model")
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_tools_refuse_a_torchscript_module(tool):
+    """A scripted model's layers are compiled code: the tools returned it unchanged
+    without a word (freeze left its statistics moving, fold reported nothing folded)."""
+    scripted = torch.jit.script(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)))
+    state = {k: v.clone() for k, v in scripted.state_dict().items()}
+    with pytest.raises(TypeError, match=rf"{tool}\(\) cannot change a TorchScript module.*"
+                                        r"before torch.jit.script"):
+        _call_tool(tool, scripted)
+    for k, v in scripted.state_dict().items():
+        assert torch.equal(v, state[k]), k
 
 
 def test_freeze_into_buffers():
@@ -1636,25 +1656,29 @@ def _layer_state(bn):
 
 
 @pytest.mark.parametrize("load", ["keras", "flax"])
-@pytest.mark.parametrize("problem,kwargs,match", [
-    ("variance shape", {}, r"variance (\('var'\) )?has shape \(4,\)"),
-    ("count", {"count": 1}, "count must be an integer >= 2"),
-    ("count type", {"count": 2.5}, "count must be an integer >= 2"),
-    ("missing mean", {}, "lacks 'mean'|lacks 'moving_mean'"),
-    ("momentum", {"momentum": 1.5}, r"momentum must be .*\[0, 1\]"),
-    ("momentum type", {"momentum": "0.99"}, "momentum must be"),
-    ("eps", {"epsilon": -1.0}, "epsilon must be"),
+@pytest.mark.parametrize("problem,kwargs,exc,match", [
+    ("variance shape", {}, ValueError, r"variance (\('var'\) )?has shape \(4,\)"),
+    ("count", {"count": 1}, ValueError, "count must be an integer >= 2"),
+    ("count type", {"count": 2.5}, TypeError, "count must be an integer >= 2"),
+    ("count bool", {"count": True}, TypeError, "count must be an integer >= 2"),
+    ("missing mean", {}, ValueError, "lacks 'mean'|lacks 'moving_mean'"),
+    ("momentum", {"momentum": 1.5}, ValueError, r"momentum must be .*\[0, 1\]"),
+    ("momentum type", {"momentum": "0.99"}, TypeError, "momentum must be"),
+    ("momentum bool", {"momentum": True}, TypeError, "momentum must be"),
+    ("eps", {"epsilon": -1.0}, ValueError, "epsilon must be"),
+    ("eps type", {"epsilon": "1e-3"}, TypeError, "epsilon must be"),
+    ("meta", {}, ValueError, "meta device.*to_empty"),
 ])
-def test_load_validates_everything_before_writing(load, problem, kwargs, match):
+def test_load_validates_everything_before_writing(load, problem, kwargs, exc, match):
     w = _keras_weights(3, seed=4)
     if problem == "variance shape":
         w["bn/moving_variance:0"] = np.ones(4, np.float32)
-    bn = batchnorm.BatchNorm2d(3)
+    bn = batchnorm.BatchNorm2d(3, device="meta" if problem == "meta" else None)
     mean = None if problem == "missing mean" else w["bn/moving_mean:0"]
     if mean is None:
         del w["bn/moving_mean:0"]
     before = _layer_state(bn)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(exc, match=match):
         if load == "keras":
             tools.load_keras(bn, w, **kwargs)
         else:
@@ -1664,8 +1688,41 @@ def test_load_validates_everything_before_writing(load, problem, kwargs, match):
                 variables["batch_stats"]["mean"] = mean
             tools.load_flax(bn, variables, **kwargs)
     after = _layer_state(bn)
-    assert all(torch.equal(a, b) for a, b in zip(after[0], before[0]))
+    if problem != "meta":  # (meta tensors hold no values to compare)
+        assert all(torch.equal(a, b) for a, b in zip(after[0], before[0]))
     assert after[1:] == before[1:]
+
+
+@pytest.mark.parametrize("how", ["to_keras", "to_flax", "load_keras", "load_flax"])
+@pytest.mark.parametrize("given", ["conv", "model", "str"])
+def test_conventions_take_one_batch_norm_layer(how, given):
+    """A Conv2d said it had track_running_stats=False, a model gave an AttributeError:
+    one TypeError that names what to pass, before anything is read or written."""
+    bn = batchnorm.BatchNorm2d(3)
+    layer = {"conv": nn.Conv2d(3, 3, 1), "model": nn.Sequential(bn), "str": "bn"}[given]
+    args = {"load_keras": (_keras_weights(3, seed=1),),
+            "load_flax": ({"params": {}, "batch_stats": {"mean": np.zeros(3),
+                                                         "var": np.ones(3)}},)}
+    with pytest.raises(TypeError, match=rf"{how}\(\) takes one batch-norm layer.*got "
+                                        rf"{type(layer).__name__}"):
+        getattr(tools, how)(layer, *args.get(how, ()))
+
+
+def test_conventions_take_numbers_of_any_kind_and_refuse_wrong_containers():
+    """A one-value tensor is a number (np.float32 was, tensor(0.99) was refused as out of
+    [0, 1]); an eps stored as a tensor exports as a float; weights that are no dict or
+    list, and Flax variables that are no mapping, raise TypeError."""
+    bn = batchnorm.BatchNorm2d(3)
+    tools.load_keras(bn, _keras_weights(3, seed=2), momentum=torch.tensor(0.99),
+                     epsilon=np.float32(1e-3))
+    assert bn.momentum == pytest.approx(0.01) and type(bn.eps) is float
+    bn.eps = torch.tensor(1e-3)
+    assert type(tools.to_keras(bn)[1]["epsilon"]) is float
+    assert type(tools.to_flax(bn)[1]["epsilon"]) is float
+    with pytest.raises(TypeError, match="weights must be a dict"):
+        tools.load_keras(bn, None)
+    with pytest.raises(TypeError, match="variables must be a mapping"):
+        tools.load_flax(bn, [np.ones(3)] * 4)
 
 
 def test_conventions_with_a_frozen_layer_and_one_without_statistics():

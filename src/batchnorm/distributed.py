@@ -91,6 +91,10 @@ def world_size(process_group=None) -> int:
 
 
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+# (a torch built without distributed has no ProcessGroup: any object passes there)
+_PROCESS_GROUP = getattr(dist, "ProcessGroup", object)
+# what dist.new_group gives a rank outside the group (the layer is local there)
+_NON_GROUP_MEMBER = getattr(getattr(dist, "GroupMember", None), "NON_GROUP_MEMBER", None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -268,6 +272,7 @@ def sync_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Ten
         raise ValueError(f"sync_batch_norm: this rank ({dist.get_rank()}) is not a member of "
                          f"process_group: call it on the group's ranks only (SyncBatchNorm "
                          f"runs local batch norm on the others, as torch's does)")
+    F.check_resolved_activation(activation)
     _validate(input, running_mean, running_var, weight, bias, momentum, eps, residual,
               num_batches_tracked)
     if ops.needs_composed(input):
@@ -344,6 +349,12 @@ class SyncBatchNorm(_BatchNorm):
                  device=None, dtype=None, *, bias: bool = True, activation=None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
                          device=device, dtype=dtype, bias=bias, activation=activation)
+        if not (process_group is None or isinstance(process_group, _PROCESS_GROUP)
+                or (type(process_group) is int and process_group == _NON_GROUP_MEMBER)):
+            # (the first synchronized call would fail deep inside torch.distributed)
+            raise TypeError(f"process_group must be None (the default group) or a "
+                            f"torch.distributed ProcessGroup (dist.new_group(...)), got "
+                            f"{type(process_group).__name__} {process_group!r}")
         self.process_group = process_group
 
     def _check_input_dim(self, input: Tensor) -> None:
@@ -512,7 +523,8 @@ def _replace_batch_norms(module: nn.Module, wanted, make, caller: str) -> nn.Mod
     replaced layer (``FusedActivation.bn``) follows it, so that ``batchnorm.revert`` still
     finds the layer it fused into; a marker outside ``module`` (a submodule converted
     alone) finds it through the old layer's ``_batchnorm_replaced_by``."""
-    from .tools._common import computed_affine, warn_computed_affine
+    from .tools._common import check_module, computed_affine, warn_computed_affine
+    check_module(module, caller)
 
     # A layer whose weight a forward pre-hook (the hook-based prune, spectral_norm,
     # weight_norm) or a parametrization computes has no Parameter to move: left as it

@@ -31,6 +31,7 @@ _ACTIVATION_MODULES = {
 }
 
 DEFAULT_LEAKY_SLOPE = 0.01
+_RESOLVED_NAMES = frozenset(ACTIVATIONS)
 _GELU_KINDS = {"none": "gelu", "tanh": "gelu_tanh"}
 
 
@@ -55,9 +56,16 @@ def resolve_activation(activation) -> tuple[str, float]:
                 raise ValueError(f"nn.GELU(approximate={activation.approximate!r}): "
                                  f"approximate must be 'none' or 'tanh'")
             return read(activation)
-    raise TypeError(
-        f"activation {activation!r} cannot be fused; supported modules: "
-        f"{', '.join(c.__name__ for c in _ACTIVATION_MODULES)}")
+    names = ", ".join(repr(a) for a in ACTIVATIONS[1:])
+    modules = ", ".join(f"nn.{c.__name__}()" for c in _ACTIVATION_MODULES)
+    if isinstance(activation, type) and activation in _ACTIVATION_MODULES:
+        raise TypeError(f"activation got the class nn.{activation.__name__}: pass an "
+                        f"instance, nn.{activation.__name__}(), or a name ({names})")
+    if callable(activation) and not isinstance(activation, nn.Module):
+        raise TypeError(f"activation {activation!r} is a function, which cannot be fused: "
+                        f"pass a name ({names}) or a module ({modules})")
+    raise TypeError(f"activation {activation!r} cannot be fused: pass a name ({names}) or "
+                    f"one of the modules {modules}")
 
 
 def refuse_nested(t: Tensor, name: str) -> None:
@@ -122,6 +130,8 @@ class FusedActivationAttribute:
     def __setattr__(self, name: str, value) -> None:
         if name == "activation":  # nn.Module's rule would make an nn.ReLU() a submodule
             object.__setattr__(self, name, value)  # the property (which dynamo traces)
+        elif name == "activation_slope":  # (checked here, not at the next forward)
+            super().__setattr__(name, check_slope(value))
         else:
             super().__setattr__(name, value)
 
@@ -199,6 +209,23 @@ def _real(value, refuse_bool: bool) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         return None
+
+
+def check_slope(slope) -> float:
+    """``slope`` as a float; TypeError unless it is a number (a bool or a string is none)."""
+    value = _real(slope, refuse_bool=True)
+    if value is None:
+        raise TypeError(f"activation_slope must be a number (leaky_relu's negative slope), "
+                        f"got {type(slope).__name__} {slope!r}")
+    return value
+
+
+def check_resolved_activation(activation) -> None:
+    """ValueError unless ``activation`` is a resolved name (``resolve_activation``'s)."""
+    if activation not in _RESOLVED_NAMES:
+        raise ValueError(f"activation must be a resolved name, one of "
+                         f"{', '.join(map(repr, ACTIVATIONS))}, got {activation!r} (the "
+                         f"functional batch_norm and the layers resolve modules and None)")
 
 
 def check_momentum(momentum) -> None:
@@ -403,6 +430,8 @@ def batch_norm_resolved(input, running_mean, running_var, weight, bias, training
                                   num_batches_tracked),
             input, running_mean, running_var, weight, bias, training, momentum, eps,
             activation, slope, residual, num_batches_tracked)
+    if activation not in _RESOLVED_NAMES:
+        check_resolved_activation(activation)
     validate(input, running_mean, running_var, weight, bias, training, momentum, eps,
              residual, num_batches_tracked)
     # While exporting, what changes no state is written with torch's ops (see below).

@@ -48,7 +48,9 @@ def refuse_script(module: nn.Module) -> None:
     """``torch.jit.script`` asks each module's ``__prepare_scriptable__`` first: ours say
     what to do instead of failing deep inside their Python (an f-string it cannot
     compile)."""
-    revert = (", or put torch's layers back first with batchnorm.revert(model)"
+    revert = (", or put torch's layers back first with batchnorm.revert(model) (it keeps "
+              "ours where torch has no equivalent: a BatchNormNd, a layer called with a "
+              "residual, a lazy one before its first input)"
               if isinstance(module, _NormBase) else "")
     raise TypeError(
         f"torch.jit.script cannot compile batchnorm's {type(module).__name__}: its forward "

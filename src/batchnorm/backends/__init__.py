@@ -67,6 +67,9 @@ def available() -> list[str]:
 
 
 def get(name: str) -> ModuleType:
+    if not isinstance(name, str):
+        raise TypeError(f"a batchnorm backend is named by a string, one of {NAMES}; got "
+                        f"{type(name).__name__} {name!r}")
     if name not in NAMES:
         raise ValueError(f"unknown batchnorm backend {name!r}; expected one of {NAMES}")
     mod = _load(name)
@@ -165,4 +168,8 @@ def select(x: Tensor) -> ModuleType:
     return portable
 
 
-force(os.environ.get("BATCHNORM_BACKEND") or None)
+try:
+    force(os.environ.get("BATCHNORM_BACKEND") or None)
+except (ValueError, RuntimeError) as error:  # (with the variable's name: import runs this)
+    raise type(error)(f"BATCHNORM_BACKEND={os.environ['BATCHNORM_BACKEND']!r}: {error}; set "
+                      f"another or unset it") from None

@@ -30,6 +30,12 @@ def check_module(model, caller: str) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"{caller}() takes a torch.nn.Module (a model or a layer), got "
                         f"{type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        # (its submodules are compiled code: nothing could be replaced or changed, and the
+        # tool would return it as it was without a word)
+        raise TypeError(f"{caller}() cannot change a TorchScript module "
+                        f"({type(model).__name__}): apply it to the model before "
+                        f"torch.jit.script")
 
 
 def is_torch_bn(m: nn.Module) -> bool:

@@ -60,8 +60,10 @@ def _key(name: str) -> str:
 def _bessel(count: int | None) -> float:
     if count is None:
         return 1.0
-    if not (isinstance(count, numbers.Integral) and not isinstance(count, bool)
-            and count >= 2):
+    if not isinstance(count, numbers.Integral) or isinstance(count, bool):
+        raise TypeError(f"count must be an integer >= 2 (values per channel in a training "
+                        f"batch), got {type(count).__name__} {count!r}")
+    if count < 2:
         raise ValueError(f"count must be an integer >= 2 (values per channel in a training "
                          f"batch), got {count!r}")
     return count / (count - 1)
@@ -77,6 +79,16 @@ _KERAS_NAMES = ("gamma", "beta", "moving_mean", "moving_variance")
 _KERAS_WHAT = ("a scale (gamma)", "an offset (beta)", "a moving mean", "a moving variance")
 _FLAX_WHAT = ("a scale ('scale')", "an offset ('bias')", "a mean ('mean')",
               "a variance ('var')")
+
+
+def _check_layer(bn, caller: str) -> None:
+    """TypeError for what is not one batch-norm layer (ours, torch's, a FrozenBatchNorm):
+    a model or another layer has no weights of one Keras/Flax layer."""
+    if not (isinstance(bn, nn.Module) and hasattr(bn, "num_features")
+            and hasattr(bn, "running_mean") and hasattr(bn, "eps")):
+        raise TypeError(f"{caller}() takes one batch-norm layer (ours, torch's or a "
+                        f"FrozenBatchNorm), got {type(bn).__name__}: pass the layer itself "
+                        f"(model.bn1, say), once per layer")
 
 
 def _refuse_uninitialized(bn: nn.Module) -> None:
@@ -102,19 +114,27 @@ def _checked(t, value, what: str, absent_because: str):
     return v
 
 
-def _is_number(x) -> bool:
-    # numbers.Real takes Python and NumPy scalars; a bool is not a momentum or an eps.
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+def _real(x, what: str, rule: str) -> float:
+    """``float(x)`` for a real number: Python's, NumPy's or a one-value real tensor (a bool
+    is none); TypeError otherwise."""
+    if isinstance(x, torch.Tensor) and x.numel() == 1 and not (
+            x.dtype.is_complex or x.dtype is torch.bool):
+        return float(x)
+    if not isinstance(x, numbers.Real) or isinstance(x, bool):
+        raise TypeError(f"{what} must be {rule}, got {type(x).__name__} {x!r}")
+    return float(x)
 
 
 def _torch_momentum(momentum) -> float | None:
     """torch's momentum for a Keras/Flax decay; None (a cumulative average) stays None."""
     if momentum is None:
         return None
-    if not (_is_number(momentum) and 0.0 <= momentum <= 1.0):
-        raise ValueError(f"momentum must be the Keras/Flax decay in [0, 1] (0.99 is torch's "
-                         f"momentum 0.01), or None for a cumulative average; got {momentum!r}")
-    return _complement(momentum)
+    rule = ("the Keras/Flax decay in [0, 1] (0.99 is torch's momentum 0.01), or None for "
+            "a cumulative average")
+    decay = _real(momentum, "momentum", rule)
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"momentum must be {rule}; got {momentum!r}")
+    return _complement(decay)
 
 
 @torch.no_grad()
@@ -125,7 +145,8 @@ def _load(bn: nn.Module, weight, bias, mean, var, momentum, eps, count,
     _refuse_uninitialized(bn)
     bessel = _bessel(count)
     torch_momentum = _torch_momentum(momentum)
-    if not (_is_number(eps) and eps >= 0):
+    eps = _real(eps, "epsilon", "a number >= 0")
+    if not eps >= 0:
         raise ValueError(f"epsilon must be a number >= 0, got {eps!r}")
     no_stats = "track_running_stats=False"
     targets = [getattr(bn, "weight", None), getattr(bn, "bias", None), bn.running_mean,
@@ -136,16 +157,21 @@ def _load(bn: nn.Module, weight, bias, mean, var, momentum, eps, count,
               _checked(targets[3], var, what[3], no_stats)]
     if values[3] is not None:
         values[3] = values[3] * bessel
+    if any(t is not None and t.is_meta for t in targets):
+        # (a copy into a meta tensor is no copy: the layer would keep no weight at all)
+        raise ValueError(f"{type(bn).__name__} is on the meta device, where tensors hold no "
+                         f"values: give it memory first (bn.to_empty(device='cpu'))")
     for t, v in zip(targets, values):
         if t is not None:
             t.copy_(v)
     if hasattr(bn, "momentum"):  # (a FrozenBatchNorm has none: its statistics never move)
         bn.momentum = torch_momentum
-    bn.eps = float(eps)
+    bn.eps = eps
     return bn
 
 
-def _export(bn: nn.Module, count) -> tuple:
+def _export(bn: nn.Module, count, caller: str) -> tuple:
+    _check_layer(bn, caller)
     _refuse_uninitialized(bn)
     if getattr(bn, "running_mean", None) is None:
         raise ValueError(f"{type(bn).__name__} with track_running_stats=False has no running "
@@ -193,8 +219,10 @@ def load_keras(bn: nn.Module, weights, *, momentum: float = 0.99, epsilon: float
     ``ValueError``.
 
     Shapes, ``count``, ``momentum`` (a decay in [0, 1], or None) and ``epsilon`` (>= 0) are
-    all checked before anything is written: on ``ValueError`` ``bn`` is unchanged.
+    all checked before anything is written: on ``ValueError`` or ``TypeError`` ``bn`` is
+    unchanged.
     """
+    _check_layer(bn, "load_keras")
     if isinstance(weights, Mapping):
         w, given = {}, {}
         for name, value in weights.items():
@@ -207,6 +235,9 @@ def load_keras(bn: nn.Module, weights, *, momentum: float = 0.99, epsilon: float
         if unknown:
             raise ValueError(f"{', '.join(map(repr, unknown))}: not a weight of a Keras "
                              f"BatchNormalization ({', '.join(_KERAS_NAMES)})")
+    elif not isinstance(weights, (list, tuple)):
+        raise TypeError(f"weights must be a dict of named weights or the list "
+                        f"get_weights() returns, got {type(weights).__name__}")
     elif len(weights) == 4:
         w = dict(zip(_KERAS_NAMES, weights))
     else:
@@ -225,10 +256,10 @@ def to_keras(bn: nn.Module, *, count: int | None = None) -> tuple[dict, dict]:
     ``BatchNormalization(**config)`` takes the weights); a ``FrozenBatchNorm*d``, whose statistics
     never move, gives momentum 1. ``count`` turns the unbiased running variance into
     Keras's biased one. A layer without running statistics raises ``ValueError``."""
-    g, b, m, v, decay = _export(bn, count)
+    g, b, m, v, decay = _export(bn, count, "to_keras")
     weights = {k: a for k, a in (("gamma", g), ("beta", b), ("moving_mean", m),
                                  ("moving_variance", v)) if a is not None}
-    return weights, {"momentum": decay, "epsilon": bn.eps, "axis": 1,
+    return weights, {"momentum": decay, "epsilon": float(bn.eps), "axis": 1,
                      "center": b is not None, "scale": g is not None}
 
 
@@ -241,6 +272,10 @@ def load_flax(bn: nn.Module, variables: Mapping, *, momentum: float = 0.99,
     ``epsilon`` are the Flax layer's (``momentum=None`` and the checks before writing as
     in :func:`load_keras`); ``count`` as in :func:`load_keras`.
     """
+    _check_layer(bn, "load_flax")
+    if not isinstance(variables, Mapping):
+        raise TypeError(f"variables must be a mapping {{'params': ..., 'batch_stats': ...}}, "
+                        f"got {type(variables).__name__}")
     params = variables.get("params", {})
     [stats] = _required(variables, ("batch_stats",), "the Flax variables")
     mean, var = _required(stats, ("mean", "var"), "the Flax batch_stats")
@@ -252,8 +287,8 @@ def to_flax(bn: nn.Module, *, count: int | None = None) -> tuple[dict, dict]:
     """``(variables, config)`` for a Flax ``nn.BatchNorm``: ``{'params': {'scale', 'bias'},
     'batch_stats': {'mean', 'var'}}`` as NumPy arrays, and ``{'momentum', 'epsilon',
     'axis': 1, 'use_bias', 'use_scale'}``, as :func:`to_keras` gives them."""
-    g, b, m, v, decay = _export(bn, count)
+    g, b, m, v, decay = _export(bn, count, "to_flax")
     params = {k: a for k, a in (("scale", g), ("bias", b)) if a is not None}
     return ({"params": params, "batch_stats": {"mean": m, "var": v}},
-            {"momentum": decay, "epsilon": bn.eps, "axis": 1, "use_bias": b is not None,
+            {"momentum": decay, "epsilon": float(bn.eps), "axis": 1, "use_bias": b is not None,
              "use_scale": g is not None})

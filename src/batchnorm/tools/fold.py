@@ -103,6 +103,8 @@ class ChannelAffine(nn.Module):
                  input_ranks: tuple[int, ...] | None = None,
                  num_features: int | None = None) -> None:
         super().__init__()
+        F.check_resolved_activation(activation)
+        slope = F.check_slope(slope)
         if num_features is None and scale is not None:
             num_features = scale.shape[0]
         self.num_features = num_features

@@ -92,6 +92,8 @@ class _FrozenBatchNorm(F.FusedActivationAttribute, nn.Module):
         text = f"{self.num_features}, eps={self.eps}"
         if self.activation != "none":
             text += f", activation={self.activation!r}"
+            if self.activation == "leaky_relu":
+                text += f", negative_slope={self.activation_slope}"
         return text
 
     @staticmethod

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import numbers
 import sys
 
 import torch
@@ -252,6 +253,13 @@ def recalibrate(model: nn.Module, batches, num_batches: int | None = None,
         distributed) raise ``ValueError``, with every layer's statistics as before.
     """
     check_module(model, "recalibrate")
+    if num_batches is not None:
+        if not isinstance(num_batches, numbers.Integral) or isinstance(num_batches, bool):
+            raise TypeError(f"recalibrate(): num_batches must be None (all) or an integer "
+                            f">= 1, got {type(num_batches).__name__} {num_batches!r}")
+        if num_batches < 1:
+            raise ValueError(f"recalibrate(): num_batches must be None (all) or an integer "
+                             f">= 1, got {num_batches!r}")
     forward = forward or _default_forward
     lazy = lazy_batch_norms_without_input(model)
     if lazy:
