@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import numbers
 import os
 import sys
 import warnings
@@ -36,6 +37,15 @@ def check_module(model, caller: str) -> None:
         raise TypeError(f"{caller}() cannot change a TorchScript module "
                         f"({type(model).__name__}): apply it to the model before "
                         f"torch.jit.script")
+
+
+def check_integer(value, minimum: int, rule: str) -> None:
+    """TypeError unless ``value`` is an integer (Python's or NumPy's; a bool is none),
+    ValueError below ``minimum``; ``rule`` says what is asked ("count must be ...")."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{rule}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{rule}, got {value!r}")
 
 
 def is_torch_bn(m: nn.Module) -> bool:

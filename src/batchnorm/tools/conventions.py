@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._common import lazy_batch_norms_without_input
+from ._common import check_integer, lazy_batch_norms_without_input
 
 
 def _key(name: str) -> str:
@@ -60,12 +60,8 @@ def _key(name: str) -> str:
 def _bessel(count: int | None) -> float:
     if count is None:
         return 1.0
-    if not isinstance(count, numbers.Integral) or isinstance(count, bool):
-        raise TypeError(f"count must be an integer >= 2 (values per channel in a training "
-                        f"batch), got {type(count).__name__} {count!r}")
-    if count < 2:
-        raise ValueError(f"count must be an integer >= 2 (values per channel in a training "
-                         f"batch), got {count!r}")
+    check_integer(count, 2, "count must be an integer >= 2 (values per channel in a "
+                            "training batch)")
     return count / (count - 1)
 
 

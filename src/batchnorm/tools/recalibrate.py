@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import inspect
 import itertools
-import numbers
 import sys
 
 import torch
@@ -23,7 +22,12 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.utils._pytree import tree_map
 
 from .. import backends, ops
-from ._common import check_module, is_our_bn, lazy_batch_norms_without_input
+from ._common import (
+    check_integer,
+    check_module,
+    is_our_bn,
+    lazy_batch_norms_without_input,
+)
 from .convert import _sync_class
 
 
@@ -254,12 +258,8 @@ def recalibrate(model: nn.Module, batches, num_batches: int | None = None,
     """
     check_module(model, "recalibrate")
     if num_batches is not None:
-        if not isinstance(num_batches, numbers.Integral) or isinstance(num_batches, bool):
-            raise TypeError(f"recalibrate(): num_batches must be None (all) or an integer "
-                            f">= 1, got {type(num_batches).__name__} {num_batches!r}")
-        if num_batches < 1:
-            raise ValueError(f"recalibrate(): num_batches must be None (all) or an integer "
-                             f">= 1, got {num_batches!r}")
+        check_integer(num_batches, 1, "recalibrate(): num_batches must be None (all) or an "
+                                      "integer >= 1")
     forward = forward or _default_forward
     lazy = lazy_batch_norms_without_input(model)
     if lazy:
