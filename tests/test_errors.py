@@ -252,6 +252,15 @@ def test_recalibrate_checks_num_batches(num_batches, exc):
         assert torch.equal(v, state[k]), k
 
 
+def test_recalibrate_takes_num_batches_of_any_integer_kind():
+    batches = [torch.randn(4, 3, 2, 2) for _ in range(3)]
+    for num_batches, used in ((np.int64(2), 2), (np.array(2), 2), (torch.tensor(2), 2),
+                              (10**20, 3)):
+        model = nn.Sequential(batchnorm.BatchNorm2d(3))
+        seen = batchnorm.recalibrate(model, iter(batches), num_batches=num_batches)
+        assert seen == {"0": 16 * used}
+
+
 def test_sync_batch_norm_checks_its_process_group():
     """A process group of the wrong kind was taken, and the first synchronized call
     failed deep inside torch.distributed ('str' object has no attribute 'size')."""

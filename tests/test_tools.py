@@ -1723,6 +1723,31 @@ def test_conventions_take_numbers_of_any_kind_and_refuse_wrong_containers():
         tools.load_keras(bn, None)
     with pytest.raises(TypeError, match="variables must be a mapping"):
         tools.load_flax(bn, [np.ones(3)] * 4)
+    # what get_weights() gives, stacked: any sized container of the four
+    stacked = np.stack([np.full(3, 2.0), np.zeros(3), np.zeros(3), np.full(3, 4.0)])
+    for weights in (stacked, torch.from_numpy(stacked)):
+        tools.load_keras(bn, weights)
+        assert bn.weight.tolist() == [2.0] * 3 and bn.running_var.tolist() == [4.0] * 3
+
+
+class _TorchvisionFrozenBatchNorm2d(nn.Module):
+    """torchvision.ops.FrozenBatchNorm2d as published: four buffers and eps, no
+    num_features (torchvision is not installed here)."""
+
+    def __init__(self, n, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        for name, fill in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0),
+                           ("running_var", 1.0)):
+            self.register_buffer(name, torch.full((n,), fill))
+
+
+def test_conventions_take_torchvisions_frozen_batch_norm():
+    layer = _TorchvisionFrozenBatchNorm2d(3)
+    tools.load_keras(layer, [np.full(3, 2.0), np.zeros(3), np.zeros(3), np.full(3, 3.0)])
+    assert layer.weight.tolist() == [2.0] * 3 and layer.running_var.tolist() == [3.0] * 3
+    weights, config = tools.to_keras(layer)
+    assert config["momentum"] == 1.0 and weights["gamma"].tolist() == [2.0] * 3
 
 
 def test_conventions_with_a_frozen_layer_and_one_without_statistics():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-import numbers
+import operator
 import os
 import sys
 import warnings
@@ -36,16 +36,22 @@ def check_module(model, caller: str) -> None:
         # tool would return it as it was without a word)
         raise TypeError(f"{caller}() cannot change a TorchScript module "
                         f"({type(model).__name__}): apply it to the model before "
-                        f"torch.jit.script")
+                        f"torch.jit.script or torch.jit.trace")
 
 
-def check_integer(value, minimum: int, rule: str) -> None:
-    """TypeError unless ``value`` is an integer (Python's or NumPy's; a bool is none),
-    ValueError below ``minimum``; ``rule`` says what is asked ("count must be ...")."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+def check_integer(value, minimum: int, rule: str) -> int:
+    """``value`` as an int: an integer of any kind (Python's, NumPy's, a 0-d integer
+    tensor or array; a bool is none), TypeError otherwise, ValueError below ``minimum``;
+    ``rule`` says what is asked ("count must be ...")."""
+    try:
+        number = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        number = None
+    if number is None:
         raise TypeError(f"{rule}, got {type(value).__name__} {value!r}")
-    if value < minimum:
+    if number < minimum:
         raise ValueError(f"{rule}, got {value!r}")
+    return number
 
 
 def is_torch_bn(m: nn.Module) -> bool:

@@ -60,8 +60,8 @@ def _key(name: str) -> str:
 def _bessel(count: int | None) -> float:
     if count is None:
         return 1.0
-    check_integer(count, 2, "count must be an integer >= 2 (values per channel in a "
-                            "training batch)")
+    count = check_integer(count, 2, "count must be an integer >= 2 (values per channel in "
+                                    "a training batch)")
     return count / (count - 1)
 
 
@@ -78,10 +78,11 @@ _FLAX_WHAT = ("a scale ('scale')", "an offset ('bias')", "a mean ('mean')",
 
 
 def _check_layer(bn, caller: str) -> None:
-    """TypeError for what is not one batch-norm layer (ours, torch's, a FrozenBatchNorm):
-    a model or another layer has no weights of one Keras/Flax layer."""
-    if not (isinstance(bn, nn.Module) and hasattr(bn, "num_features")
-            and hasattr(bn, "running_mean") and hasattr(bn, "eps")):
+    """TypeError for what is not one batch-norm layer (ours, torch's, a FrozenBatchNorm,
+    torchvision's too: what has running statistics and an eps): a model or another layer
+    has no weights of one Keras/Flax layer."""
+    if not (isinstance(bn, nn.Module) and hasattr(bn, "running_mean")
+            and hasattr(bn, "running_var") and hasattr(bn, "eps")):
         raise TypeError(f"{caller}() takes one batch-norm layer (ours, torch's or a "
                         f"FrozenBatchNorm), got {type(bn).__name__}: pass the layer itself "
                         f"(model.bn1, say), once per layer")
@@ -231,7 +232,7 @@ def load_keras(bn: nn.Module, weights, *, momentum: float = 0.99, epsilon: float
         if unknown:
             raise ValueError(f"{', '.join(map(repr, unknown))}: not a weight of a Keras "
                              f"BatchNormalization ({', '.join(_KERAS_NAMES)})")
-    elif not isinstance(weights, (list, tuple)):
+    elif isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
         raise TypeError(f"weights must be a dict of named weights or the list "
                         f"get_weights() returns, got {type(weights).__name__}")
     elif len(weights) == 4:

@@ -258,8 +258,8 @@ def recalibrate(model: nn.Module, batches, num_batches: int | None = None,
     """
     check_module(model, "recalibrate")
     if num_batches is not None:
-        check_integer(num_batches, 1, "recalibrate(): num_batches must be None (all) or an "
-                                      "integer >= 1")
+        num_batches = check_integer(num_batches, 1, "recalibrate(): num_batches must be "
+                                                    "None (all) or an integer >= 1")
     forward = forward or _default_forward
     lazy = lazy_batch_norms_without_input(model)
     if lazy:
@@ -306,7 +306,8 @@ def recalibrate(model: nn.Module, batches, num_batches: int | None = None,
                    for (_, m, _), a in zip(layers, accs)]
         for _, m, _ in layers:
             m.reset_running_stats()
-        chosen = itertools.islice(batches, num_batches)
+        chosen = itertools.islice(
+            batches, None if num_batches is None else min(num_batches, sys.maxsize))
         # (any SyncBatchNorm that normalizes with batch statistics here, recalibrated or
         # not: one without running statistics synchronizes too)
         lockstep = distributed and any(
