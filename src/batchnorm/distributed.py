@@ -286,9 +286,8 @@ def sync_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Ten
             "Python. Run it in eval mode there, or use a local batch norm "
             "(batchnorm.revert_sync_batchnorm)")
     ops.refuse_inference_buffers((running_mean, running_var, num_batches_tracked, momentum))
-    input = ops.resolve_negative(ops.densify(input))
-    weight, bias, residual = (ops.resolve_negative(weight), ops.resolve_negative(bias),
-                              ops.resolve_negative(residual))
+    input, weight, bias, residual = ops.resolve_negatives(ops.densify(input), weight, bias,
+                                                          residual)
     shape = input.shape
     channels_last = ops.is_channels_last(input)
     # An empty rank computes nothing but still needs autograd to reach our backward (to
