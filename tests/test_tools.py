@@ -1167,6 +1167,54 @@ def test_tools_refuse_a_torchscript_module(tool):
         assert torch.equal(v, state[k]), k
 
 
+def _with_compiled_batch_norm(ours: bool) -> nn.Module:
+    """A model whose submodule '1' is compiled code holding a batch norm ('1.1'): torch's
+    layer scripted, or ours traced."""
+    inner = nn.Sequential(nn.Conv2d(3, 3, 1),
+                          batchnorm.BatchNorm2d(3) if ours else nn.BatchNorm2d(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the tracer's warnings about our Python)
+        compiled = (torch.jit.trace(inner, torch.randn(4, 3, 2, 2)) if ours
+                    else torch.jit.script(inner))
+    return nn.Sequential(nn.Conv2d(3, 3, 1), compiled, nn.BatchNorm2d(3))
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_tools_warn_about_a_torchscript_submodule_holding_batch_norms(tool):
+    """A scripted or traced submodule's layers are compiled code that the tools cannot
+    change: they passed it over without a word (freeze left its statistics moving)."""
+    model = _with_compiled_batch_norm(ours=tool in ("revert", "unfreeze"))
+    if tool == "fold":
+        model.eval()
+    with pytest.warns(UserWarning, match=rf"{tool}: '1' is a TorchScript module "
+                                         rf".*holding batch norms \('1.1'\).*before "
+                                         rf"torch.jit.script"):
+        _call_tool(tool, model)
+
+
+@pytest.mark.parametrize("tool", ["revert", "unfreeze"])
+def test_revert_and_unfreeze_say_nothing_of_torch_s_compiled_layers(tool):
+    """They change only layers of ours, and a compiled layer of torch's class needs
+    nothing from them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _call_tool(tool, _with_compiled_batch_norm(ours=False))
+
+
+def test_recalibrate_puts_back_a_torchscript_submodule_s_statistics():
+    """recalibrate cannot recompute a compiled layer's statistics, and its train() let
+    them move with each batch; they are put back, as an InstanceNorm's are."""
+    model = _with_compiled_batch_norm(ours=False)
+    inner = dict(model.named_modules())["1.1"]
+    before = [b.clone() for b in inner.buffers()]
+    with pytest.warns(UserWarning, match="recalibrate: '1' is a TorchScript module"):
+        seen = batchnorm.recalibrate(model, [torch.randn(4, 3, 2, 2)] * 2, progress=False)
+    assert seen == {"2": 32}
+    for b, saved in zip(inner.buffers(), before, strict=True):
+        assert torch.equal(b, saved)
+    assert model[2].num_batches_tracked == 2
+
+
 def test_freeze_into_buffers():
     model, x = make("resnet")
     model.eval()

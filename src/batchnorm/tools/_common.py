@@ -25,9 +25,11 @@ TORCH_BY_OURS = {BatchNorm1d: nn.BatchNorm1d, BatchNorm2d: nn.BatchNorm2d,
                  BatchNorm3d: nn.BatchNorm3d}
 
 
-def check_module(model, caller: str) -> None:
+def check_module(model, caller: str, compiled=None) -> None:
     """TypeError for what is not an ``nn.Module`` (an AttributeError from deep inside would
-    not say what was wrong)."""
+    not say what was wrong) or is a TorchScript module; a warning for each TorchScript
+    submodule that holds batch norms ``caller`` would have changed (``compiled(name)`` of
+    the compiled class's qualified name, default every one), as it cannot change them."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{caller}() takes a torch.nn.Module (a model or a layer), got "
                         f"{type(model).__name__}")
@@ -37,6 +39,31 @@ def check_module(model, caller: str) -> None:
         raise TypeError(f"{caller}() cannot change a TorchScript module "
                         f"({type(model).__name__}): apply it to the model before "
                         f"torch.jit.script or torch.jit.trace")
+    warn_script_submodules(model, caller, compiled or (lambda qualified_name: True))
+
+
+def warn_script_submodules(model: nn.Module, caller: str, compiled) -> None:
+    """Warn about each outermost TorchScript submodule (scripted or traced) that holds
+    batch norms whose compiled class's qualified name ``compiled`` selects, naming them:
+    the tools find layers by their Python class, and a compiled one has none, so
+    ``caller`` would pass them over without a word (recalibrate would let their
+    statistics move and not put them back)."""
+    inside: list[str] = []
+    for name, m in model.named_modules():
+        if any(name.startswith(outer + ".") for outer in inside):
+            continue
+        if not isinstance(m, torch.jit.ScriptModule):
+            continue
+        inside.append(name)
+        layers = sorted(f"{name}.{inner}".rstrip(".") for inner, layer in m.named_modules()
+                        if "running_var" in dict(layer.named_buffers(recurse=False))
+                        and compiled(layer._c._type().qualified_name()))
+        if layers:
+            warnings.warn(f"{caller}: {name!r} is a TorchScript module "
+                          f"({type(m).__name__}) holding batch norms "
+                          f"({', '.join(map(repr, layers))}), which {caller} cannot change "
+                          f"and leaves as they are: apply {caller} before torch.jit.script "
+                          f"or torch.jit.trace", stacklevel=outside_package_stacklevel())
 
 
 def check_integer(value, minimum: int, rule: str) -> int:

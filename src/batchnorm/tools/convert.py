@@ -325,7 +325,9 @@ def revert(model: nn.Module) -> nn.Module:
     without input), one with a parametrization, and one whose weight or bias a forward
     pre-hook computes (the hook-based ``prune``, ``spectral_norm``, ``weight_norm``).
     """
-    check_module(model, "revert")
+    # (a compiled layer of torch's class inside the model needs nothing)
+    check_module(model, "revert", compiled=lambda qualified_name: qualified_name.startswith(
+        "__torch__.batchnorm."))
     inside = {id(m) for m in model.modules()}
     for name, m in list(model.named_modules(remove_duplicate=False)):
         if not isinstance(m, FusedActivation):

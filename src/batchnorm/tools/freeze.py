@@ -253,7 +253,8 @@ def unfreeze(model: nn.Module) -> nn.Module:
     the affine parameters that ``freeze(affine=True)`` froze, also on a torch layer that
     ``revert`` made of one); in place, returns the model.
     ``FrozenBatchNorm*d`` layers stay as they are."""
-    check_module(model, "unfreeze")
+    check_module(model, "unfreeze", compiled=lambda qualified_name: qualified_name.startswith(
+        "__torch__.batchnorm."))  # (one of torch's class was never frozen)
     for m in model.modules():
         if is_our_bn(m) or is_torch_bn(m):  # torch's: one that revert made of a frozen one
             if is_our_bn(m):

@@ -184,9 +184,11 @@ def _keeps_statistics_untracked(m: nn.Module) -> bool:
 
 
 def _left_alone(m: nn.Module) -> bool:
-    """A torch norm layer with running statistics that recalibrate does not recompute but
-    whose statistics its train() would move: an InstanceNorm with track_running_stats.
-    Put back afterwards."""
+    """A norm layer with running statistics that recalibrate does not recompute but whose
+    statistics its train() would move: torch's InstanceNorm with track_running_stats, a
+    compiled (TorchScript) layer with running statistics. Put back afterwards."""
+    if isinstance(m, torch.jit.ScriptModule):
+        return "running_var" in dict(m.named_buffers(recurse=False))
     return (isinstance(m, nn.modules.batchnorm._NormBase) and not _recalibrated(m)
             and m.track_running_stats
             and not (isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()))
@@ -198,12 +200,20 @@ def _set_modes(modes: list[tuple[nn.Module, bool]]) -> None:
 
 
 def _saved_state(m: nn.Module) -> tuple:
+    if isinstance(m, torch.jit.ScriptModule):
+        # (its buffers, whatever their names: a compiled layer's momentum cannot change,
+        # and a traced one has none)
+        return tuple((b, b.clone()) for b in m.buffers(recurse=False))
     return (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(),
             m.momentum)
 
 
 @torch.no_grad()
 def _restore(m: nn.Module, state: tuple) -> None:
+    if isinstance(m, torch.jit.ScriptModule):
+        for buffer, saved in state:
+            buffer.copy_(saved)
+        return
     mean, var, tracked, momentum = state
     m.momentum = momentum
     m.running_mean.copy_(mean)
@@ -229,7 +239,8 @@ def recalibrate(model: nn.Module, batches, num_batches: int | None = None,
     synchronize), the processes go in step instead: each runs as many batches as the
     process with the fewest, so none may have none. Afterwards
     every module's training flag is restored, and the running statistics of the other
-    norm layers that train() moves (an ``InstanceNorm`` with ``track_running_stats=True``)
+    norm layers that train() moves (an ``InstanceNorm`` with ``track_running_stats=True``,
+    a TorchScript submodule's batch norm, which it cannot recompute: with a warning)
     are put back. If a batch or ``forward`` raises, every
     layer's running statistics, ``num_batches_tracked`` and momentum are put back as they
     were before the call, and the exception propagates.
