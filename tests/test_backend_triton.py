@@ -534,6 +534,69 @@ def test_fused_merge_bounds(monkeypatch):
         assert plan["P"] > 1 and (plan["merge_p"] > 0) == (limit > 0)
 
 
+def test_lasting_counters_come_from_a_thread_of_their_own(monkeypatch):
+    """The fused merges' cached counters are allocated off the calling thread, whose
+    allocations torch.compile's CUDA graphs may send to a pool they later take back; an
+    error there is raised on the calling thread."""
+    import threading
+
+    threads = []
+
+    class Recording(_PoisonTorch):
+        def empty(self, *args, **kwargs):
+            threads.append(threading.get_ident())
+            return super().empty(*args, **kwargs)
+
+    monkeypatch.setattr(tb, "torch", Recording())
+    counters = tb._lasting_counters(5, torch.int32, torch.device("cpu"))
+    assert torch.equal(counters, torch.zeros(5, dtype=torch.int32))
+    assert threads and threading.get_ident() not in threads
+
+    class Failing(_PoisonTorch):
+        def empty(self, *args, **kwargs):
+            raise RuntimeError("out of memory, say")
+
+    monkeypatch.setattr(tb, "torch", Failing())
+    with pytest.raises(RuntimeError, match="out of memory, say"):
+        tb._lasting_counters(5, torch.int32, torch.device("cpu"))
+
+
+@pytest.mark.skipif(not CUDA, reason="torch.compile's CUDA graphs need a GPU")
+def test_reduce_overhead_warms_up_after_graphs_ran(monkeypatch):
+    """Under torch.compile(mode="reduce-overhead") a function warms up with its
+    allocations sent to the graphs' pool; one that warms up after other graphs ran met
+    the fused merges' counters for the first time there (and grew them), and the next
+    recording takes back what the pool gave after its checkpoint. The counters come
+    from elsewhere, so each call gives the eager values."""
+    import batchnorm
+
+    torch._dynamo.reset()
+    monkeypatch.setitem(tb.CONFIG, "fused_merge_max", 1 << 30)
+    tb._COUNTERS.clear()
+    # evaluation (no reduction) first, then batch statistics of 64 and of 2048 channels
+    # (NCHW: a counter per channel, more than the 1024 first allocated)
+    evaluate = batchnorm.BatchNorm2d(64).to(DEVICE).eval()
+    small = batchnorm.BatchNorm2d(64, track_running_stats=False).to(DEVICE)
+    large = batchnorm.BatchNorm2d(2048, track_running_stats=False).to(DEVICE)
+    compiled = {m: torch.compile(m, mode="reduce-overhead") for m in (evaluate, small, large)}
+    xs = {evaluate: _data((8, 64, 7, 7), torch.float32),
+          small: _data((8, 64, 7, 7), torch.float32),
+          large: _data((8, 2048, 7, 7), torch.float32)}
+    main = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
+    with backends.using("triton"):
+        for _ in range(3):
+            compiled[evaluate](xs[evaluate])
+        for step in range(4):
+            for m in (evaluate, small, large):
+                got = compiled[m](xs[m] + step).clone()
+                torch.testing.assert_close(got, m(xs[m] + step), rtol=1e-5, atol=1e-5)
+    torch.cuda.synchronize()
+    if not any(key[1] != main for key in tb._COUNTERS):
+        pytest.skip("the compiled functions ran no fused merge on a stream of their own "
+                    "(this torch warms up on the current stream): nothing to check")
+    assert all(int(t.abs().sum()) == 0 for t in tb._COUNTERS.values())
+
+
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
 def test_cuda_graph_capture():
     """A training step (forward, backward, running-statistics update) captures in a CUDA

@@ -314,9 +314,37 @@ def _merge_counters(x: Tensor, g: Geometry, plan: dict) -> Tensor | None:
     if counters is None or counters.numel() < blocks:
         if len(_COUNTERS) > 64:
             _COUNTERS.clear()
-        counters = _COUNTERS[key] = torch.zeros(max(blocks, 1024), dtype=torch.int32,
-                                                device=x.device)
+        counters = _COUNTERS[key] = (_lasting_counters if x.is_cuda else torch.zeros)(
+            max(blocks, 1024), dtype=torch.int32, device=x.device)
     return counters
+
+
+def _lasting_counters(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Zeroed counters for the cache, allocated on a thread of their own. Under
+    torch.compile's CUDA graphs (``mode="reduce-overhead"``) the calling thread's
+    allocations may go to the graphs' private pool, while a function warms up; a later
+    recording rewinds that pool to a checkpoint and would take back a block allocated
+    after it, which the cache still holds: graph tensors and the tickets would share
+    memory (a merge run early or never: wrong statistics). The block is recorded as used
+    by the current stream, where the launches run, so that once the cache lets it go
+    nothing reuses it before they are done."""
+    made: list = []
+
+    def allocate() -> None:
+        try:
+            made.append(torch.empty(numel, dtype=dtype, device=device))
+        except BaseException as e:  # noqa: BLE001  (raised again on the calling thread)
+            made.append(e)
+
+    worker = threading.Thread(target=allocate, name="batchnorm-counters")
+    worker.start()
+    worker.join()
+    if isinstance(made[0], BaseException):
+        raise made[0]
+    counters = made[0]
+    if counters.is_cuda:
+        counters.record_stream(torch.cuda.current_stream(device))
+    return counters.zero_()
 
 
 def _launch_merging(counters: Tensor, fn, grid, *args, **kwargs) -> None:
