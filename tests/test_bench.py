@@ -82,7 +82,9 @@ def test_shape_cases_parse():
     assert case.shape == (8, 16, 4, 4, 4) and case.channels_last
     assert case.dtype == torch.float64 and case.label == "3d (8, 16, 4, 4, 4) f64 CL"
     for bad in ("64", "64,x", "1,2,3,4,5,6", "0,4", "64,64:cl", "64,64,4,4:nhwc",
-                "1,3", "1,3,1", "1,3,1,1:cl"):  # the last three: one value per channel
+                "1,3", "1,3,1", "1,3,1,1:cl",  # these three: one value per channel
+                "2,2,3,4:",  # a colon and no layout
+                "2147483648,2147483648", "99999999999999999999,2"):  # (tracebacks from torch)
         with pytest.raises(ValueError, match="--shape"):
             bench.parse_case(bad)
     # torch's CPU layer refuses float64 input with float32 parameters (the bench crashed)
@@ -237,15 +239,50 @@ def test_issue4_verdict():
     got = {v["case"]: (v["bn_relu"], v["plain"]) for v in verdict.verdicts(rows)}
     assert got == {"a": ("yes", "yes"), "b": ("no", "no"), "c": ("no", None),
                    "c2": ("yes?", None)}
-    text = verdict.report(rows)
+    text = verdict.report(rows, expected=["a", "b", "c", "c2", "d"])
     assert "BN+ReLU rows meeting both targets: 1 of 4 (1 more without a torch.compile time)" \
         in text and "plain BN fwd+bwd >= 1.2x eager: 1 of 2" in text
-    # a table cut short says so (it read "k of k"), naming the issue's rows it lacks
+    # a table cut short says so (it read "k of k"), naming the rows it lacks, and the rows
+    # without both times (it read "9 of 9" where a case lacked its BN+ReLU row)
+    assert "NOT the whole table: 1 of the issue's 5 rows missing (d)" in text
+    assert "NOT the whole table: 2 of the issue's rows lack their BN+ReLU or plain " \
+           "fwd+bwd times (c; c2)" in text
+    # the issue's own rows: these cases are none of them, so they are judged, not counted
+    text = verdict.report(rows)
     assert "NOT the whole table: 10 of the issue's 10 rows missing (2d (256, 64, 112, 112)" \
-        in text
+        in text and "meeting both targets: 0 of 0" in text
+    assert "not in the issue's table, not counted: a; b; c; c2" in text
     # exactly at 85% of the copy rate: ms <= ms * frac / 0.85 failed on ~5% of such times
     assert all(verdict.judge(ms, 0.85, 2 * ms, None) == "yes?"
                for ms in (0.1 * k + 0.001 * k * k for k in range(1, 200)))
+    # exactly 1.2x in the CSV's decimals (0.1644 / 0.137 lands just under 1.2)
+    assert verdict.judge(0.137, 0.9, 0.1644, 0.1644) == "yes"
+    plain_at = [row("e", plain, "torch", 0.1644), row("e", plain, "ours", 0.137, 0.9)]
+    assert verdict.verdicts(plain_at)[0]["plain"] == "yes"
+    # a torch.compile time of NaN is no time: "yes?", as for a row without one
+    assert verdict.judge(1.0, 0.9, 2.0, float("nan")) == "yes?"
+    # a row twice (the last one won), or a time that is no number, is refused
+    with pytest.raises(ValueError, match="twice"):
+        verdict.verdicts(rows + [row("a", relu, "ours", 9.0, 0.1)])
+    with pytest.raises(ValueError, match="ms '' is not a number"):
+        verdict.verdicts([row("f", plain, "torch", ""), row("f", plain, "ours", 1.0)])
+
+
+def test_issue4_verdict_command_line(tmp_path, capsys):
+    """A table it cannot judge says why in a line, exit 2 (tracebacks, or a second path
+    ignored without a word)."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "issue4_verdict.py"
+    spec = importlib.util.spec_from_file_location("issue4_verdict", path)
+    verdict = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(verdict)
+    header = tmp_path / "header.csv"
+    header.write_text("case,op,impl,ms,frac_copy\n")
+    for argv in ([str(header)], [str(tmp_path / "none.csv")], [str(header), str(header)]):
+        assert verdict.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no rows" in err and "No such file" in err and "usage:" in err
 
 
 def test_issue4_verdict_takes_the_newest_table_by_its_name(tmp_path):
@@ -265,6 +302,15 @@ def test_issue4_verdict_takes_the_newest_table_by_its_name(tmp_path):
         os.utime(tmp_path / name, (1e9 + k * 1e6, 1e9 + k * 1e6))
     assert verdict.newest_table(tmp_path).name == "cuda-NVIDIA-H200-2026-12-04b.csv"
     assert verdict.newest_table(tmp_path / "nothing") is None
+    # the time the bench wrote in the table comes first: a table of that day as the bench
+    # names it, written after the renamed ones, or with THP_MEM_ALLOC_ENABLE set (it was
+    # passed over for the older ones)
+    for name, written in (("cuda-NVIDIA-H200-2026-12-04b.csv", "2026-12-04T18:36:46Z"),
+                          ("cuda-2026-12-04.csv", "2026-12-04T19:00:00Z")):
+        (tmp_path / name).write_text(f"date,case\n{written},first call\n")
+    assert verdict.newest_table(tmp_path).name == "cuda-2026-12-04.csv"
+    (tmp_path / "cuda-2026-12-04-thp1.csv").write_text("date,case\n2026-12-04T20:00:00Z,x\n")
+    assert verdict.newest_table(tmp_path).name == "cuda-2026-12-04-thp1.csv"
 
 
 def test_budget_stops_starting_cases(capsys):
