@@ -31,6 +31,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BN_RELU, PLAIN = "bn+relu fwd+bwd", "fwd+bwd"
+COLUMNS = ("case", "op", "impl", "ms", "frac_copy")  # what the verdict reads of a row
 EFFICIENCY, SPEEDUP = 0.85, 1.2
 
 
@@ -189,14 +190,20 @@ def main(argv: list[str]) -> int:
             return 2
     try:
         with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            rows = list(reader)
+        lacking = [c for c in COLUMNS if c not in (reader.fieldnames or ())]
+        if lacking:
+            raise ValueError(f"not a table of `batchnorm bench --csv`: no {', '.join(lacking)} "
+                             f"column")
         if not rows:
             raise ValueError("no rows")
-        print(f"issue 4's targets on {rows[0].get('device_name', '?')} ({path.name}):")
-        print(report(rows))
+        text = report(rows)
     except (OSError, ValueError, csv.Error) as e:
         print(f"issue4_verdict.py: {path}: {e}", file=sys.stderr)
         return 2
+    print(f"issue 4's targets on {rows[0].get('device_name', '?')} ({path.name}):")
+    print(text)
     return 0
 
 

@@ -279,10 +279,14 @@ def test_issue4_verdict_command_line(tmp_path, capsys):
     spec.loader.exec_module(verdict)
     header = tmp_path / "header.csv"
     header.write_text("case,op,impl,ms,frac_copy\n")
-    for argv in ([str(header)], [str(tmp_path / "none.csv")], [str(header), str(header)]):
+    other = tmp_path / "other.csv"  # (triton_dev.py's tables: it said "... is there twice")
+    other.write_text("shape,ms\n(1, 2),0.5\n")
+    for argv in ([str(header)], [str(tmp_path / "none.csv")], [str(header), str(header)],
+                 [str(other)]):
         assert verdict.main(argv) == 2
     err = capsys.readouterr().err
     assert "no rows" in err and "No such file" in err and "usage:" in err
+    assert "not a table of `batchnorm bench --csv`: no case, op, impl, frac_copy column" in err
 
 
 def test_issue4_verdict_takes_the_newest_table_by_its_name(tmp_path):
@@ -409,3 +413,18 @@ def test_plot_without_matplotlib_stops_before_running(monkeypatch, capsys, tmp_p
     assert bench.run(p.parse_args(["--device", "cpu", "--plot", "--shape", "2,2"])) == 2
     assert "--plot needs matplotlib" in capsys.readouterr().err
     assert not list(tmp_path.rglob("*.csv"))
+
+
+def test_csv_into_a_directory_it_cannot_write_is_refused_before_the_run(tmp_path,
+                                                                         monkeypatch, capsys):
+    """The whole table ran, then writing the CSV raised PermissionError (a user in a
+    directory it cannot write, an installed wheel's bench writing under the cwd)."""
+    import argparse
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    monkeypatch.setattr(bench, "results_dir", lambda: blocker / "benchmarks" / "results")
+    monkeypatch.setattr(bench, "run_table", lambda *a, **k: pytest.fail("the table ran"))
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    assert bench.run(p.parse_args(["--device", "cpu", "--csv", "--shape", "2,2,3,4"])) == 2
+    assert "cannot write" in capsys.readouterr().err

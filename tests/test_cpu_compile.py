@@ -156,3 +156,37 @@ def test_kernels_cached_in_any_order_load_in_a_later_process(tmp_path):
         assert done.returncode == 0, (step, done.returncode, done.stderr[-2000:])
         outputs.append(float(done.stdout))
     assert outputs[1] == outputs[2] and abs(outputs[0] - outputs[1]) < 1e-3 * abs(outputs[1])
+
+
+def test_without_a_cache_directory_the_kernels_compile_in_the_process(tmp_path):
+    """Where numba has no cache directory it can write (a container's user without a
+    home, a NUMBA_CACHE_DIR it cannot write), every kernel's decoration raised: each call
+    of the CPU backend failed with "cannot cache function". The kernels now compile
+    uncached, with a warning that says what to set, and `batchnorm compile` says there
+    is nothing to fill. (No locator at all stands for such a user: as root every
+    directory is writable.)"""
+    import subprocess
+    import sys
+
+    script = tmp_path / "no_cache.py"
+    script.write_text(
+        "import warnings\n"
+        "import numba.core.caching\n"
+        "numba.core.caching.CacheImpl._locator_classes = []\n"
+        "import torch\n"
+        "import batchnorm\n"
+        "from batchnorm import backends, cli\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    assert 'cpu' in backends.available()\n"
+        "assert any('Set NUMBA_CACHE_DIR' in str(w.message) for w in caught), caught\n"
+        "x = torch.randn(4, 3, 5, 5)\n"
+        "m = batchnorm.BatchNorm2d(3).eval()\n"
+        "with backends.using('cpu'), torch.no_grad():\n"
+        "    torch.testing.assert_close(m(x), torch.nn.BatchNorm2d(3).eval()(x))\n"
+        "assert cli.main(['compile']) == 2\n"
+        "print('ok')\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+    assert "nothing to fill" in done.stderr

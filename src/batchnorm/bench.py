@@ -779,6 +779,17 @@ def run(args) -> int:
             print("batchnorm bench: --plot needs matplotlib (pip install matplotlib)",
                   file=sys.stderr)
             return 2
+    if args.csv or args.plot:  # before the run too: not a table lost at its end
+        directory = results_dir()
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            writable = os.access(directory, os.W_OK)
+        except OSError:
+            writable = False
+        if not writable:
+            print(f"batchnorm bench: --csv writes into {directory}, which this user cannot "
+                  f"write (run it from a directory you can write)", file=sys.stderr)
+            return 2
     # None: the table's own choice (the full table times torch.compile on some cases,
     # --quick nowhere); --compile-ops asks for it, --quick and --shape included
     compile = False if args.no_compile else (True if args.compile_ops is not None else None)

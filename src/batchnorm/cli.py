@@ -105,6 +105,12 @@ def compile_kernels(jobs: int | None, out=None) -> int:
     except ImportError as e:  # numba missing: there are no CPU kernels to compile
         print(f"batchnorm compile: the CPU backend is not available ({e})", file=sys.stderr)
         return 2
+    from .backends import cpu_kernels
+    if cpu_kernels._CACHE_ERROR is not None:  # (the import warned too)
+        print(f"batchnorm compile: numba has no cache directory it can write "
+              f"({cpu_kernels._CACHE_ERROR}), so there is nothing to fill: set "
+              f"NUMBA_CACHE_DIR to a directory this user can write", file=sys.stderr)
+        return 2
 
     def report(group, seconds):
         view, build, dtype = group

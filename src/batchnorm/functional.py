@@ -455,7 +455,6 @@ def batch_norm_resolved(input, running_mean, running_var, weight, bias, training
 def _is_exporting() -> bool:
     # The flag itself where torch has it: torch 2.11's dynamo took is_exporting() for
     # True under any torch.compile (compiled eval ran torch's batch norm, not ours).
-    # torch.compiler.is_exporting appeared after torch 2.4, the oldest torch we support.
     flag = getattr(torch.compiler, "_is_exporting_flag", None)
     if flag is not None:
         return flag

@@ -84,12 +84,15 @@ their exp/erf/tanh cost far more than the branch.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import types
 
+import numba
+import numba.core.caching
 from llvmlite import ir
-from numba import carray, njit, prange
+from numba import carray, prange
 from numba.core import types as nb_types
 from numba.extending import intrinsic, overload
 from numba.np import numpy_support
@@ -113,6 +116,37 @@ _BLK = 512
 # A channel whose shift lies more than √_FAR = 8 of its standard deviations from its mean
 # is summed again around its mean (see "Statistics" and _far).
 _FAR = 64.0
+
+
+def _cache_probe():  # (defined here: numba picks a cache directory by the source file)
+    return 0
+
+
+def _cache_directory_error() -> str | None:
+    """Why numba cannot cache this file's kernels (no directory it can write: the
+    package's ``__pycache__``, ``NUMBA_CACHE_DIR``, the user's ``~/.cache/numba``), or
+    None where it can."""
+    try:
+        numba.core.caching.FunctionCache(_cache_probe)
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
+_CACHE_ERROR = _cache_directory_error()
+if _CACHE_ERROR is not None:
+    warnings.warn(f"batchnorm's CPU kernels cannot be cached ({_CACHE_ERROR}): numba has no "
+                  f"directory it can write, so they compile in every process (seconds at "
+                  f"the first calls). Set NUMBA_CACHE_DIR to a directory this user can "
+                  f"write", stacklevel=2)
+
+
+def njit(*args, **options):
+    """numba's ``njit``, with ``cache=True`` dropped where numba has no directory it can
+    write (it would raise at every kernel's decoration, so every call of the backend)."""
+    if _CACHE_ERROR is not None:
+        options["cache"] = False
+    return numba.njit(*args, **options)
 
 
 def _twin(f, suffix: str):
