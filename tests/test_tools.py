@@ -1167,23 +1167,31 @@ def test_tools_refuse_a_torchscript_module(tool):
         assert torch.equal(v, state[k]), k
 
 
-def _with_compiled_batch_norm(ours: bool) -> nn.Module:
-    """A model whose submodule '1' is compiled code holding a batch norm ('1.1'): torch's
-    layer scripted, or ours traced."""
-    inner = nn.Sequential(nn.Conv2d(3, 3, 1),
-                          batchnorm.BatchNorm2d(3) if ours else nn.BatchNorm2d(3))
+def _with_compiled_layer(kind: str) -> nn.Module:
+    """A model whose submodule '1' is compiled code holding a layer ('1.1'): torch's batch
+    norm scripted ("torch"), ours or our SyncBatchNorm traced ("ours", "sync"), or
+    torch's InstanceNorm with running statistics scripted ("instance")."""
+    layer = {"torch": lambda: nn.BatchNorm2d(3), "ours": lambda: batchnorm.BatchNorm2d(3),
+             "sync": lambda: batchnorm.SyncBatchNorm(3).eval(),
+             "instance": lambda: nn.InstanceNorm2d(3, track_running_stats=True)}[kind]()
+    inner = nn.Sequential(nn.Conv2d(3, 3, 1), layer)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (the tracer's warnings about our Python)
-        compiled = (torch.jit.trace(inner, torch.randn(4, 3, 2, 2)) if ours
+        compiled = (torch.jit.trace(inner, torch.randn(4, 3, 2, 2)) if kind in ("ours", "sync")
                     else torch.jit.script(inner))
     return nn.Sequential(nn.Conv2d(3, 3, 1), compiled, nn.BatchNorm2d(3))
+
+
+# The compiled layers each tool would change: ours for revert and unfreeze, SyncBatchNorm
+# for revert_sync_batchnorm, torch's for the others.
+_COMPILED_KIND = {"revert": "ours", "unfreeze": "ours", "revert_sync_batchnorm": "sync"}
 
 
 @pytest.mark.parametrize("tool", TOOLS)
 def test_tools_warn_about_a_torchscript_submodule_holding_batch_norms(tool):
     """A scripted or traced submodule's layers are compiled code that the tools cannot
     change: they passed it over without a word (freeze left its statistics moving)."""
-    model = _with_compiled_batch_norm(ours=tool in ("revert", "unfreeze"))
+    model = _with_compiled_layer(_COMPILED_KIND.get(tool, "torch"))
     if tool == "fold":
         model.eval()
     with pytest.warns(UserWarning, match=rf"{tool}: '1' is a TorchScript module "
@@ -1192,19 +1200,23 @@ def test_tools_warn_about_a_torchscript_submodule_holding_batch_norms(tool):
         _call_tool(tool, model)
 
 
-@pytest.mark.parametrize("tool", ["revert", "unfreeze"])
-def test_revert_and_unfreeze_say_nothing_of_torch_s_compiled_layers(tool):
-    """They change only layers of ours, and a compiled layer of torch's class needs
-    nothing from them."""
+@pytest.mark.parametrize(("tool", "kind"), [(tool, "instance") for tool in TOOLS]
+                         + [(tool, "torch") for tool in _COMPILED_KIND])
+def test_tools_say_nothing_of_compiled_layers_they_would_not_change(tool, kind):
+    """No tool changes an InstanceNorm (it has running statistics too), and revert,
+    unfreeze and revert_sync_batchnorm none of torch's batch norms."""
+    model = _with_compiled_layer(kind)
+    if tool == "fold":
+        model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _call_tool(tool, _with_compiled_batch_norm(ours=False))
+        _call_tool(tool, model)
 
 
 def test_recalibrate_puts_back_a_torchscript_submodule_s_statistics():
     """recalibrate cannot recompute a compiled layer's statistics, and its train() let
     them move with each batch; they are put back, as an InstanceNorm's are."""
-    model = _with_compiled_batch_norm(ours=False)
+    model = _with_compiled_layer("torch")
     inner = dict(model.named_modules())["1.1"]
     before = [b.clone() for b in inner.buffers()]
     with pytest.warns(UserWarning, match="recalibrate: '1' is a TorchScript module"):
@@ -1213,6 +1225,32 @@ def test_recalibrate_puts_back_a_torchscript_submodule_s_statistics():
     for b, saved in zip(inner.buffers(), before, strict=True):
         assert torch.equal(b, saved)
     assert model[2].num_batches_tracked == 2
+
+
+class _Average(nn.Module):
+    """A hand-written running average whose forward assigns new tensors to its buffers."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("running_mean", torch.zeros(3))
+        self.register_buffer("running_var", torch.ones(3))
+
+    def forward(self, x):
+        if self.training:
+            self.running_mean = 0.9 * self.running_mean + 0.1 * x.mean((0, 2, 3))
+            self.running_var = 0.9 * self.running_var + 0.1 * x.var((0, 2, 3))
+        return x
+
+
+def test_recalibrate_puts_back_compiled_statistics_that_a_forward_replaced():
+    """They were put back into the tensors saved, which the forward had replaced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch.jit.script is deprecated)
+        average = torch.jit.script(_Average())
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), average, nn.BatchNorm2d(3))
+    batchnorm.recalibrate(model, [torch.randn(4, 3, 2, 2) + 5] * 2, progress=False)
+    assert torch.equal(average.running_mean, torch.zeros(3))
+    assert torch.equal(average.running_var, torch.ones(3))
 
 
 def test_freeze_into_buffers():

@@ -511,10 +511,12 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
         new._batchnorm_origin = getattr(layer, "_batchnorm_origin", type(layer))
         return new
 
-    return _replace_batch_norms(module, _is_batchnorm, to_sync, "convert_sync_batchnorm")
+    return _replace_batch_norms(module, _is_batchnorm, to_sync, "convert_sync_batchnorm",
+                                ("torch", "ours"))
 
 
-def _replace_batch_norms(module: nn.Module, wanted, make, caller: str) -> nn.Module:
+def _replace_batch_norms(module: nn.Module, wanted, make, caller: str,
+                         compiled: tuple[str, ...]) -> nn.Module:
     """``module`` with each layer that is ``wanted`` replaced by ``make(layer)``, in place
     (a new object when ``module`` itself is one). A layer found at several places (an
     alias ``self.again = self.bn``, or two parents) becomes one replacement at all of them,
@@ -523,7 +525,7 @@ def _replace_batch_norms(module: nn.Module, wanted, make, caller: str) -> nn.Mod
     finds the layer it fused into; a marker outside ``module`` (a submodule converted
     alone) finds it through the old layer's ``_batchnorm_replaced_by``."""
     from .tools._common import check_module, computed_affine, warn_computed_affine
-    check_module(module, caller)
+    check_module(module, caller, compiled)  # (the compiled layers it would change)
 
     # A layer whose weight a forward pre-hook (the hook-based prune, spectral_norm,
     # weight_norm) or a parametrization computes has no Parameter to move: left as it
@@ -583,7 +585,7 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
 
     return _replace_batch_norms(
         module, lambda m: isinstance(m, (SyncBatchNorm, nn.SyncBatchNorm)), to_local,
-        "revert_sync_batchnorm")
+        "revert_sync_batchnorm", ("sync",))
 
 
 # ---------------------------------------------------------------------------------------

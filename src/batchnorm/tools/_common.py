@@ -25,11 +25,12 @@ TORCH_BY_OURS = {BatchNorm1d: nn.BatchNorm1d, BatchNorm2d: nn.BatchNorm2d,
                  BatchNorm3d: nn.BatchNorm3d}
 
 
-def check_module(model, caller: str, compiled=None) -> None:
+def check_module(model, caller: str,
+                 compiled: tuple[str, ...] = ("torch", "ours", "frozen")) -> None:
     """TypeError for what is not an ``nn.Module`` (an AttributeError from deep inside would
     not say what was wrong) or is a TorchScript module; a warning for each TorchScript
-    submodule that holds batch norms ``caller`` would have changed (``compiled(name)`` of
-    the compiled class's qualified name, default every one), as it cannot change them."""
+    submodule that holds batch norms of the kinds ``caller`` changes (``compiled``: of
+    :data:`COMPILED_KINDS`), as it cannot change them."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{caller}() takes a torch.nn.Module (a model or a layer), got "
                         f"{type(model).__name__}")
@@ -39,15 +40,31 @@ def check_module(model, caller: str, compiled=None) -> None:
         raise TypeError(f"{caller}() cannot change a TorchScript module "
                         f"({type(model).__name__}): apply it to the model before "
                         f"torch.jit.script or torch.jit.trace")
-    warn_script_submodules(model, caller, compiled or (lambda qualified_name: True))
+    warn_script_submodules(model, caller, compiled)
 
 
-def warn_script_submodules(model: nn.Module, caller: str, compiled) -> None:
+# A compiled layer's class, by the start of its qualified name (torch's mangling may add
+# a ``___torch_mangle_N.`` before the class): torch's batch norms, ours (SyncBatchNorm
+# included), our FrozenBatchNorm*d; "sync" is either's SyncBatchNorm.
+COMPILED_KINDS = {"torch": ("__torch__.torch.nn.modules.batchnorm.",),
+                  "ours": ("__torch__.batchnorm.modules.", "__torch__.batchnorm.distributed."),
+                  "frozen": ("__torch__.batchnorm.tools.freeze.",)}
+
+
+def _compiled_kind(qualified_name: str, kinds: tuple[str, ...]) -> bool:
+    if "sync" in kinds and qualified_name.endswith(".SyncBatchNorm") and _compiled_kind(
+            qualified_name, ("torch", "ours")):
+        return True
+    return any(qualified_name.startswith(prefix) for kind in kinds
+               for prefix in COMPILED_KINDS.get(kind, ()))
+
+
+def warn_script_submodules(model: nn.Module, caller: str, kinds: tuple[str, ...]) -> None:
     """Warn about each outermost TorchScript submodule (scripted or traced) that holds
-    batch norms whose compiled class's qualified name ``compiled`` selects, naming them:
-    the tools find layers by their Python class, and a compiled one has none, so
-    ``caller`` would pass them over without a word (recalibrate would let their
-    statistics move and not put them back)."""
+    batch norms of ``kinds`` (see :data:`COMPILED_KINDS`), naming them: the tools find
+    layers by their Python class, and a compiled one has none, so ``caller`` would pass
+    them over without a word (recalibrate would let their statistics move and not put
+    them back)."""
     inside: list[str] = []
     for name, m in model.named_modules():
         if any(name.startswith(outer + ".") for outer in inside):
@@ -55,9 +72,8 @@ def warn_script_submodules(model: nn.Module, caller: str, compiled) -> None:
         if not isinstance(m, torch.jit.ScriptModule):
             continue
         inside.append(name)
-        layers = sorted(f"{name}.{inner}".rstrip(".") for inner, layer in m.named_modules()
-                        if "running_var" in dict(layer.named_buffers(recurse=False))
-                        and compiled(layer._c._type().qualified_name()))
+        layers = [f"{name}.{inner}".rstrip(".") for inner, layer in m.named_modules()
+                  if _compiled_kind(layer._c._type().qualified_name(), kinds)]
         if layers:
             warnings.warn(f"{caller}: {name!r} is a TorchScript module "
                           f"({type(m).__name__}) holding batch norms "

@@ -274,7 +274,7 @@ def convert(model: nn.Module, fuse_activations: bool = True) -> nn.Module:
     through a module reused elsewhere stay as they are. Returns the model (a new module only when ``model`` itself is a batch norm). If a
     layer fails to convert, the exception leaves the model unchanged.
     """
-    check_module(model, "convert")
+    check_module(model, "convert", compiled=("torch",))
     warn_subclasses(model, "convert", "It goes on working as torch's layer.")
     warn_lazy_torch_batch_norms(model, "convert")
     warn_computed_affine(model, "convert", is_torch_bn)
@@ -325,9 +325,7 @@ def revert(model: nn.Module) -> nn.Module:
     without input), one with a parametrization, and one whose weight or bias a forward
     pre-hook computes (the hook-based ``prune``, ``spectral_norm``, ``weight_norm``).
     """
-    # (a compiled layer of torch's class inside the model needs nothing)
-    check_module(model, "revert", compiled=lambda qualified_name: qualified_name.startswith(
-        "__torch__.batchnorm."))
+    check_module(model, "revert", compiled=("ours",))
     inside = {id(m) for m in model.modules()}
     for name, m in list(model.named_modules(remove_duplicate=False)):
         if not isinstance(m, FusedActivation):

@@ -179,7 +179,7 @@ def freeze(model: nn.Module, affine: bool = False, buffers: bool = False) -> nn.
     model once first). If a layer fails to convert or copy, the exception leaves the model
     unchanged.
     """
-    check_module(model, "freeze")
+    check_module(model, "freeze", compiled=("torch", "ours"))
     lazy = lazy_batch_norms_without_input(model)
     if lazy:
         raise ValueError(f"freeze: {', '.join(map(repr, lazy))} is a lazy batch norm that "
@@ -253,8 +253,7 @@ def unfreeze(model: nn.Module) -> nn.Module:
     the affine parameters that ``freeze(affine=True)`` froze, also on a torch layer that
     ``revert`` made of one); in place, returns the model.
     ``FrozenBatchNorm*d`` layers stay as they are."""
-    check_module(model, "unfreeze", compiled=lambda qualified_name: qualified_name.startswith(
-        "__torch__.batchnorm."))  # (one of torch's class was never frozen)
+    check_module(model, "unfreeze", compiled=("ours",))
     for m in model.modules():
         if is_our_bn(m) or is_torch_bn(m):  # torch's: one that revert made of a frozen one
             if is_our_bn(m):

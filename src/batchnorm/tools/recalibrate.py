@@ -201,9 +201,9 @@ def _set_modes(modes: list[tuple[nn.Module, bool]]) -> None:
 
 def _saved_state(m: nn.Module) -> tuple:
     if isinstance(m, torch.jit.ScriptModule):
-        # (its buffers, whatever their names: a compiled layer's momentum cannot change,
-        # and a traced one has none)
-        return tuple((b, b.clone()) for b in m.buffers(recurse=False))
+        # (its buffers, whatever their names, by name: its forward may assign new tensors
+        # to them; a compiled layer's momentum cannot change, and a traced one has none)
+        return tuple((name, b.clone()) for name, b in m.named_buffers(recurse=False))
     return (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(),
             m.momentum)
 
@@ -211,8 +211,12 @@ def _saved_state(m: nn.Module) -> tuple:
 @torch.no_grad()
 def _restore(m: nn.Module, state: tuple) -> None:
     if isinstance(m, torch.jit.ScriptModule):
-        for buffer, saved in state:
-            buffer.copy_(saved)
+        for name, saved in state:
+            now = getattr(m, name)
+            if isinstance(now, Tensor) and now.shape == saved.shape:
+                now.copy_(saved)
+            else:
+                setattr(m, name, saved)
         return
     mean, var, tracked, momentum = state
     m.momentum = momentum
@@ -267,7 +271,7 @@ def recalibrate(model: nn.Module, batches, num_batches: int | None = None,
         statistics and is absent. ``batches`` that yield nothing (on every process, when
         distributed) raise ``ValueError``, with every layer's statistics as before.
     """
-    check_module(model, "recalibrate")
+    check_module(model, "recalibrate", compiled=("torch", "ours"))
     if num_batches is not None:
         num_batches = check_integer(num_batches, 1, "recalibrate(): num_batches must be "
                                                     "None (all) or an integer >= 1")

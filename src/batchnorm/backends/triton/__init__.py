@@ -343,7 +343,14 @@ def _lasting_counters(numel: int, dtype: torch.dtype, device: torch.device) -> T
         raise made[0]
     counters = made[0]
     if counters.is_cuda:
-        counters.record_stream(torch.cuda.current_stream(device))
+        # The allocator gave the block on that thread's stream, the device's default one:
+        # work queued there on memory just freed may still run, so the launches' stream
+        # waits for it (the allocator only orders a block on the stream it was allocated
+        # on)
+        stream, default = torch.cuda.current_stream(device), torch.cuda.default_stream(device)
+        if stream != default:
+            stream.wait_stream(default)
+        counters.record_stream(stream)
     return counters.zero_()
 
 
