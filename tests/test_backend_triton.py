@@ -1066,6 +1066,31 @@ def test_autotune_training_step(channels_last, tuning):
     assert int(ours.num_batches_tracked) == 1
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "CL"])
+def test_autotune_times_the_merges_the_step_runs(channels_last, tuning, monkeypatch):
+    """Where a plan merges in stage 1 (fused_merge_max), the tuner times that kernel, not
+    stage 1 and the merge apart (which the step never runs with that plan)."""
+    import batchnorm
+
+    monkeypatch.setitem(tb.CONFIG, "fused_merge_max", 1 << 30)
+    shape = MODULE_SHAPES[0]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = _data(shape, torch.float32).contiguous(memory_format=fmt).requires_grad_()
+    g = tb.geometry(x.shape, channels_last)
+    timer = tuning(g)
+    assert all(plan["merge_p"] for name in ("stats", "backward_reduce")
+               for plan in timer.candidates[name])
+    apart = []
+    for name in ("_launch_stats_merge", "_launch_sum_partials"):
+        monkeypatch.setattr(tb, name, lambda *a, _name=name, **k: apart.append(_name))
+    m = batchnorm.BatchNorm2d(shape[1], activation="relu").to(DEVICE)
+    with backends.using("triton"):
+        m(x).backward(torch.randn(shape, device=DEVICE))
+    assert len(timer.calls) == sum(map(len, timer.candidates.values()))
+    assert not apart
+    assert all(int(t.abs().sum()) == 0 for t in tb._COUNTERS.values())
+
+
 def test_autotune_skips_what_fails_and_where_it_must(tuning, monkeypatch):
     """A candidate that fails to launch is left out (the defaults must not fail); the
     reductions keep the defaults under deterministic algorithms; autotune=0 times nothing,

@@ -390,10 +390,20 @@ def _stats_plan(x: Tensor, g: Geometry) -> dict:
     if plan is not None:
         return plan
 
+    acc = acc_dtype(x.dtype)
+    counters = torch.zeros(max(g.c, 1), dtype=torch.int32, device=x.device)
+
     def run(plan):
-        acc = acc_dtype(x.dtype)
         part = torch.empty(STATS_PLANES * plan["P"] * g.c, dtype=acc, device=x.device)
         mean = torch.empty(g.c, dtype=mean_dtype(x), device=x.device)
+        if plan["merge_p"]:  # the kernel the step runs: the merge by the last programs
+            scratch = torch.empty(5 * g.c, dtype=acc, device=x.device)  # var, the 4 rows
+            finalize_args = (mean, scratch, scratch[g.c:], mean, mean, mean, mean, mean)
+            flags = {"HAS_W": False, "HAS_B": False, "F64": acc == torch.float64,
+                     "UPDATE": False, "HAS_NBT": False}
+            _launch_stats_fused(x, g, plan, part, counters, finalize_args, g.n * g.l,
+                                *split_float(1e-5), 0.0, 0.0, 0.0, 0.0, flags)
+            return
         _launch_stats_partials(x, g, plan, part)
         _launch_stats_merge(x, g, plan, part, mean, torch.empty_like(part[:g.c]))
     return _plans.choose("stats", g, x, run)
@@ -405,8 +415,17 @@ def _backward_reduce_plan(dy, x, g, mean_k, invstd, weight, bias_k, residual, ac
     if plan is not None:
         return plan
 
+    acc = acc_dtype(x.dtype)
+    counters = torch.zeros(max(g.c, 1), dtype=torch.int32, device=x.device)
+
     def run(plan):
-        part = torch.empty(2 * plan["P"] * g.c, dtype=acc_dtype(x.dtype), device=x.device)
+        part = torch.empty(2 * plan["P"] * g.c, dtype=acc, device=x.device)
+        if plan["merge_p"]:  # the kernel the step runs: the merge by the last programs
+            shift = torch.zeros(g.c, dtype=acc, device=x.device)
+            sums = torch.empty(3 * g.c, dtype=acc, device=x.device).split(g.c)
+            _launch_backward_partials(dy, x, g, plan, part, mean_k, invstd, weight, bias_k,
+                                      residual, act, hi, lo, (counters, shift, *sums))
+            return
         _launch_backward_partials(dy, x, g, plan, part, mean_k, invstd, weight, bias_k,
                                   residual, act, hi, lo)
         _launch_sum_partials(g, plan, part, torch.empty_like(part[:g.c]),
