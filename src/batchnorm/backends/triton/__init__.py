@@ -385,13 +385,26 @@ def _launch_prepare(mean, var, weight, bias, out, c, eps, copies=None) -> None:
 # those are allocated, by timing stage 1 and its plain merge into scratch buffers.
 
 
+def _timing_counters(x: Tensor, g: Geometry):
+    """``counters()``: the autotuner's counters for the timed runs of the merges in stage
+    1 (each run leaves them at 0), made at the first call (the untimed run that compiles a
+    candidate) and let go with the tuning (not cached: the steps' cache would keep a
+    block that torch.compile's CUDA graphs may take back, see :func:`_lasting_counters`)."""
+    made: list = []
+
+    def counters() -> Tensor:
+        if not made:
+            made.append(torch.zeros(max(g.c, 1), dtype=torch.int32, device=x.device))
+        return made[0]
+    return counters
+
+
 def _stats_plan(x: Tensor, g: Geometry) -> dict:
     plan = _plans.chosen("stats", g, x)
     if plan is not None:
         return plan
 
-    acc = acc_dtype(x.dtype)
-    counters = torch.zeros(max(g.c, 1), dtype=torch.int32, device=x.device)
+    acc, counters = acc_dtype(x.dtype), _timing_counters(x, g)
 
     def run(plan):
         part = torch.empty(STATS_PLANES * plan["P"] * g.c, dtype=acc, device=x.device)
@@ -401,7 +414,7 @@ def _stats_plan(x: Tensor, g: Geometry) -> dict:
             finalize_args = (mean, scratch, scratch[g.c:], mean, mean, mean, mean, mean)
             flags = {"HAS_W": False, "HAS_B": False, "F64": acc == torch.float64,
                      "UPDATE": False, "HAS_NBT": False}
-            _launch_stats_fused(x, g, plan, part, counters, finalize_args, g.n * g.l,
+            _launch_stats_fused(x, g, plan, part, counters(), finalize_args, g.n * g.l,
                                 *split_float(1e-5), 0.0, 0.0, 0.0, 0.0, flags)
             return
         _launch_stats_partials(x, g, plan, part)
@@ -415,16 +428,15 @@ def _backward_reduce_plan(dy, x, g, mean_k, invstd, weight, bias_k, residual, ac
     if plan is not None:
         return plan
 
-    acc = acc_dtype(x.dtype)
-    counters = torch.zeros(max(g.c, 1), dtype=torch.int32, device=x.device)
+    acc, counters = acc_dtype(x.dtype), _timing_counters(x, g)
 
     def run(plan):
         part = torch.empty(2 * plan["P"] * g.c, dtype=acc, device=x.device)
         if plan["merge_p"]:  # the kernel the step runs: the merge by the last programs
-            shift = torch.zeros(g.c, dtype=acc, device=x.device)
             sums = torch.empty(3 * g.c, dtype=acc, device=x.device).split(g.c)
+            # (the shift row: any C values of the acc dtype serve for timing, mean_k here)
             _launch_backward_partials(dy, x, g, plan, part, mean_k, invstd, weight, bias_k,
-                                      residual, act, hi, lo, (counters, shift, *sums))
+                                      residual, act, hi, lo, (counters(), mean_k, *sums))
             return
         _launch_backward_partials(dy, x, g, plan, part, mean_k, invstd, weight, bias_k,
                                   residual, act, hi, lo)
