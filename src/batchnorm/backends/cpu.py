@@ -21,7 +21,9 @@ takes flat ranges of an NCL view (many short rows or a piece of a long one) or b
 rows of an MC view; the serial build (small tensors) runs one task. An NCL array with
 short rows goes to the fused entry points' MC kernels as rows of C·L values
 (``_wide_rows``). The counts depend only on the shape, never on the thread count, so
-results are bitwise reproducible on any machine with the same build.
+results are bitwise reproducible on one type of CPU, whatever the thread count (numba
+compiles for the host CPU, and the reductions may be reordered to its vector width: a
+generic x86-64 build gave other last bits in the backward).
 """
 
 from __future__ import annotations
