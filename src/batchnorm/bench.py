@@ -787,8 +787,9 @@ def run(args) -> int:
         except OSError:
             writable = False
         if not writable:
-            print(f"batchnorm bench: --csv writes into {directory}, which this user cannot "
-                  f"write (run it from a directory you can write)", file=sys.stderr)
+            print(f"batchnorm bench: --csv and --plot write into {directory}, which this "
+                  f"user cannot write (run it from a directory you can write)",
+                  file=sys.stderr)
             return 2
     # None: the table's own choice (the full table times torch.compile on some cases,
     # --quick nowhere); --compile-ops asks for it, --quick and --shape included

@@ -127,8 +127,13 @@ def _cache_directory_error() -> str | None:
     package's ``__pycache__``, ``NUMBA_CACHE_DIR``, the user's ``~/.cache/numba``), or
     None where it can."""
     try:
-        numba.core.caching.FunctionCache(_cache_probe)
-    except RuntimeError as e:
+        cache = numba.core.caching.FunctionCache(_cache_probe)
+        # (the zip locator, for a package imported from a zip file, does not check that
+        # its directory can be written: saving a kernel then failed at every call)
+        locator = getattr(getattr(cache, "_impl", None), "locator", None)
+        if locator is not None:
+            locator.ensure_cache_path()
+    except (RuntimeError, OSError) as e:
         return str(e)
     return None
 
