@@ -568,8 +568,9 @@ def test_reduce_overhead_warms_up_after_graphs_ran(monkeypatch):
     the fused merges' counters for the first time there (and grew them), and the next
     recording takes back what the pool gave after its checkpoint. The counters come
     from elsewhere, so each call gives the eager values."""
-    import batchnorm
     from torch._dynamo.utils import counters
+
+    import batchnorm
 
     torch._dynamo.reset()
     counters.clear()

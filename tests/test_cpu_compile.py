@@ -160,7 +160,7 @@ def test_kernels_cached_in_any_order_load_in_a_later_process(tmp_path):
 
 def test_without_a_cache_directory_the_kernels_compile_in_the_process(tmp_path):
     """Where numba has no cache directory it can write (a container's user without a
-    home, a NUMBA_CACHE_DIR it cannot write), every kernel's decoration raised: each call
+    home, a read-only package), every kernel's decoration raised: each call
     of the CPU backend failed with "cannot cache function". The kernels now compile
     uncached, with a warning that says what to set, and `batchnorm compile` says there
     is nothing to fill. (No locator at all stands for such a user: as root every
@@ -190,6 +190,6 @@ def test_without_a_cache_directory_the_kernels_compile_in_the_process(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "BATCHNORM_BACKEND"}  # (it would
     # load the kernels at the import, before the warnings are caught)
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=300, env=env)
+                          timeout=300, env=env, check=False)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
     assert "nothing to fill" in done.stderr

@@ -788,8 +788,7 @@ def run(args) -> int:
             writable = False
         if not writable:
             print(f"batchnorm bench: --csv and --plot write into {directory}, which this "
-                  f"user cannot write (run it from a directory you can write)",
-                  file=sys.stderr)
+                  f"user cannot write", file=sys.stderr)
             return 2
     # None: the table's own choice (the full table times torch.compile on some cases,
     # --quick nowhere); --compile-ops asks for it, --quick and --shape included

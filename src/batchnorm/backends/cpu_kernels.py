@@ -123,9 +123,9 @@ def _cache_probe():  # (defined here: numba picks a cache directory by the sourc
 
 
 def _cache_directory_error() -> str | None:
-    """Why numba cannot cache this file's kernels (no directory it can write: the
-    package's ``__pycache__``, ``NUMBA_CACHE_DIR``, the user's ``~/.cache/numba``), or
-    None where it can."""
+    """Why numba cannot cache this file's kernels (no directory it can write of those it
+    tries: ``NUMBA_CACHE_DIR``, the package's ``__pycache__``, the user's
+    ``$XDG_CACHE_HOME/numba``), or None where it can."""
     try:
         cache = numba.core.caching.FunctionCache(_cache_probe)
         # (the zip locator, for a package imported from a zip file, does not check that
