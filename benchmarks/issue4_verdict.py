@@ -46,10 +46,16 @@ def _at_least(ratio_of: float, over: float, rule: float) -> bool:
     return ratio_of >= rule * over * (1 - 1e-9)
 
 
+def _better_torch(eager: float, compile: float | None) -> float:
+    """The better of torch eager and a timed torch.compile (eager, NaN or not, alone
+    where torch.compile has no time)."""
+    return min(t for t in (eager, compile) if _timed(t)) if _timed(eager) else eager
+
+
 def judge(ours: float, frac_copy: float, eager: float, compile: float | None) -> str:
     """A BN+ReLU row against both targets: ``"yes"``, ``"yes?"`` (met, but torch.compile
     was not timed: no time, or NaN) or ``"no"``."""
-    best = min(t for t in (eager, compile) if _timed(t)) if _timed(eager) else eager
+    best = _better_torch(eager, compile)
     if frac_copy >= EFFICIENCY * (1 - 1e-9) and _at_least(best, ours, SPEEDUP):
         return "yes" if _timed(compile) else "yes?"
     return "no"
@@ -97,7 +103,7 @@ def verdicts(rows: list[dict]) -> list[dict]:
             comp = (_number(relu["torch.compile"][0], "ms", relu["torch.compile"][1])
                     if "torch.compile" in relu else None)
             floor = ours * frac_copy
-            best = min(t for t in (eager, comp) if _timed(t)) if _timed(eager) else eager
+            best = _better_torch(eager, comp)
             v.update(ours=ours, eager=eager, compile=comp if _timed(comp) else None,
                      floor=floor, target=floor / EFFICIENCY, vs_best=best / ours,
                      bn_relu=judge(ours, frac_copy, eager, comp))
