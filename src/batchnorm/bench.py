@@ -580,7 +580,7 @@ def format_table(rows: list[dict]) -> str:
             continue
         by.setdefault((r["case"], r["op"]), {})[r["impl"]] = r
     head = (f"{'case':<32} {'op':<20} {'torch ms':>9} {'ours ms':>9} {'ratio':>6} "
-            f"{'GB/s':>6} {'%copy':>6} {'compile':>9} {'vs comp':>7} {'peak MB t/o':>13}")
+            f"{'GB/s':>6} {'%copy':>6} {'compile':>9} {'vs comp':>7} {'peak MiB t/o':>13}")
     lines = [head, "-" * len(head)]
     for (case, op), d in by.items():
         t, o, c = d["torch"], d["ours"], d.get("torch.compile")
