@@ -52,9 +52,8 @@ COMPILED_KINDS = {"torch": ("__torch__.torch.nn.modules.batchnorm.",),
 
 
 def _compiled_kind(qualified_name: str, kinds: tuple[str, ...]) -> bool:
-    if "sync" in kinds and qualified_name.endswith(".SyncBatchNorm") and _compiled_kind(
-            qualified_name, ("torch", "ours")):
-        return True
+    if "sync" in kinds and qualified_name.endswith(".SyncBatchNorm"):
+        kinds = ("torch", "ours")  # (a SyncBatchNorm of either)
     return any(qualified_name.startswith(prefix) for kind in kinds
                for prefix in COMPILED_KINDS.get(kind, ()))
 
